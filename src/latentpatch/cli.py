@@ -28,6 +28,65 @@ app.add_typer(pairs_app, name="pairs")
 # ---- end section: model -------------------------------------------------------------------
 
 # ---- section: pairs -----------------------------------------------------------------------
+@pairs_app.command("validate")
+def pairs_validate(
+    file: Path = typer.Argument(..., help="Pair file (design.md §7 flat format or nested prepared pairs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Report on a pair file; exit 0 if usable, 2 (with the reasons) if not."""
+    import json
+
+    from latentpatch.pairs import print_report, validate_pairs
+
+    report = validate_pairs(file)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print_report(report)
+    if not report.usable:
+        reasons = "; ".join(report.blocking_reasons[:3])
+        more = len(report.blocking_reasons) - 3
+        print(f"error: {file} is not usable: {reasons}" + (f" (+{more} more)" if more > 0 else ""), file=sys.stderr)
+        raise typer.Exit(2)
+
+
+@pairs_app.command("filter")
+def pairs_filter(
+    file: Path = typer.Argument(..., help="Pair file to filter."),
+    out: Path = typer.Option(..., "--out", help="Where to write the kept pairs (flat §7 format)."),
+    keep_same_answer: bool = typer.Option(False, "--keep-same-answer", help="Keep pairs whose answers are equal."),
+) -> None:
+    """Drop pairs that carry no patching signal (same clean and corrupted answer) and save the rest."""
+    from latentpatch.pairs import filter_pairs, load_pairs, save_pairs
+
+    pairs = load_pairs(file)
+    kept, removed = filter_pairs(pairs, drop_same_answer=not keep_same_answer)
+    for pair_id, reason in removed:
+        typer.echo(f"removed pair {pair_id}: {reason}")
+    if not kept:
+        raise LatentPatchError(f"every pair in {file} was removed, {out} not written; fix: use --keep-same-answer "
+                               "or a file with pairs whose answers differ")
+    save_pairs(kept, out)
+    typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({len(removed)} removed) -> {out}")
+
+
+@pairs_app.command("generate")
+def pairs_generate(
+    n: int = typer.Option(57, "--n", help="Number of pairs (at least 1)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same pairs)."),
+    out: Path = typer.Option(Path("pairs.json"), "--out", help="Output pair file (flat §7 format)."),
+) -> None:
+    """Generate synthetic GSM8K-style clean/corrupted pairs."""
+    if n < 1:
+        raise LatentPatchError(f"--n {n} is not a valid number of pairs; fix: pass --n 1 or more")
+    from latentpatch.pairs import save_pairs
+    from latentpatch.synthetic import generate_pairs
+
+    pairs = generate_pairs(n, seed)
+    save_pairs(pairs, out)
+    typer.echo(f"wrote {len(pairs)} pairs (seed {seed}) -> {out}")
+
+
 # ---- end section: pairs -------------------------------------------------------------------
 
 # ---- section: train / eval ----------------------------------------------------------------
