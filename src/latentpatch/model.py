@@ -1,0 +1,482 @@
+"""The continuous-thought model and its real latent rollout (design.md §1).
+
+A :class:`LatentModel` is an ordinary Hugging Face causal LM (LLaMA or GPT-2 family) plus a
+projection ``prj`` and a few special token ids. Its rollout::
+
+    question tokens + [BOT]      one prompt pass, KV cache, last hidden state h
+    thought 0 = prj(h)           fed as an input *embedding*, not a token
+    thought p = prj(h_{p-1})     K = num_latent steps, each one cached forward of one embedding
+    [EOT] (+[EOS])               then ordinary decoding: "The answer is: 18"
+
+Nothing is sampled in the latent phase. The hidden state fed back is the last block's output
+after the final norm (``hidden_states[-1]`` in transformers). Coconut is the same with ``prj`` =
+identity.
+
+Layout of a batch: prompts are left-padded to a common length ``T_q``, so latent position ``p``
+is at absolute index ``T_q + p`` in every row and ``[EOT]`` at ``T_q + K``. Attention masks and
+position ids skip the padding, so a row's numbers do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from latentpatch.sites import ActivationHooks, Write, transformer_blocks
+
+Number = float | int
+
+
+@dataclass
+class LatentConfig:
+    """Everything besides weights that defines how a continuous-thought model is run.
+
+    ``answer_prefix`` is the text the model emits before the number ("The answer is: "; "" for a
+    model that answers with the number alone). ``question_template`` formats a question before
+    tokenization. ``add_special_tokens`` is passed to the tokenizer (LLaMA: adds BOS).
+    """
+
+    num_latent: int
+    pad_id: int
+    bot_id: int
+    eot_id: int
+    eos_id: int
+    remove_eos: bool = True
+    answer_prefix: str = "The answer is: "
+    question_template: str = "{question}"
+    add_special_tokens: bool = True
+    max_answer_tokens: int = 32
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_prj(d_model: int, prj_dim: int | None, layer_norm: bool = True, dropout: float = 0.0) -> nn.Module:
+    """CODI's projection ``Dropout -> Linear(d, prj_dim) -> GELU -> Linear(prj_dim, d) [-> ln]``.
+
+    ``prj_dim=None`` gives Coconut's identity. Keys match the official checkpoints:
+    ``prj.1.*``, ``prj.3.*``, ``prj.ln.*``. GELU is the exact (erf) one, LayerNorm eps 1e-5.
+    """
+    if prj_dim is None:
+        return nn.Identity()
+    prj = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, prj_dim), nn.GELU(), nn.Linear(prj_dim, d_model))
+    if layer_norm:
+        prj.add_module("ln", nn.LayerNorm(d_model, eps=1e-5))
+    return prj
+
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def extract_number(text: str) -> float | None:
+    """The reference's answer extraction: last ``-?\\d+\\.?\\d*`` after removing commas."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    if not found:
+        return None
+    try:
+        return float(found[-1])
+    except ValueError:
+        return None
+
+
+def format_number(x: Number) -> str:
+    """``18.0 -> "18"``, ``2.5 -> "2.5"``: how an answer is written after the prefix."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+@dataclass
+class RolloutState:
+    """A KV-cached sequence in progress. ``length`` = tokens so far (incl. left padding).
+
+    Shapes: ``attention_mask`` [B, length] long; ``next_position`` [B] long = position id of the
+    next token of each row (padding is not counted).
+    """
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    length: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> "RolloutState":
+        """A copy truncated to the first ``length`` tokens, rows selected then repeated ``repeats`` times.
+
+        The copy shares no storage that a later forward would append to, so the original stays
+        usable (this is how a sweep reuses one baseline prefix for many patches).
+        """
+        length = self.length if length is None else length
+        mask = self.attention_mask[:, :length]
+        layers = []
+        for layer in self.cache.layers:
+            k, v = layer.keys[:, :, :length], layer.values[:, :, :length]
+            if rows is not None:
+                k, v = k[rows], v[rows]
+            layers.append((k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)))
+        if rows is not None:
+            mask = mask[rows]
+        mask = mask.repeat_interleave(repeats, 0)
+        return RolloutState(
+            cache=DynamicCache(ddp_cache_data=layers),
+            attention_mask=mask,
+            next_position=mask.sum(1) if length else torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device),
+            length=length,
+        )
+
+
+@dataclass
+class Rollout:
+    """Result of :meth:`LatentModel.rollout` for a batch of B prompts.
+
+    - ``prompt_len``: T_q, the padded prompt length (latent p is at index T_q + p)
+    - ``prompt_lengths``: [B] real (unpadded) prompt lengths
+    - ``thoughts``: [B, K, d] input embeddings fed at the latent positions
+    - ``source_hidden``: [B, d] final hidden state (after the final norm) of the last prompt position
+    - ``latent_hidden``: [B, K, d] final hidden states at the latent positions
+    - ``next_thought``: [B, d] the thought produced by the last step (not fed)
+    - ``answer_logits``: [B, V] fp32 logits at the last fed position ([EOT] or [EOS]): the
+      distribution of the first answer token
+    - ``state``: the KV-cached sequence after [EOT]; continue it with :meth:`LatentModel.score` /
+      :meth:`LatentModel.generate`
+    - ``hooks``: the :class:`ActivationHooks` used (read recordings with ``hooks.recorded``)
+    """
+
+    prompt_len: int
+    prompt_lengths: torch.Tensor
+    thoughts: torch.Tensor
+    source_hidden: torch.Tensor
+    latent_hidden: torch.Tensor
+    next_thought: torch.Tensor
+    answer_logits: torch.Tensor
+    state: RolloutState
+    hooks: ActivationHooks | None = None
+    snapshots: dict[int, RolloutState] = field(default_factory=dict)
+
+    @property
+    def num_latent(self) -> int:
+        return self.thoughts.shape[1]
+
+    def latent_index(self, p: int) -> int:
+        """Absolute sequence index of latent position ``p``."""
+        return self.prompt_len + p
+
+    def thought_source_hidden(self) -> torch.Tensor:
+        """[B, K, d]: the final hidden state each thought was projected from (p=0: last prompt token)."""
+        return torch.cat([self.source_hidden[:, None], self.latent_hidden[:, :-1]], dim=1)
+
+
+class LatentModel(nn.Module):
+    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout of design.md §1.
+
+    ``lm`` is a transformers ``LlamaForCausalLM``-like or ``GPT2LMHeadModel``-like model with any
+    LoRA already merged. ``tokenizer`` is optional (a base without one can be driven by token ids).
+    """
+
+    def __init__(self, lm: nn.Module, prj: nn.Module, config: LatentConfig, tokenizer=None, name: str = ""):
+        super().__init__()
+        self.lm = lm
+        self.prj = prj
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.blocks = transformer_blocks(lm)
+        self.family = "gpt2" if hasattr(lm, "transformer") else "llama"
+        self.backbone = lm.transformer if self.family == "gpt2" else lm.model
+        self.lm.eval()
+        self.prj.eval()
+
+    # -- shape facts -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.lm.get_input_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.get_output_embeddings().weight.shape[0]
+
+    @property
+    def num_latent(self) -> int:
+        return self.config.num_latent
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    # -- text <-> ids ----------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids instead of text")
+        return self.tokenizer
+
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of a question (stripped, double spaces collapsed, as the reference does)."""
+        tok = self._require_tokenizer()
+        text = self.config.question_template.format(question=" ".join(question.strip().split()))
+        return list(tok(text, add_special_tokens=self.config.add_special_tokens)["input_ids"])
+
+    def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
+        """Question ids + separators: ``[BOT]`` (``[EOS] [BOT]`` when ``remove_eos`` is False)."""
+        ids = self.question_ids(question) if isinstance(question, str) else list(question)
+        return ids + ([] if self.config.remove_eos else [self.config.eos_id]) + [self.config.bot_id]
+
+    def answer_start_ids(self) -> list[int]:
+        """Tokens fed after the thoughts: ``[EOT]`` (+ ``[EOS]`` when ``remove_eos`` is False)."""
+        return [self.config.eot_id] + ([] if self.config.remove_eos else [self.config.eos_id])
+
+    def answer_ids(self, answer: Number | str) -> tuple[list[int], int]:
+        """Ids of ``answer_prefix + answer`` and the index of its first *number* token.
+
+        The number starts at the first token whose text holds a digit or a minus sign (BPE may
+        merge the space before a number into it, so the split is found on tokens, not text).
+        """
+        tok = self._require_tokenizer()
+        text = answer if isinstance(answer, str) else format_number(answer)
+        ids = list(tok(self.config.answer_prefix + text, add_special_tokens=False)["input_ids"])
+        return ids, self.number_start(ids)
+
+    def number_start(self, ids: Sequence[int]) -> int:
+        tok = self._require_tokenizer()
+        for i, t in enumerate(ids):
+            piece = tok.decode([t])
+            if any(ch.isdigit() or ch == "-" for ch in piece):
+                return i
+        return len(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._require_tokenizer().decode(list(ids), skip_special_tokens=True)
+
+    # -- the forward primitive -------------------------------------------------------------------
+    def _forward(
+        self,
+        state: RolloutState,
+        *,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        hooks: ActivationHooks | None = None,
+    ) -> torch.Tensor:
+        """Run T new tokens (ids [B, T] or embeddings [B, T, d]) on ``state``; returns the
+        final hidden states [B, T, d] (after the final norm) and advances ``state`` in place."""
+        if inputs_embeds is None:
+            inputs_embeds = self.lm.get_input_embeddings()(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        ones = torch.ones(B, T, dtype=state.attention_mask.dtype, device=state.attention_mask.device)
+        mask = torch.cat([state.attention_mask, ones], dim=1)
+        position_ids = state.next_position[:, None] + torch.arange(T, device=mask.device)[None]
+        if hooks is not None:
+            hooks.offset = state.length
+        out = self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state.cache = out.past_key_values
+        state.attention_mask = mask
+        state.next_position = state.next_position + T
+        state.length += T
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final hidden states, in fp32."""
+        return self.lm.get_output_embeddings()(hidden).float()
+
+    def embed_ids(self, ids: Sequence[int], batch: int) -> torch.Tensor:
+        """[batch, len(ids), d] token embeddings of the same ids for every row."""
+        t = torch.tensor([list(ids)] * batch, device=self.device)
+        return self.lm.get_input_embeddings()(t)
+
+    # -- rollout ---------------------------------------------------------------------------------
+    def prefill(self, prompts: Sequence[Sequence[int]], hooks: ActivationHooks | None = None) -> tuple[RolloutState, torch.Tensor]:
+        """Left-pad and run the prompts. Returns the state and [B, d] last-position final hidden."""
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), self.config.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            if len(p):
+                ids[b, T - len(p):] = torch.tensor(list(p))
+                mask[b, T - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        if hooks is not None:
+            hooks.offset = 0
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        state = RolloutState(cache=out.past_key_values, attention_mask=mask, next_position=mask.sum(1), length=T)
+        return state, out.last_hidden_state[:, -1]
+
+    def run_thoughts(
+        self,
+        state: RolloutState,
+        first_thought: torch.Tensor,
+        start: int = 0,
+        *,
+        hooks: ActivationHooks | None = None,
+        thought_override: torch.Tensor | None = None,
+        override_mask: torch.Tensor | None = None,
+        snapshots: Sequence[int] = (),
+        snapshot_store: dict[int, RolloutState] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latent steps ``start..K-1`` on ``state`` (which must end just before latent ``start``).
+
+        ``first_thought`` [B, d] is the input embedding of latent ``start``. Each later input is
+        ``prj`` of the previous final hidden state, unless ``override_mask[b, p]`` is set, in which
+        case row b is fed ``thought_override[b, p]`` (used to freeze the recurrent path).
+        Returns ``thoughts`` [B, K-start, d] (inputs fed), ``hidden`` [B, K-start, d] (final hidden
+        states) and the next thought [B, d] (produced by the last step, not fed).
+        """
+        thought = first_thought
+        thoughts, hidden = [], []
+        for p in range(start, self.num_latent):
+            if thought_override is not None and override_mask is not None:
+                thought = torch.where(override_mask[:, p, None], thought_override[:, p].to(thought.dtype), thought)
+            if snapshot_store is not None and p in snapshots:
+                snapshot_store[p] = state.fork()
+            thoughts.append(thought)
+            h = self._forward(state, inputs_embeds=thought[:, None], hooks=hooks)[:, -1]
+            hidden.append(h)
+            thought = self.prj(h)
+        return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        writes: Sequence[Write] = (),
+        record: Sequence[tuple[str, int]] = (),
+        thought_override: torch.Tensor | None = None,
+        override_mask: torch.Tensor | None = None,
+        snapshots: Sequence[int] = (),
+    ) -> Rollout:
+        """The real latent rollout of a batch of questions (text) or prompt ids (with separators).
+
+        ``writes`` overwrite sites on the way (see :mod:`latentpatch.sites`); ``record`` keeps
+        ``(component, layer)`` activations for every position. ``snapshots``: latent positions
+        at which to keep a copy of the state (the KV prefix before that thought), for sweeps.
+        """
+        prompt_ids = [self.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
+        hooks = ActivationHooks(self.lm, writes=writes, record=record)
+        snaps: dict[int, RolloutState] = {}
+        with hooks:
+            state, h = self.prefill(prompt_ids, hooks=hooks)
+            prompt_len = state.length
+            thoughts, hidden, next_thought = self.run_thoughts(
+                state, self.prj(h), 0, hooks=hooks, thought_override=thought_override,
+                override_mask=override_mask, snapshots=snapshots, snapshot_store=snaps,
+            )
+            end = self._forward(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompt_ids)), hooks=hooks)
+        return Rollout(
+            prompt_len=prompt_len,
+            prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
+            thoughts=thoughts,
+            source_hidden=h,
+            latent_hidden=hidden,
+            next_thought=next_thought,
+            answer_logits=self.logits(end[:, -1]),
+            state=state,
+            hooks=hooks,
+            snapshots=snaps,
+        )
+
+    # -- after the thoughts: scoring and generation ---------------------------------------------
+    @torch.no_grad()
+    def score(
+        self, state: RolloutState, answer_logits: torch.Tensor, continuations: Sequence[Sequence[Sequence[int]]]
+    ) -> list[list[torch.Tensor]]:
+        """Teacher forcing: logits predicting each token of each continuation, per row.
+
+        ``continuations[b]`` is a list of token-id lists for row b (all rows must have the same
+        number C of continuations). Returns ``out[b][c]`` = [len, V] fp32 logits where row j
+        predicts token j (row 0 is ``answer_logits[b]``). ``state`` is not modified.
+        """
+        B = state.batch_size
+        C = len(continuations[0])
+        if any(len(c) != C for c in continuations):
+            raise ValueError("every row needs the same number of continuations")
+        flat = [list(c) for row in continuations for c in row]
+        width = max(max(len(c) for c in flat) - 1, 0)
+        out = [[None] * C for _ in range(B)]
+        if width > 0:
+            ids = torch.full((B * C, width), self.config.pad_id, dtype=torch.long, device=self.device)
+            for i, c in enumerate(flat):
+                if len(c) > 1:
+                    ids[i, : len(c) - 1] = torch.tensor(c[:-1])
+            fork = state.fork(repeats=C)
+            # Right padding after the real tokens: causal attention keeps earlier logits exact.
+            logits = self.logits(self._forward(fork, input_ids=ids))
+        for b in range(B):
+            for c in range(C):
+                seq = flat[b * C + c]
+                first = answer_logits[b : b + 1]
+                rest = logits[b * C + c, : max(len(seq) - 1, 0)] if width > 0 else first[:0]
+                out[b][c] = torch.cat([first, rest], 0)[: len(seq)]
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self, state: RolloutState, answer_logits: torch.Tensor, max_new_tokens: int | None = None
+    ) -> list[list[int]]:
+        """Greedy decoding after the thoughts until ``[EOS]``; special ids pad/bot/eot are never
+        chosen (the reference masks ``eot``). Returns each row's ids without the ``[EOS]``.
+        ``state`` is not modified."""
+        n = max_new_tokens or self.config.max_answer_tokens
+        banned = torch.tensor(sorted({self.config.pad_id, self.config.bot_id, self.config.eot_id}), device=self.device)
+        banned = banned[banned < answer_logits.shape[-1]]
+        state = state.fork()
+        logits = answer_logits.clone()
+        B = logits.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out: list[list[int]] = [[] for _ in range(B)]
+        for step in range(n):
+            logits[:, banned] = float("-inf")
+            nxt = logits.argmax(-1)
+            for b in range(B):
+                if not done[b] and int(nxt[b]) != self.config.eos_id:
+                    out[b].append(int(nxt[b]))
+            done |= nxt == self.config.eos_id
+            if bool(done.all()) or step == n - 1:
+                break
+            logits = self.logits(self._forward(state, input_ids=nxt[:, None])[:, -1])
+        return out
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str] | Sequence[Sequence[int]], **rollout_kwargs) -> list[float | None]:
+        """Greedy answers (numbers) for a batch of questions, with the full rollout."""
+        r = self.rollout(questions, **rollout_kwargs)
+        return [extract_number(self.decode(ids)) for ids in self.generate(r.state, r.answer_logits)]
+
+    @torch.no_grad()
+    def decode_thoughts(self, rollout: Rollout, k: int = 5) -> list[list[list[tuple[str, float]]]]:
+        """The CODI paper's probe: top-k vocabulary tokens of each thought through the LM head.
+
+        Thought p is decoded from the final hidden state it was projected from. Returns
+        ``[b][p] -> [(token_text, probability), ...]``.
+        """
+        probs = torch.softmax(self.logits(rollout.thought_source_hidden()), -1)
+        top = probs.topk(k, dim=-1)
+        tok = self.tokenizer
+        result = []
+        for b in range(probs.shape[0]):
+            rows = []
+            for p in range(probs.shape[1]):
+                ids = top.indices[b, p].tolist()
+                names = [tok.decode([i]) if tok is not None else str(i) for i in ids]
+                rows.append(list(zip(names, top.values[b, p].tolist())))
+            result.append(rows)
+        return result
