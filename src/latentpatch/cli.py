@@ -44,10 +44,10 @@ def pairs_validate(
     else:
         print_report(report)
     if not report.usable:
+        # LatentPatchError, not typer.Exit(2): main() turns it into one stderr line and exit code 2.
         reasons = "; ".join(report.blocking_reasons[:3])
         more = len(report.blocking_reasons) - 3
-        print(f"error: {file} is not usable: {reasons}" + (f" (+{more} more)" if more > 0 else ""), file=sys.stderr)
-        raise typer.Exit(2)
+        raise LatentPatchError(f"{file} is not usable: {reasons}" + (f" (+{more} more)" if more > 0 else ""))
 
 
 @pairs_app.command("filter")
