@@ -6,7 +6,6 @@ that need it skip when it is absent. Malformed files are built in ``tmp_path``.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -208,6 +207,12 @@ def test_pair_id_normalisation():
         Variant("q", 1, {"answer": 2})
     assert pairs_to_entries([Pair(7, Variant("a", 1, {"k": 0}), v)])[0] == {
         "pair_id": 7, "variant": "clean", "question": "a", "answer": 1, "k": 0}
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(small_entries()).encode())
+    assert len(load_pairs(path)) == 2
 
 
 def test_save_overwrites_atomically(tmp_path):

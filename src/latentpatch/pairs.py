@@ -369,7 +369,7 @@ def _read_json(path: PathLike) -> Any:
         what = "is a directory" if path.is_dir() else "does not exist"
         raise LatentPatchError(f"pair file {path} {what}; fix: pass the path of a JSON pair file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as err:
         raise LatentPatchError(f"pair file {path} cannot be read ({err}); fix: pass a readable UTF-8 JSON file")
     try:
