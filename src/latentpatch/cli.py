@@ -90,6 +90,60 @@ def pairs_generate(
 # ---- end section: pairs -------------------------------------------------------------------
 
 # ---- section: train / eval ----------------------------------------------------------------
+@app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="Output model directory."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Optimizer steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed (init, data order)."),
+    layers: int = typer.Option(4, "--layers", min=1),
+    d_model: int = typer.Option(192, "--d-model", min=8),
+    heads: int = typer.Option(6, "--heads", min=1),
+    d_ff: int = typer.Option(512, "--d-ff", min=8),
+    prj_dim: int = typer.Option(384, "--prj-dim", min=8),
+    num_latent: int = typer.Option(6, "--num-latent", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr"),
+    distill_factor: float = typer.Option(20.0, "--distill-factor"),
+    ref_factor: float = typer.Option(1.0, "--ref-factor"),
+    teacher_only_steps: int = typer.Option(0, "--teacher-only-steps", min=0),
+    train_pool: int = typer.Option(200_000, "--train-pool", min=100),
+    threads: int = typer.Option(2, "--threads", min=1),
+    ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."),
+) -> None:
+    """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective."""
+    import json as _json
+
+    from latentpatch.train import TrainConfig, train
+
+    if d_model % heads:
+        raise LatentPatchError(f"--d-model {d_model} must be divisible by --heads {heads}")
+    cfg = TrainConfig(steps=steps, seed=seed, layers=layers, d_model=d_model, heads=heads, d_ff=d_ff,
+                      prj_dim=prj_dim, num_latent=num_latent, batch_size=batch_size, lr=lr,
+                      distill_factor=distill_factor, ref_factor=ref_factor,
+                      teacher_only_steps=teacher_only_steps, train_pool=train_pool, threads=threads,
+                      ckpt_every=ckpt_every)
+    summary = train(cfg, out)
+    typer.echo(_json.dumps({"out": str(out), **summary}))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("default", "--model", help="'default' or a model directory."),
+    n: int = typer.Option(1000, "--n", min=1, help="Held-out problems."),
+    seed: int = typer.Option(12345, "--seed", help="Seed of the held-out problems (distinct from training)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pair file (default: the shipped 57 pairs)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+) -> None:
+    """Accuracy on held-out synthetic problems, on the pairs, and under thought ablation."""
+    import json as _json
+
+    from latentpatch.evaluate import evaluate, format_report
+
+    res = evaluate(model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size)
+    typer.echo(_json.dumps(res, indent=2) if as_json else format_report(res))
+
+
 # ---- end section: train / eval ------------------------------------------------------------
 
 # ---- section: run (engine) ----------------------------------------------------------------
@@ -105,21 +159,22 @@ def pairs_generate(
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: user errors become one line + exit 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except LatentPatchError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    except typer.Exit as ex:
-        raise SystemExit(ex.exit_code)
-    except Exception as err:  # click usage errors (bad flag values) are user errors too
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:
+        # typer bundles its own click: match usage errors by their interface, not their class.
+        if hasattr(err, "show") and hasattr(err, "exit_code"):
             err.show()
-            raise SystemExit(2)
-        if isinstance(err, click.exceptions.Abort):
+            raise SystemExit(2 if err.exit_code not in (0, 1) else err.exit_code or 2)
+        if type(err).__name__ in ("Abort", "KeyboardInterrupt"):
             raise SystemExit(130)
+        if type(err).__name__ == "Exit":
+            raise SystemExit(getattr(err, "exit_code", 0))
         raise
+    if isinstance(rc, int) and rc != 0:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":
