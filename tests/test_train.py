@@ -1,0 +1,92 @@
+"""CODI training: a tiny run lowers the loss; the training student forward is the real rollout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentpatch.synthetic import generate_problems
+from latentpatch.train import (
+    Codec,
+    TrainConfig,
+    load_trained,
+    make_batch,
+    student_forward,
+    student_forward_reference,
+    train,
+)
+
+TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, prj_dim=32, num_latent=2, batch_size=8,
+            train_pool=400, tokenizer_corpus=400, vocab_size=300, lr=3e-3, warmup=5, log_every=1,
+            threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    summary = train(TrainConfig(steps=40, **TINY), out, progress=False)
+    return out, summary
+
+
+def test_short_training_lowers_loss(tiny_run):
+    out, summary = tiny_run
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    first = sum(r["loss"] for r in log[:3]) / 3
+    last = sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first * 0.8, (first, last)
+    meta = json.loads((out / "latentpatch.json").read_text())
+    assert meta["format"] == "latentpatch-codi/1" and meta["family"] == "llama"
+    assert meta["eot_id"] == meta["bot_id"] + 1 == meta["pad_id"] + 2  # CODI: V, V+1, V+2
+
+
+def test_checkpoint_layout(tiny_run):
+    from safetensors.torch import load_file
+
+    out, _ = tiny_run
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert {"prj.1.weight", "prj.1.bias", "prj.3.weight", "prj.3.bias", "prj.ln.weight", "prj.ln.bias"} <= keys
+    assert "codi.model.embed_tokens.weight" in keys and "codi.model.norm.weight" in keys
+    assert "codi.lm_head.weight" not in keys  # tied
+    assert all(k.startswith(("codi.model.", "prj.")) for k in keys)
+
+
+def test_hf_tokenizer_loads(tiny_run):
+    from transformers import AutoTokenizer
+
+    out, _ = tiny_run
+    tok = AutoTokenizer.from_pretrained(str(out))
+    codec = Codec.from_dir(out)
+    text = "Tom has 16 apples. The answer is: 17"
+    assert tok(text, add_special_tokens=False)["input_ids"] == codec.encode(text)
+    assert tok.decode(codec.encode(text)) == text
+    # digits are single tokens: 16 -> 17 keeps the token length
+    assert len(codec.encode("has 16 apples")) == len(codec.encode("has 17 apples"))
+
+
+def test_student_forward_equals_plain_loop(tiny_run):
+    out, _ = tiny_run
+    model, codec, meta = load_trained(out)
+    probs = generate_problems(5, seed=99)  # different question lengths -> left padding exercised
+    b = make_batch(probs, codec)
+    with torch.no_grad():
+        fast, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        ref = student_forward_reference(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+    m = b.a_mask.bool()
+    assert torch.allclose(fast[m], ref[m], atol=1e-4)
+
+
+def test_student_forward_equals_tool_rollout(tiny_run):
+    """The training rollout equals LatentModel's inference rollout (answer logits after [EOT])."""
+    from latentpatch.evaluate import load_own_dir
+
+    out, _ = tiny_run
+    model, codec, meta = load_trained(out)
+    lm = load_own_dir(out)
+    probs = generate_problems(4, seed=7)
+    b = make_batch(probs, codec)
+    with torch.no_grad():
+        fast, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        r = lm.rollout([p.question for p in probs])
+    assert torch.allclose(fast[:, 0].float(), r.answer_logits, atol=1e-4)
