@@ -37,3 +37,35 @@ def tiny_latent_model(family: str = "llama", n_layers: int = 3, d: int = 32, num
     cfg = LatentConfig(num_latent=num_latent, pad_id=VOCAB, bot_id=VOCAB + 1, eot_id=VOCAB + 2, eos_id=2,
                        remove_eos=remove_eos, answer_prefix="")
     return LatentModel(lm, prj.eval(), cfg)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII + pad/bot/eot/eos), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"<eos>": 0, "<unk>": 1}
+    vocab.update({ch: i + 2 for i, ch in enumerate(chars)})
+    for name in ("<pad>", "<bot>", "<eot>"):
+        vocab[name] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<bot>", "<eot>"])
+
+
+def tiny_text_model(family: str = "llama", n_layers: int = 3, d: int = 32, num_latent: int = 4, seed: int = 0,
+                    answer_prefix: str = "= ") -> LatentModel:
+    """A tiny random model with a real (character) tokenizer, so text questions and answers work."""
+    tok = tiny_tokenizer()
+    V = len(tok)
+    lm = tiny_lm(family, n_layers, d, seed, vocab=V)
+    torch.manual_seed(seed + 1)
+    prj = build_prj(d, 2 * d, layer_norm=True)
+    cfg = LatentConfig(num_latent=num_latent, pad_id=tok.convert_tokens_to_ids("<pad>"),
+                       bot_id=tok.convert_tokens_to_ids("<bot>"), eot_id=tok.convert_tokens_to_ids("<eot>"),
+                       eos_id=0, remove_eos=True, answer_prefix=answer_prefix, add_special_tokens=False,
+                       max_answer_tokens=6)
+    return LatentModel(lm, prj.eval(), cfg, tokenizer=tok, name=f"tiny-{family}")

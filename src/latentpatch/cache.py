@@ -1,0 +1,84 @@
+"""On-disk activation cache: unpatched runs, keyed by model + prompt content, reused across runs.
+
+One safetensors file per (model, prompt ids): the thoughts [K, d], the latent activations of
+every component [n_layers, K, d], and the greedy answer. A layer run, a position run and an
+iterative run on the same model and pairs all read the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentpatch.engine import RunRecord
+from latentpatch.model import LatentModel
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LATENTPATCH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "latentpatch")
+    return Path(root) / "activations"
+
+
+@torch.no_grad()
+def model_key(model: LatentModel) -> str:
+    """A fingerprint of the weights, config, dtype and device type (cheap: one pass of sums)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    h.update(f"{model.dtype}|{model.device.type}|{model.num_latent}".encode())
+    for name, p in list(model.lm.named_parameters()) + list(model.prj.named_parameters()):
+        x = p.detach().float()
+        h.update(f"{name}|{tuple(p.shape)}|{float(x.sum()):.6e}|{float(x.abs().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+class ActivationCache:
+    """``get``/``put`` of :class:`~latentpatch.engine.RunRecord` by prompt ids for one model."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / key
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, prompt: list[int]) -> Path:
+        digest = hashlib.sha256(json.dumps(list(prompt)).encode()).hexdigest()[:24]
+        return self.dir / f"{digest}.safetensors"
+
+    def get(self, prompt: list[int]) -> RunRecord | None:
+        path = self._path(prompt)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            t = load_file(str(path))
+        except Exception:  # a torn or foreign file: recompute
+            self.misses += 1
+            return None
+        if t["prompt"].tolist() != list(prompt):
+            self.misses += 1
+            return None
+        self.hits += 1
+        acts = {k[len("acts."):]: v for k, v in t.items() if k.startswith("acts.")}
+        pred = float(t["pred"][0]) if t["has_pred"][0] else None
+        return RunRecord(list(prompt), t["thoughts"], acts, t["answer_ids"].tolist(), pred)
+
+    def put(self, record: RunRecord) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "prompt": torch.tensor(record.prompt, dtype=torch.long),
+            "thoughts": record.thoughts.contiguous().cpu(),
+            "answer_ids": torch.tensor(record.answer_ids, dtype=torch.long),
+            "pred": torch.tensor([record.pred if record.pred is not None else 0.0], dtype=torch.float64),
+            "has_pred": torch.tensor([record.pred is not None]),
+        }
+        tensors.update({f"acts.{c}": a.contiguous().cpu() for c, a in record.acts.items()})
+        path = self._path(record.prompt)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)

@@ -1,0 +1,113 @@
+"""The built-in checks every run makes and reports (design.md §5).
+
+Each check returns ``{"passed": bool, "value": float, "threshold": float, "detail": str, ...}``.
+
+1. ``identity``: patching the target with its own activations changes nothing (KL <= 1e-6).
+2. ``full_restoration``: writing ``resid_pre`` at layer 0 at every position (question and
+   thoughts) with the source run's values reproduces the source's answer logits (max |Δ| <= 1e-4);
+   only pairs whose prompts have the same token length are covered, and the count is reported.
+3. ``live_thoughts``: clean and corrupted thoughts differ, and replacing all thoughts by zeros
+   changes the model's answers (reported as an accuracy drop and a changed-answer rate).
+4. ``engine_reference``: on a seeded random subset of cells the fast engine agrees with the
+   one-rollout-per-spec reference within the threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import torch
+
+from latentpatch.engine import PairBaseline, PatchSpec, ValueFn, own_values, sweep_fast, sweep_reference
+from latentpatch.metrics import same_number
+from latentpatch.model import LatentModel, extract_number
+from latentpatch.sites import Write
+
+COMPARED = ("kl", "logit_l2", "answer_logit_diff", "answer_logprob_diff", "pred_change_rate")
+
+
+def _tolerance(model: LatentModel, fp32: float) -> float:
+    # bf16 has ~3 significant digits: batched vs unbatched matmuls legitimately differ more.
+    return fp32 if model.dtype == torch.float32 else 5e-2
+
+
+def check_identity(model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], n_pairs: int = 2) -> dict:
+    worst = 0.0
+    used = list(bases[:n_pairs])
+    for base in used:
+        cells = sweep_fast(model, base, specs, own_values(base))
+        worst = max([worst] + [c["kl"] for c in cells if not math.isnan(c["kl"])])
+    threshold = _tolerance(model, 1e-6)
+    return {"passed": worst <= threshold, "value": worst, "threshold": threshold,
+            "detail": f"max KL over {len(specs)} specs x {len(used)} pairs patched with their own activations"}
+
+
+@torch.no_grad()
+def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) -> dict:
+    worst, covered = 0.0, 0
+    for base in bases:
+        src, tgt = base.source.prompt, base.target.prompt
+        if len(src) != len(tgt):
+            continue
+        covered += 1
+        s = model.rollout([src], record=[("resid_pre", 0)])
+        act = s.hooks.recorded("resid_pre", 0)[0]  # [T_total, d]: prompt, thoughts, [EOT]
+        writes = [Write("resid_pre", 0, torch.tensor([pos], device=model.device), torch.tensor([True], device=model.device), act[pos][None])
+                  for pos in range(act.shape[0])]
+        r = model.rollout([tgt], writes=writes)
+        worst = max(worst, float((r.answer_logits - s.answer_logits).abs().max()))
+    threshold = _tolerance(model, 1e-4)
+    return {"passed": covered == 0 or worst <= threshold, "value": worst, "threshold": threshold,
+            "pairs_covered": covered, "pairs_total": len(bases),
+            "detail": f"resid_pre L0 at every position from the source run; {covered}/{len(bases)} pairs have equal prompt lengths"}
+
+
+@torch.no_grad()
+def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch: int = 16) -> dict:
+    diffs = [float((b.clean.thoughts.float() - b.corrupted.thoughts.float()).abs().max()) for b in bases]
+    runs = [(b.clean, b.clean_answer) for b in bases] + [(b.corrupted, b.corrupted_answer) for b in bases]
+    changed, correct_ablated = 0, 0
+    for i in range(0, len(runs), batch):
+        chunk = runs[i: i + batch]
+        B, K = len(chunk), model.num_latent
+        zeros = torch.zeros(B, K, model.d_model, dtype=model.dtype, device=model.device)
+        mask = torch.ones(B, K, dtype=torch.bool, device=model.device)
+        r = model.rollout([rec.prompt for rec, _ in chunk], thought_override=zeros, override_mask=mask)
+        for (rec, answer), ids in zip(chunk, model.generate(r.state, r.answer_logits)):
+            changed += ids != rec.answer_ids
+            pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None
+            correct_ablated += same_number(pred, answer)
+    acc = sum(same_number(rec.pred, a) for rec, a in runs) / len(runs)
+    acc_ablated = correct_ablated / len(runs)
+    changed_rate = changed / len(runs)
+    min_diff = min(diffs) if diffs else 0.0
+    return {"passed": min_diff > 1e-6 and changed_rate > 0, "value": changed_rate, "threshold": 0.0,
+            "min_thought_diff": min_diff, "accuracy": acc, "accuracy_ablated": acc_ablated,
+            "ablation_accuracy_drop": acc - acc_ablated,
+            "detail": f"thoughts zeroed: {changed}/{len(runs)} answers change, accuracy {acc:.3f} -> {acc_ablated:.3f}; "
+                      f"min over pairs of max |clean - corrupted thought| = {min_diff:.3g}"}
+
+
+def check_engine_reference(
+    model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], values_for, batch_size: int,
+    n_cells: int = 8, seed: int = 0,
+) -> dict:
+    rng = random.Random(seed)
+    worst, compared = 0.0, 0
+    pairs = rng.sample(range(len(bases)), min(2, len(bases)))
+    for i in pairs:
+        base = bases[i]
+        subset = rng.sample(list(specs), min(n_cells // len(pairs) or 1, len(specs)))
+        values: ValueFn = values_for(i)
+        fast = sweep_fast(model, base, subset, values, batch_size)
+        ref = sweep_reference(model, base, subset, values)
+        for f, r in zip(fast, ref):
+            for k in COMPARED:
+                if not (math.isnan(f[k]) and math.isnan(r[k])):
+                    worst = max(worst, abs(f[k] - r[k]))
+            compared += 1
+    threshold = _tolerance(model, 1e-4)
+    return {"passed": worst <= threshold, "value": worst, "threshold": threshold, "cells": compared,
+            "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}"}
