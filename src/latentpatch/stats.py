@@ -362,7 +362,7 @@ def compare_modes(
         ta, tb = tables.get(a), tables.get(b)
         if ta is None or tb is None:
             continue
-        joined = ta[metrics].join(tb[metrics], how="inner", lsuffix="_a", rsuffix="_b")
+        joined = pd.merge(ta[metrics], tb[metrics], left_index=True, right_index=True, suffixes=("_a", "_b"))
         for (comp, layer), g in joined.groupby(level=["component", "layer"], sort=True):
             for metric in metrics:
                 x, y = g[f"{metric}_a"].to_numpy(float), g[f"{metric}_b"].to_numpy(float)
@@ -400,7 +400,7 @@ def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ("kl", "recovery", 
     counts = single.groupby(["pair_id", "component", "layer"])["position"].nunique()
     sums = single.groupby(["pair_id", "component", "layer"])[metrics].sum(min_count=1)
     sums = sums[counts == n_pos]
-    joined = sums.join(allpos[metrics], how="inner", lsuffix="_sum", rsuffix="_all")
+    joined = pd.merge(sums, allpos[metrics], left_index=True, right_index=True, suffixes=("_sum", "_all"))
     rows = []
     for (comp, layer), g in joined.groupby(level=["component", "layer"], sort=True):
         for metric in metrics:
@@ -523,15 +523,33 @@ def compute_stats(
     manifest = load_manifest(run_dir)
     check_result_files(run_dir)
     cells = load_cells(run_dir)
-    seed = int(manifest.get("seed") or 0)
-    result = stats_from_cells(cells, seed, exclude_flagged, n_resamples, confidence, ci_method, top_k)
+    result = stats_from_cells(cells, run_seed(manifest), exclude_flagged, n_resamples, confidence, ci_method, top_k)
     if write:
-        out = run_dir / "stats"
-        out.mkdir(exist_ok=True)
-        for name in ("cells", "comparisons", "additivity"):
-            pd.DataFrame(result[name]).to_csv(out / f"{name}.csv", index=False)
-        _atomic_write_text(run_dir / "stats.json", json.dumps(result, indent=1, allow_nan=False))
+        write_stats(run_dir, result)
     return result
+
+
+def run_seed(manifest: dict) -> int:
+    """The run's seed (manifest ``seed``, else ``config.seed``, else 0): seeds every bootstrap."""
+    seed = manifest.get("seed", (manifest.get("config") or {}).get("seed"))
+    try:
+        return int(seed) if seed is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def write_stats(run_dir: Path | str, result: dict[str, Any]) -> list[Path]:
+    """Write ``stats.json`` and ``stats/{cells,comparisons,additivity}.csv``; return the paths."""
+    run_dir = Path(run_dir)
+    out = run_dir / "stats"
+    out.mkdir(exist_ok=True)
+    paths = []
+    for name in ("cells", "comparisons", "additivity"):
+        path = out / f"{name}.csv"
+        pd.DataFrame(result[name]).to_csv(path, index=False)
+        paths.append(path)
+    _atomic_write_text(run_dir / "stats.json", json.dumps(result, indent=1, allow_nan=False))
+    return [run_dir / "stats.json"] + paths
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

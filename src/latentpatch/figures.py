@@ -1,0 +1,349 @@
+"""Figures of a run (PNG + SVG under ``RUN_DIR/figures/``), drawn from the results only.
+
+Uses matplotlib's object API (:class:`matplotlib.figure.Figure`, Agg canvas), never pyplot, so
+nothing global (backend, open figures) is touched. Every function takes the tidy tables of
+:mod:`latentpatch.stats` and returns the paths it wrote; a figure whose data the run lacks (e.g.
+no position sweep) is skipped, not an error. :func:`make_figures` draws them all.
+
+Files (``<name>.png`` and ``<name>.svg``):
+- ``layer_bars``: per layer mean ± bootstrap CI of KL, recovery, answer logit diff (layer sweep).
+- ``position_heatmap_{kl,recovery,answer_logit_diff}``: layer x latent position means, top-5 marked.
+- ``position_heatmap_pairs_{metric}``: the same per pair, small multiples (first few pairs).
+- ``pairs_layers``: pairs x layers heatmaps of the layer sweep.
+- ``cumulative_trajectories``: cumulative patching, x = last patched position, one line per layer.
+- ``chained_similarity``: chained/frozen activation cosine to clean and corrupted per position.
+- ``modes_comparison``: chained vs parallel vs frozen per layer, mean ± CI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from latentpatch.stats import METRIC_LABELS
+
+HEATMAP_METRICS = ("kl", "recovery", "answer_logit_diff")
+#: Metrics with a meaningful sign get a diverging map centred at 0; the others a sequential map.
+DIVERGING = {"recovery", "answer_logit_diff", "act_bias"}
+MODE_COLOURS = {"chained": "#d95f02", "parallel": "#1b9e77", "frozen": "#7570b3"}
+DPI = 110
+
+
+def _save(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{name}.{fmt}"
+        fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
+        paths.append(path)
+    return paths
+
+
+def _norm(metric: str, values: np.ndarray):
+    """Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise."""
+    finite = values[np.isfinite(values)]
+    if metric in DIVERGING:
+        lim = float(np.max(np.abs(finite))) if finite.size else 1.0
+        lim = lim or 1.0
+        return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), "RdBu_r"
+    hi = float(finite.max()) if finite.size else 1.0
+    lo = min(0.0, float(finite.min())) if finite.size else 0.0
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0), "viridis"
+
+
+def _primary_component(summary: pd.DataFrame) -> Optional[str]:
+    """The component to plot: ``resid_out`` if present (the default), else the most common one."""
+    if summary.empty:
+        return None
+    comps = summary["component"]
+    return "resid_out" if (comps == "resid_out").any() else comps.value_counts().index[0]
+
+
+def _sel(summary: pd.DataFrame, experiment: str, mode: str, metric: str, component: Optional[str]) -> pd.DataFrame:
+    s = summary
+    return s[(s["experiment"] == experiment) & (s["mode"] == mode) & (s["metric"] == metric) & (s["component"] == component)]
+
+
+def _all_positions(summary: pd.DataFrame, metric: str, component: Optional[str]) -> pd.DataFrame:
+    """All-latent-positions cells: the layer sweep, else the iterative ``parallel`` mode."""
+    d = _sel(summary, "layer", "all", metric, component)
+    return d if not d.empty else _sel(summary, "iterative", "parallel", metric, component)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Bar chart per layer (mean over pairs, 95% bootstrap CI error bars) of KL, recovery, logit diff."""
+    comp = _primary_component(summary)
+    data = {m: _all_positions(summary, m, comp).sort_values("layer") for m in HEATMAP_METRICS}
+    data = {m: d for m, d in data.items() if not d.empty}
+    if not data:
+        return []
+    fig = Figure(figsize=(4.2 * len(data), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    for ax, (metric, d) in zip(axes, data.items()):
+        mean = d["mean"].to_numpy(float)
+        err = np.vstack([mean - d["ci_low"].to_numpy(float), d["ci_high"].to_numpy(float) - mean])
+        err = np.where(np.isfinite(err), np.clip(err, 0, None), 0)
+        colours = ["#c44e52" if m < 0 else "#4c72b0" for m in mean]
+        ax.bar(d["layer"], mean, yerr=err, color=colours, capsize=2, ecolor="#333333")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_xticks(d["layer"])
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Patching all latent positions at one layer ({comp}): mean over pairs ± 95% CI")
+    return _save(fig, out_dir, "layer_bars", formats)
+
+
+def _heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray, metric: str, norm, cmap, top: int = 5, annotate_top: bool = True):
+    """Draw one layer (rows) x position (cols) heatmap; outline and number the top cells."""
+    im = ax.imshow(grid, aspect="auto", origin="lower", norm=norm, cmap=cmap, interpolation="nearest")
+    ax.set_xticks(range(len(positions)), [str(p) for p in positions])
+    step = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+    ax.set_xlabel("latent position")
+    ax.set_ylabel("layer")
+    if annotate_top and top:
+        flat = np.where(np.isfinite(grid), grid, -np.inf).ravel()
+        order = np.argsort(-flat, kind="stable")[:top]
+        for rank, idx in enumerate(order, start=1):
+            if not np.isfinite(flat[idx]):
+                continue
+            r, c = divmod(int(idx), grid.shape[1])
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="black", lw=1.8))
+            ax.text(c, r, f"#{rank}\n{grid[r, c]:.2g}", ha="center", va="center", fontsize=7, color="black",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+    return im
+
+
+def position_heatmaps(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5) -> list[Path]:
+    """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells numbered."""
+    comp = _primary_component(summary)
+    paths: list[Path] = []
+    for metric in HEATMAP_METRICS:
+        d = _sel(summary, "position", "single", metric, comp)
+        if d.empty:
+            continue
+        piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
+        grid = piv.to_numpy(float)
+        norm, cmap = _norm(metric, grid)
+        fig = Figure(figsize=(2.2 + 0.75 * grid.shape[1], 1.6 + 0.32 * grid.shape[0]), layout="constrained")
+        ax = fig.subplots()
+        im = _heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
+        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
+        ax.set_title(f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells", fontsize=10)
+        paths += _save(fig, out_dir, f"position_heatmap_{metric}", formats)
+    return paths
+
+
+def position_heatmaps_per_pair(
+    cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), max_pairs: int = 6
+) -> list[Path]:
+    """Small multiples: layer x position heatmaps for the first ``max_pairs`` pairs, one colour scale."""
+    comp = "resid_out" if (cells["component"] == "resid_out").any() else cells["component"].iloc[0]
+    d = cells[(cells["experiment"] == "position") & (cells["mode"] == "single") & (cells["component"] == comp)]
+    if d.empty:
+        return []
+    pair_ids = list(dict.fromkeys(d["pair_id"]))[:max_pairs]
+    flagged = set(d.loc[d["flagged"], "pair_id"]) if "flagged" in d else set()
+    paths: list[Path] = []
+    for metric in HEATMAP_METRICS:
+        if metric not in d:
+            continue
+        grids = {}
+        for pid in pair_ids:
+            piv = d[d["pair_id"] == pid].pivot(index="layer", columns="position", values=metric).sort_index().sort_index(axis=1)
+            grids[pid] = piv
+        allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
+        norm, cmap = _norm(metric, allv)
+        ncol = min(3, len(pair_ids))
+        nrow = int(np.ceil(len(pair_ids) / ncol))
+        n_layers, n_pos = next(iter(grids.values())).shape
+        fig = Figure(figsize=(1.2 + ncol * (1.0 + 0.5 * n_pos), 1.0 + nrow * (0.8 + 0.2 * n_layers)), layout="constrained")
+        axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True)
+        im = None
+        for k, (ax, pid) in enumerate(zip(axes.ravel(), pair_ids)):
+            piv = grids[pid]
+            im = _heatmap(ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1)
+            if k % ncol:
+                ax.set_ylabel("")
+                ax.tick_params(labelleft=False)
+            if k < len(pair_ids) - ncol:
+                ax.set_xlabel("")
+                ax.tick_params(labelbottom=False)
+            ax.set_title(f"pair {pid}" + (" (flagged)" if pid in flagged else ""), fontsize=9, color="#b00" if pid in flagged else "black")
+        for ax in axes.ravel()[len(pair_ids):]:
+            ax.set_visible(False)
+        fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
+        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell)")
+        paths += _save(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
+    return paths
+
+
+def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Pairs (rows) x layers (cols) heatmaps of the all-positions patch (layer sweep, else parallel)."""
+    comp = "resid_out" if (cells["component"] == "resid_out").any() else cells["component"].iloc[0]
+    d = cells[(cells["experiment"] == "layer") & (cells["mode"] == "all") & (cells["component"] == comp)]
+    if d.empty:
+        d = cells[(cells["experiment"] == "iterative") & (cells["mode"] == "parallel") & (cells["component"] == comp)]
+    if d.empty:
+        return []
+    metrics = [m for m in HEATMAP_METRICS if m in d]
+    pair_ids = list(dict.fromkeys(d["pair_id"]))
+    flagged = set(d.loc[d["flagged"], "pair_id"]) if "flagged" in d else set()
+    n_layers = d["layer"].nunique()
+    fig = Figure(figsize=(1.0 + len(metrics) * (1.6 + 0.17 * n_layers), 1.6 + 0.11 * len(pair_ids)), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        piv = d.pivot(index="pair_id", columns="layer", values=metric).reindex(pair_ids).sort_index(axis=1)
+        grid = piv.to_numpy(float)
+        norm, cmap = _norm(metric, grid)
+        im = ax.imshow(grid, aspect="auto", norm=norm, cmap=cmap, interpolation="nearest")
+        ax.set_xticks(range(grid.shape[1]), [str(c) for c in piv.columns], fontsize=7)
+        step = max(1, len(pair_ids) // 40)
+        labels = [f"{p} *" if p in flagged else str(p) for p in pair_ids]
+        ax.set_yticks(range(0, len(pair_ids), step), labels[::step], fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("pair (* = flagged)")
+        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric], shrink=0.6, aspect=30)
+    fig.suptitle(f"All latent positions patched at one layer ({comp}), per pair")
+    return _save(fig, out_dir, "pairs_layers", formats)
+
+
+def _strongest(values: pd.Series, k: int = 3) -> list:
+    return list(values.sort_values(ascending=False).head(k).index)
+
+
+def cumulative_trajectories(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
+    """Cumulative patching (positions 0..n at one layer): mean KL and recovery vs n, one line per layer."""
+    comp = _primary_component(summary)
+    data = {m: _sel(summary, "iterative", "cumulative", m, comp) for m in ("kl", "recovery")}
+    data = {m: d for m, d in data.items() if not d.empty}
+    if not data:
+        return []
+    fig = Figure(figsize=(6.0 * len(data), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    for ax, (metric, d) in zip(axes, data.items()):
+        piv = d.pivot(index="position", columns="layer", values="mean").sort_index()
+        strong = _strongest(piv.iloc[-1], highlight)
+        for layer in piv.columns:
+            if layer in strong:
+                continue
+            ax.plot(piv.index, piv[layer], color="#bbbbbb", lw=0.9)
+        for i, layer in enumerate(strong):
+            ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
+        ax.set_xticks(piv.index)
+        ax.set_xlabel("thoughts patched: positions 0..n (n)")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.legend(title=f"strongest {len(strong)}\n(grey: other layers)", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"Cumulative patching ({comp}): mean over pairs")
+    return _save(fig, out_dir, "cumulative_trajectories", formats)
+
+
+def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
+    """Chained (and frozen) patching: cosine of the generated activation to clean / corrupted per position."""
+    if trajectories is None or trajectories.empty:
+        return []
+    modes = [m for m in ("chained", "frozen") if (trajectories["mode"] == m).any()]
+    if not modes:
+        return []
+    cols = [("act_cos_clean", "cos(activation, clean)"), ("act_cos_corr", "cos(activation, corrupted)"), ("act_bias", "cos(clean) − cos(corrupted)")]
+    cols = [c for c in cols if c[0] in trajectories]
+    mean = trajectories.groupby(["mode", "layer", "position"])[[c for c, _ in cols]].mean()
+    fig = Figure(figsize=(4.3 * len(cols), 3.3 * len(modes)), layout="constrained")
+    axes = fig.subplots(len(modes), len(cols), squeeze=False, sharex=True)
+    for r, mode in enumerate(modes):
+        m = mean.loc[mode]
+        strength = m.groupby(level="layer")["act_bias"].mean() if "act_bias" in m else m.groupby(level="layer")[cols[0][0]].mean()
+        strong = _strongest(strength, highlight)
+        for c, (col, label) in enumerate(cols):
+            ax = axes[r, c]
+            piv = m[col].unstack("layer").sort_index()
+            for layer in piv.columns:
+                if layer not in strong:
+                    ax.plot(piv.index, piv[layer], color="#bbbbbb", lw=0.9)
+            for i, layer in enumerate(strong):
+                ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
+            ax.set_xticks(piv.index)
+            ax.set_title(f"{mode}: {label}", fontsize=10)
+            ax.set_ylabel(label)
+            if r == len(modes) - 1:
+                ax.set_xlabel("later thought position")
+            if c == 0:
+                ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
+    fig.suptitle("Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)")
+    return _save(fig, out_dir, "chained_similarity", formats)
+
+
+def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Chained vs parallel vs frozen per layer: grouped bars, mean over pairs ± 95% CI."""
+    comp = _primary_component(summary)
+    metrics = ["recovery", "kl", "answer_logit_diff"]
+    panels = []
+    for metric in metrics:
+        per_mode = {}
+        for mode in ("chained", "parallel", "frozen"):
+            d = _sel(summary, "iterative", mode, metric, comp)
+            if d.empty and mode == "parallel":
+                d = _sel(summary, "layer", "all", metric, comp)
+            if not d.empty:
+                per_mode[mode] = d.sort_values(["layer", "position"]).drop_duplicates("layer")
+        if len(per_mode) >= 2:
+            panels.append((metric, per_mode))
+    if not panels:
+        return []
+    fig = Figure(figsize=(11, 3.0 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (metric, per_mode) in zip(axes, panels):
+        width = 0.8 / len(per_mode)
+        for i, (mode, d) in enumerate(per_mode.items()):
+            x = d["layer"].to_numpy() + (i - (len(per_mode) - 1) / 2) * width
+            mean = d["mean"].to_numpy(float)
+            err = np.vstack([mean - d["ci_low"].to_numpy(float), d["ci_high"].to_numpy(float) - mean])
+            err = np.where(np.isfinite(err), np.clip(err, 0, None), 0)
+            ax.bar(x, mean, width, yerr=err, capsize=1.5, label=mode, color=MODE_COLOURS[mode], ecolor="#333333")
+        layers = sorted(set().union(*[set(d["layer"]) for d in per_mode.values()]))
+        ax.set_xticks(layers)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_ylabel(METRIC_LABELS[metric], fontsize=9)
+        ax.legend(fontsize=8, ncols=3)
+    axes[-1].set_xlabel("layer")
+    fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
+    return _save(fig, out_dir, "modes_comparison", formats)
+
+
+def make_figures(
+    run_dir: Path | str,
+    summary: pd.DataFrame,
+    cells: pd.DataFrame,
+    trajectories: Optional[pd.DataFrame] = None,
+    formats: Iterable[str] = ("png", "svg"),
+) -> list[Path]:
+    """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.
+
+    ``summary``: :func:`latentpatch.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
+    ``cells``: ``results/cells.parquet`` (already filtered if flagged pairs are excluded);
+    ``trajectories``: ``results/trajectories.parquet`` or None.
+    """
+    out = Path(run_dir) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    formats = tuple(formats)
+    paths: list[Path] = []
+    if not summary.empty:
+        paths += layer_bars(summary, out, formats)
+        paths += position_heatmaps(summary, out, formats)
+        paths += cumulative_trajectories(summary, out, formats)
+        paths += modes_comparison(summary, out, formats)
+    if not cells.empty:
+        paths += position_heatmaps_per_pair(cells, out, formats)
+        paths += pairs_layers(cells, out, formats)
+    paths += chained_similarity(trajectories, out, formats)
+    return paths
