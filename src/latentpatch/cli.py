@@ -25,6 +25,86 @@ app.add_typer(pairs_app, name="pairs")
 
 
 # ---- section: model (inspect) -------------------------------------------------------------
+MODEL_HELP = ("Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
+              "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
+              "(a small random model, for a demo).")
+
+
+def _parse_input_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise LatentPatchError(f"--input-ids {text!r}: expected comma-separated integers; fix: e.g. "
+                               "--input-ids 5,6,7") from None
+    if not ids:
+        raise LatentPatchError("--input-ids is empty; fix: e.g. --input-ids 5,6,7")
+    return ids
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Option("default", "--model", help=MODEL_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of a codi:/coconut: checkpoint (dir or hub name)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2, codi-llama1b or codi-llama1b-instruct."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = checkpoint without LoRA)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling = alpha / r)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated LoRA target modules."),
+    prj_dim: Optional[int] = typer.Option(None, "--prj-dim", help="Projection width (default: read from the file)."),
+    prj_ln: Optional[bool] = typer.Option(None, "--prj-ln/--no-prj-ln", help="Projection ends with a LayerNorm."),
+    num_latent: Optional[int] = typer.Option(None, "--num-latent", help="Number of continuous thoughts."),
+    eos_id: Optional[int] = typer.Option(None, "--eos-id", help="End-of-sequence id (codi: checkpoints)."),
+    question: Optional[str] = typer.Option(None, "--question", help="Question text (needs a tokenizer)."),
+    input_ids: Optional[str] = typer.Option(None, "--input-ids", help="Question token ids, e.g. 5,6,7 (separators are added)."),
+    top_k: int = typer.Option(5, "--top-k", help="Tokens shown per thought."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+) -> None:
+    """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
+    if (question is None) == (input_ids is None):
+        raise LatentPatchError("pass exactly one of --question TEXT or --input-ids 5,6,7")
+    if top_k < 1:
+        raise LatentPatchError(f"--top-k {top_k}: must be at least 1")
+    if num_latent is not None and num_latent < 1:
+        raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LatentPatchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    ids = _parse_input_ids(input_ids) if input_ids is not None else None
+
+    from latentpatch.loading import load_model
+    from latentpatch.model import extract_number
+
+    m = load_model(model, base=base, preset=preset, dtype=dtype, device=device, lora_r=lora_r,
+                   lora_alpha=lora_alpha, lora_targets=lora_targets, prj_dim=prj_dim, prj_ln=prj_ln,
+                   num_latent=num_latent, eos_id=eos_id)
+    if ids is not None:
+        bad = [i for i in ids if not 0 <= i < m.vocab_size]
+        if bad:
+            raise LatentPatchError(f"--input-ids: id(s) {bad[:5]} outside the vocabulary (0..{m.vocab_size - 1})")
+        prompt = m.prompt_ids(ids)
+    else:
+        if m.tokenizer is None:
+            raise LatentPatchError(f"--model {model} has no tokenizer; fix: pass --input-ids instead of --question")
+        prompt = m.prompt_ids(question)
+    typer.echo(f"model: {m.name} ({m.family}, {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
+               f"{m.num_latent} thoughts)")
+    if question is not None:
+        typer.echo(f"question: {question}")
+    typer.echo(f"prompt ids: {prompt}")
+    r = m.rollout([prompt])
+    k = min(top_k, m.vocab_size)
+    for p, tops in enumerate(m.decode_thoughts(r, k=k)[0]):
+        typer.echo(f"thought {p}: " + " | ".join(f"{tok!r} {prob:.3f}" for tok, prob in tops))
+    out = m.generate(r.state, r.answer_logits, max_new_tokens)[0]
+    if m.tokenizer is None:
+        typer.echo(f"answer ids: {out}")
+    else:
+        text = m.decode(out)
+        num = extract_number(text)
+        typer.echo(f"answer: {text!r} (ids {out})")
+        typer.echo(f"number: {'none' if num is None else format(num, 'g')}")
+
+
 # ---- end section: model -------------------------------------------------------------------
 
 # ---- section: pairs -----------------------------------------------------------------------
@@ -147,9 +227,99 @@ def eval_cmd(
 # ---- end section: train / eval ------------------------------------------------------------
 
 # ---- section: run (engine) ----------------------------------------------------------------
+@app.command("run")
+def run_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help="default | codi:DIR | dir:PATH | coconut:FILE | gguf:FILE"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model (hub name or local dir) for codi: checkpoints"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2 | codi-llama1b | codi-llama1b-instruct"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="pair file (JSON) or 'default'"),
+    experiments: Optional[str] = typer.Option(None, "--experiments", help="comma list of layer,position,iterative"),
+    component: Optional[str] = typer.Option(None, "--component", help="resid_out | resid_pre | attn_out | mlp_out"),
+    direction: Optional[str] = typer.Option(None, "--direction", help="denoise (clean->corrupted) | noise"),
+    replacement: Optional[str] = typer.Option(None, "--replacement", help="source | zero | mean | resample"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N pairs only (quick test: --limit 5)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process runs pairs k with k mod N == i"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="patches per forward pass, or auto"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    only_correct: Optional[bool] = typer.Option(None, "--only-correct/--all-pairs", help="exclude pairs the model gets wrong"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="fast | reference (one full rollout per cell)"),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="a failing built-in check is fatal"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="log to Weights & Biases"),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="activation cache (default ~/.cache/latentpatch)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file with the same keys"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Run the patching experiments and write a run directory (manifest, results, report)."""
+    from latentpatch.runs import RunConfig, run_experiments
+
+    if batch_size is not None and batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise LatentPatchError(f"--batch-size {batch_size!r}: use a positive integer or auto")
+        batch_size = int(batch_size)
+    flags = dict(model=model, base=base, preset=preset, pairs=pairs, experiments=experiments, component=component,
+                 direction=direction, replacement=replacement, out=out, limit=limit, shard=shard, device=device,
+                 dtype=dtype, batch_size=batch_size, seed=seed, only_correct=only_correct, engine=engine,
+                 strict=strict, wandb=wandb, wandb_project=wandb_project, cache_dir=cache_dir)
+    if no_report:
+        flags["report"] = False
+    if config is not None:
+        cfg = RunConfig.from_file(config, **flags)
+    else:
+        given = {k: v for k, v in flags.items() if v is not None}
+        if isinstance(given.get("experiments"), str):
+            given["experiments"] = tuple(x.strip() for x in given["experiments"].split(",") if x.strip())
+        cfg = RunConfig(**given)
+    path = run_experiments(cfg, resume=resume, progress=not quiet)
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    t = manifest.get("timings", {})
+    checks = manifest.get("checks", {})
+    status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())
+    b = manifest.get("baselines", {})
+    print(f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
+          f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s")
+    report = path / "report.html"
+    print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))
+
+
 # ---- end section: run ---------------------------------------------------------------------
 
 # ---- section: report / compare ------------------------------------------------------------
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="run directory written by `latentpatch run`"),
+    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop pairs the model gets wrong (clean or corrupted)"),
+    n_resamples: int = typer.Option(9999, "--n-resamples", min=100, help="bootstrap resamples per cell"),
+    ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
+) -> None:
+    """Rebuild stats.json, stats/, figures/ and report.html from a run's results (no model needed)."""
+    from latentpatch.report import build_report
+
+    if ci_method not in ("percentile", "bca", "basic"):
+        raise LatentPatchError(f"--ci-method {ci_method!r}: use percentile, bca or basic")
+    typer.echo(build_report(run_dir, exclude_flagged=exclude_flagged, n_resamples=n_resamples, ci_method=ci_method))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="first run directory (A)"),
+    run_b: Path = typer.Argument(..., help="second run directory (B)"),
+    out: Path = typer.Option(..., "--out", help="output directory for compare.html, compare.json and figures"),
+    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop flagged pairs in both runs"),
+) -> None:
+    """Side-by-side layer and position maps of two runs and their difference (A − B)."""
+    from latentpatch.compare import compare_runs
+
+    typer.echo(compare_runs(run_a, run_b, out, exclude_flagged=exclude_flagged))
+
+
 # ---- end section: report ------------------------------------------------------------------
 
 # ---- section: bench / merge ---------------------------------------------------------------
