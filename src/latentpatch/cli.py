@@ -227,99 +227,9 @@ def eval_cmd(
 # ---- end section: train / eval ------------------------------------------------------------
 
 # ---- section: run (engine) ----------------------------------------------------------------
-@app.command("run")
-def run_cmd(
-    model: Optional[str] = typer.Option(None, "--model", help="default | codi:DIR | dir:PATH | coconut:FILE | gguf:FILE"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model (hub name or local dir) for codi: checkpoints"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2 | codi-llama1b | codi-llama1b-instruct"),
-    pairs: Optional[str] = typer.Option(None, "--pairs", help="pair file (JSON) or 'default'"),
-    experiments: Optional[str] = typer.Option(None, "--experiments", help="comma list of layer,position,iterative"),
-    component: Optional[str] = typer.Option(None, "--component", help="resid_out | resid_pre | attn_out | mlp_out"),
-    direction: Optional[str] = typer.Option(None, "--direction", help="denoise (clean->corrupted) | noise"),
-    replacement: Optional[str] = typer.Option(None, "--replacement", help="source | zero | mean | resample"),
-    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N pairs only (quick test: --limit 5)"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process runs pairs k with k mod N == i"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16"),
-    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="patches per forward pass, or auto"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    only_correct: Optional[bool] = typer.Option(None, "--only-correct/--all-pairs", help="exclude pairs the model gets wrong"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="fast | reference (one full rollout per cell)"),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="a failing built-in check is fatal"),
-    no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="log to Weights & Biases"),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="activation cache (default ~/.cache/latentpatch)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file with the same keys"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-) -> None:
-    """Run the patching experiments and write a run directory (manifest, results, report)."""
-    from latentpatch.runs import RunConfig, run_experiments
-
-    if batch_size is not None and batch_size != "auto":
-        if not batch_size.isdigit() or int(batch_size) < 1:
-            raise LatentPatchError(f"--batch-size {batch_size!r}: use a positive integer or auto")
-        batch_size = int(batch_size)
-    flags = dict(model=model, base=base, preset=preset, pairs=pairs, experiments=experiments, component=component,
-                 direction=direction, replacement=replacement, out=out, limit=limit, shard=shard, device=device,
-                 dtype=dtype, batch_size=batch_size, seed=seed, only_correct=only_correct, engine=engine,
-                 strict=strict, wandb=wandb, wandb_project=wandb_project, cache_dir=cache_dir)
-    if no_report:
-        flags["report"] = False
-    if config is not None:
-        cfg = RunConfig.from_file(config, **flags)
-    else:
-        given = {k: v for k, v in flags.items() if v is not None}
-        if isinstance(given.get("experiments"), str):
-            given["experiments"] = tuple(x.strip() for x in given["experiments"].split(",") if x.strip())
-        cfg = RunConfig(**given)
-    path = run_experiments(cfg, resume=resume, progress=not quiet)
-    import json
-
-    manifest = json.loads((path / "manifest.json").read_text())
-    t = manifest.get("timings", {})
-    checks = manifest.get("checks", {})
-    status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())
-    b = manifest.get("baselines", {})
-    print(f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
-          f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s")
-    report = path / "report.html"
-    print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))
-
-
 # ---- end section: run ---------------------------------------------------------------------
 
 # ---- section: report / compare ------------------------------------------------------------
-@app.command("report")
-def report_cmd(
-    run_dir: Path = typer.Argument(..., help="run directory written by `latentpatch run`"),
-    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop pairs the model gets wrong (clean or corrupted)"),
-    n_resamples: int = typer.Option(9999, "--n-resamples", min=100, help="bootstrap resamples per cell"),
-    ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
-) -> None:
-    """Rebuild stats.json, stats/, figures/ and report.html from a run's results (no model needed)."""
-    from latentpatch.report import build_report
-
-    if ci_method not in ("percentile", "bca", "basic"):
-        raise LatentPatchError(f"--ci-method {ci_method!r}: use percentile, bca or basic")
-    typer.echo(build_report(run_dir, exclude_flagged=exclude_flagged, n_resamples=n_resamples, ci_method=ci_method))
-
-
-@app.command("compare")
-def compare_cmd(
-    run_a: Path = typer.Argument(..., help="first run directory (A)"),
-    run_b: Path = typer.Argument(..., help="second run directory (B)"),
-    out: Path = typer.Option(..., "--out", help="output directory for compare.html, compare.json and figures"),
-    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop flagged pairs in both runs"),
-) -> None:
-    """Side-by-side layer and position maps of two runs and their difference (A − B)."""
-    from latentpatch.compare import compare_runs
-
-    typer.echo(compare_runs(run_a, run_b, out, exclude_flagged=exclude_flagged))
-
-
 # ---- end section: report ------------------------------------------------------------------
 
 # ---- section: bench / merge ---------------------------------------------------------------
