@@ -139,17 +139,17 @@ class CODI(nn.Module):
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2500
     seed: int = 0
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 100
     layers: int = 4
-    d_model: int = 192
-    heads: int = 6
-    d_ff: int = 512
-    prj_dim: int = 384
+    d_model: int = 128
+    heads: int = 4
+    d_ff: int = 384
+    prj_dim: int = 256
     prj_dropout: float = 0.0
     num_latent: int = 6
     vocab_size: int = 600
