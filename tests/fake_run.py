@@ -157,7 +157,7 @@ def write_fake_run(
                 continue
             vals = {m: (None if np.isnan(r[m]) else r[m]) for m in METRICS}
             nested.setdefault(r["pair_id"], {}).setdefault(str(r["layer"]), {})[key_of(r)] = vals
-        (run_dir / "results" / f"{exp}.json").write_text(json.dumps({"results": nested}))
+        (run_dir / "results" / f"{exp}.json").write_text(json.dumps(nested))
 
     # ---- thoughts.json: top-3 decoded tokens per thought, a few pairs
     vocab = ["the", "16", "17", "apples", "+", "=", "Tom", "has", "4", "*", "2", "so"]

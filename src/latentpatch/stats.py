@@ -343,6 +343,14 @@ def _mode_table(cells: pd.DataFrame, mode: str) -> Optional[pd.DataFrame]:
     return sel.set_index(["pair_id", "component", "layer"])
 
 
+def _all_positions_table(cells: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """Per (pair_id, component, layer) all-latent-positions patch: the layer sweep, else iterative parallel."""
+    sel = cells[(cells["experiment"] == "layer") & (cells["mode"] == "all")]
+    if sel.empty:
+        return _mode_table(cells, "parallel")
+    return sel.drop_duplicates(["pair_id", "component", "layer"]).set_index(["pair_id", "component", "layer"])
+
+
 def compare_modes(
     cells: pd.DataFrame,
     metrics: Iterable[str] = METRICS,
@@ -393,7 +401,7 @@ def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ("kl", "recovery", 
     """
     metrics = _present_metrics(cells, metrics)
     single = cells[(cells["experiment"] == "position") & (cells["mode"] == "single")]
-    allpos = _mode_table(cells, "parallel")
+    allpos = _all_positions_table(cells)
     if single.empty or allpos is None:
         return pd.DataFrame()
     n_pos = single["position"].nunique()
