@@ -230,6 +230,34 @@ def eval_cmd(
 # ---- end section: run ---------------------------------------------------------------------
 
 # ---- section: report / compare ------------------------------------------------------------
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="run directory written by `latentpatch run`"),
+    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop pairs the model gets wrong (clean or corrupted)"),
+    n_resamples: int = typer.Option(9999, "--n-resamples", min=100, help="bootstrap resamples per cell"),
+    ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
+) -> None:
+    """Rebuild stats.json, stats/, figures/ and report.html from a run's results (no model needed)."""
+    from latentpatch.report import build_report
+
+    if ci_method not in ("percentile", "bca", "basic"):
+        raise LatentPatchError(f"--ci-method {ci_method!r}: use percentile, bca or basic")
+    typer.echo(build_report(run_dir, exclude_flagged=exclude_flagged, n_resamples=n_resamples, ci_method=ci_method))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="first run directory (A)"),
+    run_b: Path = typer.Argument(..., help="second run directory (B)"),
+    out: Path = typer.Option(..., "--out", help="output directory for compare.html, compare.json and figures"),
+    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop flagged pairs in both runs"),
+) -> None:
+    """Side-by-side layer and position maps of two runs and their difference (A − B)."""
+    from latentpatch.compare import compare_runs
+
+    typer.echo(compare_runs(run_a, run_b, out, exclude_flagged=exclude_flagged))
+
+
 # ---- end section: report ------------------------------------------------------------------
 
 # ---- section: bench / merge ---------------------------------------------------------------
