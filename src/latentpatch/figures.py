@@ -135,7 +135,7 @@ def position_heatmaps(summary: pd.DataFrame, out_dir: Path, formats: Sequence[st
         piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
         grid = piv.to_numpy(float)
         norm, cmap = _norm(metric, grid)
-        fig = Figure(figsize=(2.2 + 0.75 * grid.shape[1], 1.6 + 0.32 * grid.shape[0]), layout="constrained")
+        fig = Figure(figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained")
         ax = fig.subplots()
         im = _heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
         fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
@@ -200,7 +200,7 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     pair_ids = list(dict.fromkeys(d["pair_id"]))
     flagged = set(d.loc[d["flagged"], "pair_id"]) if "flagged" in d else set()
     n_layers = d["layer"].nunique()
-    fig = Figure(figsize=(1.0 + len(metrics) * (1.6 + 0.17 * n_layers), 1.6 + 0.11 * len(pair_ids)), layout="constrained")
+    fig = Figure(figsize=(1.0 + len(metrics) * max(3.6, 1.6 + 0.17 * n_layers), max(3.2, 1.6 + 0.11 * len(pair_ids))), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         piv = d.pivot(index="pair_id", columns="layer", values=metric).reindex(pair_ids).sort_index(axis=1)
@@ -314,7 +314,7 @@ def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str
         ax.set_xticks(layers)
         ax.axhline(0, color="black", lw=0.6)
         ax.set_ylabel(METRIC_LABELS[metric], fontsize=9)
-        ax.legend(fontsize=8, ncols=3)
+        ax.legend(fontsize=8, ncols=3, loc="best")
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
     return _save(fig, out_dir, "modes_comparison", formats)

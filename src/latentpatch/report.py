@@ -131,7 +131,10 @@ def table(header: list[str], rows: Iterable[list[str]], left: int | set[int] = 0
 def kv_list(d: dict) -> str:
     items = []
     for k, v in d.items():
-        val = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+        if isinstance(v, float):
+            val = fmt(v, 4)
+        else:
+            val = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
         items.append(f"<dt>{_e(k)}</dt><dd><code>{_e(val)}</code></dd>")
     return f'<dl class="kv">{"".join(items)}</dl>' if items else '<p class="note">none recorded</p>'
 

@@ -239,7 +239,11 @@ def bootstrap_mean_ci(
             method=method,
             rng=np.random.default_rng(seed),
         )
-    return np.atleast_1d(res.confidence_interval.low).astype(float), np.atleast_1d(res.confidence_interval.high).astype(float)
+    lo = np.atleast_1d(res.confidence_interval.low).astype(float)
+    hi = np.atleast_1d(res.confidence_interval.high).astype(float)
+    const = np.all(samples == samples[:, :1], axis=1)  # every resample has the same mean (BCa would give NaN)
+    lo[const], hi[const] = samples[const, 0], samples[const, 0]
+    return lo, hi
 
 
 def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
