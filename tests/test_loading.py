@@ -292,6 +292,12 @@ def test_wrong_base_vocabulary_fails(llama_ckpt, tmp_path):
     assert "vocabulary" in msg and "--base" in msg
 
 
+def test_base_of_another_family_fails(llama_ckpt, tmp_path):
+    sd, _, tmp = llama_ckpt
+    msg = _fails(sd, save_base(tmp_path, "gpt2"), tmp, "family", lora_targets=None)
+    assert "wrong --base" in msg
+
+
 def test_prj_ln_inferred_or_required(tmp_path):
     module, _ = make_codi("llama", prj_ln=False)
     ckpt = save_ckpt(module.state_dict(), tmp_path / "ckpt")
@@ -417,6 +423,8 @@ def test_load_model_specs_and_errors(tmp_path):
         load_model("config:llama", dtype="float8")
     with pytest.raises(LatentPatchError, match="config:llama"):
         load_model("config:mamba")
+    with pytest.raises(LatentPatchError, match="--num-latent"):
+        load_model("config:llama", num_latent=0)
     with pytest.raises(LatentPatchError, match="no such GGUF"):
         load_model(f"gguf:{tmp_path / 'x.gguf'}")
     from latentpatch.loading import DEFAULT_MODEL_DIR

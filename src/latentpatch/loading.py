@@ -275,7 +275,7 @@ def load_weights_strict(
                         if n and _targeted(n, lora.targets) and (isinstance(m, nn.Linear) or _is_conv1d(m))]
         if not lora_modules:
             raise LatentPatchError(f"{file}: none of the LoRA targets {list(lora.targets)} names a linear layer of "
-                                   f"this {type(lm).__name__}; fix: wrong --lora-targets or --preset?")
+                                   f"this {type(lm).__name__}; fix: wrong --base, --lora-targets or --preset?")
     lora_set = set(lora_modules)
     for key, tensor in canon.items():
         module, _, pname = key.rpartition(".")
@@ -304,7 +304,7 @@ def load_weights_strict(
             parts.append(f"{len(missing)} missing key(s) ({_few(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
-        fix = _key_hint(missing, unexpected, prefix, lora, hint)
+        fix = _key_hint(missing, unexpected, prefix, lora, hint, len(expected))
         raise LatentPatchError(f"{file}: {' and '.join(parts)}; fix: {fix}")
 
     # 3. shapes
@@ -356,7 +356,9 @@ def load_weights_strict(
     prj.load_state_dict({e.target: sd[k] for k, e in expected.items() if e.kind == "prj"}, strict=True)
 
 
-def _key_hint(missing, unexpected, prefix, lora, hint) -> str:
+def _key_hint(missing, unexpected, prefix, lora, hint, n_expected: int) -> str:
+    if len(missing) > n_expected // 2 and unexpected:
+        return "most keys differ, the file's architecture does not match the model built from the base; wrong --base or --preset?"
     miss_lora = [k for k in missing if _LORA_KEY.match(k)]
     unexp_lora = [k for k in unexpected if _LORA_KEY.match(k)]
     if unexp_lora and lora is None:
@@ -689,7 +691,7 @@ def load_coconut_checkpoint(
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, (list, tuple)) else config.eos_token_id
     if eos is None:
         raise LatentPatchError(f"--base {base}: no eos id in its config or tokenizer")
-    cfg = LatentConfig(num_latent=int(num_latent or 6), pad_id=int(eos), bot_id=V, eot_id=V + 1, eos_id=int(eos),
+    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=int(eos), bot_id=V, eot_id=V + 1, eos_id=int(eos),
                        remove_eos=True, answer_prefix="### ", question_template="{question}\n")
     _check_latent_config(cfg, lm, str(file))
     return LatentModel(lm.to(dev), prj, cfg, tokenizer, name=f"coconut:{path}")
@@ -744,8 +746,9 @@ def load_gguf(
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else lm.config.eos_token_id
     if isinstance(eos, (list, tuple)):
         eos = eos[0]
-    cfg = LatentConfig(num_latent=int(num_latent or 6), pad_id=V, bot_id=V + 1, eot_id=V + 2, eos_id=int(eos),
-                       remove_eos=True, answer_prefix="")
+    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=V, bot_id=V + 1,
+                       eot_id=V + 2, eos_id=int(eos), remove_eos=True, answer_prefix="")
+    _check_latent_config(cfg, lm, str(path))
     return LatentModel(lm.to(dev), nn.Identity(), cfg, tokenizer, name=f"gguf:{path.name}")
 
 
@@ -794,8 +797,9 @@ def random_model(family: str = "llama", *, num_latent: int | None = None, seed: 
         else:
             raise LatentPatchError(f"--model config:{family}: unknown family; fix: use config:llama or config:gpt2")
         prj = build_prj(64, 128, layer_norm=True)
-    cfg = LatentConfig(num_latent=int(num_latent or 6), pad_id=V, bot_id=V + 1, eot_id=V + 2, eos_id=256,
-                       remove_eos=True, add_special_tokens=False)
+    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=V, bot_id=V + 1,
+                       eot_id=V + 2, eos_id=256, remove_eos=True, add_special_tokens=False)
+    _check_latent_config(cfg, lm, f"config:{family}")
     return LatentModel(lm.to(dtype).to(dev).eval(), prj.to(dtype).to(dev).eval(), cfg, tok, name=f"config:{family}")
 
 
@@ -859,6 +863,8 @@ def load_model(
     elif not sep or len(kind) == 1:  # a plain path (or a Windows drive letter): guess its kind
         kind, rest = _guess_kind(Path(spec), spec), spec
     num_latent = overrides.get("num_latent")
+    if num_latent is not None and int(num_latent) < 1:
+        raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
     common = dict(dtype=dtype, device=device)
     if kind != "codi":
         if preset is not None:
