@@ -156,6 +156,7 @@ class TrainConfig:
     distill_factor: float = 20.0
     ref_factor: float = 1.0
     teacher_only_steps: int = 0  # curriculum: first steps train the teacher task only
+    init_from: str = ""  # start from a saved model directory instead of a fresh init
     data_seed: int = 1
     train_pool: int = 200_000
     tokenizer_corpus: int = 20_000
@@ -422,8 +423,11 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
     corpus = []
     for p in pool[: cfg.tokenizer_corpus]:
         corpus.append(normalize_question(p.question) + " " + p.cot + " " + ANSWER_PREFIX + str(p.answer))
-    codec = Codec(train_tokenizer(corpus, cfg.vocab_size))
-    model = CODI(llama_config(cfg, codec), cfg.prj_dim, cfg.prj_dropout)
+    if cfg.init_from:  # continue training a saved model (its architecture and tokenizer)
+        model, codec, _ = load_trained(cfg.init_from)
+    else:
+        codec = Codec(train_tokenizer(corpus, cfg.vocab_size))
+        model = CODI(llama_config(cfg, codec), cfg.prj_dim, cfg.prj_dropout)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
