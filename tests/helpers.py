@@ -10,7 +10,7 @@ from latentpatch.model import LatentConfig, LatentModel, build_prj
 VOCAB = 40  # ids VOCAB, VOCAB+1, VOCAB+2 = pad, bot, eot as in CODI's +3 resize
 
 
-def tiny_lm(family: str, n_layers: int = 3, d: int = 32, seed: int = 0, vocab: int = VOCAB + 3):
+def tiny_lm(family: str, n_layers: int = 3, d: int = 32, seed: int = 0, vocab: int = VOCAB + 3, scale: float = 3.0):
     torch.manual_seed(seed)
     if family == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
@@ -25,7 +25,7 @@ def tiny_lm(family: str, n_layers: int = 3, d: int = 32, seed: int = 0, vocab: i
     with torch.no_grad():
         for p in lm.parameters():
             if p.dim() >= 2:
-                p.mul_(3.0)
+                p.mul_(scale)
     return lm.eval()
 
 
@@ -61,7 +61,7 @@ def tiny_text_model(family: str = "llama", n_layers: int = 3, d: int = 32, num_l
     """A tiny random model with a real (character) tokenizer, so text questions and answers work."""
     tok = tiny_tokenizer()
     V = len(tok)
-    lm = tiny_lm(family, n_layers, d, seed, vocab=V)
+    lm = tiny_lm(family, n_layers, d, seed, vocab=V, scale=10.0)  # large enough for visible patch effects
     torch.manual_seed(seed + 1)
     prj = build_prj(d, 2 * d, layer_norm=True)
     cfg = LatentConfig(num_latent=num_latent, pad_id=tok.convert_tokens_to_ids("<pad>"),

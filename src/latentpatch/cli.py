@@ -173,13 +173,13 @@ def pairs_generate(
 @app.command("train")
 def train_cmd(
     out: Path = typer.Option(..., "--out", help="Output model directory."),
-    steps: int = typer.Option(3000, "--steps", min=1, help="Optimizer steps."),
+    steps: int = typer.Option(2500, "--steps", min=1, help="Optimizer steps."),
     seed: int = typer.Option(0, "--seed", help="Seed (init, data order)."),
     layers: int = typer.Option(4, "--layers", min=1),
-    d_model: int = typer.Option(192, "--d-model", min=8),
-    heads: int = typer.Option(6, "--heads", min=1),
-    d_ff: int = typer.Option(512, "--d-ff", min=8),
-    prj_dim: int = typer.Option(384, "--prj-dim", min=8),
+    d_model: int = typer.Option(128, "--d-model", min=8),
+    heads: int = typer.Option(4, "--heads", min=1),
+    d_ff: int = typer.Option(384, "--d-ff", min=8),
+    prj_dim: int = typer.Option(256, "--prj-dim", min=8),
     num_latent: int = typer.Option(6, "--num-latent", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     lr: float = typer.Option(2e-3, "--lr"),
@@ -189,6 +189,8 @@ def train_cmd(
     train_pool: int = typer.Option(200_000, "--train-pool", min=100),
     threads: int = typer.Option(2, "--threads", min=1),
     ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."),
+    warmup: int = typer.Option(100, "--warmup", min=0),
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective."""
     import json as _json
@@ -201,7 +203,7 @@ def train_cmd(
                       prj_dim=prj_dim, num_latent=num_latent, batch_size=batch_size, lr=lr,
                       distill_factor=distill_factor, ref_factor=ref_factor,
                       teacher_only_steps=teacher_only_steps, train_pool=train_pool, threads=threads,
-                      ckpt_every=ckpt_every)
+                      ckpt_every=ckpt_every, init_from=str(init_from) if init_from else "", warmup=warmup)
     summary = train(cfg, out)
     typer.echo(_json.dumps({"out": str(out), **summary}))
 
@@ -227,6 +229,68 @@ def eval_cmd(
 # ---- end section: train / eval ------------------------------------------------------------
 
 # ---- section: run (engine) ----------------------------------------------------------------
+@app.command("run")
+def run_cmd(
+    model: Optional[str] = typer.Option(None, "--model", help="default | codi:DIR | dir:PATH | coconut:FILE | gguf:FILE"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model (hub name or local dir) for codi: checkpoints"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2 | codi-llama1b | codi-llama1b-instruct"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="pair file (JSON) or 'default'"),
+    experiments: Optional[str] = typer.Option(None, "--experiments", help="comma list of layer,position,iterative"),
+    component: Optional[str] = typer.Option(None, "--component", help="resid_out | resid_pre | attn_out | mlp_out"),
+    direction: Optional[str] = typer.Option(None, "--direction", help="denoise (clean->corrupted) | noise"),
+    replacement: Optional[str] = typer.Option(None, "--replacement", help="source | zero | mean | resample"),
+    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N pairs only (quick test: --limit 5)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process runs pairs k with k mod N == i"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16"),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="patches per forward pass, or auto"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    only_correct: Optional[bool] = typer.Option(None, "--only-correct/--all-pairs", help="exclude pairs the model gets wrong"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="fast | reference (one full rollout per cell)"),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="a failing built-in check is fatal"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
+    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="log to Weights & Biases"),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="activation cache (default ~/.cache/latentpatch)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file with the same keys"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Run the patching experiments and write a run directory (manifest, results, report)."""
+    from latentpatch.runs import RunConfig, run_experiments
+
+    if batch_size is not None and batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise LatentPatchError(f"--batch-size {batch_size!r}: use a positive integer or auto")
+        batch_size = int(batch_size)
+    flags = dict(model=model, base=base, preset=preset, pairs=pairs, experiments=experiments, component=component,
+                 direction=direction, replacement=replacement, out=out, limit=limit, shard=shard, device=device,
+                 dtype=dtype, batch_size=batch_size, seed=seed, only_correct=only_correct, engine=engine,
+                 strict=strict, wandb=wandb, wandb_project=wandb_project, cache_dir=cache_dir)
+    if no_report:
+        flags["report"] = False
+    if config is not None:
+        cfg = RunConfig.from_file(config, **flags)
+    else:
+        given = {k: v for k, v in flags.items() if v is not None}
+        if isinstance(given.get("experiments"), str):
+            given["experiments"] = tuple(x.strip() for x in given["experiments"].split(",") if x.strip())
+        cfg = RunConfig(**given)
+    path = run_experiments(cfg, resume=resume, progress=not quiet)
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    t = manifest.get("timings", {})
+    checks = manifest.get("checks", {})
+    status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())
+    b = manifest.get("baselines", {})
+    print(f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
+          f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s")
+    report = path / "report.html"
+    print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))
+
+
 # ---- end section: run ---------------------------------------------------------------------
 
 # ---- section: report / compare ------------------------------------------------------------
