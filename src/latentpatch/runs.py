@@ -152,12 +152,17 @@ def parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-def shard_pairs(pairs: Sequence[Pair], shard: str | None) -> list[Pair]:
-    """Deterministic split: pair k (in file order) goes to shard k mod N."""
+def shard_pairs(pairs: Sequence[Pair], shard: str | None) -> list[tuple[int, Pair]]:
+    """Deterministic split: pair k (in file order, after filtering) goes to shard k mod N.
+
+    Returns ``(k, pair)``: k is the pair's global index, which names its result file, so shard
+    run directories merge back into exactly the unsharded run.
+    """
+    indexed = list(enumerate(pairs))
     if shard is None:
-        return list(pairs)
+        return indexed
     i, n = parse_shard(shard)
-    return [p for k, p in enumerate(pairs) if k % n == i]
+    return [(k, p) for k, p in indexed if k % n == i]
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -241,18 +246,26 @@ def _load_model(config: RunConfig) -> LatentModel:
     return load_model(config.model, **kwargs)
 
 
-def _load_run_pairs(config: RunConfig) -> tuple[list[Pair], list[tuple[str, str]]]:
-    path = default_pairs_path() if config.pairs == "default" else Path(config.pairs)
-    pairs = load_pairs(path)
+def select_pairs(pairs: Sequence[Pair], config: RunConfig) -> tuple[list[tuple[int, Pair]], list[tuple[str, str]]]:
+    """Filter (same-answer pairs out unless kept), limit to the first N, then shard.
+
+    Returns ``(global_index, pair)`` for this process, and the removed pairs with reasons.
+    """
     removed: list[tuple[str, str]] = []
     if not config.keep_same_answer:
         pairs, removed = filter_pairs(pairs)
-    pairs = shard_pairs(pairs, config.shard)
+    pairs = list(pairs)
     if config.limit is not None:
         pairs = pairs[: config.limit]
-    if not pairs:
+    return shard_pairs(pairs, config.shard), removed
+
+
+def _load_run_pairs(config: RunConfig) -> tuple[list[tuple[int, Pair]], list[tuple[str, str]]]:
+    path = default_pairs_path() if config.pairs == "default" else Path(config.pairs)
+    selected, removed = select_pairs(load_pairs(path), config)
+    if not selected:
         raise LatentPatchError(f"pair file {path}: no pairs left after filtering/sharding; fix: check --pairs, --shard, --limit")
-    return pairs, removed
+    return selected, removed
 
 
 def _as_number(x) -> float:
@@ -349,10 +362,12 @@ def run_experiments(
     if model is None:
         model = _load_model(config)
     timings["load_model_s"] = time.perf_counter() - t0
-    removed: list[tuple[str, str]] = []
     if pairs is None:
-        pairs, removed = _load_run_pairs(config)
-    pairs = list(pairs)
+        selected, removed = _load_run_pairs(config)
+    else:
+        selected, removed = select_pairs(pairs, config)
+    indices = [k for k, _ in selected]
+    pairs = [p for _, p in selected]
     batch_size = _pick_batch_size(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
 
@@ -386,7 +401,7 @@ def run_experiments(
         used_pairs = pairs
         if config.only_correct:
             keep = [i for i, b in enumerate(bases) if b.clean_correct and b.corrupted_correct]
-            used_pairs, bases = [pairs[i] for i in keep], [bases[i] for i in keep]
+            used_pairs, bases, indices = [pairs[i] for i in keep], [bases[i] for i in keep], [indices[i] for i in keep]
             if not bases:
                 raise LatentPatchError("--only-correct: the model gets no pair fully right; fix: drop --only-correct")
         n = len(bases)
@@ -432,8 +447,8 @@ def run_experiments(
         task = bar.add_task("patching", total=n * len(specs))
         t = time.perf_counter()
         new = 0
-        for i, base in enumerate(bases):
-            path = pair_dir / f"{i:05d}.json"
+        for i, (k, base) in enumerate(zip(indices, bases)):
+            path = pair_dir / f"{k:05d}.json"
             if path.exists():
                 bar.advance(task, len(specs))
                 continue
@@ -445,14 +460,17 @@ def run_experiments(
             else:
                 cells = sweep_reference(model, base, specs, values)
             rows = [_cell_row(s, c, base) for s, c in zip(specs, cells)]
-            write_json(path, {"pair_id": base.pair_id, "cells": rows})
+            entry = {"pair_id": base.pair_id, "index": k, "cells": rows}
+            if k < config.thoughts_pairs and model.tokenizer is not None:
+                entry["thoughts"] = _decoded_thoughts(model, used_pairs[i])
+            write_json(path, entry)
             new += 1
             bar.advance(task, len(specs))
         timings["sweep_s"] = time.perf_counter() - t
 
     # ---- assemble --------------------------------------------------------------------------------
     t = time.perf_counter()
-    _assemble(out, bases, config, model, pairs=used_pairs)
+    assemble(out)
     timings["assemble_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     manifest["timings"] = timings
@@ -465,42 +483,45 @@ def run_experiments(
     return out
 
 
-def _assemble(out: Path, bases: Sequence[PairBaseline], config: RunConfig, model: LatentModel, pairs: Sequence[Pair]) -> None:
-    """Per-pair files -> results/{experiment}.json, cells.parquet, trajectories.parquet, thoughts.json."""
-    nested: dict[str, dict] = {e: {} for e in config.experiments}
-    cell_rows, traj_rows = [], []
-    for i, base in enumerate(bases):
-        data = json.loads((out / "results" / "pairs" / f"{i:05d}.json").read_text())
+def assemble(out: Path) -> None:
+    """Per-pair files (in global pair order) -> results/{experiment}.json, cells.parquet,
+    trajectories.parquet, thoughts.json. Needs no model: ``merge`` uses it on shard outputs."""
+    files = sorted((out / "results" / "pairs").glob("[0-9]*.json"))
+    nested: dict[str, dict] = {}
+    cell_rows, traj_rows, thoughts = [], [], {}
+    for f in files:
+        data = json.loads(f.read_text())
+        pid = data["pair_id"]
+        if "thoughts" in data:
+            thoughts[pid] = data["thoughts"]
         for row in data["cells"]:
             metrics = {k: v for k, v in row.items() if k not in ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")}
-            nested[row["experiment"]].setdefault(base.pair_id, {}).setdefault(str(row["layer"]), {})[row["key"]] = metrics
+            nested.setdefault(row["experiment"], {}).setdefault(pid, {}).setdefault(str(row["layer"]), {})[row["key"]] = metrics
             cell = {c: row.get(c) for c in CELL_COLUMNS}
-            cell["pair_id"] = base.pair_id
+            cell["pair_id"] = pid
             for c in ("act_cos_clean", "act_cos_corr", "act_bias", "pred_answer", "recovery", "kl"):
                 if cell[c] is None:
                     cell[c] = math.nan
             cell_rows.append(cell)
-            if row["mode"] in ("chained", "frozen") and row["experiment"] == "iterative" and "act_positions" in row:
+            if row["mode"] in ("chained", "frozen") and "act_positions" in row:
                 for q, cc, cr in zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"]):
-                    traj_rows.append({"pair_id": base.pair_id, "layer": row["layer"], "mode": row["mode"], "position": q,
+                    traj_rows.append({"pair_id": pid, "layer": row["layer"], "mode": row["mode"], "position": q,
                                       "act_cos_clean": cc, "act_cos_corr": cr, "act_bias": cc - cr})
     for name, data in nested.items():
         write_json(out / "results" / f"{name}.json", data)
     write_parquet(out / "results" / "cells.parquet", cell_rows, CELL_COLUMNS)
     write_parquet(out / "results" / "trajectories.parquet", traj_rows, TRAJECTORY_COLUMNS)
-    write_json(out / "results" / "thoughts.json", _decoded_thoughts(model, pairs[: config.thoughts_pairs]))
+    write_json(out / "results" / "thoughts.json", thoughts)
 
 
 @torch.no_grad()
-def _decoded_thoughts(model: LatentModel, pairs: Sequence[Pair], k: int = 5) -> dict:
-    out = {}
-    for pair in pairs:
-        entry = {}
-        for variant in ("clean", "corrupted"):
-            r = model.rollout([model.prompt_ids(pair.variant(variant).question)])
-            entry[variant] = [[tok for tok, _ in top] for top in model.decode_thoughts(r, k)[0]]
-        out[pair.pair_id] = entry
-    return out
+def _decoded_thoughts(model: LatentModel, pair: Pair, k: int = 5) -> dict:
+    """Top-k tokens of each thought of the clean and the corrupted run (the CODI probe)."""
+    entry = {}
+    for variant in ("clean", "corrupted"):
+        r = model.rollout([model.prompt_ids(pair.variant(variant).question)])
+        entry[variant] = [[tok for tok, _ in top] for top in model.decode_thoughts(r, k)[0]]
+    return entry
 
 
 def _build_report(out: Path, config: RunConfig) -> None:

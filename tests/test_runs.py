@@ -1,0 +1,166 @@
+"""Run directories: files and formats, determinism, resume after interruption, config guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import tiny_text_model
+from latentpatch.errors import LatentPatchError
+from latentpatch.pairs import load_pairs, save_pairs
+from latentpatch.runs import CELL_COLUMNS, RunConfig, run_experiments
+from latentpatch.synthetic import generate_pairs
+
+RESULT_FILES = ["results/layer.json", "results/position.json", "results/iterative.json", "results/thoughts.json"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_text_model("llama", n_layers=2, num_latent=3)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return generate_pairs(5, seed=1)
+
+
+def config(tmp_path, name, **kw):
+    kw.setdefault("report", False)
+    return RunConfig(out=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def read_results(run: Path) -> dict[str, bytes]:
+    return {f: (run / f).read_bytes() for f in RESULT_FILES}
+
+
+def test_run_directory_contents(tmp_path, model, pairs):
+    out = run_experiments(config(tmp_path, "a"), model=model, pairs=pairs, progress=False, command="test")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["n_pairs"] == 5
+    assert {"identity", "full_restoration", "live_thoughts", "engine_reference"} <= set(man["checks"])
+    assert man["checks"]["identity"]["passed"] and man["checks"]["engine_reference"]["passed"]
+    assert man["checks"]["full_restoration"]["passed"]
+    assert set(man["baselines"]) >= {"clean_accuracy", "corrupted_accuracy", "flagged_pairs"}
+    assert man["config"]["experiments"] == ["layer", "position", "iterative"] and man["seed"] == 0
+    assert [p.pair_id for p in load_pairs(out / "pairs.json")] == [p.pair_id for p in pairs]
+
+    layer = json.loads((out / "results/layer.json").read_text())
+    position = json.loads((out / "results/position.json").read_text())
+    iterative = json.loads((out / "results/iterative.json").read_text())
+    pid = pairs[0].pair_id
+    assert set(layer[pid]) == {"0", "1"} and set(layer[pid]["1"]) == {"all"}
+    assert set(position[pid]["0"]) == {"0", "1", "2"}
+    assert set(iterative[pid]["0"]) == {"parallel", "cumulative_0", "cumulative_1", "cumulative_2", "chained", "frozen"}
+    cell = position[pid]["1"]["2"]
+    for k in ("kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery", "pred_answer", "flagged"):
+        assert k in cell
+    assert len(iterative[pid]["1"]["chained"]["act_cos_clean_by_position"]) == 2
+
+    cells = pd.read_parquet(out / "results/cells.parquet")
+    assert list(cells.columns) == CELL_COLUMNS
+    assert len(cells) == 5 * (2 + 2 * 3 + 2 * (1 + 3 + 2))
+    assert cells["flagged"].dtype == bool
+    traj = pd.read_parquet(out / "results/trajectories.parquet")
+    assert set(traj["mode"]) == {"chained", "frozen"} and set(traj["position"]) == {1, 2}
+    # the parquet table and the nested JSON hold the same numbers
+    row = cells[(cells.pair_id == pid) & (cells.experiment == "position") & (cells.layer == 1) & (cells.position == 2)]
+    assert row["kl"].item() == pytest.approx(cell["kl"])
+
+
+def test_same_seed_gives_byte_identical_results(tmp_path, model, pairs):
+    a = run_experiments(config(tmp_path, "a"), model=model, pairs=pairs, progress=False)
+    b = run_experiments(config(tmp_path, "b"), model=model, pairs=pairs, progress=False)  # from the activation cache
+    assert read_results(a) == read_results(b)
+    assert json.loads((b / "manifest.json").read_text())["activation_cache"]["hits"] == 10
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, model, pairs):
+    full = run_experiments(config(tmp_path, "full"), model=model, pairs=pairs, progress=False)
+    part = run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False, stop_after_pairs=2)
+    assert len(list((part / "results/pairs").glob("*.json"))) == 2 and not (part / "results/layer.json").exists()
+    (part / "results/pairs/.00002.json.crash.tmp").write_text('{"torn')  # what a kill mid-write leaves
+    with pytest.raises(LatentPatchError, match="--resume"):
+        run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False)
+    resumed = run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False, resume=True)
+    assert read_results(resumed) == read_results(full)
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "results/cells.parquet"), pd.read_parquet(full / "results/cells.parquet"))
+
+
+def test_different_config_is_refused(tmp_path, model, pairs):
+    run_experiments(config(tmp_path, "a", experiments=("layer",)), model=model, pairs=pairs, progress=False)
+    with pytest.raises(LatentPatchError, match="component"):
+        run_experiments(config(tmp_path, "a", experiments=("layer",), component="mlp_out"), model=model, pairs=pairs,
+                        progress=False, resume=True)
+
+
+def test_noise_direction_and_replacements(tmp_path, model, pairs):
+    def layer_table(**kw):
+        out = run_experiments(config(tmp_path, "-".join(f"{k}{v}" for k, v in kw.items()), experiments=("layer",), **kw),
+                              model=model, pairs=pairs, progress=False)
+        return pd.read_parquet(out / "results/cells.parquet")
+
+    base = layer_table()
+    for kw in ({"direction": "noise"}, {"replacement": "zero"}, {"replacement": "mean"}, {"replacement": "resample"}):
+        other = layer_table(**kw)
+        assert other.shape == base.shape
+        assert not (other["answer_logit_diff"].to_numpy() == base["answer_logit_diff"].to_numpy()).all(), kw
+
+
+def test_bad_options_are_user_errors(tmp_path, model, pairs):
+    for kw, needle in (({"experiments": ("layers",)}, "--experiments"), ({"component": "resid"}, "--component"),
+                       ({"shard": "3/3"}, "--shard"), ({"batch_size": 0}, "--batch-size")):
+        with pytest.raises(LatentPatchError, match=needle):
+            run_experiments(config(tmp_path, "bad", **kw), model=model, pairs=pairs, progress=False)
+    with pytest.raises(LatentPatchError, match="only-correct"):  # a random model gets nothing right
+        run_experiments(config(tmp_path, "oc", only_correct=True), model=model, pairs=pairs, progress=False)
+
+
+def test_config_file_keys(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"experiments": "layer,position", "batch-size": 8, "seed": 3}))
+    cfg = RunConfig.from_file(f, seed=4)
+    assert cfg.experiments == ("layer", "position") and cfg.batch_size == 8 and cfg.seed == 4
+    f.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(LatentPatchError, match="bogus"):
+        RunConfig.from_file(f)
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, LATENTPATCH_CACHE=kw.pop("cache"), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "latentpatch.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_cli_run(tmp_path):
+    pair_file = tmp_path / "pairs.json"
+    save_pairs(generate_pairs(12, seed=2), pair_file)
+    common = ["run", "--model", "config:llama", "--pairs", str(pair_file), "--no-report", "--quiet", "--batch-size", "4"]
+    cache = str(tmp_path / "cache")
+    full = _cli(common + ["--out", str(tmp_path / "full")], cache=cache)
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    victim = _cli(common + ["--out", str(tmp_path / "killed")], cache=str(tmp_path / "cache2"))
+    pair_dir = tmp_path / "killed/results/pairs"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(pair_dir.glob("0*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    done = len(list(pair_dir.glob("0*.json")))
+    assert 2 <= done < 12, done
+    resumed = _cli(common + ["--out", str(tmp_path / "killed"), "--resume"], cache=str(tmp_path / "cache2"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert read_results(tmp_path / "killed") == read_results(tmp_path / "full")
+    # a third run into the same directory without --resume is refused with one line, exit 2
+    again = _cli(common + ["--out", str(tmp_path / "full")], cache=cache)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 2 and "--resume" in err and "Traceback" not in err
