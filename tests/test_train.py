@@ -19,7 +19,7 @@ from latentpatch.train import (
 )
 
 TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, prj_dim=32, num_latent=2, batch_size=8,
-            train_pool=400, tokenizer_corpus=400, vocab_size=300, lr=3e-3, warmup=5, log_every=1,
+            train_pool=400, tokenizer_corpus=400, vocab_size=1000, lr=3e-3, warmup=5, log_every=1,
             threads=1)
 
 
@@ -61,7 +61,7 @@ def test_hf_tokenizer_loads(tiny_run):
     text = "Tom has 16 apples. The answer is: 17"
     assert tok(text, add_special_tokens=False)["input_ids"] == codec.encode(text)
     assert tok.decode(codec.encode(text)) == text
-    # digits are single tokens: 16 -> 17 keeps the token length
+    # numbers are single tokens: 16 -> 17 keeps the token length
     assert len(codec.encode("has 16 apples")) == len(codec.encode("has 17 apples"))
 
 
@@ -90,3 +90,13 @@ def test_student_forward_equals_tool_rollout(tiny_run):
         fast, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
         r = lm.rollout([p.question for p in probs])
     assert torch.allclose(fast[:, 0].float(), r.answer_logits, atol=1e-4)
+
+
+def test_numbers_are_single_tokens(tiny_run):
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    for n in range(201):
+        assert len(codec.encode(str(n))) == 1
+    # the answer prefix ends with a lone space token, then the number
+    ids = codec.encode("The answer is: 37")
+    assert codec.tok.id_to_token(ids[-2]) == "Ġ" and codec.decode(ids[-1:]) == "37"
