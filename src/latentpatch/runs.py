@@ -436,7 +436,7 @@ def run_experiments(
         write_json(manifest_path, manifest)
         failed = [k for k, c in checks.items() if not c["passed"]]
         if failed:
-            msg = "; ".join(f"{k}: {checks[k]['detail']} = {checks[k]['value']:.3g} > {checks[k]['threshold']:.3g}" for k in failed)
+            msg = "; ".join(f"{k} (value {checks[k]['value']:.3g}, threshold {checks[k]['threshold']:.3g}): {checks[k]['detail']}" for k in failed)
             print(f"CHECK FAILED: {msg}", file=sys.stderr)
             if config.strict:
                 raise LatentPatchError(f"built-in check failed ({', '.join(failed)}); see {manifest_path}; --strict makes this fatal")
