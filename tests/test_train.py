@@ -71,7 +71,7 @@ def test_student_forward_equals_plain_loop(tiny_run):
     probs = generate_problems(5, seed=99)  # different question lengths -> left padding exercised
     b = make_batch(probs, codec)
     with torch.no_grad():
-        fast, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        fast, _, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
         ref = student_forward_reference(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
     m = b.a_mask.bool()
     assert torch.allclose(fast[m], ref[m], atol=1e-4)
@@ -87,7 +87,7 @@ def test_student_forward_equals_tool_rollout(tiny_run):
     probs = generate_problems(4, seed=7)
     b = make_batch(probs, codec)
     with torch.no_grad():
-        fast, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        fast, _, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
         r = lm.rollout([p.question for p in probs])
     assert torch.allclose(fast[:, 0].float(), r.answer_logits, atol=1e-4)
 

@@ -172,6 +172,7 @@ class TrainConfig:
     distill_factor: float = 20.0
     ref_factor: float = 1.0
     teacher_only_steps: int = 0  # curriculum: first steps train the teacher task only
+    latent_aux_factor: float = 0.0  # >0: intermediate-result loss on the latent hidden states
     init_from: str = ""  # start from a saved model directory instead of a fresh init
     data_seed: int = 1
     train_pool: int = 200_000
@@ -222,6 +223,8 @@ class Batch:
     a_mask: torch.Tensor
     a_labels: torch.Tensor
     a_distill: torch.Tensor  # [B] index in the answer part of the distillation position
+    # auxiliary latent targets: token id of step result j (answer for j >= n_steps), [B, K]
+    latent_targets: Optional[torch.Tensor] = None
 
 
 def _pad(seqs, value, left=False):
@@ -235,10 +238,17 @@ def _pad(seqs, value, left=False):
     return out
 
 
-def make_batch(problems, codec: Codec) -> Batch:
+def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
+    from latentpatch.synthetic import _run_program
+
     prefix = codec.encode(ANSWER_PREFIX)
-    t_ids, t_lab, t_dis, q_ids, a_ids, a_lab, a_dis = [], [], [], [], [], [], []
+    t_ids, t_lab, t_dis, q_ids, a_ids, a_lab, a_dis, lat = [], [], [], [], [], [], [], []
     for p in problems:
+        if num_latent:
+            res = _run_program(p.program)
+            res = (res + [res[-1]] * num_latent)[:num_latent]
+            ids = [codec.encode(str(r)) for r in res]
+            lat.append([i[0] if len(i) == 1 else -100 for i in ids])
         q = codec.encode(normalize_question(p.question)) + [codec.bot_id]
         cot = codec.encode(" " + p.cot) if not p.cot.startswith(" ") else codec.encode(p.cot)
         num = codec.encode(str(p.answer))
@@ -259,6 +269,7 @@ def make_batch(problems, codec: Codec) -> Batch:
         q_ids=_pad(q_ids, codec.pad_id, left=True), q_mask=_pad([[1] * len(s) for s in q_ids], 0, left=True),
         a_ids=aI, a_mask=_pad([[1] * len(s) for s in a_ids], 0),
         a_labels=_pad(a_lab, -100), a_distill=torch.tensor(a_dis),
+        latent_targets=torch.tensor(lat) if num_latent else None,
     )
 
 
@@ -280,7 +291,8 @@ def student_forward(model: CODI, q_ids, q_mask, a_ids, a_mask, num_latent: int,
                     thought_hook=None):
     """The student rollout (== codi_format.md "Inference"), incrementally with a KV cache.
 
-    Returns ``(answer_logits [B, La, V], answer_hidden_states tuple, thoughts [B, K, d])``.
+    Returns ``(answer_logits [B, La, V], answer_hidden_states tuple, thoughts [B, K, d],
+    latent_hidden [B, K, d])`` (latent_hidden[:, j] = final hidden state at latent position j).
     ``thought_hook(k, emb) -> emb`` may replace thought ``k``'s input embedding (ablations).
     """
     from transformers import DynamicCache
@@ -291,7 +303,7 @@ def student_forward(model: CODI, q_ids, q_mask, a_ids, a_mask, num_latent: int,
     out = lm(input_ids=q_ids, attention_mask=mask, position_ids=_positions(mask),
              past_key_values=cache, use_cache=True, output_hidden_states=True)
     h = out.hidden_states[-1][:, -1]
-    thoughts = []
+    thoughts, latent_hidden = [], []
     for k in range(num_latent):
         emb = model.prj(h).unsqueeze(1)
         if thought_hook is not None:
@@ -302,11 +314,12 @@ def student_forward(model: CODI, q_ids, q_mask, a_ids, a_mask, num_latent: int,
         out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                  past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
         h = out.hidden_states[-1][:, -1]
+        latent_hidden.append(h)
     mask = torch.cat([mask, a_mask], 1)
     pos = _positions(mask)[:, -a_ids.size(1):]
     out = lm(input_ids=a_ids, attention_mask=mask, position_ids=pos,
              past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
-    return out.logits, out.hidden_states, torch.stack(thoughts, 1)
+    return out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1)
 
 
 def student_forward_reference(model: CODI, q_ids, q_mask, a_ids, a_mask, num_latent: int):
@@ -333,7 +346,7 @@ def codi_loss(model: CODI, b: Batch, cfg: TrainConfig, teacher_only: bool = Fals
     t_ce = _ce(t_out.logits, b.t_labels)
     if teacher_only:
         return t_ce, {"teacher_ce": t_ce.item()}
-    s_logits, s_hs, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, cfg.num_latent)
+    s_logits, s_hs, _, lat_h = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, cfg.num_latent)
     s_ce = _ce(s_logits, b.a_labels)
     rows = torch.arange(b.t_ids.size(0))
     dl = []
@@ -343,7 +356,16 @@ def codi_loss(model: CODI, b: Batch, cfg: TrainConfig, teacher_only: bool = Fals
         dl.append(F.smooth_l1_loss(s, t) / (t.std() + 1e-6))
     distill = torch.stack(dl).mean()
     total = s_ce + cfg.distill_factor * distill + cfg.ref_factor * t_ce
-    return total, {"student_ce": s_ce.item(), "distill": distill.item(), "teacher_ce": t_ce.item()}
+    parts = {"student_ce": s_ce.item(), "distill": distill.item(), "teacher_ce": t_ce.item()}
+    if cfg.latent_aux_factor and b.latent_targets is not None:
+        # auxiliary (not in CODI): the LM head on the final hidden state at latent position j
+        # predicts the j-th intermediate result (the answer once the program has no more steps)
+        lat_logits = model.codi.lm_head(lat_h).float()
+        aux = F.cross_entropy(lat_logits.reshape(-1, lat_logits.size(-1)), b.latent_targets.reshape(-1),
+                              ignore_index=-100)
+        total = total + cfg.latent_aux_factor * aux
+        parts["latent_aux"] = aux.item()
+    return total, parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +492,7 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
             cursor = 0
         batch_probs = [pool[i] for i in order[cursor: cursor + cfg.batch_size]]
         cursor += cfg.batch_size
-        b = make_batch(batch_probs, codec)
+        b = make_batch(batch_probs, codec, cfg.num_latent if cfg.latent_aux_factor else 0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         loss, parts = codi_loss(model, b, cfg, teacher_only=step < cfg.teacher_only_steps)
