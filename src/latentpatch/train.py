@@ -173,6 +173,7 @@ class TrainConfig:
     ref_factor: float = 1.0
     teacher_only_steps: int = 0  # curriculum: first steps train the teacher task only
     latent_aux_factor: float = 0.0  # >0: intermediate-result loss on the latent hidden states
+    stop_after: int = 0  # >0: stop after this step index (lr schedule still planned for `steps`)
     init_from: str = ""  # start from a saved model directory instead of a fresh init
     data_seed: int = 1
     train_pool: int = 200_000
@@ -511,6 +512,8 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
             model.eval()
             save_model(model, codec, cfg, out.parent / (out.name + "_ckpt"), {"step": step})
             model.train()
+        if cfg.stop_after and step >= cfg.stop_after:
+            break  # schedule planned for cfg.steps, stopped early (reproduces a stopped run)
     log.close()
     wall = time.time() - t0
     summary["wall_s"] = round(wall, 1)
