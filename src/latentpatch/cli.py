@@ -182,7 +182,7 @@ def train_cmd(
     prj_dim: int = typer.Option(256, "--prj-dim", min=8),
     num_latent: int = typer.Option(6, "--num-latent", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(2e-3, "--lr"),
+    lr: float = typer.Option(1.5e-3, "--lr"),
     distill_factor: float = typer.Option(20.0, "--distill-factor"),
     ref_factor: float = typer.Option(1.0, "--ref-factor"),
     teacher_only_steps: int = typer.Option(0, "--teacher-only-steps", min=0),
@@ -191,6 +191,8 @@ def train_cmd(
     ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."),
     warmup: int = typer.Option(100, "--warmup", min=0),
+    latent_aux_factor: float = typer.Option(0.0, "--latent-aux-factor", help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI)."),
+    stop_after: int = typer.Option(0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."),
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective."""
     import json as _json
@@ -203,7 +205,8 @@ def train_cmd(
                       prj_dim=prj_dim, num_latent=num_latent, batch_size=batch_size, lr=lr,
                       distill_factor=distill_factor, ref_factor=ref_factor,
                       teacher_only_steps=teacher_only_steps, train_pool=train_pool, threads=threads,
-                      ckpt_every=ckpt_every, init_from=str(init_from) if init_from else "", warmup=warmup)
+                      ckpt_every=ckpt_every, init_from=str(init_from) if init_from else "", warmup=warmup,
+                      latent_aux_factor=latent_aux_factor, stop_after=stop_after)
     summary = train(cfg, out)
     typer.echo(_json.dumps({"out": str(out), **summary}))
 
