@@ -328,6 +328,20 @@ def compare_cmd(
 # ---- end section: report ------------------------------------------------------------------
 
 # ---- section: bench / merge ---------------------------------------------------------------
+@app.command("merge")
+def merge_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="the shard run directories (latentpatch run --shard i/N)"),
+    out: Path = typer.Option(..., "--out", help="merged run directory (new or empty)"),
+    no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
+) -> None:
+    """Merge shard run directories into one run directory (results as an unsharded run writes them)."""
+    from latentpatch.merge import merge_runs
+
+    path = merge_runs(run_dirs, out, report=not no_report)
+    report = path / "report.html"
+    typer.echo(f"merged {len(run_dirs)} shard(s) into {path}" + (f"  report: {report}" if report.exists() else ""))
+
+
 # ---- end section: bench / merge -----------------------------------------------------------
 
 

@@ -1,0 +1,192 @@
+"""Merge shard run directories (``latentpatch run --shard i/N``) into one run directory.
+
+Shard i of N runs pairs k with k mod N == i of the filtered, limited pair list and names each
+pair's result file by its global index (``results/pairs/{k:05d}.json``). Merging checks that the
+shards belong together, copies their pair files, writes ``pairs.json`` in global order and a merged
+manifest, then runs the model-free :func:`latentpatch.runs.assemble`: ``results/`` ends up as an
+unsharded run would write it. See ``docs/scaling.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+from latentpatch.errors import LatentPatchError
+from latentpatch.pairs import load_pairs, save_pairs
+from latentpatch.runs import RunConfig, assemble, parse_shard, write_json
+
+#: Manifest config keys that may differ between shards of one run.
+FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
+#: Replacements whose values depend on every pair of the run (dataset mean, resample partner).
+GLOBAL_REPLACEMENTS = ("mean", "resample")
+
+
+def _manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise LatentPatchError(f"{run_dir}: no manifest.json; fix: pass run directories written by `latentpatch run --shard i/N`")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LatentPatchError(f"{path} is not valid JSON ({err}); fix: rerun that shard") from None
+    if m.get("status") != "complete":
+        raise LatentPatchError(f"{run_dir} is not complete (status {m.get('status')!r}); fix: finish it with "
+                               "`latentpatch run ... --resume` before merging")
+    return m
+
+
+def _settings(m: dict) -> dict:
+    return {**{k: v for k, v in m["config"].items() if k not in FREE_KEYS}, "model_info": m.get("model")}
+
+
+def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
+    """Same settings, one shard count, every shard exactly once; returns N."""
+    first = _settings(manifests[0])
+    for d, m in zip(dirs[1:], manifests[1:]):
+        s = _settings(m)
+        diff = sorted(k for k in set(first) | set(s) if first.get(k) != s.get(k))
+        if diff:
+            raise LatentPatchError(f"{d} and {dirs[0]} were run with different settings (differ in: {', '.join(diff)}); "
+                                   "fix: merge only the shards of one run configuration")
+    if first.get("replacement") in GLOBAL_REPLACEMENTS and any(m["config"].get("shard") for m in manifests):
+        raise LatentPatchError(f"--replacement {first['replacement']} uses values computed over the run's pairs, and each "
+                               "shard computed them over its own pairs only; fix: run this replacement unsharded")
+    shards = [parse_shard(m["config"].get("shard") or "0/1") for m in manifests]
+    counts = sorted({n for _, n in shards})
+    if len(counts) > 1:
+        raise LatentPatchError(f"the shards disagree on the number of shards ({counts}); fix: merge the shards of one split")
+    n = counts[0]
+    owner: dict[int, Path] = {}
+    for d, (i, _) in zip(dirs, shards):
+        if i in owner:
+            raise LatentPatchError(f"{d} and {owner[i]} are both shard {i}/{n}; fix: pass each shard once")
+        owner[i] = d
+    missing = sorted(set(range(n)) - set(owner))
+    if missing:
+        raise LatentPatchError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing; fix: pass every shard's run directory")
+    return n
+
+
+def _merge_checks(shards: Sequence[tuple[str, dict]]) -> dict:
+    """Per check: passed only if every shard passed; the worst shard's value; per-shard results kept."""
+    names = list(dict.fromkeys(name for _, m in shards for name in (m.get("checks") or {})))
+    merged = {}
+    for name in names:
+        items = [(shard, m["checks"][name]) for shard, m in shards if name in (m.get("checks") or {})]
+        values = [c["value"] for _, c in items if isinstance(c.get("value"), (int, float))]
+        worst = min if name == "live_thoughts" else max  # live_thoughts passes above its threshold
+        merged[name] = {
+            "passed": all(c["passed"] for _, c in items), "value": worst(values) if values else None,
+            "threshold": items[0][1].get("threshold"),
+            "detail": f"worst of {len(items)} shards; shard {items[0][0]}: {items[0][1].get('detail', '')}",
+            "shards": {shard: c for shard, c in items},
+        }
+    return merged
+
+
+def _sum_numbers(dicts: Sequence[dict]) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = True) -> Path:
+    """Merge the shard run directories ``run_dirs`` into ``out`` (a new or empty directory).
+
+    Raises :class:`LatentPatchError` when the shards were run with different settings, when a
+    shard is missing, given twice or incomplete, or when ``out`` already holds files.
+    Returns ``out``.
+    """
+    t0 = time.perf_counter()
+    dirs = [Path(d) for d in run_dirs]
+    out = Path(out)
+    if not dirs:
+        raise LatentPatchError("merge: no run directories given; fix: pass every shard's run directory")
+    if out.exists() and any(out.iterdir()):
+        raise LatentPatchError(f"--out {out} is not empty; fix: choose a new directory")
+    manifests = [_manifest(d) for d in dirs]
+    n_shards = _check_compatible(dirs, manifests)
+    order = sorted(range(len(dirs)), key=lambda j: parse_shard(manifests[j]["config"].get("shard") or "0/1")[0])
+    dirs, manifests = [dirs[j] for j in order], [manifests[j] for j in order]
+
+    # pair files, checked against their shard, and the pairs in global order
+    files: dict[int, tuple[Path, dict]] = {}
+    pairs = {}
+    for i, d in enumerate(dirs):
+        shard_pairs = load_pairs(d / "pairs.json")
+        pairs.update({p.pair_id: p for p in shard_pairs})
+        found = sorted((d / "results" / "pairs").glob("[0-9]*.json"))
+        if len(found) != len(shard_pairs):
+            raise LatentPatchError(f"{d}: {len(found)} pair result files for {len(shard_pairs)} pairs; fix: rerun "
+                                   "that shard with --resume")
+        for f in found:
+            data = json.loads(f.read_text())
+            k = int(data.get("index", f.stem))
+            if k % n_shards != i or k in files:
+                raise LatentPatchError(f"{f}: pair index {k} does not belong to shard {i}/{n_shards} or is "
+                                       "duplicated; fix: merge the unchanged shard directories")
+            files[k] = (f, data)
+    if not manifests[0]["config"].get("only_correct") and sorted(files) != list(range(len(files))):
+        gaps = sorted(set(range(max(files) + 1)) - set(files))
+        raise LatentPatchError(f"pair indices {gaps[:8]} have no result file; fix: pass every shard's run directory")
+
+    results = out / "results" / "pairs"
+    results.mkdir(parents=True, exist_ok=True)
+    for k in sorted(files):
+        shutil.copyfile(files[k][0], results / files[k][0].name)
+    ordered = [files[k][1] for k in sorted(files)]
+    save_pairs([pairs[data["pair_id"]] for data in ordered], out / "pairs.json")
+    t = time.perf_counter()
+    assemble(out)
+    assemble_s = time.perf_counter() - t
+
+    # the merged manifest
+    config = dict(manifests[0]["config"], shard=None, out=str(out))
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: tuple(v) if k == "experiments" else v for k, v in config.items() if k in fields})
+    flags = {d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
+             for d in ordered if d["cells"]}
+    per_pair = {}
+    for m in manifests:
+        per_pair.update((m.get("baselines") or {}).get("per_pair") or {})
+    n = len(ordered)
+    timings = _sum_numbers([m.get("timings") for m in manifests])
+    timings.update(assemble_s=assemble_s, merge_s=time.perf_counter() - t0)
+    n_cells = sum(len(d["cells"]) for d in ordered)
+    cache = _sum_numbers([m.get("activation_cache") for m in manifests])
+    manifest = dict(manifests[0])
+    manifest.update({
+        "status": "complete", "config": config, "config_hash": cfg.result_hash(),
+        "command": "latentpatch merge " + " ".join(str(d) for d in dirs) + f" --out {out}",
+        "n_pairs": n,
+        "baselines": {
+            "n_pairs": n,
+            "clean_accuracy": sum(c for c, _ in flags.values()) / max(n, 1),
+            "corrupted_accuracy": sum(r for _, r in flags.values()) / max(n, 1),
+            "both_correct": sum(c and r for c, r in flags.values()) / max(n, 1),
+            "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
+            "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
+        },
+        "checks": _merge_checks([(m["config"].get("shard") or "0/1", m) for m in manifests]),
+        "timings": timings,
+        "cells_per_second": n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
+        "activation_cache": cache or None,
+        "merged_from": [{"run_dir": str(d), "shard": m["config"].get("shard"), "n_pairs": m.get("n_pairs"),
+                         "git_commit": m.get("git_commit"), "device": m.get("device"), "batch_size": m.get("batch_size")}
+                        for d, m in zip(dirs, manifests)],
+    })
+    manifest.pop("previous_timings", None)
+    write_json(out / "manifest.json", manifest)
+    if report:
+        from latentpatch.report import build_report
+
+        build_report(out)
+    return out

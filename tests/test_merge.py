@@ -1,0 +1,83 @@
+"""Sharded runs merged (latentpatch.merge) == one unsharded run, and bad shard sets are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from helpers import tiny_text_model
+from latentpatch.errors import LatentPatchError
+from latentpatch.merge import merge_runs
+from latentpatch.runs import RunConfig, run_experiments
+from latentpatch.synthetic import generate_pairs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One unsharded run and its 3 shards, on a tiny model and 4 synthetic pairs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("merge")
+    model, pairs = tiny_text_model("llama"), generate_pairs(4, seed=3)
+
+    def run(out, shard=None):
+        cfg = RunConfig(out=str(root / out), shard=shard, report=False, cache_dir=str(root / "cache"), check_cells=2)
+        return run_experiments(cfg, model=model, pairs=pairs, progress=False)
+
+    full = run("full")
+    shards = [run(f"shard{i}", f"{i}/3") for i in range(3)]
+    yield root, full, shards
+    torch.set_num_threads(threads)
+
+
+def test_merged_shards_equal_the_unsharded_run(runs):
+    root, full, shards = runs
+    merged = merge_runs(shards[::-1], root / "merged", report=False)  # any order
+    for name in ["pairs.json"] + [f"results/{f}.json" for f in ("layer", "position", "iterative", "thoughts")]:
+        assert (merged / name).read_bytes() == (full / name).read_bytes(), name
+    for f in sorted((full / "results" / "pairs").iterdir()):
+        assert (merged / "results" / "pairs" / f.name).read_bytes() == f.read_bytes()
+    for name in ("cells", "trajectories"):
+        pd.testing.assert_frame_equal(pd.read_parquet(merged / f"results/{name}.parquet"),
+                                      pd.read_parquet(full / f"results/{name}.parquet"))
+    m, f = (json.loads((d / "manifest.json").read_text()) for d in (merged, full))
+    assert m["config_hash"] == f["config_hash"] and m["config"]["shard"] is None
+    assert m["baselines"] == f["baselines"]
+    assert [s["shard"] for s in m["merged_from"]] == ["0/3", "1/3", "2/3"]
+    assert set(m["checks"]) == set(f["checks"]) and set(m["checks"]["identity"]["shards"]) == {"0/3", "1/3", "2/3"}
+    assert m["timings"]["sweep_s"] == pytest.approx(sum(json.loads((s / "manifest.json").read_text())["timings"]["sweep_s"]
+                                                        for s in shards))
+
+
+def test_merge_refuses_bad_shard_sets(runs, tmp_path):
+    root, full, shards = runs
+    with pytest.raises(LatentPatchError, match="2/3 missing"):
+        merge_runs(shards[:2], tmp_path / "a", report=False)
+    with pytest.raises(LatentPatchError, match="both shard 0/3"):
+        merge_runs([shards[0], shards[0], shards[1], shards[2]], tmp_path / "b", report=False)
+    with pytest.raises(LatentPatchError, match="number of shards"):
+        merge_runs([shards[0], full], tmp_path / "c", report=False)
+    other = tmp_path / "other"
+    shutil.copytree(shards[1], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["config"]["seed"] = 7
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LatentPatchError, match="differ in: seed"):
+        merge_runs([shards[0], other, shards[2]], tmp_path / "d", report=False)
+    with pytest.raises(LatentPatchError, match="not empty"):
+        merge_runs(shards, root / "full", report=False)
+
+
+def test_merge_command(runs, tmp_path, capsys):
+    from latentpatch.cli import main
+
+    _, _, shards = runs
+    main(["merge", *map(str, shards), "--out", str(tmp_path / "m"), "--no-report"])
+    assert (tmp_path / "m" / "results" / "cells.parquet").is_file() and not (tmp_path / "m" / "report.html").exists()
+    with pytest.raises(SystemExit) as err:
+        main(["merge", str(shards[0]), "--out", str(tmp_path / "n")])
+    assert err.value.code == 2 and "1/3, 2/3 missing" in capsys.readouterr().err
