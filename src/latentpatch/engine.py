@@ -9,8 +9,9 @@ Two engines compute the same numbers:
 
 - ``fast`` (default): a patch whose earliest site is latent position p leaves every position
   before p as in the target baseline, so the target's KV cache up to p is computed once per pair
-  and shared: specs are grouped by p, and each chunk of ``batch_size`` specs is one batched
-  continuation from the cached prefix (the cache repeated along the batch).
+  and shared: specs are sorted by p, and each chunk of ``batch_size`` specs is one batched
+  continuation from the cached prefix before the chunk's smallest p (the cache repeated along
+  the batch).
 - ``reference``: one full rollout per spec with hooks. Used for design.md §5 check 4 and benchmarks.
 
 Per pair, :func:`prepare_pair` runs the clean and corrupted baselines once and keeps their latent
@@ -323,32 +324,31 @@ def sweep_fast(
     for s in specs:
         u = unique.get(s.computation)
         unique[s.computation] = s if u is None or s.track else u
-    by_start: dict[int, list[PatchSpec]] = defaultdict(list)
-    for s in unique.values():
-        by_start[s.start].append(s)
+    # Chunks of batch_size specs in order of their first patched position; a chunk continues from
+    # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
+    # which equal the target's), so small start groups share one batch (fewer, fuller passes).
+    ordered = sorted(unique.values(), key=lambda s: s.start)
     results: dict[tuple, dict] = {}
-    for start in sorted(by_start):
-        group = by_start[start]
-        for i in range(0, len(group), batch_size):
-            chunk = group[i: i + batch_size]
-            B = len(chunk)
-            state = target.state.fork(length=T_q + start, repeats=B)
-            writes = _writes_for(chunk, values, T_q, model.device)
-            record = sorted({(s.component, s.layer) for s in chunk if s.track})
-            override, mask = _freeze(chunk, target.thoughts[0], K)
-            with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
-                first = target.thoughts[0, start][None].expand(B, -1)
-                model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
-                end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
-            tracked = {}
-            for row, s in enumerate(chunk):
-                if s.track:
-                    acts = hooks.recorded(s.component, s.layer)  # from index T_q + start
-                    lo = max(s.positions) + 1 - start
-                    tracked[row] = acts[row, lo: K - start]
-            cells = _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)
-            for s, cell in zip(chunk, cells):
-                results[s.computation] = cell
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i: i + batch_size]
+        start, B = chunk[0].start, len(chunk)
+        state = target.state.fork(length=T_q + start, repeats=B)
+        writes = _writes_for(chunk, values, T_q, model.device)
+        record = sorted({(s.component, s.layer) for s in chunk if s.track})
+        override, mask = _freeze(chunk, target.thoughts[0], K)
+        with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
+            first = target.thoughts[0, start][None].expand(B, -1)
+            model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
+            end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
+        tracked = {}
+        for row, s in enumerate(chunk):
+            if s.track:
+                acts = hooks.recorded(s.component, s.layer)  # from index T_q + start
+                lo = max(s.positions) + 1 - start
+                tracked[row] = acts[row, lo: K - start]
+        cells = _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)
+        for s, cell in zip(chunk, cells):
+            results[s.computation] = cell
     return [dict(results[s.computation]) for s in specs]
 
 
