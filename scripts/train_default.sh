@@ -12,3 +12,7 @@ latentpatch train --out "$WORK/stage1" --steps 3500 --stop-after 1250 --seed 0 -
 latentpatch train --out "$WORK/stage2" --init-from "$WORK/stage1" --steps 3000 --seed 1 --lr 1e-3 \
   --warmup 50 --threads 1 --latent-aux-factor 1.0
 latentpatch eval --model "$WORK/stage2" --n 1000 --json | tee "$WORK/stage2/eval.json"
+# stage 3: a short continuation of stage 2 (lower lr); this is the shipped model
+latentpatch train --out "$WORK/stage3" --init-from "$WORK/stage2" --steps 1100 --seed 2 --lr 7e-4 \
+  --warmup 30 --threads 1 --latent-aux-factor 1.0
+latentpatch eval --model "$WORK/stage3" --n 1000 --json | tee "$WORK/stage3/eval.json"
