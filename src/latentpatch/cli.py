@@ -250,6 +250,7 @@ def run_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16"),
     batch_size: Optional[str] = typer.Option(None, "--batch-size", help="patches per forward pass, or auto"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: 1 for small models, else torch's)"),
     only_correct: Optional[bool] = typer.Option(None, "--only-correct/--all-pairs", help="exclude pairs the model gets wrong"),
     engine: Optional[str] = typer.Option(None, "--engine", help="fast | reference (one full rollout per cell)"),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="a failing built-in check is fatal"),
@@ -269,7 +270,7 @@ def run_cmd(
         batch_size = int(batch_size)
     flags = dict(model=model, base=base, preset=preset, pairs=pairs, experiments=experiments, component=component,
                  direction=direction, replacement=replacement, out=out, limit=limit, shard=shard, device=device,
-                 dtype=dtype, batch_size=batch_size, seed=seed, only_correct=only_correct, engine=engine,
+                 dtype=dtype, batch_size=batch_size, threads=threads, seed=seed, only_correct=only_correct, engine=engine,
                  strict=strict, wandb=wandb, wandb_project=wandb_project, cache_dir=cache_dir)
     if no_report:
         flags["report"] = False

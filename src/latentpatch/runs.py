@@ -64,6 +64,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int | str = 64
+    threads: int | None = None
     seed: int = 0
     only_correct: bool = False
     keep_same_answer: bool = False
@@ -94,6 +95,8 @@ class RunConfig:
             raise LatentPatchError(f"--engine {self.engine!r}: use fast or reference")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LatentPatchError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        if self.threads is not None and self.threads < 1:
+            raise LatentPatchError("--threads must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LatentPatchError("--limit must be >= 1")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
@@ -311,6 +314,17 @@ def _cell_row(spec: PatchSpec, metrics: dict, base: PairBaseline) -> dict:
     return row
 
 
+def _set_threads(config: RunConfig, model: LatentModel) -> None:
+    """CPU threads: ``--threads`` if given; else one thread for small models, whose many tiny
+    matrix products only lose time to thread start-up and (on a busy machine) oversubscription."""
+    if model.device.type != "cpu":
+        return
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    elif model.d_model * model.n_layers <= 4096:
+        torch.set_num_threads(1)
+
+
 def _pick_batch_size(config: RunConfig, model: LatentModel) -> int:
     if config.batch_size == "auto":
         try:
@@ -369,6 +383,7 @@ def run_experiments(
     indices = [k for k, _ in selected]
     pairs = [p for _, p in selected]
     batch_size = _pick_batch_size(config, model)
+    _set_threads(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
 
     manifest: dict[str, Any] = {
