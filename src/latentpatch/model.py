@@ -409,23 +409,22 @@ class LatentModel(nn.Module):
         C = len(continuations[0])
         if any(len(c) != C for c in continuations):
             raise ValueError("every row needs the same number of continuations")
-        flat = [list(c) for row in continuations for c in row]
-        width = max(max(len(c) for c in flat) - 1, 0)
-        out = [[None] * C for _ in range(B)]
-        if width > 0:
-            ids = torch.full((B * C, width), self.config.pad_id, dtype=torch.long, device=self.device)
-            for i, c in enumerate(flat):
-                if len(c) > 1:
-                    ids[i, : len(c) - 1] = torch.tensor(c[:-1])
-            fork = state.fork(repeats=C)
-            # Right padding after the real tokens: causal attention keeps earlier logits exact.
-            logits = self.logits(self._forward(fork, input_ids=ids))
-        for b in range(B):
-            for c in range(C):
-                seq = flat[b * C + c]
-                first = answer_logits[b : b + 1]
-                rest = logits[b * C + c, : max(len(seq) - 1, 0)] if width > 0 else first[:0]
-                out[b][c] = torch.cat([first, rest], 0)[: len(seq)]
+        out: list[list] = [[None] * C for _ in range(B)]
+        # One forward per continuation index, each right-padded only to its own longest string
+        # (A_base is often much longer than A_clean/A_corr). Padding after the real tokens is
+        # harmless: causal attention keeps the earlier positions' logits exact.
+        for c in range(C):
+            seqs = [list(continuations[b][c]) for b in range(B)]
+            width = max(len(seq) for seq in seqs) - 1
+            if width > 0:
+                ids = torch.full((B, width), self.config.pad_id, dtype=torch.long, device=self.device)
+                for b, seq in enumerate(seqs):
+                    if len(seq) > 1:
+                        ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+                logits = self.logits(self._forward(state.fork(), input_ids=ids))
+            for b, seq in enumerate(seqs):
+                rest = logits[b, : len(seq) - 1] if width > 0 else answer_logits[:0]
+                out[b][c] = torch.cat([answer_logits[b: b + 1], rest], 0)[: len(seq)]
         return out
 
     @torch.no_grad()
