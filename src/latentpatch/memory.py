@@ -7,7 +7,8 @@ A sweep chunk of B patches holds, besides the weights (already resident):
   (``torch.cat``): ~5 row copies of ``n_layers x 2 x kv_dim x seq`` values in the model's dtype;
 - activations of the widest forward (teacher forcing: 3B rows x ``answer_len`` tokens): hidden,
   MLP intermediate, attention scores in fp32;
-- logits of teacher forcing ``[3B, answer_len, V]`` in the model's dtype and their fp32 copy.
+- logits of teacher forcing ``[3B, answer_len, V]`` in the model's dtype and their fp32 copy, and
+  the fp32 logits of a greedy decoding step.
 
 The estimate is linear in B, so the batch is ``safety x free / bytes_per_row``, capped.
 """
@@ -56,7 +57,8 @@ def working_set_bytes(model: LatentModel, batch_size: int, prompt_len: int = 256
     tokens = 3 * answer_len  # teacher forcing: 3 strings per patch
     act = tokens * (4 * model.d_model + 2 * s["inter"]) * nbytes + tokens * s["heads"] * seq * 4
     logits = tokens * model.vocab_size * (nbytes + (4 if nbytes < 4 else 0))  # + fp32 copy of bf16/fp16 logits
-    return batch_size * (kv + act + logits)
+    decode = 2 * model.vocab_size * 4  # greedy decoding: fp32 logits of one step and their masked copy
+    return batch_size * (kv + act + logits + decode)
 
 
 def auto_batch_size(
