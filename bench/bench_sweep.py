@@ -165,26 +165,6 @@ class TokenCounter:
         LatentModel._forward, LatentModel.prefill = self._forward, self._prefill
 
 
-@torch.no_grad()
-def score_unpadded(self, state, answer_logits, continuations):
-    """Proposed :meth:`LatentModel.score`: one forward per continuation index instead of one forward
-    of all continuations right-padded to the longest (``--unpadded-score``; same results)."""
-    B, C = state.batch_size, len(continuations[0])
-    out = [[None] * C for _ in range(B)]
-    for c in range(C):
-        seqs = [list(continuations[b][c]) for b in range(B)]
-        width = max(len(s) for s in seqs) - 1
-        if width > 0:
-            ids = torch.full((B, width), self.config.pad_id, dtype=torch.long, device=self.device)
-            for b, seq in enumerate(seqs):
-                ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-            logits = self.logits(self._forward(state.fork(), input_ids=ids))
-        for b, seq in enumerate(seqs):
-            rest = logits[b, : len(seq) - 1] if width > 0 else answer_logits[:0]
-            out[b][c] = torch.cat([answer_logits[b: b + 1], rest], 0)[: len(seq)]
-    return out
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -393,14 +373,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory", default="", help="comma list of batch sizes to measure peak memory for")
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timing)")
     ap.add_argument("--out", default=None, help="update this model's section of a results file (bench/RESULTS.md)")
-    ap.add_argument("--unpadded-score", action="store_true",
-                    help="replace LatentModel.score by the proposed unpadded version (all methods)")
     ap.add_argument("--key", default=None, help="section name in --out (default: from --model and --device)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    if args.unpadded_score:
-        LatentModel.score = score_unpadded
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     n_ref = min(args.reference_pairs or args.pairs, args.pairs)
@@ -447,8 +423,7 @@ def main(argv=None) -> dict:
                   + ", ".join(f"{k} {v:.2g}" for k, v in diffs[name].items()), flush=True)
 
     report = {
-        "title": f"{model.name or args.model} ({args.device}, {args.dtype})"
-                 + (", with the proposed unpadded LatentModel.score" if args.unpadded_score else ""),
+        "title": f"{model.name or args.model} ({args.device}, {args.dtype})",
         "date": datetime.date.today().isoformat(), "machine": machine(device, args.threads),
         "command": "python bench/bench_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "model": f"{model.name or args.model}: {model.n_layers} layers, d {model.d_model}, K {model.num_latent}, "

@@ -3,10 +3,11 @@
 A sweep chunk of B patches holds, besides the weights (already resident):
 
 - KV cache rows: the chunk's fork of the target prefix, grown over thoughts + answer, plus the
-  teacher-forcing fork (3 answer strings per row) and a transient copy while a layer's cache grows
-  (``torch.cat``): ~5 row copies of ``n_layers x 2 x kv_dim x seq`` values in the model's dtype;
-- activations of the widest forward (teacher forcing: 3B rows x ``answer_len`` tokens): hidden,
-  MLP intermediate, attention scores in fp32;
+  fork of teacher forcing or greedy decoding (one at a time) and a transient copy while a layer's
+  cache grows (``torch.cat``): ~3 row copies of ``n_layers x 2 x kv_dim x seq`` values in the
+  model's dtype;
+- activations of teacher forcing (B rows x ``answer_len`` tokens per answer string, 3 strings whose
+  logits are kept): hidden, MLP intermediate, attention scores in fp32;
 - logits of teacher forcing ``[3B, answer_len, V]`` in the model's dtype and their fp32 copy, and
   the fp32 logits of a greedy decoding step.
 
@@ -19,8 +20,8 @@ import torch
 
 from latentpatch.model import LatentModel
 
-#: Copies of a row's KV cache alive at the peak (sweep fork, 3 teacher-forcing rows, cat transient).
-KV_COPIES = 5
+#: Copies of a row's KV cache alive at the peak (sweep fork, scoring/decoding fork, cat transient).
+KV_COPIES = 3
 
 
 def free_memory_bytes(device: torch.device | str) -> int:
@@ -54,9 +55,8 @@ def working_set_bytes(model: LatentModel, batch_size: int, prompt_len: int = 256
     nbytes = torch.finfo(model.dtype).bits // 8
     seq = prompt_len + model.num_latent + len(model.answer_start_ids()) + answer_len
     kv = KV_COPIES * model.n_layers * 2 * s["kv_dim"] * seq * nbytes
-    tokens = 3 * answer_len  # teacher forcing: 3 strings per patch
-    act = tokens * (4 * model.d_model + 2 * s["inter"]) * nbytes + tokens * s["heads"] * seq * 4
-    logits = tokens * model.vocab_size * (nbytes + (4 if nbytes < 4 else 0))  # + fp32 copy of bf16/fp16 logits
+    act = answer_len * (4 * model.d_model + 2 * s["inter"]) * nbytes + answer_len * s["heads"] * seq * 4
+    logits = 3 * answer_len * model.vocab_size * (nbytes + (4 if nbytes < 4 else 0))  # + fp32 copy of bf16/fp16 logits
     decode = 2 * model.vocab_size * 4  # greedy decoding: fp32 logits of one step and their masked copy
     return batch_size * (kv + act + logits + decode)
 
