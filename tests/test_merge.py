@@ -81,3 +81,40 @@ def test_merge_command(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["merge", str(shards[0]), "--out", str(tmp_path / "n")])
     assert err.value.code == 2 and "1/3, 2/3 missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("replacement", ["mean", "resample"])
+def test_sharded_dataset_replacements_use_every_shards_pairs(replacement, tmp_path):
+    """Mean and resample values depend on all pairs: each shard computes them over every shard's
+    pairs, so the merged shards equal the unsharded run byte for byte (and the values are not
+    those of the shard's own pairs, which would differ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, pairs = tiny_text_model("llama"), generate_pairs(5, seed=4)
+
+    def run(out, shard=None):
+        cfg = RunConfig(out=str(tmp_path / out), shard=shard, report=False, cache_dir=str(tmp_path / "cache"),
+                        check_cells=2, experiments=["position"], replacement=replacement)
+        return run_experiments(cfg, model=model, pairs=pairs, progress=False)
+
+    try:
+        full = run("full")
+        shards = [run(f"shard{i}", f"{i}/2") for i in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((shards[0] / "manifest.json").read_text())["replacement_pool"] == "all shards"
+    merged = merge_runs(shards, tmp_path / "merged", report=False)
+    files = sorted((full / "results" / "pairs").iterdir())
+    assert len(files) == 5
+    for f in files:
+        assert (merged / "results" / "pairs" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert (merged / "results" / "position.json").read_bytes() == (full / "results" / "position.json").read_bytes()
+
+    # a shard written without the all-shards pool (older versions) is refused
+    old = tmp_path / "old"
+    shutil.copytree(shards[1], old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["replacement_pool"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LatentPatchError, match="computed them over their own pairs"):
+        merge_runs([shards[0], old], tmp_path / "m2", report=False)

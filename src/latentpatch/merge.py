@@ -18,12 +18,10 @@ from typing import Sequence
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.pairs import load_pairs, save_pairs
-from latentpatch.runs import RunConfig, assemble, parse_shard, write_json
+from latentpatch.runs import GLOBAL_REPLACEMENTS, RunConfig, assemble, parse_shard, write_json
 
 #: Manifest config keys that may differ between shards of one run.
 FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
-#: Replacements whose values depend on every pair of the run (dataset mean, resample partner).
-GLOBAL_REPLACEMENTS = ("mean", "resample")
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -53,9 +51,11 @@ def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
         if diff:
             raise LatentPatchError(f"{d} and {dirs[0]} were run with different settings (differ in: {', '.join(diff)}); "
                                    "fix: merge only the shards of one run configuration")
-    if first.get("replacement") in GLOBAL_REPLACEMENTS and any(m["config"].get("shard") for m in manifests):
-        raise LatentPatchError(f"--replacement {first['replacement']} uses values computed over the run's pairs, and each "
-                               "shard computed them over its own pairs only; fix: run this replacement unsharded")
+    if first.get("replacement") in GLOBAL_REPLACEMENTS and any(
+            m["config"].get("shard") and m.get("replacement_pool") != "all shards" for m in manifests):
+        # shards written before values were computed over all shards' pairs
+        raise LatentPatchError(f"--replacement {first['replacement']} uses values computed over the run's pairs, and these "
+                               "shards computed them over their own pairs only; fix: rerun the shards with this version")
     shards = [parse_shard(m["config"].get("shard") or "0/1") for m in manifests]
     counts = sorted({n for _, n in shards})
     if len(counts) > 1:

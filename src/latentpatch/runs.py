@@ -43,6 +43,10 @@ from latentpatch.model import LatentModel
 from latentpatch.pairs import Pair, filter_pairs, load_pairs, save_pairs
 from latentpatch.sites import COMPONENTS
 
+#: Replacements whose values depend on every pair of the run (dataset mean, resample partner):
+#: a shard computes them over all shards' pairs (see :func:`_global_pool`).
+GLOBAL_REPLACEMENTS = ("mean", "resample")
+
 FORMAT = "latentpatch-run/1"
 
 
@@ -263,46 +267,73 @@ def select_pairs(pairs: Sequence[Pair], config: RunConfig) -> tuple[list[tuple[i
     return shard_pairs(pairs, config.shard), removed
 
 
-def _load_run_pairs(config: RunConfig) -> tuple[list[tuple[int, Pair]], list[tuple[str, str]]]:
+def _load_run_pairs(config: RunConfig) -> list[Pair]:
     path = default_pairs_path() if config.pairs == "default" else Path(config.pairs)
-    selected, removed = select_pairs(load_pairs(path), config)
-    if not selected:
-        raise LatentPatchError(f"pair file {path}: no pairs left after filtering/sharding; fix: check --pairs, --shard, --limit")
-    return selected, removed
+    return load_pairs(path)
 
 
 def _as_number(x) -> float:
     return float(x)
 
 
-def _prepare_baselines(model, pairs, config, cache, progress) -> list[PairBaseline]:
-    def record(question: str) -> RunRecord:
-        prompt = model.prompt_ids(question)
-        rec = cache.get(prompt) if cache is not None else None
-        if rec is None:
-            rec = record_run(model, prompt)
-            if cache is not None:
-                cache.put(rec)
-        return rec
+def _record(model, cache, question: str) -> RunRecord:
+    """The unpatched run of one question, from the activation cache when it holds it."""
+    prompt = model.prompt_ids(question)
+    rec = cache.get(prompt) if cache is not None else None
+    if rec is None:
+        rec = record_run(model, prompt)
+        if cache is not None:
+            cache.put(rec)
+    return rec
 
+
+def _prepare_baselines(model, pairs, config, cache, progress) -> list[PairBaseline]:
     bases = []
     for pair in pairs:
-        clean, corrupted = record(pair.clean.question), record(pair.corrupted.question)
+        clean, corrupted = _record(model, cache, pair.clean.question), _record(model, cache, pair.corrupted.question)
         bases.append(prepare_pair(model, pair.pair_id, clean, corrupted, _as_number(pair.clean.answer),
                                   _as_number(pair.corrupted.answer), config.direction))
         progress("baselines")
     return bases
 
 
-def _value_factory(bases: Sequence[PairBaseline], config: RunConfig) -> Callable[[int], Callable]:
+def _value_factory(bases: Sequence[PairBaseline], config: RunConfig,
+                   pool: Sequence[PairBaseline] | None = None,
+                   pool_position: Sequence[int] | None = None) -> Callable[[int], Callable]:
+    """``i -> ValueFn`` for this process's pair ``i``.
+
+    ``mean`` and ``resample`` values depend on every pair of the run. ``pool`` is that whole set
+    (all shards' used pairs, in global order; default: ``bases``) and ``pool_position[i]`` is pair
+    ``i``'s place in it, so a shard computes exactly the values the unsharded run would.
+    """
+    if pool is None:
+        pool, pool_position = bases, range(len(bases))
     engine_cfg = EngineConfig(config.direction, config.replacement, 1, config.seed)
-    means = mean_activations(bases) if config.replacement == "mean" else None
-    partner = resample_partner(len(bases), config.seed)
+    means = mean_activations(pool) if config.replacement == "mean" else None
+    partner = resample_partner(len(pool), config.seed)
 
     def values_for(i: int):
-        return replacement_values(bases[i], engine_cfg, means, bases[partner[i]] if config.replacement == "resample" else None)
+        source = pool[partner[pool_position[i]]] if config.replacement == "resample" else None
+        return replacement_values(bases[i], engine_cfg, means, source)
 
     return values_for
+
+
+def _global_pool(model, all_selected: Sequence[tuple[int, Pair]], indices: Sequence[int], config: RunConfig,
+                 cache) -> tuple[list[PairBaseline], list[int]]:
+    """Every shard's used pairs (recorded runs only; no baseline metrics), and this shard's places
+    in that list. Needed only by sharded ``mean``/``resample`` runs; the activation cache makes
+    the extra rollouts free when shards share a cache directory."""
+    pool, pool_index = [], {}
+    for k, pair in all_selected:
+        clean, corrupted = (_record(model, cache, v.question) for v in (pair.clean, pair.corrupted))
+        b = PairBaseline(pair.pair_id, _as_number(pair.clean.answer), _as_number(pair.corrupted.answer),
+                         clean, corrupted, config.direction)
+        if config.only_correct and not (b.clean_correct and b.corrupted_correct):
+            continue
+        pool_index[k] = len(pool)
+        pool.append(b)
+    return pool, [pool_index[k] for k in indices]
 
 
 def _cell_row(spec: PatchSpec, metrics: dict, base: PairBaseline) -> dict:
@@ -376,10 +407,11 @@ def run_experiments(
     if model is None:
         model = _load_model(config)
     timings["load_model_s"] = time.perf_counter() - t0
-    if pairs is None:
-        selected, removed = _load_run_pairs(config)
-    else:
-        selected, removed = select_pairs(pairs, config)
+    all_pairs = _load_run_pairs(config) if pairs is None else list(pairs)
+    selected, removed = select_pairs(all_pairs, config)
+    if not selected:
+        raise LatentPatchError(f"pair file {config.pairs}: no pairs left after filtering/sharding; "
+                               "fix: check --pairs, --shard, --limit")
     indices = [k for k, _ in selected]
     pairs = [p for _, p in selected]
     batch_size = _pick_batch_size(config, model)
@@ -439,7 +471,12 @@ def run_experiments(
 
         # ---- checks (design.md §5) -------------------------------------------------------------
         t = time.perf_counter()
-        values_for = _value_factory(bases, config)
+        if config.replacement in GLOBAL_REPLACEMENTS and config.shard is not None:
+            unsharded, _ = select_pairs(all_pairs, dataclasses.replace(config, shard=None))
+            values_for = _value_factory(bases, config, *_global_pool(model, unsharded, indices, config, cache))
+            manifest["replacement_pool"] = "all shards"
+        else:
+            values_for = _value_factory(bases, config)
         checks = {
             "identity": check_identity(model, bases, specs, n_pairs=1),
             "full_restoration": check_full_restoration(model, bases[: min(n, 8)]),
