@@ -164,11 +164,54 @@ def _answer_logits(model: LatentModel, state: RolloutState, first: torch.Tensor,
     """Teacher-force the three answer strings on every row of ``state``."""
     conts = [answers["base"][0], answers["clean"][0], answers["corr"][0]]
     scored = model.score(state, first, [conts] * state.batch_size)
-    return [
-        AnswerLogits(s[0], s[1], s[2], conts[0], conts[1], conts[2],
-                     answers["base"][1], answers["clean"][1], answers["corr"][1], pred)
-        for s, pred in zip(scored, preds)
-    ]
+    return [_as_answer_logits(sc, answers, pred) for sc, pred in zip(scored, preds)]
+
+
+def _as_answer_logits(scored: list[torch.Tensor], answers: dict, pred) -> AnswerLogits:
+    n_base = len(answers["base"][0])
+    return AnswerLogits(scored[0][:n_base], scored[1], scored[2], answers["base"][0], answers["clean"][0],
+                        answers["corr"][0], answers["base"][1], answers["clean"][1], answers["corr"][1], pred)
+
+
+#: A teacher-forced argmax stands in for a greedy step only when it wins by more than this many
+#: logits (fp32), so float noise between one forward over a string and step-by-step decoding
+#: cannot flip the choice.
+GREEDY_MARGIN = 1e-3
+
+
+def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` predicts ``seq[j]``."""
+    cfg = model.config
+    logits = logits.clone()
+    banned = [i for i in {cfg.pad_id, cfg.bot_id, cfg.eot_id} if i is not None and 0 <= i < logits.shape[-1]]
+    logits[:, banned] = float("-inf")
+    top = logits.topk(2, dim=-1)
+    ids = torch.tensor(seq, device=logits.device)
+    return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())
+
+
+def _score_and_generate(model: LatentModel, base: PairBaseline, state: RolloutState, first: torch.Tensor):
+    """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
+
+    ``A_base`` is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce
+    ``A_base`` + [EOS] would decode exactly ``A_base`` greedily, so only the other rows (the
+    patches that changed the answer) are decoded step by step.
+    """
+    eos = model.config.eos_id
+    greedy_base = list(base.target.answer_ids)
+    answers = dict(base.answers)
+    base_scored = greedy_base + [eos]
+    conts = [base_scored, answers["clean"][0], answers["corr"][0]]
+    scored = model.score(state, first, [conts] * state.batch_size)
+    gen: list[list[int] | None] = [list(greedy_base) if _reproduces_greedy(model, sc[0], base_scored) else None
+                                   for sc in scored]
+    rest = [b for b, g in enumerate(gen) if g is None]
+    if rest:
+        rows = torch.tensor(rest, device=first.device)
+        for b, ids in zip(rest, model.generate(state.fork(rows=rows), first[rows])):
+            gen[b] = ids
+    preds = [extract_number(model.decode(ids)) if model.tokenizer is not None else None for ids in gen]
+    return gen, [_as_answer_logits(sc, answers, pred) for sc, pred in zip(scored, preds)]
 
 
 @torch.no_grad()
@@ -284,9 +327,7 @@ def _cell_results(
     answer_logits: torch.Tensor, tracked: dict[int, torch.Tensor],
 ) -> list[dict]:
     """Metrics for each row of a patched, finished rollout (after [EOT])."""
-    gen = model.generate(state, answer_logits)
-    preds = [extract_number(model.decode(ids)) if model.tokenizer is not None else None for ids in gen]
-    patched = _answer_logits(model, state, answer_logits, base.answers, preds)
+    gen, patched = _score_and_generate(model, base, state, answer_logits)
     out = []
     for row, spec in enumerate(specs):
         m = answer_metrics(patched[row], base.target_logits, base.ld_target, base.ld_source,
