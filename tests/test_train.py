@@ -100,3 +100,44 @@ def test_numbers_are_single_tokens(tiny_run):
     # the answer prefix ends with a lone space token, then the number
     ids = codec.encode("The answer is: 37")
     assert codec.tok.id_to_token(ids[-2]) == "Ġ" and codec.decode(ids[-1:]) == "37"
+
+
+def test_fourier_number_init_matches_the_formula(tiny_run):
+    """init_number_embeddings writes scale*[cos, sin](2 pi n / T) into the first dims of each number
+    token and leaves every other row and dim untouched."""
+    import math
+
+    from latentpatch.train import CODI, NUMBER_PERIODS, init_number_embeddings, llama_config
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    cfg = TrainConfig(**{**TINY, "d_model": 64, "heads": 2})
+    torch.manual_seed(0)
+    model = CODI(llama_config(cfg, codec), cfg.prj_dim)
+    before = model.codi.get_input_embeddings().weight.detach().clone()
+    init_number_embeddings(model, codec, scale=0.5)
+    after = model.codi.get_input_embeddings().weight.detach()
+    width = 2 * len(NUMBER_PERIODS)
+    numbers = {codec.encode(str(n))[0]: n for n in range(201)}
+    for tid, n in [(t, n) for t, n in numbers.items() if n in (0, 1, 7, 37, 200)]:
+        want = [0.5 * math.cos(2 * math.pi * n / T) for T in NUMBER_PERIODS] + \
+               [0.5 * math.sin(2 * math.pi * n / T) for T in NUMBER_PERIODS]
+        assert torch.allclose(after[tid, :width], torch.tensor(want), atol=1e-6)
+    assert torch.equal(after[:, width:], before[:, width:])
+    other = [i for i in range(after.shape[0]) if i not in numbers]
+    assert torch.equal(after[other], before[other])
+    assert model.codi.lm_head.weight.data_ptr() == model.codi.get_input_embeddings().weight.data_ptr()  # tied
+
+
+def test_training_pool_excludes_default_pair_questions():
+    """The first clean question of generate_pairs(57, seed=0) is generate_problems(seed=0)'s first
+    problem; the training pool must drop it (the default pairs stay held out)."""
+    from latentpatch.pairs import load_pairs
+    from latentpatch.runs import default_pairs_path
+    from latentpatch.train import normalize_question, training_pool
+
+    pair_qs = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}
+    raw = [normalize_question(p.question) for p in generate_problems(50, 0)]
+    assert any(q in pair_qs for q in raw)
+    pool = [normalize_question(p.question) for p in training_pool(TrainConfig(train_pool=50, data_seed=0))]
+    assert pool == [q for q in raw if q not in pair_qs] and len(pool) < len(raw)

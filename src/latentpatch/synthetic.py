@@ -23,8 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-MAX_VALUE = 100
-"""Upper bound for every intermediate and final result."""
+MAX_VALUE = 40
+"""Upper bound for every intermediate and final result (small enough that a 4-layer model trained
+for 45 CPU minutes learns every arithmetic fact the templates need; see the default model card)."""
 
 Operand = Union[int, str]
 Step = tuple  # (op, Operand, Operand)
@@ -152,7 +153,7 @@ def _w_shop(rng: random.Random) -> dict:
 TEMPLATES: list[Template] = [
     Template(
         "give_buy_share",
-        {"a": (10, 60), "b": (1, 20), "c": (1, 20), "d": (2, 5)},
+        {"a": (10, 40), "b": (1, 10), "c": (1, 10), "d": (2, 5)},
         lambda q, w: (f"{w['name']} has {q['a']} {w['items']}. {_cap(w['p'])} gives {q['b']} of them "
                       f"to {w['friend']} and then buys {q['c']} more. {_cap(w['p'])} puts them into "
                       f"{q['d']} boxes with the same number in each box. How many {w['items']} are "
@@ -162,7 +163,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "shop_coupon",
-        {"a": (2, 12), "b": (2, 5), "c": (1, 20), "d": (1, 30)},
+        {"a": (2, 8), "b": (2, 5), "c": (1, 10), "d": (1, 15)},
         lambda q, w: (f"A {w['item']} costs {q['a']} dollars. {w['name']} buys {q['b']} {w['items2']} "
                       f"and uses a coupon worth {q['c']} dollars. Then {w['p']} pays {q['d']} dollars "
                       f"for lunch. How many dollars does {w['name']} spend in total?"),
@@ -171,7 +172,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "class_groups",
-        {"a": (10, 40), "b": (1, 15), "c": (1, 15), "d": (2, 5), "e": (2, 5)},
+        {"a": (10, 30), "b": (1, 10), "c": (1, 10), "d": (2, 5), "e": (2, 5)},
         lambda q, w: (f"There are {q['a']} students in a class. {q['b']} students leave and {q['c']} "
                       f"new students join. The teacher makes groups of {q['d']} students, and each "
                       f"group gets {q['e']} {w['items']}. How many {w['items']} does the teacher "
@@ -182,7 +183,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "reading",
-        {"a": (5, 30), "b": (5, 30), "c": (2, 3)},
+        {"a": (3, 15), "b": (3, 15), "c": (2, 3)},
         lambda q, w: (f"{w['name']} reads {q['a']} pages on Monday and {q['b']} pages on Tuesday. "
                       f"On Wednesday {w['p']} reads {q['c']} times as many pages as on Monday. "
                       f"How many pages does {w['name']} read in the three days?"),
@@ -191,7 +192,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "farm_rows",
-        {"a": (2, 9), "b": (2, 9), "c": (1, 20), "d": (1, 30)},
+        {"a": (2, 6), "b": (2, 6), "c": (1, 10), "d": (1, 15)},
         lambda q, w: (f"A farmer plants {q['a']} rows with {q['b']} trees in each row. {q['c']} of "
                       f"the trees die, and the farmer plants {q['d']} new trees. How many trees "
                       f"does the farmer have now?"),
@@ -200,7 +201,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "bake_sell",
-        {"a": (10, 60), "b": (1, 15), "c": (2, 5), "d": (2, 5), "e": (1, 20)},
+        {"a": (10, 40), "b": (1, 10), "c": (2, 5), "d": (2, 5), "e": (1, 10)},
         lambda q, w: (f"{w['name']} bakes {q['a']} cookies and eats {q['b']} of them. {_cap(w['p'])} "
                       f"packs the rest in bags of {q['c']} and sells each bag for {q['d']} dollars. "
                       f"Then {w['p']} spends {q['e']} dollars on flour. How many dollars does "
@@ -211,7 +212,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "bus_stops",
-        {"a": (10, 60), "b": (1, 20), "c": (1, 20), "d": (1, 20), "e": (1, 20)},
+        {"a": (10, 40), "b": (1, 10), "c": (1, 10), "d": (1, 10), "e": (1, 10)},
         lambda q, w: (f"A bus leaves with {q['a']} passengers. At the first stop {q['b']} people get "
                       f"off and {q['c']} get on. At the second stop {q['d']} people get off and "
                       f"{q['e']} get on. How many passengers are on the bus now?"),
@@ -221,7 +222,7 @@ TEMPLATES: list[Template] = [
     ),
     Template(
         "savings",
-        {"a": (2, 12), "b": (2, 5), "c": (1, 20), "d": (3, 5)},
+        {"a": (2, 8), "b": (2, 5), "c": (1, 10), "d": (3, 5)},
         lambda q, w: (f"{w['name']} saves {q['a']} dollars every week for {q['b']} weeks. "
                       f"{_cap(w['p'])} spends {q['c']} dollars on a gift and shares the rest equally "
                       f"with {q['d'] - 1} friends, so {q['d']} people get the same amount. How many "

@@ -173,6 +173,7 @@ class TrainConfig:
     ref_factor: float = 1.0
     teacher_only_steps: int = 0  # curriculum: first steps train the teacher task only
     latent_aux_factor: float = 0.0  # >0: intermediate-result loss on the latent hidden states
+    number_init: str = "random"  # "fourier": number tokens start with sin/cos features of their value
     stop_after: int = 0  # >0: stop after this step index (lr schedule still planned for `steps`)
     init_from: str = ""  # start from a saved model directory instead of a fresh init
     data_seed: int = 1
@@ -203,6 +204,31 @@ def llama_config(cfg: TrainConfig, codec: Codec):
         eos_token_id=codec.eos_id,
         attention_dropout=0.0,
     )
+
+
+NUMBER_PERIODS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64, 100)
+"""Periods of the value features of :func:`init_number_embeddings` (one cos/sin pair each)."""
+
+
+@torch.no_grad()
+def init_number_embeddings(model: "CODI", codec: "Codec", scale: float = 0.1) -> None:
+    """Overwrite the first ``2 * len(NUMBER_PERIODS)`` embedding dims of every number token n
+    (0..NUMBER_TOKENS_UP_TO) with ``scale * [cos(2 pi n / T), sin(2 pi n / T)]`` for each period T.
+
+    Embeddings are tied, so the LM head reads values through the same features: adding m to n
+    is a rotation of each pair, and a hidden state holding the phases of a value scores that value's
+    token highest. The rest of each row keeps its random init (a token identity). Training is free
+    to change everything; this only gives number tokens a shared geometry to start from.
+    """
+    emb = model.codi.get_input_embeddings().weight
+    periods = torch.tensor(NUMBER_PERIODS, dtype=torch.float64)
+    width = 2 * len(NUMBER_PERIODS)
+    if width > emb.shape[1]:
+        raise ValueError(f"d_model {emb.shape[1]} < {width} dims of number features")
+    for n in range(NUMBER_TOKENS_UP_TO + 1):
+        ids = codec.encode(str(n))
+        angle = 2 * math.pi * n / periods
+        emb[ids[0], :width] = (scale * torch.cat([angle.cos(), angle.sin()])).to(emb.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +468,14 @@ def load_trained(path):
 
 
 def training_pool(cfg: TrainConfig):
+    """``generate_problems(train_pool, data_seed)`` without the questions of the shipped default
+    pairs, so that ``eval`` measures the pairs on questions the model never saw."""
+    from latentpatch.pairs import load_pairs
+    from latentpatch.runs import default_pairs_path
     from latentpatch.synthetic import generate_problems
 
-    return generate_problems(cfg.train_pool, cfg.data_seed)
+    held_out = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}
+    return [p for p in generate_problems(cfg.train_pool, cfg.data_seed) if normalize_question(p.question) not in held_out]
 
 
 def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
@@ -467,6 +498,8 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
     else:
         codec = Codec(train_tokenizer(corpus, cfg.vocab_size))
         model = CODI(llama_config(cfg, codec), cfg.prj_dim, cfg.prj_dropout)
+        if cfg.number_init == "fourier":
+            init_number_embeddings(model, codec)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
