@@ -72,9 +72,9 @@ def _training_questions(model_dir: Optional[Path]) -> set:
     tr = json.loads((model_dir / "latentpatch.json").read_text()).get("training") or {}
     if "data_seed" not in tr or "train_pool" not in tr:
         return set()
-    from latentpatch.synthetic import generate_problems
+    from latentpatch.train import TrainConfig, training_pool
 
-    return {p.question for p in generate_problems(int(tr["train_pool"]), int(tr["data_seed"]))}
+    return {p.question for p in training_pool(TrainConfig(train_pool=int(tr["train_pool"]), data_seed=int(tr["data_seed"])))}
 
 
 def held_out_problems(n: int, seed: int, exclude: set) -> list:
