@@ -202,18 +202,22 @@ def nnsight_sweep(model, items, baselines_only=False) -> dict:
 
 def lower_bound(model, bases, cells: dict) -> tuple[int, int]:
     """Token positions a sweep must compute for ``cells``: (thoughts p.. + answer start + teacher
-    forcing of the three answer strings, + greedy decoding of the patched answer).
+    forcing of the three answer strings, + greedy decoding of the patched answers that changed).
 
     A cell patched at latent p shares the target's prefix before p; it recomputes the K - p thoughts,
     the answer-start tokens and len - 1 tokens of each answer string (the first is predicted at
-    [EOT]); greedy decoding feeds min(len(answer), max_answer_tokens - 1) more tokens."""
+    [EOT]), A_base with its closing [EOS] (one more position: it tells whether greedy decoding
+    would reproduce A_base). Only a cell whose answer differs from A_base must be decoded: that
+    feeds min(len(answer), max_answer_tokens - 1) more tokens."""
     by_id = {b.pair_id: b for b in bases}
     K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
     for (pid, _, p), m in cells.items():
-        forced = sum(len(ids) - 1 for ids, _ in by_id[pid].answers.values())
+        base = by_id[pid]
+        forced = sum(len(ids) - 1 for ids, _ in base.answers.values()) + 1
         rollout += (K - p) + start + forced
-        decode += min(len(m["answer_ids"]), n - 1)
+        if list(m["answer_ids"]) != list(base.target.answer_ids):
+            decode += min(len(m["answer_ids"]), n - 1)
     return rollout, decode
 
 
@@ -314,7 +318,8 @@ def section(key: str, r: dict) -> str:
         f"- sweep: position sweep, {r['n_layers']} layers x {r['K']} latent positions = {r['cells_per_pair']} cells "
         f"per pair, resid_out, denoise, source values; engine batch size {r['batch_size']}",
         f"- lower bound per cell (mean): {r['lb_cell']:.1f} token positions = thoughts p..K-1 + answer start + "
-        f"teacher forcing of 3 answer strings ({r['lb_rollout_cell']:.1f}) + greedy decoding ({r['lb_decode_cell']:.1f})",
+        f"teacher forcing of 3 answer strings and A_base's [EOS] ({r['lb_rollout_cell']:.1f}) + greedy decoding of the "
+        f"answers that changed ({r['lb_decode_cell']:.1f})",
         "", "| method | pairs | cells | wall s | cells/s | token positions computed | per cell | x lower bound |",
         "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["methods"].items():
