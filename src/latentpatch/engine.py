@@ -324,10 +324,19 @@ def _freeze(specs: Sequence[PatchSpec], target_thoughts: torch.Tensor, K: int):
 
 def _cell_results(
     model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], state: RolloutState,
-    answer_logits: torch.Tensor, tracked: dict[int, torch.Tensor],
+    answer_logits: torch.Tensor, tracked: dict[int, torch.Tensor], decode_all: bool = False,
 ) -> list[dict]:
-    """Metrics for each row of a patched, finished rollout (after [EOT])."""
-    gen, patched = _score_and_generate(model, base, state, answer_logits)
+    """Metrics for each row of a patched, finished rollout (after [EOT]).
+
+    ``decode_all`` (the reference): greedy-decode every row step by step, the plain way, instead
+    of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
+    """
+    if decode_all:
+        gen = model.generate(state, answer_logits)
+        preds = [extract_number(model.decode(ids)) if model.tokenizer is not None else None for ids in gen]
+        patched = _answer_logits(model, state, answer_logits, base.answers, preds)
+    else:
+        gen, patched = _score_and_generate(model, base, state, answer_logits)
     out = []
     for row, spec in enumerate(specs):
         m = answer_metrics(patched[row], base.target_logits, base.ld_target, base.ld_source,
@@ -395,7 +404,8 @@ def sweep_fast(
 
 @torch.no_grad()
 def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], values: ValueFn) -> list[dict]:
-    """The plain method: one full hooked rollout per spec (no sharing, no batching)."""
+    """The plain method: one full hooked rollout per spec (no sharing, no batching), greedy
+    decoding of every cell's answer."""
     out = []
     K = model.num_latent
     for spec in specs:
@@ -408,5 +418,5 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         if spec.track:
             acts = r.hooks.recorded(spec.component, spec.layer)[0]
             tracked[0] = acts[T_q + max(spec.positions) + 1: T_q + K]
-        out.extend(_cell_results(model, base, [spec], r.state, r.answer_logits, tracked))
+        out.extend(_cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True))
     return out
