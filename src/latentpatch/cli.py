@@ -193,7 +193,7 @@ def train_cmd(
     warmup: int = typer.Option(100, "--warmup", min=0),
     latent_aux_factor: float = typer.Option(0.0, "--latent-aux-factor", help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI)."),
     stop_after: int = typer.Option(0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."),
-    number_init: str = typer.Option("random", "--number-init", help="random | fourier | fourier-ramp: number tokens start with sin/cos (and linear) features of their value."),
+    number_init: str = typer.Option("random", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."),
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective."""
     import json as _json
@@ -208,8 +208,8 @@ def train_cmd(
                       teacher_only_steps=teacher_only_steps, train_pool=train_pool, threads=threads,
                       ckpt_every=ckpt_every, init_from=str(init_from) if init_from else "", warmup=warmup,
                       latent_aux_factor=latent_aux_factor, stop_after=stop_after, number_init=number_init)
-    if number_init not in ("random", "fourier", "fourier-ramp"):
-        raise LatentPatchError(f"--number-init {number_init!r}: use random, fourier or fourier-ramp")
+    if number_init not in ("random", "fourier"):
+        raise LatentPatchError(f"--number-init {number_init!r}: use random or fourier")
     summary = train(cfg, out)
     typer.echo(_json.dumps({"out": str(out), **summary}))
 

@@ -211,10 +211,9 @@ NUMBER_PERIODS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 25, 32, 40, 50, 64, 100)
 
 
 @torch.no_grad()
-def init_number_embeddings(model: "CODI", codec: "Codec", scale: float = 0.1, ramp: bool = False) -> None:
+def init_number_embeddings(model: "CODI", codec: "Codec", scale: float = 0.1) -> None:
     """Overwrite the first ``2 * len(NUMBER_PERIODS)`` embedding dims of every number token n
-    (0..NUMBER_TOKENS_UP_TO) with ``scale * [cos(2 pi n / T), sin(2 pi n / T)]`` for each period T;
-    with ``ramp``, one more dim holds ``4 * scale * n / 40`` (the value itself, linear).
+    (0..NUMBER_TOKENS_UP_TO) with ``scale * [cos(2 pi n / T), sin(2 pi n / T)]`` for each period T.
 
     Embeddings are tied, so the LM head reads values through the same features: adding m to n
     is a rotation of each pair, and a hidden state holding the phases of a value scores that value's
@@ -223,14 +222,13 @@ def init_number_embeddings(model: "CODI", codec: "Codec", scale: float = 0.1, ra
     """
     emb = model.codi.get_input_embeddings().weight
     periods = torch.tensor(NUMBER_PERIODS, dtype=torch.float64)
-    width = 2 * len(NUMBER_PERIODS) + int(ramp)
+    width = 2 * len(NUMBER_PERIODS)
     if width > emb.shape[1]:
         raise ValueError(f"d_model {emb.shape[1]} < {width} dims of number features")
     for n in range(NUMBER_TOKENS_UP_TO + 1):
         ids = codec.encode(str(n))
         angle = 2 * math.pi * n / periods
-        feats = [angle.cos(), angle.sin()] + ([torch.tensor([4 * n / 40], dtype=torch.float64)] if ramp else [])
-        emb[ids[0], :width] = (scale * torch.cat(feats)).to(emb.dtype)
+        emb[ids[0], :width] = (scale * torch.cat([angle.cos(), angle.sin()])).to(emb.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,8 +498,8 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
     else:
         codec = Codec(train_tokenizer(corpus, cfg.vocab_size))
         model = CODI(llama_config(cfg, codec), cfg.prj_dim, cfg.prj_dropout)
-        if cfg.number_init in ("fourier", "fourier-ramp"):
-            init_number_embeddings(model, codec, ramp=cfg.number_init == "fourier-ramp")
+        if cfg.number_init == "fourier":
+            init_number_embeddings(model, codec)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
