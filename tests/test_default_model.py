@@ -15,16 +15,16 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), 
 # question -> answer the shipped model generated (computed once from the shipped weights with
 # LatentModel.answer, fp32 CPU). Regenerate if the model is retrained.
 EXPECTED: dict = {
-    'Sofia saves 12 dollars every week for 3 weeks. She spends 18 dollars on a gift and shares the rest equally with 2 friends, so 3 people get the same amount. How many dollars does each person get?':
-        6.0,
-    'A bus leaves with 39 passengers. At the first stop 4 people get off and 5 get on. At the second stop 11 people get off and 13 get on. How many passengers are on the bus now?':
-        40.0,
-    'Emma bakes 36 cookies and eats 10 of them. She packs the rest in bags of 2 and sells each bag for 4 dollars. Then she spends 20 dollars on flour. How many dollars does Emma have left?':
-        30.0,
-    'Tom bakes 47 cookies and eats 11 of them. He packs the rest in bags of 2 and sells each bag for 2 dollars. Then he spends 6 dollars on flour. How many dollars does Tom have left?':
-        30.0,
-    'Jack reads 16 pages on Monday and 12 pages on Tuesday. On Wednesday he reads 2 times as many pages as on Monday. How many pages does Jack read in the three days?':
-        60.0,
+    'A bus leaves with 34 passengers. At the first stop 7 people get off and 1 get on. At the second stop 5 people get off and 9 get on. How many passengers are on the bus now?':
+        32.0,  # ground truth 32
+    'A notebook costs 6 dollars. Nora buys 4 notebooks and uses a coupon worth 9 dollars. Then she pays 12 dollars for lunch. How many dollars does Nora spend in total?':
+        27.0,  # ground truth 27
+    'Leo bakes 29 cookies and eats 4 of them. He packs the rest in bags of 5 and sells each bag for 5 dollars. Then he spends 9 dollars on flour. How many dollars does Leo have left?':
+        15.0,  # ground truth 16
+    'Sam bakes 32 cookies and eats 2 of them. He packs the rest in bags of 3 and sells each bag for 2 dollars. Then he spends 4 dollars on flour. How many dollars does Sam have left?':
+        16.0,  # ground truth 16
+    'A ticket costs 6 dollars. Nora buys 4 tickets and uses a coupon worth 8 dollars. Then she pays 4 dollars for lunch. How many dollars does Nora spend in total?':
+        20.0,  # ground truth 20
 }
 
 

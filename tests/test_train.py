@@ -20,7 +20,7 @@ from latentpatch.train import (
 
 TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, prj_dim=32, num_latent=2, batch_size=8,
             train_pool=400, tokenizer_corpus=400, vocab_size=1000, lr=3e-3, warmup=5, log_every=1,
-            threads=1)
+            threads=1, teacher_only_steps=0)  # default recipe otherwise: aux loss, Fourier number init
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def pairs_generate(
 @app.command("train")
 def train_cmd(
     out: Path = typer.Option(..., "--out", help="Output model directory."),
-    steps: int = typer.Option(2500, "--steps", min=1, help="Optimizer steps."),
+    steps: int = typer.Option(4600, "--steps", min=1, help="Optimizer steps."),
     seed: int = typer.Option(0, "--seed", help="Seed (init, data order)."),
     layers: int = typer.Option(4, "--layers", min=1),
     d_model: int = typer.Option(128, "--d-model", min=8),
@@ -182,20 +182,22 @@ def train_cmd(
     prj_dim: int = typer.Option(256, "--prj-dim", min=8),
     num_latent: int = typer.Option(6, "--num-latent", min=1),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(1.5e-3, "--lr"),
+    lr: float = typer.Option(4e-3, "--lr"),
     distill_factor: float = typer.Option(20.0, "--distill-factor"),
     ref_factor: float = typer.Option(1.0, "--ref-factor"),
-    teacher_only_steps: int = typer.Option(0, "--teacher-only-steps", min=0),
+    teacher_only_steps: int = typer.Option(300, "--teacher-only-steps", min=0),
     train_pool: int = typer.Option(200_000, "--train-pool", min=100),
     threads: int = typer.Option(2, "--threads", min=1),
     ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."),
-    warmup: int = typer.Option(100, "--warmup", min=0),
-    latent_aux_factor: float = typer.Option(0.0, "--latent-aux-factor", help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI)."),
+    warmup: int = typer.Option(50, "--warmup", min=0),
+    latent_aux_factor: float = typer.Option(1.0, "--latent-aux-factor", help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI)."),
     stop_after: int = typer.Option(0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."),
-    number_init: str = typer.Option("random", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."),
+    number_init: str = typer.Option("fourier", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."),
 ) -> None:
-    """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective."""
+    """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective.
+
+    The defaults are the shipped default model's recipe (add --threads 1 to reproduce it exactly)."""
     import json as _json
 
     from latentpatch.train import TrainConfig, train

@@ -155,12 +155,12 @@ class CODI(nn.Module):
 
 @dataclass
 class TrainConfig:
-    steps: int = 2500
+    steps: int = 4600
     seed: int = 0
     batch_size: int = 32
-    lr: float = 1.5e-3
+    lr: float = 4e-3
     weight_decay: float = 0.01
-    warmup: int = 100
+    warmup: int = 50
     layers: int = 4
     d_model: int = 128
     heads: int = 4
@@ -171,9 +171,9 @@ class TrainConfig:
     vocab_size: int = 1000
     distill_factor: float = 20.0
     ref_factor: float = 1.0
-    teacher_only_steps: int = 0  # curriculum: first steps train the teacher task only
-    latent_aux_factor: float = 0.0  # >0: intermediate-result loss on the latent hidden states
-    number_init: str = "random"  # "fourier": number tokens start with sin/cos features of their value
+    teacher_only_steps: int = 300  # curriculum: first steps train the teacher task only
+    latent_aux_factor: float = 1.0  # >0: intermediate-result loss on the latent hidden states
+    number_init: str = "fourier"  # "fourier": number tokens start with sin/cos features of their value
     stop_after: int = 0  # >0: stop after this step index (lr schedule still planned for `steps`)
     init_from: str = ""  # start from a saved model directory instead of a fresh init
     data_seed: int = 1
