@@ -3,8 +3,8 @@
 One process, one model, the same pairs. The sweep is the design.md §3 position sweep (every layer x
 every latent position, component resid_out, denoise, source values), computed three ways:
 
-- ``engine``: :func:`latentpatch.engine.sweep_fast` (shared KV prefix, batched patches);
-- ``reference``: :func:`latentpatch.engine.sweep_reference` (one full hooked rollout per cell);
+- ``engine``: :func:`latentpatch.patching.engine.sweep_fast` (shared KV prefix, batched patches);
+- ``reference``: :func:`latentpatch.patching.engine.sweep_reference` (one full hooked rollout per cell);
 - ``nnsight``: ``bench/nnsight_impl.py`` (one nnsight-traced rollout per cell).
 
 Baselines (``record_run``/``prepare_pair``) are computed once, outside the timed region, and shared
@@ -42,10 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latentpatch.engine import EngineConfig, prepare_pair, record_run, replacement_values, sweep_fast, sweep_reference  # noqa: E402
-from latentpatch.experiments import position_specs  # noqa: E402
-from latentpatch.memory import auto_batch_size, working_set_bytes  # noqa: E402
-from latentpatch.model import LatentConfig, LatentModel, build_prj  # noqa: E402
+from latentpatch.patching.engine import EngineConfig, prepare_pair, record_run, replacement_values, sweep_fast, sweep_reference  # noqa: E402
+from latentpatch.patching.specs import position_specs  # noqa: E402
+from latentpatch.pipeline.memory import auto_batch_size, working_set_bytes  # noqa: E402
+from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noqa: E402
 
 METRICS = ("kl", "answer_logit_diff", "logit_l2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,9 +127,9 @@ def load(spec: str, device: str, dtype: torch.dtype, n_pairs: int) -> tuple[Late
         tiny = dict(n_layers=2, d=64, heads=4, kv_heads=2, inter=128) if spec.endswith("-tiny") else {}
         model = random_llama1b(device, dtype, **tiny)
         return model, synthetic_items(model, n_pairs)
-    from latentpatch.loading import load_model
-    from latentpatch.pairs import filter_pairs, load_pairs
-    from latentpatch.runs import default_pairs_path
+    from latentpatch.model.loading import load_model
+    from latentpatch.data.pairs import filter_pairs, load_pairs
+    from latentpatch.pipeline.run import default_pairs_path
 
     model = load_model(f"gguf:{smollm2_path()}" if spec == "smollm2" else spec, dtype=dtype, device=device)
     pairs = filter_pairs(load_pairs(default_pairs_path()))[0][:n_pairs]
@@ -346,7 +346,7 @@ def memory_section(key: str, r: dict) -> str:
     lines = _header(key, r, f"Memory: {r['title']}") + [
         f"- engine position sweep of one pair (prompt {m['prompt_len']} tokens, longest answer string or greedy answer "
         f"{m['answer_len']} tokens; a chunk holds at most the {r['cells_per_pair']} cells of a pair); peak = "
-        f"{r['memory_kind']}; estimates = `latentpatch.memory.working_set_bytes` at this pair's answer length and at "
+        f"{r['memory_kind']}; estimates = `latentpatch.pipeline.memory.working_set_bytes` at this pair's answer length and at "
         f"max_answer_tokens {r['max_answer_tokens']} (what `--batch-size auto` assumes); `auto_batch_size` here: {r['auto_batch']}",
         "", "| batch | effective | peak extra MiB | estimate MiB | estimate at max_answer_tokens MiB | s |",
         "|---:|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,7 @@ For each pair, layer ℓ and latent position p:
 3. the three answer strings are teacher-forced and the answer generated greedily from the patched
    state after ``[EOT]`` (:meth:`LatentModel.score` / :meth:`LatentModel.generate`, no hooks: the
    patch already lives in the KV cache), and the design.md §4 metrics come from
-   :func:`latentpatch.metrics.answer_metrics` against the unpatched corrupted baseline.
+   :func:`latentpatch.patching.metrics.answer_metrics` against the unpatched corrupted baseline.
 
 Inside ``with nn_model.trace(prompts, fn=model.rollout)`` each block is called K+2 times
 (occurrence 0 = prompt pass, 1..K = thoughts, K+1 = ``[EOT]``); ``tracer.iter[1 + p]`` binds a
@@ -37,9 +37,9 @@ import nnsight
 import torch
 from nnsight import NNsight
 
-from latentpatch.metrics import AnswerLogits, answer_logit_diff, answer_metrics
-from latentpatch.model import LatentModel, extract_number
-from latentpatch.pairs import Pair
+from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics
+from latentpatch.model.latent import LatentModel, extract_number
+from latentpatch.data.pairs import Pair
 
 
 @dataclass
@@ -119,7 +119,7 @@ def nnsight_position_sweep(
     """Denoising position sweep (clean -> corrupted), one nnsight-traced rollout per cell.
 
     Returns ``{(pair_id, layer, position): metrics}`` with the keys of
-    :func:`latentpatch.metrics.answer_metrics` plus ``answer_ids`` (the patched greedy answer ids).
+    :func:`latentpatch.patching.metrics.answer_metrics` plus ``answer_ids`` (the patched greedy answer ids).
     ``pairs``: :class:`Pair` objects (the model needs a tokenizer) or :class:`TokenPair` objects.
     Without a tokenizer, ``A_base`` starts at its first token and ``pred_answer`` is None.
     """

@@ -46,7 +46,7 @@ Project targets: {met}.
 {notes}
 
 ## Data
-`latentpatch.synthetic`: 8 English story templates (shopping, class groups, bus stops, baking, savings,
+`latentpatch.data.synthetic`: 8 English story templates (shopping, class groups, bus stops, baking, savings,
 farm rows, reading, sharing), 3-4 steps of + - * / with exact non-negative integer results <= 40
 (`MAX_VALUE`); chain of thought in GSM8k-Aug style `<<16-3=13>> <<13*2=26>>`. Training pool:
 `generate_problems({tr['train_pool']}, seed={tr['data_seed']})` minus the default pairs' questions;
@@ -59,7 +59,7 @@ Byte-level BPE (`tokenizers`), digit runs pre-tokenized apart from text and ever
 single token. Special tokens: `<eos>` = {meta['eos_id']}, `<pad>` = {meta['pad_id']}, `<bot>` = {meta['bot_id']},
 `<eot>` = {meta['eot_id']} (CODI's V, V+1, V+2). No BOS (`add_special_tokens` false).
 
-## Sequences and objective (`latentpatch.train`)
+## Sequences and objective (`latentpatch.training.train`)
 - teacher: `question <bot> CoT <eot> The answer is: N <eos>` (CE on everything after `<bot>`)
 - student: `question <bot>` + {meta['num_latent']} continuous thoughts + `<eot> The answer is: N <eos>` (CE on the
   answer part); thought k = prj(final hidden state of the previous position), fed as an input embedding,

@@ -29,7 +29,7 @@ EXPECTED: dict = {
 
 
 def _load():
-    from latentpatch.evaluate import load_latent_model
+    from latentpatch.training.evaluate import load_latent_model
 
     return load_latent_model("default")
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_text_model
-from latentpatch.engine import (
+from latentpatch.patching.engine import (
     EngineConfig, PatchSpec, mean_activations, own_values, prepare_pair, record_run, replacement_values,
     resample_partner, sweep_fast, sweep_reference,
 )
-from latentpatch.experiments import iterative_specs, layer_specs, position_specs
-from latentpatch.sites import Write
+from latentpatch.patching.specs import iterative_specs, layer_specs, position_specs
+from latentpatch.model.sites import Write
 
 FAMILIES = ["llama", "gpt2"]
 QUESTIONS = [("Tom has 16 eggs and eats 3.", 13, "Tom has 17 eggs and eats 3.", 14),
@@ -91,7 +91,7 @@ def test_cell_metrics_against_plain_computation(family):
         r = m.rollout([tgt], writes=writes_)
         emb = m.lm.get_input_embeddings()
         seq = torch.cat([emb(torch.tensor([tgt])), r.thoughts, emb(torch.tensor([m.answer_start_ids() + ids[:-1]]))], 1)
-        from latentpatch.sites import ActivationHooks
+        from latentpatch.model.sites import ActivationHooks
         with ActivationHooks(m.lm, writes=writes_) as h:
             h.offset = 0
             logits = m.lm(inputs_embeds=seq).logits[0].float()

@@ -1,11 +1,11 @@
-"""latentpatch.memory: the working-set estimate and --batch-size auto."""
+"""latentpatch.pipeline.memory: the working-set estimate and --batch-size auto."""
 
 from __future__ import annotations
 
 import torch
 
 from helpers import tiny_latent_model
-from latentpatch.memory import auto_batch_size, free_memory_bytes, working_set_bytes
+from latentpatch.pipeline.memory import auto_batch_size, free_memory_bytes, working_set_bytes
 
 
 def test_estimate_grows_with_batch_and_lengths():

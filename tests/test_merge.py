@@ -1,4 +1,4 @@
-"""Sharded runs merged (latentpatch.merge) == one unsharded run, and bad shard sets are refused."""
+"""Sharded runs merged (latentpatch.pipeline.merge) == one unsharded run, and bad shard sets are refused."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 from helpers import tiny_text_model
 from latentpatch.errors import LatentPatchError
-from latentpatch.merge import merge_runs
-from latentpatch.runs import RunConfig, run_experiments
-from latentpatch.synthetic import generate_pairs
+from latentpatch.pipeline.merge import merge_runs
+from latentpatch.pipeline.run import RunConfig, run_experiments
+from latentpatch.data.synthetic import generate_pairs
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import VOCAB, tiny_latent_model
-from latentpatch.model import extract_number
-from latentpatch.sites import COMPONENTS, ActivationHooks, Site, Write
+from latentpatch.model.latent import extract_number
+from latentpatch.model.sites import COMPONENTS, ActivationHooks, Site, Write
 
 FAMILIES = ["llama", "gpt2"]
 

@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.nnsight_impl import TokenPair, nnsight_position_sweep  # noqa: E402
 from helpers import VOCAB, tiny_latent_model  # noqa: E402
-from latentpatch.metrics import AnswerLogits, answer_logit_diff, answer_metrics  # noqa: E402
-from latentpatch.model import extract_number  # noqa: E402
-from latentpatch.pairs import Pair, Variant  # noqa: E402
-from latentpatch.sites import Write  # noqa: E402
+from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics  # noqa: E402
+from latentpatch.model.latent import extract_number  # noqa: E402
+from latentpatch.data.pairs import Pair, Variant  # noqa: E402
+from latentpatch.model.sites import Write  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -1,4 +1,4 @@
-"""Tests for latentpatch.pairs and the `latentpatch pairs ...` CLI commands.
+"""Tests for latentpatch.data.pairs and the `latentpatch pairs ...` CLI commands.
 
 The real 66-pair GSM8K file lives in ``../shared/data`` (or ``$LATENTPATCH_SHARED_DATA``); tests
 that need it skip when it is absent. Malformed files are built in ``tmp_path``.
@@ -16,7 +16,7 @@ import pytest
 
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.pairs import (
+from latentpatch.data.pairs import (
     Pair,
     Variant,
     filter_pairs,
@@ -372,7 +372,7 @@ def test_cli_filter_everything_removed(tmp_path, capsys):
 
 
 def test_cli_generate(tmp_path, capsys):
-    pytest.importorskip("latentpatch.synthetic")
+    pytest.importorskip("latentpatch.data.synthetic")
     out_path = tmp_path / "gen.json"
     code, out, _ = run_cli(["pairs", "generate", "--n", "5", "--seed", "3", "--out", str(out_path)], capsys)
     assert code == 0 and "wrote 5 pairs" in out

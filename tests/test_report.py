@@ -21,7 +21,7 @@ import pytest
 from fake_run import write_fake_run
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.report import SECTIONS
+from latentpatch.analysis.report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = [
@@ -84,7 +84,7 @@ def test_report_sections_self_contained(built):
 def test_report_on_partial_run(tmp_path):
     run = write_fake_run(tmp_path / "run", n_pairs=3, n_layers=2, K=2, experiments=("layer",), flagged=())
     (run / "results" / "thoughts.json").unlink()
-    from latentpatch.report import build_report
+    from latentpatch.analysis.report import build_report
 
     page = build_report(run, n_resamples=200, formats=("png",)).read_text()
     assert "This run has no position sweep." in page and "This run has no iterative experiment." in page
@@ -200,7 +200,7 @@ def _wandb_records(path: Path):
 
 def test_wandb_offline_log_run(built, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from latentpatch.wandb_log import log_run
+    from latentpatch.analysis.wandb_log import log_run
 
     for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
                  "WANDB_DISABLE_CODE": "true", "WANDB_X_DISABLE_STATS": "true"}.items():
@@ -234,7 +234,7 @@ def test_wandb_offline_log_run(built, tmp_path, monkeypatch):
 
 def test_wandb_missing_is_a_user_error(built, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    from latentpatch.wandb_log import log_run
+    from latentpatch.analysis.wandb_log import log_run
 
     with pytest.raises(LatentPatchError, match=r"wandb is not installed: pip install 'latentpatch\[wandb\]'"):
         log_run(built)

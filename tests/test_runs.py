@@ -15,9 +15,10 @@ import pytest
 
 from helpers import tiny_text_model
 from latentpatch.errors import LatentPatchError
-from latentpatch.pairs import load_pairs, save_pairs
-from latentpatch.runs import CELL_COLUMNS, RunConfig, run_experiments
-from latentpatch.synthetic import generate_pairs
+from latentpatch.data.pairs import load_pairs, save_pairs
+from latentpatch.pipeline.run import RunConfig, run_experiments
+from latentpatch.rundir import CELL_COLUMNS
+from latentpatch.data.synthetic import generate_pairs
 
 RESULT_FILES = ["results/layer.json", "results/position.json", "results/iterative.json", "results/thoughts.json"]
 

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as sps
 
 from fake_run import write_fake_run
-from latentpatch import stats as st
+from latentpatch.analysis import stats as st
 
 
 def test_bootstrap_ci_equals_plain_numpy_resampling():

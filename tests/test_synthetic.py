@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from latentpatch.synthetic import (
+from latentpatch.data.synthetic import (
     MAX_VALUE,
     check_cot,
     evaluate_program,
@@ -99,7 +99,7 @@ def test_default_pairs_file_matches_generator():
     from pathlib import Path
 
     import latentpatch
-    from latentpatch.pairs import load_pairs
+    from latentpatch.data.pairs import load_pairs
 
     path = Path(latentpatch.__file__).parent / "default_data" / "pairs.json"
     stored = load_pairs(path)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from latentpatch.synthetic import generate_problems
-from latentpatch.train import (
+from latentpatch.data.synthetic import generate_problems
+from latentpatch.training.train import (
     Codec,
     TrainConfig,
     load_trained,
@@ -79,7 +79,7 @@ def test_student_forward_equals_plain_loop(tiny_run):
 
 def test_student_forward_equals_tool_rollout(tiny_run):
     """The training rollout equals LatentModel's inference rollout (answer logits after [EOT])."""
-    from latentpatch.evaluate import load_own_dir
+    from latentpatch.training.evaluate import load_own_dir
 
     out, _ = tiny_run
     model, codec, meta = load_trained(out)
@@ -107,7 +107,7 @@ def test_fourier_number_init_matches_the_formula(tiny_run):
     token and leaves every other row and dim untouched."""
     import math
 
-    from latentpatch.train import CODI, NUMBER_PERIODS, init_number_embeddings, llama_config
+    from latentpatch.training.train import CODI, NUMBER_PERIODS, init_number_embeddings, llama_config
 
     out, _ = tiny_run
     codec = Codec.from_dir(out)
@@ -132,9 +132,9 @@ def test_fourier_number_init_matches_the_formula(tiny_run):
 def test_training_pool_excludes_default_pair_questions():
     """The first clean question of generate_pairs(57, seed=0) is generate_problems(seed=0)'s first
     problem; the training pool must drop it (the default pairs stay held out)."""
-    from latentpatch.pairs import load_pairs
-    from latentpatch.runs import default_pairs_path
-    from latentpatch.train import normalize_question, training_pool
+    from latentpatch.data.pairs import load_pairs
+    from latentpatch.pipeline.run import default_pairs_path
+    from latentpatch.training.train import normalize_question, training_pool
 
     pair_qs = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}
     raw = [normalize_question(p.question) for p in generate_problems(50, 0)]

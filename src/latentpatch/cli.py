@@ -71,8 +71,8 @@ def inspect_cmd(
         raise LatentPatchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     ids = _parse_input_ids(input_ids) if input_ids is not None else None
 
-    from latentpatch.loading import load_model
-    from latentpatch.model import extract_number
+    from latentpatch.model.loading import load_model
+    from latentpatch.model.latent import extract_number
 
     m = load_model(model, base=base, preset=preset, dtype=dtype, device=device, lora_r=lora_r,
                    lora_alpha=lora_alpha, lora_targets=lora_targets, prj_dim=prj_dim, prj_ln=prj_ln,
@@ -116,7 +116,7 @@ def pairs_validate(
     """Report on a pair file; exit 0 if usable, 2 (with the reasons) if not."""
     import json
 
-    from latentpatch.pairs import print_report, validate_pairs
+    from latentpatch.data.pairs import print_report, validate_pairs
 
     report = validate_pairs(file)
     if as_json:
@@ -137,7 +137,7 @@ def pairs_filter(
     keep_same_answer: bool = typer.Option(False, "--keep-same-answer", help="Keep pairs whose answers are equal."),
 ) -> None:
     """Drop pairs that carry no patching signal (same clean and corrupted answer) and save the rest."""
-    from latentpatch.pairs import filter_pairs, load_pairs, save_pairs
+    from latentpatch.data.pairs import filter_pairs, load_pairs, save_pairs
 
     pairs = load_pairs(file)
     kept, removed = filter_pairs(pairs, drop_same_answer=not keep_same_answer)
@@ -159,8 +159,8 @@ def pairs_generate(
     """Generate synthetic GSM8K-style clean/corrupted pairs."""
     if n < 1:
         raise LatentPatchError(f"--n {n} is not a valid number of pairs; fix: pass --n 1 or more")
-    from latentpatch.pairs import save_pairs
-    from latentpatch.synthetic import generate_pairs
+    from latentpatch.data.pairs import save_pairs
+    from latentpatch.data.synthetic import generate_pairs
 
     pairs = generate_pairs(n, seed)
     save_pairs(pairs, out)
@@ -200,7 +200,7 @@ def train_cmd(
     The defaults are the shipped default model's recipe (add --threads 1 to reproduce it exactly)."""
     import json as _json
 
-    from latentpatch.train import TrainConfig, train
+    from latentpatch.training.train import TrainConfig, train
 
     if d_model % heads:
         raise LatentPatchError(f"--d-model {d_model} must be divisible by --heads {heads}")
@@ -228,7 +228,7 @@ def eval_cmd(
     """Accuracy on held-out synthetic problems, on the pairs, and under thought ablation."""
     import json as _json
 
-    from latentpatch.evaluate import evaluate, format_report
+    from latentpatch.training.evaluate import evaluate, format_report
 
     res = evaluate(model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size)
     typer.echo(_json.dumps(res, indent=2) if as_json else format_report(res))
@@ -267,7 +267,7 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Run the patching experiments and write a run directory (manifest, results, report)."""
-    from latentpatch.runs import RunConfig, run_experiments
+    from latentpatch.pipeline.run import RunConfig, run_experiments
 
     if batch_size is not None and batch_size != "auto":
         if not batch_size.isdigit() or int(batch_size) < 1:
@@ -311,7 +311,7 @@ def report_cmd(
     ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
 ) -> None:
     """Rebuild stats.json, stats/, figures/ and report.html from a run's results (no model needed)."""
-    from latentpatch.report import build_report
+    from latentpatch.analysis.report import build_report
 
     if ci_method not in ("percentile", "bca", "basic"):
         raise LatentPatchError(f"--ci-method {ci_method!r}: use percentile, bca or basic")
@@ -326,7 +326,7 @@ def compare_cmd(
     exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop flagged pairs in both runs"),
 ) -> None:
     """Side-by-side layer and position maps of two runs and their difference (A − B)."""
-    from latentpatch.compare import compare_runs
+    from latentpatch.analysis.compare import compare_runs
 
     typer.echo(compare_runs(run_a, run_b, out, exclude_flagged=exclude_flagged))
 
@@ -341,7 +341,7 @@ def merge_cmd(
     no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
 ) -> None:
     """Merge shard run directories into one run directory (results as an unsharded run writes them)."""
-    from latentpatch.merge import merge_runs
+    from latentpatch.pipeline.merge import merge_runs
 
     path = merge_runs(run_dirs, out, report=not no_report)
     report = path / "report.html"

@@ -16,39 +16,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from latentpatch.cache import ActivationCache, default_cache_dir, model_key
-from latentpatch.checks import check_engine_reference, check_full_restoration, check_identity, check_live_thoughts
-from latentpatch.engine import (
+from latentpatch.rundir import FORMAT, assemble, write_json
+from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key
+from latentpatch.patching.checks import check_engine_reference, check_full_restoration, check_identity, check_live_thoughts
+from latentpatch.patching.engine import (
     DIRECTIONS, REPLACEMENTS, EngineConfig, PairBaseline, PatchSpec, RunRecord, mean_activations, prepare_pair,
     record_run, replacement_values, resample_partner, sweep_fast, sweep_reference,
 )
 from latentpatch.errors import LatentPatchError
-from latentpatch.experiments import EXPERIMENTS, experiment_specs
-from latentpatch.model import LatentModel
-from latentpatch.pairs import Pair, filter_pairs, load_pairs, save_pairs
-from latentpatch.sites import COMPONENTS
+from latentpatch.patching.specs import EXPERIMENTS, experiment_specs
+from latentpatch.model.latent import LatentModel
+from latentpatch.data.pairs import Pair, filter_pairs, load_pairs, save_pairs
+from latentpatch.model.sites import COMPONENTS
 
 #: Replacements whose values depend on every pair of the run (dataset mean, resample partner):
 #: a shard computes them over all shards' pairs (see :func:`_global_pool`).
 GLOBAL_REPLACEMENTS = ("mean", "resample")
-
-FORMAT = "latentpatch-run/1"
-
 
 @dataclass
 class RunConfig:
@@ -172,40 +167,6 @@ def shard_pairs(pairs: Sequence[Pair], shard: str | None) -> list[tuple[int, Pai
     return [(k, p) for k, p in indexed if k % n == i]
 
 
-# ---- files -----------------------------------------------------------------------------------
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _json_safe(x.tolist())
-    return x
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def write_parquet(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    import pandas as pd
-
-    df = pd.DataFrame(rows, columns=list(columns))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def default_pairs_path() -> Path:
     return Path(str(resources.files("latentpatch") / "default_data" / "pairs.json"))
 
@@ -230,17 +191,10 @@ def _git_commit() -> str | None:
 
 
 # ---- the run ---------------------------------------------------------------------------------
-CELL_COLUMNS = [
-    "pair_id", "experiment", "mode", "component", "layer", "position",
-    "kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery",
-    "pred_answer", "pred_is_clean", "pred_is_corrupted", "act_cos_clean", "act_cos_corr", "act_bias",
-    "clean_correct", "corrupted_correct", "flagged",
-]
-TRAJECTORY_COLUMNS = ["pair_id", "layer", "mode", "position", "act_cos_clean", "act_cos_corr", "act_bias"]
 
 
 def _load_model(config: RunConfig) -> LatentModel:
-    from latentpatch.loading import load_model
+    from latentpatch.model.loading import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -359,7 +313,7 @@ def _set_threads(config: RunConfig, model: LatentModel) -> None:
 def _pick_batch_size(config: RunConfig, model: LatentModel) -> int:
     if config.batch_size == "auto":
         try:
-            from latentpatch.memory import auto_batch_size  # written with the benchmarks
+            from latentpatch.pipeline.memory import auto_batch_size  # written with the benchmarks
 
             return auto_batch_size(model)
         except ImportError:
@@ -535,37 +489,6 @@ def run_experiments(
     return out
 
 
-def assemble(out: Path) -> None:
-    """Per-pair files (in global pair order) -> results/{experiment}.json, cells.parquet,
-    trajectories.parquet, thoughts.json. Needs no model: ``merge`` uses it on shard outputs."""
-    files = sorted((out / "results" / "pairs").glob("[0-9]*.json"))
-    nested: dict[str, dict] = {}
-    cell_rows, traj_rows, thoughts = [], [], {}
-    for f in files:
-        data = json.loads(f.read_text())
-        pid = data["pair_id"]
-        if "thoughts" in data:
-            thoughts[pid] = data["thoughts"]
-        for row in data["cells"]:
-            metrics = {k: v for k, v in row.items() if k not in ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")}
-            nested.setdefault(row["experiment"], {}).setdefault(pid, {}).setdefault(str(row["layer"]), {})[row["key"]] = metrics
-            cell = {c: row.get(c) for c in CELL_COLUMNS}
-            cell["pair_id"] = pid
-            for c in ("act_cos_clean", "act_cos_corr", "act_bias", "pred_answer", "recovery", "kl"):
-                if cell[c] is None:
-                    cell[c] = math.nan
-            cell_rows.append(cell)
-            if row["mode"] in ("chained", "frozen") and "act_positions" in row:
-                for q, cc, cr in zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"]):
-                    traj_rows.append({"pair_id": pid, "layer": row["layer"], "mode": row["mode"], "position": q,
-                                      "act_cos_clean": cc, "act_cos_corr": cr, "act_bias": cc - cr})
-    for name, data in nested.items():
-        write_json(out / "results" / f"{name}.json", data)
-    write_parquet(out / "results" / "cells.parquet", cell_rows, CELL_COLUMNS)
-    write_parquet(out / "results" / "trajectories.parquet", traj_rows, TRAJECTORY_COLUMNS)
-    write_json(out / "results" / "thoughts.json", thoughts)
-
-
 @torch.no_grad()
 def _decoded_thoughts(model: LatentModel, pair: Pair, k: int = 5) -> dict:
     """Top-k tokens of each thought of the clean and the corrupted run (the CODI probe)."""
@@ -578,11 +501,11 @@ def _decoded_thoughts(model: LatentModel, pair: Pair, k: int = 5) -> dict:
 
 def _build_report(out: Path, config: RunConfig) -> None:
     try:
-        from latentpatch.report import build_report
+        from latentpatch.analysis.report import build_report
     except ImportError:
         return
     build_report(out)
     if config.wandb:
-        from latentpatch.wandb_log import log_run
+        from latentpatch.analysis.wandb_log import log_run
 
         log_run(out, project=config.wandb_project)

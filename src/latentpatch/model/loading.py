@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.model import LatentConfig, LatentModel, build_prj
+from latentpatch.model.latent import LatentConfig, LatentModel, build_prj
 
-log = logging.getLogger("latentpatch.loading")
+log = logging.getLogger("latentpatch.model.loading")
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 LATENT_FORMAT = "latentpatch-codi/1"
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")

@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from latentpatch.metrics import AnswerLogits, answer_logit_diff, answer_metrics, cosine, same_number
-from latentpatch.model import LatentModel, Rollout, RolloutState, extract_number
-from latentpatch.sites import COMPONENTS, ActivationHooks, Write
+from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics, cosine, same_number
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
+from latentpatch.model.sites import COMPONENTS, ActivationHooks, Write
 
 DIRECTIONS = ("denoise", "noise")
 REPLACEMENTS = ("source", "zero", "mean", "resample")

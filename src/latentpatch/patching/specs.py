@@ -1,13 +1,13 @@
 """The three experiments of design.md §3, as spec generators over the one engine.
 
-Each function returns the :class:`~latentpatch.engine.PatchSpec` list of one experiment for a
+Each function returns the :class:`~latentpatch.patching.engine.PatchSpec` list of one experiment for a
 model with ``n_layers`` blocks and ``num_latent`` (K) thoughts. Nothing else differs between
 experiments: the engine runs them all the same way.
 """
 
 from __future__ import annotations
 
-from latentpatch.engine import PatchSpec
+from latentpatch.patching.engine import PatchSpec
 
 EXPERIMENTS = ("layer", "position", "iterative")
 

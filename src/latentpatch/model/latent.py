@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from latentpatch.sites import ActivationHooks, Write, transformer_blocks
+from latentpatch.model.sites import ActivationHooks, Write, transformer_blocks
 
 Number = float | int
 
@@ -366,7 +366,7 @@ class LatentModel(nn.Module):
     ) -> Rollout:
         """The real latent rollout of a batch of questions (text) or prompt ids (with separators).
 
-        ``writes`` overwrite sites on the way (see :mod:`latentpatch.sites`); ``record`` keeps
+        ``writes`` overwrite sites on the way (see :mod:`latentpatch.model.sites`); ``record`` keeps
         ``(component, layer)`` activations for every position. ``snapshots``: latent positions
         at which to keep a copy of the state (the KV prefix before that thought), for sweeps.
         """

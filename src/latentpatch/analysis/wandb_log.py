@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from latentpatch import stats as st
+from latentpatch.analysis import stats as st
 from latentpatch.errors import LatentPatchError
 
 DEFAULT_PROJECT = "latentpatch"
@@ -78,7 +78,7 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
     fig_dir = run_dir / "figures"
     pngs = sorted(fig_dir.glob("*.png")) if fig_dir.is_dir() else []
     if not pngs:
-        from latentpatch.figures import make_figures
+        from latentpatch.analysis.figures import make_figures
 
         used = st.select_pairs(cells, exclude_flagged)
         make_figures(run_dir, summary, used, st.load_trajectories(run_dir), formats=("png",))

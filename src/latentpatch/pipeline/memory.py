@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from latentpatch.model import LatentModel
+from latentpatch.model.latent import LatentModel
 
 #: Copies of a row's KV cache alive at the peak (sweep fork, scoring/decoding fork, cat transient).
 KV_COPIES = 3

@@ -20,10 +20,10 @@ from typing import Sequence
 
 import torch
 
-from latentpatch.engine import PairBaseline, PatchSpec, ValueFn, own_values, sweep_fast, sweep_reference
-from latentpatch.metrics import same_number
-from latentpatch.model import LatentModel, extract_number
-from latentpatch.sites import Write
+from latentpatch.patching.engine import PairBaseline, PatchSpec, ValueFn, own_values, sweep_fast, sweep_reference
+from latentpatch.patching.metrics import same_number
+from latentpatch.model.latent import LatentModel, extract_number
+from latentpatch.model.sites import Write
 
 COMPARED = ("kl", "logit_l2", "answer_logit_diff", "answer_logprob_diff", "pred_change_rate")
 

@@ -313,12 +313,12 @@ def corrupt(problem: Problem, rng: random.Random) -> Optional[Problem]:
 
 
 def generate_pairs(n: int, seed: int = 0) -> list:
-    """``n`` clean/corrupted :class:`latentpatch.pairs.Pair` objects, deterministic in ``seed``.
+    """``n`` clean/corrupted :class:`latentpatch.data.pairs.Pair` objects, deterministic in ``seed``.
 
     ``extra`` of each variant holds ``program``, ``cot``, ``template`` and ``changed``
     (the one question number changed: ``{"param", "from", "to"}``).
     """
-    from latentpatch.pairs import Pair, Variant
+    from latentpatch.data.pairs import Pair, Variant
 
     rng = random.Random(seed)
     pairs = []

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from latentpatch import stats as st
+from latentpatch.analysis import stats as st
 from latentpatch.errors import LatentPatchError
-from latentpatch.figures import HEATMAP_METRICS, _heatmap, _norm, _save
-from latentpatch.report import CSS, _e, embed_png, fmt, table
+from latentpatch.analysis.figures import HEATMAP_METRICS, _heatmap, _norm, _save
+from latentpatch.analysis.report import CSS, _e, embed_png, fmt, table
 
 GROUP = ["experiment", "mode", "component"]
 

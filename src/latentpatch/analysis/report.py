@@ -1,7 +1,7 @@
 """``report.html``: one self-contained page per run, rebuilt from the results alone (no model).
 
 :func:`build_report` reads the run directory (docs/ARCHITECTURE.md), recomputes the statistics
-(:mod:`latentpatch.stats`) and the figures (:mod:`latentpatch.figures`) and writes
+(:mod:`latentpatch.analysis.stats`) and the figures (:mod:`latentpatch.analysis.figures`) and writes
 ``RUN_DIR/report.html``. Figures are embedded as base64 PNG; the page loads nothing from the
 network. Section ids (for links and tests) are in :data:`SECTIONS`.
 """
@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-from latentpatch import figures as figs
-from latentpatch import stats as st
+from latentpatch.analysis import figures as figs
+from latentpatch.analysis import stats as st
 from latentpatch.errors import LatentPatchError
 
 #: (id, heading) of every section of the page, in order.

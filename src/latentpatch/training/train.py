@@ -266,7 +266,7 @@ def _pad(seqs, value, left=False):
 
 
 def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
-    from latentpatch.synthetic import _run_program
+    from latentpatch.data.synthetic import _run_program
 
     prefix = codec.encode(ANSWER_PREFIX)
     t_ids, t_lab, t_dis, q_ids, a_ids, a_lab, a_dis, lat = [], [], [], [], [], [], [], []
@@ -470,9 +470,9 @@ def load_trained(path):
 def training_pool(cfg: TrainConfig):
     """``generate_problems(train_pool, data_seed)`` without the questions of the shipped default
     pairs, so that ``eval`` measures the pairs on questions the model never saw."""
-    from latentpatch.pairs import load_pairs
-    from latentpatch.runs import default_pairs_path
-    from latentpatch.synthetic import generate_problems
+    from latentpatch.data.pairs import load_pairs
+    from latentpatch.pipeline.run import default_pairs_path
+    from latentpatch.data.synthetic import generate_problems
 
     held_out = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}
     return [p for p in generate_problems(cfg.train_pool, cfg.data_seed) if normalize_question(p.question) not in held_out]

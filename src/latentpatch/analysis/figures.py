@@ -2,7 +2,7 @@
 
 Uses matplotlib's object API (:class:`matplotlib.figure.Figure`, Agg canvas), never pyplot, so
 nothing global (backend, open figures) is touched. Every function takes the tidy tables of
-:mod:`latentpatch.stats` and returns the paths it wrote; a figure whose data the run lacks (e.g.
+:mod:`latentpatch.analysis.stats` and returns the paths it wrote; a figure whose data the run lacks (e.g.
 no position sweep) is skipped, not an error. :func:`make_figures` draws them all.
 
 Files (``<name>.png`` and ``<name>.svg``):
@@ -26,7 +26,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from latentpatch.stats import METRIC_LABELS
+from latentpatch.analysis.stats import METRIC_LABELS
 
 HEATMAP_METRICS = ("kl", "recovery", "answer_logit_diff")
 #: Metrics with a meaningful sign get a diverging map centred at 0; the others a sequential map.
@@ -329,7 +329,7 @@ def make_figures(
 ) -> list[Path]:
     """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.
 
-    ``summary``: :func:`latentpatch.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
+    ``summary``: :func:`latentpatch.analysis.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
     ``cells``: ``results/cells.parquet`` (already filtered if flagged pairs are excluded);
     ``trajectories``: ``results/trajectories.parquet`` or None.
     """

@@ -3,7 +3,7 @@
 Shard i of N runs pairs k with k mod N == i of the filtered, limited pair list and names each
 pair's result file by its global index (``results/pairs/{k:05d}.json``). Merging checks that the
 shards belong together, copies their pair files, writes ``pairs.json`` in global order and a merged
-manifest, then runs the model-free :func:`latentpatch.runs.assemble`: ``results/`` ends up as an
+manifest, then runs the model-free :func:`latentpatch.pipeline.run.assemble`: ``results/`` ends up as an
 unsharded run would write it. See ``docs/scaling.md``.
 """
 
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.pairs import load_pairs, save_pairs
-from latentpatch.runs import GLOBAL_REPLACEMENTS, RunConfig, assemble, parse_shard, write_json
+from latentpatch.data.pairs import load_pairs, save_pairs
+from latentpatch.pipeline.run import GLOBAL_REPLACEMENTS, RunConfig, parse_shard
+from latentpatch.rundir import assemble, write_json
 
 #: Manifest config keys that may differ between shards of one run.
 FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
@@ -186,7 +187,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
     manifest.pop("previous_timings", None)
     write_json(out / "manifest.json", manifest)
     if report:
-        from latentpatch.report import build_report
+        from latentpatch.analysis.report import build_report
 
         build_report(out)
     return out

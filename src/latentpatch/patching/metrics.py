@@ -3,7 +3,7 @@
 Every answer string is ``answer_prefix + number``; its *answer positions* are the positions whose
 next-token distribution predicts a token of the number (the first is the last prefix position).
 Logits come in as ``[len, V]`` tensors where row j predicts token j of the string
-(see :meth:`latentpatch.model.LatentModel.score`). All arithmetic is in fp32.
+(see :meth:`latentpatch.model.latent.LatentModel.score`). All arithmetic is in fp32.
 
 Names (used as keys everywhere: JSON, parquet, stats):
 

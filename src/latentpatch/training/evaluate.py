@@ -1,6 +1,6 @@
 """``latentpatch eval``: quality of a CODI model on held-out synthetic problems and on pairs.
 
-Numbers are measured with the tool's own rollout (:class:`latentpatch.model.LatentModel`):
+Numbers are measured with the tool's own rollout (:class:`latentpatch.model.latent.LatentModel`):
 
 * ``accuracy``: greedy answer == ground truth on ``n`` held-out problems (seed distinct from the
   training data; questions that occur in the training pool are skipped and replaced).
@@ -23,8 +23,8 @@ import torch
 
 from latentpatch.errors import LatentPatchError
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-DEFAULT_PAIRS = Path(__file__).parent / "default_data" / "pairs.json"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
+DEFAULT_PAIRS = Path(__file__).resolve().parents[1] / "default_data" / "pairs.json"
 
 
 def resolve_model_dir(spec: str | Path) -> Path:
@@ -37,10 +37,10 @@ def resolve_model_dir(spec: str | Path) -> Path:
 
 
 def load_latent_model(spec: str | Path):
-    """A :class:`LatentModel` for ``spec``: via ``latentpatch.loading.load_model`` when available,
-    else built from a directory written by :func:`latentpatch.train.save_model`."""
+    """A :class:`LatentModel` for ``spec``: via ``latentpatch.model.loading.load_model`` when available,
+    else built from a directory written by :func:`latentpatch.training.train.save_model`."""
     try:
-        from latentpatch.loading import load_model  # the project's strict loader
+        from latentpatch.model.loading import load_model  # the project's strict loader
     except ImportError:
         load_model = None
     if load_model is not None:
@@ -51,8 +51,8 @@ def load_latent_model(spec: str | Path):
 def load_own_dir(path: Path):
     from transformers import AutoTokenizer
 
-    from latentpatch.model import LatentConfig, LatentModel
-    from latentpatch.train import load_trained
+    from latentpatch.model.latent import LatentConfig, LatentModel
+    from latentpatch.training.train import load_trained
 
     model, _, meta = load_trained(path)
     cfg = LatentConfig(
@@ -72,13 +72,13 @@ def _training_questions(model_dir: Optional[Path]) -> set:
     tr = json.loads((model_dir / "latentpatch.json").read_text()).get("training") or {}
     if "data_seed" not in tr or "train_pool" not in tr:
         return set()
-    from latentpatch.train import TrainConfig, training_pool
+    from latentpatch.training.train import TrainConfig, training_pool
 
     return {p.question for p in training_pool(TrainConfig(train_pool=int(tr["train_pool"]), data_seed=int(tr["data_seed"])))}
 
 
 def held_out_problems(n: int, seed: int, exclude: set) -> list:
-    from latentpatch.synthetic import problem_stream
+    from latentpatch.data.synthetic import problem_stream
 
     out, seen = [], set()
     for p in problem_stream(seed):
@@ -146,7 +146,7 @@ def evaluate(model: str | Path = "default", n: int = 1000, seed: int = 12345,
         c[0] += _correct(pr, p.answer)
         c[1] += 1
 
-    from latentpatch.pairs import load_pairs
+    from latentpatch.data.pairs import load_pairs
 
     ppath = Path(pairs_path) if pairs_path else DEFAULT_PAIRS
     if not ppath.exists():
