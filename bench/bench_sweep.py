@@ -42,8 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latentpatch.patching.engine import EngineConfig, prepare_pair, record_run, replacement_values, sweep_fast, sweep_reference  # noqa: E402
-from latentpatch.patching.specs import position_specs  # noqa: E402
+from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
+from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
+from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402
 from latentpatch.pipeline.memory import auto_batch_size, working_set_bytes  # noqa: E402
 from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noqa: E402
 

@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_text_model
-from latentpatch.patching.engine import (
-    EngineConfig, PatchSpec, mean_activations, own_values, prepare_pair, record_run, replacement_values,
-    resample_partner, sweep_fast, sweep_reference,
+from latentpatch.patching.baselines import (
+    PairBaseline, mean_activations, own_values, prepare_pair, record_run, replacement_values, resample_partner,
 )
-from latentpatch.patching.specs import iterative_specs, layer_specs, position_specs
+from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.specs import (
+    EngineConfig, PatchSpec, experiment_specs, iterative_specs, layer_specs, position_specs,
+)
 from latentpatch.model.sites import Write
 
 FAMILIES = ["llama", "gpt2"]
@@ -235,3 +237,32 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
             else:
                 changed += 1
     assert changed > 0 and kept > 0, (changed, kept)
+
+
+def test_specs_and_config_validate_their_names():
+    with pytest.raises(ValueError):
+        EngineConfig(direction="sideways")
+    with pytest.raises(ValueError):
+        EngineConfig(replacement="noise")
+    with pytest.raises(ValueError):
+        experiment_specs("attention", 2, 3)
+    assert experiment_specs("layer", 2, 3) == layer_specs(2, 3)
+
+
+def test_equal_computations_are_run_once_and_copied():
+    """A spec repeated (e.g. iterative ``parallel`` = the layer cell) gets equal but separate dicts."""
+    m = tiny_text_model("llama")
+    base = baselines(m)[0]
+    layer = layer_specs(m.n_layers, m.num_latent)[1]
+    parallel = PatchSpec("iterative", "parallel", layer.component, layer.layer, layer.positions, -1)
+    a, b = sweep_fast(m, base, [layer, parallel], replacement_values(base, EngineConfig()))
+    assert a == b and a is not b
+
+
+def test_sweep_needs_prepared_baselines():
+    m = tiny_text_model("llama")
+    prepared = baselines(m)[0]
+    raw = PairBaseline("raw", prepared.clean_answer, prepared.corrupted_answer, prepared.clean, prepared.corrupted)
+    spec = layer_specs(m.n_layers, m.num_latent)[0]
+    with pytest.raises(ValueError, match="prepare_pair"):
+        sweep_fast(m, raw, [spec], own_values(raw))

@@ -28,7 +28,7 @@ _LAZY = {
     "load_model": "latentpatch.model.loading",
     "LatentModel": "latentpatch.model.latent",
     "Write": "latentpatch.model.sites",
-    "PatchSpec": "latentpatch.patching.engine",
+    "PatchSpec": "latentpatch.patching.specs",
     "sweep_fast": "latentpatch.patching.engine",
     "RunConfig": "latentpatch.pipeline.run",
     "run_experiments": "latentpatch.pipeline.run",

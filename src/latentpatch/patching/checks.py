@@ -1,4 +1,4 @@
-"""The built-in checks every run makes and reports (design.md §5).
+"""The built-in checks every run makes and reports (docs/method.md, the built-in checks).
 
 Each check returns ``{"passed": bool, "value": float, "threshold": float, "detail": str, ...}``.
 
@@ -16,24 +16,29 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from latentpatch.patching.engine import PairBaseline, PatchSpec, ValueFn, own_values, sweep_fast, sweep_reference
-from latentpatch.patching.metrics import same_number
 from latentpatch.model.latent import LatentModel, extract_number
 from latentpatch.model.sites import Write
+from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values
+from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.metrics import same_number
+from latentpatch.patching.specs import PatchSpec
 
+#: The metrics check 4 compares (continuous ones: the greedy answer is compared by the tests).
 COMPARED = ("kl", "logit_l2", "answer_logit_diff", "answer_logprob_diff", "pred_change_rate")
 
 
 def _tolerance(model: LatentModel, fp32: float) -> float:
+    """``fp32`` (float noise of reordered fp32 matmuls) for fp32 models, else a bf16/fp16 tolerance."""
     # bf16 has ~3 significant digits: batched vs unbatched matmuls legitimately differ more.
     return fp32 if model.dtype == torch.float32 else 5e-2
 
 
 def check_identity(model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], n_pairs: int = 2) -> dict:
+    """Check 1: each spec patched with the target's own activations, on the first ``n_pairs`` pairs."""
     worst = 0.0
     used = list(bases[:n_pairs])
     for base in used:
@@ -46,6 +51,7 @@ def check_identity(model: LatentModel, bases: Sequence[PairBaseline], specs: Seq
 
 @torch.no_grad()
 def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) -> dict:
+    """Check 2: the whole residual stream from the source run reproduces the source's answer logits."""
     worst, covered = 0.0, 0
     for base in bases:
         src, tgt = base.source.prompt, base.target.prompt
@@ -53,6 +59,7 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
             continue
         covered += 1
         s = model.rollout([src], record=[("resid_pre", 0)])
+        assert s.hooks is not None  # rollout always returns the hooks it ran with
         act = s.hooks.recorded("resid_pre", 0)[0]  # [T_total, d]: prompt, thoughts, [EOT]
         writes = [Write("resid_pre", 0, torch.tensor([pos], device=model.device), torch.tensor([True], device=model.device), act[pos][None])
                   for pos in range(act.shape[0])]
@@ -66,6 +73,7 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
 
 @torch.no_grad()
 def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch: int = 16) -> dict:
+    """Check 3: the thoughts carry information (clean != corrupted; zeroing them changes answers)."""
     diffs = [float((b.clean.thoughts.float() - b.corrupted.thoughts.float()).abs().max()) for b in bases]
     runs = [(b.clean, b.clean_answer) for b in bases] + [(b.corrupted, b.corrupted_answer) for b in bases]
     changed, correct_ablated = 0, 0
@@ -91,9 +99,14 @@ def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch
 
 
 def check_engine_reference(
-    model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], values_for, batch_size: int,
+    model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec],
+    values_for: Callable[[int], ValueFn], batch_size: int,
     n_cells: int = 8, seed: int = 0,
 ) -> dict:
+    """Check 4: ``n_cells`` seeded random cells over two pairs, :func:`sweep_fast` vs :func:`sweep_reference`.
+
+    ``values_for(i)``: the replacement values of pair ``bases[i]`` (as the run uses them).
+    """
     rng = random.Random(seed)
     worst, compared = 0.0, 0
     pairs = rng.sample(range(len(bases)), min(2, len(bases)))

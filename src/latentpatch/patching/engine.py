@@ -1,177 +1,34 @@
-"""The patching engine: one mechanism behind every experiment (design.md §2, §3, §6).
+"""The patching engine: one mechanism behind every experiment (docs/method.md, the experiments).
 
-A :class:`PatchSpec` says *which* sites are overwritten (a component, one layer, a set of latent
-positions) and how the rest of the rollout behaves (``frozen``: later thoughts' input embeddings
-are held at the target run's values, cutting the recurrent path). The run-level
-:class:`EngineConfig` says with *what* (``replacement``) and in which ``direction``.
+Contract: given a pair's baselines (:mod:`latentpatch.patching.baselines`), a list of
+:class:`~latentpatch.patching.specs.PatchSpec` and a :data:`~latentpatch.patching.baselines.ValueFn`,
+a sweep returns one metric dict per spec, in order (keys: :func:`latentpatch.patching.metrics.answer_metrics`,
+plus ``answer_ids`` and, for tracked specs, the ``act_*`` similarities). Two engines compute the same
+numbers:
 
-Two engines compute the same numbers:
-
-- ``fast`` (default): a patch whose earliest site is latent position p leaves every position
-  before p as in the target baseline, so the target's KV cache up to p is computed once per pair
-  and shared: specs are sorted by p, and each chunk of ``batch_size`` specs is one batched
-  continuation from the cached prefix before the chunk's smallest p (the cache repeated along
-  the batch).
-- ``reference``: one full rollout per spec with hooks. Used for design.md §5 check 4 and benchmarks.
-
-Per pair, :func:`prepare_pair` runs the clean and corrupted baselines once and keeps their latent
-activations ([n_layers, K, d] per component), greedy answers and teacher-forced answer logits.
+- :func:`sweep_fast` (default): a patch whose earliest site is latent position p leaves every
+  position before p as in the target baseline, so the target's KV cache up to p is computed once per
+  pair and shared: specs are sorted by p, and each chunk of ``batch_size`` specs is one batched
+  continuation from the cached prefix before the chunk's smallest p (the cache repeated along the
+  batch). Only the cells whose answer changed are greedy-decoded step by step.
+- :func:`sweep_reference`: one full hooked rollout per spec and plain greedy decoding of every
+  cell. Used by the engine-vs-reference check (:func:`latentpatch.patching.checks.check_engine_reference`)
+  and the benchmarks.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics, cosine, same_number
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
-from latentpatch.model.sites import COMPONENTS, ActivationHooks, Write
-
-DIRECTIONS = ("denoise", "noise")
-REPLACEMENTS = ("source", "zero", "mean", "resample")
-
-
-@dataclass(frozen=True)
-class PatchSpec:
-    """One patch: overwrite ``component`` at ``layer`` at every latent position in ``positions``.
-
-    ``experiment``/``mode``/``index`` only label the result (``index`` = the position shown in
-    tables: -1 for "all latent positions", p for a single position, n for cumulative S_n).
-    ``frozen``: after the first patched position, feed the target's own thoughts (no recurrence).
-    ``track``: record the regenerated activation at ``layer`` at every later latent position.
-    """
-
-    experiment: str
-    mode: str
-    component: str
-    layer: int
-    positions: tuple[int, ...]
-    index: int
-    frozen: bool = False
-    track: bool = False
-
-    @property
-    def start(self) -> int:
-        return min(self.positions)
-
-    @property
-    def key(self) -> str:
-        """The innermost key of ``results[pair_id][layer][key]``."""
-        if self.mode == "all":
-            return "all"
-        if self.mode == "single":
-            return str(self.index)
-        if self.mode == "cumulative":
-            return f"cumulative_{self.index}"
-        return self.mode
-
-    @property
-    def computation(self) -> tuple:
-        """Specs with equal ``computation`` give identical patched runs (computed once)."""
-        return (self.component, self.layer, self.positions, self.frozen)
-
-
-@dataclass
-class EngineConfig:
-    direction: str = "denoise"
-    replacement: str = "source"
-    batch_size: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}")
-        if self.replacement not in REPLACEMENTS:
-            raise ValueError(f"replacement must be one of {REPLACEMENTS}")
-
-
-@dataclass
-class RunRecord:
-    """What a sweep needs from one unpatched run of one question.
-
-    ``acts[component]``: [n_layers, K, d] activations at the latent positions; ``answer_ids``:
-    its greedy answer; ``pred``: the number in it (None if none).
-    """
-
-    prompt: list[int]
-    thoughts: torch.Tensor
-    acts: dict[str, torch.Tensor]
-    answer_ids: list[int]
-    pred: float | None
-
-
-@dataclass
-class PairBaseline:
-    """Clean and corrupted baselines of one pair, and the target/source roles for a direction."""
-
-    pair_id: str
-    clean_answer: float
-    corrupted_answer: float
-    clean: RunRecord
-    corrupted: RunRecord
-    direction: str = "denoise"
-    answers: dict = field(default_factory=dict)  # "base"/"clean"/"corr" -> (ids, number_start)
-    target_logits: AnswerLogits | None = None
-    ld_target: float = math.nan
-    ld_source: float = math.nan
-
-    @property
-    def target(self) -> RunRecord:
-        return self.corrupted if self.direction == "denoise" else self.clean
-
-    @property
-    def source(self) -> RunRecord:
-        return self.clean if self.direction == "denoise" else self.corrupted
-
-    @property
-    def clean_correct(self) -> bool:
-        return same_number(self.clean.pred, self.clean_answer)
-
-    @property
-    def corrupted_correct(self) -> bool:
-        return same_number(self.corrupted.pred, self.corrupted_answer)
-
-
-# ---- baselines -------------------------------------------------------------------------------
-@torch.no_grad()
-def record_run(model: LatentModel, prompt: Sequence[int], components: Sequence[str] = COMPONENTS) -> RunRecord:
-    """Unpatched rollout of one prompt: its latent activations for ``components`` and answer."""
-    keys = [(c, layer) for c in components for layer in range(model.n_layers)]
-    r = model.rollout([list(prompt)], record=keys)
-    lat = slice(r.prompt_len, r.prompt_len + model.num_latent)
-    acts = {c: torch.stack([r.hooks.recorded(c, layer)[0, lat] for layer in range(model.n_layers)]) for c in components}
-    ids = model.generate(r.state, r.answer_logits)[0]
-    pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None
-    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred)
-
-
-def answer_strings(model: LatentModel, base: PairBaseline) -> dict:
-    """``A_base`` (the target baseline's own greedy answer), ``A_clean``, ``A_corr`` as ids."""
-    base_ids = list(base.target.answer_ids) or [model.config.eos_id]
-    return {
-        "base": (base_ids, model.number_start(base_ids)),
-        "clean": model.answer_ids(base.clean_answer),
-        "corr": model.answer_ids(base.corrupted_answer),
-    }
-
-
-def _answer_logits(model: LatentModel, state: RolloutState, first: torch.Tensor, answers: dict, preds: list) -> list[AnswerLogits]:
-    """Teacher-force the three answer strings on every row of ``state``."""
-    conts = [answers["base"][0], answers["clean"][0], answers["corr"][0]]
-    scored = model.score(state, first, [conts] * state.batch_size)
-    return [_as_answer_logits(sc, answers, pred) for sc, pred in zip(scored, preds)]
-
-
-def _as_answer_logits(scored: list[torch.Tensor], answers: dict, pred) -> AnswerLogits:
-    n_base = len(answers["base"][0])
-    return AnswerLogits(scored[0][:n_base], scored[1], scored[2], answers["base"][0], answers["clean"][0],
-                        answers["corr"][0], answers["base"][1], answers["clean"][1], answers["corr"][1], pred)
-
+from latentpatch.model.sites import ActivationHooks, Write
+from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
+from latentpatch.patching.metrics import AnswerLogits, answer_metrics, cosine
+from latentpatch.patching.specs import PatchSpec
 
 #: A teacher-forced argmax stands in for a greedy step only when it wins by more than this many
 #: logits (fp32), so float noise between one forward over a string and step-by-step decoding
@@ -179,130 +36,62 @@ def _as_answer_logits(scored: list[torch.Tensor], answers: dict, pred) -> Answer
 GREEDY_MARGIN = 1e-3
 
 
+# ---- answers of a patched rollout ------------------------------------------------------------
 def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` predicts ``seq[j]``."""
+    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` ([len, V]) predicts ``seq[j]``."""
     cfg = model.config
     logits = logits.clone()
+    # the special ids generate() never emits
     banned = [i for i in {cfg.pad_id, cfg.bot_id, cfg.eot_id} if i is not None and 0 <= i < logits.shape[-1]]
     logits[:, banned] = float("-inf")
-    top = logits.topk(2, dim=-1)
+    top = logits.topk(2, dim=-1)  # values/indices [len, 2]
     ids = torch.tensor(seq, device=logits.device)
     return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())
 
 
-def _score_and_generate(model: LatentModel, base: PairBaseline, state: RolloutState, first: torch.Tensor):
+def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
+    return extract_number(model.decode(ids)) if model.tokenizer is not None else None
+
+
+def _score_and_generate(
+    model: LatentModel, base: PairBaseline, state: RolloutState, first: torch.Tensor,
+) -> tuple[list[list[int]], list[AnswerLogits]]:
     """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
 
-    ``A_base`` is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce
-    ``A_base`` + [EOS] would decode exactly ``A_base`` greedily, so only the other rows (the
-    patches that changed the answer) are decoded step by step.
+    ``first``: [B, V] logits of the first answer token. ``A_base`` is scored with its closing
+    [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` + [EOS] would decode exactly
+    ``A_base`` greedily, so only the other rows (the patches that changed the answer) are decoded
+    step by step.
     """
-    eos = model.config.eos_id
     greedy_base = list(base.target.answer_ids)
-    answers = dict(base.answers)
-    base_scored = greedy_base + [eos]
-    conts = [base_scored, answers["clean"][0], answers["corr"][0]]
-    scored = model.score(state, first, [conts] * state.batch_size)
-    gen: list[list[int] | None] = [list(greedy_base) if _reproduces_greedy(model, sc[0], base_scored) else None
-                                   for sc in scored]
-    rest = [b for b, g in enumerate(gen) if g is None]
+    base_scored = greedy_base + [model.config.eos_id]
+    conts = [base_scored, base.answers["clean"][0], base.answers["corr"][0]]
+    scored = model.score(state, first, [conts] * state.batch_size)  # [B][3] x [len, V]
+    reproduced = [_reproduces_greedy(model, sc[0], base_scored) for sc in scored]
+    gen = [list(greedy_base) if ok else [] for ok in reproduced]
+    rest = [b for b, ok in enumerate(reproduced) if not ok]
     if rest:
         rows = torch.tensor(rest, device=first.device)
         for b, ids in zip(rest, model.generate(state.fork(rows=rows), first[rows])):
             gen[b] = ids
-    preds = [extract_number(model.decode(ids)) if model.tokenizer is not None else None for ids in gen]
-    return gen, [_as_answer_logits(sc, answers, pred) for sc, pred in zip(scored, preds)]
+    preds = [_decode_number(model, ids) for ids in gen]
+    return gen, [to_answer_logits(sc, base.answers, pred) for sc, pred in zip(scored, preds)]
 
 
-@torch.no_grad()
-def prepare_pair(
-    model: LatentModel,
-    pair_id: str,
-    clean: RunRecord,
-    corrupted: RunRecord,
-    clean_answer: float,
-    corrupted_answer: float,
-    direction: str = "denoise",
-) -> PairBaseline:
-    """Baseline metrics of a pair: the target's unpatched answer logits, LD_target, LD_source."""
-    base = PairBaseline(pair_id, float(clean_answer), float(corrupted_answer), clean, corrupted, direction)
-    base.answers = answer_strings(model, base)
-    logits = {}
-    for role, rec in (("target", base.target), ("source", base.source)):
-        r = model.rollout([rec.prompt])
-        logits[role] = _answer_logits(model, r.state, r.answer_logits, base.answers, [rec.pred])[0]
-    base.target_logits = logits["target"]
-    base.ld_target = answer_logit_diff(logits["target"])
-    base.ld_source = answer_logit_diff(logits["source"])
-    return base
-
-
-# ---- replacement values ----------------------------------------------------------------------
-ValueFn = Callable[[PatchSpec], torch.Tensor]
-
-
-def replacement_values(
-    base: PairBaseline,
-    config: EngineConfig,
-    mean_acts: dict[str, torch.Tensor] | None = None,
-    resample_from: PairBaseline | None = None,
-) -> ValueFn:
-    """``spec -> [len(spec.positions), d]``: the values written at the spec's sites."""
-
-    def values(spec: PatchSpec) -> torch.Tensor:
-        pos = list(spec.positions)
-        if config.replacement == "source":
-            return base.source.acts[spec.component][spec.layer, pos]
-        if config.replacement == "zero":
-            return torch.zeros_like(base.source.acts[spec.component][spec.layer, pos])
-        if config.replacement == "mean":
-            if mean_acts is None:
-                raise ValueError("replacement 'mean' needs dataset mean activations")
-            return mean_acts[spec.component][spec.layer, pos]
-        if resample_from is None:
-            raise ValueError("replacement 'resample' needs another pair")
-        return resample_from.source.acts[spec.component][spec.layer, pos]
-
-    return values
-
-
-def own_values(base: PairBaseline) -> ValueFn:
-    """The target's own activations: the identity check (design.md §5.1)."""
-    return lambda spec: base.target.acts[spec.component][spec.layer, list(spec.positions)]
-
-
-def mean_activations(bases: Sequence[PairBaseline]) -> dict[str, torch.Tensor]:
-    """Dataset mean of the *source* runs' latent activations, per component: [n_layers, K, d]."""
-    comps = bases[0].source.acts.keys()
-    return {c: torch.stack([b.source.acts[c].float() for b in bases]).mean(0).to(bases[0].source.acts[c].dtype) for c in comps}
-
-
-def resample_partner(n: int, seed: int) -> list[int]:
-    """A seeded derangement: pair i takes its resampled values from pair ``partner[i] != i``."""
-    if n < 2:
-        return list(range(n))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    partner = [0] * n
-    for k in range(n):  # a cycle through a random order has no fixed point
-        partner[order[k]] = order[(k + 1) % n]
-    return partner
-
-
-# ---- the sweeps ------------------------------------------------------------------------------
-def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, device) -> list[Write]:
-    """One :class:`Write` per (component, layer, position), with a row mask over the chunk."""
+# ---- the patch as hooks ----------------------------------------------------------------------
+def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, device: torch.device) -> list[Write]:
+    """One :class:`Write` per (component, layer, position), with a row mask over the chunk (row = spec)."""
     grouped: dict[tuple[str, int, int], dict[int, torch.Tensor]] = defaultdict(dict)
     for row, spec in enumerate(specs):
-        vals = values(spec)
+        vals = values(spec)  # [len(positions), d]
         for i, q in enumerate(spec.positions):
             grouped[(spec.component, spec.layer, q)][row] = vals[i]
     writes = []
     B = len(specs)
     for (component, layer, q), rows in grouped.items():
         d = next(iter(rows.values())).shape[-1]
-        value = torch.zeros(B, d, dtype=next(iter(rows.values())).dtype, device=device)
-        mask = torch.zeros(B, dtype=torch.bool, device=device)
+        value = torch.zeros(B, d, dtype=next(iter(rows.values())).dtype, device=device)  # [B, d]
+        mask = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
         for row, v in rows.items():
             value[row] = v.to(device)
             mask[row] = True
@@ -310,8 +99,11 @@ def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, de
     return writes
 
 
-def _freeze(specs: Sequence[PatchSpec], target_thoughts: torch.Tensor, K: int):
-    """Override tensors for frozen specs: later thoughts fed from the target run."""
+def _freeze(
+    specs: Sequence[PatchSpec], target_thoughts: torch.Tensor, K: int,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Thought overrides for frozen specs: (``[B, K, d]`` target thoughts, ``[B, K]`` mask of the
+    positions after the patch), or (None, None) when no spec is frozen. ``target_thoughts``: [K, d]."""
     if not any(s.frozen for s in specs):
         return None, None
     B = len(specs)
@@ -322,19 +114,41 @@ def _freeze(specs: Sequence[PatchSpec], target_thoughts: torch.Tensor, K: int):
     return target_thoughts[None].expand(B, -1, -1), mask
 
 
+# ---- metrics per cell ------------------------------------------------------------------------
+def _tracking_metrics(model: LatentModel, base: PairBaseline, spec: PatchSpec, acts: torch.Tensor) -> dict:
+    """Similarity of the regenerated activations ``acts`` ([n_later, d] at latent positions
+    max(positions)+1 .. K-1) to the clean and corrupted runs' activations there."""
+    later = list(range(max(spec.positions) + 1, model.num_latent))
+    clean = base.clean.acts[spec.component][spec.layer, later]  # [n_later, d]
+    corr = base.corrupted.acts[spec.component][spec.layer, later]
+    cc, cr = cosine(acts, clean), cosine(acts, corr)  # [n_later]
+    m: dict = {
+        "act_positions": later,
+        "act_cos_clean_by_position": [float(x) for x in cc],
+        "act_cos_corr_by_position": [float(x) for x in cr],
+        "act_cos_clean": float(cc.mean()) if len(later) else math.nan,
+        "act_cos_corr": float(cr.mean()) if len(later) else math.nan,
+    }
+    m["act_bias"] = m["act_cos_clean"] - m["act_cos_corr"]
+    return m
+
+
 def _cell_results(
     model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], state: RolloutState,
     answer_logits: torch.Tensor, tracked: dict[int, torch.Tensor], decode_all: bool = False,
 ) -> list[dict]:
-    """Metrics for each row of a patched, finished rollout (after [EOT]).
+    """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]``.
 
-    ``decode_all`` (the reference): greedy-decode every row step by step, the plain way, instead
-    of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
+    ``answer_logits``: [B, V]; ``tracked[row]``: [n_later, d] regenerated activations of a tracked
+    spec. ``decode_all`` (the reference): greedy-decode every row step by step, the plain way,
+    instead of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
     """
+    if base.target_logits is None:
+        raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
     if decode_all:
         gen = model.generate(state, answer_logits)
-        preds = [extract_number(model.decode(ids)) if model.tokenizer is not None else None for ids in gen]
-        patched = _answer_logits(model, state, answer_logits, base.answers, preds)
+        preds = [_decode_number(model, ids) for ids in gen]
+        patched = score_answer_strings(model, state, answer_logits, base.answers, preds)
     else:
         gen, patched = _score_and_generate(model, base, state, answer_logits)
     out = []
@@ -343,61 +157,75 @@ def _cell_results(
                            base.clean_answer, base.corrupted_answer)
         m["answer_ids"] = gen[row]
         if spec.track and row in tracked:
-            acts = tracked[row]  # [n_later, d] at positions max(positions)+1 .. K-1
-            later = list(range(max(spec.positions) + 1, model.num_latent))
-            clean = base.clean.acts[spec.component][spec.layer, later]
-            corr = base.corrupted.acts[spec.component][spec.layer, later]
-            cc, cr = cosine(acts, clean), cosine(acts, corr)
-            m["act_positions"] = later
-            m["act_cos_clean_by_position"] = [float(x) for x in cc]
-            m["act_cos_corr_by_position"] = [float(x) for x in cr]
-            m["act_cos_clean"] = float(cc.mean()) if len(later) else math.nan
-            m["act_cos_corr"] = float(cr.mean()) if len(later) else math.nan
-            m["act_bias"] = m["act_cos_clean"] - m["act_cos_corr"]
+            m.update(_tracking_metrics(model, base, spec, tracked[row]))
         out.append(m)
     return out
+
+
+# ---- the sweeps ------------------------------------------------------------------------------
+def _unique_computations(specs: Sequence[PatchSpec]) -> list[PatchSpec]:
+    """One spec per :attr:`PatchSpec.computation` (a tracked one where any is), in first-seen order."""
+    unique: dict[tuple, PatchSpec] = {}
+    for s in specs:
+        u = unique.get(s.computation)
+        unique[s.computation] = s if u is None or s.track else u
+    return list(unique.values())
+
+
+def _sweep_chunk(
+    model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec], values: ValueFn,
+) -> list[dict]:
+    """Metrics of a chunk of specs (sorted by start), as one batched continuation of the target's prefix."""
+    T_q, K = target.prompt_len, model.num_latent
+    start, B = chunk[0].start, len(chunk)
+    state = target.state.fork(length=T_q + start, repeats=B)  # KV cache [B, ..., T_q + start, ...]
+    writes = _writes_for(chunk, values, T_q, model.device)
+    record = sorted({(s.component, s.layer) for s in chunk if s.track})
+    override, mask = _freeze(chunk, target.thoughts[0], K)  # [B, K, d], [B, K] or None
+    with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
+        first = target.thoughts[0, start][None].expand(B, -1)  # [B, d]: the target's thought at start
+        model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
+        end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
+    tracked = {}
+    for row, s in enumerate(chunk):
+        if s.track:
+            acts = hooks.recorded(s.component, s.layer)  # [B, T_new, d], index 0 = absolute T_q + start
+            lo = max(s.positions) + 1 - start
+            tracked[row] = acts[row, lo: K - start]  # [n_later, d]
+    return _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)  # logits [B, V]
 
 
 @torch.no_grad()
 def sweep_fast(
     model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], values: ValueFn, batch_size: int = 64,
-    target: Rollout | None = None,
 ) -> list[dict]:
-    """Metrics for every spec on one pair, sharing the target's KV prefix (design.md §6).
+    """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md).
 
     Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
-    per spec, in order.
+    per spec, in order; ``batch_size`` patches run as one batch.
+
+    >>> from latentpatch.data.synthetic import generate_pairs
+    >>> from latentpatch.model.loading import load_model
+    >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+    >>> from latentpatch.patching.specs import EngineConfig, layer_specs
+    >>> model = load_model("default")
+    >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31
+    >>> clean, corrupted = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+    >>> base = prepare_pair(model, pair.pair_id, clean, corrupted, pair.clean.answer, pair.corrupted.answer)
+    >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
+    >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
+    >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
+    [(31.0, 0.31), (31.0, 0.24)]
     """
-    target = target or model.rollout([base.target.prompt])
-    T_q, K = target.prompt_len, model.num_latent
-    unique: dict[tuple, PatchSpec] = {}
-    for s in specs:
-        u = unique.get(s.computation)
-        unique[s.computation] = s if u is None or s.track else u
+    target = model.rollout([base.target.prompt])
     # Chunks of batch_size specs in order of their first patched position; a chunk continues from
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).
-    ordered = sorted(unique.values(), key=lambda s: s.start)
+    ordered = sorted(_unique_computations(specs), key=lambda s: s.start)
     results: dict[tuple, dict] = {}
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i: i + batch_size]
-        start, B = chunk[0].start, len(chunk)
-        state = target.state.fork(length=T_q + start, repeats=B)
-        writes = _writes_for(chunk, values, T_q, model.device)
-        record = sorted({(s.component, s.layer) for s in chunk if s.track})
-        override, mask = _freeze(chunk, target.thoughts[0], K)
-        with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
-            first = target.thoughts[0, start][None].expand(B, -1)
-            model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
-            end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
-        tracked = {}
-        for row, s in enumerate(chunk):
-            if s.track:
-                acts = hooks.recorded(s.component, s.layer)  # from index T_q + start
-                lo = max(s.positions) + 1 - start
-                tracked[row] = acts[row, lo: K - start]
-        cells = _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)
-        for s, cell in zip(chunk, cells):
+        for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values)):
             results[s.computation] = cell
     return [dict(results[s.computation]) for s in specs]
 
@@ -413,10 +241,12 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         writes = _writes_for([spec], values, T_q, model.device)
         override, mask = _freeze([spec], base.target.thoughts, K)
         record = [(spec.component, spec.layer)] if spec.track else []
-        r = model.rollout([base.target.prompt], writes=writes, record=record, thought_override=override, override_mask=mask)
+        r = model.rollout([base.target.prompt], writes=writes, record=record, thought_override=override,
+                          override_mask=mask)
         tracked = {}
         if spec.track:
-            acts = r.hooks.recorded(spec.component, spec.layer)[0]
-            tracked[0] = acts[T_q + max(spec.positions) + 1: T_q + K]
+            assert r.hooks is not None  # rollout always returns the hooks it ran with
+            acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
+            tracked[0] = acts[T_q + max(spec.positions) + 1: T_q + K]  # [n_later, d]
         out.extend(_cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True))
     return out

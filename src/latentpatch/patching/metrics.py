@@ -1,4 +1,4 @@
-"""Answer metrics of design.md §4, from teacher-forced logits.
+"""Answer metrics (docs/method.md, the metrics), from teacher-forced logits.
 
 Every answer string is ``answer_prefix + number``; its *answer positions* are the positions whose
 next-token distribution predicts a token of the number (the first is the last prefix position).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def answer_logprob_diff(a: AnswerLogits) -> float:
     return float(_token_logprobs(a.clean, a.clean_ids, a.clean_start).sum() - _token_logprobs(a.corr, a.corr_ids, a.corr_start).sum())
 
 
-def distribution_shift(patched: torch.Tensor, baseline: torch.Tensor, start: int) -> dict[str, float]:
+def distribution_shift(patched: torch.Tensor, baseline: torch.Tensor, start: int) -> dict[str, float | list[float]]:
     """KL, logit RMS and argmax-change rate over the answer positions of ``A_base``.
 
     ``patched``/``baseline``: [len, V] logits teacher-forced on the same string ``A_base``.
@@ -117,9 +118,9 @@ def answer_metrics(
     ld_source: float,
     clean_answer: float,
     corrupted_answer: float,
-) -> dict:
+) -> dict[str, Any]:
     """Every answer metric of one patched run against the target's baseline run."""
-    out = distribution_shift(patched.base, baseline.base, baseline.base_start)
+    out: dict[str, Any] = distribution_shift(patched.base, baseline.base, baseline.base_start)
     ld = answer_logit_diff(patched)
     out["answer_logit_diff"] = ld
     out["answer_logprob_diff"] = answer_logprob_diff(patched)

@@ -1,15 +1,81 @@
-"""The three experiments of design.md §3, as spec generators over the one engine.
+"""What an experiment is: the patches it makes (:class:`PatchSpec`) and what they write (:class:`EngineConfig`).
 
-Each function returns the :class:`~latentpatch.patching.engine.PatchSpec` list of one experiment for a
-model with ``n_layers`` blocks and ``num_latent`` (K) thoughts. Nothing else differs between
-experiments: the engine runs them all the same way.
+This is the one place that defines an experiment (docs/method.md, the experiments). A
+:class:`PatchSpec` says *which* sites one patch overwrites (a component, one layer, a set of latent
+positions) and how the rest of the rollout behaves (``frozen``); the run-level
+:class:`EngineConfig` says with *what* (``replacement``) and in which ``direction``.
+
+Each experiment is a spec generator: :func:`layer_specs`, :func:`position_specs` and
+:func:`iterative_specs` return the spec list of one experiment for a model with ``n_layers`` blocks
+and ``num_latent`` (K) thoughts. Nothing else differs between experiments: the engine
+(:mod:`latentpatch.patching.engine`) runs every spec the same way.
 """
 
 from __future__ import annotations
 
-from latentpatch.patching.engine import PatchSpec
+from dataclasses import dataclass
+from typing import Callable
 
+DIRECTIONS = ("denoise", "noise")
+REPLACEMENTS = ("source", "zero", "mean", "resample")
 EXPERIMENTS = ("layer", "position", "iterative")
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """One patch: overwrite ``component`` at ``layer`` at every latent position in ``positions``.
+
+    ``experiment``/``mode``/``index`` only label the result (``index`` = the position shown in
+    tables: -1 for "all latent positions", p for a single position, n for cumulative S_n).
+    ``frozen``: after the last patched position, feed the target's own thoughts (no recurrence).
+    ``track``: record the regenerated activation at ``layer`` at every later latent position.
+    """
+
+    experiment: str
+    mode: str
+    component: str
+    layer: int
+    positions: tuple[int, ...]
+    index: int
+    frozen: bool = False
+    track: bool = False
+
+    @property
+    def start(self) -> int:
+        """The earliest patched latent position: everything before it is the target's baseline."""
+        return min(self.positions)
+
+    @property
+    def key(self) -> str:
+        """The innermost key of ``results[pair_id][layer][key]``."""
+        if self.mode == "all":
+            return "all"
+        if self.mode == "single":
+            return str(self.index)
+        if self.mode == "cumulative":
+            return f"cumulative_{self.index}"
+        return self.mode
+
+    @property
+    def computation(self) -> tuple[str, int, tuple[int, ...], bool]:
+        """Specs with equal ``computation`` give identical patched runs (computed once)."""
+        return (self.component, self.layer, self.positions, self.frozen)
+
+
+@dataclass
+class EngineConfig:
+    """Run-level patch settings: ``direction`` picks the target/source roles of a pair
+    (``denoise``: patch clean values into the corrupted run; ``noise``: the reverse) and
+    ``replacement`` the values written (see :func:`latentpatch.patching.baselines.replacement_values`)."""
+
+    direction: str = "denoise"
+    replacement: str = "source"
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}")
+        if self.replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement must be one of {REPLACEMENTS}")
 
 
 def layer_specs(n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
@@ -45,7 +111,10 @@ def iterative_specs(n_layers: int, num_latent: int, component: str = "resid_out"
 
 
 def experiment_specs(name: str, n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
-    generators = {"layer": layer_specs, "position": position_specs, "iterative": iterative_specs}
+    """The spec list of the experiment called ``name`` (one of :data:`EXPERIMENTS`)."""
+    generators: dict[str, Callable[[int, int, str], list[PatchSpec]]] = {
+        "layer": layer_specs, "position": position_specs, "iterative": iterative_specs,
+    }
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
     return generators[name](n_layers, num_latent, component)

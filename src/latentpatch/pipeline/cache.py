@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentpatch.patching.engine import RunRecord
+from latentpatch.patching.baselines import RunRecord
 from latentpatch.model.latent import LatentModel
 
 
@@ -38,7 +38,7 @@ def model_key(model: LatentModel) -> str:
 
 
 class ActivationCache:
-    """``get``/``put`` of :class:`~latentpatch.patching.engine.RunRecord` by prompt ids for one model."""
+    """``get``/``put`` of :class:`~latentpatch.patching.baselines.RunRecord` by prompt ids for one model."""
 
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key

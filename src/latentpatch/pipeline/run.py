@@ -31,12 +31,12 @@ import torch
 from latentpatch.rundir import FORMAT, assemble, write_json
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key
 from latentpatch.patching.checks import check_engine_reference, check_full_restoration, check_identity, check_live_thoughts
-from latentpatch.patching.engine import (
-    DIRECTIONS, REPLACEMENTS, EngineConfig, PairBaseline, PatchSpec, RunRecord, mean_activations, prepare_pair,
-    record_run, replacement_values, resample_partner, sweep_fast, sweep_reference,
+from latentpatch.patching.baselines import (
+    PairBaseline, RunRecord, mean_activations, prepare_pair, record_run, replacement_values, resample_partner,
 )
+from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.errors import LatentPatchError
-from latentpatch.patching.specs import EXPERIMENTS, experiment_specs
+from latentpatch.patching.specs import DIRECTIONS, EXPERIMENTS, REPLACEMENTS, EngineConfig, PatchSpec, experiment_specs
 from latentpatch.model.latent import LatentModel
 from latentpatch.data.pairs import Pair, filter_pairs, load_pairs, save_pairs
 from latentpatch.model.sites import COMPONENTS
@@ -262,7 +262,7 @@ def _value_factory(bases: Sequence[PairBaseline], config: RunConfig,
     """
     if pool is None:
         pool, pool_position = bases, range(len(bases))
-    engine_cfg = EngineConfig(config.direction, config.replacement, 1, config.seed)
+    engine_cfg = EngineConfig(config.direction, config.replacement)
     means = mean_activations(pool) if config.replacement == "mean" else None
     partner = resample_partner(len(pool), config.seed)
 
