@@ -59,7 +59,7 @@ Byte-level BPE (`tokenizers`), digit runs pre-tokenized apart from text and ever
 single token. Special tokens: `<eos>` = {meta['eos_id']}, `<pad>` = {meta['pad_id']}, `<bot>` = {meta['bot_id']},
 `<eot>` = {meta['eot_id']} (CODI's V, V+1, V+2). No BOS (`add_special_tokens` false).
 
-## Sequences and objective (`latentpatch.training.train`)
+## Sequences and objective (`latentpatch.training.data`, `latentpatch.training.objective`)
 - teacher: `question <bot> CoT <eot> The answer is: N <eos>` (CE on everything after `<bot>`)
 - student: `question <bot>` + {meta['num_latent']} continuous thoughts + `<eot> The answer is: N <eos>` (CE on the
   answer part); thought k = prj(final hidden state of the previous position), fed as an input embedding,

@@ -29,9 +29,9 @@ EXPECTED: dict = {
 
 
 def _load():
-    from latentpatch.training.evaluate import load_latent_model
+    from latentpatch.model.loading import load_model
 
-    return load_latent_model("default")
+    return load_model("default")
 
 
 def test_layout_and_size():

@@ -8,15 +8,11 @@ import pytest
 import torch
 
 from latentpatch.data.synthetic import generate_problems
-from latentpatch.training.train import (
-    Codec,
-    TrainConfig,
-    load_trained,
-    make_batch,
-    student_forward,
-    student_forward_reference,
-    train,
-)
+from latentpatch.model.latent import LatentModel
+from latentpatch.model.loading import load_model
+from latentpatch.training.data import Codec, make_batch
+from latentpatch.training.objective import positions, student_forward
+from latentpatch.training.train import TrainConfig, train
 
 TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, prj_dim=32, num_latent=2, batch_size=8,
             train_pool=400, tokenizer_corpus=400, vocab_size=1000, lr=3e-3, warmup=5, log_every=1,
@@ -65,29 +61,47 @@ def test_hf_tokenizer_loads(tiny_run):
     assert len(codec.encode("has 16 apples")) == len(codec.encode("has 17 apples"))
 
 
+def student_forward_reference(model: LatentModel, q_ids, q_mask, a_ids, a_mask) -> torch.Tensor:
+    """Plain no-cache loop (full recompute each step) of the student rollout: [B, La, V] answer logits."""
+    lm, embed = model.lm, model.lm.get_input_embeddings()
+    embs = embed(q_ids)
+    mask = q_mask
+    for _ in range(model.num_latent):
+        out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask),
+                 output_hidden_states=True, use_cache=False)
+        emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
+        embs = torch.cat([embs, emb], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+    embs = torch.cat([embs, embed(a_ids)], 1)
+    mask = torch.cat([mask, a_mask], 1)
+    out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask),
+             output_hidden_states=True, use_cache=False)
+    return out.logits[:, -a_ids.size(1):]
+
+
 def test_student_forward_equals_plain_loop(tiny_run):
     out, _ = tiny_run
-    model, codec, meta = load_trained(out)
+    model = load_model(f"dir:{out}")
+    codec = Codec.from_dir(out)
     probs = generate_problems(5, seed=99)  # different question lengths -> left padding exercised
     b = make_batch(probs, codec)
     with torch.no_grad():
-        fast, _, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
-        ref = student_forward_reference(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        fast, _, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
+        ref = student_forward_reference(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
     m = b.a_mask.bool()
     assert torch.allclose(fast[m], ref[m], atol=1e-4)
 
 
 def test_student_forward_equals_tool_rollout(tiny_run):
-    """The training rollout equals LatentModel's inference rollout (answer logits after [EOT])."""
-    from latentpatch.training.evaluate import load_own_dir
-
+    """The training rollout equals LatentModel's inference rollout (answer logits after [EOT]), on
+    the model that `latentpatch train` saved and load_model("dir:PATH") loads strictly."""
     out, _ = tiny_run
-    model, codec, meta = load_trained(out)
-    lm = load_own_dir(out)
+    lm = load_model(f"dir:{out}")
+    codec = Codec.from_dir(out)
     probs = generate_problems(4, seed=7)
     b = make_batch(probs, codec)
     with torch.no_grad():
-        fast, _, _, _ = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, meta["num_latent"])
+        fast, _, _, _ = student_forward(lm, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
         r = lm.rollout([p.question for p in probs])
     assert torch.allclose(fast[:, 0].float(), r.answer_logits, atol=1e-4)
 
@@ -107,16 +121,16 @@ def test_fourier_number_init_matches_the_formula(tiny_run):
     token and leaves every other row and dim untouched."""
     import math
 
-    from latentpatch.training.train import CODI, NUMBER_PERIODS, init_number_embeddings, llama_config
+    from latentpatch.training.train import NUMBER_PERIODS, build_model, init_number_embeddings
 
     out, _ = tiny_run
     codec = Codec.from_dir(out)
     cfg = TrainConfig(**{**TINY, "d_model": 64, "heads": 2})
     torch.manual_seed(0)
-    model = CODI(llama_config(cfg, codec), cfg.prj_dim)
-    before = model.codi.get_input_embeddings().weight.detach().clone()
+    model = build_model(cfg, codec)
+    before = model.lm.get_input_embeddings().weight.detach().clone()
     init_number_embeddings(model, codec, scale=0.5)
-    after = model.codi.get_input_embeddings().weight.detach()
+    after = model.lm.get_input_embeddings().weight.detach()
     width = 2 * len(NUMBER_PERIODS)
     numbers = {codec.encode(str(n))[0]: n for n in range(201)}
     for tid, n in [(t, n) for t, n in numbers.items() if n in (0, 1, 7, 37, 200)]:
@@ -126,7 +140,7 @@ def test_fourier_number_init_matches_the_formula(tiny_run):
     assert torch.equal(after[:, width:], before[:, width:])
     other = [i for i in range(after.shape[0]) if i not in numbers]
     assert torch.equal(after[other], before[other])
-    assert model.codi.lm_head.weight.data_ptr() == model.codi.get_input_embeddings().weight.data_ptr()  # tied
+    assert model.lm.lm_head.weight.data_ptr() == model.lm.get_input_embeddings().weight.data_ptr()  # tied
 
 
 def test_training_pool_excludes_default_pair_questions():
@@ -134,7 +148,7 @@ def test_training_pool_excludes_default_pair_questions():
     problem; the training pool must drop it (the default pairs stay held out)."""
     from latentpatch.data.pairs import load_pairs
     from latentpatch.pipeline.run import default_pairs_path
-    from latentpatch.training.train import normalize_question, training_pool
+    from latentpatch.training.data import normalize_question, training_pool
 
     pair_qs = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}
     raw = [normalize_question(p.question) for p in generate_problems(50, 0)]

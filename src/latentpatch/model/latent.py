@@ -353,6 +353,17 @@ class LatentModel(nn.Module):
             thought = self.prj(h)
         return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
 
+    def thought_ablation(self, values: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        """Keyword arguments for :meth:`rollout` / :meth:`answer` that feed ``values`` at every latent
+        position of every row instead of ``prj``'s outputs (thought ablation: zeros, a dataset mean).
+
+        ``values``: [1, K, d] (the same for every row) or [batch, K, d].
+        """
+        K = self.num_latent
+        override = values.to(device=self.device, dtype=self.dtype).expand(batch, K, -1)
+        every = torch.ones(batch, K, dtype=torch.bool, device=self.device)
+        return {"thought_override": override, "override_mask": every}
+
     @torch.no_grad()
     def rollout(
         self,

@@ -79,10 +79,8 @@ def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch
     changed, correct_ablated = 0, 0
     for i in range(0, len(runs), batch):
         chunk = runs[i: i + batch]
-        B, K = len(chunk), model.num_latent
-        zeros = torch.zeros(B, K, model.d_model, dtype=model.dtype, device=model.device)
-        mask = torch.ones(B, K, dtype=torch.bool, device=model.device)
-        r = model.rollout([rec.prompt for rec, _ in chunk], thought_override=zeros, override_mask=mask)
+        zeros = torch.zeros(1, model.num_latent, model.d_model)
+        r = model.rollout([rec.prompt for rec, _ in chunk], **model.thought_ablation(zeros, len(chunk)))
         for (rec, answer), ids in zip(chunk, model.generate(r.state, r.answer_logits)):
             changed += ids != rec.answer_ids
             pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None

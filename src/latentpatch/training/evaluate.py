@@ -16,65 +16,39 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.model.latent import LatentModel
+from latentpatch.model.loading import DEFAULT_MODEL_DIR, load_model
+from latentpatch.patching.metrics import same_number
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
-DEFAULT_PAIRS = Path(__file__).resolve().parents[1] / "default_data" / "pairs.json"
 
-
-def resolve_model_dir(spec: str | Path) -> Path:
-    if str(spec) == "default":
+def model_dir_of(spec: str | Path) -> Path | None:
+    """The model directory a ``--model`` spec names (``default``, ``dir:PATH`` or a plain path),
+    or None for a spec that names no latentpatch directory (its training questions are unknown)."""
+    spec = str(spec)
+    if spec == "default":
         return DEFAULT_MODEL_DIR
-    p = Path(spec)
-    if not p.is_dir():
-        raise LatentPatchError(f"--model {spec}: not a directory (use 'default' or a model directory)")
-    return p
+    path = Path(spec.removeprefix("dir:"))
+    return path if (path / "latentpatch.json").is_file() else None
 
 
-def load_latent_model(spec: str | Path):
-    """A :class:`LatentModel` for ``spec``: via ``latentpatch.model.loading.load_model`` when available,
-    else built from a directory written by :func:`latentpatch.training.train.save_model`."""
-    try:
-        from latentpatch.model.loading import load_model  # the project's strict loader
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(str(spec))
-    return load_own_dir(resolve_model_dir(spec))
-
-
-def load_own_dir(path: Path):
-    from transformers import AutoTokenizer
-
-    from latentpatch.model.latent import LatentConfig, LatentModel
-    from latentpatch.training.train import load_trained
-
-    model, _, meta = load_trained(path)
-    cfg = LatentConfig(
-        num_latent=meta["num_latent"], pad_id=meta["pad_id"], bot_id=meta["bot_id"], eot_id=meta["eot_id"],
-        eos_id=meta["eos_id"], remove_eos=meta["remove_eos"], answer_prefix=meta["answer_prefix"],
-        question_template=meta["question_template"], add_special_tokens=meta["add_special_tokens"],
-        max_answer_tokens=meta["max_answer_tokens"],
-    )
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return LatentModel(model.codi, model.prj, cfg, tokenizer=tok, name=path.name)
-
-
-def _training_questions(model_dir: Optional[Path]) -> set:
+def training_questions(model_dir: Path | None) -> set[str]:
     """Questions of the training pool recorded in ``latentpatch.json`` (empty if unknown)."""
     if model_dir is None or not (model_dir / "latentpatch.json").exists():
         return set()
     tr = json.loads((model_dir / "latentpatch.json").read_text()).get("training") or {}
     if "data_seed" not in tr or "train_pool" not in tr:
         return set()
-    from latentpatch.training.train import TrainConfig, training_pool
+    from latentpatch.training.data import training_pool
+    from latentpatch.training.train import TrainConfig
 
-    return {p.question for p in training_pool(TrainConfig(train_pool=int(tr["train_pool"]), data_seed=int(tr["data_seed"])))}
+    pool = training_pool(TrainConfig(train_pool=int(tr["train_pool"]), data_seed=int(tr["data_seed"])))
+    return {p.question for p in pool}
 
 
 def held_out_problems(n: int, seed: int, exclude: set) -> list:
@@ -91,74 +65,78 @@ def held_out_problems(n: int, seed: int, exclude: set) -> list:
     return out
 
 
-def _answers(lm, questions: Sequence[str], batch_size: int, override: Optional[torch.Tensor] = None):
-    preds = []
+def answers(lm: LatentModel, questions: Sequence[str], batch_size: int,
+            thoughts: torch.Tensor | None = None) -> list[float | None]:
+    """Greedy answers in batches; ``thoughts`` [1, K, d]: fed instead of every row's thoughts
+    (:meth:`LatentModel.thought_ablation`)."""
+    preds: list[float | None] = []
     for i in range(0, len(questions), batch_size):
         qs = list(questions[i: i + batch_size])
-        kw = {}
-        if override is not None:
-            B, K = len(qs), lm.num_latent
-            kw = {"thought_override": override.to(lm.dtype).expand(B, K, -1).clone(),
-                  "override_mask": torch.ones(B, K, dtype=torch.bool)}
+        kw = {} if thoughts is None else lm.thought_ablation(thoughts, len(qs))
         preds.extend(lm.answer(qs, **kw))
     return preds
 
 
-def _mean_thoughts(lm, questions: Sequence[str], batch_size: int) -> torch.Tensor:
+def mean_thoughts(lm: LatentModel, questions: Sequence[str], batch_size: int) -> torch.Tensor:
+    """[1, K, d] fp32: each latent position's thought averaged over ``questions``."""
     total, count = None, 0
     for i in range(0, len(questions), batch_size):
         r = lm.rollout(list(questions[i: i + batch_size]))
         s = r.thoughts.float().sum(0)
         total = s if total is None else total + s
         count += r.thoughts.shape[0]
-    return (total / count)[None]  # [1, K, d]
+    return (total / count)[None]
 
 
-def _correct(pred, gold) -> bool:
-    return pred is not None and abs(float(pred) - float(gold)) < 1e-6
+def accuracy(preds: Sequence[float | None], gold: Sequence[float]) -> float:
+    return sum(same_number(p, g) for p, g in zip(preds, gold)) / len(gold)
 
 
-def evaluate(model: str | Path = "default", n: int = 1000, seed: int = 12345,
-             pairs_path: Optional[Path] = None, batch_size: int = 128, lm=None) -> dict:
-    t0 = time.time()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    if lm is None:
-        lm = load_latent_model(model)
-    model_dir = resolve_model_dir(model) if isinstance(model, (str, Path)) else None
-    exclude = _training_questions(model_dir)
-    probs = held_out_problems(n, seed, exclude)
-    qs = [p.question for p in probs]
-    gold = [p.answer for p in probs]
-    preds = _answers(lm, qs, batch_size)
-    acc = sum(_correct(p, g) for p, g in zip(preds, gold)) / len(qs)
-
-    K, d = lm.num_latent, lm.d_model
-    zero = torch.zeros(1, K, d)
-    preds_zero = _answers(lm, qs, batch_size, zero)
-    acc_zero = sum(_correct(p, g) for p, g in zip(preds_zero, gold)) / len(qs)
-    mean = _mean_thoughts(lm, qs, batch_size)
-    preds_mean = _answers(lm, qs, batch_size, mean)
-    acc_mean = sum(_correct(p, g) for p, g in zip(preds_mean, gold)) / len(qs)
-
-    by_template: dict = {}
-    for p, pr in zip(probs, preds):
-        c = by_template.setdefault(p.template, [0, 0])
-        c[0] += _correct(pr, p.answer)
-        c[1] += 1
-
+def pair_scores(lm: LatentModel, pairs_path: Path | None, batch_size: int, exclude: set[str]) -> dict:
+    """Clean / corrupted / both-correct fractions on a pair file (default: the shipped pairs)."""
     from latentpatch.data.pairs import load_pairs
+    from latentpatch.pipeline.run import default_pairs_path
 
-    ppath = Path(pairs_path) if pairs_path else DEFAULT_PAIRS
+    ppath = Path(pairs_path) if pairs_path else default_pairs_path()
     if not ppath.exists():
         raise LatentPatchError(f"pairs file {ppath} not found")
     pairs = load_pairs(ppath)
     cq = [p.clean.question for p in pairs]
     kq = [p.corrupted.question for p in pairs]
-    cp = _answers(lm, cq, batch_size)
-    kp = _answers(lm, kq, batch_size)
-    clean_ok = [_correct(a, p.clean.answer) for a, p in zip(cp, pairs)]
-    corr_ok = [_correct(a, p.corrupted.answer) for a, p in zip(kp, pairs)]
-    both = sum(a and b for a, b in zip(clean_ok, corr_ok)) / max(1, len(pairs))
+    clean_ok = [same_number(a, p.clean.answer) for a, p in zip(answers(lm, cq, batch_size), pairs)]
+    corr_ok = [same_number(a, p.corrupted.answer) for a, p in zip(answers(lm, kq, batch_size), pairs)]
+    n = max(1, len(pairs))
+    return {
+        "pairs_file": str(ppath),
+        "n_pairs": len(pairs),
+        "pair_questions_in_training": sum(q in exclude for q in cq + kq),
+        "pairs_clean_accuracy": sum(clean_ok) / n,
+        "pairs_corrupted_accuracy": sum(corr_ok) / n,
+        "pairs_both_correct": sum(a and b for a, b in zip(clean_ok, corr_ok)) / n,
+    }
+
+
+def evaluate(model: str | Path = "default", n: int = 1000, seed: int = 12345,
+             pairs_path: Path | None = None, batch_size: int = 128, lm: LatentModel | None = None) -> dict:
+    """Accuracy on ``n`` held-out problems, under thought ablation (zeros, dataset mean) and on
+    the pairs. ``model``: a ``load_model`` spec (or pass ``lm`` already loaded)."""
+    t0 = time.time()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    if lm is None:
+        lm = load_model(str(model))
+    exclude = training_questions(model_dir_of(model))
+    probs = held_out_problems(n, seed, exclude)
+    qs = [p.question for p in probs]
+    gold = [p.answer for p in probs]
+    preds = answers(lm, qs, batch_size)
+    acc = accuracy(preds, gold)
+    acc_zero = accuracy(answers(lm, qs, batch_size, torch.zeros(1, lm.num_latent, lm.d_model)), gold)
+    acc_mean = accuracy(answers(lm, qs, batch_size, mean_thoughts(lm, qs, batch_size)), gold)
+    by_template: dict = {}
+    for p, pr in zip(probs, preds):
+        c = by_template.setdefault(p.template, [0, 0])
+        c[0] += same_number(pr, p.answer)
+        c[1] += 1
     return {
         "model": str(model),
         "units": "fraction",
@@ -171,12 +149,7 @@ def evaluate(model: str | Path = "default", n: int = 1000, seed: int = 12345,
         "mean_thoughts_accuracy": acc_mean,
         "ablation_accuracy_drop": acc - acc_zero,
         "ablation_mean_accuracy_drop": acc - acc_mean,
-        "pairs_file": str(ppath),
-        "n_pairs": len(pairs),
-        "pair_questions_in_training": sum(q in exclude for q in cq + kq),
-        "pairs_clean_accuracy": sum(clean_ok) / max(1, len(pairs)),
-        "pairs_corrupted_accuracy": sum(corr_ok) / max(1, len(pairs)),
-        "pairs_both_correct": both,
+        **pair_scores(lm, pairs_path, batch_size, exclude),
         "wall_s": round(time.time() - t0, 1),
     }
 

@@ -1,0 +1,117 @@
+"""The CODI objective on a :class:`~latentpatch.model.latent.LatentModel`.
+
+* teacher CE: the LM on ``question <bot> CoT <eot> The answer is: N <eos>`` (see
+  :mod:`latentpatch.training.data`), CE on everything after ``<bot>``.
+* student CE: :func:`student_forward` (the model's latent rollout, with gradients), CE on the
+  answer tokens (``The answer is: N <eos>``, predicted from ``<eot>`` onward).
+* distillation: at the last token of the answer prefix (the lone space token ``"Ġ"`` of
+  ``"The answer is: "``, whose next token is the first digit of N), every layer's output hidden
+  state (``hidden_states[1:]``) of student vs teacher (detached), SmoothL1, divided by the
+  teacher's std per layer, averaged over layers.
+* auxiliary (not in CODI, ``latent_aux_factor``): the LM head on the final hidden state at
+  latent position j predicts the j-th intermediate result.
+
+Total loss = student CE + ``distill_factor`` * distill + ``ref_factor`` * teacher CE
+(+ ``latent_aux_factor`` * auxiliary).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from latentpatch.model.latent import LatentModel
+from latentpatch.training.data import Batch
+
+if TYPE_CHECKING:
+    from latentpatch.training.train import TrainConfig
+
+
+class StudentPass(NamedTuple):
+    """What :func:`student_forward` returns. La = answer length, V = vocabulary, L = layers."""
+
+    answer_logits: torch.Tensor  # [B, La, V]
+    answer_hidden_states: tuple  # L + 1 tensors [B, La, d] (embeddings, then every layer's output)
+    thoughts: torch.Tensor  # [B, K, d] input embeddings fed at the latent positions
+    latent_hidden: torch.Tensor  # [B, K, d] final hidden states at the latent positions
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids from an attention mask: padding never shifts a row's positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE: logits[:, i] predicts labels[:, i+1] (-100 ignored)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def student_forward(model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tensor, a_ids: torch.Tensor,
+                    a_mask: torch.Tensor) -> StudentPass:
+    """The latent rollout of :meth:`LatentModel.rollout`, with gradients and every layer's hidden
+    states, and the answer part teacher-forced.
+
+    ``q_ids``/``q_mask`` [B, T_q]: question + ``<bot>``, left-padded. ``a_ids``/``a_mask`` [B, La]:
+    ``<eot> The answer is: N <eos>``, right-padded. Thought k is ``prj`` of the final hidden state
+    of the previous position (``<bot>`` for thought 0), fed as an input embedding; the last
+    produced thought is not fed. K = ``model.num_latent``. Kept equal to ``LatentModel.rollout``
+    by tests/test_train.py (it is the training-only copy of that rollout).
+    """
+    from transformers import DynamicCache
+
+    lm = model.lm
+    mask = q_mask
+    out = lm(input_ids=q_ids, attention_mask=mask, position_ids=positions(mask),
+             past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True)
+    h = out.hidden_states[-1][:, -1]
+    thoughts, latent_hidden = [], []
+    for _ in range(model.num_latent):
+        emb = model.prj(h).unsqueeze(1)
+        thoughts.append(emb[:, 0])
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+        out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask)[:, -1:],
+                 past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+        h = out.hidden_states[-1][:, -1]
+        latent_hidden.append(h)
+    mask = torch.cat([mask, a_mask], 1)
+    out = lm(input_ids=a_ids, attention_mask=mask, position_ids=positions(mask)[:, -a_ids.size(1):],
+             past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+    return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
+
+
+def distill_loss(teacher_hidden: tuple, student_hidden: tuple, b: Batch) -> torch.Tensor:
+    """Mean over layers of SmoothL1(student, detached teacher) / teacher std at the distillation
+    position (``b.t_distill`` in the teacher sequence, ``b.a_distill`` in the answer part)."""
+    rows = torch.arange(b.t_ids.size(0))
+    per_layer = []
+    for th, sh in zip(teacher_hidden[1:], student_hidden[1:]):
+        t = th[rows, b.t_distill].detach()
+        s = sh[rows, b.a_distill]
+        per_layer.append(F.smooth_l1_loss(s, t) / (t.std() + 1e-6))
+    return torch.stack(per_layer).mean()
+
+
+def codi_loss(model: LatentModel, b: Batch, cfg: TrainConfig,
+              teacher_only: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """The total loss (scalar, with gradients) and its parts as floats (for the log)."""
+    t_out = model.lm(input_ids=b.t_ids, attention_mask=b.t_mask, output_hidden_states=True, use_cache=False)
+    t_ce = next_token_ce(t_out.logits, b.t_labels)
+    if teacher_only:
+        return t_ce, {"teacher_ce": t_ce.item()}
+    student = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
+    s_ce = next_token_ce(student.answer_logits, b.a_labels)
+    distill = distill_loss(t_out.hidden_states, student.answer_hidden_states, b)
+    total = s_ce + cfg.distill_factor * distill + cfg.ref_factor * t_ce
+    parts = {"student_ce": s_ce.item(), "distill": distill.item(), "teacher_ce": t_ce.item()}
+    if cfg.latent_aux_factor and b.latent_targets is not None:
+        # auxiliary (not in CODI): the LM head on the final hidden state at latent position j
+        # predicts the j-th intermediate result (the answer once the program has no more steps)
+        lat_logits = model.logits(student.latent_hidden)  # [B, K, V] fp32
+        aux = F.cross_entropy(lat_logits.reshape(-1, lat_logits.size(-1)), b.latent_targets.reshape(-1),
+                              ignore_index=-100)
+        total = total + cfg.latent_aux_factor * aux
+        parts["latent_aux"] = aux.item()
+    return total, parts
