@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from latentpatch.analysis.figures import HEATMAP_METRICS, colour_norm, draw_heatmap, save_figure
+from latentpatch.analysis.figures import HEATMAP_METRICS, colour_norm, draw_heatmap, page_formats, save_figure
 from latentpatch.analysis.html import CSS, embed_png, escape, fmt, table
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of, used_pairs
 from latentpatch.errors import LatentPatchError
@@ -171,7 +171,7 @@ def compare_runs(
 
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
-    formats = tuple(set(formats) | {"png"})
+    formats = page_formats(formats)
     label_a, label_b = run_a.name, run_b.name
     paths = _layer_figure(tab, fig_dir, label_a, label_b, formats) + _position_figures(tab, fig_dir, label_a, label_b, formats)
 

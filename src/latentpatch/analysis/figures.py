@@ -22,6 +22,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -38,13 +39,27 @@ MODE_COLOURS = {"chained": "#d95f02", "parallel": "#1b9e77", "frozen": "#7570b3"
 DPI = 110
 
 
+def page_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    """The formats to write for a page: PNG first (the page embeds it), then the others as given.
+
+    A fixed order, because each save lays the figure out again: PNG bytes depend on what was
+    saved before them.
+
+    >>> page_formats(["svg", "png", "pdf"])
+    ('png', 'svg', 'pdf')
+    """
+    return tuple(dict.fromkeys(["png", *formats]))
+
+
 def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
-    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format (SVG without a date: reproducible)."""
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; an SVG has no date and fixed ids,
+    so the same figure gives the same bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
+        with rc_context({"svg.hashsalt": "latentpatch"}):  # SVG ids from a fixed salt, not a random one
+            fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
         paths.append(path)
     return paths
 

@@ -314,7 +314,7 @@ def build_report(
     cells = used_pairs(all_cells, exclude_flagged)
     if trajectories is not None and exclude_flagged:
         trajectories = trajectories[trajectories["pair_id"].astype(str).isin(set(cells["pair_id"]))]
-    figs.make_figures(run_dir, pd.DataFrame(stats["cells"]), cells, trajectories, formats=tuple(set(formats) | {"png"}))
+    figs.make_figures(run_dir, pd.DataFrame(stats["cells"]), cells, trajectories, formats=figs.page_formats(formats))
 
     fig_dir = RunPaths(run_dir).figures
     checks_html, n_fail = _checks(manifest)
