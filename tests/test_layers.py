@@ -22,7 +22,8 @@ import latentpatch.analysis
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import CELL_COLUMNS, METRIC_LABELS, all_positions_cell, primary_component
 from latentpatch.rundir import (
-    Manifest, RunPaths, atomic_path, atomic_write_text, json_safe, read_manifest, read_pairs_json, read_stats, write_json,
+    Manifest, RunPaths, atomic_path, atomic_write_text, json_safe, read_manifest, read_pairs_json, read_stats,
+    write_json,
 )
 
 #: Modules that must import without torch (merge joins once it no longer needs the pipeline).
@@ -47,7 +48,8 @@ def test_light_modules_import_no_torch():
 
 def test_rules():
     assert all_positions_cell({("layer", "all"), ("iterative", "parallel")}) == ("layer", "all")
-    assert all_positions_cell({("layer", "all"), ("iterative", "parallel")}, prefer="iterative") == ("iterative", "parallel")
+    both = {("layer", "all"), ("iterative", "parallel")}
+    assert all_positions_cell(both, prefer="iterative") == ("iterative", "parallel")
     assert all_positions_cell({("layer", "all")}, prefer="iterative") == ("layer", "all")
     with pytest.raises(ValueError):
         all_positions_cell([], prefer="position")
@@ -64,7 +66,8 @@ def test_rules():
 def _run_manifest_stages() -> list[dict]:
     """The manifest as ``run_experiments`` writes it after baselines, after checks and at the end."""
     first = {
-        "format": "latentpatch-run/1", "status": "running", "config": {"model": "default", "seed": 0}, "config_hash": "ab12",
+        "format": "latentpatch-run/1", "status": "running", "config": {"model": "default", "seed": 0},
+        "config_hash": "ab12",
         "command": "latentpatch run --out x", "versions": {"python": "3.11"}, "git_commit": None, "seed": 0,
         "device": "cpu", "dtype": "float32", "batch_size": 64,
         "model": {"name": "m", "family": "gpt2", "n_layers": 2, "num_latent": 3, "d_model": 8, "config": {}},
@@ -72,7 +75,8 @@ def _run_manifest_stages() -> list[dict]:
         "n_pairs": 2, "baselines": {"n_pairs": 2, "clean_accuracy": 1.0},
     }
     checks = {**first, "replacement_pool": "all shards", "checks": {"identity": {"passed": True}}}
-    done = {**checks, "status": "complete", "timings": {"sweep_s": 2.0}, "cells_per_second": None, "activation_cache": None}
+    done = {**checks, "status": "complete", "timings": {"sweep_s": 2.0}, "cells_per_second": None,
+            "activation_cache": None}
     return [first, checks, done]
 
 
@@ -95,7 +99,8 @@ def test_manifest_missing_or_unknown_keys_one_line():
     assert "\n" not in msg and "run/manifest.json" in msg and "'seed'" in msg and "'colour'" in msg
 
 
-@pytest.mark.parametrize("content, expected", [(None, "is missing"), ("{oops", "is not valid JSON"), ("[1]", "JSON object")])
+@pytest.mark.parametrize("content, expected",
+                         [(None, "is missing"), ("{oops", "is not valid JSON"), ("[1]", "JSON object")])
 def test_read_manifest_errors(tmp_path, content, expected):
     if content is not None:
         (tmp_path / "manifest.json").write_text(content)
@@ -110,7 +115,8 @@ def test_read_manifest_errors(tmp_path, content, expected):
 
 
 def test_json_safe_and_atomic_writes(tmp_path):
-    data = {"a": np.float32(0.5), "b": np.arange(3), "c": (math.nan, np.inf, np.bool_(True)), 4: pd.NA, "d": np.int64(7)}
+    data = {"a": np.float32(0.5), "b": np.arange(3), "c": (math.nan, np.inf, np.bool_(True)), 4: pd.NA,
+            "d": np.int64(7)}
     assert json_safe(data) == {"a": 0.5, "b": [0, 1, 2], "c": [None, None, True], "4": None, "d": 7}
     path = tmp_path / "deep" / "x.json"
     write_json(path, data)

@@ -90,7 +90,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 #: Human-readable metric names with units, for tables and figure labels.
 METRIC_LABELS: dict[str, str] = {name: m.label for name, m in METRICS.items()}
 #: Metrics computed from the output logits of every cell, in column order.
-LOGIT_METRICS: tuple[str, ...] = ("kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery")
+LOGIT_METRICS: tuple[str, ...] = (
+    "kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery",
+)
 #: Metrics of the tracked activation (chained/frozen rows only; NaN elsewhere).
 ACTIVATION_METRICS: tuple[str, ...] = ("act_cos_clean", "act_cos_corr", "act_bias")
 #: Metrics summarised per cell in ``stats.json`` (this order is the order of its comparison rows).

@@ -276,7 +276,8 @@ def _read_parquet(path: Path, run_dir: Path) -> "pd.DataFrame":
     try:
         return pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); {_rerun_hint(run_dir)}") from None
+        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); "
+                               f"{_rerun_hint(run_dir)}") from None
 
 
 def read_cells(run_dir: Path | str) -> "pd.DataFrame":
@@ -382,7 +383,8 @@ def assemble(out: Path | str) -> None:
             thoughts[pid] = data["thoughts"]
         for row in data["cells"]:
             metrics = {k: v for k, v in row.items() if k not in _NOT_NESTED}
-            nested.setdefault(row["experiment"], {}).setdefault(pid, {}).setdefault(str(row["layer"]), {})[row["key"]] = metrics
+            by_layer = nested.setdefault(row["experiment"], {}).setdefault(pid, {})
+            by_layer.setdefault(str(row["layer"]), {})[row["key"]] = metrics
             cell = {c: row.get(c) for c in CELL_COLUMNS}
             cell["pair_id"] = pid
             for c in _NAN_IF_MISSING:
@@ -390,7 +392,8 @@ def assemble(out: Path | str) -> None:
                     cell[c] = math.nan
             cell_rows.append(cell)
             if row["mode"] in TRACKED_MODES and "act_positions" in row:
-                for q, cc, cr in zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"]):
+                by_position = zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"])
+                for q, cc, cr in by_position:
                     traj_rows.append({"pair_id": pid, "layer": row["layer"], "mode": row["mode"], "position": q,
                                       "act_cos_clean": cc, "act_cos_corr": cr, "act_bias": cc - cr})
     for name, data in nested.items():
