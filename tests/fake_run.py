@@ -16,15 +16,8 @@ from typing import Iterable, Optional
 import numpy as np
 import pandas as pd
 
-ALL_EXPERIMENTS = ("layer", "position", "iterative")
-METRICS = (
-    "kl",
-    "logit_l2",
-    "pred_change_rate",
-    "answer_logit_diff",
-    "answer_logprob_diff",
-    "recovery",
-)
+from latentpatch.names import EXPERIMENTS as ALL_EXPERIMENTS
+from latentpatch.names import LOGIT_METRICS as METRICS
 
 
 def write_fake_run(

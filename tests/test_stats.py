@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from fake_run import write_fake_run
 from latentpatch.analysis import stats as st
+from latentpatch.rundir import read_cells
 
 
 def test_bootstrap_ci_equals_plain_numpy_resampling():
@@ -83,7 +84,7 @@ def fake(tmp_path_factory):
 
 
 def test_cell_summary_on_fake_run(fake):
-    cells = st.load_cells(fake)
+    cells = read_cells(fake)
     summary = st.summarize_cells(cells, seed=0, n_resamples=300)
     n_cells = cells.groupby(st.CELL_KEYS).ngroups
     # act_bias only exists for chained/frozen: 3 layers x 2 modes
@@ -105,7 +106,7 @@ def test_cell_summary_on_fake_run(fake):
 
 
 def test_comparisons_additivity_top(fake):
-    cells = st.load_cells(fake)
+    cells = read_cells(fake)
     comps = st.compare_modes(cells)
     assert set(comps["comparison"]) == {"chained vs parallel", "chained vs frozen", "parallel vs frozen"}
     assert len(comps[comps["metric"] == "recovery"]) == 3 * 3

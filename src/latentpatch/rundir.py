@@ -1,69 +1,379 @@
-"""The run directory: its file names, atomic writers and the model-free assembly of results.
+"""The run directory: its paths, atomic writers, typed manifest, readers and model-free assembly.
 
-Imports no torch, so ``report``, ``compare`` and ``merge`` stay light. Layout::
+Imports no torch (pandas only inside the functions that need it), so ``report``, ``compare``
+and ``merge`` stay light. Layout (docs/ARCHITECTURE.md "Run directory")::
 
     RUN_DIR/manifest.json  pairs.json  results/pairs/NNNNN.json (one committed file per pair)
     results/{experiment}.json  results/cells.parquet  results/trajectories.parquet  results/thoughts.json
+    stats.json  stats/{cells,comparisons,additivity}.csv  figures/*.{png,svg}  report.html
+
+Every path is a property of :class:`RunPaths`; every file is written by :func:`atomic_path` (a
+reader or a crash never sees half a file); every reader raises one :class:`LatentPatchError`
+line naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import tempfile
+import secrets
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
-FORMAT = "latentpatch-run/1"
+from latentpatch.errors import LatentPatchError
+from latentpatch.names import (
+    CELL_COLUMNS, EXPERIMENTS, REQUIRED_CELL_COLUMNS, RUN_FORMAT, TRACKED_MODES, TRAJECTORY_COLUMNS,
+)
 
-# ---- files -----------------------------------------------------------------------------------
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: ``format`` tag of ``manifest.json`` (kept under this name for the pipeline's import).
+FORMAT = RUN_FORMAT
+
+
+# ---- paths -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of one run directory.
+
+    >>> RunPaths("runs/a").cells.as_posix()
+    'runs/a/results/cells.parquet'
+    >>> RunPaths("runs/a").pair_result(7).name
+    '00007.json'
+    """
+
+    root: Path
+
+    def __init__(self, root: Path | str) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def pair_results(self) -> Path:
+        """Folder of the per-pair result files, committed one at a time (resume skips them)."""
+        return self.results / "pairs"
+
+    def pair_result(self, index: int) -> Path:
+        """The result file of the pair with global index ``index`` (its name orders shards' pairs)."""
+        return self.pair_results / f"{index:05d}.json"
+
+    def experiment_result(self, experiment: str) -> Path:
+        return self.results / f"{experiment}.json"
+
+    @property
+    def cells(self) -> Path:
+        return self.results / "cells.parquet"
+
+    @property
+    def trajectories(self) -> Path:
+        return self.results / "trajectories.parquet"
+
+    @property
+    def thoughts(self) -> Path:
+        return self.results / "thoughts.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    def stats_table(self, name: str) -> Path:
+        return self.root / "stats" / f"{name}.csv"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+# ---- atomic writes and JSON --------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block ends without error it replaces
+    ``path`` in one step (``os.replace``), else it is removed. Parent folders are created.
+
+    For writers that take a path (parquet, safetensors, savefig); text and bytes have
+    :func:`atomic_write_text` / :func:`atomic_write_bytes`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically; ``fsync``: flush to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path | str, text: str, fsync: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync)
+
+
+def json_safe(x: Any) -> Any:
+    """Plain JSON values: NaN/±inf -> None, numpy/torch arrays and scalars -> lists/numbers,
+    pandas NA -> None, dict keys -> str, tuples -> lists.
+
+    >>> json_safe({1: (float("nan"), 2.5, float("inf")), "b": [True, None]})
+    {'1': [None, 2.5, None], 'b': [True, None]}
+    """
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if hasattr(x, "tolist"):  # torch tensors and numpy arrays/scalars, without importing torch here
-        return _json_safe(x.tolist())
+        return [json_safe(v) for v in x]
+    if isinstance(x, float):  # also numpy.float64
+        return float(x) if math.isfinite(x) else None
+    if hasattr(x, "tolist"):  # numpy arrays/scalars and torch tensors, without importing either
+        return json_safe(x.tolist())
+    pandas = sys.modules.get("pandas")  # pd.NA can only exist if pandas is loaded
+    if pandas is not None and x is pandas.NA:
+        return None
     return x
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: Path | str, data: Any) -> None:
+    """``data`` through :func:`json_safe`, indent 1, a final newline; atomic."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=1) + "\n")
 
 
-def write_parquet(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+def write_parquet(path: Path | str, rows: list[dict], columns: Sequence[str]) -> None:
+    """``rows`` as a parquet table with exactly ``columns`` (in that order); atomic."""
     import pandas as pd
 
     df = pd.DataFrame(rows, columns=list(columns))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
-CELL_COLUMNS = [
-    "pair_id", "experiment", "mode", "component", "layer", "position",
-    "kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery",
-    "pred_answer", "pred_is_clean", "pred_is_corrupted", "act_cos_clean", "act_cos_corr", "act_bias",
-    "clean_correct", "corrupted_correct", "flagged",
-]
-TRAJECTORY_COLUMNS = ["pair_id", "layer", "mode", "position", "act_cos_clean", "act_cos_corr", "act_bias"]
+# ---- the manifest --------------------------------------------------------------------------------
+#: Manifest keys written only once their step ran (absent, not null, before).
+_STEP_KEYS = ("previous_timings", "n_pairs", "baselines", "replacement_pool", "checks", "timings", "merged_from")
+#: Keys the finish step writes together with ``timings`` (each may be null).
+_FINISH_KEYS = ("cells_per_second", "activation_cache")
 
 
-def assemble(out: Path) -> None:
+@dataclass(kw_only=True)
+class Manifest:
+    """``manifest.json``: what ran, on what, with which result; fields in the file's key order.
+
+    Written at each step of a run (``status`` "running", then "complete"): :meth:`to_dict` leaves
+    out the keys of steps that have not run yet, so the file at each step is exactly what that
+    step wrote. ``merged_from`` exists only in a ``latentpatch merge`` output.
+    """
+
+    format: str = RUN_FORMAT
+    status: str = "running"
+    config: dict[str, Any]  # RunConfig.to_dict()
+    config_hash: str  # RunConfig.result_hash(): a resumed run must match it
+    command: str
+    versions: dict[str, str]
+    git_commit: Optional[str]
+    seed: int
+    device: str
+    dtype: str
+    batch_size: int
+    model: dict[str, Any]  # name, family, n_layers, num_latent, d_model, config
+    pairs_removed: list[dict[str, str]]  # [{pair_id, reason}]
+    previous_timings: Optional[dict[str, float]] = None  # the interrupted run's, on --resume
+    n_pairs: Optional[int] = None
+    baselines: Optional[dict[str, Any]] = None
+    replacement_pool: Optional[str] = None  # "all shards" when a shard computed mean/resample over all
+    checks: Optional[dict[str, dict[str, Any]]] = None
+    timings: Optional[dict[str, float]] = None
+    cells_per_second: Optional[float] = None
+    activation_cache: Optional[dict[str, int]] = None  # {hits, misses}; null without the cache
+    merged_from: Optional[list[dict[str, Any]]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, keys in field order, the keys of steps not yet run left out."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (f.name in _STEP_KEYS and value is None) or (f.name in _FINISH_KEYS and self.timings is None):
+                continue
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path | str = "manifest.json") -> "Manifest":
+        """Inverse of :meth:`to_dict`; a missing or unknown key is a :class:`LatentPatchError`."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in data]
+        unknown = sorted(set(data) - {f.name for f in fields})
+        if missing or unknown:
+            problems = [f"lacks keys {missing}"] * bool(missing) + [f"has unknown keys {unknown}"] * bool(unknown)
+            raise LatentPatchError(f"{path} {' and '.join(problems)}; fix: use a manifest written by this version's "
+                                   "`latentpatch run`")
+        return cls(**data)
+
+    def write(self, run_dir: Path | str) -> None:
+        write_json(RunPaths(run_dir).manifest, self.to_dict())
+
+
+# ---- readers -------------------------------------------------------------------------------------
+def _rerun_hint(run_dir: Path) -> str:
+    return f"rerun the command in {run_dir / 'manifest.json'} ('command') to regenerate it"
+
+
+def _read_json_file(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LatentPatchError(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
+def read_manifest(run_dir: Path | str) -> dict[str, Any]:
+    """``manifest.json`` as a dict (as written: a partial or older run's manifest has fewer keys).
+
+    A missing directory or file, invalid JSON or a non-object is a :class:`LatentPatchError`.
+    :meth:`Manifest.from_dict` types a complete one.
+    """
+    run_dir = Path(run_dir)
+    path = RunPaths(run_dir).manifest
+    if not run_dir.is_dir():
+        raise LatentPatchError(f"{run_dir} is not a directory: pass a run directory written by `latentpatch run`")
+    if not path.is_file():
+        raise LatentPatchError(f"{path} is missing: {run_dir} is not a complete run directory; "
+                               "run `latentpatch run` to create one")
+    manifest = _read_json_file(path, "restore it or rerun `latentpatch run`")
+    if not isinstance(manifest, dict):
+        raise LatentPatchError(f"{path} must hold a JSON object; restore it or rerun `latentpatch run`")
+    return manifest
+
+
+def _read_parquet(path: Path, run_dir: Path) -> "pd.DataFrame":
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); "
+                               f"{_rerun_hint(run_dir)}") from None
+
+
+def read_cells(run_dir: Path | str) -> "pd.DataFrame":
+    """``results/cells.parquet`` (one row per pair x spec), columns checked and typed.
+
+    ``pair_id`` as str, ``layer``/``position`` as int, ``flagged`` as bool (False if absent).
+    """
+    run_dir = Path(run_dir)
+    path = RunPaths(run_dir).cells
+    if not path.is_file():
+        raise LatentPatchError(f"{path} is missing: the run wrote no results; {_rerun_hint(run_dir)}")
+    cells = _read_parquet(path, run_dir)
+    missing = [c for c in REQUIRED_CELL_COLUMNS if c not in cells.columns]
+    if missing:
+        raise LatentPatchError(f"{path} lacks columns {missing}; {_rerun_hint(run_dir)}")
+    if cells.empty:
+        raise LatentPatchError(f"{path} has no rows; {_rerun_hint(run_dir)}")
+    cells = cells.copy()
+    cells["pair_id"] = cells["pair_id"].astype(str)
+    cells["layer"] = cells["layer"].astype(int)
+    cells["position"] = cells["position"].astype(int)
+    if "flagged" not in cells.columns:
+        cells["flagged"] = False
+    cells["flagged"] = cells["flagged"].fillna(False).astype(bool)
+    return cells
+
+
+def read_trajectories(run_dir: Path | str) -> Optional["pd.DataFrame"]:
+    """``results/trajectories.parquet`` (chained/frozen, per later position); None if absent."""
+    run_dir = Path(run_dir)
+    path = RunPaths(run_dir).trajectories
+    return _read_parquet(path, run_dir) if path.is_file() else None
+
+
+def read_result_json(run_dir: Path | str, name: str, required: bool = False) -> Optional[Any]:
+    """``results/<name>`` as JSON; None if absent and not ``required``."""
+    run_dir = Path(run_dir)
+    path = RunPaths(run_dir).results / name
+    if not path.is_file():
+        if required:
+            raise LatentPatchError(f"{path} is missing; {_rerun_hint(run_dir)}")
+        return None
+    return _read_json_file(path, _rerun_hint(run_dir))
+
+
+def read_thoughts(run_dir: Path | str) -> Optional[dict[str, dict[str, list[list[str]]]]]:
+    """``results/thoughts.json``: {pair_id: {"clean"|"corrupted": [[top tokens] per thought]}}; None if absent."""
+    return read_result_json(run_dir, RunPaths(run_dir).thoughts.name)
+
+
+def check_result_files(run_dir: Path | str) -> list[str]:
+    """Parse every ``results/{layer,position,iterative}.json`` present; return the experiments found.
+
+    A corrupt file raises :class:`LatentPatchError` naming it, so a damaged run is reported
+    rather than silently summarised from the parquet alone.
+    """
+    paths = RunPaths(run_dir)
+    found = [exp for exp in EXPERIMENTS if read_result_json(run_dir, paths.experiment_result(exp).name) is not None]
+    read_thoughts(run_dir)
+    return found
+
+
+def read_stats(run_dir: Path | str) -> Optional[dict[str, Any]]:
+    """``stats.json`` (written by ``latentpatch report``); None if absent."""
+    path = RunPaths(run_dir).stats
+    if not path.is_file():
+        return None
+    return _read_json_file(path, "rebuild it with `latentpatch report RUN_DIR`")
+
+
+def read_pairs_json(run_dir: Path | str) -> dict[str, dict[str, Any]]:
+    """``pairs.json`` (the flat pair-file format) as {pair_id: {variant: entry}}; {} if absent."""
+    path = RunPaths(run_dir).pairs
+    if not path.is_file():
+        return {}
+    data = _read_json_file(path, "restore it from the pair file named in manifest.json config")
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(data, list):
+        for e in data:
+            if isinstance(e, dict) and "pair_id" in e:
+                out.setdefault(str(e["pair_id"]), {})[str(e.get("variant", "?"))] = e
+    return out
+
+
+# ---- assembly ------------------------------------------------------------------------------------
+#: Keys of a per-pair cell row that are not metrics of ``results/{experiment}.json``.
+_NOT_NESTED = ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")
+#: Cell columns stored as NaN (not null) when a row lacks them, so their dtype is float.
+_NAN_IF_MISSING = ("act_cos_clean", "act_cos_corr", "act_bias", "pred_answer", "recovery", "kl")
+
+
+def assemble(out: Path | str) -> None:
     """Per-pair files (in global pair order) -> results/{experiment}.json, cells.parquet,
     trajectories.parquet, thoughts.json. Needs no model: ``merge`` uses it on shard outputs."""
-    files = sorted((out / "results" / "pairs").glob("[0-9]*.json"))
+    paths = RunPaths(out)
+    files = sorted(paths.pair_results.glob("[0-9]*.json"))
     nested: dict[str, dict] = {}
     cell_rows, traj_rows, thoughts = [], [], {}
     for f in files:
@@ -72,20 +382,22 @@ def assemble(out: Path) -> None:
         if "thoughts" in data:
             thoughts[pid] = data["thoughts"]
         for row in data["cells"]:
-            metrics = {k: v for k, v in row.items() if k not in ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")}
-            nested.setdefault(row["experiment"], {}).setdefault(pid, {}).setdefault(str(row["layer"]), {})[row["key"]] = metrics
+            metrics = {k: v for k, v in row.items() if k not in _NOT_NESTED}
+            by_layer = nested.setdefault(row["experiment"], {}).setdefault(pid, {})
+            by_layer.setdefault(str(row["layer"]), {})[row["key"]] = metrics
             cell = {c: row.get(c) for c in CELL_COLUMNS}
             cell["pair_id"] = pid
-            for c in ("act_cos_clean", "act_cos_corr", "act_bias", "pred_answer", "recovery", "kl"):
+            for c in _NAN_IF_MISSING:
                 if cell[c] is None:
                     cell[c] = math.nan
             cell_rows.append(cell)
-            if row["mode"] in ("chained", "frozen") and "act_positions" in row:
-                for q, cc, cr in zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"]):
+            if row["mode"] in TRACKED_MODES and "act_positions" in row:
+                by_position = zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"])
+                for q, cc, cr in by_position:
                     traj_rows.append({"pair_id": pid, "layer": row["layer"], "mode": row["mode"], "position": q,
                                       "act_cos_clean": cc, "act_cos_corr": cr, "act_bias": cc - cr})
     for name, data in nested.items():
-        write_json(out / "results" / f"{name}.json", data)
-    write_parquet(out / "results" / "cells.parquet", cell_rows, CELL_COLUMNS)
-    write_parquet(out / "results" / "trajectories.parquet", traj_rows, TRAJECTORY_COLUMNS)
-    write_json(out / "results" / "thoughts.json", thoughts)
+        write_json(paths.experiment_result(name), data)
+    write_parquet(paths.cells, cell_rows, CELL_COLUMNS)
+    write_parquet(paths.trajectories, traj_rows, TRAJECTORY_COLUMNS)
+    write_json(paths.thoughts, thoughts)

@@ -18,21 +18,23 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from latentpatch.analysis import stats as st
+from latentpatch.analysis.figures import HEATMAP_METRICS, colour_norm, draw_heatmap, page_formats, save_figure
+from latentpatch.analysis.html import CSS, embed_png, escape, fmt, table
+from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of, used_pairs
 from latentpatch.errors import LatentPatchError
-from latentpatch.analysis.figures import HEATMAP_METRICS, _heatmap, _norm, _save
-from latentpatch.analysis.report import CSS, _e, embed_png, fmt, table
+from latentpatch.names import CELL_KEYS, METRIC_LABELS, POSITION_MODE, SUMMARY_METRICS
+from latentpatch.rundir import atomic_write_text, json_safe, read_cells, read_manifest
 
 GROUP = ["experiment", "mode", "component"]
 
 
-def cell_means(cells: pd.DataFrame, metrics: Iterable[str] = st.METRICS) -> pd.DataFrame:
+def cell_means(cells: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
     """Long table of per-cell means over pairs: (experiment, mode, component, layer, position, metric, n, mean)."""
     metrics = [m for m in metrics if m in cells.columns]
-    long = cells.melt(id_vars=st.CELL_KEYS + ["pair_id"], value_vars=metrics, var_name="metric", value_name="value")
+    long = cells.melt(id_vars=CELL_KEYS + ["pair_id"], value_vars=metrics, var_name="metric", value_name="value")
     long = long.dropna(subset=["value"])
     long["value"] = long["value"].astype(float)
-    g = long.groupby(st.CELL_KEYS + ["metric"], sort=True)["value"]
+    g = long.groupby(CELL_KEYS + ["metric"], sort=True)["value"]
     return pd.DataFrame({"n": g.size(), "mean": g.mean()}).reset_index()
 
 
@@ -70,19 +72,17 @@ def compare_tables(cells_a: pd.DataFrame, cells_b: pd.DataFrame, groups: list[tu
     keep = pd.MultiIndex.from_tuples(groups, names=GROUP)
     ma = ma[ma.set_index(GROUP).index.isin(keep)]
     mb = mb[mb.set_index(GROUP).index.isin(keep)]
-    merged = pd.merge(ma, mb, on=st.CELL_KEYS + ["metric"], how="inner", suffixes=("_a", "_b"))
+    merged = pd.merge(ma, mb, on=CELL_KEYS + ["metric"], how="inner", suffixes=("_a", "_b"))
     merged["diff"] = merged["mean_a"] - merged["mean_b"]
     return merged
 
 
 def _layer_figure(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: str, formats) -> list[Path]:
     """Per layer (all latent positions patched): A and B side by side, and A − B, for each metric."""
-    d = tab[(tab["experiment"] == "layer") & (tab["mode"] == "all")]
-    if d.empty:
-        d = tab[(tab["experiment"] == "iterative") & (tab["mode"] == "parallel")]
+    d = all_positions_rows(tab)
     if d.empty:
         return []
-    comp = "resid_out" if (d["component"] == "resid_out").any() else d["component"].iloc[0]
+    comp = primary_component_of(d)
     d = d[d["component"] == comp]
     metrics = [m for m in HEATMAP_METRICS if (d["metric"] == m).any()]
     fig = Figure(figsize=(11, 2.9 * len(metrics)), layout="constrained")
@@ -92,7 +92,7 @@ def _layer_figure(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: str, 
         x = m["layer"].to_numpy()
         row[0].bar(x - 0.2, m["mean_a"], 0.4, label=f"A: {label_a}", color="#4c72b0")
         row[0].bar(x + 0.2, m["mean_b"], 0.4, label=f"B: {label_b}", color="#dd8452")
-        row[0].set_ylabel(st.METRIC_LABELS[metric], fontsize=9)
+        row[0].set_ylabel(METRIC_LABELS[metric], fontsize=9)
         row[0].legend(fontsize=8)
         diff = m["diff"].to_numpy(float)
         row[1].bar(x, diff, color=np.where(diff >= 0, "#4c72b0", "#c44e52"))
@@ -104,15 +104,15 @@ def _layer_figure(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: str, 
     axes[-1, 0].set_xlabel("layer")
     axes[-1, 1].set_xlabel("layer")
     fig.suptitle(f"All latent positions patched at one layer ({comp}): mean over pairs, A vs B and A − B")
-    return _save(fig, out_dir, "compare_layer", formats)
+    return save_figure(fig, out_dir, "compare_layer", formats)
 
 
 def _position_figures(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: str, formats) -> list[Path]:
     """Layer x position heatmaps of A and B (one colour scale) and of A − B (diverging, centred at 0)."""
-    d = tab[(tab["experiment"] == "position") & (tab["mode"] == "single")]
+    d = mode_rows(tab, "position", POSITION_MODE)
     if d.empty:
         return []
-    comp = "resid_out" if (d["component"] == "resid_out").any() else d["component"].iloc[0]
+    comp = primary_component_of(d)
     d = d[d["component"] == comp]
     paths: list[Path] = []
     for metric in HEATMAP_METRICS:
@@ -122,19 +122,19 @@ def _position_figures(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: s
         grids = {k: m.pivot(index="layer", columns="position", values=k).sort_index().sort_index(axis=1) for k in ("mean_a", "mean_b", "diff")}
         layers, positions = grids["diff"].index.to_numpy(), grids["diff"].columns.to_numpy()
         both = np.concatenate([grids["mean_a"].to_numpy(float).ravel(), grids["mean_b"].to_numpy(float).ravel()])
-        norm, cmap = _norm(metric, both)
-        dnorm, dcmap = _norm("recovery", grids["diff"].to_numpy(float))  # signed: diverging around 0
+        norm, cmap = colour_norm(metric, both)
+        dnorm, dcmap = colour_norm("recovery", grids["diff"].to_numpy(float))  # signed: diverging around 0
         fig = Figure(figsize=(3 * (1.4 + 0.55 * len(positions)) + 1.5, 1.8 + 0.3 * len(layers)), layout="constrained")
         axes = fig.subplots(1, 3)
         for ax, key, title in ((axes[0], "mean_a", f"A: {label_a}"), (axes[1], "mean_b", f"B: {label_b}")):
-            im = _heatmap(ax, grids[key].to_numpy(float), layers, positions, metric, norm, cmap, top=3)
+            im = draw_heatmap(ax, grids[key].to_numpy(float), layers, positions, metric, norm, cmap, top=3)
             ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=axes[:2], label=st.METRIC_LABELS[metric], shrink=0.9)
-        im = _heatmap(axes[2], grids["diff"].to_numpy(float), layers, positions, metric, dnorm, dcmap, top=0)
+        fig.colorbar(im, ax=axes[:2], label=METRIC_LABELS[metric], shrink=0.9)
+        im = draw_heatmap(axes[2], grids["diff"].to_numpy(float), layers, positions, metric, dnorm, dcmap, top=0)
         axes[2].set_title("A − B", fontsize=9)
         fig.colorbar(im, ax=axes[2], label=f"A − B: {metric}", shrink=0.9)
         fig.suptitle(f"Position sweep ({comp}): mean {metric} over pairs")
-        paths += _save(fig, out_dir, f"compare_position_{metric}", formats)
+        paths += save_figure(fig, out_dir, f"compare_position_{metric}", formats)
     return paths
 
 
@@ -160,9 +160,9 @@ def compare_runs(
     position grids differ for an experiment both have (or they share no experiment).
     """
     run_a, run_b, out = Path(run_a), Path(run_b), Path(out)
-    man_a, man_b = st.load_manifest(run_a), st.load_manifest(run_b)
-    cells_a = st.select_pairs(st.load_cells(run_a), exclude_flagged)
-    cells_b = st.select_pairs(st.load_cells(run_b), exclude_flagged)
+    man_a, man_b = read_manifest(run_a), read_manifest(run_b)
+    cells_a = used_pairs(read_cells(run_a), exclude_flagged)
+    cells_b = used_pairs(read_cells(run_b), exclude_flagged)
     na, nb = (man_a.get("model") or {}).get("n_layers"), (man_b.get("model") or {}).get("n_layers")
     if na is not None and nb is not None and na != nb:
         raise LatentPatchError(f"{run_a} has {na} layers and {run_b} has {nb}: the layer grids differ; compare runs of models with the same layers")
@@ -171,33 +171,33 @@ def compare_runs(
 
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
-    formats = tuple(set(formats) | {"png"})
+    formats = page_formats(formats)
     label_a, label_b = run_a.name, run_b.name
     paths = _layer_figure(tab, fig_dir, label_a, label_b, formats) + _position_figures(tab, fig_dir, label_a, label_b, formats)
 
     summary_a, summary_b = _run_summary(man_a, cells_a, run_a), _run_summary(man_b, cells_b, run_b)
-    result = st.json_safe({
+    result = json_safe({
         "run_a": summary_a, "run_b": summary_b, "exclude_flagged": exclude_flagged,
         "compared": ["/".join(g) for g in groups],
         "cells": tab.to_dict(orient="records"),
         "figures": [str(p.relative_to(out)) for p in paths],
     })
-    (out / "compare.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
 
-    runs_rows = [[_e(k), _e(summary_a[k]), _e(summary_b[k])] for k in summary_a if k != "command"]
-    runs_rows.append(["command", f"<code>{_e(summary_a['command'])}</code>", f"<code>{_e(summary_b['command'])}</code>"])
+    runs_rows = [[escape(k), escape(summary_a[k]), escape(summary_b[k])] for k in summary_a if k != "command"]
+    runs_rows.append(["command", f"<code>{escape(summary_a['command'])}</code>", f"<code>{escape(summary_b['command'])}</code>"])
     top = tab[tab["metric"] == "recovery"].reindex(tab[tab["metric"] == "recovery"]["diff"].abs().sort_values(ascending=False).index).head(10)
-    top_rows = [[_e(r["experiment"]), _e(r["mode"]), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]),
+    top_rows = [[escape(r["experiment"]), escape(r["mode"]), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]),
                  fmt(r["mean_a"]), fmt(r["mean_b"]), fmt(r["diff"])] for _, r in top.iterrows()]
     figs_html = "".join(embed_png(p, p.stem.replace("_", " ")) for p in paths if p.suffix == ".png")
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>latentpatch compare: {_e(label_a)} vs {_e(label_b)}</title><style>{CSS}</style></head>
-<body><header><h1>Compare A = {_e(label_a)} vs B = {_e(label_b)}</h1><div class="sub">differences are A − B, means over pairs · generated {_dt.datetime.now():%Y-%m-%d %H:%M}</div></header>
-<main><section id="runs"><h2>Runs</h2>{table(["", "A", "B"], runs_rows, left=3)}<p>Compared: {_e(", ".join(result["compared"]))}</p></section>
+<html lang="en"><head><meta charset="utf-8"><title>latentpatch compare: {escape(label_a)} vs {escape(label_b)}</title><style>{CSS}</style></head>
+<body><header><h1>Compare A = {escape(label_a)} vs B = {escape(label_b)}</h1><div class="sub">differences are A − B, means over pairs · generated {_dt.datetime.now():%Y-%m-%d %H:%M}</div></header>
+<main><section id="runs"><h2>Runs</h2>{table(["", "A", "B"], runs_rows, left=3)}<p>Compared: {escape(", ".join(result["compared"]))}</p></section>
 <section id="largest"><h2>Largest recovery differences</h2>{table(["experiment", "mode", "layer", "pos", "A", "B", "A − B"], top_rows, left=2)}</section>
 <section id="figures"><h2>Figures</h2>{figs_html or '<p class="note">No layer or position sweep in common.</p>'}</section>
 </main></body></html>
 """
     html_path = out / "compare.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write_text(html_path, page)
     return html_path

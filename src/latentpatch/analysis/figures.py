@@ -22,31 +22,50 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from latentpatch.analysis.stats import METRIC_LABELS
+from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of
+from latentpatch.names import KEY_METRICS, METRIC_LABELS, POSITION_MODE, TRACKED_MODES
 
-HEATMAP_METRICS = ("kl", "recovery", "answer_logit_diff")
+#: Metrics of the layer bars and the position heatmaps.
+HEATMAP_METRICS = KEY_METRICS
 #: Metrics with a meaningful sign get a diverging map centred at 0; the others a sequential map.
 DIVERGING = {"recovery", "answer_logit_diff", "act_bias"}
+#: Colours of the compared iterative modes, in the order the comparison figure draws them.
 MODE_COLOURS = {"chained": "#d95f02", "parallel": "#1b9e77", "frozen": "#7570b3"}
 DPI = 110
 
 
-def _save(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+def page_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    """The formats to write for a page: PNG first (the page embeds it), then the others as given.
+
+    A fixed order, because each save lays the figure out again: PNG bytes depend on what was
+    saved before them.
+
+    >>> page_formats(["svg", "png", "pdf"])
+    ('png', 'svg', 'pdf')
+    """
+    return tuple(dict.fromkeys(["png", *formats]))
+
+
+def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; an SVG has no date and fixed ids,
+    so the same figure gives the same bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
-        fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
+        with rc_context({"svg.hashsalt": "latentpatch"}):  # SVG ids from a fixed salt, not a random one
+            fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
         paths.append(path)
     return paths
 
 
-def _norm(metric: str, values: np.ndarray):
-    """Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise."""
+def colour_norm(metric: str, values: np.ndarray):
+    """(norm, colour map) for ``values`` of ``metric``. Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise."""
     finite = values[np.isfinite(values)]
     if metric in DIVERGING:
         lim = float(np.max(np.abs(finite))) if finite.size else 1.0
@@ -57,23 +76,9 @@ def _norm(metric: str, values: np.ndarray):
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0), "viridis"
 
 
-def _primary_component(summary: pd.DataFrame) -> Optional[str]:
-    """The component to plot: ``resid_out`` if present (the default), else the most common one."""
-    if summary.empty:
-        return None
-    comps = summary["component"]
-    return "resid_out" if (comps == "resid_out").any() else comps.value_counts().index[0]
-
-
-def _sel(summary: pd.DataFrame, experiment: str, mode: str, metric: str, component: Optional[str]) -> pd.DataFrame:
-    s = summary
-    return s[(s["experiment"] == experiment) & (s["mode"] == mode) & (s["metric"] == metric) & (s["component"] == component)]
-
-
-def _all_positions(summary: pd.DataFrame, metric: str, component: Optional[str]) -> pd.DataFrame:
-    """All-latent-positions cells: the layer sweep, else the iterative ``parallel`` mode."""
-    d = _sel(summary, "layer", "all", metric, component)
-    return d if not d.empty else _sel(summary, "iterative", "parallel", metric, component)
+def _of(summary: pd.DataFrame, metric: str, component: Optional[str]) -> pd.DataFrame:
+    """The summary rows of one metric and component."""
+    return summary[(summary["metric"] == metric) & (summary["component"] == component)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +86,8 @@ def _all_positions(summary: pd.DataFrame, metric: str, component: Optional[str])
 
 def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Bar chart per layer (mean over pairs, 95% bootstrap CI error bars) of KL, recovery, logit diff."""
-    comp = _primary_component(summary)
-    data = {m: _all_positions(summary, m, comp).sort_values("layer") for m in HEATMAP_METRICS}
+    comp = primary_component_of(summary)
+    data = {m: all_positions_rows(_of(summary, m, comp)).sort_values("layer") for m in HEATMAP_METRICS}
     data = {m: d for m, d in data.items() if not d.empty}
     if not data:
         return []
@@ -100,11 +105,13 @@ def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.set_xticks(d["layer"])
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"Patching all latent positions at one layer ({comp}): mean over pairs ± 95% CI")
-    return _save(fig, out_dir, "layer_bars", formats)
+    return save_figure(fig, out_dir, "layer_bars", formats)
 
 
-def _heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray, metric: str, norm, cmap, top: int = 5, annotate_top: bool = True):
-    """Draw one layer (rows) x position (cols) heatmap; outline and number the top cells."""
+def draw_heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray, metric: str, norm, cmap, top: int = 5,
+                 annotate_top: bool = True):
+    """Draw one layer (rows) x position (cols) heatmap (``grid`` [layers, positions]) on ``ax``;
+    outline and number the ``top`` largest cells. Returns the image (for a colour bar)."""
     im = ax.imshow(grid, aspect="auto", origin="lower", norm=norm, cmap=cmap, interpolation="nearest")
     ax.set_xticks(range(len(positions)), [str(p) for p in positions])
     step = max(1, len(layers) // 16)
@@ -126,21 +133,21 @@ def _heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray, me
 
 def position_heatmaps(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5) -> list[Path]:
     """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells numbered."""
-    comp = _primary_component(summary)
+    comp = primary_component_of(summary)
     paths: list[Path] = []
     for metric in HEATMAP_METRICS:
-        d = _sel(summary, "position", "single", metric, comp)
+        d = mode_rows(_of(summary, metric, comp), "position", POSITION_MODE)
         if d.empty:
             continue
         piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
         grid = piv.to_numpy(float)
-        norm, cmap = _norm(metric, grid)
+        norm, cmap = colour_norm(metric, grid)
         fig = Figure(figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained")
         ax = fig.subplots()
-        im = _heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
+        im = draw_heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
         fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
         ax.set_title(f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells", fontsize=10)
-        paths += _save(fig, out_dir, f"position_heatmap_{metric}", formats)
+        paths += save_figure(fig, out_dir, f"position_heatmap_{metric}", formats)
     return paths
 
 
@@ -148,8 +155,8 @@ def position_heatmaps_per_pair(
     cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), max_pairs: int = 6
 ) -> list[Path]:
     """Small multiples: layer x position heatmaps for the first ``max_pairs`` pairs, one colour scale."""
-    comp = "resid_out" if (cells["component"] == "resid_out").any() else cells["component"].iloc[0]
-    d = cells[(cells["experiment"] == "position") & (cells["mode"] == "single") & (cells["component"] == comp)]
+    comp = primary_component_of(cells)
+    d = mode_rows(cells[cells["component"] == comp], "position", POSITION_MODE)
     if d.empty:
         return []
     pair_ids = list(dict.fromkeys(d["pair_id"]))[:max_pairs]
@@ -163,7 +170,7 @@ def position_heatmaps_per_pair(
             piv = d[d["pair_id"] == pid].pivot(index="layer", columns="position", values=metric).sort_index().sort_index(axis=1)
             grids[pid] = piv
         allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
-        norm, cmap = _norm(metric, allv)
+        norm, cmap = colour_norm(metric, allv)
         ncol = min(3, len(pair_ids))
         nrow = int(np.ceil(len(pair_ids) / ncol))
         n_layers, n_pos = next(iter(grids.values())).shape
@@ -172,7 +179,7 @@ def position_heatmaps_per_pair(
         im = None
         for k, (ax, pid) in enumerate(zip(axes.ravel(), pair_ids)):
             piv = grids[pid]
-            im = _heatmap(ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1)
+            im = draw_heatmap(ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1)
             if k % ncol:
                 ax.set_ylabel("")
                 ax.tick_params(labelleft=False)
@@ -184,16 +191,14 @@ def position_heatmaps_per_pair(
             ax.set_visible(False)
         fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
         fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell)")
-        paths += _save(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
+        paths += save_figure(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
     return paths
 
 
 def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Pairs (rows) x layers (cols) heatmaps of the all-positions patch (layer sweep, else parallel)."""
-    comp = "resid_out" if (cells["component"] == "resid_out").any() else cells["component"].iloc[0]
-    d = cells[(cells["experiment"] == "layer") & (cells["mode"] == "all") & (cells["component"] == comp)]
-    if d.empty:
-        d = cells[(cells["experiment"] == "iterative") & (cells["mode"] == "parallel") & (cells["component"] == comp)]
+    comp = primary_component_of(cells)
+    d = all_positions_rows(cells[cells["component"] == comp])
     if d.empty:
         return []
     metrics = [m for m in HEATMAP_METRICS if m in d]
@@ -205,7 +210,7 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     for ax, metric in zip(axes, metrics):
         piv = d.pivot(index="pair_id", columns="layer", values=metric).reindex(pair_ids).sort_index(axis=1)
         grid = piv.to_numpy(float)
-        norm, cmap = _norm(metric, grid)
+        norm, cmap = colour_norm(metric, grid)
         im = ax.imshow(grid, aspect="auto", norm=norm, cmap=cmap, interpolation="nearest")
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in piv.columns], fontsize=7)
         step = max(1, len(pair_ids) // 40)
@@ -215,7 +220,7 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.set_ylabel("pair (* = flagged)")
         fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric], shrink=0.6, aspect=30)
     fig.suptitle(f"All latent positions patched at one layer ({comp}), per pair")
-    return _save(fig, out_dir, "pairs_layers", formats)
+    return save_figure(fig, out_dir, "pairs_layers", formats)
 
 
 def _strongest(values: pd.Series, k: int = 3) -> list:
@@ -224,8 +229,8 @@ def _strongest(values: pd.Series, k: int = 3) -> list:
 
 def cumulative_trajectories(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
     """Cumulative patching (positions 0..n at one layer): mean KL and recovery vs n, one line per layer."""
-    comp = _primary_component(summary)
-    data = {m: _sel(summary, "iterative", "cumulative", m, comp) for m in ("kl", "recovery")}
+    comp = primary_component_of(summary)
+    data = {m: mode_rows(_of(summary, m, comp), "iterative", "cumulative") for m in ("kl", "recovery")}
     data = {m: d for m, d in data.items() if not d.empty}
     if not data:
         return []
@@ -245,18 +250,17 @@ def cumulative_trajectories(summary: pd.DataFrame, out_dir: Path, formats: Seque
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.legend(title=f"strongest {len(strong)}\n(grey: other layers)", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Cumulative patching ({comp}): mean over pairs")
-    return _save(fig, out_dir, "cumulative_trajectories", formats)
+    return save_figure(fig, out_dir, "cumulative_trajectories", formats)
 
 
 def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
     """Chained (and frozen) patching: cosine of the generated activation to clean / corrupted per position."""
     if trajectories is None or trajectories.empty:
         return []
-    modes = [m for m in ("chained", "frozen") if (trajectories["mode"] == m).any()]
+    modes = [m for m in TRACKED_MODES if (trajectories["mode"] == m).any()]
     if not modes:
         return []
-    cols = [("act_cos_clean", "cos(activation, clean)"), ("act_cos_corr", "cos(activation, corrupted)"), ("act_bias", "cos(clean) − cos(corrupted)")]
-    cols = [c for c in cols if c[0] in trajectories]
+    cols = [(c, METRIC_LABELS[c]) for c in ("act_cos_clean", "act_cos_corr", "act_bias") if c in trajectories]
     mean = trajectories.groupby(["mode", "layer", "position"])[[c for c, _ in cols]].mean()
     fig = Figure(figsize=(4.3 * len(cols), 3.3 * len(modes)), layout="constrained")
     axes = fig.subplots(len(modes), len(cols), squeeze=False, sharex=True)
@@ -280,20 +284,18 @@ def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, form
             if c == 0:
                 ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
     fig.suptitle("Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)")
-    return _save(fig, out_dir, "chained_similarity", formats)
+    return save_figure(fig, out_dir, "chained_similarity", formats)
 
 
 def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
     """Chained vs parallel vs frozen per layer: grouped bars, mean over pairs ± 95% CI."""
-    comp = _primary_component(summary)
-    metrics = ["recovery", "kl", "answer_logit_diff"]
+    comp = primary_component_of(summary)
     panels = []
-    for metric in metrics:
+    for metric in ("recovery", "kl", "answer_logit_diff"):
+        of = _of(summary, metric, comp)
         per_mode = {}
-        for mode in ("chained", "parallel", "frozen"):
-            d = _sel(summary, "iterative", mode, metric, comp)
-            if d.empty and mode == "parallel":
-                d = _sel(summary, "layer", "all", metric, comp)
+        for mode in MODE_COLOURS:
+            d = all_positions_rows(of, prefer="iterative") if mode == "parallel" else mode_rows(of, "iterative", mode)
             if not d.empty:
                 per_mode[mode] = d.sort_values(["layer", "position"]).drop_duplicates("layer")
         if len(per_mode) >= 2:
@@ -317,7 +319,7 @@ def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str
         ax.legend(fontsize=8, ncols=3, loc="best")
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
-    return _save(fig, out_dir, "modes_comparison", formats)
+    return save_figure(fig, out_dir, "modes_comparison", formats)
 
 
 def make_figures(

@@ -8,10 +8,7 @@ network. Section ids (for links and tests) are in :data:`SECTIONS`.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -19,7 +16,13 @@ import pandas as pd
 
 from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
-from latentpatch.errors import LatentPatchError
+from latentpatch.analysis.html import CSS, embed_png, escape, fmt, fmt_p, kv_list, table
+from latentpatch.analysis.selection import all_positions_rows, used_pairs
+from latentpatch.names import KEY_METRICS, METRIC_LABELS
+from latentpatch.rundir import (
+    RunPaths, atomic_write_text, check_result_files, read_cells, read_manifest, read_pairs_json, read_thoughts,
+    read_trajectories,
+)
 
 #: (id, heading) of every section of the page, in order.
 SECTIONS: list[tuple[str, str]] = [
@@ -36,118 +39,11 @@ SECTIONS: list[tuple[str, str]] = [
     ("reproduce", "Reproduce"),
 ]
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
-header{background:#22303c;color:#fff;padding:18px 32px}
-header h1{margin:0 0 4px;font-size:24px} header .sub{opacity:.85;font-size:14px}
-nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;z-index:2;font-size:14px}
-nav a{margin-right:14px;color:#1a5fb4;text-decoration:none} nav a:hover{text-decoration:underline}
-main{max-width:1320px;margin:0 auto;padding:8px 32px 48px}
-section{background:#fff;border:1px solid #e3e3e3;border-radius:8px;padding:8px 22px 18px;margin:18px 0}
-h2{font-size:20px;border-bottom:2px solid #e8e8e8;padding-bottom:6px} h3{font-size:16px;margin-top:22px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top}
-th{background:#f0f3f6} td.l,th.l{text-align:left}
-tr:nth-child(even) td{background:#fafbfc}
-tr.fail td{background:#fde2e1 !important}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}
-.pass{background:#d4f4dd;color:#135d2a} .failb{background:#c62828;color:#fff}
-.banner{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}
-.banner.bad{background:#fde2e1;border:1px solid #c62828;color:#8e1b1b}
-.banner.warn{background:#fff4d6;border:1px solid #d49b00;color:#6b4e00}
-figure{margin:14px 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:13px;color:#555;margin-top:4px}
-.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-.figs figure{flex:1 1 480px;max-width:620px;margin:6px 0}
-.note{color:#666;font-style:italic}
-.sig{font-weight:700;color:#0b5394}
-pre{background:#f3f3f3;padding:10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:13px}
-code{font-size:12px;background:#f3f3f3;padding:0 3px;border-radius:3px}
-details summary{cursor:pointer;color:#1a5fb4;margin:8px 0}
-dl.kv{display:grid;grid-template-columns:max-content auto;gap:3px 16px;font-size:14px} dl.kv dt{font-weight:600} dl.kv dd{margin:0}
-"""
-
 TOP_SHOWN = 5  # top cells listed per metric in the experiment sections
-
-
-# ---------------------------------------------------------------------------------------------
-# Small HTML helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a table: '–' for missing, scientific for very small/large, else ``digits`` significant."""
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, (int,)) and not isinstance(x, bool):
-        return str(x)
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return _e(x)
-    if f != f:
-        return "–"
-    if f == 0:
-        return "0"
-    if abs(f) < 1e-3 or abs(f) >= 1e5:
-        return f"{f:.{max(1, digits - 1)}e}"
-    return f"{f:.{digits}g}"
-
-
-def fmt_p(p: Any) -> str:
-    """A p-value; bold when < 0.05."""
-    s = fmt(p, 2)
-    try:
-        if p is not None and float(p) < 0.05:
-            return f'<span class="sig">{s}</span>'
-    except (TypeError, ValueError):
-        pass
-    return s
-
-
-def table(header: list[str], rows: Iterable[list[str]], left: int | set[int] = 0, row_classes: Optional[list[str]] = None) -> str:
-    """An HTML table. ``left``: the first ``left`` columns (int) or these column indices (set) are
-    left-aligned (text); the rest right-aligned (numbers). Cells are inserted as given (already escaped)."""
-    rows = list(rows)
-    left = set(range(left)) if isinstance(left, int) else set(left)
-    out = ["<table><thead><tr>"]
-    out += [f'<th class="l">{_e(h)}</th>' if i in left else f"<th>{_e(h)}</th>" for i, h in enumerate(header)]
-    out.append("</tr></thead><tbody>")
-    for r, row in enumerate(rows):
-        cls = f' class="{row_classes[r]}"' if row_classes and row_classes[r] else ""
-        out.append(f"<tr{cls}>")
-        out += [f'<td class="l">{c}</td>' if i in left else f"<td>{c}</td>" for i, c in enumerate(row)]
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def kv_list(d: dict) -> str:
-    items = []
-    for k, v in d.items():
-        if isinstance(v, float):
-            val = fmt(v, 4)
-        else:
-            val = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-        items.append(f"<dt>{_e(k)}</dt><dd><code>{_e(val)}</code></dd>")
-    return f'<dl class="kv">{"".join(items)}</dl>' if items else '<p class="note">none recorded</p>'
-
-
-def embed_png(path: Path, caption: str) -> str:
-    """A <figure> with the PNG inlined as base64 (and a relative link to the SVG if it exists)."""
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    svg = path.with_suffix(".svg")
-    link = f' (<a href="figures/{_e(svg.name)}">SVG</a>)' if svg.is_file() else ""
-    return (f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(caption)}{link}</figcaption></figure>")
+#: The key metrics (:data:`latentpatch.names.KEY_METRICS`) in the order of the report's tables.
+TABLE_METRICS: tuple[str, ...] = ("recovery", "kl", "answer_logit_diff")
+#: Metrics of the chained/frozen top-cell tables.
+ITERATIVE_TABLE_METRICS: tuple[str, ...] = ("recovery", "kl", "act_bias")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +53,7 @@ def embed_png(path: Path, caption: str) -> str:
 
 def _section(sid: str, body: str) -> str:
     heading = dict(SECTIONS)[sid]
-    return f'<section id="{sid}"><h2>{_e(heading)}</h2>{body}</section>'
+    return f'<section id="{sid}"><h2>{escape(heading)}</h2>{body}</section>'
 
 
 def _summary(manifest: dict, stats: dict, run_dir: Path) -> str:
@@ -197,7 +93,7 @@ def _checks(manifest: dict) -> tuple[str, int]:
         passed = c.get("passed")
         n_fail += passed is False
         badge = '<span class="badge pass">PASS</span>' if passed else ('<span class="badge failb">FAIL</span>' if passed is False else "–")
-        rows.append([_e(name), badge, fmt(c.get("value"), 3), fmt(c.get("threshold"), 3), _e(c.get("detail", ""))])
+        rows.append([escape(name), badge, fmt(c.get("value"), 3), fmt(c.get("threshold"), 3), escape(c.get("detail", ""))])
         classes.append("fail" if passed is False else "")
     banner = (f'<div class="banner bad">{n_fail} check(s) failed: the results below may not mean what they say.</div>' if n_fail else "")
     return _section("checks", banner + table(["check", "result", "value", "threshold", "detail"], rows, left={0, 1, 4}, row_classes=classes)
@@ -231,7 +127,7 @@ def _top_tables(stats: dict, key: str, metrics: Iterable[str]) -> str:
             continue
         body = [[str(i + 1), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]), fmt(r["mean"]),
                  f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt_p(r["p_holm"]), fmt_p(r["p_bh"])] for i, r in enumerate(rows[:TOP_SHOWN])]
-        blocks.append(f"<div><h3>Top {len(body)} by {_e(st.METRIC_LABELS.get(metric, metric))}</h3>"
+        blocks.append(f"<div><h3>Top {len(body)} by {escape(METRIC_LABELS.get(metric, metric))}</h3>"
                       + table(["#", "layer", "pos", "mean", "95% CI", "p Holm", "p BH"], body) + "</div>")
     return f'<div class="row">{"".join(blocks)}</div>' if blocks else ""
 
@@ -246,7 +142,7 @@ def _layer(stats: dict, fig_dir: Path) -> str:
     body = "<p>Every latent position at one layer patched with its clean value (resid_out unless configured otherwise).</p>"
     body += _fig(fig_dir, "layer_bars", "Mean over pairs per layer with 95% bootstrap CI.")
     body += _fig(fig_dir, "pairs_layers", "Per pair (rows) and layer (columns); * marks flagged pairs.")
-    body += _top_tables(stats, "layer/all", ["recovery", "kl", "answer_logit_diff"])
+    body += _top_tables(stats, "layer/all", TABLE_METRICS)
     return _section("layer", body)
 
 
@@ -256,15 +152,15 @@ def _position(stats: dict, fig_dir: Path) -> str:
     body = "<p>One latent position at one layer patched with its clean value. Boxes mark the top-5 cells.</p>"
     body += '<div class="row figs">' + "".join(
         _fig(fig_dir, f"position_heatmap_{metric}", f"Position sweep, mean {metric} over pairs (layer x latent position).")
-        for metric in figs.HEATMAP_METRICS) + "</div>"
-    body += _top_tables(stats, "position/single", ["recovery", "kl", "answer_logit_diff"])
+        for metric in KEY_METRICS) + "</div>"
+    body += _top_tables(stats, "position/single", TABLE_METRICS)
     body += "<details><summary>Per-pair heatmaps (first pairs)</summary>"
-    for metric in figs.HEATMAP_METRICS:
+    for metric in KEY_METRICS:
         body += _fig(fig_dir, f"position_heatmap_pairs_{metric}", f"Position sweep per pair: {metric}.")
     body += "</details>"
-    add = [r for r in stats["additivity"] if r["metric"] in ("recovery", "kl", "answer_logit_diff")]
+    add = [r for r in stats["additivity"] if r["metric"] in TABLE_METRICS]
     if add:
-        rows = [[str(r["layer"]), _e(r["metric"]), str(r["n"]), fmt(r["mean_sum_single"]), fmt(r["mean_all"]), fmt(r["mean_diff"]), fmt(r["ratio"]), fmt_p(r["p_wilcoxon"])]
+        rows = [[str(r["layer"]), escape(r["metric"]), str(r["n"]), fmt(r["mean_sum_single"]), fmt(r["mean_all"]), fmt(r["mean_diff"]), fmt(r["ratio"]), fmt_p(r["p_wilcoxon"])]
                 for r in sorted(add, key=lambda r: (r["metric"], r["layer"]))]
         body += ("<h3>Additivity: sum of single-position effects vs all positions at once</h3>"
                  "<details><summary>Show table (ratio = mean of sums / mean all-positions effect; p: Wilcoxon of sum − all)</summary>"
@@ -283,22 +179,20 @@ def _iterative(stats: dict, fig_dir: Path) -> str:
     body += _fig(fig_dir, "modes_comparison", "Chained vs parallel vs frozen per layer (mean ± 95% CI).")
     for key in ("iterative/chained", "iterative/frozen"):
         if key in stats["top_cells"]:
-            body += f"<h3>{_e(key.split('/')[1])}</h3>" + _top_tables(stats, key, ["recovery", "kl", "act_bias"])
+            body += f"<h3>{escape(key.split('/')[1])}</h3>" + _top_tables(stats, key, ITERATIVE_TABLE_METRICS)
     return _section("iterative", body)
 
 
 def _statistics(stats: dict) -> str:
     s = stats["settings"]
     body = (f"<p>Per cell (experiment, mode, layer, position) over {stats['n_pairs_used']} pairs: mean, {int(s['confidence'] * 100)}% "
-            f"bootstrap CI ({_e(s['ci_method'])}, {s['n_resamples']} resamples, seed {s['seed']}), {_e(s['cell_test'])}; "
-            f"{_e(s['corrections'])}. Bold: p &lt; 0.05.</p>")
+            f"bootstrap CI ({escape(s['ci_method'])}, {s['n_resamples']} resamples, seed {s['seed']}), {escape(s['cell_test'])}; "
+            f"{escape(s['corrections'])}. Bold: p &lt; 0.05.</p>")
     cells = pd.DataFrame(stats["cells"])
     if not cells.empty:
-        lay = cells[((cells["experiment"] == "layer") & (cells["mode"] == "all"))]
-        if lay.empty:
-            lay = cells[(cells["experiment"] == "iterative") & (cells["mode"] == "parallel")]
+        lay = all_positions_rows(cells)
         if not lay.empty:
-            mets = [m for m in ("recovery", "kl", "answer_logit_diff") if m in set(lay["metric"])]
+            mets = [m for m in TABLE_METRICS if m in set(lay["metric"])]
             rows = []
             for layer, g in lay.groupby("layer"):
                 row = [str(layer)]
@@ -318,7 +212,7 @@ def _statistics(stats: dict) -> str:
                  "<p>Δ = mean over pairs of a − b; p: paired Wilcoxon, Holm-corrected across layers; d<sub>z</sub> = mean / sd of "
                  "the paired differences. Paired t-tests, BH and the rank-biserial correlation are in the full table and stats/comparisons.csv.</p>")
         blocks = []
-        for metric in [m for m in ("recovery", "kl", "answer_logit_diff") if m in set(comps["metric"])]:
+        for metric in [m for m in TABLE_METRICS if m in set(comps["metric"])]:
             sub = comps[comps["metric"] == metric]
             names = list(dict.fromkeys(sub["comparison"]))
             rows = []
@@ -329,17 +223,17 @@ def _statistics(stats: dict) -> str:
                     row += ["–"] * 3 if r.empty else [fmt(r.iloc[0]["mean_diff"]), fmt_p(r.iloc[0]["p_wilcoxon_holm"]), fmt(r.iloc[0]["cohens_dz"])]
                 rows.append(row)
             header = ["layer"] + [x for n in names for x in (f"{n}: Δ", "p", "d_z")]
-            blocks.append(f"<div><h3>{_e(st.METRIC_LABELS.get(metric, metric))}</h3>" + table(header, rows, left=1) + "</div>")
+            blocks.append(f"<div><h3>{escape(METRIC_LABELS.get(metric, metric))}</h3>" + table(header, rows, left=1) + "</div>")
         body += f'<div class="row">{"".join(blocks)}</div>'
-        rows = [[_e(r["metric"]), _e(r["comparison"]), str(r["layer"]), str(r["n"]), fmt(r["mean_a"]), fmt(r["mean_b"]), fmt(r["mean_diff"]),
+        rows = [[escape(r["metric"]), escape(r["comparison"]), str(r["layer"]), str(r["n"]), fmt(r["mean_a"]), fmt(r["mean_b"]), fmt(r["mean_diff"]),
                  fmt_p(r["p_wilcoxon"]), fmt_p(r["p_wilcoxon_holm"]), fmt_p(r["p_wilcoxon_bh"]), fmt_p(r["p_ttest"]), fmt_p(r["p_ttest_holm"]),
                  fmt_p(r["p_ttest_bh"]), fmt(r["cohens_dz"]), fmt(r["rank_biserial"])] for r in stats["comparisons"]]
         body += (f"<details><summary>Every comparison ({len(rows)} rows)</summary>"
                  + table(["metric", "comparison", "layer", "n", "mean a", "mean b", "mean a−b", "p W", "p W Holm", "p W BH",
                           "p t", "p t Holm", "p t BH", "d_z", "r_rb"], rows, left=2) + "</details>")
     if not cells.empty:
-        rows = [[_e(r["experiment"]), _e(r["mode"]), _e(r["component"]), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]),
-                 _e(r["metric"]), str(r["n"]), fmt(r["mean"]), fmt(r["median"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+        rows = [[escape(r["experiment"]), escape(r["mode"]), escape(r["component"]), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]),
+                 escape(r["metric"]), str(r["n"]), fmt(r["mean"]), fmt(r["median"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
                  fmt_p(r["p_wilcoxon"]), fmt_p(r["p_holm"]), fmt_p(r["p_bh"])] for r in stats["cells"]]
         body += (f"<details><summary>Every cell ({len(rows)} rows; also in stats/cells.csv)</summary>"
                  + table(["experiment", "mode", "component", "layer", "pos", "metric", "n", "mean", "median", "95% CI", "p", "p Holm", "p BH"], rows, left=3)
@@ -354,7 +248,7 @@ def _flagged(stats: dict, cells: pd.DataFrame) -> str:
     per = cells[cells["pair_id"].isin(ids)].drop_duplicates("pair_id")
     rows = []
     for _, r in per.iterrows():
-        rows.append([_e(r["pair_id"]), fmt(bool(r["clean_correct"])) if "clean_correct" in r else "?",
+        rows.append([escape(r["pair_id"]), fmt(bool(r["clean_correct"])) if "clean_correct" in r else "?",
                      fmt(bool(r["corrupted_correct"])) if "corrupted_correct" in r else "?"])
     note = ("These pairs are <b>excluded</b> from the statistics and figures (--exclude-flagged)." if stats["settings"]["exclude_flagged"]
             else "These pairs are <b>included</b>; rebuild with <code>latentpatch report RUN_DIR --exclude-flagged</code> to drop them.")
@@ -363,7 +257,7 @@ def _flagged(stats: dict, cells: pd.DataFrame) -> str:
 
 
 def _show_token(tok: Any) -> str:
-    return f"<code>{_e(str(tok).replace(' ', '␣').replace(chr(10), '⏎'))}</code>"
+    return f"<code>{escape(str(tok).replace(' ', '␣').replace(chr(10), '⏎'))}</code>"
 
 
 def _thoughts(thoughts: Optional[dict], pairs: dict[str, dict[str, Any]], max_pairs: int = 5) -> str:
@@ -378,8 +272,8 @@ def _thoughts(thoughts: Optional[dict], pairs: dict[str, dict[str, Any]], max_pa
             k = " ".join(_show_token(t) for t in (corr[i] if i < len(corr) else []))
             rows.append([str(i), c, k])
         q = pairs.get(str(pid), {})
-        qtxt = "".join(f"<div><b>{_e(v)}</b>: {_e(q[v].get('question', ''))} → <b>{_e(q[v].get('answer', ''))}</b></div>" for v in ("clean", "corrupted") if v in q)
-        body += f"<div><h3>pair {_e(pid)}</h3>{qtxt}" + table(["thought", "clean", "corrupted"], rows, left=3) + "</div>"
+        qtxt = "".join(f"<div><b>{escape(v)}</b>: {escape(q[v].get('question', ''))} → <b>{escape(q[v].get('answer', ''))}</b></div>" for v in ("clean", "corrupted") if v in q)
+        body += f"<div><h3>pair {escape(pid)}</h3>{qtxt}" + table(["thought", "clean", "corrupted"], rows, left=3) + "</div>"
     return _section("thoughts", body + "</div>")
 
 
@@ -388,24 +282,7 @@ def _reproduce(manifest: dict, run_dir: Path, exclude_flagged: bool) -> str:
     if isinstance(cmd, list):
         cmd = " ".join(map(str, cmd))
     rebuild = f"latentpatch report {run_dir}" + (" --exclude-flagged" if exclude_flagged else "")
-    return _section("reproduce", f"<p>The run:</p><pre>{_e(cmd)}</pre><p>This page (from the results only):</p><pre>{_e(rebuild)}</pre>")
-
-
-def _load_pairs(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """``pairs.json`` (flat §7 format) as {pair_id: {variant: entry}}; {} if absent."""
-    path = run_dir / "pairs.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LatentPatchError(f"{path} is not valid JSON ({err}); restore it from the pair file named in manifest.json config") from None
-    out: dict[str, dict[str, Any]] = {}
-    if isinstance(data, list):
-        for e in data:
-            if isinstance(e, dict) and "pair_id" in e:
-                out.setdefault(str(e["pair_id"]), {})[str(e.get("variant", "?"))] = e
-    return out
+    return _section("reproduce", f"<p>The run:</p><pre>{escape(cmd)}</pre><p>This page (from the results only):</p><pre>{escape(rebuild)}</pre>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,35 +302,35 @@ def build_report(
     :class:`LatentPatchError` naming it. Returns the path of ``report.html``.
     """
     run_dir = Path(run_dir)
-    manifest = st.load_manifest(run_dir)
-    st.check_result_files(run_dir)
-    all_cells = st.load_cells(run_dir)
-    trajectories = st.load_trajectories(run_dir)
-    thoughts = st.load_json_result(run_dir, "thoughts.json")
-    pairs = _load_pairs(run_dir)
+    manifest = read_manifest(run_dir)
+    check_result_files(run_dir)
+    all_cells = read_cells(run_dir)
+    trajectories = read_trajectories(run_dir)
+    thoughts = read_thoughts(run_dir)
+    pairs = read_pairs_json(run_dir)
 
     stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
     st.write_stats(run_dir, stats)
-    cells = st.select_pairs(all_cells, exclude_flagged)
+    cells = used_pairs(all_cells, exclude_flagged)
     if trajectories is not None and exclude_flagged:
         trajectories = trajectories[trajectories["pair_id"].astype(str).isin(set(cells["pair_id"]))]
-    figs.make_figures(run_dir, pd.DataFrame(stats["cells"]), cells, trajectories, formats=tuple(set(formats) | {"png"}))
+    figs.make_figures(run_dir, pd.DataFrame(stats["cells"]), cells, trajectories, formats=figs.page_formats(formats))
 
-    fig_dir = run_dir / "figures"
+    fig_dir = RunPaths(run_dir).figures
     checks_html, n_fail = _checks(manifest)
     banners = ""
     if manifest.get("status") != "complete":
-        banners += f'<div class="banner warn">Run status is "{_e(manifest.get("status", "unknown"))}": the results may be partial.</div>'
+        banners += f'<div class="banner warn">Run status is "{escape(manifest.get("status", "unknown"))}": the results may be partial.</div>'
     if n_fail:
         banners += f'<div class="banner bad">{n_fail} built-in check(s) failed — see <a href="#checks">Built-in checks</a>.</div>'
     model = manifest.get("model") or {}
     title = f"latentpatch report: {run_dir.name}"
-    nav = "".join(f'<a href="#{sid}">{_e(h.split(":")[0])}</a>' for sid, h in SECTIONS)
+    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS)
     generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title><style>{CSS}</style></head>
-<body><header><h1>{_e(title)}</h1><div class="sub">model {_e(model.get('name', '?'))} · {stats['n_pairs_used']} pairs · experiments: {_e(', '.join(stats['experiments']) or 'none')} · generated {generated}</div></header>
+<title>{escape(title)}</title><style>{CSS}</style></head>
+<body><header><h1>{escape(title)}</h1><div class="sub">model {escape(model.get('name', '?'))} · {stats['n_pairs_used']} pairs · experiments: {escape(', '.join(stats['experiments']) or 'none')} · generated {generated}</div></header>
 <nav>{nav}</nav><main>{banners}
 {_summary(manifest, stats, run_dir)}
 {checks_html}
@@ -468,8 +345,6 @@ def build_report(
 {_reproduce(manifest, run_dir, exclude_flagged)}
 </main></body></html>
 """
-    out = run_dir / "report.html"
-    tmp = out.with_name("report.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    out = RunPaths(run_dir).report
+    atomic_write_text(out, page)
     return out

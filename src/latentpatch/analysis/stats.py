@@ -1,276 +1,36 @@
-"""Statistics over a run's per-pair cells (design.md §3–§5, docs/ARCHITECTURE.md "Run directory").
+"""The statistics of a run (``stats.json``, ``stats/*.csv``) from its per-pair cells.
 
 Everything is a pure function on the tidy ``results/cells.parquet`` table (one row per pair x
-patch spec), plus :func:`compute_stats` which reads a run directory and writes
-``stats.json``, ``stats/cells.csv``, ``stats/comparisons.csv`` and ``stats/additivity.csv``.
+patch spec), plus :func:`compute_stats` which reads a run directory and writes ``stats.json``,
+``stats/cells.csv``, ``stats/comparisons.csv`` and ``stats/additivity.csv``. The tests, CIs and
+corrections themselves are in :mod:`latentpatch.analysis.inference`.
 
 A *cell* is one ``(experiment, mode, component, layer, position)``; its sample is the metric's
 values over pairs. Per cell: n, mean, std (ddof=1), median, a seeded bootstrap CI of the mean
 (:func:`scipy.stats.bootstrap`) and a one-sample Wilcoxon signed-rank test against 0, with Holm and
 Benjamini–Hochberg adjusted p-values across the cells of one ``(experiment, mode, component,
 metric)`` family (the layer x position grid). Per layer: paired chained/parallel/frozen
-comparisons and the additivity of single-position effects.
+comparisons and the additivity of single-position effects (docs/method.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
+from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
+from latentpatch.analysis.selection import all_positions_rows, mode_rows, used_pairs
 from latentpatch.errors import LatentPatchError
+from latentpatch.names import ADDITIVE_METRICS, CELL_KEYS, MODE_COMPARISONS, POSITION_MODE, SUMMARY_METRICS
+from latentpatch.rundir import RunPaths, atomic_write_text, check_result_files, json_safe, read_cells, read_manifest
 
 #: Metrics summarised per cell (``act_bias`` only exists for chained/frozen rows; NaN elsewhere).
-METRICS: tuple[str, ...] = ("kl", "recovery", "answer_logit_diff", "logit_l2", "pred_change_rate", "act_bias")
-#: Columns that identify a cell.
-CELL_KEYS: list[str] = ["experiment", "mode", "component", "layer", "position"]
-#: Human-readable metric names with units, for tables and figure labels.
-METRIC_LABELS: dict[str, str] = {
-    "kl": "KL(patched ‖ corrupted) [nats]",
-    "recovery": "recovery [fraction; 1 = clean restored]",
-    "answer_logit_diff": "answer logit diff, clean − corr [logits]",
-    "logit_l2": "logit RMS change [logits]",
-    "pred_change_rate": "argmax change rate [fraction]",
-    "act_bias": "cos(clean) − cos(corrupted)",
-}
-#: Paired comparisons made per layer (a, b): the difference is a − b.
-MODE_COMPARISONS: tuple[tuple[str, str], ...] = (("chained", "parallel"), ("chained", "frozen"), ("parallel", "frozen"))
-
-REQUIRED_CELL_COLUMNS = ["pair_id", "experiment", "mode", "component", "layer", "position"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a run directory (only the documented contract)
-# ---------------------------------------------------------------------------------------------
-
-
-def _rerun_hint(run_dir: Path) -> str:
-    return f"rerun the command in {run_dir / 'manifest.json'} ('command') to regenerate it"
-
-
-def load_manifest(run_dir: Path | str) -> dict:
-    """Read ``manifest.json``; a missing or corrupt file is a :class:`LatentPatchError`."""
-    run_dir = Path(run_dir)
-    path = run_dir / "manifest.json"
-    if not run_dir.is_dir():
-        raise LatentPatchError(f"{run_dir} is not a directory: pass a run directory written by `latentpatch run`")
-    if not path.is_file():
-        raise LatentPatchError(f"{path} is missing: {run_dir} is not a complete run directory; run `latentpatch run` to create one")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LatentPatchError(f"{path} is not valid JSON ({err}); restore it or rerun `latentpatch run`") from None
-    if not isinstance(manifest, dict):
-        raise LatentPatchError(f"{path} must hold a JSON object; restore it or rerun `latentpatch run`")
-    return manifest
-
-
-def load_cells(run_dir: Path | str) -> pd.DataFrame:
-    """Read ``results/cells.parquet`` (one row per pair x spec) and check its columns."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results" / "cells.parquet"
-    if not path.is_file():
-        raise LatentPatchError(f"{path} is missing: the run wrote no results; {_rerun_hint(run_dir)}")
-    try:
-        cells = pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); {_rerun_hint(run_dir)}") from None
-    missing = [c for c in REQUIRED_CELL_COLUMNS if c not in cells.columns]
-    if missing:
-        raise LatentPatchError(f"{path} lacks columns {missing}; {_rerun_hint(run_dir)}")
-    if cells.empty:
-        raise LatentPatchError(f"{path} has no rows; {_rerun_hint(run_dir)}")
-    cells = cells.copy()
-    cells["pair_id"] = cells["pair_id"].astype(str)
-    cells["layer"] = cells["layer"].astype(int)
-    cells["position"] = cells["position"].astype(int)
-    if "flagged" not in cells.columns:
-        cells["flagged"] = False
-    cells["flagged"] = cells["flagged"].fillna(False).astype(bool)
-    return cells
-
-
-def load_json_result(run_dir: Path | str, name: str, required: bool = False) -> Optional[Any]:
-    """Read ``results/<name>`` as JSON; None if absent and not required; corrupt -> LatentPatchError."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results" / name
-    if not path.is_file():
-        if required:
-            raise LatentPatchError(f"{path} is missing; {_rerun_hint(run_dir)}")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LatentPatchError(f"{path} is not valid JSON ({err}); {_rerun_hint(run_dir)}") from None
-
-
-def load_trajectories(run_dir: Path | str) -> Optional[pd.DataFrame]:
-    """Read ``results/trajectories.parquet`` (chained/frozen per later position), None if absent."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results" / "trajectories.parquet"
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception as err:
-        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); {_rerun_hint(run_dir)}") from None
-
-
-def check_result_files(run_dir: Path | str) -> list[str]:
-    """Parse every ``results/{layer,position,iterative}.json`` present; return the experiments found.
-
-    A corrupt file raises :class:`LatentPatchError` naming it, so a damaged run is reported
-    rather than silently summarised from the parquet alone.
-    """
-    found = []
-    for exp in ("layer", "position", "iterative"):
-        if load_json_result(run_dir, f"{exp}.json") is not None:
-            found.append(exp)
-    load_json_result(run_dir, "thoughts.json")
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Small statistical building blocks
-# ---------------------------------------------------------------------------------------------
-
-
-def holm(pvalues: Iterable[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (family-wise error). NaNs are left out of the family.
-
-    With p sorted ascending, adj_(i) = max_{j<=i} min(1, (m - j + 1) p_(j)) (1-based j).
-    """
-    p = np.asarray(list(pvalues), dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    q = p[ok]
-    m = q.size
-    if m:
-        order = np.argsort(q, kind="stable")
-        adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
-        res = np.empty(m)
-        res[order] = adj
-        out[ok] = res
-    return out
-
-
-def benjamini_hochberg(pvalues: Iterable[float]) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (:func:`scipy.stats.false_discovery_control`); NaNs kept out."""
-    p = np.asarray(list(pvalues), dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = ~np.isnan(p)
-    if ok.any():
-        out[ok] = sps.false_discovery_control(p[ok], method="bh")
-    return out
-
-
-def wilcoxon_p(x: np.ndarray, y: Optional[np.ndarray] = None) -> tuple[float, float]:
-    """Two-sided Wilcoxon signed-rank test of x (or x − y) against 0: (statistic, p).
-
-    scipy's defaults (``zero_method="wilcox"``: zero differences dropped; exact distribution for
-    small samples without ties). (NaN, NaN) when there is nothing to test (n < 1 or all zero).
-    """
-    d = np.asarray(x, float) if y is None else np.asarray(x, float) - np.asarray(y, float)
-    d = d[~np.isnan(d)]
-    if d.size == 0 or np.all(d == 0):
-        return math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            res = sps.wilcoxon(d)
-        except ValueError:
-            return math.nan, math.nan
-    return float(res.statistic), float(res.pvalue)
-
-
-def cohens_dz(diff: np.ndarray) -> float:
-    """Paired effect size d_z = mean(d) / sd(d) (ddof=1); NaN if n < 2 or sd = 0."""
-    d = np.asarray(diff, float)
-    d = d[~np.isnan(d)]
-    if d.size < 2:
-        return math.nan
-    sd = d.std(ddof=1)
-    return float(d.mean() / sd) if sd > 0 else math.nan
-
-
-def rank_biserial(diff: np.ndarray) -> float:
-    """Matched-pairs rank-biserial correlation (W+ − W−) / (W+ + W−) over nonzero differences, in [-1, 1]."""
-    d = np.asarray(diff, float)
-    d = d[~np.isnan(d) & (d != 0)]
-    if d.size == 0:
-        return math.nan
-    ranks = sps.rankdata(np.abs(d))
-    return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
-
-
-def bootstrap_mean_ci(
-    samples: np.ndarray,
-    seed: int,
-    n_resamples: int = 9999,
-    confidence: float = 0.95,
-    method: str = "percentile",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap CI of the mean for each row of ``samples`` (shape (rows, n), no NaNs).
-
-    One :func:`scipy.stats.bootstrap` call with ``rng=np.random.default_rng(seed)`` over the last
-    axis, so every row is resampled with the same index draws — identical to calling it per row
-    with the same seed. Returns (low, high), each shape (rows,). Rows with n < 2 give NaN.
-    """
-    samples = np.atleast_2d(np.asarray(samples, float))
-    rows, n = samples.shape
-    if n < 2 or rows == 0:
-        return np.full(rows, np.nan), np.full(rows, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # degenerate (constant) rows: BCa gives NaN, that's the answer
-        res = sps.bootstrap(
-            (samples,),
-            np.mean,
-            axis=-1,
-            vectorized=True,
-            n_resamples=n_resamples,
-            batch=max(1, min(n_resamples, 2_000_000 // max(1, rows * n))),
-            confidence_level=confidence,
-            method=method,
-            rng=np.random.default_rng(seed),
-        )
-    lo = np.atleast_1d(res.confidence_interval.low).astype(float)
-    hi = np.atleast_1d(res.confidence_interval.high).astype(float)
-    const = np.all(samples == samples[:, :1], axis=1)  # every resample has the same mean (BCa would give NaN)
-    lo[const], hi[const] = samples[const, 0], samples[const, 0]
-    return lo, hi
-
-
-def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Paired comparison of a and b (same pairs, same order); pairs with a NaN on either side dropped.
-
-    Returns n, mean_a, mean_b, mean_diff (a − b), Wilcoxon signed-rank (statistic, p), paired
-    t-test (:func:`scipy.stats.ttest_rel`: t, p), Cohen's d_z and the rank-biserial correlation.
-    """
-    a = np.asarray(a, float)
-    b = np.asarray(b, float)
-    ok = ~np.isnan(a) & ~np.isnan(b)
-    a, b = a[ok], b[ok]
-    d = a - b
-    out = dict(n=int(d.size), mean_a=_mean(a), mean_b=_mean(b), mean_diff=_mean(d))
-    out["wilcoxon_stat"], out["p_wilcoxon"] = wilcoxon_p(d)
-    t, p = math.nan, math.nan
-    if d.size >= 2 and d.std(ddof=1) > 0:
-        res = sps.ttest_rel(a, b)
-        t, p = float(res.statistic), float(res.pvalue)
-    out["t_stat"], out["p_ttest"] = t, p
-    out["cohens_dz"] = cohens_dz(d)
-    out["rank_biserial"] = rank_biserial(d)
-    return out
-
-
-def _mean(x: np.ndarray) -> float:
-    return float(np.mean(x)) if len(x) else math.nan
+METRICS = SUMMARY_METRICS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +98,7 @@ def _mode_table(cells: pd.DataFrame, mode: str) -> Optional[pd.DataFrame]:
 
     If a mode has several positions at a layer, the smallest is used (chained/frozen start at 0).
     """
-    sel = cells[(cells["experiment"] == "iterative") & (cells["mode"] == mode)]
-    if sel.empty and mode == "parallel":
-        sel = cells[(cells["experiment"] == "layer") & (cells["mode"] == "all")]
+    sel = all_positions_rows(cells, prefer="iterative") if mode == "parallel" else mode_rows(cells, "iterative", mode)
     if sel.empty:
         return None
     sel = sel.sort_values("position", kind="stable").drop_duplicates(["pair_id", "component", "layer"], keep="first")
@@ -349,9 +107,9 @@ def _mode_table(cells: pd.DataFrame, mode: str) -> Optional[pd.DataFrame]:
 
 def _all_positions_table(cells: pd.DataFrame) -> Optional[pd.DataFrame]:
     """Per (pair_id, component, layer) all-latent-positions patch: the layer sweep, else iterative parallel."""
-    sel = cells[(cells["experiment"] == "layer") & (cells["mode"] == "all")]
+    sel = all_positions_rows(cells)
     if sel.empty:
-        return _mode_table(cells, "parallel")
+        return None
     return sel.drop_duplicates(["pair_id", "component", "layer"]).set_index(["pair_id", "component", "layer"])
 
 
@@ -394,7 +152,7 @@ def compare_modes(
     return df
 
 
-def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ("kl", "recovery", "answer_logit_diff", "logit_l2", "pred_change_rate")) -> pd.DataFrame:
+def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ADDITIVE_METRICS) -> pd.DataFrame:
     """Per layer: the sum over latent positions of single-position effects vs the all-positions effect.
 
     Single-position cells come from the position sweep; the all-positions effect from the layer
@@ -404,7 +162,7 @@ def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ("kl", "recovery", 
     mean_all), and a Wilcoxon signed-rank p of sum − all. Empty if either sweep is missing.
     """
     metrics = _present_metrics(cells, metrics)
-    single = cells[(cells["experiment"] == "position") & (cells["mode"] == "single")]
+    single = mode_rows(cells, "position", POSITION_MODE)
     allpos = _all_positions_table(cells)
     if single.empty or allpos is None:
         return pd.DataFrame()
@@ -453,31 +211,6 @@ def top_cells(summary: pd.DataFrame, k: int = 10, metrics: Iterable[str] = METRI
 # ---------------------------------------------------------------------------------------------
 
 
-def json_safe(obj: Any) -> Any:
-    """Recursively turn numpy scalars/arrays into Python values and NaN/±inf into None."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [json_safe(v) for v in obj.tolist()]
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if obj is pd.NA or obj is None:
-        return None
-    return obj
-
-
-def select_pairs(cells: pd.DataFrame, exclude_flagged: bool) -> pd.DataFrame:
-    """Drop flagged pairs (the model gets clean or corrupted wrong) when ``exclude_flagged``."""
-    return cells[~cells["flagged"]] if exclude_flagged else cells
-
-
 def stats_from_cells(
     cells: pd.DataFrame,
     seed: int = 0,
@@ -489,7 +222,7 @@ def stats_from_cells(
 ) -> dict[str, Any]:
     """All statistics for one cells table, as a JSON-safe dict (see :func:`compute_stats`)."""
     flagged_ids = sorted(cells.loc[cells["flagged"], "pair_id"].unique().tolist())
-    used = select_pairs(cells, exclude_flagged)
+    used = used_pairs(cells, exclude_flagged)
     if used.empty:
         raise LatentPatchError("every pair is flagged (the model gets clean or corrupted wrong): drop --exclude-flagged to keep them")
     summary = summarize_cells(used, seed=seed, n_resamples=n_resamples, confidence=confidence, ci_method=ci_method)
@@ -532,9 +265,9 @@ def compute_stats(
     ``stats/additivity.csv``. The bootstrap seed is the manifest's ``seed`` (0 if absent).
     """
     run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
+    manifest = read_manifest(run_dir)
     check_result_files(run_dir)
-    cells = load_cells(run_dir)
+    cells = read_cells(run_dir)
     result = stats_from_cells(cells, run_seed(manifest), exclude_flagged, n_resamples, confidence, ci_method, top_k)
     if write:
         write_stats(run_dir, result)
@@ -552,19 +285,11 @@ def run_seed(manifest: dict) -> int:
 
 def write_stats(run_dir: Path | str, result: dict[str, Any]) -> list[Path]:
     """Write ``stats.json`` and ``stats/{cells,comparisons,additivity}.csv``; return the paths."""
-    run_dir = Path(run_dir)
-    out = run_dir / "stats"
-    out.mkdir(exist_ok=True)
-    paths = []
+    paths = RunPaths(run_dir)
+    written = []
     for name in ("cells", "comparisons", "additivity"):
-        path = out / f"{name}.csv"
-        pd.DataFrame(result[name]).to_csv(path, index=False)
-        paths.append(path)
-    _atomic_write_text(run_dir / "stats.json", json.dumps(result, indent=1, allow_nan=False))
-    return [run_dir / "stats.json"] + paths
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        path = paths.stats_table(name)
+        atomic_write_text(path, pd.DataFrame(result[name]).to_csv(index=False))
+        written.append(path)
+    atomic_write_text(paths.stats, json.dumps(result, indent=1, allow_nan=False))
+    return [paths.stats] + written

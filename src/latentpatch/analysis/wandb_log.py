@@ -12,7 +12,6 @@ Works offline (``WANDB_MODE=offline``) without an account. Missing statistics/fi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -20,8 +19,10 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from latentpatch.analysis import stats as st
+from latentpatch.analysis.selection import all_positions_rows, primary_component_of, used_pairs
+from latentpatch.analysis.stats import compute_stats
 from latentpatch.errors import LatentPatchError
+from latentpatch.rundir import RunPaths, json_safe, read_cells, read_manifest, read_stats, read_trajectories
 
 DEFAULT_PROJECT = "latentpatch"
 
@@ -38,11 +39,8 @@ def _layer_means(summary: pd.DataFrame) -> pd.DataFrame:
     """Per-layer mean of each metric for the all-positions patch (layer sweep, else parallel): layer x metric."""
     if summary.empty:
         return pd.DataFrame()
-    comp = "resid_out" if (summary["component"] == "resid_out").any() else summary["component"].iloc[0]
-    s = summary[summary["component"] == comp]
-    d = s[(s["experiment"] == "layer") & (s["mode"] == "all")]
-    if d.empty:
-        d = s[(s["experiment"] == "iterative") & (s["mode"] == "parallel")]
+    comp = primary_component_of(summary)
+    d = all_positions_rows(summary[summary["component"] == comp])
     if d.empty:
         return pd.DataFrame()
     return d.pivot_table(index="layer", columns="metric", values="mean").sort_index()
@@ -61,27 +59,26 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
     """
     wandb = _import_wandb()
     run_dir = Path(run_dir)
-    manifest = st.load_manifest(run_dir)
-    cells = st.load_cells(run_dir)
+    manifest = read_manifest(run_dir)
+    cells = read_cells(run_dir)
 
-    stats_path = run_dir / "stats.json"
     stats = None
-    if stats_path.is_file() and not exclude_flagged:
+    if not exclude_flagged:  # stats.json holds every pair's statistics
         try:
-            stats = json.loads(stats_path.read_text())
-        except json.JSONDecodeError:
+            stats = read_stats(run_dir)
+        except LatentPatchError:  # corrupt: rebuilt below
             stats = None
     if stats is None or "cells" not in stats:
-        stats = st.compute_stats(run_dir, exclude_flagged=exclude_flagged)
+        stats = compute_stats(run_dir, exclude_flagged=exclude_flagged)
     summary = pd.DataFrame(stats["cells"])
 
-    fig_dir = run_dir / "figures"
+    fig_dir = RunPaths(run_dir).figures
     pngs = sorted(fig_dir.glob("*.png")) if fig_dir.is_dir() else []
     if not pngs:
         from latentpatch.analysis.figures import make_figures
 
-        used = st.select_pairs(cells, exclude_flagged)
-        make_figures(run_dir, summary, used, st.load_trajectories(run_dir), formats=("png",))
+        used = used_pairs(cells, exclude_flagged)
+        make_figures(run_dir, summary, used, read_trajectories(run_dir), formats=("png",))
         pngs = sorted(fig_dir.glob("*.png"))
 
     config = dict(manifest.get("config") or {})
@@ -92,7 +89,7 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
     )
     init_kwargs: dict[str, Any] = dict(
         project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        name=run_dir.name, config=st.json_safe(config), job_type="patching",
+        name=run_dir.name, config=json_safe(config), job_type="patching",
     )
     if wandb_dir is not None:
         Path(wandb_dir).mkdir(parents=True, exist_ok=True)

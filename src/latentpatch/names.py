@@ -1,0 +1,171 @@
+"""The names a run directory uses, and the rules that read them, in one place.
+
+Components, experiments, modes, directions, replacements, metrics (with label and unit), the
+columns of ``results/cells.parquet`` and ``results/trajectories.parquet`` and the format tags
+are defined here once; every other module imports them. The two rules that analyses share
+(:func:`all_positions_cell`, :func:`primary_component`) are one function each, with examples.
+
+Imports nothing heavy (no torch, numpy or pandas), so any module may use it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+# ---- format tags ---------------------------------------------------------------------------------
+#: ``format`` of a run directory's ``manifest.json``.
+RUN_FORMAT = "latentpatch-run/1"
+#: ``format`` of a latentpatch model directory's ``latentpatch.json``.
+MODEL_FORMAT = "latentpatch-codi/1"
+
+# ---- sites ----------------------------------------------------------------------------------------
+#: Where an activation is read or overwritten (docs/method.md "Sites"); the order of error messages.
+COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_out", "attn_out", "mlp_out")
+#: The component a run patches unless configured otherwise.
+DEFAULT_COMPONENT = "resid_out"
+
+# ---- experiments and their modes ----------------------------------------------------------------
+EXPERIMENTS: tuple[str, ...] = ("layer", "position", "iterative")
+#: The one mode of the layer sweep: every latent position at one layer.
+LAYER_MODE = "all"
+#: The one mode of the position sweep: one latent position at one layer.
+POSITION_MODE = "single"
+#: Modes of the iterative experiment (docs/method.md "Experiments").
+ITERATIVE_MODES: tuple[str, ...] = ("parallel", "cumulative", "chained", "frozen")
+#: Every mode per experiment.
+MODES: dict[str, tuple[str, ...]] = {"layer": (LAYER_MODE,), "position": (POSITION_MODE,), "iterative": ITERATIVE_MODES}
+#: Iterative modes whose later thoughts' activations are tracked (rows of ``trajectories.parquet``).
+TRACKED_MODES: tuple[str, ...] = ("chained", "frozen")
+#: Paired comparisons of iterative modes made per layer (a, b): the difference is a − b.
+MODE_COMPARISONS: tuple[tuple[str, str], ...] = (("chained", "parallel"), ("chained", "frozen"), ("parallel", "frozen"))
+#: ``position`` of a cell that patches every latent position at once.
+ALL_POSITIONS = -1
+#: The two (experiment, mode) cells that patch every latent position at one layer: the same patch.
+ALL_POSITIONS_CELLS: tuple[tuple[str, str], ...] = (("layer", LAYER_MODE), ("iterative", "parallel"))
+
+# ---- what is patched in, and from where -----------------------------------------------------------
+#: ``denoise``: clean values into the corrupted run; ``noise``: corrupted values into the clean run.
+DIRECTIONS: tuple[str, ...] = ("denoise", "noise")
+#: What replaces the activation: the source run's value, zero, the dataset mean, another pair's value.
+REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "resample")
+#: Replacements whose values depend on every pair of the run (a shard computes them over all shards).
+GLOBAL_REPLACEMENTS: tuple[str, ...] = ("mean", "resample")
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One per-cell metric: its column name, what it measures and its unit ("" if none)."""
+
+    name: str
+    title: str
+    unit: str = ""
+
+    @property
+    def label(self) -> str:
+        """Title with unit, for axes and table headings.
+
+        >>> METRICS["kl"].label
+        'KL(patched ‖ corrupted) [nats]'
+        >>> METRICS["act_bias"].label
+        'cos(clean) − cos(corrupted)'
+        """
+        return f"{self.title} [{self.unit}]" if self.unit else self.title
+
+
+#: Every metric column of ``cells.parquet``, in column order.
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("kl", "KL(patched ‖ corrupted)", "nats"),
+    Metric("logit_l2", "logit RMS change", "logits"),
+    Metric("pred_change_rate", "argmax change rate", "fraction"),
+    Metric("answer_logit_diff", "answer logit diff, clean − corr", "logits"),
+    Metric("answer_logprob_diff", "answer log-prob diff, clean − corr", "nats"),
+    Metric("recovery", "recovery", "fraction; 1 = clean restored"),
+    Metric("act_cos_clean", "cos(activation, clean)"),
+    Metric("act_cos_corr", "cos(activation, corrupted)"),
+    Metric("act_bias", "cos(clean) − cos(corrupted)"),
+)}
+#: Human-readable metric names with units, for tables and figure labels.
+METRIC_LABELS: dict[str, str] = {name: m.label for name, m in METRICS.items()}
+#: Metrics computed from the output logits of every cell, in column order.
+LOGIT_METRICS: tuple[str, ...] = (
+    "kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery",
+)
+#: Metrics of the tracked activation (chained/frozen rows only; NaN elsewhere).
+ACTIVATION_METRICS: tuple[str, ...] = ("act_cos_clean", "act_cos_corr", "act_bias")
+#: Metrics summarised per cell in ``stats.json`` (this order is the order of its comparison rows).
+SUMMARY_METRICS: tuple[str, ...] = ("kl", "recovery", "answer_logit_diff", "logit_l2", "pred_change_rate", "act_bias")
+#: Metrics whose single-position effects are summed in the additivity table (this order).
+ADDITIVE_METRICS: tuple[str, ...] = ("kl", "recovery", "answer_logit_diff", "logit_l2", "pred_change_rate")
+#: The three metrics every figure and report table shows.
+KEY_METRICS: tuple[str, ...] = ("kl", "recovery", "answer_logit_diff")
+
+# ---- table columns ------------------------------------------------------------------------------
+#: Columns that identify a cell: one patch spec, whose sample is its values over pairs.
+CELL_KEYS: list[str] = ["experiment", "mode", "component", "layer", "position"]
+#: Columns every ``cells.parquet`` must have.
+REQUIRED_CELL_COLUMNS: list[str] = ["pair_id", *CELL_KEYS]
+#: ``results/cells.parquet``: one row per pair x patch spec, these columns in this order.
+CELL_COLUMNS: list[str] = [
+    "pair_id", *CELL_KEYS, *LOGIT_METRICS,
+    "pred_answer", "pred_is_clean", "pred_is_corrupted", *ACTIVATION_METRICS,
+    "clean_correct", "corrupted_correct", "flagged",
+]
+#: ``results/trajectories.parquet``: one row per pair x tracked spec x later latent position.
+TRAJECTORY_COLUMNS: list[str] = ["pair_id", "layer", "mode", "position", *ACTIVATION_METRICS]
+
+
+# ---- rules ------------------------------------------------------------------------------------------
+def all_positions_cell(present: Iterable[tuple[str, str]], prefer: str = "layer") -> Optional[tuple[str, str]]:
+    """The (experiment, mode) whose cells are "every latent position patched at one layer".
+
+    The layer sweep's ``all`` cell and the iterative ``parallel`` cell are the same patch. Analyses
+    of the layer effect use the layer cell, else iterative ``parallel`` (``prefer="layer"``); the
+    comparison of iterative modes uses its own ``parallel`` cell, else the layer cell
+    (``prefer="iterative"``). ``present``: the (experiment, mode) pairs a table has. None if neither.
+
+    >>> all_positions_cell([("layer", "all"), ("iterative", "parallel"), ("position", "single")])
+    ('layer', 'all')
+    >>> all_positions_cell([("iterative", "parallel"), ("iterative", "chained")])
+    ('iterative', 'parallel')
+    >>> all_positions_cell([("layer", "all"), ("iterative", "parallel")], prefer="iterative")
+    ('iterative', 'parallel')
+    >>> all_positions_cell([("position", "single")]) is None
+    True
+    """
+    if prefer not in ("layer", "iterative"):
+        raise ValueError(f"prefer must be 'layer' or 'iterative', got {prefer!r}")
+    present = set(present)
+    order = ALL_POSITIONS_CELLS if prefer == "layer" else ALL_POSITIONS_CELLS[::-1]
+    return next((cell for cell in order if cell in present), None)
+
+
+def primary_component(components: Iterable[str]) -> Optional[str]:
+    """The component a figure or summary shows when a table holds several.
+
+    The default component (``resid_out``) if present, else the most frequent one; ties go to
+    the first in :data:`COMPONENTS` order (unknown names after, alphabetically). ``components``:
+    the ``component`` column of a table (one entry per row). None if empty.
+
+    >>> primary_component(["resid_out", "mlp_out", "mlp_out"])
+    'resid_out'
+    >>> primary_component(["mlp_out", "attn_out", "attn_out"])
+    'attn_out'
+    >>> primary_component(["mlp_out", "attn_out"])
+    'attn_out'
+    >>> primary_component([]) is None
+    True
+    """
+    counts = Counter(components)
+    if not counts:
+        return None
+    if DEFAULT_COMPONENT in counts:
+        return DEFAULT_COMPONENT
+
+    def rank(name: str) -> tuple[int, int, str]:
+        known = COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS)
+        return (-counts[name], known, name)
+
+    return min(counts, key=rank)
