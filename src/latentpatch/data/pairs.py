@@ -21,12 +21,12 @@ import math
 import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.rundir import atomic_write_text
 
 VARIANTS = ("clean", "corrupted")
 #: Keys with a fixed meaning in a flat entry; every other key is kept verbatim in ``Variant.extra``.
@@ -94,23 +94,13 @@ def pairs_to_entries(pairs: Sequence[Pair]) -> list[dict]:
 
 
 def save_pairs(pairs: Sequence[Pair], path: PathLike) -> Path:
-    """Write ``pairs`` to ``path`` in the flat §7 format, atomically (temp file + ``os.replace``).
+    """Write ``pairs`` to ``path`` in the flat format (docs/method.md §9), atomically (temp file + ``os.replace``).
 
     Returns the path written. Parent directories are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(pairs_to_entries(pairs), indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text, fsync=True)
     return path
 
 

@@ -16,9 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-DIRECTIONS = ("denoise", "noise")
-REPLACEMENTS = ("source", "zero", "mean", "resample")
-EXPERIMENTS = ("layer", "position", "iterative")
+from latentpatch.names import (
+    ALL_POSITIONS,
+    DEFAULT_COMPONENT,
+    DIRECTIONS,
+    EXPERIMENTS,
+    LAYER_MODE,
+    POSITION_MODE,
+    REPLACEMENTS,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,9 @@ class PatchSpec:
     @property
     def key(self) -> str:
         """The innermost key of ``results[pair_id][layer][key]``."""
-        if self.mode == "all":
-            return "all"
-        if self.mode == "single":
+        if self.mode == LAYER_MODE:
+            return LAYER_MODE
+        if self.mode == POSITION_MODE:
             return str(self.index)
         if self.mode == "cumulative":
             return f"cumulative_{self.index}"
@@ -78,19 +84,19 @@ class EngineConfig:
             raise ValueError(f"replacement must be one of {REPLACEMENTS}")
 
 
-def layer_specs(n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
+def layer_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """Layer sweep: per layer, every latent position at once."""
     every = tuple(range(num_latent))
-    return [PatchSpec("layer", "all", component, layer, every, -1) for layer in range(n_layers)]
+    return [PatchSpec("layer", LAYER_MODE, component, layer, every, ALL_POSITIONS) for layer in range(n_layers)]
 
 
-def position_specs(n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
+def position_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """Position sweep: per (layer, latent position p), that one site."""
-    return [PatchSpec("position", "single", component, layer, (p,), p)
+    return [PatchSpec("position", POSITION_MODE, component, layer, (p,), p)
             for layer in range(n_layers) for p in range(num_latent)]
 
 
-def iterative_specs(n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
+def iterative_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """Iterative vs parallel, per layer:
 
     - ``parallel``: all latent positions patched with source values (= the layer-sweep cell);
@@ -103,14 +109,14 @@ def iterative_specs(n_layers: int, num_latent: int, component: str = "resid_out"
     specs = []
     every = tuple(range(num_latent))
     for layer in range(n_layers):
-        specs.append(PatchSpec("iterative", "parallel", component, layer, every, -1))
+        specs.append(PatchSpec("iterative", "parallel", component, layer, every, ALL_POSITIONS))
         specs += [PatchSpec("iterative", "cumulative", component, layer, tuple(range(n + 1)), n) for n in range(num_latent)]
         specs.append(PatchSpec("iterative", "chained", component, layer, (0,), 0, track=True))
         specs.append(PatchSpec("iterative", "frozen", component, layer, (0,), 0, frozen=True, track=True))
     return specs
 
 
-def experiment_specs(name: str, n_layers: int, num_latent: int, component: str = "resid_out") -> list[PatchSpec]:
+def experiment_specs(name: str, n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """The spec list of the experiment called ``name`` (one of :data:`EXPERIMENTS`)."""
     generators: dict[str, Callable[[int, int, str], list[PatchSpec]]] = {
         "layer": layer_specs, "position": position_specs, "iterative": iterative_specs,
