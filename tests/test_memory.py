@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from helpers import tiny_latent_model
@@ -28,3 +30,15 @@ def test_auto_batch_size_respects_free_memory():
     assert pick(0) == 1 and pick(10**15) == 512 and pick(10**15, cap=64) == 64
     assert [pick(f) for f in (row, 10 * row, 100 * row, 1000 * row)] == sorted(pick(f) for f in (row, 10 * row, 100 * row, 1000 * row))
     assert free_memory_bytes("cpu") > 0 and 1 <= auto_batch_size(m) <= 512
+
+
+def test_run_with_batch_size_auto_uses_the_estimate(tmp_path):
+    """``--batch-size auto`` goes through auto_batch_size (recorded in the manifest)."""
+    from helpers import tiny_text_model
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.run import RunConfig, run_experiments
+
+    m = tiny_text_model("llama", n_layers=2, num_latent=2)
+    cfg = RunConfig(out=str(tmp_path / "run"), batch_size="auto", experiments=("layer",), report=False, use_cache=False)
+    out = run_experiments(cfg, model=m, pairs=generate_pairs(2, seed=1), progress=False)
+    assert json.loads((out / "manifest.json").read_text())["batch_size"] == auto_batch_size(m) == 512  # tiny: the cap

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -118,3 +122,15 @@ def test_sharded_dataset_replacements_use_every_shards_pairs(replacement, tmp_pa
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(LatentPatchError, match="computed them over their own pairs"):
         merge_runs([shards[0], old], tmp_path / "m2", report=False)
+
+
+def test_merge_and_config_import_no_torch():
+    """Merging needs no model: latentpatch.pipeline.merge and .config stay free of torch."""
+    code = ("import sys, latentpatch.pipeline.merge, latentpatch.pipeline.config; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    import latentpatch
+
+    src = str(Path(latentpatch.__file__).resolve().parents[1])  # the code under test, not another install
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

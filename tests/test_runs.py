@@ -16,6 +16,7 @@ import pytest
 from helpers import tiny_text_model
 from latentpatch.errors import LatentPatchError
 from latentpatch.data.pairs import load_pairs, save_pairs
+from latentpatch.pipeline.progress import RunProgress
 from latentpatch.pipeline.run import RunConfig, run_experiments
 from latentpatch.rundir import CELL_COLUMNS
 from latentpatch.data.synthetic import generate_pairs
@@ -83,9 +84,31 @@ def test_same_seed_gives_byte_identical_results(tmp_path, model, pairs):
     assert json.loads((b / "manifest.json").read_text())["activation_cache"]["hits"] == 10
 
 
+class Interrupted(Exception):
+    pass
+
+
+class StopAfterPairs(RunProgress):
+    """Interrupts a run (like a kill) once ``n`` pairs of the sweep are committed."""
+
+    def __init__(self, n: int):
+        self.n, self.stage_name, self.done = n, "", 0
+
+    def stage(self, name: str, total: int) -> None:
+        self.stage_name = name
+
+    def advance(self, steps: int = 1) -> None:
+        if self.stage_name == "patching":
+            self.done += 1
+            if self.done >= self.n:
+                raise Interrupted
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, model, pairs):
     full = run_experiments(config(tmp_path, "full"), model=model, pairs=pairs, progress=False)
-    part = run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False, stop_after_pairs=2)
+    with pytest.raises(Interrupted):
+        run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=StopAfterPairs(2))
+    part = tmp_path / "part"
     assert len(list((part / "results/pairs").glob("*.json"))) == 2 and not (part / "results/layer.json").exists()
     (part / "results/pairs/.00002.json.crash.tmp").write_text('{"torn')  # what a kill mid-write leaves
     with pytest.raises(LatentPatchError, match="--resume"):
@@ -132,6 +155,63 @@ def test_config_file_keys(tmp_path):
     f.write_text(json.dumps({"bogus": 1}))
     with pytest.raises(LatentPatchError, match="bogus"):
         RunConfig.from_file(f)
+
+
+def test_default_config_hash_is_unchanged():
+    """New model options are left out of the manifest's config (and its hash) while unset, so run
+    directories written before they existed still resume."""
+    d = RunConfig().to_dict()
+    assert list(sorted(d)) == sorted([
+        "model", "base", "preset", "pairs", "experiments", "component", "direction", "replacement", "out", "limit",
+        "shard", "device", "dtype", "batch_size", "threads", "seed", "only_correct", "keep_same_answer", "engine",
+        "strict", "check_cells", "cache_dir", "use_cache", "report", "wandb", "wandb_project", "thoughts_pairs"])
+    assert RunConfig().result_hash() == "c818346e7149abc4"  # the hash before model options were added
+    assert RunConfig(lora_alpha=8.0).result_hash() != RunConfig().result_hash()
+    assert RunConfig(lora_alpha=8.0).to_dict()["lora_alpha"] == 8.0
+
+
+def test_run_options_come_from_run_config():
+    """Every RunConfig field is a `latentpatch run` option with help; inspect, eval and run share the model options."""
+    import dataclasses
+
+    import typer
+
+    from latentpatch.cli import app
+    from latentpatch.pipeline.config import ModelOptions
+
+    commands = typer.main.get_command(app).commands
+    options = {name: {o: p.help for p in commands[name].params for o in p.opts + p.secondary_opts}
+               for name in ("run", "inspect", "eval")}
+    for f in dataclasses.fields(RunConfig):
+        assert options["run"].get("--" + f.name.replace("_", "-")), f.name
+    for f in dataclasses.fields(ModelOptions):
+        assert all(options[c].get("--" + f.name.replace("_", "-")) for c in ("inspect", "eval")), f.name
+    assert {"--no-report", "--all-pairs", "--config", "--resume", "--quiet", "--lora-alpha"} <= set(options["run"])
+
+
+def test_cli_flags_and_config_file(tmp_path, monkeypatch):
+    """Flags become a RunConfig (parsed once); flags win over a --config file."""
+    from latentpatch import cli
+    from latentpatch.pipeline import run
+
+    seen = []
+
+    def fake_run(cfg, **kw):
+        seen.append(cfg)
+        raise LatentPatchError("stop")  # the command ends here, with exit code 2
+
+    monkeypatch.setattr(run, "run_experiments", fake_run)
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"batch_size": "auto", "seed": 3, "limit": 2}))
+    for args in (["--experiments", "layer,position", "--batch-size", "8", "--no-report", "--all-pairs",
+                  "--lora-alpha", "8"],
+                 ["--config", str(f), "--seed", "4"]):
+        with pytest.raises(SystemExit):
+            cli.main(["run", *args])
+    a, b = seen
+    assert a.experiments == ("layer", "position") and a.batch_size == 8 and a.report is False
+    assert a.only_correct is False and a.lora_alpha == 8.0 and a.seed == 0
+    assert b.batch_size == "auto" and b.seed == 4 and b.limit == 2
 
 
 def _cli(args, **kw):

@@ -6,13 +6,18 @@ exit code 2 (see :func:`main`). Commands import their modules lazily so ``--help
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.pipeline.config import ModelOptions, RunConfig, parse_values  # no torch: --help stays fast
 
 app = typer.Typer(
     add_completion=False,
@@ -24,12 +29,59 @@ pairs_app = typer.Typer(no_args_is_help=True, help="Generate, validate and filte
 app.add_typer(pairs_app, name="pairs")
 
 
+# ---- options generated from the dataclasses of latentpatch.pipeline.config -------------------------
+def _cli_type(annotation: Any) -> type:
+    """``int | None`` -> int: the value type click converts the option's text to."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def _option_parameters(cls: type) -> list[inspect.Parameter]:
+    """One ``--option`` per field of ``cls`` (name, type, help from the field; see ``config.option``).
+
+    Every option defaults to None (= not given), so a ``--config`` file or the field's default
+    applies; the help shows the field's default."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        value_type = str if f.metadata.get("parse") else _cli_type(hints[f.name])
+        flags = f.metadata.get("flags") or (f"{flag}/--no-{flag[2:]}" if value_type is bool else flag)
+        help_text = f.metadata["help"]
+        if f.default is not None:  # shown in the help text: the option's own default is None
+            shown = flags.split("/")[0 if f.default else 1] if value_type is bool else (
+                ",".join(f.default) if isinstance(f.default, tuple) else str(f.default))
+            help_text += f" Default: {shown}."
+        opt = typer.Option(None, flags, help=help_text, show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
+                                        annotation=Optional[value_type]))
+    return params
+
+
+def with_options(cls: type) -> Callable[[Callable], Callable]:
+    """Decorator: give a command one option per field of the dataclass ``cls``. The command gets
+    the options given on the command line (parsed; the others left out) as its first argument."""
+
+    def decorate(command: Callable) -> Callable:
+        generated = _option_parameters(cls)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
+        names = {p.name for p in generated}
+
+        def callback(**kwargs: Any) -> Any:
+            given = {k: kwargs.pop(k) for k in names}
+            return command(parse_values(cls, {k: v for k, v in given.items() if v is not None}), **kwargs)
+
+        callback.__signature__ = inspect.Signature(generated + own)  # type: ignore[attr-defined]
+        callback.__annotations__ = {p.name: p.annotation for p in generated + own}
+        callback.__name__, callback.__doc__ = command.__name__, command.__doc__
+        return callback
+
+    return decorate
+
+
 # ---- section: model (inspect) -------------------------------------------------------------
-MODEL_HELP = ("Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
-              "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
-              "(a small random model, for a demo).")
-
-
 def _parse_input_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
@@ -42,41 +94,27 @@ def _parse_input_ids(text: str) -> list[int]:
 
 
 @app.command("inspect")
+@with_options(ModelOptions)
 def inspect_cmd(
-    model: str = typer.Option("default", "--model", help=MODEL_HELP),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model of a codi:/coconut: checkpoint (dir or hub name)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2, codi-llama1b or codi-llama1b-instruct."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (0 = checkpoint without LoRA)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling = alpha / r)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated LoRA target modules."),
-    prj_dim: Optional[int] = typer.Option(None, "--prj-dim", help="Projection width (default: read from the file)."),
-    prj_ln: Optional[bool] = typer.Option(None, "--prj-ln/--no-prj-ln", help="Projection ends with a LayerNorm."),
-    num_latent: Optional[int] = typer.Option(None, "--num-latent", help="Number of continuous thoughts."),
-    eos_id: Optional[int] = typer.Option(None, "--eos-id", help="End-of-sequence id (codi: checkpoints)."),
+    options: dict[str, Any],
     question: Optional[str] = typer.Option(None, "--question", help="Question text (needs a tokenizer)."),
     input_ids: Optional[str] = typer.Option(None, "--input-ids", help="Question token ids, e.g. 5,6,7 (separators are added)."),
     top_k: int = typer.Option(5, "--top-k", help="Tokens shown per thought."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
     if (question is None) == (input_ids is None):
         raise LatentPatchError("pass exactly one of --question TEXT or --input-ids 5,6,7")
     if top_k < 1:
         raise LatentPatchError(f"--top-k {top_k}: must be at least 1")
-    if num_latent is not None and num_latent < 1:
-        raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise LatentPatchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     ids = _parse_input_ids(input_ids) if input_ids is not None else None
 
-    from latentpatch.model.loading import load_model
     from latentpatch.model.latent import extract_number
 
-    m = load_model(model, base=base, preset=preset, dtype=dtype, device=device, lora_r=lora_r,
-                   lora_alpha=lora_alpha, lora_targets=lora_targets, prj_dim=prj_dim, prj_ln=prj_ln,
-                   num_latent=num_latent, eos_id=eos_id)
+    model_options = ModelOptions(**options)
+    m = model_options.load()
     if ids is not None:
         bad = [i for i in ids if not 0 <= i < m.vocab_size]
         if bad:
@@ -84,7 +122,8 @@ def inspect_cmd(
         prompt = m.prompt_ids(ids)
     else:
         if m.tokenizer is None:
-            raise LatentPatchError(f"--model {model} has no tokenizer; fix: pass --input-ids instead of --question")
+            raise LatentPatchError(f"--model {model_options.model} has no tokenizer; fix: pass --input-ids instead "
+                                   "of --question")
         prompt = m.prompt_ids(question)
     typer.echo(f"model: {m.name} ({m.family}, {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
                f"{m.num_latent} thoughts)")
@@ -217,8 +256,9 @@ def train_cmd(
 
 
 @app.command("eval")
+@with_options(ModelOptions)
 def eval_cmd(
-    model: str = typer.Option("default", "--model", help="'default' or a model directory."),
+    options: dict[str, Any],
     n: int = typer.Option(1000, "--n", min=1, help="Held-out problems."),
     seed: int = typer.Option(12345, "--seed", help="Seed of the held-out problems (distinct from training)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pair file (default: the shipped 57 pairs)."),
@@ -230,7 +270,9 @@ def eval_cmd(
 
     from latentpatch.training.evaluate import evaluate, format_report
 
-    res = evaluate(model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size)
+    model_options = ModelOptions(**options)
+    res = evaluate(model_options.model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size,
+                   lm=model_options.load())
     typer.echo(_json.dumps(res, indent=2) if as_json else format_report(res))
 
 
@@ -238,54 +280,18 @@ def eval_cmd(
 
 # ---- section: run (engine) ----------------------------------------------------------------
 @app.command("run")
+@with_options(RunConfig)
 def run_cmd(
-    model: Optional[str] = typer.Option(None, "--model", help="default | codi:DIR | dir:PATH | coconut:FILE | gguf:FILE"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model (hub name or local dir) for codi: checkpoints"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="codi-gpt2 | codi-llama1b | codi-llama1b-instruct"),
-    pairs: Optional[str] = typer.Option(None, "--pairs", help="pair file (JSON) or 'default'"),
-    experiments: Optional[str] = typer.Option(None, "--experiments", help="comma list of layer,position,iterative"),
-    component: Optional[str] = typer.Option(None, "--component", help="resid_out | resid_pre | attn_out | mlp_out"),
-    direction: Optional[str] = typer.Option(None, "--direction", help="denoise (clean->corrupted) | noise"),
-    replacement: Optional[str] = typer.Option(None, "--replacement", help="source | zero | mean | resample"),
-    out: Optional[str] = typer.Option(None, "--out", help="run directory"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N pairs only (quick test: --limit 5)"),
-    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this process runs pairs k with k mod N == i"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16"),
-    batch_size: Optional[str] = typer.Option(None, "--batch-size", help="patches per forward pass, or auto"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: 1 for small models, else torch's)"),
-    only_correct: Optional[bool] = typer.Option(None, "--only-correct/--all-pairs", help="exclude pairs the model gets wrong"),
-    engine: Optional[str] = typer.Option(None, "--engine", help="fast | reference (one full rollout per cell)"),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="a failing built-in check is fatal"),
-    no_report: bool = typer.Option(False, "--no-report", help="skip stats, figures and report.html"),
-    wandb: Optional[bool] = typer.Option(None, "--wandb/--no-wandb", help="log to Weights & Biases"),
-    wandb_project: Optional[str] = typer.Option(None, "--wandb-project"),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="activation cache (default ~/.cache/latentpatch)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file with the same keys"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    options: dict[str, Any],
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file whose keys are these options' "
+                                          "names (e.g. batch_size or batch-size); flags given here win."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run the patching experiments and write a run directory (manifest, results, report)."""
-    from latentpatch.pipeline.run import RunConfig, run_experiments
+    from latentpatch.pipeline.run import run_experiments
 
-    if batch_size is not None and batch_size != "auto":
-        if not batch_size.isdigit() or int(batch_size) < 1:
-            raise LatentPatchError(f"--batch-size {batch_size!r}: use a positive integer or auto")
-        batch_size = int(batch_size)
-    flags = dict(model=model, base=base, preset=preset, pairs=pairs, experiments=experiments, component=component,
-                 direction=direction, replacement=replacement, out=out, limit=limit, shard=shard, device=device,
-                 dtype=dtype, batch_size=batch_size, threads=threads, seed=seed, only_correct=only_correct, engine=engine,
-                 strict=strict, wandb=wandb, wandb_project=wandb_project, cache_dir=cache_dir)
-    if no_report:
-        flags["report"] = False
-    if config is not None:
-        cfg = RunConfig.from_file(config, **flags)
-    else:
-        given = {k: v for k, v in flags.items() if v is not None}
-        if isinstance(given.get("experiments"), str):
-            given["experiments"] = tuple(x.strip() for x in given["experiments"].split(",") if x.strip())
-        cfg = RunConfig(**given)
+    cfg = RunConfig.from_file(config, **options) if config is not None else RunConfig(**options)
     path = run_experiments(cfg, resume=resume, progress=not quiet)
     import json
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentpatch.patching.baselines import RunRecord
+from latentpatch.patching.baselines import RunRecord, record_run
 from latentpatch.model.latent import LatentModel
 
 
@@ -38,7 +38,7 @@ def model_key(model: LatentModel) -> str:
 
 
 class ActivationCache:
-    """``get``/``put`` of :class:`~latentpatch.patching.baselines.RunRecord` by prompt ids for one model."""
+    """``get``/``put`` of :class:`~latentpatch.patching.engine.RunRecord` by prompt ids for one model."""
 
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key
@@ -82,3 +82,14 @@ class ActivationCache:
         os.close(fd)
         save_file(tensors, tmp)
         os.replace(tmp, path)
+
+
+def recorded_run(model: LatentModel, cache: ActivationCache | None, question: str) -> RunRecord:
+    """The unpatched run of one question, from ``cache`` when it holds it (and stored there if not)."""
+    prompt = model.prompt_ids(question)
+    record = cache.get(prompt) if cache is not None else None
+    if record is None:
+        record = record_run(model, prompt)
+        if cache is not None:
+            cache.put(record)
+    return record

@@ -3,7 +3,7 @@
 Shard i of N runs pairs k with k mod N == i of the filtered, limited pair list and names each
 pair's result file by its global index (``results/pairs/{k:05d}.json``). Merging checks that the
 shards belong together, copies their pair files, writes ``pairs.json`` in global order and a merged
-manifest, then runs the model-free :func:`latentpatch.pipeline.run.assemble`: ``results/`` ends up as an
+manifest, then runs the model-free :func:`latentpatch.rundir.assemble`: ``results/`` ends up as an
 unsharded run would write it. See ``docs/scaling.md``.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.data.pairs import load_pairs, save_pairs
-from latentpatch.pipeline.run import GLOBAL_REPLACEMENTS, RunConfig, parse_shard
+from latentpatch.data.pairs import Pair, load_pairs, save_pairs
+from latentpatch.pipeline.config import GLOBAL_REPLACEMENTS, RunConfig, parse_shard, parse_values
 from latentpatch.rundir import assemble, write_json
 
 #: Manifest config keys that may differ between shards of one run.
@@ -117,10 +117,32 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
     n_shards = _check_compatible(dirs, manifests)
     order = sorted(range(len(dirs)), key=lambda j: parse_shard(manifests[j]["config"].get("shard") or "0/1")[0])
     dirs, manifests = [dirs[j] for j in order], [manifests[j] for j in order]
+    files, pairs = _pair_files(dirs, n_shards, bool(manifests[0]["config"].get("only_correct")))
 
-    # pair files, checked against their shard, and the pairs in global order
+    results = out / "results" / "pairs"
+    results.mkdir(parents=True, exist_ok=True)
+    for k in sorted(files):
+        shutil.copyfile(files[k][0], results / files[k][0].name)
+    ordered = [files[k][1] for k in sorted(files)]
+    save_pairs([pairs[data["pair_id"]] for data in ordered], out / "pairs.json")
+    t = time.perf_counter()
+    assemble(out)
+    timings = _sum_numbers([m.get("timings") for m in manifests])
+    timings.update(assemble_s=time.perf_counter() - t, merge_s=time.perf_counter() - t0)
+    write_json(out / "manifest.json", _merged_manifest(dirs, manifests, ordered, out, timings))
+    if report:
+        from latentpatch.analysis.report import build_report
+
+        build_report(out)
+    return out
+
+
+def _pair_files(dirs: Sequence[Path], n_shards: int,
+                only_correct: bool) -> tuple[dict[int, tuple[Path, dict]], dict[str, Pair]]:
+    """Every shard's pair result files by global index (checked against their shard), and the
+    pairs by id."""
     files: dict[int, tuple[Path, dict]] = {}
-    pairs = {}
+    pairs: dict[str, Pair] = {}
     for i, d in enumerate(dirs):
         shard_pairs = load_pairs(d / "pairs.json")
         pairs.update({p.pair_id: p for p in shard_pairs})
@@ -135,32 +157,24 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
                 raise LatentPatchError(f"{f}: pair index {k} does not belong to shard {i}/{n_shards} or is "
                                        "duplicated; fix: merge the unchanged shard directories")
             files[k] = (f, data)
-    if not manifests[0]["config"].get("only_correct") and sorted(files) != list(range(len(files))):
+    if not only_correct and sorted(files) != list(range(len(files))):
         gaps = sorted(set(range(max(files) + 1)) - set(files))
         raise LatentPatchError(f"pair indices {gaps[:8]} have no result file; fix: pass every shard's run directory")
+    return files, pairs
 
-    results = out / "results" / "pairs"
-    results.mkdir(parents=True, exist_ok=True)
-    for k in sorted(files):
-        shutil.copyfile(files[k][0], results / files[k][0].name)
-    ordered = [files[k][1] for k in sorted(files)]
-    save_pairs([pairs[data["pair_id"]] for data in ordered], out / "pairs.json")
-    t = time.perf_counter()
-    assemble(out)
-    assemble_s = time.perf_counter() - t
 
-    # the merged manifest
+def _merged_manifest(dirs: Sequence[Path], manifests: Sequence[dict], ordered: Sequence[dict], out: Path,
+                     timings: dict) -> dict:
+    """The first shard's manifest with the config, baselines, checks and timings of all shards."""
     config = dict(manifests[0]["config"], shard=None, out=str(out))
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    cfg = RunConfig(**{k: tuple(v) if k == "experiments" else v for k, v in config.items() if k in fields})
+    cfg = RunConfig(**parse_values(RunConfig, {k: v for k, v in config.items() if k in fields}))
     flags = {d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
              for d in ordered if d["cells"]}
-    per_pair = {}
+    per_pair: dict[str, dict] = {}
     for m in manifests:
         per_pair.update((m.get("baselines") or {}).get("per_pair") or {})
     n = len(ordered)
-    timings = _sum_numbers([m.get("timings") for m in manifests])
-    timings.update(assemble_s=assemble_s, merge_s=time.perf_counter() - t0)
     n_cells = sum(len(d["cells"]) for d in ordered)
     cache = _sum_numbers([m.get("activation_cache") for m in manifests])
     manifest = dict(manifests[0])
@@ -181,13 +195,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
         "cells_per_second": n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
         "activation_cache": cache or None,
         "merged_from": [{"run_dir": str(d), "shard": m["config"].get("shard"), "n_pairs": m.get("n_pairs"),
-                         "git_commit": m.get("git_commit"), "device": m.get("device"), "batch_size": m.get("batch_size")}
+                         "git_commit": m.get("git_commit"), "device": m.get("device"),
+                         "batch_size": m.get("batch_size")}
                         for d, m in zip(dirs, manifests)],
     })
     manifest.pop("previous_timings", None)
-    write_json(out / "manifest.json", manifest)
-    if report:
-        from latentpatch.analysis.report import build_report
-
-        build_report(out)
-    return out
+    return manifest

@@ -1,0 +1,257 @@
+"""The options of a run and of model loading, each declared once with its help text (no torch).
+
+:class:`ModelOptions` are the options of :func:`latentpatch.model.loading.load_model`, shared by
+``latentpatch run``, ``eval`` and ``inspect``; :class:`RunConfig` adds the options of a run. The
+command line builds its ``--options`` from these fields (name, type, default, help; see
+:func:`option`), and a ``--config`` file (JSON or TOML) takes the same names as keys.
+
+Imports no torch, so ``merge`` and ``latentpatch run --help`` stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
+from latentpatch.errors import LatentPatchError
+from latentpatch.names import (  # noqa: F401  (GLOBAL_REPLACEMENTS: re-exported for run and merge)
+    COMPONENTS, DEFAULT_COMPONENT, DIRECTIONS, EXPERIMENTS, GLOBAL_REPLACEMENTS, REPLACEMENTS,
+)
+
+if TYPE_CHECKING:
+    from latentpatch.model.latent import LatentModel
+
+
+def option(default: Any, help: str, *, flags: str | None = None, parse: Callable[[str], Any] | None = None,
+           omit_if_unset: bool = False) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    ``help``: the option's help text. ``flags``: the option's declaration when it is not
+    ``--field-name`` (``--name/--no-name`` for booleans). ``parse``: turns the text given on the
+    command line (or a string in a config file) into the field's value. ``omit_if_unset``: left
+    out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None,
+    so adding such an option does not change the hash of existing run directories.
+    """
+    meta = {"help": help, "flags": flags, "parse": parse, "omit_if_unset": omit_if_unset}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_experiments(text: str) -> tuple[str, ...]:
+    """``"layer,position"`` -> ``("layer", "position")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``"8"`` -> 8; anything else stays text (``"auto"``; :meth:`RunConfig.validate` rejects the rest)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+MODEL_HELP = ("Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
+              "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
+              "(a small random model, for a demo).")
+
+
+@dataclass
+class ModelOptions:
+    """The options of :func:`latentpatch.model.loading.load_model` (``run``, ``eval``, ``inspect``)."""
+
+    model: str = option("default", MODEL_HELP)
+    base: str | None = option(None, "Base model of a codi:/coconut: checkpoint (local dir or hub name).")
+    preset: str | None = option(None, "Settings of an official CODI checkpoint: codi-gpt2, codi-llama1b or "
+                                      "codi-llama1b-instruct.")
+    lora_r: int | None = option(None, "LoRA rank of a codi: checkpoint (0 = checkpoint without LoRA; "
+                                      "default: read from the file).", omit_if_unset=True)
+    lora_alpha: float | None = option(None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).",
+                                      omit_if_unset=True)
+    lora_targets: str | None = option(None, "Comma-separated LoRA target modules of a codi: checkpoint.",
+                                      omit_if_unset=True)
+    prj_dim: int | None = option(None, "Projection width of a codi: checkpoint (default: read from the file).",
+                                 omit_if_unset=True)
+    prj_ln: bool | None = option(None, "The projection of a codi: checkpoint ends with a LayerNorm (default: "
+                                       "read from the file).", flags="--prj-ln/--no-prj-ln", omit_if_unset=True)
+    num_latent: int | None = option(None, "Number of continuous thoughts (default: the model's).",
+                                    omit_if_unset=True)
+    remove_eos: bool | None = option(None, "No [EOS] around the thoughts of a codi: checkpoint (CODI's "
+                                           "--remove_eos).", flags="--remove-eos/--keep-eos", omit_if_unset=True)
+    eos_id: int | None = option(None, "End-of-sequence token id of a codi: checkpoint.", omit_if_unset=True)
+    answer_prefix: str | None = option(None, "Text a codi: checkpoint emits before the number (default: "
+                                             "'The answer is: ').", omit_if_unset=True)
+    device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", "Weights and activations: float32 or bfloat16 (float16 also works).")
+
+    def load(self) -> LatentModel:
+        """The model these options name (``load_model`` checks dtype, device and the overrides)."""
+        from latentpatch.model.loading import load_model
+
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)
+                     if f.metadata["omit_if_unset"]}
+        # an empty --base/--preset (e.g. from a config file) means "not given"
+        return load_model(self.model, base=self.base or None, preset=self.preset or None, dtype=self.dtype,
+                          device=self.device, **overrides)
+
+
+@dataclass
+class RunConfig(ModelOptions):
+    """Every option of ``latentpatch run``: the model options plus those of the run itself.
+
+    >>> RunConfig(limit=5).result_hash() == RunConfig(limit=5, out="elsewhere").result_hash()
+    True
+    """
+
+    pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).")
+    experiments: tuple[str, ...] = option(EXPERIMENTS, "Comma list of " + ",".join(EXPERIMENTS) + ".",
+                                          parse=parse_experiments)
+    component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(COMPONENTS) + ".")
+    direction: str = option("denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).")
+    replacement: str = option("source", "Patched-in values: " + " | ".join(REPLACEMENTS) + ".")
+    out: str = option("runs/latest", "Run directory.")
+    limit: int | None = option(None, "First N pairs only (quick test: --limit 5).")
+    shard: str | None = option(None, "i/N: this process runs pairs k with k mod N == i (see `latentpatch merge`).")
+    batch_size: int | str = option(64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size)
+    threads: int | None = option(None, "CPU threads (default: 1 for small models, else torch's).")
+    seed: int = option(0, "Random seed (resample partners, check cells).")
+    only_correct: bool = option(False, "Exclude pairs the model gets wrong (clean or corrupted).",
+                                flags="--only-correct/--all-pairs")
+    keep_same_answer: bool = option(False, "Keep pairs whose clean and corrupted answers are equal.")
+    engine: str = option("fast", "fast (batched) | reference (one full rollout per cell).")
+    strict: bool = option(False, "A failing built-in check is fatal.")
+    check_cells: int = option(8, "Cells the engine_reference check recomputes with the reference engine.")
+    cache_dir: str | None = option(None, "Activation cache directory (default ~/.cache/latentpatch/activations).")
+    use_cache: bool = option(True, "Read and write the activation cache.")
+    report: bool = option(True, "Build stats, figures and report.html at the end.")
+    wandb: bool = option(False, "Log the run to Weights & Biases.")
+    wandb_project: str | None = option(None, "W&B project (default: latentpatch).")
+    thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
+
+    #: Options that do not change any number in results/ (safe to differ on --resume).
+    NOT_RESULT_KEYS: ClassVar[tuple[str, ...]] = ("out", "strict", "report", "wandb", "wandb_project", "cache_dir",
+                                                  "use_cache")
+
+    def validate(self) -> None:
+        """Raise a :class:`LatentPatchError` naming the option for the first bad value (dtype and
+        device are checked by ``load_model``)."""
+        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        if bad or not self.experiments:
+            raise LatentPatchError(f"--experiments: unknown {','.join(bad) or '(empty)'}; "
+                                   f"use a comma list of {','.join(EXPERIMENTS)}")
+        for name, value, choices in (("component", self.component, COMPONENTS),
+                                     ("direction", self.direction, DIRECTIONS),
+                                     ("replacement", self.replacement, REPLACEMENTS),
+                                     ("engine", self.engine, ENGINES)):
+            if value not in choices:
+                raise LatentPatchError(f"--{name} {value!r}: use one of {', '.join(choices)}")
+        if self.threads is not None and self.threads < 1:
+            raise LatentPatchError("--threads must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise LatentPatchError("--limit must be >= 1")
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
+            raise LatentPatchError(f"--batch-size {self.batch_size!r}: use a positive integer or auto")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+    def result_hash(self) -> str:
+        """Hash of the options that change numbers (the run directory's ``config_hash``)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.NOT_RESULT_KEYS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``config``: every option, except unset ones marked ``omit_if_unset``."""
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_if_unset"):
+                continue
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> RunConfig:
+        """Read a JSON or TOML config file; ``overrides`` (explicit CLI flags, None = not given) win."""
+        path = Path(path)
+        if not path.exists():
+            raise LatentPatchError(f"config file {path} does not exist; fix: pass an existing JSON or TOML file")
+        try:
+            text = path.read_text()
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except Exception as err:
+            raise LatentPatchError(f"config file {path} cannot be parsed ({err}); fix: write valid JSON or TOML")
+        if not isinstance(data, dict):
+            raise LatentPatchError(f"config file {path}: expected a mapping of option names to values")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise LatentPatchError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                                   "fix: use the names of `latentpatch run --help`")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**parse_values(cls, data))
+
+
+def parse_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each string run through its field's ``parse`` (lists become tuples)."""
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if f.metadata.get("parse")}
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and name in parsers:
+            out[name] = parsers[name](value)
+        elif isinstance(value, list):
+            out[name] = tuple(value)
+    return out
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise LatentPatchError(f"--shard {shard!r}: use i/N with 0 <= i < N, e.g. 0/4") from None
+    return i, n
+
+
+def shard_pairs(pairs: Sequence[Pair], shard: str | None) -> list[tuple[int, Pair]]:
+    """Deterministic split: pair k (in file order, after filtering) goes to shard k mod N.
+
+    Returns ``(k, pair)``: k is the pair's global index, which names its result file, so shard
+    run directories merge back into exactly the unsharded run.
+    """
+    indexed = list(enumerate(pairs))
+    if shard is None:
+        return indexed
+    i, n = parse_shard(shard)
+    return [(k, p) for k, p in indexed if k % n == i]
+
+
+def default_pairs_path() -> Path:
+    """The shipped pair file (``latentpatch/default_data/pairs.json``)."""
+    return Path(str(resources.files("latentpatch") / "default_data" / "pairs.json"))
+
+
+def load_run_pairs(config: RunConfig) -> list[Pair]:
+    """The pairs of ``config.pairs`` (``default``: the shipped file), before filtering."""
+    return load_pairs(default_pairs_path() if config.pairs == "default" else Path(config.pairs))
+
+
+def pairs_to_run(pairs: Sequence[Pair], config: RunConfig) -> tuple[list[tuple[int, Pair]], list[tuple[str, str]]]:
+    """Filter (same-answer pairs out unless kept), limit to the first N, then shard.
+
+    Returns ``(global_index, pair)`` for this process, and the removed pairs with reasons.
+    """
+    removed: list[tuple[str, str]] = []
+    if not config.keep_same_answer:
+        pairs, removed = filter_pairs(pairs)
+    pairs = list(pairs)
+    if config.limit is not None:
+        pairs = pairs[: config.limit]
+    return shard_pairs(pairs, config.shard), removed
