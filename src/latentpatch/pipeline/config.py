@@ -27,6 +27,9 @@ from latentpatch.names import (  # noqa: F401  (GLOBAL_REPLACEMENTS: re-exported
 if TYPE_CHECKING:
     from latentpatch.model.latent import LatentModel
 
+#: ``--engine``: the batched engine, or one full rollout per cell (the check's reference).
+ENGINES: tuple[str, ...] = ("fast", "reference")
+
 
 def option(default: Any, help: str, *, flags: str | None = None, parse: Callable[[str], Any] | None = None,
            omit_if_unset: bool = False) -> Any:
