@@ -15,10 +15,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.loading import (
-    PRESETS, get_preset, load_codi_checkpoint, load_coconut_checkpoint, load_latent_dir, load_model,
-    random_model, save_latent_dir,
-)
+from latentpatch.model.latent_dir import load_latent_dir, save_latent_dir
+from latentpatch.model.load import load_model
+from latentpatch.model.loaders import PRESETS, get_preset, load_codi_checkpoint, load_coconut_checkpoint, random_model
 from latentpatch.model.latent import build_prj
 
 V = 40  # base vocabulary; pad/bot/eot = 40, 41, 42
@@ -205,7 +204,7 @@ def test_tied_file_lm_head_serves_both_and_is_logged(tmp_path, caplog):
     sd = {k: v.clone() for k, v in module.state_dict().items()}
     sd[HEAD] = sd[HEAD] + 0.01 * torch.randn_like(sd[HEAD])  # differs from the embedding in the file
     ckpt = save_ckpt(sd, tmp_path / "ckpt")
-    with caplog.at_level(logging.WARNING, logger="latentpatch.model.loading"):
+    with caplog.at_level(logging.WARNING, logger="latentpatch.model.checkpoint"):
         m = load("llama", ckpt, save_base(tmp_path, "llama", tie=True))
     assert torch.equal(m.lm.get_input_embeddings().weight, sd[HEAD])
     assert torch.equal(m.lm.get_output_embeddings().weight, sd[HEAD])
@@ -427,7 +426,7 @@ def test_load_model_specs_and_errors(tmp_path):
         load_model("config:llama", num_latent=0)
     with pytest.raises(LatentPatchError, match="no such GGUF"):
         load_model(f"gguf:{tmp_path / 'x.gguf'}")
-    from latentpatch.model.loading import DEFAULT_MODEL_DIR
+    from latentpatch.model.load import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "latentpatch.json").exists():
         with pytest.raises(LatentPatchError, match="default model"):

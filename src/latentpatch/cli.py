@@ -71,7 +71,7 @@ def inspect_cmd(
         raise LatentPatchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     ids = _parse_input_ids(input_ids) if input_ids is not None else None
 
-    from latentpatch.model.loading import load_model
+    from latentpatch.model.load import load_model
     from latentpatch.model.latent import extract_number
 
     m = load_model(model, base=base, preset=preset, dtype=dtype, device=device, lora_r=lora_r,

@@ -389,7 +389,7 @@ def sweep_fast(
         with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
             first = target.thoughts[0, start][None].expand(B, -1)
             model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
-            end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
+            end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
         tracked = {}
         for row, s in enumerate(chunk):
             if s.track:

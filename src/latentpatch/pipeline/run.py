@@ -194,7 +194,7 @@ def _git_commit() -> str | None:
 
 
 def _load_model(config: RunConfig) -> LatentModel:
-    from latentpatch.model.loading import load_model
+    from latentpatch.model.load import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
     if config.device.startswith("cuda") and not torch.cuda.is_available():

@@ -37,10 +37,10 @@ def resolve_model_dir(spec: str | Path) -> Path:
 
 
 def load_latent_model(spec: str | Path):
-    """A :class:`LatentModel` for ``spec``: via ``latentpatch.model.loading.load_model`` when available,
+    """A :class:`LatentModel` for ``spec``: via ``latentpatch.model.load.load_model`` when available,
     else built from a directory written by :func:`latentpatch.training.train.save_model`."""
     try:
-        from latentpatch.model.loading import load_model  # the project's strict loader
+        from latentpatch.model.load import load_model  # the project's strict loader
     except ImportError:
         load_model = None
     if load_model is not None:
