@@ -15,10 +15,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.latent_dir import load_latent_dir, save_latent_dir
+from latentpatch.model.latent import LatentConfig, build_prj
+from latentpatch.model.latent_dir import (
+    LATENT_DIR_FORMAT,
+    config_from_meta,
+    latent_meta,
+    load_latent_dir,
+    save_latent_dir,
+)
 from latentpatch.model.load import load_model
-from latentpatch.model.loaders import PRESETS, get_preset, load_codi_checkpoint, load_coconut_checkpoint, random_model
-from latentpatch.model.latent import build_prj
+from latentpatch.model.loaders import PRESETS, get_preset, load_coconut_checkpoint, load_codi_checkpoint, random_model
 
 V = 40  # base vocabulary; pad/bot/eot = 40, 41, 42
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
@@ -386,6 +392,17 @@ def test_latent_dir_is_strict(tmp_path):
         load_latent_dir(d)
     with pytest.raises(LatentPatchError, match="latentpatch.json"):
         load_latent_dir(tmp_path)
+
+
+def test_latentpatch_json_round_trip():
+    cfg = LatentConfig(num_latent=4, pad_id=10, bot_id=11, eot_id=12, eos_id=2, remove_eos=False, answer_prefix="",
+                       question_template="Q: {question}", add_special_tokens=False, max_answer_tokens=7)
+    meta = latent_meta(cfg, family="llama", prj_dim=None, prj_ln=False, extra={"training": {"steps": 1}})
+    assert meta["format"] == LATENT_DIR_FORMAT and meta["training"] == {"steps": 1}
+    assert config_from_meta(meta) == cfg
+    assert config_from_meta(meta, num_latent=2).num_latent == 2
+    minimal = {k: meta[k] for k in ("num_latent", "pad_id", "bot_id", "eot_id", "eos_id")}
+    assert config_from_meta(minimal) == LatentConfig(4, 10, 11, 12, 2)  # absent keys: LatentConfig's defaults
 
 
 def test_coconut_checkpoint(tmp_path):
