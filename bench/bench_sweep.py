@@ -10,7 +10,7 @@ every latent position, component resid_out, denoise, source values), computed th
 Baselines (``record_run``/``prepare_pair``) are computed once, outside the timed region, and shared
 by the engine and the reference; the nnsight sweep computes its own per-pair baselines (2 rollouts
 per pair), which are timed separately and subtracted. Every method's forward passes are counted in
-token positions (``LatentModel.prefill``/``_forward`` instrumented) and compared with the lower bound
+token positions (``LatentModel.prefill``/``advance`` instrumented) and compared with the lower bound
 a sweep must recompute. All three must agree on kl / answer_logit_diff / logit_l2 (<= 1e-4 in fp32).
 
 Examples::
@@ -128,7 +128,7 @@ def load(spec: str, device: str, dtype: torch.dtype, n_pairs: int) -> tuple[Late
         tiny = dict(n_layers=2, d=64, heads=4, kv_heads=2, inter=128) if spec.endswith("-tiny") else {}
         model = random_llama1b(device, dtype, **tiny)
         return model, synthetic_items(model, n_pairs)
-    from latentpatch.model.loading import load_model
+    from latentpatch.model.load import load_model
     from latentpatch.data.pairs import filter_pairs, load_pairs
     from latentpatch.pipeline.run import default_pairs_path
 
@@ -147,10 +147,10 @@ class TokenCounter:
         self.n = 0
 
     def __enter__(self):
-        self._forward, self._prefill = LatentModel._forward, LatentModel.prefill
-        fwd, pre = self._forward, self._prefill
+        self._advance, self._prefill = LatentModel.advance, LatentModel.prefill
+        fwd, pre = self._advance, self._prefill
 
-        def _forward(model, state, *, input_ids=None, inputs_embeds=None, hooks=None):
+        def advance(model, state, *, input_ids=None, inputs_embeds=None, hooks=None):
             x = input_ids if input_ids is not None else inputs_embeds
             self.n += x.shape[0] * x.shape[1]
             return fwd(model, state, input_ids=input_ids, inputs_embeds=inputs_embeds, hooks=hooks)
@@ -159,11 +159,11 @@ class TokenCounter:
             self.n += len(prompts) * max(len(p) for p in prompts)
             return pre(model, prompts, hooks=hooks)
 
-        LatentModel._forward, LatentModel.prefill = _forward, prefill
+        LatentModel.advance, LatentModel.prefill = advance, prefill
         return self
 
     def __exit__(self, *exc):
-        LatentModel._forward, LatentModel.prefill = self._forward, self._prefill
+        LatentModel.advance, LatentModel.prefill = self._advance, self._prefill
 
 
 def _sync(device: torch.device) -> None:

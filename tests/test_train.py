@@ -9,7 +9,7 @@ import torch
 
 from latentpatch.data.synthetic import generate_problems
 from latentpatch.model.latent import LatentModel
-from latentpatch.model.loading import load_model
+from latentpatch.model.load import load_model
 from latentpatch.training.data import Codec, make_batch
 from latentpatch.training.objective import positions, student_forward
 from latentpatch.training.train import TrainConfig, train

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _LAZY = {
-    "load_model": "latentpatch.model.loading",
+    "load_model": "latentpatch.model.load",
     "LatentModel": "latentpatch.model.latent",
     "Write": "latentpatch.model.sites",
     "PatchSpec": "latentpatch.patching.specs",

@@ -1,4 +1,4 @@
-"""The continuous-thought model and its real latent rollout (design.md §1).
+"""The continuous-thought model and its real latent rollout (docs/method.md, "The rollout").
 
 A :class:`LatentModel` is an ordinary Hugging Face causal LM (LLaMA or GPT-2 family) plus a
 projection ``prj`` and a few special token ids. Its rollout::
@@ -20,14 +20,23 @@ position ids skip the padding, so a row's numbers do not depend on the rest of t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import PreTrainedModel
 
-from latentpatch.model.sites import ActivationHooks, Write, transformer_blocks
+from latentpatch.model.sites import (
+    ActivationHooks,
+    Write,
+    backbone_of,
+    cache_keyword,
+    embedding_matrix,
+    model_family,
+    transformer_blocks,
+)
+from latentpatch.model.state import Rollout, RolloutState
 
 Number = float | int
 
@@ -52,7 +61,7 @@ class LatentConfig:
     add_special_tokens: bool = True
     max_answer_tokens: int = 32
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -90,106 +99,26 @@ def format_number(x: Number) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
-@dataclass
-class RolloutState:
-    """A KV-cached sequence in progress. ``length`` = tokens so far (incl. left padding).
-
-    Shapes: ``attention_mask`` [B, length] long; ``next_position`` [B] long = position id of the
-    next token of each row (padding is not counted).
-    """
-
-    cache: DynamicCache
-    attention_mask: torch.Tensor
-    next_position: torch.Tensor
-    length: int
-
-    @property
-    def batch_size(self) -> int:
-        return self.attention_mask.shape[0]
-
-    def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> "RolloutState":
-        """A copy truncated to the first ``length`` tokens, rows selected then repeated ``repeats`` times.
-
-        The copy shares no storage that a later forward would append to, so the original stays
-        usable (this is how a sweep reuses one baseline prefix for many patches).
-        """
-        length = self.length if length is None else length
-        mask = self.attention_mask[:, :length]
-        layers = []
-        for layer in self.cache.layers:
-            k, v = layer.keys[:, :, :length], layer.values[:, :, :length]
-            if rows is not None:
-                k, v = k[rows], v[rows]
-            layers.append((k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)))
-        if rows is not None:
-            mask = mask[rows]
-        mask = mask.repeat_interleave(repeats, 0)
-        return RolloutState(
-            cache=DynamicCache(ddp_cache_data=layers),
-            attention_mask=mask,
-            next_position=mask.sum(1) if length else torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device),
-            length=length,
-        )
-
-
-@dataclass
-class Rollout:
-    """Result of :meth:`LatentModel.rollout` for a batch of B prompts.
-
-    - ``prompt_len``: T_q, the padded prompt length (latent p is at index T_q + p)
-    - ``prompt_lengths``: [B] real (unpadded) prompt lengths
-    - ``thoughts``: [B, K, d] input embeddings fed at the latent positions
-    - ``source_hidden``: [B, d] final hidden state (after the final norm) of the last prompt position
-    - ``latent_hidden``: [B, K, d] final hidden states at the latent positions
-    - ``next_thought``: [B, d] the thought produced by the last step (not fed)
-    - ``answer_logits``: [B, V] fp32 logits at the last fed position ([EOT] or [EOS]): the
-      distribution of the first answer token
-    - ``state``: the KV-cached sequence after [EOT]; continue it with :meth:`LatentModel.score` /
-      :meth:`LatentModel.generate`
-    - ``hooks``: the :class:`ActivationHooks` used (read recordings with ``hooks.recorded``)
-    """
-
-    prompt_len: int
-    prompt_lengths: torch.Tensor
-    thoughts: torch.Tensor
-    source_hidden: torch.Tensor
-    latent_hidden: torch.Tensor
-    next_thought: torch.Tensor
-    answer_logits: torch.Tensor
-    state: RolloutState
-    hooks: ActivationHooks | None = None
-    snapshots: dict[int, RolloutState] = field(default_factory=dict)
-
-    @property
-    def num_latent(self) -> int:
-        return self.thoughts.shape[1]
-
-    def latent_index(self, p: int) -> int:
-        """Absolute sequence index of latent position ``p``."""
-        return self.prompt_len + p
-
-    def thought_source_hidden(self) -> torch.Tensor:
-        """[B, K, d]: the final hidden state each thought was projected from (p=0: last prompt token)."""
-        return torch.cat([self.source_hidden[:, None], self.latent_hidden[:, :-1]], dim=1)
-
-
 class LatentModel(nn.Module):
-    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout of design.md §1.
+    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout (docs/method.md).
 
     ``lm`` is a transformers ``LlamaForCausalLM``-like or ``GPT2LMHeadModel``-like model with any
     LoRA already merged. ``tokenizer`` is optional (a base without one can be driven by token ids).
     """
 
-    def __init__(self, lm: nn.Module, prj: nn.Module, config: LatentConfig, tokenizer=None, name: str = ""):
+    def __init__(
+        self, lm: PreTrainedModel, prj: nn.Module, config: LatentConfig, tokenizer: Any = None, name: str = ""
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.prj = prj
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
+        self.family = model_family(lm)
         self.blocks = transformer_blocks(lm)
-        self.family = "gpt2" if hasattr(lm, "transformer") else "llama"
-        self.backbone = lm.transformer if self.family == "gpt2" else lm.model
+        self.backbone = backbone_of(lm)
+        self.cache_keyword = cache_keyword(self.backbone)
         self.lm.eval()
         self.prj.eval()
 
@@ -200,11 +129,11 @@ class LatentModel(nn.Module):
 
     @property
     def d_model(self) -> int:
-        return self.lm.get_input_embeddings().weight.shape[1]
+        return embedding_matrix(self.lm).shape[1]
 
     @property
     def vocab_size(self) -> int:
-        return self.lm.get_output_embeddings().weight.shape[0]
+        return int(self.lm.get_output_embeddings().weight.shape[0])
 
     @property
     def num_latent(self) -> int:
@@ -212,14 +141,14 @@ class LatentModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm.get_input_embeddings().weight.device
+        return embedding_matrix(self.lm).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
+        return embedding_matrix(self.lm).dtype
 
     # -- text <-> ids ----------------------------------------------------------------------------
-    def _require_tokenizer(self):
+    def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids instead of text")
         return self.tokenizer
@@ -262,7 +191,7 @@ class LatentModel(nn.Module):
         return self._require_tokenizer().decode(list(ids), skip_special_tokens=True)
 
     # -- the forward primitive -------------------------------------------------------------------
-    def _forward(
+    def advance(
         self,
         state: RolloutState,
         *,
@@ -271,7 +200,11 @@ class LatentModel(nn.Module):
         hooks: ActivationHooks | None = None,
     ) -> torch.Tensor:
         """Run T new tokens (ids [B, T] or embeddings [B, T, d]) on ``state``; returns the
-        final hidden states [B, T, d] (after the final norm) and advances ``state`` in place."""
+        final hidden states [B, T, d] (after the final norm) and advances ``state`` in place.
+
+        The one cached forward step every phase uses (thoughts, [EOT], scoring, decoding); the
+        engine calls it to continue a forked state. ``hooks.offset`` is set to the absolute index
+        of the first new token so writes land at the right positions."""
         if inputs_embeds is None:
             inputs_embeds = self.lm.get_input_embeddings()(input_ids)
         B, T = inputs_embeds.shape[:2]
@@ -280,14 +213,10 @@ class LatentModel(nn.Module):
         position_ids = state.next_position[:, None] + torch.arange(T, device=mask.device)[None]
         if hooks is not None:
             hooks.offset = state.length
-        out = self.backbone(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        state.cache = out.past_key_values
+        cache = {self.cache_keyword: state.cache}
+        out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                            use_cache=True, **cache)
+        state.cache = getattr(out, self.cache_keyword)
         state.attention_mask = mask
         state.next_position = state.next_position + T
         state.length += T
@@ -303,7 +232,9 @@ class LatentModel(nn.Module):
         return self.lm.get_input_embeddings()(t)
 
     # -- rollout ---------------------------------------------------------------------------------
-    def prefill(self, prompts: Sequence[Sequence[int]], hooks: ActivationHooks | None = None) -> tuple[RolloutState, torch.Tensor]:
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], hooks: ActivationHooks | None = None
+    ) -> tuple[RolloutState, torch.Tensor]:
         """Left-pad and run the prompts. Returns the state and [B, d] last-position final hidden."""
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), self.config.pad_id, dtype=torch.long)
@@ -317,7 +248,8 @@ class LatentModel(nn.Module):
         if hooks is not None:
             hooks.offset = 0
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
-        state = RolloutState(cache=out.past_key_values, attention_mask=mask, next_position=mask.sum(1), length=T)
+        cache = getattr(out, self.cache_keyword)
+        state = RolloutState(cache=cache, attention_mask=mask, next_position=mask.sum(1), length=T)
         return state, out.last_hidden_state[:, -1]
 
     def run_thoughts(
@@ -329,8 +261,6 @@ class LatentModel(nn.Module):
         hooks: ActivationHooks | None = None,
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,
-        snapshots: Sequence[int] = (),
-        snapshot_store: dict[int, RolloutState] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latent steps ``start..K-1`` on ``state`` (which must end just before latent ``start``).
 
@@ -345,10 +275,8 @@ class LatentModel(nn.Module):
         for p in range(start, self.num_latent):
             if thought_override is not None and override_mask is not None:
                 thought = torch.where(override_mask[:, p, None], thought_override[:, p].to(thought.dtype), thought)
-            if snapshot_store is not None and p in snapshots:
-                snapshot_store[p] = state.fork()
             thoughts.append(thought)
-            h = self._forward(state, inputs_embeds=thought[:, None], hooks=hooks)[:, -1]
+            h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks)[:, -1]
             hidden.append(h)
             thought = self.prj(h)
         return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
@@ -373,25 +301,35 @@ class LatentModel(nn.Module):
         record: Sequence[tuple[str, int]] = (),
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,
-        snapshots: Sequence[int] = (),
     ) -> Rollout:
         """The real latent rollout of a batch of questions (text) or prompt ids (with separators).
 
         ``writes`` overwrite sites on the way (see :mod:`latentpatch.model.sites`); ``record`` keeps
-        ``(component, layer)`` activations for every position. ``snapshots``: latent positions
-        at which to keep a copy of the state (the KV prefix before that thought), for sweeps.
+        ``(component, layer)`` activations for every position.
+
+        >>> from latentpatch.model.load import load_model
+        >>> model = load_model("default")
+        >>> q = ("A farmer plants 2 rows with 3 trees in each row. 1 of the trees die, "
+        ...      "and the farmer plants 3 new trees. How many trees does the farmer have now?")
+        >>> r = model.rollout([q], record=[("resid_out", 2)])
+        >>> tuple(r.thoughts.shape)  # [B, K, d]
+        (1, 6, 128)
+        >>> tuple(r.hooks.recorded("resid_out", 2).shape) == (1, r.prompt_len + model.num_latent + 1, 128)
+        True
+        >>> model.decode(model.generate(r.state, r.answer_logits)[0])
+        'The answer is: 8'
         """
         prompt_ids = [self.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
         hooks = ActivationHooks(self.lm, writes=writes, record=record)
-        snaps: dict[int, RolloutState] = {}
         with hooks:
             state, h = self.prefill(prompt_ids, hooks=hooks)
             prompt_len = state.length
             thoughts, hidden, next_thought = self.run_thoughts(
                 state, self.prj(h), 0, hooks=hooks, thought_override=thought_override,
-                override_mask=override_mask, snapshots=snapshots, snapshot_store=snaps,
+                override_mask=override_mask,
             )
-            end = self._forward(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompt_ids)), hooks=hooks)
+            answer_start = self.embed_ids(self.answer_start_ids(), len(prompt_ids))  # [B, 1 or 2, d]
+            end = self.advance(state, inputs_embeds=answer_start, hooks=hooks)
         return Rollout(
             prompt_len=prompt_len,
             prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
@@ -402,7 +340,6 @@ class LatentModel(nn.Module):
             answer_logits=self.logits(end[:, -1]),
             state=state,
             hooks=hooks,
-            snapshots=snaps,
         )
 
     # -- after the thoughts: scoring and generation ---------------------------------------------
@@ -432,7 +369,7 @@ class LatentModel(nn.Module):
                 for b, seq in enumerate(seqs):
                     if len(seq) > 1:
                         ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-                logits = self.logits(self._forward(state.fork(), input_ids=ids))
+                logits = self.logits(self.advance(state.fork(), input_ids=ids))
             for b, seq in enumerate(seqs):
                 rest = logits[b, : len(seq) - 1] if width > 0 else answer_logits[:0]
                 out[b][c] = torch.cat([answer_logits[b: b + 1], rest], 0)[: len(seq)]
@@ -462,7 +399,7 @@ class LatentModel(nn.Module):
             done |= nxt == self.config.eos_id
             if bool(done.all()) or step == n - 1:
                 break
-            logits = self.logits(self._forward(state, input_ids=nxt[:, None])[:, -1])
+            logits = self.logits(self.advance(state, input_ids=nxt[:, None])[:, -1])
         return out
 
     @torch.no_grad()
@@ -487,6 +424,6 @@ class LatentModel(nn.Module):
             for p in range(probs.shape[1]):
                 ids = top.indices[b, p].tolist()
                 names = [tok.decode([i]) if tok is not None else str(i) for i in ids]
-                rows.append(list(zip(names, top.values[b, p].tolist())))
+                rows.append(list(zip(names, top.values[b, p].tolist(), strict=True)))
             result.append(rows)
         return result

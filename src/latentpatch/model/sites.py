@@ -1,6 +1,6 @@
 """Sites: named places in the network, and hooks that read or overwrite them.
 
-A :class:`Site` is ``(component, layer, position)`` (design.md §2):
+A :class:`Site` is ``(component, layer, position)`` (docs/method.md, "Sites"):
 
 - ``resid_pre``  input of block ``layer`` (layer 0 = the embeddings, incl. GPT-2's position embeddings)
 - ``resid_out``  output of block ``layer`` = residual stream after the block (the default)
@@ -19,12 +19,17 @@ and a one-token KV-cached step.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_out", "attn_out", "mlp_out")
 SEGMENTS: tuple[str, ...] = ("latent", "prompt")
@@ -51,24 +56,89 @@ class Site:
         return f"{self.component}.L{self.layer}.{self.segment}{self.position}"
 
 
+@dataclass(frozen=True)
+class FamilyLayout:
+    """Where one model family keeps the modules that sites hook, as attribute names.
+
+    ``backbone`` is the decoder stack inside the causal LM (no LM head), ``blocks`` the list of
+    transformer blocks inside the backbone, ``attn``/``mlp`` the sub-layers inside a block.
+    """
+
+    backbone: str
+    blocks: str
+    attn: str
+    mlp: str
+
+
+#: family -> layout. A new family is one entry here (the first whose backbone and blocks exist wins).
+FAMILIES: dict[str, FamilyLayout] = {
+    # LLaMA, Mistral, Qwen2, SmolLM2, ...: lm.model.layers[i].{self_attn, mlp}
+    "llama": FamilyLayout(backbone="model", blocks="layers", attn="self_attn", mlp="mlp"),
+    # GPT-2: lm.transformer.h[i].{attn, mlp}
+    "gpt2": FamilyLayout(backbone="transformer", blocks="h", attn="attn", mlp="mlp"),
+}
+
+#: component -> (which module of a block: "block" itself or a FamilyLayout sub-layer field,
+#: hook kind: "input" = forward pre-hook on the module's input, "output" = forward hook on its output)
+COMPONENT_HOOKS: dict[str, tuple[str, str]] = {
+    "resid_pre": ("block", "input"),
+    "resid_out": ("block", "output"),
+    "attn_out": ("attn", "output"),
+    "mlp_out": ("mlp", "output"),
+}
+
+
+def model_family(lm: nn.Module) -> str:
+    """The :data:`FAMILIES` key whose layout matches ``lm``'s module tree."""
+    for family, layout in FAMILIES.items():
+        backbone = getattr(lm, layout.backbone, None)
+        if isinstance(backbone, nn.Module) and isinstance(getattr(backbone, layout.blocks, None), nn.ModuleList):
+            return family
+    known = ", ".join(f"{f}: .{lay.backbone}.{lay.blocks}" for f, lay in FAMILIES.items())
+    raise TypeError(f"unsupported model tree {type(lm).__name__}: expected one of {known}")
+
+
+def backbone_of(lm: nn.Module) -> nn.Module:
+    """The decoder stack of ``lm`` (the causal LM without its head)."""
+    backbone = getattr(lm, FAMILIES[model_family(lm)].backbone)
+    assert isinstance(backbone, nn.Module)
+    return backbone
+
+
 def transformer_blocks(lm: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a LLaMA-family or GPT-2-family causal LM."""
-    base = getattr(lm, "model", None) or getattr(lm, "transformer", None)
-    if base is not None and hasattr(base, "layers"):  # LLaMA, Mistral, Qwen2, ...
-        return base.layers
-    if base is not None and hasattr(base, "h"):  # GPT-2
-        return base.h
-    raise TypeError(f"unsupported model tree {type(lm).__name__}: expected .model.layers or .transformer.h")
+    """The list of transformer blocks of a causal LM of a family in :data:`FAMILIES`."""
+    blocks = getattr(backbone_of(lm), FAMILIES[model_family(lm)].blocks)
+    assert isinstance(blocks, nn.ModuleList)
+    return blocks
 
 
-def _sublayer(block: nn.Module, component: str) -> nn.Module:
-    if component == "attn_out":
-        for name in ("self_attn", "attn"):
-            if hasattr(block, name):
-                return getattr(block, name)
-    if component == "mlp_out" and hasattr(block, "mlp"):
-        return block.mlp
-    raise TypeError(f"block {type(block).__name__} has no sub-layer for {component}")
+def hooked_module(lm: nn.Module, component: str, layer: int) -> tuple[nn.Module, str]:
+    """(the module whose input or output is ``component`` at block ``layer``, ``"input"`` or ``"output"``)."""
+    where, kind = COMPONENT_HOOKS[component]
+    block = transformer_blocks(lm)[layer]
+    if where == "block":
+        return block, kind
+    name = getattr(FAMILIES[model_family(lm)], where)
+    sub = getattr(block, name, None)
+    if not isinstance(sub, nn.Module):
+        raise TypeError(f"block {type(block).__name__} has no sub-layer {name!r} for {component}")
+    return sub, kind
+
+
+def embedding_matrix(lm: PreTrainedModel) -> torch.Tensor:
+    """[V, d] the input embedding matrix of a causal LM."""
+    weight = lm.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def cache_keyword(backbone: nn.Module) -> str:
+    """The name under which ``backbone`` takes and returns its KV cache.
+
+    transformers 5.x calls it ``cache`` and warns on the older ``past_key_values``; asking the
+    forward signature keeps older versions working without that warning in newer ones.
+    """
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -85,11 +155,11 @@ class Write:
     value: torch.Tensor
 
 
-def _first_tensor(output):
+def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _replace_first(output, new):
+def _replace_first(output: Any, new: torch.Tensor) -> Any:
     if isinstance(output, tuple):
         return (new,) + tuple(output[1:])
     return new
@@ -113,7 +183,7 @@ class ActivationHooks:
         self.record_keys = set(record)
         self._recorded: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
         self.offset = 0  # absolute index of the first token of the forward call in flight
-        self._handles: list = []
+        self._handles: list[RemovableHandle] = []
         for key in set(self.writes) | self.record_keys:
             component, layer = key
             if component not in COMPONENTS:
@@ -137,8 +207,8 @@ class ActivationHooks:
             self._recorded[key].append(h.detach())
         return h
 
-    def _make_pre_hook(self, key):
-        def hook(module, args, kwargs):
+    def _make_pre_hook(self, key: tuple[str, int]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
             if args:
                 return (self._apply(key, args[0]),) + tuple(args[1:]), kwargs
             kwargs = dict(kwargs)
@@ -147,8 +217,8 @@ class ActivationHooks:
 
         return hook
 
-    def _make_out_hook(self, key):
-        def hook(module, args, output):
+    def _make_out_hook(self, key: tuple[str, int]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             return _replace_first(output, self._apply(key, _first_tensor(output)))
 
         return hook
@@ -156,18 +226,15 @@ class ActivationHooks:
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> "ActivationHooks":
         for key in sorted(set(self.writes) | self.record_keys):
-            component, layer = key
-            block = self.blocks[layer]
-            if component == "resid_pre":
-                handle = block.register_forward_pre_hook(self._make_pre_hook(key), with_kwargs=True)
-            elif component == "resid_out":
-                handle = block.register_forward_hook(self._make_out_hook(key))
+            module, kind = hooked_module(self.lm, *key)
+            if kind == "input":
+                handle = module.register_forward_pre_hook(self._make_pre_hook(key), with_kwargs=True)
             else:
-                handle = _sublayer(block, component).register_forward_hook(self._make_out_hook(key))
+                handle = module.register_forward_hook(self._make_out_hook(key))
             self._handles.append(handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

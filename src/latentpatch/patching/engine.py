@@ -185,7 +185,7 @@ def _sweep_chunk(
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
         first = target.thoughts[0, start][None].expand(B, -1)  # [B, d]: the target's thought at start
         model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
-        end = model._forward(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
+        end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
     tracked = {}
     for row, s in enumerate(chunk):
         if s.track:
@@ -205,7 +205,7 @@ def sweep_fast(
     per spec, in order; ``batch_size`` patches run as one batch.
 
     >>> from latentpatch.data.synthetic import generate_pairs
-    >>> from latentpatch.model.loading import load_model
+    >>> from latentpatch.model.load import load_model
     >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
     >>> from latentpatch.patching.specs import EngineConfig, layer_specs
     >>> model = load_model("default")

@@ -1,6 +1,6 @@
 """The options of a run and of model loading, each declared once with its help text (no torch).
 
-:class:`ModelOptions` are the options of :func:`latentpatch.model.loading.load_model`, shared by
+:class:`ModelOptions` are the options of :func:`latentpatch.model.load.load_model`, shared by
 ``latentpatch run``, ``eval`` and ``inspect``; :class:`RunConfig` adds the options of a run. The
 command line builds its ``--options`` from these fields (name, type, default, help; see
 :func:`option`), and a ``--config`` file (JSON or TOML) takes the same names as keys.
@@ -62,7 +62,7 @@ MODEL_HELP = ("Model spec: default (the shipped model), codi:DIR (official CODI 
 
 @dataclass
 class ModelOptions:
-    """The options of :func:`latentpatch.model.loading.load_model` (``run``, ``eval``, ``inspect``)."""
+    """The options of :func:`latentpatch.model.load.load_model` (``run``, ``eval``, ``inspect``)."""
 
     model: str = option("default", MODEL_HELP)
     base: str | None = option(None, "Base model of a codi:/coconut: checkpoint (local dir or hub name).")
@@ -90,7 +90,7 @@ class ModelOptions:
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
-        from latentpatch.model.loading import load_model
+        from latentpatch.model.load import load_model
 
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)
                      if f.metadata["omit_if_unset"]}

@@ -23,7 +23,7 @@ import torch
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
-from latentpatch.model.loading import DEFAULT_MODEL_DIR, load_model
+from latentpatch.model.load import DEFAULT_MODEL_DIR, load_model
 from latentpatch.patching.metrics import same_number
 
 

@@ -63,9 +63,10 @@ def student_forward(model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tenso
     from transformers import DynamicCache
 
     lm = model.lm
+    kv = model.cache_keyword  # "cache" (transformers 5) or "past_key_values": the rollout's own choice
     mask = q_mask
     out = lm(input_ids=q_ids, attention_mask=mask, position_ids=positions(mask),
-             past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True)
+             use_cache=True, output_hidden_states=True, **{kv: DynamicCache()})
     h = out.hidden_states[-1][:, -1]
     thoughts, latent_hidden = [], []
     for _ in range(model.num_latent):
@@ -73,12 +74,12 @@ def student_forward(model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tenso
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
         out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask)[:, -1:],
-                 past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+                 use_cache=True, output_hidden_states=True, **{kv: getattr(out, kv)})
         h = out.hidden_states[-1][:, -1]
         latent_hidden.append(h)
     mask = torch.cat([mask, a_mask], 1)
     out = lm(input_ids=a_ids, attention_mask=mask, position_ids=positions(mask)[:, -a_ids.size(1):],
-             past_key_values=out.past_key_values, use_cache=True, output_hidden_states=True)
+             use_cache=True, output_hidden_states=True, **{kv: getattr(out, kv)})
     return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
 
 

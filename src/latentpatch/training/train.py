@@ -138,7 +138,7 @@ def init_number_embeddings(model: LatentModel, codec: Codec, scale: float = 0.1)
 
 def initial_model(cfg: TrainConfig, pool: list) -> tuple[LatentModel, Codec]:
     """A fresh model + a tokenizer trained on the pool's first problems, or ``cfg.init_from``'s."""
-    from latentpatch.model.loading import load_latent_dir
+    from latentpatch.model.latent_dir import load_latent_dir
 
     if cfg.init_from:  # continue training a saved model (its architecture and tokenizer)
         codec = Codec.from_dir(cfg.init_from)
@@ -156,7 +156,7 @@ def initial_model(cfg: TrainConfig, pool: list) -> tuple[LatentModel, Codec]:
 def save_trained(model: LatentModel, codec: Codec, cfg: TrainConfig, out, extra_meta: dict | None = None) -> Path:
     """Write the model directory: weights, ``config.json`` and ``latentpatch.json`` (with the
     training config under ``"training"``) by ``save_latent_dir``, the tokenizer by ``save_tokenizer``."""
-    from latentpatch.model.loading import save_latent_dir
+    from latentpatch.model.latent_dir import save_latent_dir
 
     out = save_latent_dir(model, out, extra={"training": {**asdict(cfg), **(extra_meta or {})}})
     save_tokenizer(codec.tok, out)

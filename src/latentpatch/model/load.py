@@ -1,0 +1,119 @@
+"""The front door: :func:`load_model` turns a ``--model`` spec string into a :class:`LatentModel`.
+
+Specs: ``default``, ``codi:DIR``, ``coconut:FILE``, ``dir:PATH``, ``gguf:PATH``,
+``config:llama|gpt2``, or a plain path whose kind is guessed. The loaders themselves are in
+:mod:`latentpatch.model.loaders` and :mod:`latentpatch.model.latent_dir`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from latentpatch.errors import LatentPatchError
+from latentpatch.model.latent import LatentModel
+from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
+from latentpatch.model.loaders import load_coconut_checkpoint, load_codi_checkpoint, load_gguf, random_model
+
+#: the shipped default model (a latentpatch model directory); the one definition of its path
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
+
+#: overrides that only ``codi:`` checkpoints accept (``num_latent`` applies to every kind)
+CODI_ONLY_OPTIONS = ("lora_r", "lora_alpha", "lora_targets", "prj_dim", "prj_ln", "remove_eos", "eos_id",
+                     "answer_prefix")
+SPEC_KINDS = "default, codi:DIR, coconut:FILE, dir:PATH, gguf:PATH or config:llama|gpt2"
+
+
+def _reject(spec: str, overrides: dict[str, Any], allowed: Iterable[str]) -> None:
+    extra = [k for k in overrides if k not in set(allowed)]
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise LatentPatchError(f"{flags} only apply to codi: checkpoints, not to --model {spec}; fix: drop them")
+
+
+def _guess_kind(p: Path, spec: str) -> str:
+    """The kind of a plain path: a latentpatch dir, a CODI checkpoint dir or a GGUF file."""
+    if p.is_dir() and (p / LATENT_JSON).is_file():
+        return "dir"
+    if p.is_dir() and ((p / "pytorch_model.bin").is_file() or (p / "model.safetensors").is_file()):
+        return "codi"
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.exists():
+        raise LatentPatchError(f"--model {spec}: cannot tell the checkpoint kind; fix: prefix it with codi:, "
+                               "coconut:, dir: or gguf:")
+    raise LatentPatchError(f"--model {spec}: no such file or directory; fix: use default, codi:DIR, "
+                           "coconut:FILE, dir:PATH, gguf:PATH or config:llama")
+
+
+def load_model(
+    spec: str,
+    *,
+    base: str | None = None,
+    preset: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> LatentModel:
+    """Load a model from a spec string:
+
+    - ``default``: the shipped model (``latentpatch/default_model``)
+    - ``codi:DIR``: an official CODI checkpoint (with ``base``/``preset``/overrides)
+    - ``coconut:FILE``: a Coconut checkpoint (``base`` default gpt2)
+    - ``dir:PATH`` or a plain path to a directory with ``latentpatch.json``
+    - ``gguf:PATH`` (or a plain ``*.gguf`` path): a GGUF LM with identity projection
+    - ``config:llama`` / ``config:gpt2``: a small random model (demo)
+
+    ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
+    ``prj_dim``, ``prj_ln``, ``remove_eos``, ``eos_id``, ``answer_prefix`` for ``codi:``. None
+    values are ignored.
+
+    >>> from latentpatch.model.load import load_model
+    >>> model = load_model("default")
+    >>> model.family, model.n_layers, model.num_latent
+    ('llama', 4, 6)
+    >>> q = ("A farmer plants 2 rows with 3 trees in each row. 1 of the trees die, "
+    ...      "and the farmer plants 3 new trees. How many trees does the farmer have now?")
+    >>> model.answer([q])
+    [8.0]
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = [k for k in overrides if k not in CODI_ONLY_OPTIONS + ("num_latent",)]
+    if unknown:
+        raise TypeError(f"load_model got unexpected override(s) {unknown}")
+    spec = str(spec).strip()
+    kind, sep, rest = spec.partition(":")
+    if spec in ("default", "config"):
+        kind, rest = spec, ""
+    elif not sep or len(kind) == 1:  # a plain path (or a Windows drive letter): guess its kind
+        kind, rest = _guess_kind(Path(spec), spec), spec
+    num_latent = overrides.get("num_latent")
+    if num_latent is not None and int(num_latent) < 1:
+        raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
+    if kind != "codi":
+        if preset is not None:
+            raise LatentPatchError(f"--preset only applies to codi: checkpoints, not to --model {spec}; fix: drop it")
+        _reject(spec, overrides, ("num_latent",))
+        if base is not None and kind not in ("coconut",):
+            raise LatentPatchError(f"--base only applies to codi: and coconut: checkpoints, not to --model {spec}")
+    if kind == "default":
+        if not (DEFAULT_MODEL_DIR / LATENT_JSON).is_file():
+            raise LatentPatchError(f"the shipped default model is not in this installation ({DEFAULT_MODEL_DIR} "
+                                   f"has no {LATENT_JSON}); fix: pass --model codi:DIR or dir:PATH, or "
+                                   "--model config:llama for a random demo model")
+        return load_latent_dir(DEFAULT_MODEL_DIR, num_latent=num_latent, dtype=dtype, device=device)
+    if kind == "codi":
+        if not rest:
+            raise LatentPatchError("--model codi: needs a directory, e.g. --model codi:path/to/checkpoint")
+        return load_codi_checkpoint(rest, base, preset=preset, dtype=dtype, device=device, **overrides)
+    if kind == "coconut":
+        return load_coconut_checkpoint(rest, base or "gpt2", num_latent=num_latent, dtype=dtype, device=device)
+    if kind == "dir":
+        return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)
+    if kind == "gguf":
+        return load_gguf(rest, num_latent=num_latent, dtype=dtype, device=device)
+    if kind == "config":
+        return random_model(rest or "llama", num_latent=num_latent, dtype=dtype, device=device)
+    raise LatentPatchError(f"--model {spec}: unknown kind {kind!r}; fix: use {SPEC_KINDS}")

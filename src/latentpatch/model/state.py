@@ -1,0 +1,106 @@
+"""The state of a rollout in progress (:class:`RolloutState`) and a finished one (:class:`Rollout`).
+
+A :class:`RolloutState` is a KV-cached, left-padded batch of sequences that
+:meth:`latentpatch.model.latent.LatentModel.advance` extends token by token; ``fork`` copies a prefix
+of it so a sweep can restart many patched runs from one baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
+
+from latentpatch.model.sites import ActivationHooks
+
+
+def layer_keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values), each [B, heads, T, d_head], of one filled attention layer of a KV cache."""
+    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+        raise TypeError(f"cannot fork a {type(layer).__name__} cache layer: only filled attention layers are supported")
+    return layer.keys, layer.values
+
+
+@dataclass
+class RolloutState:
+    """A KV-cached sequence in progress. ``length`` = tokens so far (incl. left padding).
+
+    Shapes: ``attention_mask`` [B, length] long; ``next_position`` [B] long = position id of the
+    next token of each row (padding is not counted).
+    """
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    length: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> "RolloutState":
+        """A copy truncated to the first ``length`` tokens, rows selected then repeated ``repeats`` times.
+
+        The copy shares no storage that a later forward would append to, so the original stays
+        usable (this is how a sweep reuses one baseline prefix for many patches).
+        """
+        length = self.length if length is None else length
+        mask = self.attention_mask[:, :length]
+        layers = []
+        for layer in self.cache.layers:
+            k, v = layer_keys_values(layer)
+            k, v = k[:, :, :length], v[:, :, :length]
+            if rows is not None:
+                k, v = k[rows], v[rows]
+            layers.append((k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)))
+        if rows is not None:
+            mask = mask[rows]
+        mask = mask.repeat_interleave(repeats, 0)
+        return RolloutState(
+            cache=DynamicCache(ddp_cache_data=layers),
+            attention_mask=mask,
+            next_position=mask.sum(1) if length else torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device),
+            length=length,
+        )
+
+
+@dataclass
+class Rollout:
+    """Result of ``LatentModel.rollout`` (:mod:`latentpatch.model.latent`) for a batch of B prompts.
+
+    - ``prompt_len``: T_q, the padded prompt length (latent p is at index T_q + p)
+    - ``prompt_lengths``: [B] real (unpadded) prompt lengths
+    - ``thoughts``: [B, K, d] input embeddings fed at the latent positions
+    - ``source_hidden``: [B, d] final hidden state (after the final norm) of the last prompt position
+    - ``latent_hidden``: [B, K, d] final hidden states at the latent positions
+    - ``next_thought``: [B, d] the thought produced by the last step (not fed)
+    - ``answer_logits``: [B, V] fp32 logits at the last fed position ([EOT] or [EOS]): the
+      distribution of the first answer token
+    - ``state``: the KV-cached sequence after [EOT]; continue it with ``LatentModel.score`` /
+      ``LatentModel.generate``
+    - ``hooks``: the :class:`ActivationHooks` used (read recordings with ``hooks.recorded``)
+    """
+
+    prompt_len: int
+    prompt_lengths: torch.Tensor
+    thoughts: torch.Tensor
+    source_hidden: torch.Tensor
+    latent_hidden: torch.Tensor
+    next_thought: torch.Tensor
+    answer_logits: torch.Tensor
+    state: RolloutState
+    hooks: ActivationHooks | None = None
+
+    @property
+    def num_latent(self) -> int:
+        return self.thoughts.shape[1]
+
+    def latent_index(self, p: int) -> int:
+        """Absolute sequence index of latent position ``p``."""
+        return self.prompt_len + p
+
+    def thought_source_hidden(self) -> torch.Tensor:
+        """[B, K, d]: the final hidden state each thought was projected from (p=0: last prompt token)."""
+        return torch.cat([self.source_hidden[:, None], self.latent_hidden[:, :-1]], dim=1)
