@@ -42,11 +42,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noqa: E402
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
 from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
 from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402
 from latentpatch.pipeline.memory import auto_batch_size, working_set_bytes  # noqa: E402
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noqa: E402
 
 METRICS = ("kl", "answer_logit_diff", "logit_l2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,28 +78,47 @@ class IdTokenizer:
     def __call__(self, text, add_special_tokens=False):
         ids = []
         if text.startswith(self.PREFIX[0]):
-            ids, text = list(self.PREFIX[1]), text[len(self.PREFIX[0]):]
+            ids, text = list(self.PREFIX[1]), text[len(self.PREFIX[0]) :]
         return {"input_ids": ids + [self.CHARS[c] for c in text]}
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.NAMES.get(int(i), "") for i in ids)
 
 
-def random_llama1b(device="cpu", dtype=torch.bfloat16, n_layers=16, d=2048, heads=32, kv_heads=8, inter=8192,
-                   vocab=128256, seed=0) -> LatentModel:
+def random_llama1b(
+    device="cpu", dtype=torch.bfloat16, n_layers=16, d=2048, heads=32, kv_heads=8, inter=8192, vocab=128256, seed=0
+) -> LatentModel:
     """A CODI model shaped like LLaMA-3.2-1B (tied embeddings, vocab + 3 specials, prj 2048 + LN,
     6 thoughts) with random weights. Answers are ``"The answer is: " + digits``, at most 8 tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab + 3, hidden_size=d, intermediate_size=inter, num_hidden_layers=n_layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+    cfg = LlamaConfig(
+        vocab_size=vocab + 3,
+        hidden_size=d,
+        intermediate_size=inter,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         lm = LlamaForCausalLM(cfg).to(dtype).eval()
         prj = build_prj(d, d, layer_norm=True).to(dtype).eval()
-    lc = LatentConfig(num_latent=6, pad_id=vocab, bot_id=vocab + 1, eot_id=vocab + 2, eos_id=128001,
-                      remove_eos=True, answer_prefix="The answer is: ", add_special_tokens=False, max_answer_tokens=8)
+    lc = LatentConfig(
+        num_latent=6,
+        pad_id=vocab,
+        bot_id=vocab + 1,
+        eot_id=vocab + 2,
+        eos_id=128001,
+        remove_eos=True,
+        answer_prefix="The answer is: ",
+        add_special_tokens=False,
+        max_answer_tokens=8,
+    )
     return LatentModel(lm, prj, lc, tokenizer=IdTokenizer(), name=f"random-llama1b({n_layers}L,d{d})")
 
 
@@ -128,14 +147,22 @@ def load(spec: str, device: str, dtype: torch.dtype, n_pairs: int) -> tuple[Late
         tiny = dict(n_layers=2, d=64, heads=4, kv_heads=2, inter=128) if spec.endswith("-tiny") else {}
         model = random_llama1b(device, dtype, **tiny)
         return model, synthetic_items(model, n_pairs)
-    from latentpatch.model.load import load_model
     from latentpatch.data.pairs import filter_pairs, load_pairs
+    from latentpatch.model.load import load_model
     from latentpatch.pipeline.run import default_pairs_path
 
     model = load_model(f"gguf:{smollm2_path()}" if spec == "smollm2" else spec, dtype=dtype, device=device)
     pairs = filter_pairs(load_pairs(default_pairs_path()))[0][:n_pairs]
-    items = [Item(p.pair_id, model.prompt_ids(p.clean.question), model.prompt_ids(p.corrupted.question),
-                  float(p.clean.answer), float(p.corrupted.answer)) for p in pairs]
+    items = [
+        Item(
+            p.pair_id,
+            model.prompt_ids(p.clean.question),
+            model.prompt_ids(p.corrupted.question),
+            float(p.clean.answer),
+            float(p.corrupted.answer),
+        )
+        for p in pairs
+    ]
     return model, items
 
 
@@ -184,20 +211,36 @@ def measure(fn, device) -> tuple[object, float, int]:
 
 # ---- the three sweeps ------------------------------------------------------------------------
 def engine_sweep(model, bases, specs, batch_size) -> dict:
-    return {(b.pair_id, s.layer, s.index): m for b in bases
-            for s, m in zip(specs, sweep_fast(model, b, specs, replacement_values(b, EngineConfig()), batch_size))}
+    return {
+        (b.pair_id, s.layer, s.index): m
+        for b in bases
+        for s, m in zip(specs, sweep_fast(model, b, specs, replacement_values(b, EngineConfig()), batch_size))
+    }
 
 
 def reference_sweep(model, bases, specs) -> dict:
-    return {(b.pair_id, s.layer, s.index): m for b in bases
-            for s, m in zip(specs, sweep_reference(model, b, specs, replacement_values(b, EngineConfig())))}
+    return {
+        (b.pair_id, s.layer, s.index): m
+        for b in bases
+        for s, m in zip(specs, sweep_reference(model, b, specs, replacement_values(b, EngineConfig())))
+    }
 
 
 def nnsight_sweep(model, items, baselines_only=False) -> dict:
     from bench.nnsight_impl import TokenPair, nnsight_position_sweep
 
-    pairs = [TokenPair(it.pair_id, it.clean, it.corrupted, it.clean_answer, it.corrupted_answer,
-                       model.answer_ids(it.clean_answer), model.answer_ids(it.corrupted_answer)) for it in items]
+    pairs = [
+        TokenPair(
+            it.pair_id,
+            it.clean,
+            it.corrupted,
+            it.clean_answer,
+            it.corrupted_answer,
+            model.answer_ids(it.clean_answer),
+            model.answer_ids(it.corrupted_answer),
+        )
+        for it in items
+    ]
     return nnsight_position_sweep(model, pairs, positions=[] if baselines_only else None)
 
 
@@ -284,12 +327,21 @@ def memory_table(model, bases, specs, batch_sizes, device) -> list[dict]:
         t = time.perf_counter()
         peak = peak_extra_bytes(lambda: engine_sweep(model, [base], specs, B), device)
         eff = min(B, len(specs))  # a chunk never holds more than one pair's cells
-        rows.append({"batch": B, "effective": eff, "peak_mib": peak / 2**20,
-                     "estimate_mib": working_set_bytes(model, eff, prompt_len, answer_len) / 2**20,
-                     "estimate_max_mib": working_set_bytes(model, eff, prompt_len) / 2**20,
-                     "seconds": time.perf_counter() - t})
-        print(f"memory: batch {B}: peak +{rows[-1]['peak_mib']:.0f} MiB, estimate {rows[-1]['estimate_mib']:.0f} MiB "
-              f"({rows[-1]['estimate_max_mib']:.0f} MiB at max_answer_tokens)", flush=True)
+        rows.append(
+            {
+                "batch": B,
+                "effective": eff,
+                "peak_mib": peak / 2**20,
+                "estimate_mib": working_set_bytes(model, eff, prompt_len, answer_len) / 2**20,
+                "estimate_max_mib": working_set_bytes(model, eff, prompt_len) / 2**20,
+                "seconds": time.perf_counter() - t,
+            }
+        )
+        print(
+            f"memory: batch {B}: peak +{rows[-1]['peak_mib']:.0f} MiB, estimate {rows[-1]['estimate_mib']:.0f} MiB "
+            f"({rows[-1]['estimate_max_mib']:.0f} MiB at max_answer_tokens)",
+            flush=True,
+        )
     return rows, prompt_len, answer_len
 
 
@@ -308,9 +360,15 @@ def machine(device: torch.device, threads: int) -> str:
 
 
 def _header(key: str, r: dict, title: str) -> list[str]:
-    return [f"<!-- section: {key} -->", f"## {title}", "",
-            f"- date: {r['date']}", f"- machine: {r['machine']}", f"- command: `{r['command']}`",
-            f"- model: {r['model']}; device {r['device']}, dtype {r['dtype']}"]
+    return [
+        f"<!-- section: {key} -->",
+        f"## {title}",
+        "",
+        f"- date: {r['date']}",
+        f"- machine: {r['machine']}",
+        f"- command: `{r['command']}`",
+        f"- model: {r['model']}; device {r['device']}, dtype {r['dtype']}",
+    ]
 
 
 def section(key: str, r: dict) -> str:
@@ -321,23 +379,32 @@ def section(key: str, r: dict) -> str:
         f"- lower bound per cell (mean): {r['lb_cell']:.1f} token positions = thoughts p..K-1 + answer start + "
         f"teacher forcing of 3 answer strings and A_base's [EOS] ({r['lb_rollout_cell']:.1f}) + greedy decoding of the "
         f"answers that changed ({r['lb_decode_cell']:.1f})",
-        "", "| method | pairs | cells | wall s | cells/s | token positions computed | per cell | x lower bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "",
+        "| method | pairs | cells | wall s | cells/s | token positions computed | per cell | x lower bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in r["methods"].items():
-        lines.append(f"| {name} | {m['pairs']} | {m['cells']} | {m['wall']:.1f} | {m['cps']:.2f} | {m['tokens']:,} | "
-                     f"{m['tokens'] / m['cells']:.0f} | {m['tokens'] / m['lb']:.1f} |")
+        lines.append(
+            f"| {name} | {m['pairs']} | {m['cells']} | {m['wall']:.1f} | {m['cps']:.2f} | {m['tokens']:,} | "
+            f"{m['tokens'] / m['cells']:.0f} | {m['tokens'] / m['lb']:.1f} |"
+        )
     lines.append("")
     for name in ("reference", "nnsight"):
         if name in r["methods"]:
             lines.append(f"- engine vs {name}: {r['methods']['engine']['cps'] / r['methods'][name]['cps']:.1f}x")
     for name, d in r["diffs"].items():
         ok = all(not (v > r["tol"]) for v in d.values())
-        lines.append(f"- max |engine - {name}|: " + ", ".join(f"{k} {fmt(v)}" for k, v in d.items())
-                     + f" ({'ok' if ok else 'EXCEEDS'} <= {r['tol']:g})")
+        lines.append(
+            f"- max |engine - {name}|: "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in d.items())
+            + f" ({'ok' if ok else 'EXCEEDS'} <= {r['tol']:g})"
+        )
     if "nnsight" in r["methods"]:
         n = r["methods"]["nnsight"]
-        lines.append(f"- nnsight's own per-pair baselines ({n['baseline_wall']:.1f} s, {n['baseline_tokens']:,} "
-                     "positions) are subtracted from its row")
+        lines.append(
+            f"- nnsight's own per-pair baselines ({n['baseline_wall']:.1f} s, {n['baseline_tokens']:,} "
+            "positions) are subtracted from its row"
+        )
     lines.append(f"<!-- end section: {key} -->")
     return "\n".join(lines) + "\n"
 
@@ -349,10 +416,15 @@ def memory_section(key: str, r: dict) -> str:
         f"{m['answer_len']} tokens; a chunk holds at most the {r['cells_per_pair']} cells of a pair); peak = "
         f"{r['memory_kind']}; estimates = `latentpatch.pipeline.memory.working_set_bytes` at this pair's answer length and at "
         f"max_answer_tokens {r['max_answer_tokens']} (what `--batch-size auto` assumes); `auto_batch_size` here: {r['auto_batch']}",
-        "", "| batch | effective | peak extra MiB | estimate MiB | estimate at max_answer_tokens MiB | s |",
-        "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {x['batch']} | {x['effective']} | {x['peak_mib']:.0f} | {x['estimate_mib']:.0f} | "
-              f"{x['estimate_max_mib']:.0f} | {x['seconds']:.1f} |" for x in m["rows"]]
+        "",
+        "| batch | effective | peak extra MiB | estimate MiB | estimate at max_answer_tokens MiB | s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {x['batch']} | {x['effective']} | {x['peak_mib']:.0f} | {x['estimate_mib']:.0f} | "
+        f"{x['estimate_max_mib']:.0f} | {x['seconds']:.1f} |"
+        for x in m["rows"]
+    ]
     lines.append(f"<!-- end section: {key} -->")
     return "\n".join(lines) + "\n"
 
@@ -368,11 +440,18 @@ def update_results(path: Path, key: str, text: str) -> None:
 # ---- main ------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="default",
-                    help="default | smollm2 | random-llama1b | any latentpatch model spec (config:llama, gguf:PATH, ...)")
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="default | smollm2 | random-llama1b | any latentpatch model spec (config:llama, gguf:PATH, ...)",
+    )
     ap.add_argument("--pairs", type=int, default=2, help="pairs swept by the engine")
-    ap.add_argument("--reference-pairs", type=int, default=None,
-                    help="pairs swept by the reference and nnsight (default: --pairs); ratios are per cell")
+    ap.add_argument(
+        "--reference-pairs",
+        type=int,
+        default=None,
+        help="pairs swept by the reference and nnsight (default: --pairs); ratios are per cell",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (stated in the results)")
     ap.add_argument("--batch-size", default="64", help="engine batch size (the run's default 64), or auto")
     ap.add_argument("--device", default="cpu")
@@ -391,15 +470,27 @@ def main(argv=None) -> dict:
     n_ref = min(args.reference_pairs or args.pairs, args.pairs)
     t = time.perf_counter()
     model, items = load(args.model, args.device, dtype, args.pairs)
-    print(f"loaded {model.name or args.model}: {model.n_layers} layers, K={model.num_latent}, d={model.d_model}, "
-          f"{len(items)} pairs, {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"loaded {model.name or args.model}: {model.n_layers} layers, K={model.num_latent}, d={model.d_model}, "
+        f"{len(items)} pairs, {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     batch = auto_batch_size(model) if args.batch_size == "auto" else int(args.batch_size)
     specs = position_specs(model.n_layers, model.num_latent)
 
     # Baselines once, outside the timed region, shared by engine and reference.
     t = time.perf_counter()
-    bases = [prepare_pair(model, it.pair_id, record_run(model, it.clean), record_run(model, it.corrupted),
-                          it.clean_answer, it.corrupted_answer) for it in items]
+    bases = [
+        prepare_pair(
+            model,
+            it.pair_id,
+            record_run(model, it.clean),
+            record_run(model, it.corrupted),
+            it.clean_answer,
+            it.corrupted_answer,
+        )
+        for it in items
+    ]
     print(f"baselines: {time.perf_counter() - t:.1f} s", flush=True)
     engine_sweep(model, bases[:1], specs[:2], batch)  # warm-up (allocator, lazy inits)
 
@@ -408,10 +499,21 @@ def main(argv=None) -> dict:
     def record(name, out, wall, tokens, pairs):
         results[name] = out
         rollout, decode = lower_bound(model, bases, out)
-        methods[name] = {"pairs": pairs, "cells": len(out), "wall": wall, "cps": len(out) / wall, "tokens": tokens,
-                         "lb": rollout + decode, "lb_rollout": rollout, "lb_decode": decode}
-        print(f"{name}: {len(out)} cells in {wall:.1f} s = {len(out) / wall:.2f} cells/s; {tokens:,} token positions "
-              f"({tokens / (rollout + decode):.1f}x the lower bound)", flush=True)
+        methods[name] = {
+            "pairs": pairs,
+            "cells": len(out),
+            "wall": wall,
+            "cps": len(out) / wall,
+            "tokens": tokens,
+            "lb": rollout + decode,
+            "lb_rollout": rollout,
+            "lb_decode": decode,
+        }
+        print(
+            f"{name}: {len(out)} cells in {wall:.1f} s = {len(out) / wall:.2f} cells/s; {tokens:,} token positions "
+            f"({tokens / (rollout + decode):.1f}x the lower bound)",
+            flush=True,
+        )
 
     if not args.memory_only:
         record("engine", *measure(lambda: engine_sweep(model, bases, specs, batch), device), len(bases))
@@ -428,26 +530,43 @@ def main(argv=None) -> dict:
     diffs = {name: max_diffs(results["engine"], results[name]) for name in ("reference", "nnsight") if name in results}
     for name in ("reference", "nnsight"):
         if name in methods:
-            print(f"engine vs {name}: {methods['engine']['cps'] / methods[name]['cps']:.1f}x; max diffs "
-                  + ", ".join(f"{k} {v:.2g}" for k, v in diffs[name].items()), flush=True)
+            print(
+                f"engine vs {name}: {methods['engine']['cps'] / methods[name]['cps']:.1f}x; max diffs "
+                + ", ".join(f"{k} {v:.2g}" for k, v in diffs[name].items()),
+                flush=True,
+            )
 
     report = {
         "title": f"{model.name or args.model} ({args.device}, {args.dtype})",
-        "date": datetime.date.today().isoformat(), "machine": machine(device, args.threads),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(device, args.threads),
         "command": "python bench/bench_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "model": f"{model.name or args.model}: {model.n_layers} layers, d {model.d_model}, K {model.num_latent}, "
-                 f"vocab {model.vocab_size}, mean prompt {sum(len(b.target.prompt) for b in bases) / len(bases):.0f} tokens",
-        "device": args.device, "dtype": args.dtype, "n_layers": model.n_layers, "K": model.num_latent,
-        "cells_per_pair": len(specs), "batch_size": batch, "methods": methods, "diffs": diffs, "tol": tol,
-        "auto_batch": auto_batch_size(model), "max_answer_tokens": model.config.max_answer_tokens,
+        f"vocab {model.vocab_size}, mean prompt {sum(len(b.target.prompt) for b in bases) / len(bases):.0f} tokens",
+        "device": args.device,
+        "dtype": args.dtype,
+        "n_layers": model.n_layers,
+        "K": model.num_latent,
+        "cells_per_pair": len(specs),
+        "batch_size": batch,
+        "methods": methods,
+        "diffs": diffs,
+        "tol": tol,
+        "auto_batch": auto_batch_size(model),
+        "max_answer_tokens": model.config.max_answer_tokens,
         "memory_kind": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth of a forked child",
     }
     if methods:
         e = methods["engine"]
-        report.update(lb_cell=e["lb"] / e["cells"], lb_rollout_cell=e["lb_rollout"] / e["cells"],
-                      lb_decode_cell=e["lb_decode"] / e["cells"])
+        report.update(
+            lb_cell=e["lb"] / e["cells"],
+            lb_rollout_cell=e["lb_rollout"] / e["cells"],
+            lb_decode_cell=e["lb_decode"] / e["cells"],
+        )
     if args.memory:
-        rows, prompt_len, answer_len = memory_table(model, bases, specs, [int(x) for x in args.memory.split(",")], device)
+        rows, prompt_len, answer_len = memory_table(
+            model, bases, specs, [int(x) for x in args.memory.split(",")], device
+        )
         report["memory"] = {"rows": rows, "prompt_len": prompt_len, "answer_len": answer_len}
     if args.out:
         key = args.key or re.sub(r"[^a-z0-9]+", "-", f"{args.model.split('/')[-1]}-{device.type}".lower())

@@ -30,16 +30,16 @@ or with pre-tokenized :class:`TokenPair` entries (a model without a tokenizer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import nnsight
 import torch
 from nnsight import NNsight
 
-from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics
-from latentpatch.model.latent import LatentModel, extract_number
 from latentpatch.data.pairs import Pair
+from latentpatch.model.latent import LatentModel, extract_number
+from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics
 
 
 @dataclass
@@ -57,9 +57,15 @@ class TokenPair:
 
 
 def tokenize_pair(model: LatentModel, pair: Pair) -> TokenPair:
-    return TokenPair(pair.pair_id, model.prompt_ids(pair.clean.question), model.prompt_ids(pair.corrupted.question),
-                     float(pair.clean.answer), float(pair.corrupted.answer),
-                     model.answer_ids(pair.clean.answer), model.answer_ids(pair.corrupted.answer))
+    return TokenPair(
+        pair.pair_id,
+        model.prompt_ids(pair.clean.question),
+        model.prompt_ids(pair.corrupted.question),
+        float(pair.clean.answer),
+        float(pair.corrupted.answer),
+        model.answer_ids(pair.clean.answer),
+        model.answer_ids(pair.corrupted.answer),
+    )
 
 
 def _site(nn_model, component: str, layer: int) -> torch.Tensor:

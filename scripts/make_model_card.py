@@ -4,6 +4,7 @@
 
 NOTES_MD (optional) is a Markdown file whose text goes under "What was tried".
 """
+
 import json
 import sys
 from pathlib import Path
@@ -14,15 +15,18 @@ meta = json.loads((d / "latentpatch.json").read_text())
 tr, cfg = meta["training"], json.loads((d / "config.json").read_text())
 pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
 size = sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.name != "README.md")
-targets = [("accuracy >= 95%", ev["accuracy"] >= 0.95), ("pairs both correct >= 90%", ev["pairs_both_correct"] >= 0.90),
-           ("zero-ablation drop >= 50 points", ev["ablation_accuracy_drop"] >= 0.50)]
+targets = [
+    ("accuracy >= 95%", ev["accuracy"] >= 0.95),
+    ("pairs both correct >= 90%", ev["pairs_both_correct"] >= 0.90),
+    ("zero-ablation drop >= 50 points", ev["ablation_accuracy_drop"] >= 0.50),
+]
 met = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets)
 card = f"""# latentpatch default model: a small CODI model trained on synthetic arithmetic word problems
 
-A {cfg['num_hidden_layers']}-layer LLaMA-architecture model (d_model {cfg['hidden_size']}, {cfg['num_attention_heads']} heads,
-MLP {cfg['intermediate_size']}, vocabulary {cfg['vocab_size']}, tied embeddings, fp32, {size / 2**20:.1f} MB)
-trained from scratch on CPU by `latentpatch train`, with K = {meta['num_latent']} continuous thoughts and
-the CODI projection `prj` (Linear {cfg['hidden_size']}->{meta['prj_dim']}, GELU, Linear, LayerNorm).
+A {cfg["num_hidden_layers"]}-layer LLaMA-architecture model (d_model {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads,
+MLP {cfg["intermediate_size"]}, vocabulary {cfg["vocab_size"]}, tied embeddings, fp32, {size / 2**20:.1f} MB)
+trained from scratch on CPU by `latentpatch train`, with K = {meta["num_latent"]} continuous thoughts and
+the CODI projection `prj` (Linear {cfg["hidden_size"]}->{meta["prj_dim"]}, GELU, Linear, LayerNorm).
 Layout: official CODI without LoRA (`codi.model.*`, `prj.1.*`, `prj.3.*`, `prj.ln.*`; `lm_head` tied
 and omitted), `latentpatch.json` with the special ids and rollout settings.
 
@@ -30,15 +34,15 @@ and omitted), `latentpatch.json` with the special ids and rollout settings.
 
 | measure | value |
 |---|---|
-| accuracy, {ev['n']} held-out problems (seed {ev['seed']}, questions not in the training pool) | **{pct(ev['accuracy'])}** |
-| accuracy with all {meta['num_latent']} thoughts replaced by zeros | {pct(ev['zero_thoughts_accuracy'])} (drop **{pct(ev['ablation_accuracy_drop'])}**) |
-| accuracy with each thought replaced by its dataset mean | {pct(ev['mean_thoughts_accuracy'])} (drop {pct(ev['ablation_mean_accuracy_drop'])}) |
-| default pairs ({ev['n_pairs']}): clean / corrupted correct | {pct(ev['pairs_clean_accuracy'])} / {pct(ev['pairs_corrupted_accuracy'])} |
-| default pairs: both clean and corrupted correct | **{pct(ev['pairs_both_correct'])}** |
+| accuracy, {ev["n"]} held-out problems (seed {ev["seed"]}, questions not in the training pool) | **{pct(ev["accuracy"])}** |
+| accuracy with all {meta["num_latent"]} thoughts replaced by zeros | {pct(ev["zero_thoughts_accuracy"])} (drop **{pct(ev["ablation_accuracy_drop"])}**) |
+| accuracy with each thought replaced by its dataset mean | {pct(ev["mean_thoughts_accuracy"])} (drop {pct(ev["ablation_mean_accuracy_drop"])}) |
+| default pairs ({ev["n_pairs"]}): clean / corrupted correct | {pct(ev["pairs_clean_accuracy"])} / {pct(ev["pairs_corrupted_accuracy"])} |
+| default pairs: both clean and corrupted correct | **{pct(ev["pairs_both_correct"])}** |
 
-By template: {", ".join(f"{k} {pct(v)}" for k, v in ev['accuracy_by_template'].items())}.
-The {2 * ev['n_pairs']} questions of the default pairs are not in the training pool
-(`pair_questions_in_training`: {ev['pair_questions_in_training']}).
+By template: {", ".join(f"{k} {pct(v)}" for k, v in ev["accuracy_by_template"].items())}.
+The {2 * ev["n_pairs"]} questions of the default pairs are not in the training pool
+(`pair_questions_in_training`: {ev["pair_questions_in_training"]}).
 
 Project targets: {met}.
 
@@ -49,46 +53,46 @@ Project targets: {met}.
 `latentpatch.data.synthetic`: 8 English story templates (shopping, class groups, bus stops, baking, savings,
 farm rows, reading, sharing), 3-4 steps of + - * / with exact non-negative integer results <= 40
 (`MAX_VALUE`); chain of thought in GSM8k-Aug style `<<16-3=13>> <<13*2=26>>`. Training pool:
-`generate_problems({tr['train_pool']}, seed={tr['data_seed']})` minus the default pairs' questions;
-tokenizer trained on its first {tr['tokenizer_corpus']:,} problems. Held-out evaluation: seed {ev['seed']},
+`generate_problems({tr["train_pool"]}, seed={tr["data_seed"]})` minus the default pairs' questions;
+tokenizer trained on its first {tr["tokenizer_corpus"]:,} problems. Held-out evaluation: seed {ev["seed"]},
 skipping every question of the training pool. Default pairs: `generate_pairs(57, seed=0)` (one number
 changed by a small digit-count-preserving amount; all pairs keep the token length).
 
 ## Tokenizer
 Byte-level BPE (`tokenizers`), digit runs pre-tokenized apart from text and every integer 0..200 a
-single token. Special tokens: `<eos>` = {meta['eos_id']}, `<pad>` = {meta['pad_id']}, `<bot>` = {meta['bot_id']},
-`<eot>` = {meta['eot_id']} (CODI's V, V+1, V+2). No BOS (`add_special_tokens` false).
+single token. Special tokens: `<eos>` = {meta["eos_id"]}, `<pad>` = {meta["pad_id"]}, `<bot>` = {meta["bot_id"]},
+`<eot>` = {meta["eot_id"]} (CODI's V, V+1, V+2). No BOS (`add_special_tokens` false).
 
 ## Sequences and objective (`latentpatch.training.data`, `latentpatch.training.objective`)
 - teacher: `question <bot> CoT <eot> The answer is: N <eos>` (CE on everything after `<bot>`)
-- student: `question <bot>` + {meta['num_latent']} continuous thoughts + `<eot> The answer is: N <eos>` (CE on the
+- student: `question <bot>` + {meta["num_latent"]} continuous thoughts + `<eot> The answer is: N <eos>` (CE on the
   answer part); thought k = prj(final hidden state of the previous position), fed as an input embedding,
   the last produced thought not fed -- exactly the rollout of `LatentModel` (tested).
 - distillation: every layer's hidden state at the lone space token ending "The answer is: ", SmoothL1
-  student vs detached teacher divided by the teacher's std, mean over layers, factor {tr['distill_factor']};
-  teacher CE factor {tr['ref_factor']}.
-- an auxiliary loss that is **not part of CODI**, factor {tr['latent_aux_factor']}: the LM head on the final
+  student vs detached teacher divided by the teacher's std, mean over layers, factor {tr["distill_factor"]};
+  teacher CE factor {tr["ref_factor"]}.
+- an auxiliary loss that is **not part of CODI**, factor {tr["latent_aux_factor"]}: the LM head on the final
   hidden state at latent position j predicts the j-th intermediate result of the program (the answer
   once the program has no more steps). It makes the thoughts carry the intermediate results, which
   the patching tool's thought decoding shows.
-- curriculum: the first {tr['teacher_only_steps']} steps train the teacher task only.
-- number tokens start from value features (`--number-init {tr['number_init']}`: the first 32
+- curriculum: the first {tr["teacher_only_steps"]} steps train the teacher task only.
+- number tokens start from value features (`--number-init {tr["number_init"]}`: the first 32
   embedding dims of token n are 0.1 * [cos, sin](2 pi n / T) for 16 periods T from 2 to 100, the rest
   random); embeddings are tied, so the LM head reads values through the same features.
 
-AdamW (lr {tr['lr']}, betas 0.9/0.98, weight decay {tr['weight_decay']} on matrices), batch {tr['batch_size']},
-{tr['steps']} steps, linear warmup {tr['warmup']} + cosine decay to 5%, grad clip {tr['grad_clip']}, fp32,
-`torch.set_num_threads({tr['threads']})`, seeded init (seed {tr['seed']}) and data order.
+AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matrices), batch {tr["batch_size"]},
+{tr["steps"]} steps, linear warmup {tr["warmup"]} + cosine decay to 5%, grad clip {tr["grad_clip"]}, fp32,
+`torch.set_num_threads({tr["threads"]})`, seeded init (seed {tr["seed"]}) and data order.
 
 ## Training command (CPU, one thread; `scripts/train_default.sh`)
 ```
-OMP_NUM_THREADS=1 latentpatch train --out model --steps {tr['steps']} --seed {tr['seed']} --lr {tr['lr']} \\
-    --warmup {tr['warmup']} --teacher-only-steps {tr['teacher_only_steps']} --latent-aux-factor {tr['latent_aux_factor']} \\
-    --number-init {tr['number_init']} --threads {tr['threads']}
+OMP_NUM_THREADS=1 latentpatch train --out model --steps {tr["steps"]} --seed {tr["seed"]} --lr {tr["lr"]} \\
+    --warmup {tr["warmup"]} --teacher-only-steps {tr["teacher_only_steps"]} --latent-aux-factor {tr["latent_aux_factor"]} \\
+    --number-init {tr["number_init"]} --threads {tr["threads"]}
 ```
-Wall time: {tr['wall_s']} s ({tr['wall_s'] / 60:.1f} min) on a 2-core AMD EPYC machine (the other core
+Wall time: {tr["wall_s"]} s ({tr["wall_s"] / 60:.1f} min) on a 2-core AMD EPYC machine (the other core
 busy with a second training run or benchmarks most of the time). Loss log: `train_log.jsonl`.
-`eval.json`: the numbers above (eval wall time {ev['wall_s']} s).
+`eval.json`: the numbers above (eval wall time {ev["wall_s"]} s).
 """
 (d / "README.md").write_text(card)
 print(card)

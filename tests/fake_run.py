@@ -10,8 +10,8 @@ statistics, figures and the report have something real to show. Nothing here nee
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,8 +27,8 @@ def write_fake_run(
     K: int = 3,
     seed: int = 0,
     experiments: Iterable[str] = ALL_EXPERIMENTS,
-    flagged: Optional[Iterable[int]] = (1,),
-    failing_check: Optional[str] = None,
+    flagged: Iterable[int] | None = (1,),
+    failing_check: str | None = None,
     command: str = "latentpatch run --model default --pairs pairs.json --out RUN",
 ) -> Path:
     """Write a fake run directory and return its path.
@@ -48,7 +48,9 @@ def write_fake_run(
     for i, pid in enumerate(pair_ids):
         a = int(rng.integers(2, 50))
         pairs.append({"pair_id": pid, "variant": "clean", "question": f"Tom has {a} apples. How many?", "answer": a})
-        pairs.append({"pair_id": pid, "variant": "corrupted", "question": f"Tom has {a + 1} apples. How many?", "answer": a + 1})
+        pairs.append(
+            {"pair_id": pid, "variant": "corrupted", "question": f"Tom has {a + 1} apples. How many?", "answer": a + 1}
+        )
     (run_dir / "pairs.json").write_text(json.dumps(pairs, indent=1))
 
     # ---- per-pair baselines: logit difference of clean and corrupted runs
@@ -166,8 +168,18 @@ def write_fake_run(
     # ---- manifest.json
     checks = {
         "identity": {"passed": True, "value": 2.1e-8, "threshold": 1e-6, "detail": "max KL over 6 pairs"},
-        "full_restoration": {"passed": True, "value": 3.0e-6, "threshold": 1e-4, "detail": "5/6 pairs same token length"},
-        "live_thoughts": {"passed": True, "value": 0.42, "threshold": 0.0, "detail": "accuracy drop when thoughts are ablated"},
+        "full_restoration": {
+            "passed": True,
+            "value": 3.0e-6,
+            "threshold": 1e-4,
+            "detail": "5/6 pairs same token length",
+        },
+        "live_thoughts": {
+            "passed": True,
+            "value": 0.42,
+            "threshold": 0.0,
+            "detail": "accuracy drop when thoughts are ablated",
+        },
         "engine_reference": {"passed": True, "value": 4.0e-6, "threshold": 1e-4, "detail": "8 random specs"},
     }
     if failing_check:

@@ -7,20 +7,33 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_text_model
+
+from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import (
-    PairBaseline, mean_activations, own_values, prepare_pair, record_run, replacement_values, resample_partner,
+    PairBaseline,
+    mean_activations,
+    own_values,
+    prepare_pair,
+    record_run,
+    replacement_values,
+    resample_partner,
 )
 from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.patching.specs import (
-    EngineConfig, PatchSpec, experiment_specs, iterative_specs, layer_specs, position_specs,
+    EngineConfig,
+    PatchSpec,
+    experiment_specs,
+    iterative_specs,
+    layer_specs,
+    position_specs,
 )
-from latentpatch.model.sites import Write
 
 FAMILIES = ["llama", "gpt2"]
-QUESTIONS = [("Tom has 16 eggs and eats 3.", 13, "Tom has 17 eggs and eats 3.", 14),
-             ("A box holds 24 pens, 5 are red.", 19, "A box holds 28 pens, 5 are red.", 23)]
+QUESTIONS = [
+    ("Tom has 16 eggs and eats 3.", 13, "Tom has 17 eggs and eats 3.", 14),
+    ("A box holds 24 pens, 5 are red.", 19, "A box holds 28 pens, 5 are red.", 23),
+]
 METRICS = ("kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery")
 
 
@@ -85,8 +98,11 @@ def test_cell_metrics_against_plain_computation(family):
     tgt, src = base.corrupted.prompt, base.clean.prompt
     T = len(tgt)
     rec = m.rollout([src], record=[("resid_out", layer)])
-    src_act = rec.hooks.recorded("resid_out", layer)[0, rec.prompt_len: rec.prompt_len + m.num_latent]
-    writes = [Write("resid_out", layer, torch.tensor([T + p]), torch.tensor([True]), src_act[p][None]) for p in range(m.num_latent)]
+    src_act = rec.hooks.recorded("resid_out", layer)[0, rec.prompt_len : rec.prompt_len + m.num_latent]
+    writes = [
+        Write("resid_out", layer, torch.tensor([T + p]), torch.tensor([True]), src_act[p][None])
+        for p in range(m.num_latent)
+    ]
 
     def tf_logits(writes_, ids):
         """Full no-cache forward of prompt+thoughts+[EOT]+answer: logits predicting each answer token."""
@@ -94,10 +110,11 @@ def test_cell_metrics_against_plain_computation(family):
         emb = m.lm.get_input_embeddings()
         seq = torch.cat([emb(torch.tensor([tgt])), r.thoughts, emb(torch.tensor([m.answer_start_ids() + ids[:-1]]))], 1)
         from latentpatch.model.sites import ActivationHooks
+
         with ActivationHooks(m.lm, writes=writes_) as h:
             h.offset = 0
             logits = m.lm(inputs_embeds=seq).logits[0].float()
-        return logits[-len(ids):]
+        return logits[-len(ids) :]
 
     a_base, start = base.answers["base"]
     start = start if start < len(a_base) else 0  # no number token in A_base: all its positions count
@@ -109,7 +126,9 @@ def test_cell_metrics_against_plain_computation(family):
 
     (c_ids, c_start), (r_ids, r_start) = base.answers["clean"], base.answers["corr"]
     lc, lr = tf_logits(writes, c_ids), tf_logits(writes, r_ids)
-    ld = float(lc[torch.arange(len(c_ids)), c_ids][c_start:].mean() - lr[torch.arange(len(r_ids)), r_ids][r_start:].mean())
+    ld = float(
+        lc[torch.arange(len(c_ids)), c_ids][c_start:].mean() - lr[torch.arange(len(r_ids)), r_ids][r_start:].mean()
+    )
     assert cell["answer_logit_diff"] == pytest.approx(ld, abs=1e-5)
     assert cell["recovery"] == pytest.approx((ld - base.ld_target) / (base.ld_source - base.ld_target), rel=1e-4)
 
@@ -145,7 +164,9 @@ def test_chained_vs_parallel_vs_frozen_theory(family):
     # Must differ (K >= 2): parallel also overwrites positions 1..K-1 with clean values, chained
     # lets the model regenerate them from the corrupted question context.
     for layer in range(m.n_layers):
-        assert abs(cells[(layer, "chained")]["answer_logit_diff"] - cells[(layer, "parallel")]["answer_logit_diff"]) > 1e-5
+        assert (
+            abs(cells[(layer, "chained")]["answer_logit_diff"] - cells[(layer, "parallel")]["answer_logit_diff"]) > 1e-5
+        )
     # Theory: cumulative S_{K-1} is the parallel patch; cumulative S_0 is the chained patch.
     for layer in range(m.n_layers):
         assert cells[(layer, f"cumulative_{m.num_latent - 1}")]["kl"] == cells[(layer, "parallel")]["kl"]
@@ -171,7 +192,10 @@ def test_single_thought_model_chained_equals_parallel():
     m = tiny_text_model("gpt2", num_latent=1)
     base = baselines(m)[0]
     specs = iterative_specs(m.n_layers, 1)
-    cells = {(s.layer, s.key): c for s, c in zip(specs, sweep_reference(m, base, specs, replacement_values(base, EngineConfig())))}
+    cells = {
+        (s.layer, s.key): c
+        for s, c in zip(specs, sweep_reference(m, base, specs, replacement_values(base, EngineConfig())))
+    }
     for layer in range(m.n_layers):
         for k in METRICS:
             a, b = cells[(layer, "chained")][k], cells[(layer, "parallel")][k]
@@ -216,7 +240,9 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
     m = tiny_text_model(family)
     changed = kept = 0
     for base in baselines(m):
-        specs = layer_specs(m.n_layers, m.num_latent, "resid_out") + position_specs(m.n_layers, m.num_latent, "resid_out")
+        specs = layer_specs(m.n_layers, m.num_latent, "resid_out") + position_specs(
+            m.n_layers, m.num_latent, "resid_out"
+        )
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(m.n_layers, m.num_latent, m.d_model, generator=gen) * 20
 
@@ -228,8 +254,10 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
         tgt, T = base.target.prompt, len(base.target.prompt)
         for spec, cell in zip(specs, cells):
             vals = values(spec)
-            writes = [Write(spec.component, spec.layer, torch.tensor([T + p]), torch.tensor([True]), vals[i][None])
-                      for i, p in enumerate(spec.positions)]
+            writes = [
+                Write(spec.component, spec.layer, torch.tensor([T + p]), torch.tensor([True]), vals[i][None])
+                for i, p in enumerate(spec.positions)
+            ]
             r = m.rollout([tgt], writes=writes)
             assert cell["answer_ids"] == m.generate(r.state, r.answer_logits)[0], spec
             if cell["answer_ids"] == list(base.target.answer_ids):

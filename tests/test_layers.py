@@ -22,7 +22,14 @@ import latentpatch.analysis
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import CELL_COLUMNS, METRIC_LABELS, all_positions_cell, primary_component
 from latentpatch.rundir import (
-    Manifest, RunPaths, atomic_path, atomic_write_text, json_safe, read_manifest, read_pairs_json, read_stats,
+    Manifest,
+    RunPaths,
+    atomic_path,
+    atomic_write_text,
+    json_safe,
+    read_manifest,
+    read_pairs_json,
+    read_stats,
     write_json,
 )
 
@@ -33,11 +40,13 @@ LIGHT_MODULES = ["latentpatch.names", "latentpatch.rundir"] + sorted(
 
 
 def test_light_modules_import_no_torch():
-    code = ("import importlib, sys\n"
-            f"for name in {LIGHT_MODULES!r}:\n"
-            "    importlib.import_module(name)\n"
-            "    assert 'torch' not in sys.modules, name + ' imports torch'\n"
-            "print('ok')\n")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {LIGHT_MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    assert 'torch' not in sys.modules, name + ' imports torch'\n"
+        "print('ok')\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
     assert "latentpatch.analysis.report" in LIGHT_MODULES and "latentpatch.analysis.wandb_log" in LIGHT_MODULES
@@ -66,17 +75,31 @@ def test_rules():
 def _run_manifest_stages() -> list[dict]:
     """The manifest as ``run_experiments`` writes it after baselines, after checks and at the end."""
     first = {
-        "format": "latentpatch-run/1", "status": "running", "config": {"model": "default", "seed": 0},
+        "format": "latentpatch-run/1",
+        "status": "running",
+        "config": {"model": "default", "seed": 0},
         "config_hash": "ab12",
-        "command": "latentpatch run --out x", "versions": {"python": "3.11"}, "git_commit": None, "seed": 0,
-        "device": "cpu", "dtype": "float32", "batch_size": 64,
+        "command": "latentpatch run --out x",
+        "versions": {"python": "3.11"},
+        "git_commit": None,
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 64,
         "model": {"name": "m", "family": "gpt2", "n_layers": 2, "num_latent": 3, "d_model": 8, "config": {}},
-        "pairs_removed": [{"pair_id": "7", "reason": "same answer"}], "previous_timings": {"total_s": 1.0},
-        "n_pairs": 2, "baselines": {"n_pairs": 2, "clean_accuracy": 1.0},
+        "pairs_removed": [{"pair_id": "7", "reason": "same answer"}],
+        "previous_timings": {"total_s": 1.0},
+        "n_pairs": 2,
+        "baselines": {"n_pairs": 2, "clean_accuracy": 1.0},
     }
     checks = {**first, "replacement_pool": "all shards", "checks": {"identity": {"passed": True}}}
-    done = {**checks, "status": "complete", "timings": {"sweep_s": 2.0}, "cells_per_second": None,
-            "activation_cache": None}
+    done = {
+        **checks,
+        "status": "complete",
+        "timings": {"sweep_s": 2.0},
+        "cells_per_second": None,
+        "activation_cache": None,
+    }
     return [first, checks, done]
 
 
@@ -99,8 +122,9 @@ def test_manifest_missing_or_unknown_keys_one_line():
     assert "\n" not in msg and "run/manifest.json" in msg and "'seed'" in msg and "'colour'" in msg
 
 
-@pytest.mark.parametrize("content, expected",
-                         [(None, "is missing"), ("{oops", "is not valid JSON"), ("[1]", "JSON object")])
+@pytest.mark.parametrize(
+    "content, expected", [(None, "is missing"), ("{oops", "is not valid JSON"), ("[1]", "JSON object")]
+)
 def test_read_manifest_errors(tmp_path, content, expected):
     if content is not None:
         (tmp_path / "manifest.json").write_text(content)
@@ -115,8 +139,13 @@ def test_read_manifest_errors(tmp_path, content, expected):
 
 
 def test_json_safe_and_atomic_writes(tmp_path):
-    data = {"a": np.float32(0.5), "b": np.arange(3), "c": (math.nan, np.inf, np.bool_(True)), 4: pd.NA,
-            "d": np.int64(7)}
+    data = {
+        "a": np.float32(0.5),
+        "b": np.arange(3),
+        "c": (math.nan, np.inf, np.bool_(True)),
+        4: pd.NA,
+        "d": np.int64(7),
+    }
     assert json_safe(data) == {"a": 0.5, "b": [0, 1, 2], "c": [None, None, True], "4": None, "d": 7}
     path = tmp_path / "deep" / "x.json"
     write_json(path, data)

@@ -24,26 +24,51 @@ from latentpatch.model.latent_dir import (
     save_latent_dir,
 )
 from latentpatch.model.load import load_model
-from latentpatch.model.loaders import PRESETS, get_preset, load_coconut_checkpoint, load_codi_checkpoint, random_model
+from latentpatch.model.loaders import PRESETS, get_preset, load_codi_checkpoint, random_model
 
 V = 40  # base vocabulary; pad/bot/eot = 40, 41, 42
-TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-           "gpt2": ["c_attn", "c_proj", "c_fc"]}
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
 R, ALPHA, PRJ_DIM, K = 4, 8, 48, 3
-EMB = {"llama": "codi.base_model.model.model.embed_tokens.weight", "gpt2": "codi.base_model.model.transformer.wte.weight"}
+EMB = {
+    "llama": "codi.base_model.model.model.embed_tokens.weight",
+    "gpt2": "codi.base_model.model.transformer.wte.weight",
+}
 HEAD = "codi.base_model.model.lm_head.weight"
 
 
 def base_lm(family: str, tie: bool = False, seed: int = 0, vocab: int = V):
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        )
         lm = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                         eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         lm = GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for p in lm.parameters():
@@ -134,10 +159,15 @@ def assert_matches_unmerged(m, module, prompts=([5, 6, 7, 8], [9, 10])):
 # loading = the unmerged peft model
 
 
-@pytest.mark.parametrize("family,spelling,fmt", [
-    ("llama", "current", "bin"), ("llama", "old", "safetensors"),
-    ("gpt2", "current", "safetensors"), ("gpt2", "old", "bin"),
-])
+@pytest.mark.parametrize(
+    "family,spelling,fmt",
+    [
+        ("llama", "current", "bin"),
+        ("llama", "old", "safetensors"),
+        ("gpt2", "current", "safetensors"),
+        ("gpt2", "old", "bin"),
+    ],
+)
 def test_load_equals_unmerged_peft(tmp_path, family, spelling, fmt):
     module, _ = make_codi(family)
     sd = module.state_dict()
@@ -168,8 +198,15 @@ def test_preset_with_explicit_overrides(tmp_path):
     module, _ = make_codi("gpt2")
     ckpt = save_ckpt(module.state_dict(), tmp_path / "ckpt")
     # targets c_attn/c_proj/c_fc and prj_ln from the preset; rank/alpha/prj_dim/eos overridden
-    m = load_codi_checkpoint(ckpt, str(save_base(tmp_path, "gpt2")), preset="codi-gpt2", lora_r=R, lora_alpha=ALPHA,
-                             prj_dim=PRJ_DIM, eos_id=2)
+    m = load_codi_checkpoint(
+        ckpt,
+        str(save_base(tmp_path, "gpt2")),
+        preset="codi-gpt2",
+        lora_r=R,
+        lora_alpha=ALPHA,
+        prj_dim=PRJ_DIM,
+        eos_id=2,
+    )
     assert m.num_latent == 6 and m.config.answer_prefix == "The answer is: " and m.config.remove_eos
     assert_matches_unmerged(m, module)
 
@@ -333,8 +370,10 @@ def test_no_lora_layout_and_lora_settings(tmp_path):
 def test_bf16_checkpoint_loads(tmp_path):
     """Released checkpoints store the base in bf16 and LoRA/prj in fp32; load in bf16 and fp32."""
     module, _ = make_codi("gpt2")
-    sd = {k: (v.to(torch.bfloat16) if "lora_" not in k and not k.startswith("prj.") else v)
-          for k, v in module.state_dict().items()}
+    sd = {
+        k: (v.to(torch.bfloat16) if "lora_" not in k and not k.startswith("prj.") else v)
+        for k, v in module.state_dict().items()
+    }
     ckpt = save_ckpt(sd, tmp_path / "ckpt")
     base = save_base(tmp_path, "gpt2")
     m16 = load("gpt2", ckpt, base, dtype="bfloat16")
@@ -365,7 +404,9 @@ def test_not_a_checkpoint(tmp_path):
 def test_latent_dir_roundtrip_with_tokenizer(tmp_path):
     m = random_model("llama", num_latent=3)
     save_latent_dir(m, tmp_path / "lp")
-    sd_keys = set(__import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "lp" / "model.safetensors")))
+    sd_keys = set(
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(tmp_path / "lp" / "model.safetensors"))
+    )
     assert "codi.lm_head.weight" not in sd_keys and "prj.ln.weight" in sd_keys  # tied head omitted
     for spec in (f"dir:{tmp_path / 'lp'}", str(tmp_path / "lp")):
         m2 = load_model(spec)
@@ -395,8 +436,18 @@ def test_latent_dir_is_strict(tmp_path):
 
 
 def test_latentpatch_json_round_trip():
-    cfg = LatentConfig(num_latent=4, pad_id=10, bot_id=11, eot_id=12, eos_id=2, remove_eos=False, answer_prefix="",
-                       question_template="Q: {question}", add_special_tokens=False, max_answer_tokens=7)
+    cfg = LatentConfig(
+        num_latent=4,
+        pad_id=10,
+        bot_id=11,
+        eot_id=12,
+        eos_id=2,
+        remove_eos=False,
+        answer_prefix="",
+        question_template="Q: {question}",
+        add_special_tokens=False,
+        max_answer_tokens=7,
+    )
     meta = latent_meta(cfg, family="llama", prj_dim=None, prj_ln=False, extra={"training": {"steps": 1}})
     assert meta["format"] == LATENT_DIR_FORMAT and meta["training"] == {"steps": 1}
     assert config_from_meta(meta) == cfg
@@ -468,9 +519,30 @@ def test_inspect_on_a_checkpoint(tmp_path, capsys):
     module, _ = make_codi("gpt2")
     ckpt = save_ckpt(module.state_dict(), tmp_path / "ckpt")
     base = save_base(tmp_path, "gpt2")
-    code, out, err = run_cli(capsys, "inspect", "--model", f"codi:{ckpt}", "--base", str(base), "--lora-r", str(R),
-                             "--lora-alpha", str(ALPHA), "--lora-targets", "c_attn,c_proj,c_fc", "--eos-id", "2",
-                             "--num-latent", "3", "--input-ids", "5,6,7", "--top-k", "3", "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        capsys,
+        "inspect",
+        "--model",
+        f"codi:{ckpt}",
+        "--base",
+        str(base),
+        "--lora-r",
+        str(R),
+        "--lora-alpha",
+        str(ALPHA),
+        "--lora-targets",
+        "c_attn,c_proj,c_fc",
+        "--eos-id",
+        "2",
+        "--num-latent",
+        "3",
+        "--input-ids",
+        "5,6,7",
+        "--top-k",
+        "3",
+        "--max-new-tokens",
+        "4",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert sum(line.startswith("thought ") for line in lines) == 3
@@ -479,20 +551,33 @@ def test_inspect_on_a_checkpoint(tmp_path, capsys):
 
 
 def test_inspect_with_a_question(capsys):
-    code, out, err = run_cli(capsys, "inspect", "--model", "config:llama", "--question", "What is 2 + 3?",
-                             "--num-latent", "2", "--max-new-tokens", "3")
+    code, out, err = run_cli(
+        capsys,
+        "inspect",
+        "--model",
+        "config:llama",
+        "--question",
+        "What is 2 + 3?",
+        "--num-latent",
+        "2",
+        "--max-new-tokens",
+        "3",
+    )
     assert code == 0, err
     assert "thought 1:" in out and "answer:" in out and "number:" in out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--model", "codi:/nonexistent/ckpt", "--base", "gpt2", "--input-ids", "5,6"], "/nonexistent/ckpt"),
-    (["--model", "config:llama", "--input-ids", "5,x"], "--input-ids"),
-    (["--model", "config:llama", "--input-ids", "5,9999"], "outside the vocabulary"),
-    (["--model", "config:llama"], "--question"),
-    (["--model", "config:llama", "--input-ids", "5", "--dtype", "int8"], "--dtype"),
-    (["--model", "config:llama", "--input-ids", "5", "--top-k", "0"], "--top-k"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "codi:/nonexistent/ckpt", "--base", "gpt2", "--input-ids", "5,6"], "/nonexistent/ckpt"),
+        (["--model", "config:llama", "--input-ids", "5,x"], "--input-ids"),
+        (["--model", "config:llama", "--input-ids", "5,9999"], "outside the vocabulary"),
+        (["--model", "config:llama"], "--question"),
+        (["--model", "config:llama", "--input-ids", "5", "--dtype", "int8"], "--dtype"),
+        (["--model", "config:llama", "--input-ids", "5", "--top-k", "0"], "--top-k"),
+    ],
+)
 def test_inspect_bad_arguments_exit_2_one_line(capsys, args, needle):
     code, out, err = run_cli(capsys, "inspect", *args)
     assert code == 2
@@ -503,6 +588,7 @@ def test_inspect_bad_arguments_exit_2_one_line(capsys, args, needle):
 def test_inspect_bad_checkpoint_exit_2(tmp_path, llama_ckpt, capsys):
     sd, base, _ = llama_ckpt
     ckpt = save_ckpt({k: v for k, v in sd.items() if k != "prj.1.bias"}, tmp_path / "bad")
-    code, out, err = run_cli(capsys, "inspect", "--model", f"codi:{ckpt}", "--base", str(base), "--lora-alpha", "8",
-                             "--input-ids", "5,6")
+    code, out, err = run_cli(
+        capsys, "inspect", "--model", f"codi:{ckpt}", "--base", str(base), "--lora-alpha", "8", "--input-ids", "5,6"
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "prj.1.bias" in err and str(ckpt) in err

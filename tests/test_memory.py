@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-
 from helpers import tiny_latent_model
+
 from latentpatch.pipeline.memory import auto_batch_size, free_memory_bytes, working_set_bytes
 
 
@@ -28,13 +28,16 @@ def test_auto_batch_size_respects_free_memory():
     b = pick(123_456 * row // 1000)
     assert working_set_bytes(m, b, 100, 8) <= 0.5 * 123_456 * row // 1000 < working_set_bytes(m, b + 1, 100, 8)
     assert pick(0) == 1 and pick(10**15) == 512 and pick(10**15, cap=64) == 64
-    assert [pick(f) for f in (row, 10 * row, 100 * row, 1000 * row)] == sorted(pick(f) for f in (row, 10 * row, 100 * row, 1000 * row))
+    assert [pick(f) for f in (row, 10 * row, 100 * row, 1000 * row)] == sorted(
+        pick(f) for f in (row, 10 * row, 100 * row, 1000 * row)
+    )
     assert free_memory_bytes("cpu") > 0 and 1 <= auto_batch_size(m) <= 512
 
 
 def test_run_with_batch_size_auto_uses_the_estimate(tmp_path):
     """``--batch-size auto`` goes through auto_batch_size (recorded in the manifest)."""
     from helpers import tiny_text_model
+
     from latentpatch.data.synthetic import generate_pairs
     from latentpatch.pipeline.run import RunConfig, run_experiments
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from helpers import tiny_text_model
+
+from latentpatch.data.synthetic import generate_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.merge import merge_runs
 from latentpatch.pipeline.run import RunConfig, run_experiments
-from latentpatch.data.synthetic import generate_pairs
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,17 @@ def test_merged_shards_equal_the_unsharded_run(runs):
     for f in sorted((full / "results" / "pairs").iterdir()):
         assert (merged / "results" / "pairs" / f.name).read_bytes() == f.read_bytes()
     for name in ("cells", "trajectories"):
-        pd.testing.assert_frame_equal(pd.read_parquet(merged / f"results/{name}.parquet"),
-                                      pd.read_parquet(full / f"results/{name}.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(merged / f"results/{name}.parquet"), pd.read_parquet(full / f"results/{name}.parquet")
+        )
     m, f = (json.loads((d / "manifest.json").read_text()) for d in (merged, full))
     assert m["config_hash"] == f["config_hash"] and m["config"]["shard"] is None
     assert m["baselines"] == f["baselines"]
     assert [s["shard"] for s in m["merged_from"]] == ["0/3", "1/3", "2/3"]
     assert set(m["checks"]) == set(f["checks"]) and set(m["checks"]["identity"]["shards"]) == {"0/3", "1/3", "2/3"}
-    assert m["timings"]["sweep_s"] == pytest.approx(sum(json.loads((s / "manifest.json").read_text())["timings"]["sweep_s"]
-                                                        for s in shards))
+    assert m["timings"]["sweep_s"] == pytest.approx(
+        sum(json.loads((s / "manifest.json").read_text())["timings"]["sweep_s"] for s in shards)
+    )
 
 
 def test_merge_refuses_bad_shard_sets(runs, tmp_path):
@@ -97,8 +99,15 @@ def test_sharded_dataset_replacements_use_every_shards_pairs(replacement, tmp_pa
     model, pairs = tiny_text_model("llama"), generate_pairs(5, seed=4)
 
     def run(out, shard=None):
-        cfg = RunConfig(out=str(tmp_path / out), shard=shard, report=False, cache_dir=str(tmp_path / "cache"),
-                        check_cells=2, experiments=["position"], replacement=replacement)
+        cfg = RunConfig(
+            out=str(tmp_path / out),
+            shard=shard,
+            report=False,
+            cache_dir=str(tmp_path / "cache"),
+            check_cells=2,
+            experiments=["position"],
+            replacement=replacement,
+        )
         return run_experiments(cfg, model=model, pairs=pairs, progress=False)
 
     try:
@@ -126,8 +135,10 @@ def test_sharded_dataset_replacements_use_every_shards_pairs(replacement, tmp_pa
 
 def test_merge_and_config_import_no_torch():
     """Merging needs no model: latentpatch.pipeline.merge and .config stay free of torch."""
-    code = ("import sys, latentpatch.pipeline.merge, latentpatch.pipeline.config; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    code = (
+        "import sys, latentpatch.pipeline.merge, latentpatch.pipeline.config; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
     import latentpatch
 
     src = str(Path(latentpatch.__file__).resolve().parents[1])  # the code under test, not another install

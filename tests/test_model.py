@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import VOCAB, tiny_latent_model
+
 from latentpatch.model.latent import extract_number
 from latentpatch.model.sites import COMPONENTS, ActivationHooks, Site, Write, hooked_module, model_family
 from latentpatch.model.sites import FAMILIES as LAYOUTS
@@ -90,8 +90,9 @@ def test_resid_pre_layer0_everywhere_reproduces_source(family):
     act = src.hooks.recorded("resid_pre", 0)[0]  # [T_total, d]
     tgt = m.rollout([corrupted])
     assert (tgt.answer_logits - src.answer_logits).abs().max() > 1e-3  # they differ to begin with
-    writes = [Write("resid_pre", 0, torch.tensor([pos]), torch.tensor([True]), act[pos][None])
-              for pos in range(act.shape[0])]
+    writes = [
+        Write("resid_pre", 0, torch.tensor([pos]), torch.tensor([True]), act[pos][None]) for pos in range(act.shape[0])
+    ]
     patched = m.rollout([corrupted], writes=writes)
     assert (patched.answer_logits - src.answer_logits).abs().max() <= 1e-4
 
@@ -130,7 +131,7 @@ def test_last_layer_latent_patch_reaches_later_thoughts_only_through_recurrence(
     assert (r.thoughts[0, p + 1] - base.thoughts[0, p + 1]).abs().max() > 1e-3  # next thought changed
     # and with the recurrent path frozen at the baseline's thoughts, nothing downstream changes
     mask = torch.zeros(1, m.num_latent, dtype=torch.bool)
-    mask[0, p + 1:] = True
+    mask[0, p + 1 :] = True
     frozen = m.rollout([prompt], writes=[w], thought_override=base.thoughts, override_mask=mask)
     assert torch.allclose(frozen.answer_logits, base.answer_logits, atol=1e-5)
 
@@ -146,7 +147,7 @@ def test_score_equals_full_sequence_logits(family):
     _, _, seq = plain_rollout(m, prompt)
     for c, cont in enumerate(conts[0]):
         full = torch.cat([seq, m.lm.get_input_embeddings()(torch.tensor([cont[:-1]], dtype=torch.long))], 1)
-        ref = m.lm(inputs_embeds=full).logits[0, -len(cont):]
+        ref = m.lm(inputs_embeds=full).logits[0, -len(cont) :]
         assert scored[0][c].shape == (len(cont), m.vocab_size)
         assert torch.allclose(scored[0][c], ref, atol=1e-5)
     # the state is not consumed: scoring twice gives the same numbers
@@ -187,8 +188,12 @@ def test_family_table_names_the_hooked_modules(family):
     m = tiny_latent_model(family)
     assert model_family(m.lm) == m.family == family
     layout, block = LAYOUTS[family], m.blocks[1]
-    expected = {"resid_pre": (block, "input"), "resid_out": (block, "output"),
-                "attn_out": (getattr(block, layout.attn), "output"), "mlp_out": (getattr(block, layout.mlp), "output")}
+    expected = {
+        "resid_pre": (block, "input"),
+        "resid_out": (block, "output"),
+        "attn_out": (getattr(block, layout.attn), "output"),
+        "mlp_out": (getattr(block, layout.mlp), "output"),
+    }
     for component in COMPONENTS:
         module, kind = hooked_module(m.lm, component, 1)
         assert module is expected[component][0] and kind == expected[component][1], component

@@ -11,12 +11,14 @@ import torch
 pytest.importorskip("nnsight")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.nnsight_impl import TokenPair, nnsight_position_sweep  # noqa: E402
 from helpers import VOCAB, tiny_latent_model  # noqa: E402
-from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics  # noqa: E402
-from latentpatch.model.latent import extract_number  # noqa: E402
+
+from bench.nnsight_impl import TokenPair, nnsight_position_sweep  # noqa: E402
 from latentpatch.data.pairs import Pair, Variant  # noqa: E402
+from latentpatch.model.latent import extract_number  # noqa: E402
 from latentpatch.model.sites import Write  # noqa: E402
+from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -76,12 +78,14 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("component", ["resid_out"] + [pytest.param(c, marks=pytest.mark.slow)
-                                                      for c in ("resid_pre", "attn_out", "mlp_out")])
+@pytest.mark.parametrize(
+    "component", ["resid_out"] + [pytest.param(c, marks=pytest.mark.slow) for c in ("resid_pre", "attn_out", "mlp_out")]
+)
 def test_nnsight_sweep_equals_plain_writes(family, component):
     m = tiny_latent_model(family)
-    tp = TokenPair("p0", m.prompt_ids([5, 6, 7, 8, 9]), m.prompt_ids([30, 21, 17, 28]), 7.0, 9.0,
-                   ([10, 11], 0), ([12, 13, 14], 0))
+    tp = TokenPair(
+        "p0", m.prompt_ids([5, 6, 7, 8, 9]), m.prompt_ids([30, 21, 17, 28]), 7.0, 9.0, ([10, 11], 0), ([12, 13, 14], 0)
+    )
     layers, positions = [0, 2], [0, 1, 3]
     got = nnsight_position_sweep(m, [tp], component, layers=layers, positions=positions)
     assert set(got) == {("p0", layer, p) for layer in layers for p in positions}
@@ -97,8 +101,9 @@ def test_pairs_with_tokenizer():
     m.config.answer_prefix = "a "
     pair = Pair("7", Variant("abc 12 de", 12), Variant("abc 15 de", 15))
     got = nnsight_position_sweep(m, [pair], layers=[1], positions=[0, 2])
-    tp = TokenPair("7", m.prompt_ids("abc 12 de"), m.prompt_ids("abc 15 de"), 12.0, 15.0,
-                   m.answer_ids(12), m.answer_ids(15))
+    tp = TokenPair(
+        "7", m.prompt_ids("abc 12 de"), m.prompt_ids("abc 15 de"), 12.0, 15.0, m.answer_ids(12), m.answer_ids(15)
+    )
     assert tp.clean_ids == ([13, 39, 4, 5], 2)
     for p in (0, 2):
         assert_same(got[("7", 1, p)], reference_cell(m, tp, "resid_out", 1, p))

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from latentpatch.cli import main
-from latentpatch.errors import LatentPatchError
 from latentpatch.data.pairs import (
     Pair,
     Variant,
@@ -26,6 +25,7 @@ from latentpatch.data.pairs import (
     save_pairs,
     validate_pairs,
 )
+from latentpatch.errors import LatentPatchError
 
 SHARED_NAME = "gsm8k_clean_corrupted_pairs.json"
 SAME_ANSWER_IDS = {"12", "55", "229", "287", "334", "397", "465", "475", "555"}
@@ -49,10 +49,20 @@ def real_file() -> Path:
 def small_entries() -> list[dict]:
     """Two valid pairs in the flat format (one with the same answer on both sides)."""
     return [
-        {"pair_id": 1, "variant": "clean", "question": "Tom has 3 apples and buys 2. How many?", "answer": 5,
-         "program": "3+2"},
-        {"pair_id": 1, "variant": "corrupted", "question": "Tom has 4 apples and buys 2. How many?", "answer": 6,
-         "program": "4+2"},
+        {
+            "pair_id": 1,
+            "variant": "clean",
+            "question": "Tom has 3 apples and buys 2. How many?",
+            "answer": 5,
+            "program": "3+2",
+        },
+        {
+            "pair_id": 1,
+            "variant": "corrupted",
+            "question": "Tom has 4 apples and buys 2. How many?",
+            "answer": 6,
+            "program": "4+2",
+        },
         {"pair_id": "b", "variant": "clean", "question": "What is 2 times 3?", "answer": "6"},
         {"pair_id": "b", "variant": "corrupted", "question": "What is 3 times 2?", "answer": 6.0},
     ]
@@ -87,8 +97,19 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [(18, 18), ("18", 18), ("18.0", 18), (18.0, 18), ("1,234", 1234), ("-3", -3), (" 7 ", 7), ("2.5", 2.5),
-     (-0.25, -0.25), ("1,234.5", 1234.5), ("12345678901234567890", 12345678901234567890)],
+    [
+        (18, 18),
+        ("18", 18),
+        ("18.0", 18),
+        (18.0, 18),
+        ("1,234", 1234),
+        ("-3", -3),
+        (" 7 ", 7),
+        ("2.5", 2.5),
+        (-0.25, -0.25),
+        ("1,234.5", 1234.5),
+        ("12345678901234567890", 12345678901234567890),
+    ],
 )
 def test_parse_answer_numbers(raw, expected):
     value = parse_answer(raw)
@@ -188,8 +209,14 @@ def test_numeric_strings_and_string_ids(tmp_path):
 
 
 def test_nested_pair_level_fields_go_to_both_variants(tmp_path):
-    nested = [{"pair_id": 3, "source": "gsm8k", "clean": {"question": "q1", "answer": 1, "cot": "a"},
-               "corrupted": {"question": "q2", "answer": "2"}}]
+    nested = [
+        {
+            "pair_id": 3,
+            "source": "gsm8k",
+            "clean": {"question": "q1", "answer": 1, "cot": "a"},
+            "corrupted": {"question": "q2", "answer": "2"},
+        }
+    ]
     (pair,) = load_pairs(write(tmp_path / "n.json", nested))
     assert pair.raw_id == 3 and pair.clean.extra == {"source": "gsm8k", "cot": "a"}
     assert pair.corrupted.extra == {"source": "gsm8k"} and pair.corrupted.answer == 2
@@ -206,7 +233,12 @@ def test_pair_id_normalisation():
     with pytest.raises(ValueError):
         Variant("q", 1, {"answer": 2})
     assert pairs_to_entries([Pair(7, Variant("a", 1, {"k": 0}), v)])[0] == {
-        "pair_id": 7, "variant": "clean", "question": "a", "answer": 1, "k": 0}
+        "pair_id": 7,
+        "variant": "clean",
+        "question": "a",
+        "answer": 1,
+        "k": 0,
+    }
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -231,6 +263,7 @@ def _mutate(fn):
         data = small_entries()
         fn(data)  # mutates in place
         return write(tmp_path / "pairs.json", data)
+
     return build
 
 
@@ -239,6 +272,7 @@ def _raw(text: str):
         path = tmp_path / "pairs.json"
         path.write_text(text, encoding="utf-8")
         return path
+
     return build
 
 
@@ -261,12 +295,17 @@ MALFORMED = {
     "non-numeric answer": (_mutate(lambda d: d[2].update(answer="six")), ["entry [2]", "'answer'", "'six'"]),
     "duplicate id": (_mutate(lambda d: d.append(dict(d[0]))), ["entry [4]", "pair_id 1", "already has a 'clean'"]),
     "one variant only": (_mutate(lambda d: d.pop(3)), ["pair_id 'b'", "no 'corrupted'"]),
-    "nested one variant": (_raw('[{"pair_id": 1, "clean": {"question": "q", "answer": 1}}]'),
-                           ["pair_id 1", "no 'corrupted'"]),
+    "nested one variant": (
+        _raw('[{"pair_id": 1, "clean": {"question": "q", "answer": 1}}]'),
+        ["pair_id 1", "no 'corrupted'"],
+    ),
     "nested duplicate": (_raw(json.dumps(to_nested(small_entries()) * 2)), ["entry [2]", "more than once"]),
-    "nested null answer": (_raw('[{"pair_id": 4, "clean": {"question": "q", "answer": null}, '
-                                '"corrupted": {"question": "r", "answer": 2}}]'),
-                           ["entry [0]", "pair_id 4, clean", "'answer' is null"]),
+    "nested null answer": (
+        _raw(
+            '[{"pair_id": 4, "clean": {"question": "q", "answer": null}, "corrupted": {"question": "r", "answer": 2}}]'
+        ),
+        ["entry [0]", "pair_id 4, clean", "'answer' is null"],
+    ),
 }
 
 
@@ -312,8 +351,10 @@ def test_validate_lists_every_problem(tmp_path):
 
 
 def test_validate_token_lengths_and_all_same_answer(tmp_path):
-    data = [{"pair_id": 0, "variant": "clean", "question": "a b c", "answer": 1},
-            {"pair_id": 0, "variant": "corrupted", "question": "a b", "answer": 1}]
+    data = [
+        {"pair_id": 0, "variant": "clean", "question": "a b c", "answer": 1},
+        {"pair_id": 0, "variant": "corrupted", "question": "a b", "answer": 1},
+    ]
     report = validate_pairs(data)
     assert report.different_token_length_ids == ["0"] and report.n_same_token_length == 0
     assert not report.usable and "same clean and corrupted answer" in report.blocking_reasons[0]
@@ -390,8 +431,12 @@ def test_cli_generate_bad_n(tmp_path, capsys):
 
 def test_cli_subprocess_no_traceback(tmp_path):
     path = MALFORMED["non-numeric answer"][0](tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "latentpatch.cli", "pairs", "validate", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentpatch.cli", "pairs", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "'six'" in proc.stderr and str(path) in proc.stderr

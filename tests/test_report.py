@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -17,15 +15,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from fake_run import write_fake_run
+
+from latentpatch.analysis.report import SECTIONS
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
-from latentpatch.analysis.report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = [
-    "layer_bars", "pairs_layers", "cumulative_trajectories", "chained_similarity", "modes_comparison",
+    "layer_bars",
+    "pairs_layers",
+    "cumulative_trajectories",
+    "chained_similarity",
+    "modes_comparison",
     *[f"position_heatmap_{m}" for m in ("kl", "recovery", "answer_logit_diff")],
     *[f"position_heatmap_pairs_{m}" for m in ("kl", "recovery", "answer_logit_diff")],
 ]
@@ -46,8 +48,16 @@ def run_cli(args: list[str]) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A small complete run with one failing check, reported through the CLI."""
-    run = write_fake_run(tmp_path_factory.mktemp("report") / "run", n_pairs=4, n_layers=3, K=3, seed=1,
-                         flagged=(1,), failing_check="identity", command="latentpatch run --pairs my_pairs.json --out RUN --seed 1")
+    run = write_fake_run(
+        tmp_path_factory.mktemp("report") / "run",
+        n_pairs=4,
+        n_layers=3,
+        K=3,
+        seed=1,
+        flagged=(1,),
+        failing_check="identity",
+        command="latentpatch run --pairs my_pairs.json --out RUN --seed 1",
+    )
     code, out, err = run_cli(["report", str(run), "--n-resamples", "300"])
     assert code == 0, err
     assert out.strip() == str(run / "report.html")
@@ -114,8 +124,13 @@ def _corrupt_manifest(run: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage, named",
-    [(_missing_cells, "cells.parquet"), (_corrupt_cells, "cells.parquet"), (_corrupt_layer_json, "layer.json"),
-     (_missing_manifest, "manifest.json"), (_corrupt_manifest, "manifest.json")],
+    [
+        (_missing_cells, "cells.parquet"),
+        (_corrupt_cells, "cells.parquet"),
+        (_corrupt_layer_json, "layer.json"),
+        (_missing_manifest, "manifest.json"),
+        (_corrupt_manifest, "manifest.json"),
+    ],
 )
 def test_report_damaged_run_exits_2_one_line(tmp_path, damage, named):
     run = write_fake_run(tmp_path / "run", n_pairs=2, n_layers=2, K=2)
@@ -136,9 +151,18 @@ def test_compare_cli(tmp_path):
     cmp = tmp_path / "cmp"
     assert out.strip() == str(cmp / "compare.html")
     names = {p.name for p in (cmp / "figures").iterdir()}
-    assert {"compare_layer.png", "compare_layer.svg", "compare_position_recovery.png", "compare_position_kl.svg"} <= names
+    assert {
+        "compare_layer.png",
+        "compare_layer.svg",
+        "compare_position_recovery.png",
+        "compare_position_kl.svg",
+    } <= names
     data = json.loads((cmp / "compare.json").read_text())
-    cell = next(c for c in data["cells"] if c["experiment"] == "position" and c["layer"] == 1 and c["position"] == 0 and c["metric"] == "recovery")
+    cell = next(
+        c
+        for c in data["cells"]
+        if c["experiment"] == "position" and c["layer"] == 1 and c["position"] == 0 and c["metric"] == "recovery"
+    )
     ca, cb = (pd.read_parquet(r / "results" / "cells.parquet") for r in (a, b))
     sel = lambda c: c[(c["experiment"] == "position") & (c["layer"] == 1) & (c["position"] == 0)]["recovery"].mean()  # noqa: E731
     assert cell["diff"] == pytest.approx(sel(ca) - sel(cb))
@@ -150,13 +174,19 @@ def test_compare_cli(tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "grids differ" in err
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="chromium not installed (apt-get install -y chromium)"
+)
 def test_report_renders_in_headless_chromium(built, tmp_path):
     from PIL import Image
 
     png = tmp_path / "shot.png"
-    subprocess.run(["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(built), str(png), "1200,1600"], check=True, timeout=120,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "screenshot_report.sh"), str(built), str(png), "1200,1600"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[:2] == (1600, 1200)
     colours = np.unique(img.reshape(-1, 3)[::7], axis=0)
@@ -202,8 +232,14 @@ def test_wandb_offline_log_run(built, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from latentpatch.analysis.wandb_log import log_run
 
-    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-                 "WANDB_DISABLE_CODE": "true", "WANDB_X_DISABLE_STATS": "true"}.items():
+    for k, v in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_X_DISABLE_STATS": "true",
+    }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # an empty key here delays the offline log's writing
     local = log_run(built, project="latentpatch-test")
@@ -226,7 +262,14 @@ def test_wandb_offline_log_run(built, tmp_path, monkeypatch):
         elif kind == "config":
             config |= {i.key for i in rec.config.update}
     assert {"model", "model_info", "seed", "command", "experiments"} <= config
-    assert {"cells/_type", "cell_stats/_type", "layer", "layer_sweep/recovery", "layer_sweep/kl", "figures/layer_bars/_type"} <= history
+    assert {
+        "cells/_type",
+        "cell_stats/_type",
+        "layer",
+        "layer_sweep/recovery",
+        "layer_sweep/kl",
+        "figures/layer_bars/_type",
+    } <= history
     assert {"checks/identity/passed", "baselines/clean_accuracy", "best_layer/recovery"} <= summary
     tables = {p.name.split("_")[0] for p in (local / "files" / "media" / "table").iterdir()}
     assert tables == {"cells", "cell"}

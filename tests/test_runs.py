@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import tiny_text_model
-from latentpatch.errors import LatentPatchError
+
 from latentpatch.data.pairs import load_pairs, save_pairs
+from latentpatch.data.synthetic import generate_pairs
+from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.progress import RunProgress
 from latentpatch.pipeline.run import RunConfig, run_experiments
 from latentpatch.rundir import CELL_COLUMNS
-from latentpatch.data.synthetic import generate_pairs
 
 RESULT_FILES = ["results/layer.json", "results/position.json", "results/iterative.json", "results/thoughts.json"]
 
@@ -62,7 +62,16 @@ def test_run_directory_contents(tmp_path, model, pairs):
     assert set(position[pid]["0"]) == {"0", "1", "2"}
     assert set(iterative[pid]["0"]) == {"parallel", "cumulative_0", "cumulative_1", "cumulative_2", "chained", "frozen"}
     cell = position[pid]["1"]["2"]
-    for k in ("kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery", "pred_answer", "flagged"):
+    for k in (
+        "kl",
+        "logit_l2",
+        "pred_change_rate",
+        "answer_logit_diff",
+        "answer_logprob_diff",
+        "recovery",
+        "pred_answer",
+        "flagged",
+    ):
         assert k in cell
     assert len(iterative[pid]["1"]["chained"]["act_cos_clean_by_position"]) == 2
 
@@ -115,20 +124,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, model, pairs):
         run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False)
     resumed = run_experiments(config(tmp_path, "part"), model=model, pairs=pairs, progress=False, resume=True)
     assert read_results(resumed) == read_results(full)
-    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "results/cells.parquet"), pd.read_parquet(full / "results/cells.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(resumed / "results/cells.parquet"), pd.read_parquet(full / "results/cells.parquet")
+    )
 
 
 def test_different_config_is_refused(tmp_path, model, pairs):
     run_experiments(config(tmp_path, "a", experiments=("layer",)), model=model, pairs=pairs, progress=False)
     with pytest.raises(LatentPatchError, match="component"):
-        run_experiments(config(tmp_path, "a", experiments=("layer",), component="mlp_out"), model=model, pairs=pairs,
-                        progress=False, resume=True)
+        run_experiments(
+            config(tmp_path, "a", experiments=("layer",), component="mlp_out"),
+            model=model,
+            pairs=pairs,
+            progress=False,
+            resume=True,
+        )
 
 
 def test_noise_direction_and_replacements(tmp_path, model, pairs):
     def layer_table(**kw):
-        out = run_experiments(config(tmp_path, "-".join(f"{k}{v}" for k, v in kw.items()), experiments=("layer",), **kw),
-                              model=model, pairs=pairs, progress=False)
+        out = run_experiments(
+            config(tmp_path, "-".join(f"{k}{v}" for k, v in kw.items()), experiments=("layer",), **kw),
+            model=model,
+            pairs=pairs,
+            progress=False,
+        )
         return pd.read_parquet(out / "results/cells.parquet")
 
     base = layer_table()
@@ -139,8 +159,12 @@ def test_noise_direction_and_replacements(tmp_path, model, pairs):
 
 
 def test_bad_options_are_user_errors(tmp_path, model, pairs):
-    for kw, needle in (({"experiments": ("layers",)}, "--experiments"), ({"component": "resid"}, "--component"),
-                       ({"shard": "3/3"}, "--shard"), ({"batch_size": 0}, "--batch-size")):
+    for kw, needle in (
+        ({"experiments": ("layers",)}, "--experiments"),
+        ({"component": "resid"}, "--component"),
+        ({"shard": "3/3"}, "--shard"),
+        ({"batch_size": 0}, "--batch-size"),
+    ):
         with pytest.raises(LatentPatchError, match=needle):
             run_experiments(config(tmp_path, "bad", **kw), model=model, pairs=pairs, progress=False)
     with pytest.raises(LatentPatchError, match="only-correct"):  # a random model gets nothing right
@@ -161,10 +185,37 @@ def test_default_config_hash_is_unchanged():
     """New model options are left out of the manifest's config (and its hash) while unset, so run
     directories written before they existed still resume."""
     d = RunConfig().to_dict()
-    assert list(sorted(d)) == sorted([
-        "model", "base", "preset", "pairs", "experiments", "component", "direction", "replacement", "out", "limit",
-        "shard", "device", "dtype", "batch_size", "threads", "seed", "only_correct", "keep_same_answer", "engine",
-        "strict", "check_cells", "cache_dir", "use_cache", "report", "wandb", "wandb_project", "thoughts_pairs"])
+    assert list(sorted(d)) == sorted(
+        [
+            "model",
+            "base",
+            "preset",
+            "pairs",
+            "experiments",
+            "component",
+            "direction",
+            "replacement",
+            "out",
+            "limit",
+            "shard",
+            "device",
+            "dtype",
+            "batch_size",
+            "threads",
+            "seed",
+            "only_correct",
+            "keep_same_answer",
+            "engine",
+            "strict",
+            "check_cells",
+            "cache_dir",
+            "use_cache",
+            "report",
+            "wandb",
+            "wandb_project",
+            "thoughts_pairs",
+        ]
+    )
     assert RunConfig().result_hash() == "c818346e7149abc4"  # the hash before model options were added
     assert RunConfig(lora_alpha=8.0).result_hash() != RunConfig().result_hash()
     assert RunConfig(lora_alpha=8.0).to_dict()["lora_alpha"] == 8.0
@@ -180,8 +231,10 @@ def test_run_options_come_from_run_config():
     from latentpatch.pipeline.config import ModelOptions
 
     commands = typer.main.get_command(app).commands
-    options = {name: {o: p.help for p in commands[name].params for o in p.opts + p.secondary_opts}
-               for name in ("run", "inspect", "eval")}
+    options = {
+        name: {o: p.help for p in commands[name].params for o in p.opts + p.secondary_opts}
+        for name in ("run", "inspect", "eval")
+    }
     for f in dataclasses.fields(RunConfig):
         assert options["run"].get("--" + f.name.replace("_", "-")), f.name
     for f in dataclasses.fields(ModelOptions):
@@ -203,9 +256,10 @@ def test_cli_flags_and_config_file(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "run_experiments", fake_run)
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"batch_size": "auto", "seed": 3, "limit": 2}))
-    for args in (["--experiments", "layer,position", "--batch-size", "8", "--no-report", "--all-pairs",
-                  "--lora-alpha", "8"],
-                 ["--config", str(f), "--seed", "4"]):
+    for args in (
+        ["--experiments", "layer,position", "--batch-size", "8", "--no-report", "--all-pairs", "--lora-alpha", "8"],
+        ["--config", str(f), "--seed", "4"],
+    ):
         with pytest.raises(SystemExit):
             cli.main(["run", *args])
     a, b = seen
@@ -216,15 +270,31 @@ def test_cli_flags_and_config_file(tmp_path, monkeypatch):
 
 def _cli(args, **kw):
     env = dict(os.environ, LATENTPATCH_CACHE=kw.pop("cache"), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "latentpatch.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "latentpatch.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_matches_uninterrupted_cli_run(tmp_path):
     pair_file = tmp_path / "pairs.json"
     save_pairs(generate_pairs(12, seed=2), pair_file)
-    common = ["run", "--model", "config:llama", "--pairs", str(pair_file), "--no-report", "--quiet", "--batch-size", "4"]
+    common = [
+        "run",
+        "--model",
+        "config:llama",
+        "--pairs",
+        str(pair_file),
+        "--no-report",
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
     cache = str(tmp_path / "cache")
     full = _cli(common + ["--out", str(tmp_path / "full")], cache=cache)
     assert full.wait(timeout=300) == 0, full.stderr.read()

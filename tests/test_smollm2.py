@@ -118,8 +118,9 @@ def test_resid_pre_layer0_everywhere_reproduces_source(smol):
     act = src.hooks.recorded("resid_pre", 0)[0]
     tgt = m.rollout([corrupted])
     assert (tgt.answer_logits - src.answer_logits).abs().max() > 1e-3
-    writes = [Write("resid_pre", 0, torch.tensor([pos]), torch.tensor([True]), act[pos][None])
-              for pos in range(act.shape[0])]
+    writes = [
+        Write("resid_pre", 0, torch.tensor([pos]), torch.tensor([True]), act[pos][None]) for pos in range(act.shape[0])
+    ]
     patched = m.rollout([corrupted], writes=writes)
     assert (patched.answer_logits - src.answer_logits).abs().max() <= 1e-4
     assert (patched.thoughts - src.thoughts).abs().max() <= 1e-4

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from fake_run import write_fake_run
 from scipy import stats as sps
 
-from fake_run import write_fake_run
 from latentpatch.analysis import stats as st
 from latentpatch.rundir import read_cells
 
@@ -96,7 +96,12 @@ def test_cell_summary_on_fake_run(fake):
     assert (ok["p_bh"] <= ok["p_holm"] + 1e-15).all()
     assert ((summary["ci_low"] <= summary["mean"]) & (summary["mean"] <= summary["ci_high"])).all()
     one = cells[(cells["experiment"] == "position") & (cells["layer"] == 1) & (cells["position"] == 2)]
-    row = summary[(summary["experiment"] == "position") & (summary["layer"] == 1) & (summary["position"] == 2) & (summary["metric"] == "kl")].iloc[0]
+    row = summary[
+        (summary["experiment"] == "position")
+        & (summary["layer"] == 1)
+        & (summary["position"] == 2)
+        & (summary["metric"] == "kl")
+    ].iloc[0]
     assert row["mean"] == pytest.approx(one["kl"].mean())
     assert row["median"] == pytest.approx(one["kl"].median())
     assert row["std"] == pytest.approx(one["kl"].std(ddof=1))
@@ -110,7 +115,9 @@ def test_comparisons_additivity_top(fake):
     comps = st.compare_modes(cells)
     assert set(comps["comparison"]) == {"chained vs parallel", "chained vs frozen", "parallel vs frozen"}
     assert len(comps[comps["metric"] == "recovery"]) == 3 * 3
-    r = comps[(comps["comparison"] == "chained vs frozen") & (comps["layer"] == 0) & (comps["metric"] == "recovery")].iloc[0]
+    r = comps[
+        (comps["comparison"] == "chained vs frozen") & (comps["layer"] == 0) & (comps["metric"] == "recovery")
+    ].iloc[0]
     ch = cells[(cells["mode"] == "chained") & (cells["layer"] == 0)].set_index("pair_id")["recovery"]
     fr = cells[(cells["mode"] == "frozen") & (cells["layer"] == 0)].set_index("pair_id")["recovery"]
     assert r["mean_diff"] == pytest.approx((ch - fr).mean())

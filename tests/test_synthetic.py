@@ -72,7 +72,9 @@ def test_determinism_by_seed():
     assert [p.question for p in a] != [p.question for p in c]
     pa = generate_pairs(10, seed=4)
     pb = generate_pairs(10, seed=4)
-    assert [(p.clean.question, p.corrupted.question) for p in pa] == [(p.clean.question, p.corrupted.question) for p in pb]
+    assert [(p.clean.question, p.corrupted.question) for p in pa] == [
+        (p.clean.question, p.corrupted.question) for p in pb
+    ]
 
 
 def test_pairs_differ_in_one_number_and_answer():

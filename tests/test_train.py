@@ -14,9 +14,23 @@ from latentpatch.training.data import Codec, make_batch
 from latentpatch.training.objective import positions, student_forward
 from latentpatch.training.train import TrainConfig, train
 
-TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, prj_dim=32, num_latent=2, batch_size=8,
-            train_pool=400, tokenizer_corpus=400, vocab_size=1000, lr=3e-3, warmup=5, log_every=1,
-            threads=1, teacher_only_steps=0)  # default recipe otherwise: aux loss, Fourier number init
+TINY = dict(
+    layers=1,
+    d_model=32,
+    heads=2,
+    d_ff=64,
+    prj_dim=32,
+    num_latent=2,
+    batch_size=8,
+    train_pool=400,
+    tokenizer_corpus=400,
+    vocab_size=1000,
+    lr=3e-3,
+    warmup=5,
+    log_every=1,
+    threads=1,
+    teacher_only_steps=0,
+)  # default recipe otherwise: aux loss, Fourier number init
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +81,26 @@ def student_forward_reference(model: LatentModel, q_ids, q_mask, a_ids, a_mask) 
     embs = embed(q_ids)
     mask = q_mask
     for _ in range(model.num_latent):
-        out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask),
-                 output_hidden_states=True, use_cache=False)
+        out = lm(
+            inputs_embeds=embs,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
         embs = torch.cat([embs, emb], 1)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
     embs = torch.cat([embs, embed(a_ids)], 1)
     mask = torch.cat([mask, a_mask], 1)
-    out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask),
-             output_hidden_states=True, use_cache=False)
-    return out.logits[:, -a_ids.size(1):]
+    out = lm(
+        inputs_embeds=embs,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.logits[:, -a_ids.size(1) :]
 
 
 def test_student_forward_equals_plain_loop(tiny_run):
@@ -134,8 +158,9 @@ def test_fourier_number_init_matches_the_formula(tiny_run):
     width = 2 * len(NUMBER_PERIODS)
     numbers = {codec.encode(str(n))[0]: n for n in range(201)}
     for tid, n in [(t, n) for t, n in numbers.items() if n in (0, 1, 7, 37, 200)]:
-        want = [0.5 * math.cos(2 * math.pi * n / T) for T in NUMBER_PERIODS] + \
-               [0.5 * math.sin(2 * math.pi * n / T) for T in NUMBER_PERIODS]
+        want = [0.5 * math.cos(2 * math.pi * n / T) for T in NUMBER_PERIODS] + [
+            0.5 * math.sin(2 * math.pi * n / T) for T in NUMBER_PERIODS
+        ]
         assert torch.allclose(after[tid, :width], torch.tensor(want), atol=1e-6)
     assert torch.equal(after[:, width:], before[:, width:])
     other = [i for i in range(after.shape[0]) if i not in numbers]

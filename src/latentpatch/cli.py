@@ -11,8 +11,9 @@ import inspect
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -50,12 +51,16 @@ def _option_parameters(cls: type) -> list[inspect.Parameter]:
         flags = f.metadata.get("flags") or (f"{flag}/--no-{flag[2:]}" if value_type is bool else flag)
         help_text = f.metadata["help"]
         if f.default is not None:  # shown in the help text: the option's own default is None
-            shown = flags.split("/")[0 if f.default else 1] if value_type is bool else (
-                ",".join(f.default) if isinstance(f.default, tuple) else str(f.default))
+            shown = (
+                flags.split("/")[0 if f.default else 1]
+                if value_type is bool
+                else (",".join(f.default) if isinstance(f.default, tuple) else str(f.default))
+            )
             help_text += f" Default: {shown}."
         opt = typer.Option(None, flags, help=help_text, show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
-                                        annotation=Optional[value_type]))
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[value_type])
+        )
     return params
 
 
@@ -65,8 +70,10 @@ def with_options(cls: type) -> Callable[[Callable], Callable]:
 
     def decorate(command: Callable) -> Callable:
         generated = _option_parameters(cls)
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]]
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        ]
         names = {p.name for p in generated}
 
         def callback(**kwargs: Any) -> Any:
@@ -86,8 +93,9 @@ def _parse_input_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise LatentPatchError(f"--input-ids {text!r}: expected comma-separated integers; fix: e.g. "
-                               "--input-ids 5,6,7") from None
+        raise LatentPatchError(
+            f"--input-ids {text!r}: expected comma-separated integers; fix: e.g. --input-ids 5,6,7"
+        ) from None
     if not ids:
         raise LatentPatchError("--input-ids is empty; fix: e.g. --input-ids 5,6,7")
     return ids
@@ -97,10 +105,12 @@ def _parse_input_ids(text: str) -> list[int]:
 @with_options(ModelOptions)
 def inspect_cmd(
     options: dict[str, Any],
-    question: Optional[str] = typer.Option(None, "--question", help="Question text (needs a tokenizer)."),
-    input_ids: Optional[str] = typer.Option(None, "--input-ids", help="Question token ids, e.g. 5,6,7 (separators are added)."),
+    question: str | None = typer.Option(None, "--question", help="Question text (needs a tokenizer)."),
+    input_ids: str | None = typer.Option(
+        None, "--input-ids", help="Question token ids, e.g. 5,6,7 (separators are added)."
+    ),
     top_k: int = typer.Option(5, "--top-k", help="Tokens shown per thought."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
     if (question is None) == (input_ids is None):
@@ -122,11 +132,14 @@ def inspect_cmd(
         prompt = m.prompt_ids(ids)
     else:
         if m.tokenizer is None:
-            raise LatentPatchError(f"--model {model_options.model} has no tokenizer; fix: pass --input-ids instead "
-                                   "of --question")
+            raise LatentPatchError(
+                f"--model {model_options.model} has no tokenizer; fix: pass --input-ids instead of --question"
+            )
         prompt = m.prompt_ids(question)
-    typer.echo(f"model: {m.name} ({m.family}, {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
-               f"{m.num_latent} thoughts)")
+    typer.echo(
+        f"model: {m.name} ({m.family}, {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}, "
+        f"{m.num_latent} thoughts)"
+    )
     if question is not None:
         typer.echo(f"question: {question}")
     typer.echo(f"prompt ids: {prompt}")
@@ -145,6 +158,7 @@ def inspect_cmd(
 
 
 # ---- end section: model -------------------------------------------------------------------
+
 
 # ---- section: pairs -----------------------------------------------------------------------
 @pairs_app.command("validate")
@@ -183,8 +197,10 @@ def pairs_filter(
     for pair_id, reason in removed:
         typer.echo(f"removed pair {pair_id}: {reason}")
     if not kept:
-        raise LatentPatchError(f"every pair in {file} was removed, {out} not written; fix: use --keep-same-answer "
-                               "or a file with pairs whose answers differ")
+        raise LatentPatchError(
+            f"every pair in {file} was removed, {out} not written; fix: use --keep-same-answer "
+            "or a file with pairs whose answers differ"
+        )
     save_pairs(kept, out)
     typer.echo(f"kept {len(kept)} of {len(pairs)} pairs ({len(removed)} removed) -> {out}")
 
@@ -208,6 +224,7 @@ def pairs_generate(
 
 # ---- end section: pairs -------------------------------------------------------------------
 
+
 # ---- section: train / eval ----------------------------------------------------------------
 @app.command("train")
 def train_cmd(
@@ -227,12 +244,24 @@ def train_cmd(
     teacher_only_steps: int = typer.Option(300, "--teacher-only-steps", min=0),
     train_pool: int = typer.Option(200_000, "--train-pool", min=100),
     threads: int = typer.Option(2, "--threads", min=1),
-    ckpt_every: int = typer.Option(0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."),
+    ckpt_every: int = typer.Option(
+        0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."
+    ),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."
+    ),
     warmup: int = typer.Option(50, "--warmup", min=0),
-    latent_aux_factor: float = typer.Option(1.0, "--latent-aux-factor", help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI)."),
-    stop_after: int = typer.Option(0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."),
-    number_init: str = typer.Option("fourier", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."),
+    latent_aux_factor: float = typer.Option(
+        1.0,
+        "--latent-aux-factor",
+        help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI).",
+    ),
+    stop_after: int = typer.Option(
+        0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."
+    ),
+    number_init: str = typer.Option(
+        "fourier", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."
+    ),
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective.
 
@@ -243,12 +272,29 @@ def train_cmd(
 
     if d_model % heads:
         raise LatentPatchError(f"--d-model {d_model} must be divisible by --heads {heads}")
-    cfg = TrainConfig(steps=steps, seed=seed, layers=layers, d_model=d_model, heads=heads, d_ff=d_ff,
-                      prj_dim=prj_dim, num_latent=num_latent, batch_size=batch_size, lr=lr,
-                      distill_factor=distill_factor, ref_factor=ref_factor,
-                      teacher_only_steps=teacher_only_steps, train_pool=train_pool, threads=threads,
-                      ckpt_every=ckpt_every, init_from=str(init_from) if init_from else "", warmup=warmup,
-                      latent_aux_factor=latent_aux_factor, stop_after=stop_after, number_init=number_init)
+    cfg = TrainConfig(
+        steps=steps,
+        seed=seed,
+        layers=layers,
+        d_model=d_model,
+        heads=heads,
+        d_ff=d_ff,
+        prj_dim=prj_dim,
+        num_latent=num_latent,
+        batch_size=batch_size,
+        lr=lr,
+        distill_factor=distill_factor,
+        ref_factor=ref_factor,
+        teacher_only_steps=teacher_only_steps,
+        train_pool=train_pool,
+        threads=threads,
+        ckpt_every=ckpt_every,
+        init_from=str(init_from) if init_from else "",
+        warmup=warmup,
+        latent_aux_factor=latent_aux_factor,
+        stop_after=stop_after,
+        number_init=number_init,
+    )
     if number_init not in ("random", "fourier"):
         raise LatentPatchError(f"--number-init {number_init!r}: use random or fourier")
     summary = train(cfg, out)
@@ -261,7 +307,7 @@ def eval_cmd(
     options: dict[str, Any],
     n: int = typer.Option(1000, "--n", min=1, help="Held-out problems."),
     seed: int = typer.Option(12345, "--seed", help="Seed of the held-out problems (distinct from training)."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pair file (default: the shipped 57 pairs)."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Pair file (default: the shipped 57 pairs)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
@@ -271,12 +317,14 @@ def eval_cmd(
     from latentpatch.training.evaluate import evaluate, format_report
 
     model_options = ModelOptions(**options)
-    res = evaluate(model_options.model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size,
-                   lm=model_options.load())
+    res = evaluate(
+        model_options.model, n=n, seed=seed, pairs_path=pairs, batch_size=batch_size, lm=model_options.load()
+    )
     typer.echo(_json.dumps(res, indent=2) if as_json else format_report(res))
 
 
 # ---- end section: train / eval ------------------------------------------------------------
+
 
 # ---- section: run (engine) ----------------------------------------------------------------
 @app.command("run")
@@ -284,8 +332,12 @@ def eval_cmd(
 def run_cmd(
     options: dict[str, Any],
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML file whose keys are these options' "
-                                          "names (e.g. batch_size or batch-size); flags given here win."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="JSON/TOML file whose keys are these options' "
+        "names (e.g. batch_size or batch-size); flags given here win.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run the patching experiments and write a run directory (manifest, results, report)."""
@@ -300,19 +352,24 @@ def run_cmd(
     checks = manifest.get("checks", {})
     status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())
     b = manifest.get("baselines", {})
-    print(f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
-          f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s")
+    print(
+        f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
+        f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s"
+    )
     report = path / "report.html"
     print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))
 
 
 # ---- end section: run ---------------------------------------------------------------------
 
+
 # ---- section: report / compare ------------------------------------------------------------
 @app.command("report")
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="run directory written by `latentpatch run`"),
-    exclude_flagged: bool = typer.Option(False, "--exclude-flagged", help="drop pairs the model gets wrong (clean or corrupted)"),
+    exclude_flagged: bool = typer.Option(
+        False, "--exclude-flagged", help="drop pairs the model gets wrong (clean or corrupted)"
+    ),
     n_resamples: int = typer.Option(9999, "--n-resamples", min=100, help="bootstrap resamples per cell"),
     ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
 ) -> None:
@@ -339,6 +396,7 @@ def compare_cmd(
 
 # ---- end section: report ------------------------------------------------------------------
 
+
 # ---- section: bench / merge ---------------------------------------------------------------
 @app.command("merge")
 def merge_cmd(
@@ -357,7 +415,7 @@ def merge_cmd(
 # ---- end section: bench / merge -----------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line + exit 2, never a traceback."""
     try:
         rc = app(args=argv, standalone_mode=False)

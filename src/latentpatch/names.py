@@ -11,8 +11,8 @@ Imports nothing heavy (no torch, numpy or pandas), so any module may use it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 # ---- format tags ---------------------------------------------------------------------------------
 #: ``format`` of a run directory's ``manifest.json``.
@@ -76,22 +76,30 @@ class Metric:
 
 
 #: Every metric column of ``cells.parquet``, in column order.
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("kl", "KL(patched ‖ corrupted)", "nats"),
-    Metric("logit_l2", "logit RMS change", "logits"),
-    Metric("pred_change_rate", "argmax change rate", "fraction"),
-    Metric("answer_logit_diff", "answer logit diff, clean − corr", "logits"),
-    Metric("answer_logprob_diff", "answer log-prob diff, clean − corr", "nats"),
-    Metric("recovery", "recovery", "fraction; 1 = clean restored"),
-    Metric("act_cos_clean", "cos(activation, clean)"),
-    Metric("act_cos_corr", "cos(activation, corrupted)"),
-    Metric("act_bias", "cos(clean) − cos(corrupted)"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("kl", "KL(patched ‖ corrupted)", "nats"),
+        Metric("logit_l2", "logit RMS change", "logits"),
+        Metric("pred_change_rate", "argmax change rate", "fraction"),
+        Metric("answer_logit_diff", "answer logit diff, clean − corr", "logits"),
+        Metric("answer_logprob_diff", "answer log-prob diff, clean − corr", "nats"),
+        Metric("recovery", "recovery", "fraction; 1 = clean restored"),
+        Metric("act_cos_clean", "cos(activation, clean)"),
+        Metric("act_cos_corr", "cos(activation, corrupted)"),
+        Metric("act_bias", "cos(clean) − cos(corrupted)"),
+    )
+}
 #: Human-readable metric names with units, for tables and figure labels.
 METRIC_LABELS: dict[str, str] = {name: m.label for name, m in METRICS.items()}
 #: Metrics computed from the output logits of every cell, in column order.
 LOGIT_METRICS: tuple[str, ...] = (
-    "kl", "logit_l2", "pred_change_rate", "answer_logit_diff", "answer_logprob_diff", "recovery",
+    "kl",
+    "logit_l2",
+    "pred_change_rate",
+    "answer_logit_diff",
+    "answer_logprob_diff",
+    "recovery",
 )
 #: Metrics of the tracked activation (chained/frozen rows only; NaN elsewhere).
 ACTIVATION_METRICS: tuple[str, ...] = ("act_cos_clean", "act_cos_corr", "act_bias")
@@ -109,16 +117,23 @@ CELL_KEYS: list[str] = ["experiment", "mode", "component", "layer", "position"]
 REQUIRED_CELL_COLUMNS: list[str] = ["pair_id", *CELL_KEYS]
 #: ``results/cells.parquet``: one row per pair x patch spec, these columns in this order.
 CELL_COLUMNS: list[str] = [
-    "pair_id", *CELL_KEYS, *LOGIT_METRICS,
-    "pred_answer", "pred_is_clean", "pred_is_corrupted", *ACTIVATION_METRICS,
-    "clean_correct", "corrupted_correct", "flagged",
+    "pair_id",
+    *CELL_KEYS,
+    *LOGIT_METRICS,
+    "pred_answer",
+    "pred_is_clean",
+    "pred_is_corrupted",
+    *ACTIVATION_METRICS,
+    "clean_correct",
+    "corrupted_correct",
+    "flagged",
 ]
 #: ``results/trajectories.parquet``: one row per pair x tracked spec x later latent position.
 TRAJECTORY_COLUMNS: list[str] = ["pair_id", "layer", "mode", "position", *ACTIVATION_METRICS]
 
 
 # ---- rules ------------------------------------------------------------------------------------------
-def all_positions_cell(present: Iterable[tuple[str, str]], prefer: str = "layer") -> Optional[tuple[str, str]]:
+def all_positions_cell(present: Iterable[tuple[str, str]], prefer: str = "layer") -> tuple[str, str] | None:
     """The (experiment, mode) whose cells are "every latent position patched at one layer".
 
     The layer sweep's ``all`` cell and the iterative ``parallel`` cell are the same patch. Analyses
@@ -142,7 +157,7 @@ def all_positions_cell(present: Iterable[tuple[str, str]], prefer: str = "layer"
     return next((cell for cell in order if cell in present), None)
 
 
-def primary_component(components: Iterable[str]) -> Optional[str]:
+def primary_component(components: Iterable[str]) -> str | None:
     """The component a figure or summary shows when a table holds several.
 
     The default component (``resid_out``) if present, else the most frequent one; ties go to

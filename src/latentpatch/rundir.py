@@ -20,14 +20,20 @@ import math
 import os
 import secrets
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
-    CELL_COLUMNS, EXPERIMENTS, REQUIRED_CELL_COLUMNS, RUN_FORMAT, TRACKED_MODES, TRAJECTORY_COLUMNS,
+    CELL_COLUMNS,
+    EXPERIMENTS,
+    REQUIRED_CELL_COLUMNS,
+    RUN_FORMAT,
+    TRACKED_MODES,
+    TRAJECTORY_COLUMNS,
 )
 
 if TYPE_CHECKING:
@@ -196,22 +202,22 @@ class Manifest:
     config_hash: str  # RunConfig.result_hash(): a resumed run must match it
     command: str
     versions: dict[str, str]
-    git_commit: Optional[str]
+    git_commit: str | None
     seed: int
     device: str
     dtype: str
     batch_size: int
     model: dict[str, Any]  # name, family, n_layers, num_latent, d_model, config
     pairs_removed: list[dict[str, str]]  # [{pair_id, reason}]
-    previous_timings: Optional[dict[str, float]] = None  # the interrupted run's, on --resume
-    n_pairs: Optional[int] = None
-    baselines: Optional[dict[str, Any]] = None
-    replacement_pool: Optional[str] = None  # "all shards" when a shard computed mean/resample over all
-    checks: Optional[dict[str, dict[str, Any]]] = None
-    timings: Optional[dict[str, float]] = None
-    cells_per_second: Optional[float] = None
-    activation_cache: Optional[dict[str, int]] = None  # {hits, misses}; null without the cache
-    merged_from: Optional[list[dict[str, Any]]] = None
+    previous_timings: dict[str, float] | None = None  # the interrupted run's, on --resume
+    n_pairs: int | None = None
+    baselines: dict[str, Any] | None = None
+    replacement_pool: str | None = None  # "all shards" when a shard computed mean/resample over all
+    checks: dict[str, dict[str, Any]] | None = None
+    timings: dict[str, float] | None = None
+    cells_per_second: float | None = None
+    activation_cache: dict[str, int] | None = None  # {hits, misses}; null without the cache
+    merged_from: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in field order, the keys of steps not yet run left out."""
@@ -224,15 +230,16 @@ class Manifest:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], path: Path | str = "manifest.json") -> "Manifest":
+    def from_dict(cls, data: dict[str, Any], path: Path | str = "manifest.json") -> Manifest:
         """Inverse of :meth:`to_dict`; a missing or unknown key is a :class:`LatentPatchError`."""
         fields = dataclasses.fields(cls)
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in data]
         unknown = sorted(set(data) - {f.name for f in fields})
         if missing or unknown:
             problems = [f"lacks keys {missing}"] * bool(missing) + [f"has unknown keys {unknown}"] * bool(unknown)
-            raise LatentPatchError(f"{path} {' and '.join(problems)}; fix: use a manifest written by this version's "
-                                   "`latentpatch run`")
+            raise LatentPatchError(
+                f"{path} {' and '.join(problems)}; fix: use a manifest written by this version's `latentpatch run`"
+            )
         return cls(**data)
 
     def write(self, run_dir: Path | str) -> None:
@@ -262,25 +269,27 @@ def read_manifest(run_dir: Path | str) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise LatentPatchError(f"{run_dir} is not a directory: pass a run directory written by `latentpatch run`")
     if not path.is_file():
-        raise LatentPatchError(f"{path} is missing: {run_dir} is not a complete run directory; "
-                               "run `latentpatch run` to create one")
+        raise LatentPatchError(
+            f"{path} is missing: {run_dir} is not a complete run directory; run `latentpatch run` to create one"
+        )
     manifest = _read_json_file(path, "restore it or rerun `latentpatch run`")
     if not isinstance(manifest, dict):
         raise LatentPatchError(f"{path} must hold a JSON object; restore it or rerun `latentpatch run`")
     return manifest
 
 
-def _read_parquet(path: Path, run_dir: Path) -> "pd.DataFrame":
+def _read_parquet(path: Path, run_dir: Path) -> pd.DataFrame:
     import pandas as pd
 
     try:
         return pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise LatentPatchError(f"{path} is not a readable parquet file ({type(err).__name__}); "
-                               f"{_rerun_hint(run_dir)}") from None
+        raise LatentPatchError(
+            f"{path} is not a readable parquet file ({type(err).__name__}); {_rerun_hint(run_dir)}"
+        ) from None
 
 
-def read_cells(run_dir: Path | str) -> "pd.DataFrame":
+def read_cells(run_dir: Path | str) -> pd.DataFrame:
     """``results/cells.parquet`` (one row per pair x spec), columns checked and typed.
 
     ``pair_id`` as str, ``layer``/``position`` as int, ``flagged`` as bool (False if absent).
@@ -305,14 +314,14 @@ def read_cells(run_dir: Path | str) -> "pd.DataFrame":
     return cells
 
 
-def read_trajectories(run_dir: Path | str) -> Optional["pd.DataFrame"]:
+def read_trajectories(run_dir: Path | str) -> pd.DataFrame | None:
     """``results/trajectories.parquet`` (chained/frozen, per later position); None if absent."""
     run_dir = Path(run_dir)
     path = RunPaths(run_dir).trajectories
     return _read_parquet(path, run_dir) if path.is_file() else None
 
 
-def read_result_json(run_dir: Path | str, name: str, required: bool = False) -> Optional[Any]:
+def read_result_json(run_dir: Path | str, name: str, required: bool = False) -> Any | None:
     """``results/<name>`` as JSON; None if absent and not ``required``."""
     run_dir = Path(run_dir)
     path = RunPaths(run_dir).results / name
@@ -323,7 +332,7 @@ def read_result_json(run_dir: Path | str, name: str, required: bool = False) -> 
     return _read_json_file(path, _rerun_hint(run_dir))
 
 
-def read_thoughts(run_dir: Path | str) -> Optional[dict[str, dict[str, list[list[str]]]]]:
+def read_thoughts(run_dir: Path | str) -> dict[str, dict[str, list[list[str]]]] | None:
     """``results/thoughts.json``: {pair_id: {"clean"|"corrupted": [[top tokens] per thought]}}; None if absent."""
     return read_result_json(run_dir, RunPaths(run_dir).thoughts.name)
 
@@ -340,7 +349,7 @@ def check_result_files(run_dir: Path | str) -> list[str]:
     return found
 
 
-def read_stats(run_dir: Path | str) -> Optional[dict[str, Any]]:
+def read_stats(run_dir: Path | str) -> dict[str, Any] | None:
     """``stats.json`` (written by ``latentpatch report``); None if absent."""
     path = RunPaths(run_dir).stats
     if not path.is_file():
@@ -392,10 +401,21 @@ def assemble(out: Path | str) -> None:
                     cell[c] = math.nan
             cell_rows.append(cell)
             if row["mode"] in TRACKED_MODES and "act_positions" in row:
-                by_position = zip(row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"])
+                by_position = zip(
+                    row["act_positions"], row["act_cos_clean_by_position"], row["act_cos_corr_by_position"]
+                )
                 for q, cc, cr in by_position:
-                    traj_rows.append({"pair_id": pid, "layer": row["layer"], "mode": row["mode"], "position": q,
-                                      "act_cos_clean": cc, "act_cos_corr": cr, "act_bias": cc - cr})
+                    traj_rows.append(
+                        {
+                            "pair_id": pid,
+                            "layer": row["layer"],
+                            "mode": row["mode"],
+                            "position": q,
+                            "act_cos_clean": cc,
+                            "act_cos_corr": cr,
+                            "act_bias": cc - cr,
+                        }
+                    )
     for name, data in nested.items():
         write_json(paths.experiment_result(name), data)
     write_parquet(paths.cells, cell_rows, CELL_COLUMNS)

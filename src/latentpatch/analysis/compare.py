@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -119,7 +119,10 @@ def _position_figures(tab: pd.DataFrame, out_dir: Path, label_a: str, label_b: s
         m = d[d["metric"] == metric]
         if m.empty:
             continue
-        grids = {k: m.pivot(index="layer", columns="position", values=k).sort_index().sort_index(axis=1) for k in ("mean_a", "mean_b", "diff")}
+        grids = {
+            k: m.pivot(index="layer", columns="position", values=k).sort_index().sort_index(axis=1)
+            for k in ("mean_a", "mean_b", "diff")
+        }
         layers, positions = grids["diff"].index.to_numpy(), grids["diff"].columns.to_numpy()
         both = np.concatenate([grids["mean_a"].to_numpy(float).ravel(), grids["mean_b"].to_numpy(float).ravel()])
         norm, cmap = colour_norm(metric, both)
@@ -152,7 +155,11 @@ def _run_summary(manifest: dict, cells: pd.DataFrame, run_dir: Path) -> dict:
 
 
 def compare_runs(
-    run_a: Path | str, run_b: Path | str, out: Path | str, exclude_flagged: bool = False, formats: Iterable[str] = ("png", "svg")
+    run_a: Path | str,
+    run_b: Path | str,
+    out: Path | str,
+    exclude_flagged: bool = False,
+    formats: Iterable[str] = ("png", "svg"),
 ) -> Path:
     """Compare runs A and B; write compare.json, figures and compare.html into ``out``; return compare.html.
 
@@ -165,7 +172,9 @@ def compare_runs(
     cells_b = used_pairs(read_cells(run_b), exclude_flagged)
     na, nb = (man_a.get("model") or {}).get("n_layers"), (man_b.get("model") or {}).get("n_layers")
     if na is not None and nb is not None and na != nb:
-        raise LatentPatchError(f"{run_a} has {na} layers and {run_b} has {nb}: the layer grids differ; compare runs of models with the same layers")
+        raise LatentPatchError(
+            f"{run_a} has {na} layers and {run_b} has {nb}: the layer grids differ; compare runs of models with the same layers"
+        )
     groups = check_grids(cells_a, cells_b, str(run_a), str(run_b))
     tab = compare_tables(cells_a, cells_b, groups)
 
@@ -173,22 +182,44 @@ def compare_runs(
     fig_dir = out / "figures"
     formats = page_formats(formats)
     label_a, label_b = run_a.name, run_b.name
-    paths = _layer_figure(tab, fig_dir, label_a, label_b, formats) + _position_figures(tab, fig_dir, label_a, label_b, formats)
+    paths = _layer_figure(tab, fig_dir, label_a, label_b, formats) + _position_figures(
+        tab, fig_dir, label_a, label_b, formats
+    )
 
     summary_a, summary_b = _run_summary(man_a, cells_a, run_a), _run_summary(man_b, cells_b, run_b)
-    result = json_safe({
-        "run_a": summary_a, "run_b": summary_b, "exclude_flagged": exclude_flagged,
-        "compared": ["/".join(g) for g in groups],
-        "cells": tab.to_dict(orient="records"),
-        "figures": [str(p.relative_to(out)) for p in paths],
-    })
+    result = json_safe(
+        {
+            "run_a": summary_a,
+            "run_b": summary_b,
+            "exclude_flagged": exclude_flagged,
+            "compared": ["/".join(g) for g in groups],
+            "cells": tab.to_dict(orient="records"),
+            "figures": [str(p.relative_to(out)) for p in paths],
+        }
+    )
     atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
 
     runs_rows = [[escape(k), escape(summary_a[k]), escape(summary_b[k])] for k in summary_a if k != "command"]
-    runs_rows.append(["command", f"<code>{escape(summary_a['command'])}</code>", f"<code>{escape(summary_b['command'])}</code>"])
-    top = tab[tab["metric"] == "recovery"].reindex(tab[tab["metric"] == "recovery"]["diff"].abs().sort_values(ascending=False).index).head(10)
-    top_rows = [[escape(r["experiment"]), escape(r["mode"]), str(r["layer"]), "all" if r["position"] == -1 else str(r["position"]),
-                 fmt(r["mean_a"]), fmt(r["mean_b"]), fmt(r["diff"])] for _, r in top.iterrows()]
+    runs_rows.append(
+        ["command", f"<code>{escape(summary_a['command'])}</code>", f"<code>{escape(summary_b['command'])}</code>"]
+    )
+    top = (
+        tab[tab["metric"] == "recovery"]
+        .reindex(tab[tab["metric"] == "recovery"]["diff"].abs().sort_values(ascending=False).index)
+        .head(10)
+    )
+    top_rows = [
+        [
+            escape(r["experiment"]),
+            escape(r["mode"]),
+            str(r["layer"]),
+            "all" if r["position"] == -1 else str(r["position"]),
+            fmt(r["mean_a"]),
+            fmt(r["mean_b"]),
+            fmt(r["diff"]),
+        ]
+        for _, r in top.iterrows()
+    ]
     figs_html = "".join(embed_png(p, p.stem.replace("_", " ")) for p in paths if p.suffix == ".png")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>latentpatch compare: {escape(label_a)} vs {escape(label_b)}</title><style>{CSS}</style></head>

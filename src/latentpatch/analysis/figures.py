@@ -17,8 +17,8 @@ Files (``<name>.png`` and ``<name>.svg``):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -76,7 +76,7 @@ def colour_norm(metric: str, values: np.ndarray):
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0), "viridis"
 
 
-def _of(summary: pd.DataFrame, metric: str, component: Optional[str]) -> pd.DataFrame:
+def _of(summary: pd.DataFrame, metric: str, component: str | None) -> pd.DataFrame:
     """The summary rows of one metric and component."""
     return summary[(summary["metric"] == metric) & (summary["component"] == component)]
 
@@ -108,8 +108,17 @@ def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     return save_figure(fig, out_dir, "layer_bars", formats)
 
 
-def draw_heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray, metric: str, norm, cmap, top: int = 5,
-                 annotate_top: bool = True):
+def draw_heatmap(
+    ax,
+    grid: np.ndarray,
+    layers: np.ndarray,
+    positions: np.ndarray,
+    metric: str,
+    norm,
+    cmap,
+    top: int = 5,
+    annotate_top: bool = True,
+):
     """Draw one layer (rows) x position (cols) heatmap (``grid`` [layers, positions]) on ``ax``;
     outline and number the ``top`` largest cells. Returns the image (for a colour bar)."""
     im = ax.imshow(grid, aspect="auto", origin="lower", norm=norm, cmap=cmap, interpolation="nearest")
@@ -126,12 +135,22 @@ def draw_heatmap(ax, grid: np.ndarray, layers: np.ndarray, positions: np.ndarray
                 continue
             r, c = divmod(int(idx), grid.shape[1])
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="black", lw=1.8))
-            ax.text(c, r, f"#{rank}\n{grid[r, c]:.2g}", ha="center", va="center", fontsize=7, color="black",
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+            ax.text(
+                c,
+                r,
+                f"#{rank}\n{grid[r, c]:.2g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black",
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75),
+            )
     return im
 
 
-def position_heatmaps(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5) -> list[Path]:
+def position_heatmaps(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5
+) -> list[Path]:
     """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells numbered."""
     comp = primary_component_of(summary)
     paths: list[Path] = []
@@ -142,11 +161,16 @@ def position_heatmaps(summary: pd.DataFrame, out_dir: Path, formats: Sequence[st
         piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
         grid = piv.to_numpy(float)
         norm, cmap = colour_norm(metric, grid)
-        fig = Figure(figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained")
+        fig = Figure(
+            figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained"
+        )
         ax = fig.subplots()
         im = draw_heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
         fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
-        ax.set_title(f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells", fontsize=10)
+        ax.set_title(
+            f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells",
+            fontsize=10,
+        )
         paths += save_figure(fig, out_dir, f"position_heatmap_{metric}", formats)
     return paths
 
@@ -167,27 +191,40 @@ def position_heatmaps_per_pair(
             continue
         grids = {}
         for pid in pair_ids:
-            piv = d[d["pair_id"] == pid].pivot(index="layer", columns="position", values=metric).sort_index().sort_index(axis=1)
+            piv = (
+                d[d["pair_id"] == pid]
+                .pivot(index="layer", columns="position", values=metric)
+                .sort_index()
+                .sort_index(axis=1)
+            )
             grids[pid] = piv
         allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
         norm, cmap = colour_norm(metric, allv)
         ncol = min(3, len(pair_ids))
         nrow = int(np.ceil(len(pair_ids) / ncol))
         n_layers, n_pos = next(iter(grids.values())).shape
-        fig = Figure(figsize=(1.2 + ncol * (1.0 + 0.5 * n_pos), 1.0 + nrow * (0.8 + 0.2 * n_layers)), layout="constrained")
+        fig = Figure(
+            figsize=(1.2 + ncol * (1.0 + 0.5 * n_pos), 1.0 + nrow * (0.8 + 0.2 * n_layers)), layout="constrained"
+        )
         axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True)
         im = None
         for k, (ax, pid) in enumerate(zip(axes.ravel(), pair_ids)):
             piv = grids[pid]
-            im = draw_heatmap(ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1)
+            im = draw_heatmap(
+                ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1
+            )
             if k % ncol:
                 ax.set_ylabel("")
                 ax.tick_params(labelleft=False)
             if k < len(pair_ids) - ncol:
                 ax.set_xlabel("")
                 ax.tick_params(labelbottom=False)
-            ax.set_title(f"pair {pid}" + (" (flagged)" if pid in flagged else ""), fontsize=9, color="#b00" if pid in flagged else "black")
-        for ax in axes.ravel()[len(pair_ids):]:
+            ax.set_title(
+                f"pair {pid}" + (" (flagged)" if pid in flagged else ""),
+                fontsize=9,
+                color="#b00" if pid in flagged else "black",
+            )
+        for ax in axes.ravel()[len(pair_ids) :]:
             ax.set_visible(False)
         fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
         fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell)")
@@ -205,7 +242,10 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
     pair_ids = list(dict.fromkeys(d["pair_id"]))
     flagged = set(d.loc[d["flagged"], "pair_id"]) if "flagged" in d else set()
     n_layers = d["layer"].nunique()
-    fig = Figure(figsize=(1.0 + len(metrics) * max(3.6, 1.6 + 0.17 * n_layers), max(3.2, 1.6 + 0.11 * len(pair_ids))), layout="constrained")
+    fig = Figure(
+        figsize=(1.0 + len(metrics) * max(3.6, 1.6 + 0.17 * n_layers), max(3.2, 1.6 + 0.11 * len(pair_ids))),
+        layout="constrained",
+    )
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         piv = d.pivot(index="pair_id", columns="layer", values=metric).reindex(pair_ids).sort_index(axis=1)
@@ -227,7 +267,9 @@ def _strongest(values: pd.Series, k: int = 3) -> list:
     return list(values.sort_values(ascending=False).head(k).index)
 
 
-def cumulative_trajectories(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
+def cumulative_trajectories(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+) -> list[Path]:
     """Cumulative patching (positions 0..n at one layer): mean KL and recovery vs n, one line per layer."""
     comp = primary_component_of(summary)
     data = {m: mode_rows(_of(summary, m, comp), "iterative", "cumulative") for m in ("kl", "recovery")}
@@ -248,12 +290,20 @@ def cumulative_trajectories(summary: pd.DataFrame, out_dir: Path, formats: Seque
         ax.set_xticks(piv.index)
         ax.set_xlabel("thoughts patched: positions 0..n (n)")
         ax.set_ylabel(METRIC_LABELS[metric])
-        ax.legend(title=f"strongest {len(strong)}\n(grey: other layers)", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(
+            title=f"strongest {len(strong)}\n(grey: other layers)",
+            fontsize=8,
+            title_fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+        )
     fig.suptitle(f"Cumulative patching ({comp}): mean over pairs")
     return save_figure(fig, out_dir, "cumulative_trajectories", formats)
 
 
-def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3) -> list[Path]:
+def chained_similarity(
+    trajectories: pd.DataFrame | None, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+) -> list[Path]:
     """Chained (and frozen) patching: cosine of the generated activation to clean / corrupted per position."""
     if trajectories is None or trajectories.empty:
         return []
@@ -266,7 +316,11 @@ def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, form
     axes = fig.subplots(len(modes), len(cols), squeeze=False, sharex=True)
     for r, mode in enumerate(modes):
         m = mean.loc[mode]
-        strength = m.groupby(level="layer")["act_bias"].mean() if "act_bias" in m else m.groupby(level="layer")[cols[0][0]].mean()
+        strength = (
+            m.groupby(level="layer")["act_bias"].mean()
+            if "act_bias" in m
+            else m.groupby(level="layer")[cols[0][0]].mean()
+        )
         strong = _strongest(strength, highlight)
         for c, (col, label) in enumerate(cols):
             ax = axes[r, c]
@@ -283,7 +337,9 @@ def chained_similarity(trajectories: Optional[pd.DataFrame], out_dir: Path, form
                 ax.set_xlabel("later thought position")
             if c == 0:
                 ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
-    fig.suptitle("Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)")
+    fig.suptitle(
+        "Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)"
+    )
     return save_figure(fig, out_dir, "chained_similarity", formats)
 
 
@@ -326,7 +382,7 @@ def make_figures(
     run_dir: Path | str,
     summary: pd.DataFrame,
     cells: pd.DataFrame,
-    trajectories: Optional[pd.DataFrame] = None,
+    trajectories: pd.DataFrame | None = None,
     formats: Iterable[str] = ("png", "svg"),
 ) -> list[Path]:
     """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.

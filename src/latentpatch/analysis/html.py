@@ -9,8 +9,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
@@ -81,7 +82,9 @@ def fmt_p(p: Any) -> str:
     return s
 
 
-def table(header: list[str], rows: Iterable[list[str]], left: int | set[int] = 0, row_classes: Optional[list[str]] = None) -> str:
+def table(
+    header: list[str], rows: Iterable[list[str]], left: int | set[int] = 0, row_classes: list[str] | None = None
+) -> str:
     """An HTML table. ``left``: the first ``left`` columns (int) or these column indices (set) are
     left-aligned (text); the rest right-aligned (numbers). Cells are inserted as given (already escaped)."""
     rows = list(rows)
@@ -117,5 +120,7 @@ def embed_png(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     svg = path.with_suffix(".svg")
     link = f' (<a href="figures/{escape(svg.name)}">SVG</a>)' if svg.is_file() else ""
-    return (f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{escape(caption)}{link}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{escape(caption)}{link}</figcaption></figure>"
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import stats as sps
@@ -43,7 +43,7 @@ def benjamini_hochberg(pvalues: Iterable[float]) -> np.ndarray:
     return out
 
 
-def wilcoxon_p(x: np.ndarray, y: Optional[np.ndarray] = None) -> tuple[float, float]:
+def wilcoxon_p(x: np.ndarray, y: np.ndarray | None = None) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank test of x (or x − y) against 0: (statistic, p).
 
     scipy's defaults (``zero_method="wilcox"``: zero differences dropped; exact distribution for

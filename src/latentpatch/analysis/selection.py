@@ -7,8 +7,6 @@ analysis selects "the all-positions patch" and "the component to show" through t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pandas as pd
 
 from latentpatch.names import all_positions_cell, primary_component
@@ -27,7 +25,7 @@ def all_positions_rows(table: pd.DataFrame, prefer: str = "layer") -> pd.DataFra
     return table.iloc[0:0] if cell is None else mode_rows(table, *cell)
 
 
-def primary_component_of(table: pd.DataFrame) -> Optional[str]:
+def primary_component_of(table: pd.DataFrame) -> str | None:
     """The component to show (:func:`latentpatch.names.primary_component` of the ``component`` column)."""
     return primary_component(table["component"])
 

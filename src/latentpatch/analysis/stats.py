@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,10 +72,20 @@ def summarize_cells(
             stat, p = wilcoxon_p(x)
             fam_rows.append(
                 dict(
-                    experiment=exp, mode=mode, component=comp, layer=int(layer), position=int(pos), metric=metric,
-                    n=int(x.size), mean=float(x.mean()), std=float(x.std(ddof=1)) if x.size > 1 else math.nan,
-                    median=float(np.median(x)), ci_low=math.nan, ci_high=math.nan,
-                    wilcoxon_stat=stat, p_wilcoxon=p,
+                    experiment=exp,
+                    mode=mode,
+                    component=comp,
+                    layer=int(layer),
+                    position=int(pos),
+                    metric=metric,
+                    n=int(x.size),
+                    mean=float(x.mean()),
+                    std=float(x.std(ddof=1)) if x.size > 1 else math.nan,
+                    median=float(np.median(x)),
+                    ci_low=math.nan,
+                    ci_high=math.nan,
+                    wilcoxon_stat=stat,
+                    p_wilcoxon=p,
                 )
             )
         # Bootstrap all cells that have the same n in one call (same draws as per-cell calls).
@@ -89,11 +100,23 @@ def summarize_cells(
         for r, ph, pb in zip(fam_rows, holm(p), benjamini_hochberg(p)):
             r["p_holm"], r["p_bh"] = float(ph), float(pb)
         out_rows.extend(fam_rows)
-    cols = CELL_KEYS + ["metric", "n", "mean", "std", "median", "ci_low", "ci_high", "wilcoxon_stat", "p_wilcoxon", "p_holm", "p_bh"]
+    cols = CELL_KEYS + [
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "median",
+        "ci_low",
+        "ci_high",
+        "wilcoxon_stat",
+        "p_wilcoxon",
+        "p_holm",
+        "p_bh",
+    ]
     return pd.DataFrame(out_rows, columns=cols)
 
 
-def _mode_table(cells: pd.DataFrame, mode: str) -> Optional[pd.DataFrame]:
+def _mode_table(cells: pd.DataFrame, mode: str) -> pd.DataFrame | None:
     """Per (pair_id, component, layer) rows of one iterative mode; parallel falls back to the layer sweep.
 
     If a mode has several positions at a layer, the smallest is used (chained/frozen start at 0).
@@ -105,7 +128,7 @@ def _mode_table(cells: pd.DataFrame, mode: str) -> Optional[pd.DataFrame]:
     return sel.set_index(["pair_id", "component", "layer"])
 
 
-def _all_positions_table(cells: pd.DataFrame) -> Optional[pd.DataFrame]:
+def _all_positions_table(cells: pd.DataFrame) -> pd.DataFrame | None:
     """Per (pair_id, component, layer) all-latent-positions patch: the layer sweep, else iterative parallel."""
     sel = all_positions_rows(cells)
     if sel.empty:
@@ -138,7 +161,17 @@ def compare_modes(
                 x, y = g[f"{metric}_a"].to_numpy(float), g[f"{metric}_b"].to_numpy(float)
                 if np.all(np.isnan(x)) or np.all(np.isnan(y)):
                     continue
-                rows.append(dict(comparison=f"{a} vs {b}", a=a, b=b, component=comp, layer=int(layer), metric=metric, **paired_test(x, y)))
+                rows.append(
+                    dict(
+                        comparison=f"{a} vs {b}",
+                        a=a,
+                        b=b,
+                        component=comp,
+                        layer=int(layer),
+                        metric=metric,
+                        **paired_test(x, y),
+                    )
+                )
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -181,9 +214,20 @@ def additivity(cells: pd.DataFrame, metrics: Iterable[str] = ADDITIVE_METRICS) -
                 continue
             _, p = wilcoxon_p(s - a)
             ms, ma = float(s.mean()), float(a.mean())
-            rows.append(dict(component=comp, layer=int(layer), metric=metric, n=int(s.size), n_positions=int(n_pos),
-                             mean_sum_single=ms, mean_all=ma, mean_diff=ms - ma,
-                             ratio=ms / ma if ma != 0 else math.nan, p_wilcoxon=p))
+            rows.append(
+                dict(
+                    component=comp,
+                    layer=int(layer),
+                    metric=metric,
+                    n=int(s.size),
+                    n_positions=int(n_pos),
+                    mean_sum_single=ms,
+                    mean_all=ma,
+                    mean_diff=ms - ma,
+                    ratio=ms / ma if ma != 0 else math.nan,
+                    p_wilcoxon=p,
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -224,15 +268,21 @@ def stats_from_cells(
     flagged_ids = sorted(cells.loc[cells["flagged"], "pair_id"].unique().tolist())
     used = used_pairs(cells, exclude_flagged)
     if used.empty:
-        raise LatentPatchError("every pair is flagged (the model gets clean or corrupted wrong): drop --exclude-flagged to keep them")
+        raise LatentPatchError(
+            "every pair is flagged (the model gets clean or corrupted wrong): drop --exclude-flagged to keep them"
+        )
     summary = summarize_cells(used, seed=seed, n_resamples=n_resamples, confidence=confidence, ci_method=ci_method)
     comps = compare_modes(used)
     add = additivity(used)
     return json_safe(
         {
             "settings": {
-                "seed": seed, "n_resamples": n_resamples, "confidence": confidence, "ci_method": ci_method,
-                "exclude_flagged": exclude_flagged, "top_k": top_k,
+                "seed": seed,
+                "n_resamples": n_resamples,
+                "confidence": confidence,
+                "ci_method": ci_method,
+                "exclude_flagged": exclude_flagged,
+                "top_k": top_k,
                 "cell_test": "one-sample Wilcoxon signed-rank vs 0 (two-sided), scipy.stats.wilcoxon",
                 "corrections": "Holm and Benjamini-Hochberg across the layer x position grid of each (experiment, mode, component, metric)",
                 "comparison_tests": "paired Wilcoxon and paired t-test per layer; Holm/BH across layers",

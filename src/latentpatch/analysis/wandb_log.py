@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -50,7 +50,9 @@ def _finite(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged: bool = False, wandb_dir: Optional[Path | str] = None) -> Path:
+def log_run(
+    run_dir: Path | str, project: str | None = None, exclude_flagged: bool = False, wandb_dir: Path | str | None = None
+) -> Path:
     """Log a run directory to W&B; return the local W&B run directory (``.../wandb/<run>-<id>``).
 
     ``project``: W&B project (default ``$WANDB_PROJECT`` or ``"latentpatch"``). ``wandb_dir``: where
@@ -83,13 +85,20 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
 
     config = dict(manifest.get("config") or {})
     config.update(
-        model_info=manifest.get("model"), seed=manifest.get("seed"), dtype=manifest.get("dtype"), device=manifest.get("device"),
-        git_commit=manifest.get("git_commit"), command=manifest.get("command"), run_dir=str(run_dir.resolve()),
+        model_info=manifest.get("model"),
+        seed=manifest.get("seed"),
+        dtype=manifest.get("dtype"),
+        device=manifest.get("device"),
+        git_commit=manifest.get("git_commit"),
+        command=manifest.get("command"),
+        run_dir=str(run_dir.resolve()),
         exclude_flagged=exclude_flagged,
     )
     init_kwargs: dict[str, Any] = dict(
         project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-        name=run_dir.name, config=json_safe(config), job_type="patching",
+        name=run_dir.name,
+        config=json_safe(config),
+        job_type="patching",
     )
     if wandb_dir is not None:
         Path(wandb_dir).mkdir(parents=True, exist_ok=True)
@@ -97,7 +106,9 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
     try:
         run = wandb.init(**init_kwargs)
     except Exception as err:  # not logged in, no network, bad project name: user-fixable
-        raise LatentPatchError(f"wandb.init failed ({type(err).__name__}: {err}); run `wandb login` or set WANDB_MODE=offline") from None
+        raise LatentPatchError(
+            f"wandb.init failed ({type(err).__name__}: {err}); run `wandb login` or set WANDB_MODE=offline"
+        ) from None
 
     try:
         table_cells = cells.copy()
@@ -109,7 +120,12 @@ def log_run(run_dir: Path | str, project: Optional[str] = None, exclude_flagged:
             run.define_metric("layer")
             run.define_metric("layer_sweep/*", step_metric="layer")
             for layer, row in means.iterrows():
-                run.log({"layer": int(layer), **{f"layer_sweep/{m}": _finite(float(v)) for m, v in row.items() if pd.notna(v)}})
+                run.log(
+                    {
+                        "layer": int(layer),
+                        **{f"layer_sweep/{m}": _finite(float(v)) for m, v in row.items() if pd.notna(v)},
+                    }
+                )
             for m in means.columns:
                 col = means[m].dropna()
                 if not col.empty:

@@ -21,9 +21,10 @@ import math
 import os
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.rundir import atomic_write_text
@@ -187,8 +188,9 @@ class _Scan:
     # (pair_id, variant) -> question text, for every entry with a non-empty question
     questions: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def add(self, kind: str, where: str, problem: str, fix: str, pid: str | None = None,
-            variant: str | None = None) -> None:
+    def add(
+        self, kind: str, where: str, problem: str, fix: str, pid: str | None = None, variant: str | None = None
+    ) -> None:
         self.issues.append(Issue(kind, where, problem, fix, pid, variant))
 
     def complete_pairs(self) -> list[Pair]:
@@ -215,8 +217,7 @@ def _check_pair_id(scan: _Scan, entry: dict, where: str) -> str | None:
         return None
     raw = entry["pair_id"]
     if isinstance(raw, bool) or not isinstance(raw, (int, str)) or (isinstance(raw, str) and not raw.strip()):
-        scan.add("bad_pair_id", where, f"field 'pair_id' is {raw!r}",
-                 "use a non-empty string or an integer as pair_id")
+        scan.add("bad_pair_id", where, f"field 'pair_id' is {raw!r}", "use a non-empty string or an integer as pair_id")
         return None
     return str(raw)
 
@@ -232,9 +233,14 @@ def _read_variant(scan: _Scan, pid: str, name: str, data: dict, extra: dict, whe
     """Check one variant's question/answer and store it (or None, if invalid) in ``scan.slots``."""
     scan.n_entries += 1
     if name in scan.slots[pid]:
-        scan.add("duplicate_id", where, f"pair_id {scan.raw_ids[pid]!r} already has a '{name}' entry",
-                 "give each pair_id exactly one clean and one corrupted entry (rename or delete the duplicate)",
-                 pid, name)
+        scan.add(
+            "duplicate_id",
+            where,
+            f"pair_id {scan.raw_ids[pid]!r} already has a '{name}' entry",
+            "give each pair_id exactly one clean and one corrupted entry (rename or delete the duplicate)",
+            pid,
+            name,
+        )
         return
     scan.slots[pid][name] = None
     ok = True
@@ -243,12 +249,24 @@ def _read_variant(scan: _Scan, pid: str, name: str, data: dict, extra: dict, whe
         scan.add("missing_field", where, "missing field 'question'", 'add "question": "<text>"', pid, name)
         ok = False
     elif not isinstance(question, str):
-        scan.add("bad_question", where, f"field 'question' is {question!r}, not a string",
-                 "make the question a string", pid, name)
+        scan.add(
+            "bad_question",
+            where,
+            f"field 'question' is {question!r}, not a string",
+            "make the question a string",
+            pid,
+            name,
+        )
         ok = False
     elif not question.strip():
-        scan.add("empty_question", where, "field 'question' is empty", "fill in the question text or remove the pair",
-                 pid, name)
+        scan.add(
+            "empty_question",
+            where,
+            "field 'question' is empty",
+            "fill in the question text or remove the pair",
+            pid,
+            name,
+        )
         ok = False
     else:
         scan.questions[(pid, name)] = question
@@ -256,15 +274,22 @@ def _read_variant(scan: _Scan, pid: str, name: str, data: dict, extra: dict, whe
         scan.add("missing_field", where, "missing field 'answer'", 'add "answer": <number>', pid, name)
         ok = False
     elif data["answer"] is None:
-        scan.add("null_answer", where, "field 'answer' is null", "give a number (e.g. 18) or remove the pair",
-                 pid, name)
+        scan.add(
+            "null_answer", where, "field 'answer' is null", "give a number (e.g. 18) or remove the pair", pid, name
+        )
         ok = False
     else:
         try:
             answer = parse_answer(data["answer"])
         except ValueError:
-            scan.add("non_numeric_answer", where, f"field 'answer' is {data['answer']!r}, not a number",
-                     'use a number or a numeric string such as "1,234" (or remove the pair)', pid, name)
+            scan.add(
+                "non_numeric_answer",
+                where,
+                f"field 'answer' is {data['answer']!r}, not a number",
+                'use a number or a numeric string such as "1,234" (or remove the pair)',
+                pid,
+                name,
+            )
             ok = False
     if ok:
         scan.slots[pid][name] = Variant(question, answer, extra)
@@ -277,16 +302,24 @@ def _scan(raw: Any) -> _Scan:
         raw = raw["pairs"]
     if not isinstance(raw, list):
         got = f"an object with keys {sorted(raw)[:5]}" if isinstance(raw, dict) else f"a {type(raw).__name__}"
-        scan.add("not_a_list", "top level", f"expected a JSON list of pair entries, got {got}",
-                 'write a list [{"pair_id", "variant", "question", "answer"}, ...] or {"pairs": [...]}')
+        scan.add(
+            "not_a_list",
+            "top level",
+            f"expected a JSON list of pair entries, got {got}",
+            'write a list [{"pair_id", "variant", "question", "answer"}, ...] or {"pairs": [...]}',
+        )
         return scan
     if not raw:
         scan.add("empty", "top level", "the list has no entries", "add at least one clean/corrupted pair")
         return scan
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
-            scan.add("bad_entry", f"entry [{i}]", f"expected an object, got {type(entry).__name__} {entry!r:.40}",
-                     'make each entry an object {"pair_id", "variant", "question", "answer"}')
+            scan.add(
+                "bad_entry",
+                f"entry [{i}]",
+                f"expected an object, got {type(entry).__name__} {entry!r:.40}",
+                'make each entry an object {"pair_id", "variant", "question", "answer"}',
+            )
             continue
         nested = "variant" not in entry and ("clean" in entry or "corrupted" in entry)
         pid = _check_pair_id(scan, entry, _entry_label(i))
@@ -297,14 +330,19 @@ def _scan(raw: Any) -> _Scan:
             continue
         where = _entry_label(i, entry["pair_id"], entry.get("variant"))
         if "variant" not in entry:
-            scan.add("missing_field", where, "missing field 'variant'",
-                     'add "variant": "clean" or "corrupted" (or use the nested {pair_id, clean, corrupted} format)',
-                     pid)
+            scan.add(
+                "missing_field",
+                where,
+                "missing field 'variant'",
+                'add "variant": "clean" or "corrupted" (or use the nested {pair_id, clean, corrupted} format)',
+                pid,
+            )
             continue
         name = entry["variant"]
         if name not in VARIANTS:
-            scan.add("unknown_variant", where, f"unknown variant {name!r}",
-                     'use "variant": "clean" or "corrupted"', pid)
+            scan.add(
+                "unknown_variant", where, f"unknown variant {name!r}", 'use "variant": "clean" or "corrupted"', pid
+            )
             continue
         _register(scan, pid, entry["pair_id"])
         extra = {k: v for k, v in entry.items() if k not in RESERVED_KEYS}
@@ -312,9 +350,14 @@ def _scan(raw: Any) -> _Scan:
     for pid in scan.order:
         for name in VARIANTS:
             if name not in scan.slots[pid]:
-                scan.add("missing_variant", f"pair_id {scan.raw_ids[pid]!r}", f"has no '{name}' variant",
-                         f"add the '{name}' entry or remove the pair (a pair needs both clean and corrupted)",
-                         pid, name)
+                scan.add(
+                    "missing_variant",
+                    f"pair_id {scan.raw_ids[pid]!r}",
+                    f"has no '{name}' variant",
+                    f"add the '{name}' entry or remove the pair (a pair needs both clean and corrupted)",
+                    pid,
+                    name,
+                )
     return scan
 
 
@@ -325,8 +368,13 @@ def _scan_nested(scan: _Scan, i: int, pid: str, entry: dict) -> None:
     """
     raw_id = entry["pair_id"]
     if pid in scan.slots:
-        scan.add("duplicate_id", _entry_label(i, raw_id), f"pair_id {raw_id!r} appears more than once",
-                 "give each pair a unique pair_id (rename or delete the duplicate)", pid)
+        scan.add(
+            "duplicate_id",
+            _entry_label(i, raw_id),
+            f"pair_id {raw_id!r} appears more than once",
+            "give each pair a unique pair_id (rename or delete the duplicate)",
+            pid,
+        )
         return
     _register(scan, pid, raw_id)
     shared = {k: v for k, v in entry.items() if k not in VARIANTS and k != "pair_id"}
@@ -338,15 +386,27 @@ def _scan_nested(scan: _Scan, i: int, pid: str, entry: dict) -> None:
         if not isinstance(data, dict):
             scan.n_entries += 1
             scan.slots[pid][name] = None
-            scan.add("bad_entry", where, f"field '{name}' is {type(data).__name__}, not an object",
-                     f'make "{name}" an object {{"question": ..., "answer": ...}}', pid, name)
+            scan.add(
+                "bad_entry",
+                where,
+                f"field '{name}' is {type(data).__name__}, not an object",
+                f'make "{name}" an object {{"question": ..., "answer": ...}}',
+                pid,
+                name,
+            )
             continue
         reserved = [k for k in ("pair_id", "variant") if k in data]
         if reserved:
             scan.n_entries += 1
             scan.slots[pid][name] = None
-            scan.add("reserved_key", where, f"field '{reserved[0]}' inside '{name}' is not allowed",
-                     f"remove '{reserved[0]}' from the '{name}' object", pid, name)
+            scan.add(
+                "reserved_key",
+                where,
+                f"field '{reserved[0]}' inside '{name}' is not allowed",
+                f"remove '{reserved[0]}' from the '{name}' object",
+                pid,
+                name,
+            )
             continue
         extra = {**shared, **{k: v for k, v in data.items() if k not in RESERVED_KEYS}}
         _read_variant(scan, pid, name, data, extra, where)
@@ -436,8 +496,14 @@ def _diff_stats(pairs: Sequence[Pair]) -> dict:
         hist.append((label, sum(lo <= d < hi for d in diffs)))
     if not diffs:
         return {"n": 0, "min": None, "median": None, "max": None, "mean": None, "histogram": hist}
-    return {"n": len(diffs), "min": min(diffs), "median": statistics.median(diffs), "max": max(diffs),
-            "mean": statistics.fmean(diffs), "histogram": hist}
+    return {
+        "n": len(diffs),
+        "min": min(diffs),
+        "median": statistics.median(diffs),
+        "max": max(diffs),
+        "mean": statistics.fmean(diffs),
+        "histogram": hist,
+    }
 
 
 def validate_pairs(source: PathLike | list | dict) -> ValidationReport:
@@ -531,8 +597,9 @@ def print_report(report: ValidationReport, console: Any = None) -> None:
         ("same question length (tokens)", f"{report.n_same_token_length} / {report.n_complete_pairs}"),
     ]
     if d["n"]:
-        rows.append(("answer diff min/median/max/mean",
-                     f"{d['min']:g} / {d['median']:g} / {d['max']:g} / {d['mean']:.3g}"))
+        rows.append(
+            ("answer diff min/median/max/mean", f"{d['min']:g} / {d['median']:g} / {d['max']:g} / {d['mean']:.3g}")
+        )
     for name, value in rows:
         counts.add_row(name, str(value))
     console.print(counts)
@@ -557,7 +624,9 @@ def print_report(report: ValidationReport, console: Any = None) -> None:
     for group in report.duplicate_questions[:10]:
         console.print(f"[yellow]duplicate question:[/] {ids(group)}")
     if report.usable:
-        console.print(f"[green]usable[/]: {report.n_complete_pairs} pairs, "
-                      f"{report.n_complete_pairs - len(report.same_answer_ids)} after dropping same-answer pairs")
+        console.print(
+            f"[green]usable[/]: {report.n_complete_pairs} pairs, "
+            f"{report.n_complete_pairs - len(report.same_answer_ids)} after dropping same-answer pairs"
+        )
     else:
         console.print(f"[red]not usable[/]: {len(report.blocking_reasons)} blocking problem(s)")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 MAX_VALUE = 40
 """Upper bound for every intermediate and final result (small enough that a 4-layer model trained
@@ -59,7 +60,7 @@ class Problem:
 # program evaluation
 
 
-def _run_program(program) -> Optional[list[int]]:
+def _run_program(program) -> list[int] | None:
     """Results of every step, or None if any step is invalid (negative, inexact, too large)."""
     results: list[int] = []
     for op, a, b in program:
@@ -111,14 +112,62 @@ def cot_text(program) -> str:
 # --------------------------------------------------------------------------------------------
 # templates
 
-NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Maria", "Jack", "Emma", "Leo", "Mia",
-         "Noah", "Olivia", "Ravi", "Sofia", "Omar", "Grace", "Ivan", "Chloe", "Kenji", "Nora"]
-PRONOUNS = {"Tom": "he", "Ben": "he", "Sam": "he", "Jack": "he", "Leo": "he", "Noah": "he",
-            "Ravi": "he", "Omar": "he", "Ivan": "he", "Kenji": "he"}
-ITEMS = ["apples", "marbles", "stickers", "cookies", "pencils", "cards", "books", "shells",
-         "stamps", "candies", "oranges", "toys"]
-SHOP_ITEMS = [("notebook", "notebooks"), ("pen", "pens"), ("ticket", "tickets"),
-              ("sandwich", "sandwiches"), ("shirt", "shirts"), ("toy car", "toy cars")]
+NAMES = [
+    "Tom",
+    "Anna",
+    "Ben",
+    "Lucy",
+    "Sam",
+    "Maria",
+    "Jack",
+    "Emma",
+    "Leo",
+    "Mia",
+    "Noah",
+    "Olivia",
+    "Ravi",
+    "Sofia",
+    "Omar",
+    "Grace",
+    "Ivan",
+    "Chloe",
+    "Kenji",
+    "Nora",
+]
+PRONOUNS = {
+    "Tom": "he",
+    "Ben": "he",
+    "Sam": "he",
+    "Jack": "he",
+    "Leo": "he",
+    "Noah": "he",
+    "Ravi": "he",
+    "Omar": "he",
+    "Ivan": "he",
+    "Kenji": "he",
+}
+ITEMS = [
+    "apples",
+    "marbles",
+    "stickers",
+    "cookies",
+    "pencils",
+    "cards",
+    "books",
+    "shells",
+    "stamps",
+    "candies",
+    "oranges",
+    "toys",
+]
+SHOP_ITEMS = [
+    ("notebook", "notebooks"),
+    ("pen", "pens"),
+    ("ticket", "tickets"),
+    ("sandwich", "sandwiches"),
+    ("shirt", "shirts"),
+    ("toy car", "toy cars"),
+]
 
 
 def _pron(name: str) -> str:
@@ -154,79 +203,92 @@ TEMPLATES: list[Template] = [
     Template(
         "give_buy_share",
         {"a": (10, 40), "b": (1, 10), "c": (1, 10), "d": (2, 5)},
-        lambda q, w: (f"{w['name']} has {q['a']} {w['items']}. {_cap(w['p'])} gives {q['b']} of them "
-                      f"to {w['friend']} and then buys {q['c']} more. {_cap(w['p'])} puts them into "
-                      f"{q['d']} boxes with the same number in each box. How many {w['items']} are "
-                      f"in each box?"),
+        lambda q, w: (
+            f"{w['name']} has {q['a']} {w['items']}. {_cap(w['p'])} gives {q['b']} of them "
+            f"to {w['friend']} and then buys {q['c']} more. {_cap(w['p'])} puts them into "
+            f"{q['d']} boxes with the same number in each box. How many {w['items']} are "
+            f"in each box?"
+        ),
         lambda q: [("sub", q["a"], q["b"]), ("add", "#0", q["c"]), ("div", "#1", q["d"])],
         _w_person,
     ),
     Template(
         "shop_coupon",
         {"a": (2, 8), "b": (2, 5), "c": (1, 10), "d": (1, 15)},
-        lambda q, w: (f"A {w['item']} costs {q['a']} dollars. {w['name']} buys {q['b']} {w['items2']} "
-                      f"and uses a coupon worth {q['c']} dollars. Then {w['p']} pays {q['d']} dollars "
-                      f"for lunch. How many dollars does {w['name']} spend in total?"),
+        lambda q, w: (
+            f"A {w['item']} costs {q['a']} dollars. {w['name']} buys {q['b']} {w['items2']} "
+            f"and uses a coupon worth {q['c']} dollars. Then {w['p']} pays {q['d']} dollars "
+            f"for lunch. How many dollars does {w['name']} spend in total?"
+        ),
         lambda q: [("mul", q["a"], q["b"]), ("sub", "#0", q["c"]), ("add", "#1", q["d"])],
         _w_shop,
     ),
     Template(
         "class_groups",
         {"a": (10, 30), "b": (1, 10), "c": (1, 10), "d": (2, 5), "e": (2, 5)},
-        lambda q, w: (f"There are {q['a']} students in a class. {q['b']} students leave and {q['c']} "
-                      f"new students join. The teacher makes groups of {q['d']} students, and each "
-                      f"group gets {q['e']} {w['items']}. How many {w['items']} does the teacher "
-                      f"give out?"),
-        lambda q: [("sub", q["a"], q["b"]), ("add", "#0", q["c"]), ("div", "#1", q["d"]),
-                   ("mul", "#2", q["e"])],
+        lambda q, w: (
+            f"There are {q['a']} students in a class. {q['b']} students leave and {q['c']} "
+            f"new students join. The teacher makes groups of {q['d']} students, and each "
+            f"group gets {q['e']} {w['items']}. How many {w['items']} does the teacher "
+            f"give out?"
+        ),
+        lambda q: [("sub", q["a"], q["b"]), ("add", "#0", q["c"]), ("div", "#1", q["d"]), ("mul", "#2", q["e"])],
         _w_person,
     ),
     Template(
         "reading",
         {"a": (3, 15), "b": (3, 15), "c": (2, 3)},
-        lambda q, w: (f"{w['name']} reads {q['a']} pages on Monday and {q['b']} pages on Tuesday. "
-                      f"On Wednesday {w['p']} reads {q['c']} times as many pages as on Monday. "
-                      f"How many pages does {w['name']} read in the three days?"),
+        lambda q, w: (
+            f"{w['name']} reads {q['a']} pages on Monday and {q['b']} pages on Tuesday. "
+            f"On Wednesday {w['p']} reads {q['c']} times as many pages as on Monday. "
+            f"How many pages does {w['name']} read in the three days?"
+        ),
         lambda q: [("add", q["a"], q["b"]), ("mul", q["a"], q["c"]), ("add", "#0", "#1")],
         _w_person,
     ),
     Template(
         "farm_rows",
         {"a": (2, 6), "b": (2, 6), "c": (1, 10), "d": (1, 15)},
-        lambda q, w: (f"A farmer plants {q['a']} rows with {q['b']} trees in each row. {q['c']} of "
-                      f"the trees die, and the farmer plants {q['d']} new trees. How many trees "
-                      f"does the farmer have now?"),
+        lambda q, w: (
+            f"A farmer plants {q['a']} rows with {q['b']} trees in each row. {q['c']} of "
+            f"the trees die, and the farmer plants {q['d']} new trees. How many trees "
+            f"does the farmer have now?"
+        ),
         lambda q: [("mul", q["a"], q["b"]), ("sub", "#0", q["c"]), ("add", "#1", q["d"])],
         _w_person,
     ),
     Template(
         "bake_sell",
         {"a": (10, 40), "b": (1, 10), "c": (2, 5), "d": (2, 5), "e": (1, 10)},
-        lambda q, w: (f"{w['name']} bakes {q['a']} cookies and eats {q['b']} of them. {_cap(w['p'])} "
-                      f"packs the rest in bags of {q['c']} and sells each bag for {q['d']} dollars. "
-                      f"Then {w['p']} spends {q['e']} dollars on flour. How many dollars does "
-                      f"{w['name']} have left?"),
-        lambda q: [("sub", q["a"], q["b"]), ("div", "#0", q["c"]), ("mul", "#1", q["d"]),
-                   ("sub", "#2", q["e"])],
+        lambda q, w: (
+            f"{w['name']} bakes {q['a']} cookies and eats {q['b']} of them. {_cap(w['p'])} "
+            f"packs the rest in bags of {q['c']} and sells each bag for {q['d']} dollars. "
+            f"Then {w['p']} spends {q['e']} dollars on flour. How many dollars does "
+            f"{w['name']} have left?"
+        ),
+        lambda q: [("sub", q["a"], q["b"]), ("div", "#0", q["c"]), ("mul", "#1", q["d"]), ("sub", "#2", q["e"])],
         _w_person,
     ),
     Template(
         "bus_stops",
         {"a": (10, 40), "b": (1, 10), "c": (1, 10), "d": (1, 10), "e": (1, 10)},
-        lambda q, w: (f"A bus leaves with {q['a']} passengers. At the first stop {q['b']} people get "
-                      f"off and {q['c']} get on. At the second stop {q['d']} people get off and "
-                      f"{q['e']} get on. How many passengers are on the bus now?"),
-        lambda q: [("sub", q["a"], q["b"]), ("add", "#0", q["c"]), ("sub", "#1", q["d"]),
-                   ("add", "#2", q["e"])],
+        lambda q, w: (
+            f"A bus leaves with {q['a']} passengers. At the first stop {q['b']} people get "
+            f"off and {q['c']} get on. At the second stop {q['d']} people get off and "
+            f"{q['e']} get on. How many passengers are on the bus now?"
+        ),
+        lambda q: [("sub", q["a"], q["b"]), ("add", "#0", q["c"]), ("sub", "#1", q["d"]), ("add", "#2", q["e"])],
         _w_person,
     ),
     Template(
         "savings",
         {"a": (2, 8), "b": (2, 5), "c": (1, 10), "d": (3, 5)},
-        lambda q, w: (f"{w['name']} saves {q['a']} dollars every week for {q['b']} weeks. "
-                      f"{_cap(w['p'])} spends {q['c']} dollars on a gift and shares the rest equally "
-                      f"with {q['d'] - 1} friends, so {q['d']} people get the same amount. How many "
-                      f"dollars does each person get?"),
+        lambda q, w: (
+            f"{w['name']} saves {q['a']} dollars every week for {q['b']} weeks. "
+            f"{_cap(w['p'])} spends {q['c']} dollars on a gift and shares the rest equally "
+            f"with {q['d'] - 1} friends, so {q['d']} people get the same amount. How many "
+            f"dollars does each person get?"
+        ),
         lambda q: [("mul", q["a"], q["b"]), ("sub", "#0", q["c"]), ("div", "#1", q["d"])],
         _w_person,
     ),
@@ -238,7 +300,7 @@ TEMPLATE_BY_NAME = {t.name: t for t in TEMPLATES}
 _FROZEN = {"savings": {"d"}}
 
 
-def _render(t: Template, params: dict, words: dict) -> Optional[Problem]:
+def _render(t: Template, params: dict, words: dict) -> Problem | None:
     prog = t.program(params)
     res = _run_program(prog)
     if res is None:
@@ -289,7 +351,7 @@ def _deltas(value: int) -> list[int]:
     return out
 
 
-def corrupt(problem: Problem, rng: random.Random) -> Optional[Problem]:
+def corrupt(problem: Problem, rng: random.Random) -> Problem | None:
     """A corrupted copy: one question number changed by a small digit-count-preserving amount."""
     t = TEMPLATE_BY_NAME[problem.template]
     params = {k: v for k, v in problem.params.items() if not k.startswith("_")}
@@ -335,9 +397,11 @@ def generate_pairs(n: int, seed: int = 0) -> list:
         ch = {"param": changed[0], "from": clean.params[changed[0]], "to": corr.params[changed[0]]}
 
         def variant(p: Problem) -> Any:
-            return Variant(question=p.question, answer=p.answer,
-                           extra={"program": [list(s) for s in p.program], "cot": p.cot,
-                                  "template": p.template, "changed": ch})
+            return Variant(
+                question=p.question,
+                answer=p.answer,
+                extra={"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": ch},
+            )
 
         pairs.append(Pair(pair_id=f"syn-{seed}-{len(pairs):04d}", clean=variant(clean), corrupted=variant(corr)))
     return pairs
@@ -346,7 +410,7 @@ def generate_pairs(n: int, seed: int = 0) -> list:
 _COT_RE = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
 
 
-def check_cot(cot: str) -> Optional[int]:
+def check_cot(cot: str) -> int | None:
     """Independently re-check a CoT text; return its final value or None if any step is wrong."""
     steps = _COT_RE.findall(cot)
     if not steps:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -82,13 +83,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
             sd = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a tensor file, ...
         first_line = str(err).splitlines()[0] if str(err) else ""
-        raise LatentPatchError(f"{file}: cannot read the checkpoint ({type(err).__name__}: {first_line}); "
-                               "fix: re-download or re-save it") from None
+        raise LatentPatchError(
+            f"{file}: cannot read the checkpoint ({type(err).__name__}: {first_line}); fix: re-download or re-save it"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise LatentPatchError(f"{file}: not a state dict of tensors; fix: save the model with "
-                               "torch.save(model.state_dict()) or safetensors")
+        raise LatentPatchError(
+            f"{file}: not a state dict of tensors; fix: save the model with "
+            "torch.save(model.state_dict()) or safetensors"
+        )
     return dict(sd), file
 
 
@@ -145,11 +149,16 @@ def _layout(lm: PreTrainedModel, lora: LoraSpec | None, file: str) -> _Layout:
     out_emb = lm.get_output_embeddings()
     lora_modules: list[str] = []
     if lora is not None:
-        lora_modules = [n for n, m in modules.items()
-                        if n and targeted(n, lora.targets) and (isinstance(m, nn.Linear) or is_conv1d(m))]
+        lora_modules = [
+            n
+            for n, m in modules.items()
+            if n and targeted(n, lora.targets) and (isinstance(m, nn.Linear) or is_conv1d(m))
+        ]
         if not lora_modules:
-            raise LatentPatchError(f"{file}: none of the LoRA targets {list(lora.targets)} names a linear layer of "
-                                   f"this {type(lm).__name__}; fix: wrong --base, --lora-targets or --preset?")
+            raise LatentPatchError(
+                f"{file}: none of the LoRA targets {list(lora.targets)} names a linear layer of "
+                f"this {type(lm).__name__}; fix: wrong --base, --lora-targets or --preset?"
+            )
     return _Layout(
         canon=lm.state_dict(),
         modules=modules,
@@ -160,8 +169,9 @@ def _layout(lm: PreTrainedModel, lora: LoraSpec | None, file: str) -> _Layout:
     )
 
 
-def _expected_keys(lay: _Layout, prj: nn.Module, prefix: str, lora: LoraSpec | None,
-                   tied_copies: Sequence[str]) -> dict[str, _Expected]:
+def _expected_keys(
+    lay: _Layout, prj: nn.Module, prefix: str, lora: LoraSpec | None, tied_copies: Sequence[str]
+) -> dict[str, _Expected]:
     """Every key the file must hold (file key -> what it is)."""
     expected: dict[str, _Expected] = {}
     lora_set = set(lay.lora_modules)
@@ -187,8 +197,16 @@ def _expected_keys(lay: _Layout, prj: nn.Module, prefix: str, lora: LoraSpec | N
     return expected
 
 
-def _check_keys_and_shapes(sd: dict[str, torch.Tensor], expected: dict[str, _Expected], lay: _Layout, *,
-                           file: str, prefix: str, lora: LoraSpec | None, hint: str) -> None:
+def _check_keys_and_shapes(
+    sd: dict[str, torch.Tensor],
+    expected: dict[str, _Expected],
+    lay: _Layout,
+    *,
+    file: str,
+    prefix: str,
+    lora: LoraSpec | None,
+    hint: str,
+) -> None:
     """Raise on any missing or unexpected key (a tied ``lm_head`` may be absent), then on any wrong shape."""
     head_fkey = prefix + lay.head_key if lay.head_key else None
     missing = [k for k in expected if k not in sd and not (lay.tied and k == head_fkey)]
@@ -205,12 +223,21 @@ def _check_keys_and_shapes(sd: dict[str, torch.Tensor], expected: dict[str, _Exp
     if bad:
         shown = "; ".join(f"{k} is {_dims(s)}, expected {_dims(e.shape)}" for k, s, e in bad[:3])
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise LatentPatchError(f"{file}: shape mismatch for {len(bad)} key(s): {shown}{more}; fix: "
-                               f"{_shape_hint(bad, lora, hint)}")
+        raise LatentPatchError(
+            f"{file}: shape mismatch for {len(bad)} key(s): {shown}{more}; fix: {_shape_hint(bad, lora, hint)}"
+        )
 
 
-def _assemble(sd: dict[str, torch.Tensor], expected: dict[str, _Expected], lay: _Layout, *, file: str,
-              prefix: str, lora: LoraSpec | None, tied_copies: Sequence[str]) -> dict[str, torch.Tensor]:
+def _assemble(
+    sd: dict[str, torch.Tensor],
+    expected: dict[str, _Expected],
+    lay: _Layout,
+    *,
+    file: str,
+    prefix: str,
+    lora: LoraSpec | None,
+    tied_copies: Sequence[str],
+) -> dict[str, torch.Tensor]:
     """The LM's canonical state dict from the file: LoRA merged in fp32, tied weights resolved."""
     new = {e.target: sd[fkey] for fkey, e in expected.items() if e.kind == "param" and fkey in sd}
     if lora is not None:
@@ -228,9 +255,12 @@ def _assemble(sd: dict[str, torch.Tensor], expected: dict[str, _Expected], lay: 
         if head_key in new:
             head = new[head_key]
             if not torch.equal(head.float(), emb.float()):
-                log.warning("%s: lm_head and the input embeddings differ in the file but the config ties them; "
-                            "the file's lm_head serves both (as in the reference, max |diff| %.3g)",
-                            file, float((head.float() - emb.float()).abs().max()))
+                log.warning(
+                    "%s: lm_head and the input embeddings differ in the file but the config ties them; "
+                    "the file's lm_head serves both (as in the reference, max |diff| %.3g)",
+                    file,
+                    float((head.float() - emb.float()).abs().max()),
+                )
             emb = head
         for key in tied_copies:
             if not torch.equal(sd[key].float(), emb.float()):
@@ -277,12 +307,15 @@ def load_weights_strict(
     prj.load_state_dict({e.target: sd[k] for k, e in expected.items() if e.kind == "prj"}, strict=True)
 
 
-def _key_hint(missing: list[str], unexpected: list[str], prefix: str, lora: LoraSpec | None, hint: str,
-              n_expected: int) -> str:
+def _key_hint(
+    missing: list[str], unexpected: list[str], prefix: str, lora: LoraSpec | None, hint: str, n_expected: int
+) -> str:
     """The likely fix for missing/unexpected keys."""
     if len(missing) > n_expected // 2 and unexpected:
-        return ("most keys differ, the file's architecture does not match the model built from the base; "
-                "wrong --base or --preset?")
+        return (
+            "most keys differ, the file's architecture does not match the model built from the base; "
+            "wrong --base or --preset?"
+        )
     miss_lora = [k for k in missing if LORA_KEY.match(k)]
     unexp_lora = [k for k in unexpected if LORA_KEY.match(k)]
     if unexp_lora and lora is None:
@@ -314,8 +347,15 @@ def _shape_hint(bad: list[tuple[str, tuple[int, ...], _Expected]], lora: LoraSpe
             want = e.shape[0] if e.target == "1.weight" else e.shape[1]
             return f"the file's projection has prj_dim {dim}, not {want}; wrong --prj-dim or --preset?"
     for _, s, e in bad:
-        if e.kind in ("param", "copy") and len(s) == 2 and len(e.shape) == 2 and s[1] == e.shape[1] \
-                and e.target.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight")):
-            return (f"the file's vocabulary has {s[0]} rows, the model {e.shape[0]} (the base's vocabulary + 3 "
-                    "special tokens); wrong --base?")
+        if (
+            e.kind in ("param", "copy")
+            and len(s) == 2
+            and len(e.shape) == 2
+            and s[1] == e.shape[1]
+            and e.target.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight"))
+        ):
+            return (
+                f"the file's vocabulary has {s[0]} rows, the model {e.shape[0]} (the base's vocabulary + 3 "
+                "special tokens); wrong --base?"
+            )
     return hint

@@ -23,9 +23,14 @@ from latentpatch.model.sites import embedding_matrix
 log = logging.getLogger("latentpatch.model.hf")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -91,14 +96,18 @@ def base_config_and_tokenizer(base: str) -> tuple[PretrainedConfig, Any]:
     p = Path(base)
     if p.exists():
         if not (p / "config.json").is_file():
-            raise LatentPatchError(f"--base {base}: no config.json in this directory; fix: pass the directory of "
-                                   "the base model the checkpoint was trained from (or its hub name)")
+            raise LatentPatchError(
+                f"--base {base}: no config.json in this directory; fix: pass the directory of "
+                "the base model the checkpoint was trained from (or its hub name)"
+            )
         return AutoConfig.from_pretrained(str(p)), local_tokenizer(p)
     try:
         config = AutoConfig.from_pretrained(base)
     except Exception as err:
-        raise LatentPatchError(f"--base {base}: cannot load its config ({type(err).__name__}); fix: pass a local "
-                               "directory with config.json, or a hub name reachable from here") from None
+        raise LatentPatchError(
+            f"--base {base}: cannot load its config ({type(err).__name__}); fix: pass a local "
+            "directory with config.json, or a hub name reachable from here"
+        ) from None
     try:
         tok = AutoTokenizer.from_pretrained(base)
     except Exception as err:
@@ -107,8 +116,9 @@ def base_config_and_tokenizer(base: str) -> tuple[PretrainedConfig, Any]:
     return config, tok
 
 
-def resolve_eos_id(tokenizer: Any, config: PretrainedConfig, *, explicit: int | None = None, where: str,
-                   fix: str = "pass --eos-id") -> int:
+def resolve_eos_id(
+    tokenizer: Any, config: PretrainedConfig, *, explicit: int | None = None, where: str, fix: str = "pass --eos-id"
+) -> int:
     """The end-of-sequence id: ``explicit`` if given, else the tokenizer's, else the LM config's
     (the first one when the config lists several). ``where`` and ``fix`` complete the error."""
     eos = explicit

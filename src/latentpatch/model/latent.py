@@ -20,8 +20,9 @@ position ids skip the padding, so a row's numbers do not depend on the rest of t
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -214,8 +215,9 @@ class LatentModel(nn.Module):
         if hooks is not None:
             hooks.offset = state.length
         cache = {self.cache_keyword: state.cache}
-        out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                            use_cache=True, **cache)
+        out = self.backbone(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, **cache
+        )
         state.cache = getattr(out, self.cache_keyword)
         state.attention_mask = mask
         state.next_position = state.next_position + T
@@ -241,8 +243,8 @@ class LatentModel(nn.Module):
         mask = torch.zeros((len(prompts), T), dtype=torch.long)
         for b, p in enumerate(prompts):
             if len(p):
-                ids[b, T - len(p):] = torch.tensor(list(p))
-                mask[b, T - len(p):] = 1
+                ids[b, T - len(p) :] = torch.tensor(list(p))
+                mask[b, T - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         if hooks is not None:
@@ -325,7 +327,11 @@ class LatentModel(nn.Module):
             state, h = self.prefill(prompt_ids, hooks=hooks)
             prompt_len = state.length
             thoughts, hidden, next_thought = self.run_thoughts(
-                state, self.prj(h), 0, hooks=hooks, thought_override=thought_override,
+                state,
+                self.prj(h),
+                0,
+                hooks=hooks,
+                thought_override=thought_override,
                 override_mask=override_mask,
             )
             answer_start = self.embed_ids(self.answer_start_ids(), len(prompt_ids))  # [B, 1 or 2, d]
@@ -372,7 +378,7 @@ class LatentModel(nn.Module):
                 logits = self.logits(self.advance(state.fork(), input_ids=ids))
             for b, seq in enumerate(seqs):
                 rest = logits[b, : len(seq) - 1] if width > 0 else answer_logits[:0]
-                out[b][c] = torch.cat([answer_logits[b: b + 1], rest], 0)[: len(seq)]
+                out[b][c] = torch.cat([answer_logits[b : b + 1], rest], 0)[: len(seq)]
         return out
 
     @torch.no_grad()

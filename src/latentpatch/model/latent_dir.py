@@ -39,11 +39,18 @@ REQUIRED_KEYS = ("num_latent", "pad_id", "bot_id", "eot_id", "eos_id")
 LM_PREFIX = "codi."
 
 
-def latent_meta(config: LatentConfig, *, family: str, prj_dim: int | None, prj_ln: bool,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def latent_meta(
+    config: LatentConfig, *, family: str, prj_dim: int | None, prj_ln: bool, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``latentpatch.json`` object: format, family, every LatentConfig field, prj_dim, prj_ln, ``extra``."""
-    return {"format": LATENT_DIR_FORMAT, "family": family, **asdict(config), "prj_dim": prj_dim,
-            "prj_ln": bool(prj_ln), **(extra or {})}
+    return {
+        "format": LATENT_DIR_FORMAT,
+        "family": family,
+        **asdict(config),
+        "prj_dim": prj_dim,
+        "prj_ln": bool(prj_ln),
+        **(extra or {}),
+    }
 
 
 def read_latent_meta(path: str | Path) -> dict[str, Any]:
@@ -53,8 +60,10 @@ def read_latent_meta(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise LatentPatchError(f"{path}: no such directory; fix: pass a latentpatch model directory")
     if not meta_file.is_file():
-        raise LatentPatchError(f"{path}: not a latentpatch model directory (no {LATENT_JSON}); fix: for an "
-                               "official CODI checkpoint use codi:DIR with --base/--preset")
+        raise LatentPatchError(
+            f"{path}: not a latentpatch model directory (no {LATENT_JSON}); fix: for an "
+            "official CODI checkpoint use codi:DIR with --base/--preset"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as err:
@@ -63,8 +72,10 @@ def read_latent_meta(path: str | Path) -> dict[str, Any]:
         raise LatentPatchError(f"{meta_file}: expected a JSON object; fix: repair or re-save the model")
     fmt = meta.get("format")
     if fmt != LATENT_DIR_FORMAT:
-        raise LatentPatchError(f"{meta_file}: format {fmt!r}, expected {LATENT_DIR_FORMAT!r}; fix: re-save the "
-                               "model with this version of latentpatch")
+        raise LatentPatchError(
+            f"{meta_file}: format {fmt!r}, expected {LATENT_DIR_FORMAT!r}; fix: re-save the "
+            "model with this version of latentpatch"
+        )
     absent = [k for k in REQUIRED_KEYS if not isinstance(meta.get(k), int)]
     if absent:
         raise LatentPatchError(f"{meta_file}: missing or non-integer field(s) {', '.join(absent)}; fix: add them")
@@ -85,8 +96,14 @@ def config_from_meta(meta: dict[str, Any], num_latent: int | None = None) -> Lat
     return LatentConfig(**values)
 
 
-def save_latent_dir(model: LatentModel, path: str | Path, *, prj_dim: int | None = None, prj_ln: bool | None = None,
-                    extra: dict | None = None) -> Path:
+def save_latent_dir(
+    model: LatentModel,
+    path: str | Path,
+    *,
+    prj_dim: int | None = None,
+    prj_ln: bool | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write ``model`` as a latentpatch model directory (the format :func:`load_latent_dir` reads).
 
     ``prj_dim``/``prj_ln`` default to the projection's own (None and False for an identity);
@@ -150,8 +167,14 @@ def load_latent_dir(
     prj_dim = meta.get("prj_dim")
     prj = build_prj(d, int(prj_dim) if prj_dim else None, layer_norm=bool(meta.get("prj_ln", True))).to(dtype)
     sd, file = read_state_dict(weights)
-    load_weights_strict(lm, prj, sd, file=file, prefix=LM_PREFIX,
-                        hint=f"{meta_file} does not match the weights (prj_dim, prj_ln, config.json)")
+    load_weights_strict(
+        lm,
+        prj,
+        sd,
+        file=file,
+        prefix=LM_PREFIX,
+        hint=f"{meta_file} does not match the weights (prj_dim, prj_ln, config.json)",
+    )
     cfg = config_from_meta(meta, num_latent)
     check_special_ids(cfg, lm, str(meta_file))
     move_to(lm, dev)

@@ -7,8 +7,9 @@ Specs: ``default``, ``codi:DIR``, ``coconut:FILE``, ``dir:PATH``, ``gguf:PATH``,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -21,8 +22,16 @@ from latentpatch.model.loaders import load_coconut_checkpoint, load_codi_checkpo
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 
 #: overrides that only ``codi:`` checkpoints accept (``num_latent`` applies to every kind)
-CODI_ONLY_OPTIONS = ("lora_r", "lora_alpha", "lora_targets", "prj_dim", "prj_ln", "remove_eos", "eos_id",
-                     "answer_prefix")
+CODI_ONLY_OPTIONS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "prj_dim",
+    "prj_ln",
+    "remove_eos",
+    "eos_id",
+    "answer_prefix",
+)
 SPEC_KINDS = "default, codi:DIR, coconut:FILE, dir:PATH, gguf:PATH or config:llama|gpt2"
 
 
@@ -42,10 +51,13 @@ def _guess_kind(p: Path, spec: str) -> str:
     if p.is_file() and p.suffix == ".gguf":
         return "gguf"
     if p.exists():
-        raise LatentPatchError(f"--model {spec}: cannot tell the checkpoint kind; fix: prefix it with codi:, "
-                               "coconut:, dir: or gguf:")
-    raise LatentPatchError(f"--model {spec}: no such file or directory; fix: use default, codi:DIR, "
-                           "coconut:FILE, dir:PATH, gguf:PATH or config:llama")
+        raise LatentPatchError(
+            f"--model {spec}: cannot tell the checkpoint kind; fix: prefix it with codi:, coconut:, dir: or gguf:"
+        )
+    raise LatentPatchError(
+        f"--model {spec}: no such file or directory; fix: use default, codi:DIR, "
+        "coconut:FILE, dir:PATH, gguf:PATH or config:llama"
+    )
 
 
 def load_model(
@@ -100,9 +112,11 @@ def load_model(
             raise LatentPatchError(f"--base only applies to codi: and coconut: checkpoints, not to --model {spec}")
     if kind == "default":
         if not (DEFAULT_MODEL_DIR / LATENT_JSON).is_file():
-            raise LatentPatchError(f"the shipped default model is not in this installation ({DEFAULT_MODEL_DIR} "
-                                   f"has no {LATENT_JSON}); fix: pass --model codi:DIR or dir:PATH, or "
-                                   "--model config:llama for a random demo model")
+            raise LatentPatchError(
+                f"the shipped default model is not in this installation ({DEFAULT_MODEL_DIR} "
+                f"has no {LATENT_JSON}); fix: pass --model codi:DIR or dir:PATH, or "
+                "--model config:llama for a random demo model"
+            )
         return load_latent_dir(DEFAULT_MODEL_DIR, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "codi":
         if not rest:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,18 +41,39 @@ _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"
 #: Released CODI hyper-parameters.
 PRESETS: dict[str, dict[str, Any]] = {
     "codi-gpt2": dict(
-        base="gpt2", lora_r=128, lora_alpha=32, lora_targets=("c_attn", "c_proj", "c_fc"),
-        prj_dim=768, prj_ln=True, num_latent=6, remove_eos=True, eos_id=50256,
+        base="gpt2",
+        lora_r=128,
+        lora_alpha=32,
+        lora_targets=("c_attn", "c_proj", "c_fc"),
+        prj_dim=768,
+        prj_ln=True,
+        num_latent=6,
+        remove_eos=True,
+        eos_id=50256,
         answer_prefix="The answer is: ",
     ),
     "codi-llama1b": dict(
-        base="meta-llama/Llama-3.2-1B", lora_r=128, lora_alpha=32, lora_targets=_LLAMA_TARGETS,
-        prj_dim=2048, prj_ln=True, num_latent=6, remove_eos=True, eos_id=128001,
+        base="meta-llama/Llama-3.2-1B",
+        lora_r=128,
+        lora_alpha=32,
+        lora_targets=_LLAMA_TARGETS,
+        prj_dim=2048,
+        prj_ln=True,
+        num_latent=6,
+        remove_eos=True,
+        eos_id=128001,
         answer_prefix="The answer is: ",
     ),
     "codi-llama1b-instruct": dict(
-        base="meta-llama/Llama-3.2-1B-Instruct", lora_r=128, lora_alpha=32, lora_targets=_LLAMA_TARGETS,
-        prj_dim=2048, prj_ln=True, num_latent=6, remove_eos=True, eos_id=128009,
+        base="meta-llama/Llama-3.2-1B-Instruct",
+        lora_r=128,
+        lora_alpha=32,
+        lora_targets=_LLAMA_TARGETS,
+        prj_dim=2048,
+        prj_ln=True,
+        num_latent=6,
+        remove_eos=True,
+        eos_id=128009,
         answer_prefix="The answer is: ",
     ),
 }
@@ -85,23 +107,37 @@ def _normalise_targets(targets: Sequence[str] | str | None) -> tuple[str, ...] |
     return tuple(targets)
 
 
-def _codi_lora(sd: dict[str, torch.Tensor], file: Path, peft_layout: bool, *, r: int | None,
-               alpha: float | None, targets: tuple[str, ...] | None, targets_given: bool) -> LoraSpec | None:
+def _codi_lora(
+    sd: dict[str, torch.Tensor],
+    file: Path,
+    peft_layout: bool,
+    *,
+    r: int | None,
+    alpha: float | None,
+    targets: tuple[str, ...] | None,
+    targets_given: bool,
+) -> LoraSpec | None:
     """The LoRA of a CODI file: settings given (or from a preset) checked against the file's layout,
     unset rank and targets read from the file. None for a file without LoRA."""
     if not peft_layout:
         if r not in (None, 0) or targets_given:
-            raise LatentPatchError(f"{file}: the checkpoint has no LoRA (keys codi.<model> without peft's "
-                                   "base_model wrapper) but LoRA settings were given; fix: pass --lora-r 0 "
-                                   "(or drop --preset/--lora-*)")
+            raise LatentPatchError(
+                f"{file}: the checkpoint has no LoRA (keys codi.<model> without peft's "
+                "base_model wrapper) but LoRA settings were given; fix: pass --lora-r 0 "
+                "(or drop --preset/--lora-*)"
+            )
         return None
     lora_keys = [m for m in (LORA_KEY.match(k) for k in sd) if m]
     if r == 0:
-        raise LatentPatchError(f"{file}: the checkpoint holds LoRA weights (peft layout) but --lora-r 0 was "
-                               "given; fix: pass its LoRA rank/alpha or a --preset")
+        raise LatentPatchError(
+            f"{file}: the checkpoint holds LoRA weights (peft layout) but --lora-r 0 was "
+            "given; fix: pass its LoRA rank/alpha or a --preset"
+        )
     if not lora_keys:
-        raise LatentPatchError(f"{file}: peft layout (codi.base_model.model.*) but no lora_A/lora_B keys; fix: "
-                               "re-save the checkpoint, or check it is not truncated")
+        raise LatentPatchError(
+            f"{file}: peft layout (codi.base_model.model.*) but no lora_A/lora_B keys; fix: "
+            "re-save the checkpoint, or check it is not truncated"
+        )
     if targets is None:
         targets = tuple(sorted({m.group("module").rpartition(".")[2] for m in lora_keys}))
         log.info("%s: LoRA targets read from the file: %s", file, ", ".join(targets))
@@ -110,12 +146,19 @@ def _codi_lora(sd: dict[str, torch.Tensor], file: Path, peft_layout: bool, *, r:
         r = int(sd[first.group(0)].shape[0])
         log.info("%s: LoRA rank read from the file: %d", file, r)
     if alpha is None:
-        raise LatentPatchError(f"{file}: the checkpoint has LoRA (rank {r}) but its alpha is unknown; fix: pass "
-                               f"--lora-alpha (released CODI: 32) or --preset")
+        raise LatentPatchError(
+            f"{file}: the checkpoint has LoRA (rank {r}) but its alpha is unknown; fix: pass "
+            f"--lora-alpha (released CODI: 32) or --preset"
+        )
     if int(r) <= 0 or float(alpha) <= 0:
         raise LatentPatchError(f"--lora-r {r} / --lora-alpha {alpha}: must be positive")
-    return LoraSpec(r=int(r), alpha=float(alpha), targets=targets, base_layer=any(".base_layer." in k for k in sd),
-                    adapter=lora_keys[0].group("adapter") or "")
+    return LoraSpec(
+        r=int(r),
+        alpha=float(alpha),
+        targets=targets,
+        base_layer=any(".base_layer." in k for k in sd),
+        adapter=lora_keys[0].group("adapter") or "",
+    )
 
 
 def _codi_prj_dim(sd: dict[str, torch.Tensor], file: Path) -> int:
@@ -124,9 +167,11 @@ def _codi_prj_dim(sd: dict[str, torch.Tensor], file: Path) -> int:
         return int(sd["prj.1.weight"].shape[0])
     if "prj.3.weight" in sd:
         return int(sd["prj.3.weight"].shape[1])
-    raise LatentPatchError(f"{file}: no projection keys (prj.1.weight, prj.1.bias, prj.3.weight, prj.3.bias "
-                           "missing): a CODI checkpoint stores its prj; fix: for Coconut (identity projection) "
-                           "use coconut:FILE")
+    raise LatentPatchError(
+        f"{file}: no projection keys (prj.1.weight, prj.1.bias, prj.3.weight, prj.3.bias "
+        "missing): a CODI checkpoint stores its prj; fix: for Coconut (identity projection) "
+        "use coconut:FILE"
+    )
 
 
 def load_codi_checkpoint(
@@ -160,8 +205,10 @@ def load_codi_checkpoint(
     dev = check_device(device)
     base = base if base is not None else p.get("base")
     if base is None:
-        raise LatentPatchError(f"{ckpt_dir}: which base model was this checkpoint trained from? fix: pass --base "
-                               f"(a local dir or hub name) or --preset ({', '.join(PRESETS)})")
+        raise LatentPatchError(
+            f"{ckpt_dir}: which base model was this checkpoint trained from? fix: pass --base "
+            f"(a local dir or hub name) or --preset ({', '.join(PRESETS)})"
+        )
     sd, file = read_state_dict(ckpt_dir)
     peft_prefix, plain_prefix = "codi.base_model.model.", "codi."  # with LoRA (peft-wrapped) / plain
     if any(k.startswith(peft_prefix) for k in sd):
@@ -169,12 +216,19 @@ def load_codi_checkpoint(
     elif any(k.startswith(plain_prefix) for k in sd):
         prefix = plain_prefix
     else:
-        raise LatentPatchError(f"{file}: no codi.* keys (keys look like {preview(sorted(sd), 3)}): not a CODI "
-                               "checkpoint; fix: for Coconut use coconut:FILE, for a latentpatch dir use dir:PATH")
-    lora = _codi_lora(sd, file, prefix == peft_prefix, r=_resolve(lora_r, p, "lora_r"),
-                      alpha=_resolve(lora_alpha, p, "lora_alpha"),
-                      targets=_normalise_targets(_resolve(lora_targets, p, "lora_targets")),
-                      targets_given=lora_targets is not None)
+        raise LatentPatchError(
+            f"{file}: no codi.* keys (keys look like {preview(sorted(sd), 3)}): not a CODI "
+            "checkpoint; fix: for Coconut use coconut:FILE, for a latentpatch dir use dir:PATH"
+        )
+    lora = _codi_lora(
+        sd,
+        file,
+        prefix == peft_prefix,
+        r=_resolve(lora_r, p, "lora_r"),
+        alpha=_resolve(lora_alpha, p, "lora_alpha"),
+        targets=_normalise_targets(_resolve(lora_targets, p, "lora_targets")),
+        targets_given=lora_targets is not None,
+    )
     prj_dim = _resolve(prj_dim, p, "prj_dim")
     if prj_dim is None:
         prj_dim = _codi_prj_dim(sd, file)
@@ -187,12 +241,22 @@ def load_codi_checkpoint(
     config.vocab_size = V + 3  # CODI's resize: pad/bot/eot = V, V+1, V+2
     lm = build_lm(config, dtype)
     prj = build_prj(embedding_matrix(lm).shape[1], int(prj_dim), layer_norm=bool(prj_ln)).to(dtype)
-    load_weights_strict(lm, prj, sd, file=file, prefix=prefix, lora=lora,
-                        hint="wrong --base, --lora-r/--lora-targets, --prj-dim or --preset?")
+    load_weights_strict(
+        lm,
+        prj,
+        sd,
+        file=file,
+        prefix=prefix,
+        lora=lora,
+        hint="wrong --base, --lora-r/--lora-targets, --prj-dim or --preset?",
+    )
     eos = resolve_eos_id(tokenizer, config, explicit=_resolve(eos_id, p, "eos_id"), where=f"--base {base}")
     cfg = LatentConfig(
         num_latent=int(_resolve(num_latent, p, "num_latent", 6)),
-        pad_id=V, bot_id=V + 1, eot_id=V + 2, eos_id=eos,
+        pad_id=V,
+        bot_id=V + 1,
+        eot_id=V + 2,
+        eos_id=eos,
         remove_eos=bool(_resolve(remove_eos, p, "remove_eos", True)),
         answer_prefix=_resolve(answer_prefix, p, "answer_prefix", "The answer is: "),
     )
@@ -226,18 +290,29 @@ def load_coconut_checkpoint(
         raise LatentPatchError(f"{path}: which base model? fix: pass --base (Coconut's released code uses gpt2)")
     sd, file = read_state_dict(path)
     if not any(k.startswith("base_causallm.") for k in sd):
-        raise LatentPatchError(f"{file}: no base_causallm.* keys (keys look like {preview(sorted(sd), 3)}): not a "
-                               "Coconut checkpoint; fix: for CODI use codi:DIR")
+        raise LatentPatchError(
+            f"{file}: no base_causallm.* keys (keys look like {preview(sorted(sd), 3)}): not a "
+            "Coconut checkpoint; fix: for CODI use codi:DIR"
+        )
     config, tokenizer = base_config_and_tokenizer(str(base))
     V = int(config.vocab_size)
     config.vocab_size = V + 3
     lm = build_lm(config, dtype)
     prj = nn.Identity()
-    load_weights_strict(lm, prj, sd, file=file, prefix="base_causallm.", tied_copies=("embedding.weight",),
-                        hint="wrong --base?")
+    load_weights_strict(
+        lm, prj, sd, file=file, prefix="base_causallm.", tied_copies=("embedding.weight",), hint="wrong --base?"
+    )
     eos = resolve_eos_id(tokenizer, config, where=f"--base {base}", fix="pass the --base the model was trained from")
-    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=eos, bot_id=V, eot_id=V + 1,
-                       eos_id=eos, remove_eos=True, answer_prefix="### ", question_template="{question}\n")
+    cfg = LatentConfig(
+        num_latent=6 if num_latent is None else int(num_latent),
+        pad_id=eos,
+        bot_id=V,
+        eot_id=V + 1,
+        eos_id=eos,
+        remove_eos=True,
+        answer_prefix="### ",
+        question_template="{question}\n",
+    )
     check_special_ids(cfg, lm, str(file))
     move_to(lm, dev)
     return LatentModel(lm, prj, cfg, tokenizer, name=f"coconut:{path}")
@@ -272,15 +347,18 @@ def load_gguf(
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise LatentPatchError("reading GGUF files needs the gguf package; "
-                               "fix: pip install 'latentpatch[gguf]'") from None
+        raise LatentPatchError(
+            "reading GGUF files needs the gguf package; fix: pip install 'latentpatch[gguf]'"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as err:
         first_line = str(err).splitlines()[0] if str(err) else ""
-        raise LatentPatchError(f"{path}: cannot load this GGUF file ({type(err).__name__}: {first_line}); fix: use "
-                               "a LLaMA- or GPT-2-family GGUF model") from None
+        raise LatentPatchError(
+            f"{path}: cannot load this GGUF file ({type(err).__name__}: {first_line}); fix: use "
+            "a LLaMA- or GPT-2-family GGUF model"
+        ) from None
     V = int(embedding_matrix(lm).shape[0])
     with torch.no_grad():
         mean = embedding_matrix(lm).mean(0)  # [d]
@@ -292,8 +370,15 @@ def load_gguf(
     move_to(lm, dtype)
     lm.eval()
     eos = resolve_eos_id(tokenizer, lm.config, where=str(path), fix="use a GGUF model whose tokenizer has an eos token")
-    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=V, bot_id=V + 1,
-                       eot_id=V + 2, eos_id=eos, remove_eos=True, answer_prefix="")
+    cfg = LatentConfig(
+        num_latent=6 if num_latent is None else int(num_latent),
+        pad_id=V,
+        bot_id=V + 1,
+        eot_id=V + 2,
+        eos_id=eos,
+        remove_eos=True,
+        answer_prefix="",
+    )
     check_special_ids(cfg, lm, str(path))
     move_to(lm, dev)
     return LatentModel(lm, nn.Identity(), cfg, tokenizer, name=f"gguf:{path.name}")
@@ -314,12 +399,19 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<eos>", "<pad>", "<bot>", "<eot>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
-                                   additional_special_tokens=["<bot>", "<eot>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", additional_special_tokens=["<bot>", "<eot>"]
+    )
 
 
-def random_model(family: str = "llama", *, num_latent: int | None = None, seed: int = 0,
-                 dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> LatentModel:
+def random_model(
+    family: str = "llama",
+    *,
+    num_latent: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LatentModel:
     """A small random CODI-shaped model (2 layers, d=64, byte tokenizer) built from a config.
 
     For demos and smoke tests before a trained model is at hand: its thoughts and answers are noise.
@@ -334,19 +426,48 @@ def random_model(family: str = "llama", *, num_latent: int | None = None, seed: 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if family == "llama":
-            lm = LlamaForCausalLM(LlamaConfig(
-                vocab_size=V + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=256,
-                eos_token_id=256, pad_token_id=257))
+            lm = LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=V + 3,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=512,
+                    tie_word_embeddings=True,
+                    bos_token_id=256,
+                    eos_token_id=256,
+                    pad_token_id=257,
+                )
+            )
         elif family == "gpt2":
-            lm = GPT2LMHeadModel(GPT2Config(
-                vocab_size=V + 3, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=256,
-                eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            lm = GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=V + 3,
+                    n_embd=64,
+                    n_layer=2,
+                    n_head=4,
+                    n_positions=512,
+                    bos_token_id=256,
+                    eos_token_id=256,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                )
+            )
         else:
             raise LatentPatchError(f"--model config:{family}: unknown family; fix: use config:llama or config:gpt2")
         prj = build_prj(64, 128, layer_norm=True)
-    cfg = LatentConfig(num_latent=6 if num_latent is None else int(num_latent), pad_id=V, bot_id=V + 1,
-                       eot_id=V + 2, eos_id=256, remove_eos=True, add_special_tokens=False)
+    cfg = LatentConfig(
+        num_latent=6 if num_latent is None else int(num_latent),
+        pad_id=V,
+        bot_id=V + 1,
+        eot_id=V + 2,
+        eos_id=256,
+        remove_eos=True,
+        add_special_tokens=False,
+    )
     check_special_ids(cfg, lm, f"config:{family}")
     move_to(lm, dtype)
     move_to(lm, dev)

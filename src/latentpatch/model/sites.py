@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -224,7 +225,7 @@ class ActivationHooks:
         return hook
 
     # -- context -----------------------------------------------------------------------------
-    def __enter__(self) -> "ActivationHooks":
+    def __enter__(self) -> ActivationHooks:
         for key in sorted(set(self.writes) | self.record_keys):
             module, kind = hooked_module(self.lm, *key)
             if kind == "input":

@@ -40,7 +40,7 @@ class RolloutState:
     def batch_size(self) -> int:
         return self.attention_mask.shape[0]
 
-    def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> "RolloutState":
+    def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> RolloutState:
         """A copy truncated to the first ``length`` tokens, rows selected then repeated ``repeats`` times.
 
         The copy shares no storage that a later forward would append to, so the original stays

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -111,12 +111,26 @@ def to_answer_logits(scored: Sequence[torch.Tensor], answers: AnswerStrings, pre
     ``scored[0]`` may run past ``A_base`` (the engine scores it with a closing [EOS]): it is cut.
     """
     n_base = len(answers["base"][0])
-    return AnswerLogits(scored[0][:n_base], scored[1], scored[2], answers["base"][0], answers["clean"][0],
-                        answers["corr"][0], answers["base"][1], answers["clean"][1], answers["corr"][1], pred)
+    return AnswerLogits(
+        scored[0][:n_base],
+        scored[1],
+        scored[2],
+        answers["base"][0],
+        answers["clean"][0],
+        answers["corr"][0],
+        answers["base"][1],
+        answers["clean"][1],
+        answers["corr"][1],
+        pred,
+    )
 
 
 def score_answer_strings(
-    model: LatentModel, state: RolloutState, first: torch.Tensor, answers: AnswerStrings, preds: Sequence[float | None],
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    answers: AnswerStrings,
+    preds: Sequence[float | None],
 ) -> list[AnswerLogits]:
     """Teacher-force the three answer strings on every row of ``state``.
 
@@ -192,8 +206,10 @@ def own_values(base: PairBaseline) -> ValueFn:
 def mean_activations(bases: Sequence[PairBaseline]) -> dict[str, torch.Tensor]:
     """Dataset mean of the *source* runs' latent activations, per component: [n_layers, K, d]."""
     comps = bases[0].source.acts.keys()
-    return {c: torch.stack([b.source.acts[c].float() for b in bases]).mean(0).to(bases[0].source.acts[c].dtype)
-            for c in comps}
+    return {
+        c: torch.stack([b.source.acts[c].float() for b in bases]).mean(0).to(bases[0].source.acts[c].dtype)
+        for c in comps
+    }
 
 
 def resample_partner(n: int, seed: int) -> list[int]:

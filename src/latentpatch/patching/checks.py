@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from latentpatch.model.latent import LatentModel, extract_number
 from latentpatch.model.sites import Write
+from latentpatch.names import LOGIT_METRICS
 from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values
 from latentpatch.patching.engine import sweep_fast, sweep_reference
-from latentpatch.names import LOGIT_METRICS
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
 
@@ -39,7 +39,9 @@ def _tolerance(model: LatentModel, fp32: float) -> float:
     return fp32 if model.dtype == torch.float32 else 5e-2
 
 
-def check_identity(model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], n_pairs: int = 2) -> dict:
+def check_identity(
+    model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], n_pairs: int = 2
+) -> dict:
     """Check 1: each spec patched with the target's own activations, on the first ``n_pairs`` pairs."""
     worst = 0.0
     used = list(bases[:n_pairs])
@@ -47,8 +49,12 @@ def check_identity(model: LatentModel, bases: Sequence[PairBaseline], specs: Seq
         cells = sweep_fast(model, base, specs, own_values(base))
         worst = max([worst] + [c["kl"] for c in cells if not math.isnan(c["kl"])])
     threshold = _tolerance(model, 1e-6)
-    return {"passed": worst <= threshold, "value": worst, "threshold": threshold,
-            "detail": f"max KL over {len(specs)} specs x {len(used)} pairs patched with their own activations"}
+    return {
+        "passed": worst <= threshold,
+        "value": worst,
+        "threshold": threshold,
+        "detail": f"max KL over {len(specs)} specs x {len(used)} pairs patched with their own activations",
+    }
 
 
 @torch.no_grad()
@@ -63,14 +69,27 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
         s = model.rollout([src], record=[("resid_pre", 0)])
         assert s.hooks is not None  # rollout always returns the hooks it ran with
         act = s.hooks.recorded("resid_pre", 0)[0]  # [T_total, d]: prompt, thoughts, [EOT]
-        writes = [Write("resid_pre", 0, torch.tensor([pos], device=model.device), torch.tensor([True], device=model.device), act[pos][None])
-                  for pos in range(act.shape[0])]
+        writes = [
+            Write(
+                "resid_pre",
+                0,
+                torch.tensor([pos], device=model.device),
+                torch.tensor([True], device=model.device),
+                act[pos][None],
+            )
+            for pos in range(act.shape[0])
+        ]
         r = model.rollout([tgt], writes=writes)
         worst = max(worst, float((r.answer_logits - s.answer_logits).abs().max()))
     threshold = _tolerance(model, 1e-4)
-    return {"passed": covered == 0 or worst <= threshold, "value": worst, "threshold": threshold,
-            "pairs_covered": covered, "pairs_total": len(bases),
-            "detail": f"resid_pre L0 at every position from the source run; {covered}/{len(bases)} pairs have equal prompt lengths"}
+    return {
+        "passed": covered == 0 or worst <= threshold,
+        "value": worst,
+        "threshold": threshold,
+        "pairs_covered": covered,
+        "pairs_total": len(bases),
+        "detail": f"resid_pre L0 at every position from the source run; {covered}/{len(bases)} pairs have equal prompt lengths",
+    }
 
 
 @torch.no_grad()
@@ -80,7 +99,7 @@ def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch
     runs = [(b.clean, b.clean_answer) for b in bases] + [(b.corrupted, b.corrupted_answer) for b in bases]
     changed, correct_ablated = 0, 0
     for i in range(0, len(runs), batch):
-        chunk = runs[i: i + batch]
+        chunk = runs[i : i + batch]
         zeros = torch.zeros(1, model.num_latent, model.d_model)
         r = model.rollout([rec.prompt for rec, _ in chunk], **model.thought_ablation(zeros, len(chunk)))
         for (rec, answer), ids in zip(chunk, model.generate(r.state, r.answer_logits)):
@@ -91,17 +110,27 @@ def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch
     acc_ablated = correct_ablated / len(runs)
     changed_rate = changed / len(runs)
     min_diff = min(diffs) if diffs else 0.0
-    return {"passed": min_diff > 1e-6 and changed_rate > 0, "value": changed_rate, "threshold": 0.0,
-            "min_thought_diff": min_diff, "accuracy": acc, "accuracy_ablated": acc_ablated,
-            "ablation_accuracy_drop": acc - acc_ablated,
-            "detail": f"thoughts zeroed: {changed}/{len(runs)} answers change, accuracy {acc:.3f} -> {acc_ablated:.3f}; "
-                      f"min over pairs of max |clean - corrupted thought| = {min_diff:.3g}"}
+    return {
+        "passed": min_diff > 1e-6 and changed_rate > 0,
+        "value": changed_rate,
+        "threshold": 0.0,
+        "min_thought_diff": min_diff,
+        "accuracy": acc,
+        "accuracy_ablated": acc_ablated,
+        "ablation_accuracy_drop": acc - acc_ablated,
+        "detail": f"thoughts zeroed: {changed}/{len(runs)} answers change, accuracy {acc:.3f} -> {acc_ablated:.3f}; "
+        f"min over pairs of max |clean - corrupted thought| = {min_diff:.3g}",
+    }
 
 
 def check_engine_reference(
-    model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec],
-    values_for: Callable[[int], ValueFn], batch_size: int,
-    n_cells: int = 8, seed: int = 0,
+    model: LatentModel,
+    bases: Sequence[PairBaseline],
+    specs: Sequence[PatchSpec],
+    values_for: Callable[[int], ValueFn],
+    batch_size: int,
+    n_cells: int = 8,
+    seed: int = 0,
 ) -> dict:
     """Check 4: ``n_cells`` seeded random cells over two pairs, :func:`sweep_fast` vs :func:`sweep_reference`.
 
@@ -122,5 +151,10 @@ def check_engine_reference(
                     worst = max(worst, abs(f[k] - r[k]))
             compared += 1
     threshold = _tolerance(model, 1e-4)
-    return {"passed": worst <= threshold, "value": worst, "threshold": threshold, "cells": compared,
-            "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}"}
+    return {
+        "passed": worst <= threshold,
+        "value": worst,
+        "threshold": threshold,
+        "cells": compared,
+        "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}",
+    }

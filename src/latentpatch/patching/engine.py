@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -54,7 +54,10 @@ def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
 
 
 def _score_and_generate(
-    model: LatentModel, base: PairBaseline, state: RolloutState, first: torch.Tensor,
+    model: LatentModel,
+    base: PairBaseline,
+    state: RolloutState,
+    first: torch.Tensor,
 ) -> tuple[list[list[int]], list[AnswerLogits]]:
     """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
 
@@ -100,7 +103,9 @@ def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, de
 
 
 def _freeze(
-    specs: Sequence[PatchSpec], target_thoughts: torch.Tensor, K: int,
+    specs: Sequence[PatchSpec],
+    target_thoughts: torch.Tensor,
+    K: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Thought overrides for frozen specs: (``[B, K, d]`` target thoughts, ``[B, K]`` mask of the
     positions after the patch), or (None, None) when no spec is frozen. ``target_thoughts``: [K, d]."""
@@ -110,7 +115,7 @@ def _freeze(
     mask = torch.zeros(B, K, dtype=torch.bool, device=target_thoughts.device)
     for row, spec in enumerate(specs):
         if spec.frozen:
-            mask[row, max(spec.positions) + 1:] = True
+            mask[row, max(spec.positions) + 1 :] = True
     return target_thoughts[None].expand(B, -1, -1), mask
 
 
@@ -134,8 +139,13 @@ def _tracking_metrics(model: LatentModel, base: PairBaseline, spec: PatchSpec, a
 
 
 def _cell_results(
-    model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], state: RolloutState,
-    answer_logits: torch.Tensor, tracked: dict[int, torch.Tensor], decode_all: bool = False,
+    model: LatentModel,
+    base: PairBaseline,
+    specs: Sequence[PatchSpec],
+    state: RolloutState,
+    answer_logits: torch.Tensor,
+    tracked: dict[int, torch.Tensor],
+    decode_all: bool = False,
 ) -> list[dict]:
     """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]``.
 
@@ -153,8 +163,9 @@ def _cell_results(
         gen, patched = _score_and_generate(model, base, state, answer_logits)
     out = []
     for row, spec in enumerate(specs):
-        m = answer_metrics(patched[row], base.target_logits, base.ld_target, base.ld_source,
-                           base.clean_answer, base.corrupted_answer)
+        m = answer_metrics(
+            patched[row], base.target_logits, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
+        )
         m["answer_ids"] = gen[row]
         if spec.track and row in tracked:
             m.update(_tracking_metrics(model, base, spec, tracked[row]))
@@ -173,7 +184,11 @@ def _unique_computations(specs: Sequence[PatchSpec]) -> list[PatchSpec]:
 
 
 def _sweep_chunk(
-    model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec], values: ValueFn,
+    model: LatentModel,
+    base: PairBaseline,
+    target: Rollout,
+    chunk: Sequence[PatchSpec],
+    values: ValueFn,
 ) -> list[dict]:
     """Metrics of a chunk of specs (sorted by start), as one batched continuation of the target's prefix."""
     T_q, K = target.prompt_len, model.num_latent
@@ -191,13 +206,17 @@ def _sweep_chunk(
         if s.track:
             acts = hooks.recorded(s.component, s.layer)  # [B, T_new, d], index 0 = absolute T_q + start
             lo = max(s.positions) + 1 - start
-            tracked[row] = acts[row, lo: K - start]  # [n_later, d]
+            tracked[row] = acts[row, lo : K - start]  # [n_later, d]
     return _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)  # logits [B, V]
 
 
 @torch.no_grad()
 def sweep_fast(
-    model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], values: ValueFn, batch_size: int = 64,
+    model: LatentModel,
+    base: PairBaseline,
+    specs: Sequence[PatchSpec],
+    values: ValueFn,
+    batch_size: int = 64,
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md).
 
@@ -224,7 +243,7 @@ def sweep_fast(
     ordered = sorted(_unique_computations(specs), key=lambda s: s.start)
     results: dict[tuple, dict] = {}
     for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i: i + batch_size]
+        chunk = ordered[i : i + batch_size]
         for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values)):
             results[s.computation] = cell
     return [dict(results[s.computation]) for s in specs]
@@ -241,12 +260,13 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         writes = _writes_for([spec], values, T_q, model.device)
         override, mask = _freeze([spec], base.target.thoughts, K)
         record = [(spec.component, spec.layer)] if spec.track else []
-        r = model.rollout([base.target.prompt], writes=writes, record=record, thought_override=override,
-                          override_mask=mask)
+        r = model.rollout(
+            [base.target.prompt], writes=writes, record=record, thought_override=override, override_mask=mask
+        )
         tracked = {}
         if spec.track:
             assert r.hooks is not None  # rollout always returns the hooks it ran with
             acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
-            tracked[0] = acts[T_q + max(spec.positions) + 1: T_q + K]  # [n_later, d]
+            tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
         out.extend(_cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True))
     return out

@@ -69,12 +69,18 @@ def _token_logprobs(logits: torch.Tensor, ids: list[int], start: int) -> torch.T
 
 def answer_logit_diff(a: AnswerLogits) -> float:
     """Mean logit of A_clean's number tokens minus mean logit of A_corr's number tokens."""
-    return float(_token_logits(a.clean, a.clean_ids, a.clean_start).mean() - _token_logits(a.corr, a.corr_ids, a.corr_start).mean())
+    return float(
+        _token_logits(a.clean, a.clean_ids, a.clean_start).mean()
+        - _token_logits(a.corr, a.corr_ids, a.corr_start).mean()
+    )
 
 
 def answer_logprob_diff(a: AnswerLogits) -> float:
     """log P(number of A_clean) − log P(number of A_corr), given the prefix (nats)."""
-    return float(_token_logprobs(a.clean, a.clean_ids, a.clean_start).sum() - _token_logprobs(a.corr, a.corr_ids, a.corr_start).sum())
+    return float(
+        _token_logprobs(a.clean, a.clean_ids, a.clean_start).sum()
+        - _token_logprobs(a.corr, a.corr_ids, a.corr_start).sum()
+    )
 
 
 def distribution_shift(patched: torch.Tensor, baseline: torch.Tensor, start: int) -> dict[str, float | list[float]]:

@@ -13,8 +13,8 @@ and ``num_latent`` (K) thoughts. Nothing else differs between experiments: the e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from latentpatch.names import (
     ALL_POSITIONS,
@@ -92,8 +92,11 @@ def layer_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONE
 
 def position_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """Position sweep: per (layer, latent position p), that one site."""
-    return [PatchSpec("position", POSITION_MODE, component, layer, (p,), p)
-            for layer in range(n_layers) for p in range(num_latent)]
+    return [
+        PatchSpec("position", POSITION_MODE, component, layer, (p,), p)
+        for layer in range(n_layers)
+        for p in range(num_latent)
+    ]
 
 
 def iterative_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
@@ -110,7 +113,9 @@ def iterative_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COM
     every = tuple(range(num_latent))
     for layer in range(n_layers):
         specs.append(PatchSpec("iterative", "parallel", component, layer, every, ALL_POSITIONS))
-        specs += [PatchSpec("iterative", "cumulative", component, layer, tuple(range(n + 1)), n) for n in range(num_latent)]
+        specs += [
+            PatchSpec("iterative", "cumulative", component, layer, tuple(range(n + 1)), n) for n in range(num_latent)
+        ]
         specs.append(PatchSpec("iterative", "chained", component, layer, (0,), 0, track=True))
         specs.append(PatchSpec("iterative", "frozen", component, layer, (0,), 0, frozen=True, track=True))
     return specs
@@ -119,7 +124,9 @@ def iterative_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COM
 def experiment_specs(name: str, n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
     """The spec list of the experiment called ``name`` (one of :data:`EXPERIMENTS`)."""
     generators: dict[str, Callable[[int, int, str], list[PatchSpec]]] = {
-        "layer": layer_specs, "position": position_specs, "iterative": iterative_specs,
+        "layer": layer_specs,
+        "position": position_specs,
+        "iterative": iterative_specs,
     }
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentpatch.patching.baselines import RunRecord, record_run
 from latentpatch.model.latent import LatentModel
+from latentpatch.patching.baselines import RunRecord, record_run
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("LATENTPATCH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "latentpatch")
+    root = os.environ.get("LATENTPATCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "latentpatch"
+    )
     return Path(root) / "activations"
 
 
@@ -63,7 +65,7 @@ class ActivationCache:
             self.misses += 1
             return None
         self.hits += 1
-        acts = {k[len("acts."):]: v for k, v in t.items() if k.startswith("acts.")}
+        acts = {k[len("acts.") :]: v for k, v in t.items() if k.startswith("acts.")}
         pred = float(t["pred"][0]) if t["has_pred"][0] else None
         return RunRecord(list(prompt), t["thoughts"], acts, t["answer_ids"].tolist(), pred)
 

@@ -13,15 +13,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (  # noqa: F401  (GLOBAL_REPLACEMENTS: re-exported for run and merge)
-    COMPONENTS, DEFAULT_COMPONENT, DIRECTIONS, EXPERIMENTS, GLOBAL_REPLACEMENTS, REPLACEMENTS,
+    COMPONENTS,
+    DEFAULT_COMPONENT,
+    DIRECTIONS,
+    EXPERIMENTS,
+    GLOBAL_REPLACEMENTS,
+    REPLACEMENTS,
 )
 
 if TYPE_CHECKING:
@@ -31,8 +37,14 @@ if TYPE_CHECKING:
 ENGINES: tuple[str, ...] = ("fast", "reference")
 
 
-def option(default: Any, help: str, *, flags: str | None = None, parse: Callable[[str], Any] | None = None,
-           omit_if_unset: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    flags: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    omit_if_unset: bool = False,
+) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``help``: the option's help text. ``flags``: the option's declaration when it is not
@@ -55,9 +67,11 @@ def parse_batch_size(text: str) -> int | str:
     return int(text) if text.strip().isdigit() else text
 
 
-MODEL_HELP = ("Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
-              "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
-              "(a small random model, for a demo).")
+MODEL_HELP = (
+    "Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
+    "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
+    "(a small random model, for a demo)."
+)
 
 
 @dataclass
@@ -66,25 +80,40 @@ class ModelOptions:
 
     model: str = option("default", MODEL_HELP)
     base: str | None = option(None, "Base model of a codi:/coconut: checkpoint (local dir or hub name).")
-    preset: str | None = option(None, "Settings of an official CODI checkpoint: codi-gpt2, codi-llama1b or "
-                                      "codi-llama1b-instruct.")
-    lora_r: int | None = option(None, "LoRA rank of a codi: checkpoint (0 = checkpoint without LoRA; "
-                                      "default: read from the file).", omit_if_unset=True)
-    lora_alpha: float | None = option(None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).",
-                                      omit_if_unset=True)
-    lora_targets: str | None = option(None, "Comma-separated LoRA target modules of a codi: checkpoint.",
-                                      omit_if_unset=True)
-    prj_dim: int | None = option(None, "Projection width of a codi: checkpoint (default: read from the file).",
-                                 omit_if_unset=True)
-    prj_ln: bool | None = option(None, "The projection of a codi: checkpoint ends with a LayerNorm (default: "
-                                       "read from the file).", flags="--prj-ln/--no-prj-ln", omit_if_unset=True)
-    num_latent: int | None = option(None, "Number of continuous thoughts (default: the model's).",
-                                    omit_if_unset=True)
-    remove_eos: bool | None = option(None, "No [EOS] around the thoughts of a codi: checkpoint (CODI's "
-                                           "--remove_eos).", flags="--remove-eos/--keep-eos", omit_if_unset=True)
+    preset: str | None = option(
+        None, "Settings of an official CODI checkpoint: codi-gpt2, codi-llama1b or codi-llama1b-instruct."
+    )
+    lora_r: int | None = option(
+        None,
+        "LoRA rank of a codi: checkpoint (0 = checkpoint without LoRA; default: read from the file).",
+        omit_if_unset=True,
+    )
+    lora_alpha: float | None = option(
+        None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).", omit_if_unset=True
+    )
+    lora_targets: str | None = option(
+        None, "Comma-separated LoRA target modules of a codi: checkpoint.", omit_if_unset=True
+    )
+    prj_dim: int | None = option(
+        None, "Projection width of a codi: checkpoint (default: read from the file).", omit_if_unset=True
+    )
+    prj_ln: bool | None = option(
+        None,
+        "The projection of a codi: checkpoint ends with a LayerNorm (default: read from the file).",
+        flags="--prj-ln/--no-prj-ln",
+        omit_if_unset=True,
+    )
+    num_latent: int | None = option(None, "Number of continuous thoughts (default: the model's).", omit_if_unset=True)
+    remove_eos: bool | None = option(
+        None,
+        "No [EOS] around the thoughts of a codi: checkpoint (CODI's --remove_eos).",
+        flags="--remove-eos/--keep-eos",
+        omit_if_unset=True,
+    )
     eos_id: int | None = option(None, "End-of-sequence token id of a codi: checkpoint.", omit_if_unset=True)
-    answer_prefix: str | None = option(None, "Text a codi: checkpoint emits before the number (default: "
-                                             "'The answer is: ').", omit_if_unset=True)
+    answer_prefix: str | None = option(
+        None, "Text a codi: checkpoint emits before the number (default: 'The answer is: ').", omit_if_unset=True
+    )
     device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "Weights and activations: float32 or bfloat16 (float16 also works).")
 
@@ -92,11 +121,18 @@ class ModelOptions:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
         from latentpatch.model.load import load_model
 
-        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)
-                     if f.metadata["omit_if_unset"]}
+        overrides = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions) if f.metadata["omit_if_unset"]
+        }
         # an empty --base/--preset (e.g. from a config file) means "not given"
-        return load_model(self.model, base=self.base or None, preset=self.preset or None, dtype=self.dtype,
-                          device=self.device, **overrides)
+        return load_model(
+            self.model,
+            base=self.base or None,
+            preset=self.preset or None,
+            dtype=self.dtype,
+            device=self.device,
+            **overrides,
+        )
 
 
 @dataclass
@@ -108,8 +144,9 @@ class RunConfig(ModelOptions):
     """
 
     pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).")
-    experiments: tuple[str, ...] = option(EXPERIMENTS, "Comma list of " + ",".join(EXPERIMENTS) + ".",
-                                          parse=parse_experiments)
+    experiments: tuple[str, ...] = option(
+        EXPERIMENTS, "Comma list of " + ",".join(EXPERIMENTS) + ".", parse=parse_experiments
+    )
     component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(COMPONENTS) + ".")
     direction: str = option("denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).")
     replacement: str = option("source", "Patched-in values: " + " | ".join(REPLACEMENTS) + ".")
@@ -119,8 +156,9 @@ class RunConfig(ModelOptions):
     batch_size: int | str = option(64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size)
     threads: int | None = option(None, "CPU threads (default: 1 for small models, else torch's).")
     seed: int = option(0, "Random seed (resample partners, check cells).")
-    only_correct: bool = option(False, "Exclude pairs the model gets wrong (clean or corrupted).",
-                                flags="--only-correct/--all-pairs")
+    only_correct: bool = option(
+        False, "Exclude pairs the model gets wrong (clean or corrupted).", flags="--only-correct/--all-pairs"
+    )
     keep_same_answer: bool = option(False, "Keep pairs whose clean and corrupted answers are equal.")
     engine: str = option("fast", "fast (batched) | reference (one full rollout per cell).")
     strict: bool = option(False, "A failing built-in check is fatal.")
@@ -133,20 +171,30 @@ class RunConfig(ModelOptions):
     thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
 
     #: Options that do not change any number in results/ (safe to differ on --resume).
-    NOT_RESULT_KEYS: ClassVar[tuple[str, ...]] = ("out", "strict", "report", "wandb", "wandb_project", "cache_dir",
-                                                  "use_cache")
+    NOT_RESULT_KEYS: ClassVar[tuple[str, ...]] = (
+        "out",
+        "strict",
+        "report",
+        "wandb",
+        "wandb_project",
+        "cache_dir",
+        "use_cache",
+    )
 
     def validate(self) -> None:
         """Raise a :class:`LatentPatchError` naming the option for the first bad value (dtype and
         device are checked by ``load_model``)."""
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad or not self.experiments:
-            raise LatentPatchError(f"--experiments: unknown {','.join(bad) or '(empty)'}; "
-                                   f"use a comma list of {','.join(EXPERIMENTS)}")
-        for name, value, choices in (("component", self.component, COMPONENTS),
-                                     ("direction", self.direction, DIRECTIONS),
-                                     ("replacement", self.replacement, REPLACEMENTS),
-                                     ("engine", self.engine, ENGINES)):
+            raise LatentPatchError(
+                f"--experiments: unknown {','.join(bad) or '(empty)'}; use a comma list of {','.join(EXPERIMENTS)}"
+            )
+        for name, value, choices in (
+            ("component", self.component, COMPONENTS),
+            ("direction", self.direction, DIRECTIONS),
+            ("replacement", self.replacement, REPLACEMENTS),
+            ("engine", self.engine, ENGINES),
+        ):
             if value not in choices:
                 raise LatentPatchError(f"--{name} {value!r}: use one of {', '.join(choices)}")
         if self.threads is not None and self.threads < 1:
@@ -194,8 +242,10 @@ class RunConfig(ModelOptions):
         data = {k.replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise LatentPatchError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
-                                   "fix: use the names of `latentpatch run --help`")
+            raise LatentPatchError(
+                f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                "fix: use the names of `latentpatch run --help`"
+            )
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**parse_values(cls, data))
 

@@ -13,11 +13,11 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from latentpatch.errors import LatentPatchError
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
+from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import GLOBAL_REPLACEMENTS, RunConfig, parse_shard, parse_values
 from latentpatch.rundir import assemble, write_json
 
@@ -28,14 +28,18 @@ FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
 def _manifest(run_dir: Path) -> dict:
     path = run_dir / "manifest.json"
     if not path.is_file():
-        raise LatentPatchError(f"{run_dir}: no manifest.json; fix: pass run directories written by `latentpatch run --shard i/N`")
+        raise LatentPatchError(
+            f"{run_dir}: no manifest.json; fix: pass run directories written by `latentpatch run --shard i/N`"
+        )
     try:
         m = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise LatentPatchError(f"{path} is not valid JSON ({err}); fix: rerun that shard") from None
     if m.get("status") != "complete":
-        raise LatentPatchError(f"{run_dir} is not complete (status {m.get('status')!r}); fix: finish it with "
-                               "`latentpatch run ... --resume` before merging")
+        raise LatentPatchError(
+            f"{run_dir} is not complete (status {m.get('status')!r}); fix: finish it with "
+            "`latentpatch run ... --resume` before merging"
+        )
     return m
 
 
@@ -50,17 +54,24 @@ def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
         s = _settings(m)
         diff = sorted(k for k in set(first) | set(s) if first.get(k) != s.get(k))
         if diff:
-            raise LatentPatchError(f"{d} and {dirs[0]} were run with different settings (differ in: {', '.join(diff)}); "
-                                   "fix: merge only the shards of one run configuration")
+            raise LatentPatchError(
+                f"{d} and {dirs[0]} were run with different settings (differ in: {', '.join(diff)}); "
+                "fix: merge only the shards of one run configuration"
+            )
     if first.get("replacement") in GLOBAL_REPLACEMENTS and any(
-            m["config"].get("shard") and m.get("replacement_pool") != "all shards" for m in manifests):
+        m["config"].get("shard") and m.get("replacement_pool") != "all shards" for m in manifests
+    ):
         # shards written before values were computed over all shards' pairs
-        raise LatentPatchError(f"--replacement {first['replacement']} uses values computed over the run's pairs, and these "
-                               "shards computed them over their own pairs only; fix: rerun the shards with this version")
+        raise LatentPatchError(
+            f"--replacement {first['replacement']} uses values computed over the run's pairs, and these "
+            "shards computed them over their own pairs only; fix: rerun the shards with this version"
+        )
     shards = [parse_shard(m["config"].get("shard") or "0/1") for m in manifests]
     counts = sorted({n for _, n in shards})
     if len(counts) > 1:
-        raise LatentPatchError(f"the shards disagree on the number of shards ({counts}); fix: merge the shards of one split")
+        raise LatentPatchError(
+            f"the shards disagree on the number of shards ({counts}); fix: merge the shards of one split"
+        )
     n = counts[0]
     owner: dict[int, Path] = {}
     for d, (i, _) in zip(dirs, shards):
@@ -69,7 +80,9 @@ def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
         owner[i] = d
     missing = sorted(set(range(n)) - set(owner))
     if missing:
-        raise LatentPatchError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing; fix: pass every shard's run directory")
+        raise LatentPatchError(
+            f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing; fix: pass every shard's run directory"
+        )
     return n
 
 
@@ -82,7 +95,8 @@ def _merge_checks(shards: Sequence[tuple[str, dict]]) -> dict:
         values = [c["value"] for _, c in items if isinstance(c.get("value"), (int, float))]
         worst = min if name == "live_thoughts" else max  # live_thoughts passes above its threshold
         merged[name] = {
-            "passed": all(c["passed"] for _, c in items), "value": worst(values) if values else None,
+            "passed": all(c["passed"] for _, c in items),
+            "value": worst(values) if values else None,
             "threshold": items[0][1].get("threshold"),
             "detail": f"worst of {len(items)} shards; shard {items[0][0]}: {items[0][1].get('detail', '')}",
             "shards": {shard: c for shard, c in items},
@@ -137,8 +151,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
     return out
 
 
-def _pair_files(dirs: Sequence[Path], n_shards: int,
-                only_correct: bool) -> tuple[dict[int, tuple[Path, dict]], dict[str, Pair]]:
+def _pair_files(
+    dirs: Sequence[Path], n_shards: int, only_correct: bool
+) -> tuple[dict[int, tuple[Path, dict]], dict[str, Pair]]:
     """Every shard's pair result files by global index (checked against their shard), and the
     pairs by id."""
     files: dict[int, tuple[Path, dict]] = {}
@@ -148,14 +163,17 @@ def _pair_files(dirs: Sequence[Path], n_shards: int,
         pairs.update({p.pair_id: p for p in shard_pairs})
         found = sorted((d / "results" / "pairs").glob("[0-9]*.json"))
         if len(found) != len(shard_pairs):
-            raise LatentPatchError(f"{d}: {len(found)} pair result files for {len(shard_pairs)} pairs; fix: rerun "
-                                   "that shard with --resume")
+            raise LatentPatchError(
+                f"{d}: {len(found)} pair result files for {len(shard_pairs)} pairs; fix: rerun that shard with --resume"
+            )
         for f in found:
             data = json.loads(f.read_text())
             k = int(data.get("index", f.stem))
             if k % n_shards != i or k in files:
-                raise LatentPatchError(f"{f}: pair index {k} does not belong to shard {i}/{n_shards} or is "
-                                       "duplicated; fix: merge the unchanged shard directories")
+                raise LatentPatchError(
+                    f"{f}: pair index {k} does not belong to shard {i}/{n_shards} or is "
+                    "duplicated; fix: merge the unchanged shard directories"
+                )
             files[k] = (f, data)
     if not only_correct and sorted(files) != list(range(len(files))):
         gaps = sorted(set(range(max(files) + 1)) - set(files))
@@ -163,14 +181,18 @@ def _pair_files(dirs: Sequence[Path], n_shards: int,
     return files, pairs
 
 
-def _merged_manifest(dirs: Sequence[Path], manifests: Sequence[dict], ordered: Sequence[dict], out: Path,
-                     timings: dict) -> dict:
+def _merged_manifest(
+    dirs: Sequence[Path], manifests: Sequence[dict], ordered: Sequence[dict], out: Path, timings: dict
+) -> dict:
     """The first shard's manifest with the config, baselines, checks and timings of all shards."""
     config = dict(manifests[0]["config"], shard=None, out=str(out))
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**parse_values(RunConfig, {k: v for k, v in config.items() if k in fields}))
-    flags = {d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
-             for d in ordered if d["cells"]}
+    flags = {
+        d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
+        for d in ordered
+        if d["cells"]
+    }
     per_pair: dict[str, dict] = {}
     for m in manifests:
         per_pair.update((m.get("baselines") or {}).get("per_pair") or {})
@@ -178,26 +200,37 @@ def _merged_manifest(dirs: Sequence[Path], manifests: Sequence[dict], ordered: S
     n_cells = sum(len(d["cells"]) for d in ordered)
     cache = _sum_numbers([m.get("activation_cache") for m in manifests])
     manifest = dict(manifests[0])
-    manifest.update({
-        "status": "complete", "config": config, "config_hash": cfg.result_hash(),
-        "command": "latentpatch merge " + " ".join(str(d) for d in dirs) + f" --out {out}",
-        "n_pairs": n,
-        "baselines": {
+    manifest.update(
+        {
+            "status": "complete",
+            "config": config,
+            "config_hash": cfg.result_hash(),
+            "command": "latentpatch merge " + " ".join(str(d) for d in dirs) + f" --out {out}",
             "n_pairs": n,
-            "clean_accuracy": sum(c for c, _ in flags.values()) / max(n, 1),
-            "corrupted_accuracy": sum(r for _, r in flags.values()) / max(n, 1),
-            "both_correct": sum(c and r for c, r in flags.values()) / max(n, 1),
-            "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
-            "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
-        },
-        "checks": _merge_checks([(m["config"].get("shard") or "0/1", m) for m in manifests]),
-        "timings": timings,
-        "cells_per_second": n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
-        "activation_cache": cache or None,
-        "merged_from": [{"run_dir": str(d), "shard": m["config"].get("shard"), "n_pairs": m.get("n_pairs"),
-                         "git_commit": m.get("git_commit"), "device": m.get("device"),
-                         "batch_size": m.get("batch_size")}
-                        for d, m in zip(dirs, manifests)],
-    })
+            "baselines": {
+                "n_pairs": n,
+                "clean_accuracy": sum(c for c, _ in flags.values()) / max(n, 1),
+                "corrupted_accuracy": sum(r for _, r in flags.values()) / max(n, 1),
+                "both_correct": sum(c and r for c, r in flags.values()) / max(n, 1),
+                "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
+                "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
+            },
+            "checks": _merge_checks([(m["config"].get("shard") or "0/1", m) for m in manifests]),
+            "timings": timings,
+            "cells_per_second": n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
+            "activation_cache": cache or None,
+            "merged_from": [
+                {
+                    "run_dir": str(d),
+                    "shard": m["config"].get("shard"),
+                    "n_pairs": m.get("n_pairs"),
+                    "git_commit": m.get("git_commit"),
+                    "device": m.get("device"),
+                    "batch_size": m.get("batch_size"),
+                }
+                for d, m in zip(dirs, manifests)
+            ],
+        }
+    )
     manifest.pop("previous_timings", None)
     return manifest

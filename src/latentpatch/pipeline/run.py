@@ -21,30 +21,37 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
-from latentpatch.patching.checks import (
-    check_engine_reference, check_full_restoration, check_identity, check_live_thoughts,
-)
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
+from latentpatch.patching.checks import (
+    check_engine_reference,
+    check_full_restoration,
+    check_identity,
+    check_live_thoughts,
+)
 from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.patching.specs import PatchSpec, experiment_specs
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import (  # noqa: F401  (default_pairs_path: re-exported for older imports)
-    GLOBAL_REPLACEMENTS, RunConfig, default_pairs_path, load_run_pairs, pairs_to_run,
+    GLOBAL_REPLACEMENTS,
+    RunConfig,
+    default_pairs_path,
+    load_run_pairs,
+    pairs_to_run,
 )
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import FORMAT, assemble, write_json
-
 
 # ---- the run's shared state and its manifest ---------------------------------------------------
 
@@ -80,11 +87,24 @@ def build_manifest(ctx: RunContext) -> dict[str, Any]:
     """The run's ``manifest.json`` as far as the run got (the one place its keys are written)."""
     config, model = ctx.config, ctx.model
     manifest: dict[str, Any] = {
-        "format": FORMAT, "status": "complete" if ctx.complete else "running", "config": config.to_dict(),
-        "config_hash": config.result_hash(), "command": ctx.command, **ctx.environment, "seed": config.seed,
-        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "batch_size": ctx.batch_size,
-        "model": {"name": model.name or config.model, "family": model.family, "n_layers": model.n_layers,
-                  "num_latent": model.num_latent, "d_model": model.d_model, "config": model.config.to_dict()},
+        "format": FORMAT,
+        "status": "complete" if ctx.complete else "running",
+        "config": config.to_dict(),
+        "config_hash": config.result_hash(),
+        "command": ctx.command,
+        **ctx.environment,
+        "seed": config.seed,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "batch_size": ctx.batch_size,
+        "model": {
+            "name": model.name or config.model,
+            "family": model.family,
+            "n_layers": model.n_layers,
+            "num_latent": model.num_latent,
+            "d_model": model.d_model,
+            "config": model.config.to_dict(),
+        },
         "pairs_removed": [{"pair_id": p, "reason": r} for p, r in ctx.removed],
     }
     if ctx.previous_timings:
@@ -118,11 +138,17 @@ def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str,
         "corrupted_accuracy": sum(b.corrupted_correct for b in bases) / n,
         "both_correct": sum(b.clean_correct and b.corrupted_correct for b in bases) / n,
         "flagged_pairs": [b.pair_id for b in bases if not (b.clean_correct and b.corrupted_correct)],
-        "per_pair": {b.pair_id: {"clean_pred": b.clean.pred, "corrupted_pred": b.corrupted.pred,
-                                 "clean_answer": b.clean_answer, "corrupted_answer": b.corrupted_answer,
-                                 "ld_clean_run": b.ld_source if denoise else b.ld_target,
-                                 "ld_corrupted_run": b.ld_target if denoise else b.ld_source}
-                     for b in bases},
+        "per_pair": {
+            b.pair_id: {
+                "clean_pred": b.clean.pred,
+                "corrupted_pred": b.corrupted.pred,
+                "clean_answer": b.clean_answer,
+                "corrupted_answer": b.corrupted_answer,
+                "ld_clean_run": b.ld_source if denoise else b.ld_target,
+                "ld_corrupted_run": b.ld_target if denoise else b.ld_source,
+            }
+            for b in bases
+        },
     }
 
 
@@ -133,8 +159,14 @@ def environment() -> dict[str, Any]:
 
     from latentpatch import __version__
 
-    versions = {"latentpatch": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+    versions = {
+        "latentpatch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
     return {"versions": versions, "git_commit": _git_commit()}
 
 
@@ -162,27 +194,39 @@ def open_run(config: RunConfig, resume: bool) -> dict[str, Any] | None:
     try:
         previous = json.loads(manifest_path.read_text())
     except Exception:
-        raise LatentPatchError(f"{manifest_path} is not valid JSON; fix: delete the run directory or choose a "
-                               "new --out")
+        raise LatentPatchError(
+            f"{manifest_path} is not valid JSON; fix: delete the run directory or choose a new --out"
+        )
     if previous.get("config_hash") != config.result_hash():
         old = previous.get("config", {})
         diff = [k for k, v in config.to_dict().items() if k not in RunConfig.NOT_RESULT_KEYS and old.get(k) != v]
         raise LatentPatchError(
             f"run directory {out} was made with a different config (differs in: {', '.join(diff) or 'config hash'}); "
-            f"fix: choose a new --out, or rerun with the same options")
+            f"fix: choose a new --out, or rerun with the same options"
+        )
     if not resume:
-        raise LatentPatchError(f"run directory {out} already holds a run; fix: pass --resume to continue it, "
-                               "or choose a new --out")
+        raise LatentPatchError(
+            f"run directory {out} already holds a run; fix: pass --resume to continue it, or choose a new --out"
+        )
     return previous
 
 
-def start_run(config: RunConfig, model: LatentModel, all_pairs: Sequence[Pair], *, previous: dict | None,
-              progress: RunProgress, command: str | None, timings: dict[str, float]) -> RunContext:
+def start_run(
+    config: RunConfig,
+    model: LatentModel,
+    all_pairs: Sequence[Pair],
+    *,
+    previous: dict | None,
+    progress: RunProgress,
+    command: str | None,
+    timings: dict[str, float],
+) -> RunContext:
     """This process's pairs, batch size, CPU threads, activation cache and patch specs."""
     selected, removed = pairs_to_run(all_pairs, config)
     if not selected:
-        raise LatentPatchError(f"pair file {config.pairs}: no pairs left after filtering/sharding; "
-                               "fix: check --pairs, --shard, --limit")
+        raise LatentPatchError(
+            f"pair file {config.pairs}: no pairs left after filtering/sharding; fix: check --pairs, --shard, --limit"
+        )
     batch_size = auto_batch_size(model) if config.batch_size == "auto" else int(config.batch_size)
     set_threads(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
@@ -190,10 +234,20 @@ def start_run(config: RunConfig, model: LatentModel, all_pairs: Sequence[Pair], 
     for name in config.experiments:
         specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
     return RunContext(
-        config=config, model=model, environment=environment(), batch_size=batch_size, cache=cache,
+        config=config,
+        model=model,
+        environment=environment(),
+        batch_size=batch_size,
+        cache=cache,
         command=command or "latentpatch run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        progress=progress, pairs=[p for _, p in selected], indices=[k for k, _ in selected], removed=removed,
-        specs=specs, timings=timings, previous_timings=(previous or {}).get("timings"))
+        progress=progress,
+        pairs=[p for _, p in selected],
+        indices=[k for k, _ in selected],
+        removed=removed,
+        specs=specs,
+        timings=timings,
+        previous_timings=(previous or {}).get("timings"),
+    )
 
 
 def set_threads(config: RunConfig, model: LatentModel) -> None:
@@ -216,8 +270,17 @@ def record_baselines(ctx: RunContext) -> None:
     bases = []
     for pair in ctx.pairs:
         clean, corrupted = (recorded_run(model, ctx.cache, v.question) for v in (pair.clean, pair.corrupted))
-        bases.append(prepare_pair(model, pair.pair_id, clean, corrupted, float(pair.clean.answer),
-                                  float(pair.corrupted.answer), config.direction))
+        bases.append(
+            prepare_pair(
+                model,
+                pair.pair_id,
+                clean,
+                corrupted,
+                float(pair.clean.answer),
+                float(pair.corrupted.answer),
+                config.direction,
+            )
+        )
         ctx.progress.advance()
     ctx.timings["baselines_s"] = time.perf_counter() - t
     if config.only_correct:
@@ -249,8 +312,9 @@ def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[s
         "identity": check_identity(model, bases, ctx.specs, n_pairs=1),
         "full_restoration": check_full_restoration(model, bases[: min(len(bases), 8)]),
         "live_thoughts": check_live_thoughts(model, bases),
-        "engine_reference": check_engine_reference(model, bases, ctx.specs, values_for, ctx.batch_size,
-                                                   config.check_cells, config.seed),
+        "engine_reference": check_engine_reference(
+            model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed
+        ),
     }
 
 
@@ -260,20 +324,36 @@ def report_failed_checks(ctx: RunContext) -> None:
     failed = [k for k, c in checks.items() if not c["passed"]]
     if not failed:
         return
-    ctx.progress.warn("CHECK FAILED: " + "; ".join(
-        f"{k} (value {checks[k]['value']:.3g}, threshold {checks[k]['threshold']:.3g}): {checks[k]['detail']}"
-        for k in failed))
+    ctx.progress.warn(
+        "CHECK FAILED: "
+        + "; ".join(
+            f"{k} (value {checks[k]['value']:.3g}, threshold {checks[k]['threshold']:.3g}): {checks[k]['detail']}"
+            for k in failed
+        )
+    )
     if ctx.config.strict:
-        raise LatentPatchError(f"built-in check failed ({', '.join(failed)}); see {ctx.out / 'manifest.json'}; "
-                               "--strict makes this fatal")
+        raise LatentPatchError(
+            f"built-in check failed ({', '.join(failed)}); see {ctx.out / 'manifest.json'}; --strict makes this fatal"
+        )
 
 
 def _cell_row(spec: PatchSpec, metrics: dict, base: PairBaseline) -> dict:
-    row = {"experiment": spec.experiment, "mode": spec.mode, "component": spec.component, "layer": spec.layer,
-           "position": spec.index, "key": spec.key}
+    row = {
+        "experiment": spec.experiment,
+        "mode": spec.mode,
+        "component": spec.component,
+        "layer": spec.layer,
+        "position": spec.index,
+        "key": spec.key,
+    }
     row.update(metrics)
-    row.update({"clean_correct": base.clean_correct, "corrupted_correct": base.corrupted_correct,
-                "flagged": not (base.clean_correct and base.corrupted_correct)})
+    row.update(
+        {
+            "clean_correct": base.clean_correct,
+            "corrupted_correct": base.corrupted_correct,
+            "flagged": not (base.clean_correct and base.corrupted_correct),
+        }
+    )
     return row
 
 
@@ -294,8 +374,11 @@ def patch_pair(ctx: RunContext, i: int, values: Callable) -> dict[str, Any]:
         cells = sweep_fast(model, base, ctx.specs, values, ctx.batch_size)
     else:
         cells = sweep_reference(model, base, ctx.specs, values)
-    entry: dict[str, Any] = {"pair_id": base.pair_id, "index": k,
-                             "cells": [_cell_row(s, c, base) for s, c in zip(ctx.specs, cells)]}
+    entry: dict[str, Any] = {
+        "pair_id": base.pair_id,
+        "index": k,
+        "cells": [_cell_row(s, c, base) for s, c in zip(ctx.specs, cells)],
+    }
     if k < config.thoughts_pairs and model.tokenizer is not None:
         entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
     return entry

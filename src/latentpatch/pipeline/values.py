@@ -6,7 +6,7 @@ every shard's pairs (:func:`global_pool`), so merged shards equal the unsharded 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
@@ -16,9 +16,12 @@ from latentpatch.pipeline.cache import ActivationCache, recorded_run
 from latentpatch.pipeline.config import RunConfig
 
 
-def value_factory(bases: Sequence[PairBaseline], config: RunConfig,
-                  pool: Sequence[PairBaseline] | None = None,
-                  pool_position: Sequence[int] | None = None) -> Callable[[int], Callable]:
+def value_factory(
+    bases: Sequence[PairBaseline],
+    config: RunConfig,
+    pool: Sequence[PairBaseline] | None = None,
+    pool_position: Sequence[int] | None = None,
+) -> Callable[[int], Callable]:
     """``i -> ValueFn`` for this process's pair ``i``.
 
     ``mean`` and ``resample`` values depend on every pair of the run. ``pool`` is that whole set
@@ -38,9 +41,13 @@ def value_factory(bases: Sequence[PairBaseline], config: RunConfig,
     return values_for
 
 
-def global_pool(model: LatentModel, cache: ActivationCache | None, config: RunConfig,
-                all_selected: Sequence[tuple[int, Pair]],
-                indices: Sequence[int]) -> tuple[list[PairBaseline], list[int]]:
+def global_pool(
+    model: LatentModel,
+    cache: ActivationCache | None,
+    config: RunConfig,
+    all_selected: Sequence[tuple[int, Pair]],
+    indices: Sequence[int],
+) -> tuple[list[PairBaseline], list[int]]:
     """Every shard's used pairs (``all_selected``: the unsharded ``(global_index, pair)`` list;
     recorded runs only, no baseline metrics), and the places of this shard's ``indices`` in that
     list. Needed only by sharded ``mean``/``resample`` runs; the activation cache makes the extra
@@ -49,8 +56,9 @@ def global_pool(model: LatentModel, cache: ActivationCache | None, config: RunCo
     pool_index: dict[int, int] = {}
     for k, pair in all_selected:
         clean, corrupted = (recorded_run(model, cache, v.question) for v in (pair.clean, pair.corrupted))
-        b = PairBaseline(pair.pair_id, float(pair.clean.answer), float(pair.corrupted.answer), clean, corrupted,
-                         config.direction)
+        b = PairBaseline(
+            pair.pair_id, float(pair.clean.answer), float(pair.corrupted.answer), clean, corrupted, config.direction
+        )
         if config.only_correct and not (b.clean_correct and b.corrupted_correct):
             continue
         pool_index[k] = len(pool)

@@ -45,10 +45,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
 
     texts = list(texts) + [" ".join(str(n) for n in range(NUMBER_TOKENS_UP_TO + 1))] * 200
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -143,7 +145,7 @@ def pad_rows(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> t
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         if left:
-            out[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            out[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         else:
             out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
@@ -183,17 +185,22 @@ def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
         ans = [codec.eot_id] + prefix + num + [codec.eos_id]
         t = q + cot + ans
         t_ids.append(t)
-        t_lab.append([-100] * len(q) + t[len(q):])  # shifted inside the loss
+        t_lab.append([-100] * len(q) + t[len(q) :])  # shifted inside the loss
         t_dis.append(len(q) + len(cot) + len(prefix))  # index of the last prefix token
         q_ids.append(q)
         a_ids.append(ans)
         a_dis.append(len(prefix))
     return Batch(
-        t_ids=pad_rows(t_ids, codec.pad_id), t_mask=_ones(t_ids), t_labels=pad_rows(t_lab, -100),
+        t_ids=pad_rows(t_ids, codec.pad_id),
+        t_mask=_ones(t_ids),
+        t_labels=pad_rows(t_lab, -100),
         t_distill=torch.tensor(t_dis),
-        q_ids=pad_rows(q_ids, codec.pad_id, left=True), q_mask=_ones(q_ids, left=True),
-        a_ids=pad_rows(a_ids, codec.pad_id), a_mask=_ones(a_ids),
-        a_labels=pad_rows(a_ids, -100), a_distill=torch.tensor(a_dis),
+        q_ids=pad_rows(q_ids, codec.pad_id, left=True),
+        q_mask=_ones(q_ids, left=True),
+        a_ids=pad_rows(a_ids, codec.pad_id),
+        a_mask=_ones(a_ids),
+        a_labels=pad_rows(a_ids, -100),
+        a_distill=torch.tensor(a_dis),
         latent_targets=torch.tensor(lat) if num_latent else None,
     )
 

@@ -65,13 +65,14 @@ def held_out_problems(n: int, seed: int, exclude: set) -> list:
     return out
 
 
-def answers(lm: LatentModel, questions: Sequence[str], batch_size: int,
-            thoughts: torch.Tensor | None = None) -> list[float | None]:
+def answers(
+    lm: LatentModel, questions: Sequence[str], batch_size: int, thoughts: torch.Tensor | None = None
+) -> list[float | None]:
     """Greedy answers in batches; ``thoughts`` [1, K, d]: fed instead of every row's thoughts
     (:meth:`LatentModel.thought_ablation`)."""
     preds: list[float | None] = []
     for i in range(0, len(questions), batch_size):
-        qs = list(questions[i: i + batch_size])
+        qs = list(questions[i : i + batch_size])
         kw = {} if thoughts is None else lm.thought_ablation(thoughts, len(qs))
         preds.extend(lm.answer(qs, **kw))
     return preds
@@ -81,7 +82,7 @@ def mean_thoughts(lm: LatentModel, questions: Sequence[str], batch_size: int) ->
     """[1, K, d] fp32: each latent position's thought averaged over ``questions``."""
     total, count = None, 0
     for i in range(0, len(questions), batch_size):
-        r = lm.rollout(list(questions[i: i + batch_size]))
+        r = lm.rollout(list(questions[i : i + batch_size]))
         s = r.thoughts.float().sum(0)
         total = s if total is None else total + s
         count += r.thoughts.shape[0]
@@ -116,8 +117,14 @@ def pair_scores(lm: LatentModel, pairs_path: Path | None, batch_size: int, exclu
     }
 
 
-def evaluate(model: str | Path = "default", n: int = 1000, seed: int = 12345,
-             pairs_path: Path | None = None, batch_size: int = 128, lm: LatentModel | None = None) -> dict:
+def evaluate(
+    model: str | Path = "default",
+    n: int = 1000,
+    seed: int = 12345,
+    pairs_path: Path | None = None,
+    batch_size: int = 128,
+    lm: LatentModel | None = None,
+) -> dict:
     """Accuracy on ``n`` held-out problems, under thought ablation (zeros, dataset mean) and on
     the pairs. ``model``: a ``load_model`` spec (or pass ``lm`` already loaded)."""
     t0 = time.time()

@@ -45,12 +45,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token CE: logits[:, i] predicts labels[:, i+1] (-100 ignored)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                           labels[:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
-def student_forward(model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tensor, a_ids: torch.Tensor,
-                    a_mask: torch.Tensor) -> StudentPass:
+def student_forward(
+    model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tensor, a_ids: torch.Tensor, a_mask: torch.Tensor
+) -> StudentPass:
     """The latent rollout of :meth:`LatentModel.rollout`, with gradients and every layer's hidden
     states, and the answer part teacher-forced.
 
@@ -65,21 +67,39 @@ def student_forward(model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tenso
     lm = model.lm
     kv = model.cache_keyword  # "cache" (transformers 5) or "past_key_values": the rollout's own choice
     mask = q_mask
-    out = lm(input_ids=q_ids, attention_mask=mask, position_ids=positions(mask),
-             use_cache=True, output_hidden_states=True, **{kv: DynamicCache()})
+    out = lm(
+        input_ids=q_ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        use_cache=True,
+        output_hidden_states=True,
+        **{kv: DynamicCache()},
+    )
     h = out.hidden_states[-1][:, -1]
     thoughts, latent_hidden = [], []
     for _ in range(model.num_latent):
         emb = model.prj(h).unsqueeze(1)
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-        out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask)[:, -1:],
-                 use_cache=True, output_hidden_states=True, **{kv: getattr(out, kv)})
+        out = lm(
+            inputs_embeds=emb,
+            attention_mask=mask,
+            position_ids=positions(mask)[:, -1:],
+            use_cache=True,
+            output_hidden_states=True,
+            **{kv: getattr(out, kv)},
+        )
         h = out.hidden_states[-1][:, -1]
         latent_hidden.append(h)
     mask = torch.cat([mask, a_mask], 1)
-    out = lm(input_ids=a_ids, attention_mask=mask, position_ids=positions(mask)[:, -a_ids.size(1):],
-             use_cache=True, output_hidden_states=True, **{kv: getattr(out, kv)})
+    out = lm(
+        input_ids=a_ids,
+        attention_mask=mask,
+        position_ids=positions(mask)[:, -a_ids.size(1) :],
+        use_cache=True,
+        output_hidden_states=True,
+        **{kv: getattr(out, kv)},
+    )
     return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
 
 
@@ -95,8 +115,9 @@ def distill_loss(teacher_hidden: tuple, student_hidden: tuple, b: Batch) -> torc
     return torch.stack(per_layer).mean()
 
 
-def codi_loss(model: LatentModel, b: Batch, cfg: TrainConfig,
-              teacher_only: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def codi_loss(
+    model: LatentModel, b: Batch, cfg: TrainConfig, teacher_only: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The total loss (scalar, with gradients) and its parts as floats (for the log)."""
     t_out = model.lm(input_ids=b.t_ids, attention_mask=b.t_mask, output_hidden_states=True, use_cache=False)
     t_ce = next_token_ce(t_out.logits, b.t_labels)
@@ -111,8 +132,9 @@ def codi_loss(model: LatentModel, b: Batch, cfg: TrainConfig,
         # auxiliary (not in CODI): the LM head on the final hidden state at latent position j
         # predicts the j-th intermediate result (the answer once the program has no more steps)
         lat_logits = model.logits(student.latent_hidden)  # [B, K, V] fp32
-        aux = F.cross_entropy(lat_logits.reshape(-1, lat_logits.size(-1)), b.latent_targets.reshape(-1),
-                              ignore_index=-100)
+        aux = F.cross_entropy(
+            lat_logits.reshape(-1, lat_logits.size(-1)), b.latent_targets.reshape(-1), ignore_index=-100
+        )
         total = total + cfg.latent_aux_factor * aux
         parts["latent_aux"] = aux.item()
     return total, parts

@@ -92,9 +92,16 @@ def llama_config(cfg: TrainConfig, codec: Codec):
 def latent_config(cfg: TrainConfig, codec: Codec) -> LatentConfig:
     """How the trained model is run: no BOS, ``remove_eos``, the training answer prefix."""
     return LatentConfig(
-        num_latent=cfg.num_latent, pad_id=codec.pad_id, bot_id=codec.bot_id, eot_id=codec.eot_id,
-        eos_id=codec.eos_id, remove_eos=True, answer_prefix=ANSWER_PREFIX, question_template="{question}",
-        add_special_tokens=False, max_answer_tokens=cfg.max_answer_tokens,
+        num_latent=cfg.num_latent,
+        pad_id=codec.pad_id,
+        bot_id=codec.bot_id,
+        eot_id=codec.eot_id,
+        eos_id=codec.eos_id,
+        remove_eos=True,
+        answer_prefix=ANSWER_PREFIX,
+        question_template="{question}",
+        add_special_tokens=False,
+        max_answer_tokens=cfg.max_answer_tokens,
     )
 
 
@@ -144,8 +151,10 @@ def initial_model(cfg: TrainConfig, pool: list) -> tuple[LatentModel, Codec]:
         codec = Codec.from_dir(cfg.init_from)
         saved = load_latent_dir(cfg.init_from)
         return LatentModel(saved.lm, saved.prj, latent_config(cfg, codec), name="training"), codec
-    corpus = [normalize_question(p.question) + " " + p.cot + " " + ANSWER_PREFIX + str(p.answer)
-              for p in pool[: cfg.tokenizer_corpus]]
+    corpus = [
+        normalize_question(p.question) + " " + p.cot + " " + ANSWER_PREFIX + str(p.answer)
+        for p in pool[: cfg.tokenizer_corpus]
+    ]
     codec = Codec(train_tokenizer(corpus, cfg.vocab_size))
     model = build_model(cfg, codec)
     if cfg.number_init == "fourier":
@@ -179,8 +188,11 @@ def optimizer(model: LatentModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
 
 
 class BatchOrder:
@@ -196,7 +208,7 @@ class BatchOrder:
         if self.cursor + self.batch_size > len(self.order):
             self.rng.shuffle(self.order)
             self.cursor = 0
-        chunk = self.order[self.cursor: self.cursor + self.batch_size]
+        chunk = self.order[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
         return [self.pool[i] for i in chunk]
 
@@ -232,8 +244,13 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
             opt.step()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                rec = {"step": step, "loss": loss.item(), "lr": lr_at(cfg, step),
-                       "elapsed_s": round(time.time() - t0, 1), **parts}
+                rec = {
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": lr_at(cfg, step),
+                    "elapsed_s": round(time.time() - t0, 1),
+                    **parts,
+                }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
