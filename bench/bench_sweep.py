@@ -1,6 +1,6 @@
 """Position-sweep benchmark: the engine vs the naive reference vs nnsight, on the same inputs.
 
-One process, one model, the same pairs. The sweep is the design.md §3 position sweep (every layer x
+One process, one model, the same pairs. The sweep is the position sweep (docs/method.md §5) (every layer x
 every latent position, component resid_out, denoise, source values), computed three ways:
 
 - ``engine``: :func:`latentpatch.patching.engine.sweep_fast` (shared KV prefix, batched patches);

@@ -1,6 +1,6 @@
 """The position sweep written the way a researcher would with nnsight: one traced rollout per cell.
 
-Benchmark counterpart of the project's engine (design.md §3 "position sweep", §6 "naive method").
+Benchmark counterpart of the project's engine (docs/method.md §5 position sweep, §7 the naive method).
 For each pair, layer ℓ and latent position p:
 
 1. the clean (source) rollout is traced once per pair and the ``component`` output at every
@@ -12,7 +12,7 @@ For each pair, layer ℓ and latent position p:
    reaches thought p+1.. by the recurrent path and later positions by attention;
 3. the three answer strings are teacher-forced and the answer generated greedily from the patched
    state after ``[EOT]`` (:meth:`LatentModel.score` / :meth:`LatentModel.generate`, no hooks: the
-   patch already lives in the KV cache), and the design.md §4 metrics come from
+   patch already lives in the KV cache), and the metrics (docs/method.md §6) come from
    :func:`latentpatch.patching.metrics.answer_metrics` against the unpatched corrupted baseline.
 
 Inside ``with nn_model.trace(prompts, fn=model.rollout)`` each block is called K+2 times

@@ -163,7 +163,7 @@ def inspect_cmd(
 # ---- section: pairs -----------------------------------------------------------------------
 @pairs_app.command("validate")
 def pairs_validate(
-    file: Path = typer.Argument(..., help="Pair file (design.md §7 flat format or nested prepared pairs)."),
+    file: Path = typer.Argument(..., help="Pair file (flat or nested format, docs/method.md §9)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Report on a pair file; exit 0 if usable, 2 (with the reasons) if not."""

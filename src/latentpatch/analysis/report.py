@@ -119,7 +119,7 @@ def _checks(manifest: dict) -> tuple[str, int]:
         banner
         + table(["check", "result", "value", "threshold", "detail"], rows, left={0, 1, 4}, row_classes=classes)
         + '<p class="note">identity: KL of a self-patch; full_restoration: max |Δlogit| of a layer-0 full patch; '
-        "live_thoughts: thoughts differ and ablating them changes answers; engine_reference: fast engine vs one rollout per patch (design.md §5).</p>",
+        "live_thoughts: thoughts differ and ablating them changes answers; engine_reference: fast engine vs one rollout per patch (docs/method.md §8).</p>",
     ), n_fail
 
 

@@ -4,7 +4,7 @@ A *pair* is two versions of one question that differ in a detail (e.g. one numbe
 different answers; activation patching copies activations from the clean run into the corrupted
 run (or back) and asks how much of the clean answer comes back.
 
-On disk (design.md §7) a pair file is a flat JSON list with one entry per variant::
+On disk (docs/method.md §9) a pair file is a flat JSON list with one entry per variant::
 
     [{"pair_id": 0, "variant": "clean",     "question": "...", "answer": 18, ...extra},
      {"pair_id": 0, "variant": "corrupted", "question": "...", "answer": 20, ...extra}, ...]
