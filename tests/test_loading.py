@@ -17,7 +17,7 @@ from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentConfig, build_prj
 from latentpatch.model.latent_dir import (
-    LATENT_DIR_FORMAT,
+    MODEL_FORMAT,
     config_from_meta,
     latent_meta,
     load_latent_dir,
@@ -449,7 +449,7 @@ def test_latentpatch_json_round_trip():
         max_answer_tokens=7,
     )
     meta = latent_meta(cfg, family="llama", prj_dim=None, prj_ln=False, extra={"training": {"steps": 1}})
-    assert meta["format"] == LATENT_DIR_FORMAT and meta["training"] == {"steps": 1}
+    assert meta["format"] == MODEL_FORMAT and meta["training"] == {"steps": 1}
     assert config_from_meta(meta) == cfg
     assert config_from_meta(meta, num_latent=2).num_latent == 2
     minimal = {k: meta[k] for k in ("num_latent", "pad_id", "bot_id", "eot_id", "eos_id")}

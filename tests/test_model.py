@@ -202,3 +202,19 @@ def test_family_table_names_the_hooked_modules(family):
 def test_unknown_model_tree_is_refused():
     with pytest.raises(TypeError, match="unsupported model tree"):
         model_family(torch.nn.Linear(2, 2))
+
+
+def test_every_component_has_a_hook_and_every_family_its_modules():
+    """The component names of the run directory (names.COMPONENTS) are exactly the hookable ones,
+    and each family's layout names modules that exist in a model of that family."""
+    from latentpatch.model.loaders import random_model
+    from latentpatch.model.sites import COMPONENT_HOOKS, FAMILIES
+    from latentpatch.names import COMPONENTS as RUN_COMPONENTS
+
+    assert set(COMPONENT_HOOKS) == set(RUN_COMPONENTS)
+    for family in FAMILIES:
+        lm = random_model(family).lm
+        assert model_family(lm) == family
+        for component in RUN_COMPONENTS:
+            module, kind = hooked_module(lm, component, 0)
+            assert isinstance(module, torch.nn.Module) and kind in ("input", "output")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -98,6 +98,14 @@ def format_number(x: Number) -> str:
     """``18.0 -> "18"``, ``2.5 -> "2.5"``: how an answer is written after the prefix."""
     x = float(x)
     return str(int(x)) if x.is_integer() else repr(x)
+
+
+class ThoughtOverride(TypedDict):
+    """Keyword arguments of :meth:`LatentModel.rollout` that replace thoughts: ``thought_override``
+    [B, K, d] is fed at the latent positions where ``override_mask`` [B, K] is True."""
+
+    thought_override: torch.Tensor
+    override_mask: torch.Tensor
 
 
 class LatentModel(nn.Module):
@@ -283,7 +291,7 @@ class LatentModel(nn.Module):
             thought = self.prj(h)
         return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
 
-    def thought_ablation(self, values: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    def thought_ablation(self, values: torch.Tensor, batch: int) -> ThoughtOverride:
         """Keyword arguments for :meth:`rollout` / :meth:`answer` that feed ``values`` at every latent
         position of every row instead of ``prj``'s outputs (thought ablation: zeros, a dataset mean).
 
@@ -292,7 +300,7 @@ class LatentModel(nn.Module):
         K = self.num_latent
         override = values.to(device=self.device, dtype=self.dtype).expand(batch, K, -1)
         every = torch.ones(batch, K, dtype=torch.bool, device=self.device)
-        return {"thought_override": override, "override_mask": every}
+        return ThoughtOverride(thought_override=override, override_mask=every)
 
     @torch.no_grad()
     def rollout(

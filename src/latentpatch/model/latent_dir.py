@@ -28,9 +28,9 @@ from latentpatch.model.checkpoint import load_weights_strict, read_state_dict
 from latentpatch.model.hf import build_lm, check_device, check_special_ids, local_tokenizer, move_to, parse_dtype
 from latentpatch.model.latent import LatentConfig, LatentModel, build_prj
 from latentpatch.model.sites import embedding_matrix
+from latentpatch.names import MODEL_FORMAT  # the format tag in latentpatch.json; a reader refuses any other
+from latentpatch.rundir import atomic_path, atomic_write_text
 
-#: the format tag in ``latentpatch.json``; a reader refuses any other
-LATENT_DIR_FORMAT = "latentpatch-codi/1"
 #: the file name of the metadata
 LATENT_JSON = "latentpatch.json"
 #: keys ``latentpatch.json`` must hold as integers (the rest have LatentConfig's defaults)
@@ -44,7 +44,7 @@ def latent_meta(
 ) -> dict[str, Any]:
     """The ``latentpatch.json`` object: format, family, every LatentConfig field, prj_dim, prj_ln, ``extra``."""
     return {
-        "format": LATENT_DIR_FORMAT,
+        "format": MODEL_FORMAT,
         "family": family,
         **asdict(config),
         "prj_dim": prj_dim,
@@ -71,9 +71,9 @@ def read_latent_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise LatentPatchError(f"{meta_file}: expected a JSON object; fix: repair or re-save the model")
     fmt = meta.get("format")
-    if fmt != LATENT_DIR_FORMAT:
+    if fmt != MODEL_FORMAT:
         raise LatentPatchError(
-            f"{meta_file}: format {fmt!r}, expected {LATENT_DIR_FORMAT!r}; fix: re-save the "
+            f"{meta_file}: format {fmt!r}, expected {MODEL_FORMAT!r}; fix: re-save the "
             "model with this version of latentpatch"
         )
     absent = [k for k in REQUIRED_KEYS if not isinstance(meta.get(k), int)]
@@ -122,7 +122,8 @@ def save_latent_dir(
         sd[LM_PREFIX + k] = v.detach().contiguous().clone()
     for k, v in model.prj.state_dict().items():
         sd["prj." + k] = v.detach().contiguous().clone()
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
     lm.config.save_pretrained(str(path))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
@@ -133,7 +134,8 @@ def save_latent_dir(
     if prj_ln is None:
         prj_ln = isinstance(model.prj, nn.Sequential) and hasattr(model.prj, "ln")
     meta = latent_meta(model.config, family=model.family, prj_dim=prj_dim, prj_ln=prj_ln, extra=extra)
-    (path / LATENT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    # written last: a directory whose save was interrupted has no valid latentpatch.json and is refused
+    atomic_write_text(path / LATENT_JSON, json.dumps(meta, indent=2) + "\n")
     return path
 
 

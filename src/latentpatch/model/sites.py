@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from latentpatch.names import COMPONENTS
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_out", "attn_out", "mlp_out")
 SEGMENTS: tuple[str, ...] = ("latent", "prompt")
 
 

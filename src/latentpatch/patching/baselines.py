@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentpatch.model.latent import LatentModel, RolloutState, extract_number
-from latentpatch.model.sites import COMPONENTS
+from latentpatch.names import COMPONENTS
 from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, same_number
 from latentpatch.patching.specs import EngineConfig, PatchSpec
 
