@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
+from latentpatch.model.codi import PRESETS, get_preset, load_codi_checkpoint
 from latentpatch.model.latent import LatentConfig, build_prj
 from latentpatch.model.latent_dir import (
     MODEL_FORMAT,
@@ -24,7 +25,7 @@ from latentpatch.model.latent_dir import (
     save_latent_dir,
 )
 from latentpatch.model.load import load_model
-from latentpatch.model.loaders import PRESETS, get_preset, load_codi_checkpoint, random_model
+from latentpatch.model.loaders import random_model
 
 V = 40  # base vocabulary; pad/bot/eot = 40, 41, 42
 TARGETS = {

@@ -2,7 +2,7 @@
 
 Specs: ``default``, ``codi:DIR``, ``coconut:FILE``, ``dir:PATH``, ``gguf:PATH``,
 ``config:llama|gpt2``, or a plain path whose kind is guessed. The loaders themselves are in
-:mod:`latentpatch.model.loaders` and :mod:`latentpatch.model.latent_dir`.
+:mod:`latentpatch.model.codi`, :mod:`latentpatch.model.loaders` and :mod:`latentpatch.model.latent_dir`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.model.codi import load_codi_checkpoint
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
-from latentpatch.model.loaders import load_coconut_checkpoint, load_codi_checkpoint, load_gguf, random_model
+from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
 
 #: the shipped default model (a latentpatch model directory); the one definition of its path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
