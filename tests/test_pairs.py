@@ -1,4 +1,4 @@
-"""Tests for latentpatch.data.pairs and the `latentpatch pairs ...` CLI commands.
+"""Tests for latentpatch.data (answers, pairs, validate) and the `latentpatch pairs ...` CLI commands.
 
 The real 66-pair GSM8K file lives in ``../shared/data`` (or ``$LATENTPATCH_SHARED_DATA``); tests
 that need it skip when it is absent. Malformed files are built in ``tmp_path``.
@@ -15,16 +15,9 @@ from pathlib import Path
 import pytest
 
 from latentpatch.cli import main
-from latentpatch.data.pairs import (
-    Pair,
-    Variant,
-    filter_pairs,
-    load_pairs,
-    pairs_to_entries,
-    parse_answer,
-    save_pairs,
-    validate_pairs,
-)
+from latentpatch.data.answers import parse_answer
+from latentpatch.data.pairs import Pair, Variant, filter_pairs, load_pairs, pairs_to_entries, save_pairs
+from latentpatch.data.validate import validate_pairs
 from latentpatch.errors import LatentPatchError
 
 SHARED_NAME = "gsm8k_clean_corrupted_pairs.json"

@@ -22,13 +22,14 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+
+from latentpatch.data.pairs import Pair, Variant
 
 MAX_VALUE = 40
 """Upper bound for every intermediate and final result (small enough that a 4-layer model trained
 for 45 CPU minutes learns every arithmetic fact the templates need; see the default model card)."""
 
-Operand = Union[int, str]
+Operand = int | str
 Step = tuple  # (op, Operand, Operand)
 
 OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -374,17 +375,15 @@ def corrupt(problem: Problem, rng: random.Random) -> Problem | None:
     return None
 
 
-def generate_pairs(n: int, seed: int = 0) -> list:
+def generate_pairs(n: int, seed: int = 0) -> list[Pair]:
     """``n`` clean/corrupted :class:`latentpatch.data.pairs.Pair` objects, deterministic in ``seed``.
 
     ``extra`` of each variant holds ``program``, ``cot``, ``template`` and ``changed``
     (the one question number changed: ``{"param", "from", "to"}``).
     """
-    from latentpatch.data.pairs import Pair, Variant
-
     rng = random.Random(seed)
-    pairs = []
-    seen = set()
+    pairs: list[Pair] = []
+    seen: set[str] = set()
     while len(pairs) < n:
         clean = _sample(rng, rng.choice(TEMPLATES))
         if clean.question in seen:
@@ -395,16 +394,15 @@ def generate_pairs(n: int, seed: int = 0) -> list:
         seen.update((clean.question, corr.question))
         changed = [k for k in clean.params if not k.startswith("_") and clean.params[k] != corr.params[k]]
         ch = {"param": changed[0], "from": clean.params[changed[0]], "to": corr.params[changed[0]]}
-
-        def variant(p: Problem) -> Any:
-            return Variant(
-                question=p.question,
-                answer=p.answer,
-                extra={"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": ch},
-            )
-
-        pairs.append(Pair(pair_id=f"syn-{seed}-{len(pairs):04d}", clean=variant(clean), corrupted=variant(corr)))
+        pid = f"syn-{seed}-{len(pairs):04d}"
+        pairs.append(Pair(pair_id=pid, clean=_as_variant(clean, ch), corrupted=_as_variant(corr, ch)))
     return pairs
+
+
+def _as_variant(p: Problem, changed: dict) -> Variant:
+    """``p`` as one side of a pair; ``changed`` (the pair's changed number) goes into ``extra``."""
+    extra = {"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": changed}
+    return Variant(question=p.question, answer=p.answer, extra=extra)
 
 
 _COT_RE = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
