@@ -169,7 +169,7 @@ def pairs_validate(
     """Report on a pair file; exit 0 if usable, 2 (with the reasons) if not."""
     import json
 
-    from latentpatch.data.pairs import print_report, validate_pairs
+    from latentpatch.data.validate import print_report, validate_pairs
 
     report = validate_pairs(file)
     if as_json:
