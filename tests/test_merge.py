@@ -53,6 +53,7 @@ def test_merged_shards_equal_the_unsharded_run(runs):
     assert m["config_hash"] == f["config_hash"] and m["config"]["shard"] is None
     assert m["baselines"] == f["baselines"]
     assert [s["shard"] for s in m["merged_from"]] == ["0/3", "1/3", "2/3"]
+    assert list(m) == [*f, "merged_from"] and list(m["config"]) == list(f["config"])  # key order of a run
     assert set(m["checks"]) == set(f["checks"]) and set(m["checks"]["identity"]["shards"]) == {"0/3", "1/3", "2/3"}
     assert m["timings"]["sweep_s"] == pytest.approx(
         sum(json.loads((s / "manifest.json").read_text())["timings"]["sweep_s"] for s in shards)
@@ -76,6 +77,15 @@ def test_merge_refuses_bad_shard_sets(runs, tmp_path):
         merge_runs([shards[0], other, shards[2]], tmp_path / "d", report=False)
     with pytest.raises(LatentPatchError, match="not empty"):
         merge_runs(shards, root / "full", report=False)
+    running = tmp_path / "running"
+    shutil.copytree(shards[2], running)
+    m["status"] = "running"
+    (running / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LatentPatchError, match="not complete"):
+        merge_runs([shards[0], shards[1], running], tmp_path / "e", report=False)
+    (running / "manifest.json").unlink()
+    with pytest.raises(LatentPatchError, match="manifest.json is missing"):
+        merge_runs([shards[0], shards[1], running], tmp_path / "f", report=False)
 
 
 def test_merge_command(runs, tmp_path, capsys):

@@ -19,7 +19,7 @@ from latentpatch.data.synthetic import generate_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.progress import RunProgress
 from latentpatch.pipeline.run import RunConfig, run_experiments
-from latentpatch.rundir import CELL_COLUMNS
+from latentpatch.rundir import CELL_COLUMNS, Manifest, read_manifest
 
 RESULT_FILES = ["results/layer.json", "results/position.json", "results/iterative.json", "results/thoughts.json"]
 
@@ -53,6 +53,10 @@ def test_run_directory_contents(tmp_path, model, pairs):
     assert set(man["baselines"]) >= {"clean_accuracy", "corrupted_accuracy", "flagged_pairs"}
     assert man["config"]["experiments"] == ["layer", "position", "iterative"] and man["seed"] == 0
     assert [p.pair_id for p in load_pairs(out / "pairs.json")] == [p.pair_id for p in pairs]
+    assert Manifest.from_dict(read_manifest(out)).to_dict() == man  # the typed manifest, key for key
+    absent = ("previous_timings", "replacement_pool", "merged_from")  # resume, shards and merge only
+    assert list(man) == [k for k in Manifest.__dataclass_fields__ if k not in absent]
+    assert list(man["config"]) == DEFAULT_CONFIG_KEYS
 
     layer = json.loads((out / "results/layer.json").read_text())
     position = json.loads((out / "results/position.json").read_text())
@@ -141,6 +145,15 @@ def test_different_config_is_refused(tmp_path, model, pairs):
         )
 
 
+def test_damaged_manifest_is_refused_in_one_line(tmp_path, model, pairs):
+    out = tmp_path / "damaged"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"torn')
+    with pytest.raises(LatentPatchError, match="not valid JSON") as err:
+        run_experiments(config(tmp_path, "damaged"), model=model, pairs=pairs, progress=False, resume=True)
+    assert "\n" not in str(err.value) and "manifest.json" in str(err.value)
+
+
 def test_noise_direction_and_replacements(tmp_path, model, pairs):
     def layer_table(**kw):
         out = run_experiments(
@@ -181,41 +194,46 @@ def test_config_file_keys(tmp_path):
         RunConfig.from_file(f)
 
 
+#: The manifest's ``config`` keys of a default run, in the order run directories have always had.
+DEFAULT_CONFIG_KEYS = [
+    "model",
+    "base",
+    "preset",
+    "pairs",
+    "experiments",
+    "component",
+    "direction",
+    "replacement",
+    "out",
+    "limit",
+    "shard",
+    "device",
+    "dtype",
+    "batch_size",
+    "threads",
+    "seed",
+    "only_correct",
+    "keep_same_answer",
+    "engine",
+    "strict",
+    "check_cells",
+    "cache_dir",
+    "use_cache",
+    "report",
+    "wandb",
+    "wandb_project",
+    "thoughts_pairs",
+]
+
+
 def test_default_config_hash_is_unchanged():
     """New model options are left out of the manifest's config (and its hash) while unset, so run
     directories written before they existed still resume."""
     d = RunConfig().to_dict()
-    assert list(sorted(d)) == sorted(
-        [
-            "model",
-            "base",
-            "preset",
-            "pairs",
-            "experiments",
-            "component",
-            "direction",
-            "replacement",
-            "out",
-            "limit",
-            "shard",
-            "device",
-            "dtype",
-            "batch_size",
-            "threads",
-            "seed",
-            "only_correct",
-            "keep_same_answer",
-            "engine",
-            "strict",
-            "check_cells",
-            "cache_dir",
-            "use_cache",
-            "report",
-            "wandb",
-            "wandb_project",
-            "thoughts_pairs",
-        ]
-    )
+    assert list(sorted(d)) == sorted(DEFAULT_CONFIG_KEYS)
+    assert list(d) == DEFAULT_CONFIG_KEYS  # the key order too (model options after preset when set)
+    set_keys = list(RunConfig(lora_r=4, prj_ln=False).to_dict())
+    assert set_keys == DEFAULT_CONFIG_KEYS[:3] + ["lora_r", "prj_ln"] + DEFAULT_CONFIG_KEYS[3:]
     assert RunConfig().result_hash() == "c818346e7149abc4"  # the hash before model options were added
     assert RunConfig(lora_alpha=8.0).result_hash() != RunConfig().result_hash()
     assert RunConfig(lora_alpha=8.0).to_dict()["lora_alpha"] == 8.0

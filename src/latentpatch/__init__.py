@@ -2,13 +2,19 @@
 
 The package is laid out as the pipeline it runs; each folder is one stage::
 
-    data/      pair files and synthetic problems
-    model/     the latent rollout (LatentModel), sites, checkpoint loading
-    patching/  patch specs and experiment generators, the batched engine, metrics, built-in checks
-    pipeline/  run options, the run itself, activation cache, memory estimate, merging shards
-    rundir.py  the run directory (file names, atomic writes, assembly; no torch)
-    analysis/  statistics, figures, report.html, compare, W&B (no torch)
-    training/  training and evaluating the shipped model (uses model/)
+    errors.py    LatentPatchError (one line with the fix; the CLI prints it, exit code 2)
+    names.py     the run directory's names and rules: experiments, modes, components, columns (no torch)
+    rundir.py    the run directory: paths, atomic writes, typed manifest, readers, assembly (no torch)
+    data/        pairs (pair files), synthetic (GSM8K-style problems and pairs)
+    model/       latent (LatentModel, the rollout), state, sites (families, write sites),
+                 checkpoint, latent_dir (the model-dir format), hf, loaders, load (load_model)
+    patching/    specs (patch specs, experiments), baselines, engine (the two sweeps), metrics, checks
+    pipeline/    config (run options, no torch), run (the run's steps), manifest, progress, values,
+                 cache (activation cache), memory (batch size), merge (shards, no torch)
+    analysis/    inference, stats (statistics), selection, figures, html, report (report.html),
+                 compare, wandb_log (W&B); no torch
+    training/    data, objective, train (the shipped model), evaluate (``latentpatch eval``)
+    cli.py       the ``latentpatch`` command (options generated in cli_options.py)
 
 The public API below is imported lazily, so ``import latentpatch`` (and ``latentpatch --help``)
 does not pay for torch.
@@ -30,7 +36,7 @@ _LAZY = {
     "Write": "latentpatch.model.sites",
     "PatchSpec": "latentpatch.patching.specs",
     "sweep_fast": "latentpatch.patching.engine",
-    "RunConfig": "latentpatch.pipeline.run",
+    "RunConfig": "latentpatch.pipeline.config",
     "run_experiments": "latentpatch.pipeline.run",
     "load_pairs": "latentpatch.data.pairs",
     "build_report": "latentpatch.analysis.report",

@@ -6,19 +6,15 @@ exit code 2 (see :func:`main`). Commands import their modules lazily so ``--help
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import sys
-import types
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
+from latentpatch.cli_options import with_options
 from latentpatch.errors import LatentPatchError
-from latentpatch.pipeline.config import ModelOptions, RunConfig, parse_values  # no torch: --help stays fast
+from latentpatch.pipeline.config import ModelOptions, RunConfig  # no torch: --help stays fast
 
 app = typer.Typer(
     add_completion=False,
@@ -28,64 +24,6 @@ app = typer.Typer(
 )
 pairs_app = typer.Typer(no_args_is_help=True, help="Generate, validate and filter clean/corrupted pair files.")
 app.add_typer(pairs_app, name="pairs")
-
-
-# ---- options generated from the dataclasses of latentpatch.pipeline.config -------------------------
-def _cli_type(annotation: Any) -> type:
-    """``int | None`` -> int: the value type click converts the option's text to."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return annotation
-
-
-def _option_parameters(cls: type) -> list[inspect.Parameter]:
-    """One ``--option`` per field of ``cls`` (name, type, help from the field; see ``config.option``).
-
-    Every option defaults to None (= not given), so a ``--config`` file or the field's default
-    applies; the help shows the field's default."""
-    hints = typing.get_type_hints(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        value_type = str if f.metadata.get("parse") else _cli_type(hints[f.name])
-        flags = f.metadata.get("flags") or (f"{flag}/--no-{flag[2:]}" if value_type is bool else flag)
-        help_text = f.metadata["help"]
-        if f.default is not None:  # shown in the help text: the option's own default is None
-            shown = (
-                flags.split("/")[0 if f.default else 1]
-                if value_type is bool
-                else (",".join(f.default) if isinstance(f.default, tuple) else str(f.default))
-            )
-            help_text += f" Default: {shown}."
-        opt = typer.Option(None, flags, help=help_text, show_default=False)
-        params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[value_type])
-        )
-    return params
-
-
-def with_options(cls: type) -> Callable[[Callable], Callable]:
-    """Decorator: give a command one option per field of the dataclass ``cls``. The command gets
-    the options given on the command line (parsed; the others left out) as its first argument."""
-
-    def decorate(command: Callable) -> Callable:
-        generated = _option_parameters(cls)
-        own = [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for p in list(inspect.signature(command, eval_str=True).parameters.values())[1:]
-        ]
-        names = {p.name for p in generated}
-
-        def callback(**kwargs: Any) -> Any:
-            given = {k: kwargs.pop(k) for k in names}
-            return command(parse_values(cls, {k: v for k, v in given.items() if v is not None}), **kwargs)
-
-        callback.__signature__ = inspect.Signature(generated + own)  # type: ignore[attr-defined]
-        callback.__annotations__ = {p.name: p.annotation for p in generated + own}
-        callback.__name__, callback.__doc__ = command.__name__, command.__doc__
-        return callback
-
-    return decorate
 
 
 # ---- section: model (inspect) -------------------------------------------------------------
@@ -266,37 +204,16 @@ def train_cmd(
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective.
 
     The defaults are the shipped default model's recipe (add --threads 1 to reproduce it exactly)."""
+    options = {k: v for k, v in locals().items() if k != "out"}  # the other parameters are TrainConfig fields
     import json as _json
 
     from latentpatch.training.train import TrainConfig, train
 
     if d_model % heads:
         raise LatentPatchError(f"--d-model {d_model} must be divisible by --heads {heads}")
-    cfg = TrainConfig(
-        steps=steps,
-        seed=seed,
-        layers=layers,
-        d_model=d_model,
-        heads=heads,
-        d_ff=d_ff,
-        prj_dim=prj_dim,
-        num_latent=num_latent,
-        batch_size=batch_size,
-        lr=lr,
-        distill_factor=distill_factor,
-        ref_factor=ref_factor,
-        teacher_only_steps=teacher_only_steps,
-        train_pool=train_pool,
-        threads=threads,
-        ckpt_every=ckpt_every,
-        init_from=str(init_from) if init_from else "",
-        warmup=warmup,
-        latent_aux_factor=latent_aux_factor,
-        stop_after=stop_after,
-        number_init=number_init,
-    )
     if number_init not in ("random", "fourier"):
         raise LatentPatchError(f"--number-init {number_init!r}: use random or fourier")
+    cfg = TrainConfig(**{**options, "init_from": str(init_from) if init_from else ""})
     summary = train(cfg, out)
     typer.echo(_json.dumps({"out": str(out), **summary}))
 
@@ -344,19 +261,17 @@ def run_cmd(
     from latentpatch.pipeline.run import run_experiments
 
     cfg = RunConfig.from_file(config, **options) if config is not None else RunConfig(**options)
-    path = run_experiments(cfg, resume=resume, progress=not quiet)
-    import json
+    from latentpatch.rundir import Manifest, RunPaths, read_manifest
 
-    manifest = json.loads((path / "manifest.json").read_text())
-    t = manifest.get("timings", {})
-    checks = manifest.get("checks", {})
+    path = run_experiments(cfg, resume=resume, progress=not quiet)
+    manifest = Manifest.from_dict(read_manifest(path), RunPaths(path).manifest)
+    t, checks, b = manifest.timings or {}, manifest.checks or {}, manifest.baselines or {}
     status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())
-    b = manifest.get("baselines", {})
     print(
-        f"{manifest['n_pairs']} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
+        f"{manifest.n_pairs} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
         f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s"
     )
-    report = path / "report.html"
+    report = RunPaths(path).report
     print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))
 
 
@@ -421,16 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, standalone_mode=False)
     except LatentPatchError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     except Exception as err:
         # typer bundles its own click: match usage errors by their interface, not their class.
         if hasattr(err, "show") and hasattr(err, "exit_code"):
             err.show()
-            raise SystemExit(2 if err.exit_code not in (0, 1) else err.exit_code or 2)
+            raise SystemExit(2 if err.exit_code not in (0, 1) else err.exit_code or 2) from None
         if type(err).__name__ in ("Abort", "KeyboardInterrupt"):
-            raise SystemExit(130)
+            raise SystemExit(130) from None
         if type(err).__name__ == "Exit":
-            raise SystemExit(getattr(err, "exit_code", 0))
+            raise SystemExit(getattr(err, "exit_code", 0)) from None
         raise
     if isinstance(rc, int) and rc != 0:
         raise SystemExit(rc)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.patching.baselines import RunRecord, record_run
+from latentpatch.rundir import atomic_path
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +70,6 @@ class ActivationCache:
         return RunRecord(list(prompt), t["thoughts"], acts, t["answer_ids"].tolist(), pred)
 
     def put(self, record: RunRecord) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {
             "prompt": torch.tensor(record.prompt, dtype=torch.long),
             "thoughts": record.thoughts.contiguous().cpu(),
@@ -79,11 +78,8 @@ class ActivationCache:
             "has_pred": torch.tensor([record.pred is not None]),
         }
         tensors.update({f"acts.{c}": a.contiguous().cpu() for c, a in record.acts.items()})
-        path = self._path(record.prompt)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        with atomic_path(self._path(record.prompt)) as tmp:  # a concurrent reader never sees half a file
+            save_file(tensors, str(tmp))
 
 
 def recorded_run(model: LatentModel, cache: ActivationCache | None, question: str) -> RunRecord:

@@ -170,6 +170,39 @@ class RunConfig(ModelOptions):
     wandb_project: str | None = option(None, "W&B project (default: latentpatch).")
     thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
 
+    #: Key order of the manifest's ``config`` (the order from before the model options moved into
+    #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
+    #: then (``lora_r`` ...) go after ``preset`` when set.
+    CONFIG_KEY_ORDER: ClassVar[tuple[str, ...]] = (
+        "model",
+        "base",
+        "preset",
+        "pairs",
+        "experiments",
+        "component",
+        "direction",
+        "replacement",
+        "out",
+        "limit",
+        "shard",
+        "device",
+        "dtype",
+        "batch_size",
+        "threads",
+        "seed",
+        "only_correct",
+        "keep_same_answer",
+        "engine",
+        "strict",
+        "check_cells",
+        "cache_dir",
+        "use_cache",
+        "report",
+        "wandb",
+        "wandb_project",
+        "thoughts_pairs",
+    )
+
     #: Options that do not change any number in results/ (safe to differ on --resume).
     NOT_RESULT_KEYS: ClassVar[tuple[str, ...]] = (
         "out",
@@ -212,14 +245,22 @@ class RunConfig(ModelOptions):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's ``config``: every option, except unset ones marked ``omit_if_unset``."""
+        """The manifest's ``config``: every option, except unset ones marked ``omit_if_unset``,
+        in :attr:`CONFIG_KEY_ORDER`.
+
+        >>> list(RunConfig(lora_r=8).to_dict())[:6]
+        ['model', 'base', 'preset', 'lora_r', 'pairs', 'experiments']
+        """
         d: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None and f.metadata.get("omit_if_unset"):
                 continue
             d[f.name] = list(value) if isinstance(value, tuple) else value
-        return d
+        head = self.CONFIG_KEY_ORDER[:3]  # model, base, preset
+        newer = [k for k in d if k not in self.CONFIG_KEY_ORDER]
+        order = [*head, *newer, *self.CONFIG_KEY_ORDER[3:]]
+        return {k: d[k] for k in order if k in d}
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> RunConfig:
@@ -236,7 +277,9 @@ class RunConfig(ModelOptions):
             else:
                 data = json.loads(text)
         except Exception as err:
-            raise LatentPatchError(f"config file {path} cannot be parsed ({err}); fix: write valid JSON or TOML")
+            raise LatentPatchError(
+                f"config file {path} cannot be parsed ({err}); fix: write valid JSON or TOML"
+            ) from None
         if not isinstance(data, dict):
             raise LatentPatchError(f"config file {path}: expected a mapping of option names to values")
         data = {k.replace("-", "_"): v for k, v in data.items()}

@@ -19,35 +19,33 @@ from pathlib import Path
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import GLOBAL_REPLACEMENTS, RunConfig, parse_shard, parse_values
-from latentpatch.rundir import assemble, write_json
+from latentpatch.rundir import Manifest, RunPaths, assemble, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.
 FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
 
 
-def _manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
+def _complete_manifest(run_dir: Path) -> Manifest:
+    """The typed manifest of a finished shard (an unfinished shard is refused)."""
+    data = read_manifest(run_dir)
+    if data.get("status") != "complete":
         raise LatentPatchError(
-            f"{run_dir}: no manifest.json; fix: pass run directories written by `latentpatch run --shard i/N`"
-        )
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LatentPatchError(f"{path} is not valid JSON ({err}); fix: rerun that shard") from None
-    if m.get("status") != "complete":
-        raise LatentPatchError(
-            f"{run_dir} is not complete (status {m.get('status')!r}); fix: finish it with "
+            f"{run_dir} is not complete (status {data.get('status')!r}); fix: finish it with "
             "`latentpatch run ... --resume` before merging"
         )
-    return m
+    return Manifest.from_dict(data, RunPaths(run_dir).manifest)
 
 
-def _settings(m: dict) -> dict:
-    return {**{k: v for k, v in m["config"].items() if k not in FREE_KEYS}, "model_info": m.get("model")}
+def _shard(m: Manifest) -> str:
+    """The shard ``i/N`` a manifest was run as (an unsharded run is shard 0/1)."""
+    return m.config.get("shard") or "0/1"
 
 
-def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
+def _settings(m: Manifest) -> dict:
+    return {**{k: v for k, v in m.config.items() if k not in FREE_KEYS}, "model_info": m.model}
+
+
+def _check_compatible(dirs: Sequence[Path], manifests: Sequence[Manifest]) -> int:
     """Same settings, one shard count, every shard exactly once; returns N."""
     first = _settings(manifests[0])
     for d, m in zip(dirs[1:], manifests[1:]):
@@ -59,14 +57,14 @@ def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
                 "fix: merge only the shards of one run configuration"
             )
     if first.get("replacement") in GLOBAL_REPLACEMENTS and any(
-        m["config"].get("shard") and m.get("replacement_pool") != "all shards" for m in manifests
+        m.config.get("shard") and m.replacement_pool != "all shards" for m in manifests
     ):
         # shards written before values were computed over all shards' pairs
         raise LatentPatchError(
             f"--replacement {first['replacement']} uses values computed over the run's pairs, and these "
             "shards computed them over their own pairs only; fix: rerun the shards with this version"
         )
-    shards = [parse_shard(m["config"].get("shard") or "0/1") for m in manifests]
+    shards = [parse_shard(_shard(m)) for m in manifests]
     counts = sorted({n for _, n in shards})
     if len(counts) > 1:
         raise LatentPatchError(
@@ -86,12 +84,13 @@ def _check_compatible(dirs: Sequence[Path], manifests: Sequence[dict]) -> int:
     return n
 
 
-def _merge_checks(shards: Sequence[tuple[str, dict]]) -> dict:
+def _merge_checks(manifests: Sequence[Manifest]) -> dict:
     """Per check: passed only if every shard passed; the worst shard's value; per-shard results kept."""
-    names = list(dict.fromkeys(name for _, m in shards for name in (m.get("checks") or {})))
+    shards = [(_shard(m), m.checks or {}) for m in manifests]
+    names = list(dict.fromkeys(name for _, checks in shards for name in checks))
     merged = {}
     for name in names:
-        items = [(shard, m["checks"][name]) for shard, m in shards if name in (m.get("checks") or {})]
+        items = [(shard, checks[name]) for shard, checks in shards if name in checks]
         values = [c["value"] for _, c in items if isinstance(c.get("value"), (int, float))]
         worst = min if name == "live_thoughts" else max  # live_thoughts passes above its threshold
         merged[name] = {
@@ -104,7 +103,7 @@ def _merge_checks(shards: Sequence[tuple[str, dict]]) -> dict:
     return merged
 
 
-def _sum_numbers(dicts: Sequence[dict]) -> dict:
+def _sum_numbers(dicts: Sequence[dict | None]) -> dict:
     out: dict = {}
     for d in dicts:
         for k, v in (d or {}).items():
@@ -127,23 +126,23 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
         raise LatentPatchError("merge: no run directories given; fix: pass every shard's run directory")
     if out.exists() and any(out.iterdir()):
         raise LatentPatchError(f"--out {out} is not empty; fix: choose a new directory")
-    manifests = [_manifest(d) for d in dirs]
+    manifests = [_complete_manifest(d) for d in dirs]
     n_shards = _check_compatible(dirs, manifests)
-    order = sorted(range(len(dirs)), key=lambda j: parse_shard(manifests[j]["config"].get("shard") or "0/1")[0])
+    order = sorted(range(len(dirs)), key=lambda j: parse_shard(_shard(manifests[j]))[0])
     dirs, manifests = [dirs[j] for j in order], [manifests[j] for j in order]
-    files, pairs = _pair_files(dirs, n_shards, bool(manifests[0]["config"].get("only_correct")))
+    files, pairs = _pair_files(dirs, n_shards, bool(manifests[0].config.get("only_correct")))
 
-    results = out / "results" / "pairs"
+    results = RunPaths(out).pair_results
     results.mkdir(parents=True, exist_ok=True)
     for k in sorted(files):
         shutil.copyfile(files[k][0], results / files[k][0].name)
     ordered = [files[k][1] for k in sorted(files)]
-    save_pairs([pairs[data["pair_id"]] for data in ordered], out / "pairs.json")
+    save_pairs([pairs[data["pair_id"]] for data in ordered], RunPaths(out).pairs)
     t = time.perf_counter()
     assemble(out)
-    timings = _sum_numbers([m.get("timings") for m in manifests])
+    timings = _sum_numbers([m.timings for m in manifests])
     timings.update(assemble_s=time.perf_counter() - t, merge_s=time.perf_counter() - t0)
-    write_json(out / "manifest.json", _merged_manifest(dirs, manifests, ordered, out, timings))
+    _merged_manifest(dirs, manifests, ordered, out, timings).write(out)
     if report:
         from latentpatch.analysis.report import build_report
 
@@ -159,9 +158,9 @@ def _pair_files(
     files: dict[int, tuple[Path, dict]] = {}
     pairs: dict[str, Pair] = {}
     for i, d in enumerate(dirs):
-        shard_pairs = load_pairs(d / "pairs.json")
+        shard_pairs = load_pairs(RunPaths(d).pairs)
         pairs.update({p.pair_id: p for p in shard_pairs})
-        found = sorted((d / "results" / "pairs").glob("[0-9]*.json"))
+        found = sorted(RunPaths(d).pair_results.glob("[0-9]*.json"))
         if len(found) != len(shard_pairs):
             raise LatentPatchError(
                 f"{d}: {len(found)} pair result files for {len(shard_pairs)} pairs; fix: rerun that shard with --resume"
@@ -182,12 +181,43 @@ def _pair_files(
 
 
 def _merged_manifest(
-    dirs: Sequence[Path], manifests: Sequence[dict], ordered: Sequence[dict], out: Path, timings: dict
-) -> dict:
+    dirs: Sequence[Path], manifests: Sequence[Manifest], ordered: Sequence[dict], out: Path, timings: dict
+) -> Manifest:
     """The first shard's manifest with the config, baselines, checks and timings of all shards."""
-    config = dict(manifests[0]["config"], shard=None, out=str(out))
+    config = dict(manifests[0].config, shard=None, out=str(out))
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cfg = RunConfig(**parse_values(RunConfig, {k: v for k, v in config.items() if k in fields}))
+    n_cells = sum(len(d["cells"]) for d in ordered)
+    cache = _sum_numbers([m.activation_cache for m in manifests])
+    return dataclasses.replace(
+        manifests[0],
+        status="complete",
+        config=config,
+        config_hash=cfg.result_hash(),
+        command="latentpatch merge " + " ".join(str(d) for d in dirs) + f" --out {out}",
+        previous_timings=None,
+        n_pairs=len(ordered),
+        baselines=_merged_baselines(manifests, ordered),
+        checks=_merge_checks(manifests),
+        timings=timings,
+        cells_per_second=n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
+        activation_cache=cache or None,
+        merged_from=[
+            {
+                "run_dir": str(d),
+                "shard": m.config.get("shard"),
+                "n_pairs": m.n_pairs,
+                "git_commit": m.git_commit,
+                "device": m.device,
+                "batch_size": m.batch_size,
+            }
+            for d, m in zip(dirs, manifests)
+        ],
+    )
+
+
+def _merged_baselines(manifests: Sequence[Manifest], ordered: Sequence[dict]) -> dict:
+    """The manifest's ``baselines`` over every shard's pairs (``ordered``: their result files' contents)."""
     flags = {
         d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
         for d in ordered
@@ -195,42 +225,13 @@ def _merged_manifest(
     }
     per_pair: dict[str, dict] = {}
     for m in manifests:
-        per_pair.update((m.get("baselines") or {}).get("per_pair") or {})
+        per_pair.update((m.baselines or {}).get("per_pair") or {})
     n = len(ordered)
-    n_cells = sum(len(d["cells"]) for d in ordered)
-    cache = _sum_numbers([m.get("activation_cache") for m in manifests])
-    manifest = dict(manifests[0])
-    manifest.update(
-        {
-            "status": "complete",
-            "config": config,
-            "config_hash": cfg.result_hash(),
-            "command": "latentpatch merge " + " ".join(str(d) for d in dirs) + f" --out {out}",
-            "n_pairs": n,
-            "baselines": {
-                "n_pairs": n,
-                "clean_accuracy": sum(c for c, _ in flags.values()) / max(n, 1),
-                "corrupted_accuracy": sum(r for _, r in flags.values()) / max(n, 1),
-                "both_correct": sum(c and r for c, r in flags.values()) / max(n, 1),
-                "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
-                "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
-            },
-            "checks": _merge_checks([(m["config"].get("shard") or "0/1", m) for m in manifests]),
-            "timings": timings,
-            "cells_per_second": n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
-            "activation_cache": cache or None,
-            "merged_from": [
-                {
-                    "run_dir": str(d),
-                    "shard": m["config"].get("shard"),
-                    "n_pairs": m.get("n_pairs"),
-                    "git_commit": m.get("git_commit"),
-                    "device": m.get("device"),
-                    "batch_size": m.get("batch_size"),
-                }
-                for d, m in zip(dirs, manifests)
-            ],
-        }
-    )
-    manifest.pop("previous_timings", None)
-    return manifest
+    return {
+        "n_pairs": n,
+        "clean_accuracy": sum(c for c, _ in flags.values()) / max(n, 1),
+        "corrupted_accuracy": sum(r for _, r in flags.values()) / max(n, 1),
+        "both_correct": sum(c and r for c, r in flags.values()) / max(n, 1),
+        "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
+        "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
+    }

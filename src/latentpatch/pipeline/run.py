@@ -7,6 +7,8 @@ The steps of :func:`run_experiments` (each step's output is on disk before the n
     built-in checks, docs/method.md) -> sweep (one pair at a time, committed atomically) -> finish_run
     (results/*.json, cells.parquet, trajectories.parquet, thoughts.json, manifest, report)
 
+The state the steps share and the manifest built from it are in :mod:`latentpatch.pipeline.manifest`.
+
 Resuming: every finished pair is a file under ``results/pairs/``; ``resume=True`` skips them and
 ends with the same bytes as an uninterrupted run. A run directory remembers the hash of the
 options that change numbers; a different config is refused instead of being mixed in.
@@ -15,14 +17,8 @@ options that change numbers; a different config is refused instead of being mixe
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import shlex
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,136 +44,11 @@ from latentpatch.pipeline.config import (  # noqa: F401  (default_pairs_path: re
     load_run_pairs,
     pairs_to_run,
 )
+from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.values import global_pool, value_factory
-from latentpatch.rundir import FORMAT, assemble, write_json
-
-# ---- the run's shared state and its manifest ---------------------------------------------------
-
-
-@dataclass
-class RunContext:
-    """What the steps of one run share; :func:`build_manifest` turns it into ``manifest.json``."""
-
-    config: RunConfig
-    model: LatentModel
-    command: str
-    environment: dict[str, Any]  # versions and git commit, read once
-    batch_size: int
-    cache: ActivationCache | None
-    progress: RunProgress
-    pairs: list[Pair]  # the pairs this process patches (after --only-correct: the kept ones)
-    indices: list[int]  # their global indices, which name their result files
-    removed: list[tuple[str, str]]  # (pair_id, reason) dropped by the filter
-    specs: list[PatchSpec]
-    timings: dict[str, float]
-    previous_timings: dict[str, float] | None = None
-    bases: list[PairBaseline] = field(default_factory=list)
-    replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
-    checks: dict[str, dict] | None = None
-    complete: bool = False
-
-    @property
-    def out(self) -> Path:
-        return Path(self.config.out)
-
-
-def build_manifest(ctx: RunContext) -> dict[str, Any]:
-    """The run's ``manifest.json`` as far as the run got (the one place its keys are written)."""
-    config, model = ctx.config, ctx.model
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "status": "complete" if ctx.complete else "running",
-        "config": config.to_dict(),
-        "config_hash": config.result_hash(),
-        "command": ctx.command,
-        **ctx.environment,
-        "seed": config.seed,
-        "device": str(model.device),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "batch_size": ctx.batch_size,
-        "model": {
-            "name": model.name or config.model,
-            "family": model.family,
-            "n_layers": model.n_layers,
-            "num_latent": model.num_latent,
-            "d_model": model.d_model,
-            "config": model.config.to_dict(),
-        },
-        "pairs_removed": [{"pair_id": p, "reason": r} for p, r in ctx.removed],
-    }
-    if ctx.previous_timings:
-        manifest["previous_timings"] = ctx.previous_timings
-    if ctx.bases:
-        manifest["n_pairs"] = len(ctx.bases)
-        manifest["baselines"] = baseline_summary(ctx.bases, config.direction)
-    if ctx.replacement_pool is not None:
-        manifest["replacement_pool"] = ctx.replacement_pool
-    if ctx.checks is not None:
-        manifest["checks"] = ctx.checks
-    if ctx.complete:
-        sweep_s = ctx.timings.get("sweep_s")
-        manifest["timings"] = ctx.timings
-        manifest["cells_per_second"] = len(ctx.bases) * len(ctx.specs) / max(sweep_s, 1e-9) if sweep_s else None
-        manifest["activation_cache"] = {"hits": ctx.cache.hits, "misses": ctx.cache.misses} if ctx.cache else None
-    return manifest
-
-
-def write_manifest(ctx: RunContext) -> None:
-    write_json(ctx.out / "manifest.json", build_manifest(ctx))
-
-
-def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str, Any]:
-    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``)."""
-    n = len(bases)
-    denoise = direction == "denoise"
-    return {
-        "n_pairs": n,
-        "clean_accuracy": sum(b.clean_correct for b in bases) / n,
-        "corrupted_accuracy": sum(b.corrupted_correct for b in bases) / n,
-        "both_correct": sum(b.clean_correct and b.corrupted_correct for b in bases) / n,
-        "flagged_pairs": [b.pair_id for b in bases if not (b.clean_correct and b.corrupted_correct)],
-        "per_pair": {
-            b.pair_id: {
-                "clean_pred": b.clean.pred,
-                "corrupted_pred": b.corrupted.pred,
-                "clean_answer": b.clean_answer,
-                "corrupted_answer": b.corrupted_answer,
-                "ld_clean_run": b.ld_source if denoise else b.ld_target,
-                "ld_corrupted_run": b.ld_target if denoise else b.ld_source,
-            }
-            for b in bases
-        },
-    }
-
-
-def environment() -> dict[str, Any]:
-    """Package versions, platform and the git commit of this checkout (None outside git)."""
-    import numpy
-    import transformers
-
-    from latentpatch import __version__
-
-    versions = {
-        "latentpatch": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-    }
-    return {"versions": versions, "git_commit": _git_commit()}
-
-
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except Exception:
-        return None
-
+from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
 
 # ---- the steps -----------------------------------------------------------------------------------
 
@@ -188,15 +59,9 @@ def open_run(config: RunConfig, resume: bool) -> dict[str, Any] | None:
     is refused."""
     config.validate()
     out = Path(config.out)
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists():
+    if not RunPaths(out).manifest.exists():
         return None
-    try:
-        previous = json.loads(manifest_path.read_text())
-    except Exception:
-        raise LatentPatchError(
-            f"{manifest_path} is not valid JSON; fix: delete the run directory or choose a new --out"
-        )
+    previous = read_manifest(out)  # as written: an interrupted run's manifest lacks the later steps' keys
     if previous.get("config_hash") != config.result_hash():
         old = previous.get("config", {})
         diff = [k for k, v in config.to_dict().items() if k not in RunConfig.NOT_RESULT_KEYS and old.get(k) != v]
@@ -239,7 +104,7 @@ def start_run(
         environment=environment(),
         batch_size=batch_size,
         cache=cache,
-        command=command or "latentpatch run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=command or command_line(),
         progress=progress,
         pairs=[p for _, p in selected],
         indices=[k for k, _ in selected],
@@ -291,7 +156,7 @@ def record_baselines(ctx: RunContext) -> None:
         bases = [bases[i] for i in keep]
     ctx.bases = bases
     ctx.out.mkdir(parents=True, exist_ok=True)
-    save_pairs(ctx.pairs, ctx.out / "pairs.json")
+    save_pairs(ctx.pairs, ctx.paths.pairs)
     write_manifest(ctx)
 
 
@@ -333,7 +198,7 @@ def report_failed_checks(ctx: RunContext) -> None:
     )
     if ctx.config.strict:
         raise LatentPatchError(
-            f"built-in check failed ({', '.join(failed)}); see {ctx.out / 'manifest.json'}; --strict makes this fatal"
+            f"built-in check failed ({', '.join(failed)}); see {ctx.paths.manifest}; --strict makes this fatal"
         )
 
 
@@ -387,12 +252,11 @@ def patch_pair(ctx: RunContext, i: int, values: Callable) -> dict[str, Any]:
 def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
     """Patch every pair not yet committed; a pair's cells are committed as one file
     ``results/pairs/{k:05d}.json`` (k: its global index), so an interrupted run resumes there."""
-    pair_dir = ctx.out / "results" / "pairs"
-    pair_dir.mkdir(parents=True, exist_ok=True)
+    ctx.paths.pair_results.mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("patching", len(ctx.bases) * len(ctx.specs))
     t = time.perf_counter()
     for i, k in enumerate(ctx.indices):
-        path = pair_dir / f"{k:05d}.json"
+        path = ctx.paths.pair_result(k)
         if not path.exists():
             write_json(path, patch_pair(ctx, i, values_for(i)))
         ctx.progress.advance(len(ctx.specs))

@@ -23,27 +23,39 @@ import torch
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.latent_dir import LATENT_JSON
 from latentpatch.model.load import DEFAULT_MODEL_DIR, load_model
 from latentpatch.patching.metrics import same_number
 
 
 def model_dir_of(spec: str | Path) -> Path | None:
-    """The model directory a ``--model`` spec names (``default``, ``dir:PATH`` or a plain path),
-    or None for a spec that names no latentpatch directory (its training questions are unknown)."""
-    spec = str(spec)
+    """The latentpatch model directory a ``--model`` spec names (``default``, ``dir:PATH``, or a
+    plain path that ``load_model`` reads as one), or None for any other spec (``codi:``,
+    ``config:``, ...), whose training questions are unknown.
+
+    >>> model_dir_of("default").name, model_dir_of("dir:models/a"), model_dir_of("codi:models/a")
+    ('default_model', PosixPath('models/a'), None)
+    """
+    spec = str(spec).strip()
     if spec == "default":
         return DEFAULT_MODEL_DIR
-    path = Path(spec.removeprefix("dir:"))
-    return path if (path / "latentpatch.json").is_file() else None
+    kind, sep, rest = spec.partition(":")
+    if sep and kind == "dir":
+        return Path(rest)
+    if not sep or len(kind) == 1:  # a plain path (or a Windows drive letter), as load_model guesses it
+        path = Path(spec)
+        return path if (path / LATENT_JSON).is_file() else None
+    return None
 
 
-def training_questions(model_dir: Path | None) -> set[str]:
-    """Questions of the training pool recorded in ``latentpatch.json`` (empty if unknown)."""
-    if model_dir is None or not (model_dir / "latentpatch.json").exists():
-        return set()
-    tr = json.loads((model_dir / "latentpatch.json").read_text()).get("training") or {}
+def training_questions(model_dir: Path | None) -> set[str] | None:
+    """Questions of the training pool recorded in the model directory's ``latentpatch.json``;
+    None when unknown (no model directory, or no training record in it)."""
+    if model_dir is None or not (model_dir / LATENT_JSON).exists():
+        return None
+    tr = json.loads((model_dir / LATENT_JSON).read_text()).get("training") or {}
     if "data_seed" not in tr or "train_pool" not in tr:
-        return set()
+        return None
     from latentpatch.training.data import training_pool
     from latentpatch.training.train import TrainConfig
 
@@ -96,7 +108,7 @@ def accuracy(preds: Sequence[float | None], gold: Sequence[float]) -> float:
 def pair_scores(lm: LatentModel, pairs_path: Path | None, batch_size: int, exclude: set[str]) -> dict:
     """Clean / corrupted / both-correct fractions on a pair file (default: the shipped pairs)."""
     from latentpatch.data.pairs import load_pairs
-    from latentpatch.pipeline.run import default_pairs_path
+    from latentpatch.pipeline.config import default_pairs_path
 
     ppath = Path(pairs_path) if pairs_path else default_pairs_path()
     if not ppath.exists():
@@ -126,12 +138,15 @@ def evaluate(
     lm: LatentModel | None = None,
 ) -> dict:
     """Accuracy on ``n`` held-out problems, under thought ablation (zeros, dataset mean) and on
-    the pairs. ``model``: a ``load_model`` spec (or pass ``lm`` already loaded)."""
+    the pairs. ``model``: a ``load_model`` spec (or pass ``lm`` already loaded). Held-out problems
+    skip the training questions only when ``model`` is a latentpatch model directory (which records
+    them); for other specs ``training_questions_known`` is False and nothing is skipped."""
     t0 = time.time()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     if lm is None:
         lm = load_model(str(model))
-    exclude = training_questions(model_dir_of(model))
+    known = training_questions(model_dir_of(model))  # None: not a latentpatch model dir, nothing to exclude
+    exclude = known or set()
     probs = held_out_problems(n, seed, exclude)
     qs = [p.question for p in probs]
     gold = [p.answer for p in probs]
@@ -150,6 +165,7 @@ def evaluate(
         "n": len(qs),
         "seed": seed,
         "excluded_training_questions": len(exclude),
+        "training_questions_known": known is not None,
         "accuracy": acc,
         "accuracy_by_template": {k: v[0] / v[1] for k, v in sorted(by_template.items())},
         "zero_thoughts_accuracy": acc_zero,
@@ -163,12 +179,18 @@ def evaluate(
 
 def format_report(res: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    lines = [
-        f"model: {res['model']}",
+    lines = [f"model: {res['model']}"]
+    if not res.get("training_questions_known", True):
+        lines.append(
+            "training questions: unknown (not a latentpatch model directory), so held-out problems "
+            "are not filtered against them"
+        )
+    lines += [
         f"held-out accuracy ({res['n']} problems, seed {res['seed']}): {pct(res['accuracy'])}",
         "  by template: " + ", ".join(f"{k} {pct(v)}" for k, v in res["accuracy_by_template"].items()),
         f"thoughts -> zeros: accuracy {pct(res['zero_thoughts_accuracy'])} (drop {pct(res['ablation_accuracy_drop'])})",
-        f"thoughts -> dataset mean: accuracy {pct(res['mean_thoughts_accuracy'])} (drop {pct(res['ablation_mean_accuracy_drop'])})",
+        f"thoughts -> dataset mean: accuracy {pct(res['mean_thoughts_accuracy'])} "
+        f"(drop {pct(res['ablation_mean_accuracy_drop'])})",
         f"pairs ({res['n_pairs']}): clean {pct(res['pairs_clean_accuracy'])}, corrupted "
         f"{pct(res['pairs_corrupted_accuracy'])}, both correct {pct(res['pairs_both_correct'])}",
         f"wall time: {res['wall_s']} s",

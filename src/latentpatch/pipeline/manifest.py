@@ -1,0 +1,162 @@
+"""What a run records about itself: the state its steps share (:class:`RunContext`) and the
+``manifest.json`` built from it (:func:`build_manifest`, a :class:`latentpatch.rundir.Manifest`),
+with the environment (package versions, git commit) and the command line.
+
+Imports no torch at module level (the types of the shared state are only annotations).
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.progress import RunProgress
+from latentpatch.rundir import Manifest, RunPaths
+
+if TYPE_CHECKING:
+    from latentpatch.data.pairs import Pair
+    from latentpatch.model.latent import LatentModel
+    from latentpatch.patching.baselines import PairBaseline
+    from latentpatch.patching.specs import PatchSpec
+    from latentpatch.pipeline.cache import ActivationCache
+
+
+@dataclass
+class RunContext:
+    """What the steps of one run share; :func:`build_manifest` turns it into ``manifest.json``."""
+
+    config: RunConfig
+    model: LatentModel
+    command: str
+    environment: dict[str, Any]  # {"versions": {...}, "git_commit": str | None}, read once
+    batch_size: int
+    cache: ActivationCache | None
+    progress: RunProgress
+    pairs: list[Pair]  # the pairs this process patches (after --only-correct: the kept ones)
+    indices: list[int]  # their global indices, which name their result files
+    removed: list[tuple[str, str]]  # (pair_id, reason) dropped by the filter
+    specs: list[PatchSpec]
+    timings: dict[str, float]
+    previous_timings: dict[str, float] | None = None
+    bases: list[PairBaseline] = field(default_factory=list)
+    replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
+    checks: dict[str, dict] | None = None
+    complete: bool = False
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.config.out)
+
+
+def build_manifest(ctx: RunContext) -> Manifest:
+    """The run's manifest as far as the run got (the one place a run's manifest is built).
+
+    A step that has not run leaves its fields None, so :meth:`Manifest.to_dict` leaves its keys out.
+    """
+    config, model = ctx.config, ctx.model
+    manifest = Manifest(
+        status="complete" if ctx.complete else "running",
+        config=config.to_dict(),
+        config_hash=config.result_hash(),
+        command=ctx.command,
+        versions=ctx.environment["versions"],
+        git_commit=ctx.environment["git_commit"],
+        seed=config.seed,
+        device=str(model.device),
+        dtype=str(model.dtype).replace("torch.", ""),
+        batch_size=ctx.batch_size,
+        model={
+            "name": model.name or config.model,
+            "family": model.family,
+            "n_layers": model.n_layers,
+            "num_latent": model.num_latent,
+            "d_model": model.d_model,
+            "config": model.config.to_dict(),
+        },
+        pairs_removed=[{"pair_id": p, "reason": r} for p, r in ctx.removed],
+        previous_timings=ctx.previous_timings or None,  # an empty record is left out too
+        replacement_pool=ctx.replacement_pool,
+        checks=ctx.checks,
+    )
+    if ctx.bases:
+        manifest.n_pairs = len(ctx.bases)
+        manifest.baselines = baseline_summary(ctx.bases, config.direction)
+    if ctx.complete:
+        sweep_s = ctx.timings.get("sweep_s")
+        manifest.timings = ctx.timings
+        manifest.cells_per_second = len(ctx.bases) * len(ctx.specs) / max(sweep_s, 1e-9) if sweep_s else None
+        manifest.activation_cache = {"hits": ctx.cache.hits, "misses": ctx.cache.misses} if ctx.cache else None
+    return manifest
+
+
+def write_manifest(ctx: RunContext) -> None:
+    build_manifest(ctx).write(ctx.out)
+
+
+def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str, Any]:
+    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``)."""
+    n = len(bases)
+    denoise = direction == "denoise"
+    return {
+        "n_pairs": n,
+        "clean_accuracy": sum(b.clean_correct for b in bases) / n,
+        "corrupted_accuracy": sum(b.corrupted_correct for b in bases) / n,
+        "both_correct": sum(b.clean_correct and b.corrupted_correct for b in bases) / n,
+        "flagged_pairs": [b.pair_id for b in bases if not (b.clean_correct and b.corrupted_correct)],
+        "per_pair": {
+            b.pair_id: {
+                "clean_pred": b.clean.pred,
+                "corrupted_pred": b.corrupted.pred,
+                "clean_answer": b.clean_answer,
+                "corrupted_answer": b.corrupted_answer,
+                "ld_clean_run": b.ld_source if denoise else b.ld_target,
+                "ld_corrupted_run": b.ld_target if denoise else b.ld_source,
+            }
+            for b in bases
+        },
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, platform and the git commit of this checkout (None outside git)."""
+    import numpy
+    import torch
+    import transformers
+
+    from latentpatch import __version__
+
+    versions = {
+        "latentpatch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+    return {"versions": versions, "git_commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout holding this file; None outside git (an installed package)."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:  # no git, a timeout, ...: the commit is just unknown
+        return None
+
+
+def command_line() -> str:
+    """This process's ``latentpatch run`` command, shell-quoted (the manifest's ``command``)."""
+    return "latentpatch run " + " ".join(shlex.quote(a) for a in sys.argv[1:])
