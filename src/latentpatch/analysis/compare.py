@@ -43,7 +43,7 @@ def _grid(cells: pd.DataFrame) -> dict[tuple, set]:
 
 
 def _describe(grid: set) -> str:
-    layers = sorted({l for l, _ in grid})
+    layers = sorted({layer for layer, _ in grid})
     positions = sorted({p for _, p in grid})
     return f"layers {layers[0]}..{layers[-1]} ({len(layers)}), positions {positions}"
 
@@ -154,6 +154,59 @@ def _run_summary(manifest: dict, cells: pd.DataFrame, run_dir: Path) -> dict:
     }
 
 
+def _check_layers(run_a: Path, man_a: dict, run_b: Path, man_b: dict) -> None:
+    """LatentPatchError if the manifests record different numbers of layers."""
+    na, nb = (man_a.get("model") or {}).get("n_layers"), (man_b.get("model") or {}).get("n_layers")
+    if na is not None and nb is not None and na != nb:
+        raise LatentPatchError(
+            f"{run_a} has {na} layers and {run_b} has {nb}: the layer grids differ; "
+            "compare runs of models with the same layers"
+        )
+
+
+def _largest_differences(tab: pd.DataFrame, k: int = 10) -> list[list[str]]:
+    """Table rows of the ``k`` cells whose recovery differs most between A and B (by |A − B|)."""
+    rec = tab[tab["metric"] == "recovery"]
+    top = rec.reindex(rec["diff"].abs().sort_values(ascending=False).index).head(k)
+    return [
+        [
+            escape(r["experiment"]),
+            escape(r["mode"]),
+            str(r["layer"]),
+            "all" if r["position"] == -1 else str(r["position"]),
+            fmt(r["mean_a"]),
+            fmt(r["mean_b"]),
+            fmt(r["diff"]),
+        ]
+        for _, r in top.iterrows()
+    ]
+
+
+def _compare_page(
+    summaries: tuple[dict, dict], compared: list[str], tab: pd.DataFrame, paths: list[Path], labels: tuple[str, str]
+) -> str:
+    """The HTML of ``compare.html``: the two runs, the largest recovery differences, the figures."""
+    (summary_a, summary_b), (label_a, label_b) = summaries, labels
+    runs_rows = [[escape(k), escape(summary_a[k]), escape(summary_b[k])] for k in summary_a if k != "command"]
+    runs_rows.append(
+        ["command", f"<code>{escape(summary_a['command'])}</code>", f"<code>{escape(summary_b['command'])}</code>"]
+    )
+    runs = table(["", "A", "B"], runs_rows, left=3)
+    largest = table(["experiment", "mode", "layer", "pos", "A", "B", "A − B"], _largest_differences(tab), left=2)
+    figs_html = "".join(embed_png(p, p.stem.replace("_", " ")) for p in paths if p.suffix == ".png")
+    figs_html = figs_html or '<p class="note">No layer or position sweep in common.</p>'
+    title = f"latentpatch compare: {escape(label_a)} vs {escape(label_b)}"
+    sub = f"differences are A − B, means over pairs · generated {_dt.datetime.now():%Y-%m-%d %H:%M}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
+<body><header><h1>Compare A = {escape(label_a)} vs B = {escape(label_b)}</h1><div class="sub">{sub}</div></header>
+<main><section id="runs"><h2>Runs</h2>{runs}<p>Compared: {escape(", ".join(compared))}</p></section>
+<section id="largest"><h2>Largest recovery differences</h2>{largest}</section>
+<section id="figures"><h2>Figures</h2>{figs_html}</section>
+</main></body></html>
+"""
+
+
 def compare_runs(
     run_a: Path | str,
     run_b: Path | str,
@@ -170,11 +223,7 @@ def compare_runs(
     man_a, man_b = read_manifest(run_a), read_manifest(run_b)
     cells_a = used_pairs(read_cells(run_a), exclude_flagged)
     cells_b = used_pairs(read_cells(run_b), exclude_flagged)
-    na, nb = (man_a.get("model") or {}).get("n_layers"), (man_b.get("model") or {}).get("n_layers")
-    if na is not None and nb is not None and na != nb:
-        raise LatentPatchError(
-            f"{run_a} has {na} layers and {run_b} has {nb}: the layer grids differ; compare runs of models with the same layers"
-        )
+    _check_layers(run_a, man_a, run_b, man_b)
     groups = check_grids(cells_a, cells_b, str(run_a), str(run_b))
     tab = compare_tables(cells_a, cells_b, groups)
 
@@ -182,15 +231,14 @@ def compare_runs(
     fig_dir = out / "figures"
     formats = page_formats(formats)
     label_a, label_b = run_a.name, run_b.name
-    paths = _layer_figure(tab, fig_dir, label_a, label_b, formats) + _position_figures(
-        tab, fig_dir, label_a, label_b, formats
-    )
+    paths = _layer_figure(tab, fig_dir, label_a, label_b, formats)
+    paths += _position_figures(tab, fig_dir, label_a, label_b, formats)
 
-    summary_a, summary_b = _run_summary(man_a, cells_a, run_a), _run_summary(man_b, cells_b, run_b)
+    summaries = _run_summary(man_a, cells_a, run_a), _run_summary(man_b, cells_b, run_b)
     result = json_safe(
         {
-            "run_a": summary_a,
-            "run_b": summary_b,
+            "run_a": summaries[0],
+            "run_b": summaries[1],
             "exclude_flagged": exclude_flagged,
             "compared": ["/".join(g) for g in groups],
             "cells": tab.to_dict(orient="records"),
@@ -198,37 +246,6 @@ def compare_runs(
         }
     )
     atomic_write_text(out / "compare.json", json.dumps(result, indent=1, allow_nan=False))
-
-    runs_rows = [[escape(k), escape(summary_a[k]), escape(summary_b[k])] for k in summary_a if k != "command"]
-    runs_rows.append(
-        ["command", f"<code>{escape(summary_a['command'])}</code>", f"<code>{escape(summary_b['command'])}</code>"]
-    )
-    top = (
-        tab[tab["metric"] == "recovery"]
-        .reindex(tab[tab["metric"] == "recovery"]["diff"].abs().sort_values(ascending=False).index)
-        .head(10)
-    )
-    top_rows = [
-        [
-            escape(r["experiment"]),
-            escape(r["mode"]),
-            str(r["layer"]),
-            "all" if r["position"] == -1 else str(r["position"]),
-            fmt(r["mean_a"]),
-            fmt(r["mean_b"]),
-            fmt(r["diff"]),
-        ]
-        for _, r in top.iterrows()
-    ]
-    figs_html = "".join(embed_png(p, p.stem.replace("_", " ")) for p in paths if p.suffix == ".png")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>latentpatch compare: {escape(label_a)} vs {escape(label_b)}</title><style>{CSS}</style></head>
-<body><header><h1>Compare A = {escape(label_a)} vs B = {escape(label_b)}</h1><div class="sub">differences are A − B, means over pairs · generated {_dt.datetime.now():%Y-%m-%d %H:%M}</div></header>
-<main><section id="runs"><h2>Runs</h2>{table(["", "A", "B"], runs_rows, left=3)}<p>Compared: {escape(", ".join(result["compared"]))}</p></section>
-<section id="largest"><h2>Largest recovery differences</h2>{table(["experiment", "mode", "layer", "pos", "A", "B", "A − B"], top_rows, left=2)}</section>
-<section id="figures"><h2>Figures</h2>{figs_html or '<p class="note">No layer or position sweep in common.</p>'}</section>
-</main></body></html>
-"""
     html_path = out / "compare.html"
-    atomic_write_text(html_path, page)
+    atomic_write_text(html_path, _compare_page(summaries, result["compared"], tab, paths, (label_a, label_b)))
     return html_path

@@ -65,7 +65,10 @@ def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -
 
 
 def colour_norm(metric: str, values: np.ndarray):
-    """(norm, colour map) for ``values`` of ``metric``. Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise."""
+    """(norm, colour map) for ``values`` of ``metric``.
+
+    Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise.
+    """
     finite = values[np.isfinite(values)]
     if metric in DIVERGING:
         lim = float(np.max(np.abs(finite))) if finite.size else 1.0
@@ -124,7 +127,7 @@ def draw_heatmap(
     im = ax.imshow(grid, aspect="auto", origin="lower", norm=norm, cmap=cmap, interpolation="nearest")
     ax.set_xticks(range(len(positions)), [str(p) for p in positions])
     step = max(1, len(layers) // 16)
-    ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+    ax.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]])
     ax.set_xlabel("latent position")
     ax.set_ylabel("layer")
     if annotate_top and top:

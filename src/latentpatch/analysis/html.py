@@ -13,36 +13,41 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
-header{background:#22303c;color:#fff;padding:18px 32px}
-header h1{margin:0 0 4px;font-size:24px} header .sub{opacity:.85;font-size:14px}
-nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;z-index:2;font-size:14px}
-nav a{margin-right:14px;color:#1a5fb4;text-decoration:none} nav a:hover{text-decoration:underline}
-main{max-width:1320px;margin:0 auto;padding:8px 32px 48px}
-section{background:#fff;border:1px solid #e3e3e3;border-radius:8px;padding:8px 22px 18px;margin:18px 0}
-h2{font-size:20px;border-bottom:2px solid #e8e8e8;padding-bottom:6px} h3{font-size:16px;margin-top:22px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top}
-th{background:#f0f3f6} td.l,th.l{text-align:left}
-tr:nth-child(even) td{background:#fafbfc}
-tr.fail td{background:#fde2e1 !important}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}
-.pass{background:#d4f4dd;color:#135d2a} .failb{background:#c62828;color:#fff}
-.banner{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}
-.banner.bad{background:#fde2e1;border:1px solid #c62828;color:#8e1b1b}
-.banner.warn{background:#fff4d6;border:1px solid #d49b00;color:#6b4e00}
-figure{margin:14px 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{font-size:13px;color:#555;margin-top:4px}
-.row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-.figs figure{flex:1 1 480px;max-width:620px;margin:6px 0}
-.note{color:#666;font-style:italic}
-.sig{font-weight:700;color:#0b5394}
-pre{background:#f3f3f3;padding:10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:13px}
-code{font-size:12px;background:#f3f3f3;padding:0 3px;border-radius:3px}
-details summary{cursor:pointer;color:#1a5fb4;margin:8px 0}
-dl.kv{display:grid;grid-template-columns:max-content auto;gap:3px 16px;font-size:14px} dl.kv dt{font-weight:600} dl.kv dd{margin:0}
-"""
+#: The one stylesheet of report.html and compare.html.
+CSS = (
+    "\n"
+    'body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;'
+    "color:#1d1d1f;background:#fafafa}\n"
+    "header{background:#22303c;color:#fff;padding:18px 32px}\n"
+    "header h1{margin:0 0 4px;font-size:24px} header .sub{opacity:.85;font-size:14px}\n"
+    "nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;"
+    "z-index:2;font-size:14px}\n"
+    "nav a{margin-right:14px;color:#1a5fb4;text-decoration:none} nav a:hover{text-decoration:underline}\n"
+    "main{max-width:1320px;margin:0 auto;padding:8px 32px 48px}\n"
+    "section{background:#fff;border:1px solid #e3e3e3;border-radius:8px;padding:8px 22px 18px;margin:18px 0}\n"
+    "h2{font-size:20px;border-bottom:2px solid #e8e8e8;padding-bottom:6px} h3{font-size:16px;margin-top:22px}\n"
+    "table{border-collapse:collapse;font-size:13px;margin:8px 0}\n"
+    "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top}\n"
+    "th{background:#f0f3f6} td.l,th.l{text-align:left}\n"
+    "tr:nth-child(even) td{background:#fafbfc}\n"
+    "tr.fail td{background:#fde2e1 !important}\n"
+    ".badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}\n"
+    ".pass{background:#d4f4dd;color:#135d2a} .failb{background:#c62828;color:#fff}\n"
+    ".banner{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}\n"
+    ".banner.bad{background:#fde2e1;border:1px solid #c62828;color:#8e1b1b}\n"
+    ".banner.warn{background:#fff4d6;border:1px solid #d49b00;color:#6b4e00}\n"
+    "figure{margin:14px 0} figure img{max-width:100%;height:auto;border:1px solid #eee}\n"
+    "figcaption{font-size:13px;color:#555;margin-top:4px}\n"
+    ".row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}\n"
+    ".figs figure{flex:1 1 480px;max-width:620px;margin:6px 0}\n"
+    ".note{color:#666;font-style:italic}\n"
+    ".sig{font-weight:700;color:#0b5394}\n"
+    "pre{background:#f3f3f3;padding:10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:13px}\n"
+    "code{font-size:12px;background:#f3f3f3;padding:0 3px;border-radius:3px}\n"
+    "details summary{cursor:pointer;color:#1a5fb4;margin:8px 0}\n"
+    "dl.kv{display:grid;grid-template-columns:max-content auto;gap:3px 16px;font-size:14px} "
+    "dl.kv dt{font-weight:600} dl.kv dd{margin:0}\n"
+)
 
 
 def escape(x: Any) -> str:

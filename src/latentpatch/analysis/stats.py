@@ -43,6 +43,46 @@ def _present_metrics(cells: pd.DataFrame, metrics: Iterable[str]) -> list[str]:
     return [m for m in metrics if m in cells.columns]
 
 
+#: Columns of :func:`summarize_cells`.
+SUMMARY_COLUMNS = [
+    *CELL_KEYS,
+    *("metric", "n", "mean", "std", "median", "ci_low", "ci_high"),
+    *("wilcoxon_stat", "p_wilcoxon", "p_holm", "p_bh"),
+]
+
+
+def _cell_row(key: dict[str, Any], x: np.ndarray) -> dict[str, Any]:
+    """One cell's summary of its sample ``x`` [n_pairs] (CI filled in later by the family's bootstrap)."""
+    stat, p = wilcoxon_p(x)
+    return dict(
+        **key,
+        n=int(x.size),
+        mean=float(x.mean()),
+        std=float(x.std(ddof=1)) if x.size > 1 else math.nan,
+        median=float(np.median(x)),
+        ci_low=math.nan,
+        ci_high=math.nan,
+        wilcoxon_stat=stat,
+        p_wilcoxon=p,
+    )
+
+
+def _add_cis(
+    rows: list[dict], samples: list[np.ndarray], seed: int, n_resamples: int, confidence: float, ci_method: str
+) -> None:
+    """Fill ``ci_low``/``ci_high`` of ``rows`` from their ``samples``, in place.
+
+    Cells with the same n are bootstrapped in one call (same draws as per-cell calls).
+    """
+    by_n: dict[int, list[int]] = {}
+    for i, x in enumerate(samples):
+        by_n.setdefault(x.size, []).append(i)
+    for idx in by_n.values():
+        lo, hi = bootstrap_mean_ci(np.stack([samples[i] for i in idx]), seed, n_resamples, confidence, ci_method)
+        for j, i in enumerate(idx):
+            rows[i]["ci_low"], rows[i]["ci_high"] = float(lo[j]), float(hi[j])
+
+
 def summarize_cells(
     cells: pd.DataFrame,
     metrics: Iterable[str] = METRICS,
@@ -67,53 +107,15 @@ def summarize_cells(
         fam_rows = []
         samples = []  # per cell, values in pair order
         for (layer, pos), g in fam.groupby(["layer", "position"], sort=True):
-            x = g["value"].to_numpy(float)
-            samples.append(x)
-            stat, p = wilcoxon_p(x)
-            fam_rows.append(
-                dict(
-                    experiment=exp,
-                    mode=mode,
-                    component=comp,
-                    layer=int(layer),
-                    position=int(pos),
-                    metric=metric,
-                    n=int(x.size),
-                    mean=float(x.mean()),
-                    std=float(x.std(ddof=1)) if x.size > 1 else math.nan,
-                    median=float(np.median(x)),
-                    ci_low=math.nan,
-                    ci_high=math.nan,
-                    wilcoxon_stat=stat,
-                    p_wilcoxon=p,
-                )
-            )
-        # Bootstrap all cells that have the same n in one call (same draws as per-cell calls).
-        by_n: dict[int, list[int]] = {}
-        for i, x in enumerate(samples):
-            by_n.setdefault(x.size, []).append(i)
-        for n, idx in by_n.items():
-            lo, hi = bootstrap_mean_ci(np.stack([samples[i] for i in idx]), seed, n_resamples, confidence, ci_method)
-            for j, i in enumerate(idx):
-                fam_rows[i]["ci_low"], fam_rows[i]["ci_high"] = float(lo[j]), float(hi[j])
+            samples.append(g["value"].to_numpy(float))
+            key = dict(experiment=exp, mode=mode, component=comp, layer=int(layer), position=int(pos), metric=metric)
+            fam_rows.append(_cell_row(key, samples[-1]))
+        _add_cis(fam_rows, samples, seed, n_resamples, confidence, ci_method)
         p = [r["p_wilcoxon"] for r in fam_rows]
         for r, ph, pb in zip(fam_rows, holm(p), benjamini_hochberg(p)):
             r["p_holm"], r["p_bh"] = float(ph), float(pb)
         out_rows.extend(fam_rows)
-    cols = CELL_KEYS + [
-        "metric",
-        "n",
-        "mean",
-        "std",
-        "median",
-        "ci_low",
-        "ci_high",
-        "wilcoxon_stat",
-        "p_wilcoxon",
-        "p_holm",
-        "p_bh",
-    ]
-    return pd.DataFrame(out_rows, columns=cols)
+    return pd.DataFrame(out_rows, columns=SUMMARY_COLUMNS)
 
 
 def _mode_table(cells: pd.DataFrame, mode: str) -> pd.DataFrame | None:
@@ -284,7 +286,8 @@ def stats_from_cells(
                 "exclude_flagged": exclude_flagged,
                 "top_k": top_k,
                 "cell_test": "one-sample Wilcoxon signed-rank vs 0 (two-sided), scipy.stats.wilcoxon",
-                "corrections": "Holm and Benjamini-Hochberg across the layer x position grid of each (experiment, mode, component, metric)",
+                "corrections": "Holm and Benjamini-Hochberg across the layer x position grid of each "
+                "(experiment, mode, component, metric)",
                 "comparison_tests": "paired Wilcoxon and paired t-test per layer; Holm/BH across layers",
             },
             "n_pairs_total": int(cells["pair_id"].nunique()),
