@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import math
 import os
@@ -325,7 +326,7 @@ def memory_table(model, bases, specs, batch_sizes, device) -> list[dict]:
     rows = []
     for B in batch_sizes:
         t = time.perf_counter()
-        peak = peak_extra_bytes(lambda: engine_sweep(model, [base], specs, B), device)
+        peak = peak_extra_bytes(functools.partial(engine_sweep, model, [base], specs, B), device)
         eff = min(B, len(specs))  # a chunk never holds more than one pair's cells
         rows.append(
             {
@@ -414,8 +415,9 @@ def memory_section(key: str, r: dict) -> str:
     lines = _header(key, r, f"Memory: {r['title']}") + [
         f"- engine position sweep of one pair (prompt {m['prompt_len']} tokens, longest answer string or greedy answer "
         f"{m['answer_len']} tokens; a chunk holds at most the {r['cells_per_pair']} cells of a pair); peak = "
-        f"{r['memory_kind']}; estimates = `latentpatch.pipeline.memory.working_set_bytes` at this pair's answer length and at "
-        f"max_answer_tokens {r['max_answer_tokens']} (what `--batch-size auto` assumes); `auto_batch_size` here: {r['auto_batch']}",
+        f"{r['memory_kind']}; estimates = `latentpatch.pipeline.memory.working_set_bytes` at this pair's answer length "
+        f"and at max_answer_tokens {r['max_answer_tokens']} (what `--batch-size auto` assumes); "
+        f"`auto_batch_size` here: {r['auto_batch']}",
         "",
         "| batch | effective | peak extra MiB | estimate MiB | estimate at max_answer_tokens MiB | s |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -21,9 +21,36 @@ targets = [
     ("zero-ablation drop >= 50 points", ev["ablation_accuracy_drop"] >= 0.50),
 ]
 met = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets)
+n_layers, d_model, n_heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+quality_rows = [
+    (
+        f"accuracy, {ev['n']} held-out problems (seed {ev['seed']}, questions not in the training pool)",
+        f"**{pct(ev['accuracy'])}**",
+    ),
+    (
+        f"accuracy with all {meta['num_latent']} thoughts replaced by zeros",
+        f"{pct(ev['zero_thoughts_accuracy'])} (drop **{pct(ev['ablation_accuracy_drop'])}**)",
+    ),
+    (
+        "accuracy with each thought replaced by its dataset mean",
+        f"{pct(ev['mean_thoughts_accuracy'])} (drop {pct(ev['ablation_mean_accuracy_drop'])})",
+    ),
+    (
+        f"default pairs ({ev['n_pairs']}): clean / corrupted correct",
+        f"{pct(ev['pairs_clean_accuracy'])} / {pct(ev['pairs_corrupted_accuracy'])}",
+    ),
+    ("default pairs: both clean and corrupted correct", f"**{pct(ev['pairs_both_correct'])}**"),
+]
+quality = "\n".join(f"| {measure} | {value} |" for measure, value in quality_rows)
+train_cmd = (
+    f"OMP_NUM_THREADS=1 latentpatch train --out model --steps {tr['steps']} --seed {tr['seed']} --lr {tr['lr']} \\\n"
+    f"    --warmup {tr['warmup']} --teacher-only-steps {tr['teacher_only_steps']} "
+    f"--latent-aux-factor {tr['latent_aux_factor']} \\\n"
+    f"    --number-init {tr['number_init']} --threads {tr['threads']}"
+)
 card = f"""# latentpatch default model: a small CODI model trained on synthetic arithmetic word problems
 
-A {cfg["num_hidden_layers"]}-layer LLaMA-architecture model (d_model {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads,
+A {n_layers}-layer LLaMA-architecture model (d_model {d_model}, {n_heads} heads,
 MLP {cfg["intermediate_size"]}, vocabulary {cfg["vocab_size"]}, tied embeddings, fp32, {size / 2**20:.1f} MB)
 trained from scratch on CPU by `latentpatch train`, with K = {meta["num_latent"]} continuous thoughts and
 the CODI projection `prj` (Linear {cfg["hidden_size"]}->{meta["prj_dim"]}, GELU, Linear, LayerNorm).
@@ -34,11 +61,7 @@ and omitted), `latentpatch.json` with the special ids and rollout settings.
 
 | measure | value |
 |---|---|
-| accuracy, {ev["n"]} held-out problems (seed {ev["seed"]}, questions not in the training pool) | **{pct(ev["accuracy"])}** |
-| accuracy with all {meta["num_latent"]} thoughts replaced by zeros | {pct(ev["zero_thoughts_accuracy"])} (drop **{pct(ev["ablation_accuracy_drop"])}**) |
-| accuracy with each thought replaced by its dataset mean | {pct(ev["mean_thoughts_accuracy"])} (drop {pct(ev["ablation_mean_accuracy_drop"])}) |
-| default pairs ({ev["n_pairs"]}): clean / corrupted correct | {pct(ev["pairs_clean_accuracy"])} / {pct(ev["pairs_corrupted_accuracy"])} |
-| default pairs: both clean and corrupted correct | **{pct(ev["pairs_both_correct"])}** |
+{quality}
 
 By template: {", ".join(f"{k} {pct(v)}" for k, v in ev["accuracy_by_template"].items())}.
 The {2 * ev["n_pairs"]} questions of the default pairs are not in the training pool
@@ -86,9 +109,7 @@ AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matri
 
 ## Training command (CPU, one thread; `scripts/train_default.sh`)
 ```
-OMP_NUM_THREADS=1 latentpatch train --out model --steps {tr["steps"]} --seed {tr["seed"]} --lr {tr["lr"]} \\
-    --warmup {tr["warmup"]} --teacher-only-steps {tr["teacher_only_steps"]} --latent-aux-factor {tr["latent_aux_factor"]} \\
-    --number-init {tr["number_init"]} --threads {tr["threads"]}
+{train_cmd}
 ```
 Wall time: {tr["wall_s"]} s ({tr["wall_s"] / 60:.1f} min) on a 2-core AMD EPYC machine (the other core
 busy with a second training run or benchmarks most of the time). Loss log: `train_log.jsonl`.

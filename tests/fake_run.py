@@ -45,7 +45,7 @@ def write_fake_run(
 
     # ---- pairs.json (flat §7 format)
     pairs = []
-    for i, pid in enumerate(pair_ids):
+    for pid in pair_ids:
         a = int(rng.integers(2, 50))
         pairs.append({"pair_id": pid, "variant": "clean", "question": f"Tom has {a} apples. How many?", "answer": a})
         pairs.append(

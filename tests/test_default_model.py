@@ -15,11 +15,36 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), 
 # question -> answer the shipped model generated (computed once from the shipped weights with
 # LatentModel.answer, fp32 CPU). Regenerate if the model is retrained.
 EXPECTED: dict = {
-    "A bus leaves with 34 passengers. At the first stop 7 people get off and 1 get on. At the second stop 5 people get off and 9 get on. How many passengers are on the bus now?": 32.0,  # ground truth 32
-    "A notebook costs 6 dollars. Nora buys 4 notebooks and uses a coupon worth 9 dollars. Then she pays 12 dollars for lunch. How many dollars does Nora spend in total?": 27.0,  # ground truth 27
-    "Leo bakes 29 cookies and eats 4 of them. He packs the rest in bags of 5 and sells each bag for 5 dollars. Then he spends 9 dollars on flour. How many dollars does Leo have left?": 15.0,  # ground truth 16
-    "Sam bakes 32 cookies and eats 2 of them. He packs the rest in bags of 3 and sells each bag for 2 dollars. Then he spends 4 dollars on flour. How many dollars does Sam have left?": 16.0,  # ground truth 16
-    "A ticket costs 6 dollars. Nora buys 4 tickets and uses a coupon worth 8 dollars. Then she pays 4 dollars for lunch. How many dollars does Nora spend in total?": 20.0,  # ground truth 20
+    (
+        "A bus leaves with 34 passengers. "
+        "At the first stop 7 people get off and 1 get on. "
+        "At the second stop 5 people get off and 9 get on. "
+        "How many passengers are on the bus now?"
+    ): 32.0,  # ground truth 32
+    (
+        "A notebook costs 6 dollars. "
+        "Nora buys 4 notebooks and uses a coupon worth 9 dollars. "
+        "Then she pays 12 dollars for lunch. "
+        "How many dollars does Nora spend in total?"
+    ): 27.0,  # ground truth 27
+    (
+        "Leo bakes 29 cookies and eats 4 of them. "
+        "He packs the rest in bags of 5 and sells each bag for 5 dollars. "
+        "Then he spends 9 dollars on flour. "
+        "How many dollars does Leo have left?"
+    ): 15.0,  # ground truth 16
+    (
+        "Sam bakes 32 cookies and eats 2 of them. "
+        "He packs the rest in bags of 3 and sells each bag for 2 dollars. "
+        "Then he spends 4 dollars on flour. "
+        "How many dollars does Sam have left?"
+    ): 16.0,  # ground truth 16
+    (
+        "A ticket costs 6 dollars. "
+        "Nora buys 4 tickets and uses a coupon worth 8 dollars. "
+        "Then she pays 4 dollars for lunch. "
+        "How many dollars does Nora spend in total?"
+    ): 20.0,  # ground truth 20
 }
 
 

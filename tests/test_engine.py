@@ -246,7 +246,7 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(m.n_layers, m.num_latent, m.d_model, generator=gen) * 20
 
-        def values(spec):  # large random writes on half the layers, so some answers change
+        def values(spec, base=base, noise=noise):  # large random writes on half the layers, so some answers change
             v = base.source.acts[spec.component][spec.layer, list(spec.positions)]
             return v + noise[spec.layer, list(spec.positions)] if spec.layer % 2 else v
 

@@ -213,11 +213,11 @@ def test_preset_with_explicit_overrides(tmp_path):
 
 
 def test_presets_hold_the_released_values():
-    g, l, li = get_preset("codi-gpt2"), get_preset("codi-llama1b"), get_preset("codi-llama1b-instruct")
+    g, ll, li = get_preset("codi-gpt2"), get_preset("codi-llama1b"), get_preset("codi-llama1b-instruct")
     assert (g["base"], g["lora_r"], g["lora_alpha"], g["prj_dim"], g["eos_id"]) == ("gpt2", 128, 32, 768, 50256)
     assert set(g["lora_targets"]) == {"c_attn", "c_proj", "c_fc"}
-    assert (l["lora_r"], l["lora_alpha"], l["prj_dim"], l["eos_id"]) == (128, 32, 2048, 128001)
-    assert set(l["lora_targets"]) == set(TARGETS["llama"]) and li["eos_id"] == 128009
+    assert (ll["lora_r"], ll["lora_alpha"], ll["prj_dim"], ll["eos_id"]) == (128, 32, 2048, 128001)
+    assert set(ll["lora_targets"]) == set(TARGETS["llama"]) and li["eos_id"] == 128009
     assert all(p["num_latent"] == 6 and p["remove_eos"] and p["prj_ln"] for p in PRESETS.values())
     with pytest.raises(LatentPatchError, match="--preset"):
         get_preset("codi-gpt3")
