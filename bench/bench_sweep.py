@@ -150,7 +150,7 @@ def load(spec: str, device: str, dtype: torch.dtype, n_pairs: int) -> tuple[Late
         return model, synthetic_items(model, n_pairs)
     from latentpatch.data.pairs import filter_pairs, load_pairs
     from latentpatch.model.load import load_model
-    from latentpatch.pipeline.run import default_pairs_path
+    from latentpatch.pipeline.config import default_pairs_path
 
     model = load_model(f"gguf:{smollm2_path()}" if spec == "smollm2" else spec, dtype=dtype, device=device)
     pairs = filter_pairs(load_pairs(default_pairs_path()))[0][:n_pairs]

@@ -43,7 +43,7 @@ def write_fake_run(
     flagged_idx = set(flagged or ())
     pair_ids = [f"p{i:03d}" for i in range(n_pairs)]
 
-    # ---- pairs.json (flat §7 format)
+    # ---- pairs.json (flat pair-file format, docs/method.md §9.1)
     pairs = []
     for pid in pair_ids:
         a = int(rng.integers(2, 50))

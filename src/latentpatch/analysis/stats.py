@@ -10,7 +10,7 @@ values over pairs. Per cell: n, mean, std (ddof=1), median, a seeded bootstrap C
 (:func:`scipy.stats.bootstrap`) and a one-sample Wilcoxon signed-rank test against 0, with Holm and
 Benjamini–Hochberg adjusted p-values across the cells of one ``(experiment, mode, component,
 metric)`` family (the layer x position grid). Per layer: paired chained/parallel/frozen
-comparisons and the additivity of single-position effects (docs/method.md).
+comparisons and the additivity of single-position effects (docs/method.md §10).
 """
 
 from __future__ import annotations
