@@ -172,7 +172,7 @@ def test_training_pool_excludes_default_pair_questions():
     """The first clean question of generate_pairs(57, seed=0) is generate_problems(seed=0)'s first
     problem; the training pool must drop it (the default pairs stay held out)."""
     from latentpatch.data.pairs import load_pairs
-    from latentpatch.pipeline.run import default_pairs_path
+    from latentpatch.pipeline.config import default_pairs_path
     from latentpatch.training.data import normalize_question, training_pool
 
     pair_qs = {normalize_question(v.question) for p in load_pairs(default_pairs_path()) for v in (p.clean, p.corrupted)}

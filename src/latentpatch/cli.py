@@ -124,7 +124,7 @@ def pairs_validate(
 @pairs_app.command("filter")
 def pairs_filter(
     file: Path = typer.Argument(..., help="Pair file to filter."),
-    out: Path = typer.Option(..., "--out", help="Where to write the kept pairs (flat §7 format)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the kept pairs (flat format, docs/method.md §9.1)."),
     keep_same_answer: bool = typer.Option(False, "--keep-same-answer", help="Keep pairs whose answers are equal."),
 ) -> None:
     """Drop pairs that carry no patching signal (same clean and corrupted answer) and save the rest."""
@@ -147,7 +147,7 @@ def pairs_filter(
 def pairs_generate(
     n: int = typer.Option(57, "--n", help="Number of pairs (at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same pairs)."),
-    out: Path = typer.Option(Path("pairs.json"), "--out", help="Output pair file (flat §7 format)."),
+    out: Path = typer.Option(Path("pairs.json"), "--out", help="Output pair file (flat format, docs/method.md §9.1)."),
 ) -> None:
     """Generate synthetic GSM8K-style clean/corrupted pairs."""
     if n < 1:

@@ -21,7 +21,7 @@ RUN_FORMAT = "latentpatch-run/1"
 MODEL_FORMAT = "latentpatch-codi/1"
 
 # ---- sites ----------------------------------------------------------------------------------------
-#: Where an activation is read or overwritten (docs/method.md "Sites"); the order of error messages.
+#: Where an activation is read or overwritten (docs/method.md §3); the order of error messages.
 COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_out", "attn_out", "mlp_out")
 #: The component a run patches unless configured otherwise.
 DEFAULT_COMPONENT = "resid_out"
@@ -32,7 +32,7 @@ EXPERIMENTS: tuple[str, ...] = ("layer", "position", "iterative")
 LAYER_MODE = "all"
 #: The one mode of the position sweep: one latent position at one layer.
 POSITION_MODE = "single"
-#: Modes of the iterative experiment (docs/method.md "Experiments").
+#: Modes of the iterative experiment (docs/method.md §5).
 ITERATIVE_MODES: tuple[str, ...] = ("parallel", "cumulative", "chained", "frozen")
 #: Every mode per experiment.
 MODES: dict[str, tuple[str, ...]] = {"layer": (LAYER_MODE,), "position": (POSITION_MODE,), "iterative": ITERATIVE_MODES}

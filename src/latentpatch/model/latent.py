@@ -1,4 +1,4 @@
-"""The continuous-thought model and its real latent rollout (docs/method.md, "The rollout").
+"""The continuous-thought model and its real latent rollout (docs/method.md §1).
 
 A :class:`LatentModel` is an ordinary Hugging Face causal LM (LLaMA or GPT-2 family) plus a
 projection ``prj`` and a few special token ids. Its rollout::
@@ -109,7 +109,7 @@ class ThoughtOverride(TypedDict):
 
 
 class LatentModel(nn.Module):
-    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout (docs/method.md).
+    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout (docs/method.md §1).
 
     ``lm`` is a transformers ``LlamaForCausalLM``-like or ``GPT2LMHeadModel``-like model with any
     LoRA already merged. ``tokenizer`` is optional (a base without one can be driven by token ids).

@@ -1,6 +1,6 @@
 """Sites: named places in the network, and hooks that read or overwrite them.
 
-A :class:`Site` is ``(component, layer, position)`` (docs/method.md, "Sites"):
+A :class:`Site` is ``(component, layer, position)`` (docs/method.md §3):
 
 - ``resid_pre``  input of block ``layer`` (layer 0 = the embeddings, incl. GPT-2's position embeddings)
 - ``resid_out``  output of block ``layer`` = residual stream after the block (the default)

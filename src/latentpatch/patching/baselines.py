@@ -7,7 +7,7 @@ Contract: everything a sweep needs from a pair is computed here once, before any
   (:mod:`latentpatch.pipeline.cache`) stores these.
 - :func:`prepare_pair`: the clean and corrupted records of a pair as a :class:`PairBaseline`, with
   the target/source roles of a direction, the three answer strings (:func:`answer_strings`), the
-  target's teacher-forced answer logits and LD_target / LD_source (docs/method.md, the metrics).
+  target's teacher-forced answer logits and LD_target / LD_source (docs/method.md §6).
 - :func:`replacement_values` (and :func:`own_values` for the identity check): a :data:`ValueFn`,
   ``spec -> [len(spec.positions), d]``, the values the engine writes at a spec's sites, taken
   from the baselines (source run, zeros, dataset mean, or another pair's source run).
@@ -199,7 +199,7 @@ def replacement_values(
 
 
 def own_values(base: PairBaseline) -> ValueFn:
-    """The target's own activations: the identity check (docs/method.md, the built-in checks)."""
+    """The target's own activations: the identity check (docs/method.md §8.1)."""
     return lambda spec: base.target.acts[spec.component][spec.layer, list(spec.positions)]
 
 

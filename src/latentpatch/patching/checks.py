@@ -1,4 +1,4 @@
-"""The built-in checks every run makes and reports (docs/method.md, the built-in checks).
+"""The built-in checks every run makes and reports (docs/method.md §8).
 
 Each check returns ``{"passed": bool, "value": float, "threshold": float, "detail": str, ...}``.
 
@@ -88,7 +88,8 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
         "threshold": threshold,
         "pairs_covered": covered,
         "pairs_total": len(bases),
-        "detail": f"resid_pre L0 at every position from the source run; {covered}/{len(bases)} pairs have equal prompt lengths",
+        "detail": f"resid_pre L0 at every position from the source run; "
+        f"{covered}/{len(bases)} pairs have equal prompt lengths",
     }
 
 

@@ -1,4 +1,4 @@
-"""The patching engine: one mechanism behind every experiment (docs/method.md, the experiments).
+"""The patching engine: one mechanism behind every experiment (docs/method.md §5, §7).
 
 Contract: given a pair's baselines (:mod:`latentpatch.patching.baselines`), a list of
 :class:`~latentpatch.patching.specs.PatchSpec` and a :data:`~latentpatch.patching.baselines.ValueFn`,
@@ -218,7 +218,7 @@ def sweep_fast(
     values: ValueFn,
     batch_size: int = 64,
 ) -> list[dict]:
-    """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md).
+    """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
     Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
     per spec, in order; ``batch_size`` patches run as one batch.

@@ -1,4 +1,4 @@
-"""Answer metrics (docs/method.md, the metrics), from teacher-forced logits.
+"""Answer metrics (docs/method.md §6), from teacher-forced logits.
 
 Every answer string is ``answer_prefix + number``; its *answer positions* are the positions whose
 next-token distribution predicts a token of the number (the first is the last prefix position).

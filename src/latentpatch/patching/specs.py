@@ -1,6 +1,6 @@
 """What an experiment is: the patches it makes (:class:`PatchSpec`) and what they write (:class:`EngineConfig`).
 
-This is the one place that defines an experiment (docs/method.md, the experiments). A
+This is the one place that defines an experiment (docs/method.md §5). A
 :class:`PatchSpec` says *which* sites one patch overwrites (a component, one layer, a set of latent
 positions) and how the rest of the rollout behaves (``frozen``); the run-level
 :class:`EngineConfig` says with *what* (``replacement``) and in which ``direction``.

@@ -40,7 +40,7 @@ def model_key(model: LatentModel) -> str:
 
 
 class ActivationCache:
-    """``get``/``put`` of :class:`~latentpatch.patching.engine.RunRecord` by prompt ids for one model."""
+    """``get``/``put`` of :class:`~latentpatch.patching.baselines.RunRecord` by prompt ids for one model."""
 
     def __init__(self, root: str | Path, key: str):
         self.dir = Path(root) / key

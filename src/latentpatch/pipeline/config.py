@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
-from latentpatch.names import (  # noqa: F401  (GLOBAL_REPLACEMENTS: re-exported for run and merge)
+from latentpatch.names import (
     COMPONENTS,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
-    GLOBAL_REPLACEMENTS,
     REPLACEMENTS,
 )
 

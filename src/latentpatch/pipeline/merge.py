@@ -18,7 +18,8 @@ from pathlib import Path
 
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
 from latentpatch.errors import LatentPatchError
-from latentpatch.pipeline.config import GLOBAL_REPLACEMENTS, RunConfig, parse_shard, parse_values
+from latentpatch.names import GLOBAL_REPLACEMENTS
+from latentpatch.pipeline.config import RunConfig, parse_shard, parse_values
 from latentpatch.rundir import Manifest, RunPaths, assemble, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.

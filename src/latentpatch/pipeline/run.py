@@ -4,7 +4,7 @@ The steps of :func:`run_experiments` (each step's output is on disk before the n
 
     open_run (validate, resume guard) -> load the model -> start_run (pairs filtered, limited, sharded;
     batch size, activation cache) -> record_baselines (clean + corrupted runs) -> run_checks (the
-    built-in checks, docs/method.md) -> sweep (one pair at a time, committed atomically) -> finish_run
+    built-in checks, docs/method.md §8) -> sweep (one pair at a time, committed atomically) -> finish_run
     (results/*.json, cells.parquet, trajectories.parquet, thoughts.json, manifest, report)
 
 The state the steps share and the manifest built from it are in :mod:`latentpatch.pipeline.manifest`.
@@ -27,6 +27,7 @@ import torch
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
+from latentpatch.names import GLOBAL_REPLACEMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -37,13 +38,7 @@ from latentpatch.patching.checks import (
 from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.patching.specs import PatchSpec, experiment_specs
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
-from latentpatch.pipeline.config import (  # noqa: F401  (default_pairs_path: re-exported for older imports)
-    GLOBAL_REPLACEMENTS,
-    RunConfig,
-    default_pairs_path,
-    load_run_pairs,
-    pairs_to_run,
-)
+from latentpatch.pipeline.config import RunConfig, load_run_pairs, pairs_to_run
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
@@ -171,7 +166,7 @@ def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[
 
 
 def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, dict]:
-    """The built-in checks (docs/method.md), each ``{passed, value, threshold, detail}``."""
+    """The built-in checks (docs/method.md §8), each ``{passed, value, threshold, detail}``."""
     model, bases, config = ctx.model, ctx.bases, ctx.config
     return {
         "identity": check_identity(model, bases, ctx.specs, n_pairs=1),
