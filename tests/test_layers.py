@@ -173,3 +173,46 @@ def test_readers(tmp_path):
     with pytest.raises(LatentPatchError, match="stats.json is not valid JSON"):
         read_stats(tmp_path)
     assert paths.pair_result(12) == Path(tmp_path) / "results" / "pairs" / "00012.json"
+
+
+# ---- code structure: what a maintainer can rely on ---------------------------------------------
+SRC = Path(latentpatch.analysis.__file__).resolve().parents[1]
+
+
+def _parsed_modules():
+    import ast
+
+    for path in sorted(SRC.rglob("*.py")):
+        yield path, ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A name starting with ``_`` is private to its module: sharing it means making it public."""
+    import ast
+
+    offenders = []
+    for path, tree in _parsed_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentpatch"):
+                offenders += [
+                    f"{path.relative_to(SRC)}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert offenders == []
+
+
+def test_pipeline_and_patching_functions_stay_short():
+    """The run's steps and the engine read as named steps: no function over 60 lines there."""
+    import ast
+
+    long = []
+    for path, tree in _parsed_modules():
+        if path.parent.name not in ("pipeline", "patching"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n_lines = node.end_lineno - node.lineno + 1
+                if n_lines > 60:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({n_lines} lines)")
+    assert long == []
