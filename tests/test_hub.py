@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from test_loading import ALPHA, K, R, TARGETS, V, base_lm, make_codi, run_cli
+from test_loading import ALPHA, TARGETS, K, R, V, base_lm, make_codi, run_cli
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.hub import split_hub_name
