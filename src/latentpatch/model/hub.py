@@ -81,9 +81,21 @@ def resolve_repo(
 
     cache = hub_cache_dir()
     patterns = list(allow_patterns) if allow_patterns else None
-    kwargs = dict(repo_id=repo, revision=revision, cache_dir=str(cache), allow_patterns=patterns)
+
+    def snapshot(offline: bool) -> Path:
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=str(cache),
+                allow_patterns=patterns,
+                local_files_only=offline,
+                etag_timeout=TIMEOUT_S,
+            )
+        )
+
     try:  # the cache first, with no network access at all
-        return Path(snapshot_download(**kwargs, local_files_only=True))  # type: ignore[arg-type]
+        return snapshot(True)
     except Exception:  # not cached (LocalEntryNotFoundError and its kin)
         pass
     at = f"@{revision}" if revision else ""
@@ -93,7 +105,7 @@ def resolve_repo(
         )
     log.info("%s: downloading %s%s into %s", what, repo, at, cache)
     try:
-        return Path(snapshot_download(**kwargs, etag_timeout=TIMEOUT_S))  # type: ignore[arg-type]
+        return snapshot(False)
     except GatedRepoError:
         raise LatentPatchError(
             f"{what}: {repo} is a gated repository; fix: accept its licence on huggingface.co, run "
