@@ -86,8 +86,8 @@ def inspect_cmd(
     r = m.rollout([prompt])
     k = min(top_k, m.vocab_size)
     typer.echo(
-        f"thought p = latent position p (0..{m.num_latent - 1}; papers' z_(p+1)), decoded from the hidden state "
-        "it was projected from = the official CODI probe's latent p (docs/checkpoints.md)"
+        f"numbering: thought p = latent position p (0..{m.num_latent - 1}; papers' z_(p+1)), decoded from the "
+        "hidden state it was projected from = the official CODI probe's latent p (docs/checkpoints.md)"
     )
     for p, tops in enumerate(m.decode_thoughts(r, k=k)[0]):
         typer.echo(f"thought {p}: " + " | ".join(f"{tok!r} {prob:.3f}" for tok, prob in tops))
