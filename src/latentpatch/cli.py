@@ -59,6 +59,8 @@ def inspect_cmd(
         raise LatentPatchError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     ids = _parse_input_ids(input_ids) if input_ids is not None else None
 
+    import torch
+
     from latentpatch.model.latent import extract_number
 
     model_options = ModelOptions(**options)
@@ -83,8 +85,18 @@ def inspect_cmd(
     typer.echo(f"prompt ids: {prompt}")
     r = m.rollout([prompt])
     k = min(top_k, m.vocab_size)
+    typer.echo(
+        f"numbering: thought p = latent position p (0..{m.num_latent - 1}; papers' z_(p+1)), decoded from the "
+        "hidden state it was projected from = the official CODI probe's latent p (docs/checkpoints.md)"
+    )
     for p, tops in enumerate(m.decode_thoughts(r, k=k)[0]):
         typer.echo(f"thought {p}: " + " | ".join(f"{tok!r} {prob:.3f}" for tok, prob in tops))
+    last = torch.softmax(m.logits(r.latent_hidden[0, -1]), -1).topk(k)  # the probe's latent K: never fed
+    names = [m.decode([i]) if m.tokenizer is not None else str(i) for i in last.indices.tolist()]
+    typer.echo(
+        f"after thought {m.num_latent - 1} (probe latent {m.num_latent}, not fed): "
+        + " | ".join(f"{tok!r} {prob:.3f}" for tok, prob in zip(names, last.values.tolist()))
+    )
     out = m.generate(r.state, r.answer_logits, max_new_tokens)[0]
     if m.tokenizer is None:
         typer.echo(f"answer ids: {out}")
@@ -93,6 +105,23 @@ def inspect_cmd(
         num = extract_number(text)
         typer.echo(f"answer: {text!r} (ids {out})")
         typer.echo(f"number: {'none' if num is None else format(num, 'g')}")
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the released checkpoints latentpatch knows (--preset) and the command for each."""
+    from latentpatch.model.codi import PRESETS  # torch is imported here, after --help
+
+    for name, p in PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']}")
+        typer.echo(
+            f"  K {p['num_latent']}, LoRA r {p['lora_r']} alpha {p['lora_alpha']} on {','.join(p['lora_targets'])}, "
+            f"prj_dim {p['prj_dim']}{' + LayerNorm' if p['prj_ln'] else ''}, remove_eos {p['remove_eos']}, "
+            f"eos {p['eos_id']}"
+        )
+        typer.echo(f"  latentpatch run --model codi:{p['repo']} --preset {name}")
+    typer.echo("Coconut checkpoints: --model coconut:FILE or coconut:ORG/NAME:FILE (--base gpt2). docs/checkpoints.md")
 
 
 # ---- end section: model -------------------------------------------------------------------

@@ -320,8 +320,19 @@ def _key_hint(
     unexp_lora = [k for k in unexpected if LORA_KEY.match(k)]
     if unexp_lora and lora is None:
         return "the file has LoRA weights; load it with its LoRA settings (--preset, or --lora-r/--lora-alpha)"
-    if miss_lora or unexp_lora:
+    if unexp_lora or len(miss_lora) > 2:  # a target list naming modules the file has no LoRA for
         return "the LoRA targets do not match the file's; wrong --lora-targets or --preset?"
+    if (
+        missing
+        and not unexpected
+        and len(missing) <= 2
+        and not all(k.startswith("prj.ln.") or k.startswith("prj.") for k in missing)
+    ):
+        # a key or two gone from an otherwise complete file: not a settings problem
+        return (
+            f"{preview(missing, 2)} is missing from the file itself (the rest matches): the file is "
+            "incomplete (a truncated download or an edited state dict); re-download or re-save it"
+        )
     if any(k.startswith("prj.ln.") for k in missing) and all(k.startswith("prj.") for k in missing) and not unexpected:
         return "the file has no prj.ln (projection without LayerNorm); pass --no-prj-ln or fix --preset"
     if any(k.startswith("prj.ln.") for k in unexpected) and not missing:
@@ -354,8 +365,13 @@ def _shape_hint(bad: list[tuple[str, tuple[int, ...], _Expected]], lora: LoraSpe
             and s[1] == e.shape[1]
             and e.target.endswith(("wte.weight", "embed_tokens.weight", "lm_head.weight"))
         ):
+            if s[0] == e.shape[0] - 3:
+                return (
+                    f"the file's vocabulary has {s[0]} rows, the base's own size: saved before CODI's +3 resize "
+                    "([PAD]/[BOT]/[EOT] rows absent), so not a CODI checkpoint of this base; wrong --base or kind?"
+                )
             return (
                 f"the file's vocabulary has {s[0]} rows, the model {e.shape[0]} (the base's vocabulary + 3 "
-                "special tokens); wrong --base?"
+                f"special tokens: [PAD]/[BOT]/[EOT]); wrong --base? (a base of {s[0] - 3} tokens fits)"
             )
     return hint

@@ -32,9 +32,14 @@ log = logging.getLogger("latentpatch.model.codi")
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
 
-#: Released CODI hyper-parameters.
+#: The released CODI checkpoints (github zhenyi4/codi README: huggingface.co/zen-E) and the
+#: settings of the official scripts (scripts/test_gpt2.sh, test_llama1b.sh, train_*_gsm8k-aug.sh):
+#: LoRA r 128 / alpha 32 on every linear layer (test.py's target lists), prj_dim = d_model with its
+#: LayerNorm (prj_no_ln False), 6 latent iterations, --remove_eos True. ``repo``: the hub name
+#: ``--model codi:`` may omit; ``about``: one line for ``latentpatch models``. docs/checkpoints.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "codi-gpt2": dict(
+        repo="zen-E/CODI-gpt2",
         base="gpt2",
         lora_r=128,
         lora_alpha=32,
@@ -45,9 +50,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         remove_eos=True,
         eos_id=50256,
         answer_prefix="The answer is: ",
+        about="CODI GPT-2 (124M) on GSM8k-Aug; as scripts/test_gpt2.sh",
     ),
     "codi-llama1b": dict(
-        base="meta-llama/Llama-3.2-1B",
+        repo="zen-E/CODI-llama3.2-1b-Instruct",
+        base="meta-llama/Llama-3.2-1B-Instruct",
         lora_r=128,
         lora_alpha=32,
         lora_targets=_LLAMA_TARGETS,
@@ -57,8 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         remove_eos=True,
         eos_id=128001,
         answer_prefix="The answer is: ",
+        about="CODI LLaMA-3.2-1B-Instruct; stops at <|end_of_text|> 128001 as scripts/test_llama1b.sh "
+        "(whose tokenizer is Llama-3.2-1B's)",
     ),
     "codi-llama1b-instruct": dict(
+        repo="zen-E/CODI-llama3.2-1b-Instruct",
         base="meta-llama/Llama-3.2-1B-Instruct",
         lora_r=128,
         lora_alpha=32,
@@ -69,15 +79,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         remove_eos=True,
         eos_id=128009,
         answer_prefix="The answer is: ",
+        about="the same checkpoint, stopping at the Instruct tokenizer's eos <|eot_id|> 128009 "
+        "(the token its training appended)",
     ),
 }
+
+#: preset keys that are not load_codi_checkpoint settings
+PRESET_INFO_KEYS = ("repo", "about")
 
 # ------------------------------------------------------------------------------------------------
 # CODI checkpoints
 
 
 def get_preset(name: str | None) -> dict[str, Any]:
-    """A copy of :data:`PRESETS` ``[name]`` (``{}`` for None)."""
+    """A copy of :data:`PRESETS` ``[name]`` (``{}`` for None), ``repo`` and ``about`` included."""
     if name is None:
         return {}
     try:
@@ -184,6 +199,7 @@ def load_codi_checkpoint(
     answer_prefix: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    name: str | None = None,
 ) -> LatentModel:
     """Load an official CODI checkpoint (``pytorch_model.bin`` or ``model.safetensors``) strictly.
 
@@ -192,7 +208,8 @@ def load_codi_checkpoint(
     tokenizer (if any) is used. Explicit arguments override the ``preset``. Unset LoRA settings are
     read from the file where possible (targets and rank; ``lora_alpha`` must be given or come from a
     preset); ``lora_r=0`` asserts a checkpoint without LoRA. ``prj_dim``/``prj_ln`` unset: read
-    from the file. LoRA is merged into the base weights.
+    from the file. LoRA is merged into the base weights. ``name``: the model's name (default
+    ``codi:<ckpt_dir>``).
     """
     p = get_preset(preset)
     dtype = parse_dtype(dtype)
@@ -253,8 +270,11 @@ def load_codi_checkpoint(
         eos_id=eos,
         remove_eos=bool(_resolve(remove_eos, p, "remove_eos", True)),
         answer_prefix=_resolve(answer_prefix, p, "answer_prefix", "The answer is: "),
+        max_answer_tokens=256,  # CODI's test.py: max_new_tokens 256
+        decoding="codi",
+        question_text="codi",
     )
     check_special_ids(cfg, lm, str(file))
     move_to(lm, dev)
-    name = f"codi:{ckpt_dir}" + (f" ({preset})" if preset else "")
+    name = (name or f"codi:{ckpt_dir}") + (f" ({preset})" if preset else "")
     return LatentModel(lm, prj.to(dev).eval(), cfg, tokenizer, name=name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.model.hub import BASE_FILES, resolve_repo
 from latentpatch.model.latent import LatentConfig
 from latentpatch.model.sites import embedding_matrix
 
@@ -90,30 +92,26 @@ def local_tokenizer(path: Path, **kwargs: Any) -> Any:
 
 
 def base_config_and_tokenizer(base: str) -> tuple[PretrainedConfig, Any]:
-    """(config, tokenizer or None) of a base model: a local directory or a hub name."""
-    from transformers import AutoConfig, AutoTokenizer
+    """(config, tokenizer or None) of a base model: a local directory, or a hub name ``ORG/NAME[@REV]``
+    (or a bare legacy name such as ``gpt2``) whose config and tokenizer files come from the hub cache
+    or a download (:func:`latentpatch.model.hub.resolve_repo`; never its weights)."""
+    from transformers import AutoConfig
 
     p = Path(base)
-    if p.exists():
-        if not (p / "config.json").is_file():
+    if not p.exists():
+        repo, _, rev = base.partition("@")
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", repo):
             raise LatentPatchError(
-                f"--base {base}: no config.json in this directory; fix: pass the directory of "
-                "the base model the checkpoint was trained from (or its hub name)"
+                f"--base {base}: no such directory, and not a hub name (ORG/NAME[@REV]); fix: pass the "
+                "base model's local directory or its hub name"
             )
-        return AutoConfig.from_pretrained(str(p)), local_tokenizer(p)
-    try:
-        config = AutoConfig.from_pretrained(base)
-    except Exception as err:
+        p = resolve_repo(repo, rev or None, what=f"--base {base}", allow_patterns=BASE_FILES)
+    if not (p / "config.json").is_file():
         raise LatentPatchError(
-            f"--base {base}: cannot load its config ({type(err).__name__}); fix: pass a local "
-            "directory with config.json, or a hub name reachable from here"
-        ) from None
-    try:
-        tok = AutoTokenizer.from_pretrained(base)
-    except Exception as err:
-        log.warning("--base %s: no tokenizer (%s); continuing with token ids only", base, err)
-        tok = None
-    return config, tok
+            f"--base {base}: no config.json in {p}; fix: pass the directory of the base model the "
+            "checkpoint was trained from (or its hub name)"
+        )
+    return AutoConfig.from_pretrained(str(p)), local_tokenizer(p)
 
 
 def resolve_eos_id(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
@@ -41,6 +41,11 @@ from latentpatch.model.state import Rollout, RolloutState
 
 Number = float | int
 
+#: ``LatentConfig.decoding`` values (docs/checkpoints.md, "Greedy decoding")
+DECODING_RULES = ("latentpatch", "codi", "coconut")
+#: ``LatentConfig.question_text`` values
+QUESTION_TEXT_RULES = ("collapse", "codi", "raw")
+
 
 @dataclass
 class LatentConfig:
@@ -49,6 +54,20 @@ class LatentConfig:
     ``answer_prefix`` is the text the model emits before the number ("The answer is: "; "" for a
     model that answers with the number alone). ``question_template`` formats a question before
     tokenization. ``add_special_tokens`` is passed to the tokenizer (LLaMA: adds BOS).
+
+    ``decoding`` and ``question_text`` are the family's rules (docs/checkpoints.md), set by the loaders:
+
+    - ``decoding``: which ids greedy decoding may not choose and when [EOS] stops it.
+      ``"latentpatch"`` bans pad/bot/eot (the latentpatch model directory); ``"codi"`` bans only
+      the last vocabulary row ([EOT]), as CODI's ``test.py`` slices ``logits[..., :V-1]``;
+      ``"coconut"`` bans nothing and, as Coconut's ``generate``, keeps a first token that is
+      [EOS] (only later [EOS] stop). Decoding otherwise stops at [EOS] for every rule.
+    - ``question_text``: ``"collapse"`` turns every whitespace run into one space (latentpatch);
+      ``"codi"`` strips and replaces each double space by one (CODI's evaluation); ``"raw"``
+      leaves it as given (Coconut's dataset code).
+
+    Fields at their defaults are left out of :meth:`to_dict` (so manifests and cache keys of
+    models that existed before these fields are unchanged).
     """
 
     num_latent: int
@@ -61,9 +80,44 @@ class LatentConfig:
     question_template: str = "{question}"
     add_special_tokens: bool = True
     max_answer_tokens: int = 32
+    decoding: str = "latentpatch"
+    question_text: str = "collapse"
+
+    #: fields added after the format was fixed: written only when not at their default
+    OPTIONAL_DEFAULTS: ClassVar[dict[str, Any]] = {"decoding": "latentpatch", "question_text": "collapse"}
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODING_RULES:
+            raise ValueError(f"decoding {self.decoding!r}: expected one of {', '.join(DECODING_RULES)}")
+        if self.question_text not in QUESTION_TEXT_RULES:
+            raise ValueError(f"question_text {self.question_text!r}: expected one of {', '.join(QUESTION_TEXT_RULES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        for key, default in self.OPTIONAL_DEFAULTS.items():
+            if d.get(key) == default:
+                del d[key]
+        return d
+
+    def banned_ids(self, vocab: int) -> list[int]:
+        """Ids greedy decoding never chooses, for logits over ``vocab`` rows (the family's rule)."""
+        if self.decoding == "codi":
+            return [vocab - 1]  # CODI's test.py: logits[..., : vocab_size - 1]
+        if self.decoding == "coconut":
+            return []  # Coconut's generate: a plain argmax
+        return sorted(i for i in {self.pad_id, self.bot_id, self.eot_id} if 0 <= i < vocab)
+
+    def eos_stops(self, step: int) -> bool:
+        """Does [EOS] chosen at decoding step ``step`` (0 = first answer token) end the answer?"""
+        return not (self.decoding == "coconut" and step == 0)
+
+    def question_string(self, question: str) -> str:
+        """The question text as the family's evaluation writes it (before ``question_template``)."""
+        if self.question_text == "codi":
+            return question.strip().replace("  ", " ")  # CODI's test.py, exactly
+        if self.question_text == "raw":
+            return question  # Coconut: question + "\n" as stored
+        return " ".join(question.strip().split())
 
 
 def build_prj(d_model: int, prj_dim: int | None, layer_norm: bool = True, dropout: float = 0.0) -> nn.Module:
@@ -163,9 +217,9 @@ class LatentModel(nn.Module):
         return self.tokenizer
 
     def question_ids(self, question: str) -> list[int]:
-        """Token ids of a question (stripped, double spaces collapsed, as the reference does)."""
+        """Token ids of a question, its text written by the family's rule (``LatentConfig.question_text``)."""
         tok = self._require_tokenizer()
-        text = self.config.question_template.format(question=" ".join(question.strip().split()))
+        text = self.config.question_template.format(question=self.config.question_string(question))
         return list(tok(text, add_special_tokens=self.config.add_special_tokens)["input_ids"])
 
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
@@ -393,12 +447,12 @@ class LatentModel(nn.Module):
     def generate(
         self, state: RolloutState, answer_logits: torch.Tensor, max_new_tokens: int | None = None
     ) -> list[list[int]]:
-        """Greedy decoding after the thoughts until ``[EOS]``; special ids pad/bot/eot are never
-        chosen (the reference masks ``eot``). Returns each row's ids without the ``[EOS]``.
-        ``state`` is not modified."""
-        n = max_new_tokens or self.config.max_answer_tokens
-        banned = torch.tensor(sorted({self.config.pad_id, self.config.bot_id, self.config.eot_id}), device=self.device)
-        banned = banned[banned < answer_logits.shape[-1]]
+        """Greedy decoding after the thoughts by the family's rule (:meth:`LatentConfig.banned_ids`,
+        :meth:`LatentConfig.eos_stops`) until ``[EOS]`` or ``max_new_tokens``. Returns each row's
+        ids without the stopping ``[EOS]``. ``state`` is not modified."""
+        cfg = self.config
+        n = max_new_tokens or cfg.max_answer_tokens
+        banned = torch.tensor(cfg.banned_ids(answer_logits.shape[-1]), dtype=torch.long, device=self.device)
         state = state.fork()
         logits = answer_logits.clone()
         B = logits.shape[0]
@@ -407,10 +461,11 @@ class LatentModel(nn.Module):
         for step in range(n):
             logits[:, banned] = float("-inf")
             nxt = logits.argmax(-1)
+            stop = (nxt == cfg.eos_id) & cfg.eos_stops(step)
             for b in range(B):
-                if not done[b] and int(nxt[b]) != self.config.eos_id:
+                if not done[b] and not stop[b]:
                     out[b].append(int(nxt[b]))
-            done |= nxt == self.config.eos_id
+            done |= stop
             if bool(done.all()) or step == n - 1:
                 break
             logits = self.logits(self.advance(state, input_ids=nxt[:, None])[:, -1])

@@ -16,7 +16,7 @@ default model is such a directory. ``latentpatch.json`` <-> :class:`LatentConfig
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -46,7 +46,7 @@ def latent_meta(
     return {
         "format": MODEL_FORMAT,
         "family": family,
-        **asdict(config),
+        **config.to_dict(),
         "prj_dim": prj_dim,
         "prj_ln": bool(prj_ln),
         **(extra or {}),
@@ -93,7 +93,10 @@ def config_from_meta(meta: dict[str, Any], num_latent: int | None = None) -> Lat
             values[f.name] = types[f.name](value) if types[f.name] in (int, bool) else value
     if num_latent is not None:
         values["num_latent"] = int(num_latent)
-    return LatentConfig(**values)
+    try:
+        return LatentConfig(**values)
+    except ValueError as err:
+        raise LatentPatchError(f"{LATENT_JSON}: {err}; fix: correct the field") from None
 
 
 def save_latent_dir(

@@ -7,6 +7,7 @@ Specs: ``default``, ``codi:DIR``, ``coconut:FILE``, ``dir:PATH``, ``gguf:PATH``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.codi import load_codi_checkpoint
+from latentpatch.model.codi import get_preset, load_codi_checkpoint
+from latentpatch.model.hub import resolve_repo, split_hub_name
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
 from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
@@ -33,7 +35,37 @@ CODI_ONLY_OPTIONS = (
     "eos_id",
     "answer_prefix",
 )
-SPEC_KINDS = "default, codi:DIR, coconut:FILE, dir:PATH, gguf:PATH or config:llama|gpt2"
+SPEC_KINDS = (
+    "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH or config:llama|gpt2"
+)
+#: ``coconut:ORG/NAME[:FILE][@REV]`` (a hub repository, the checkpoint file in it, a revision)
+COCONUT_HUB = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[^@:]+))?(?:@(?P<rev>[\w./-]+))?$")
+
+
+def codi_location(rest: str, preset: str | None) -> tuple[str, str]:
+    """(local checkpoint directory, model name) of ``codi:REST``: a local path, else a hub name
+    ``ORG/NAME[@REV]`` (from the cache or downloaded); an empty REST takes the preset's repository."""
+    if not rest and preset is not None:
+        rest = get_preset(preset).get("repo", "")
+    if not rest:
+        raise LatentPatchError(
+            "--model codi: needs a directory or hub name, e.g. --model codi:zen-E/CODI-gpt2 --preset codi-gpt2"
+        )
+    hub = None if Path(rest).exists() else split_hub_name(rest)
+    if hub is None:
+        return rest, f"codi:{rest}"
+    return str(resolve_repo(hub[0], hub[1], what=f"--model codi:{rest}")), f"codi:{rest}"
+
+
+def coconut_location(rest: str) -> tuple[str, str]:
+    """(local checkpoint file or directory, model name) of ``coconut:REST``: a local path, else
+    ``ORG/NAME[:FILE][@REV]`` on the hub (only FILE is fetched when given)."""
+    m = None if Path(rest).exists() else COCONUT_HUB.match(rest)
+    if m is None:
+        return rest, f"coconut:{rest}"
+    file = m.group("file")
+    snap = resolve_repo(m.group("repo"), m.group("rev"), what=f"--model coconut:{rest}", allow_patterns=file and [file])
+    return str(snap / file if file else snap), f"coconut:{rest}"
 
 
 def _reject(spec: str, overrides: dict[str, Any], allowed: Iterable[str]) -> None:
@@ -73,8 +105,9 @@ def load_model(
     """Load a model from a spec string:
 
     - ``default``: the shipped model (``latentpatch/default_model``)
-    - ``codi:DIR``: an official CODI checkpoint (with ``base``/``preset``/overrides)
-    - ``coconut:FILE``: a Coconut checkpoint (``base`` default gpt2)
+    - ``codi:DIR`` or ``codi:ORG/NAME[@REV]`` (hub): an official CODI checkpoint (with
+      ``base``/``preset``/overrides; ``codi:`` alone takes the preset's released repository)
+    - ``coconut:FILE`` or ``coconut:ORG/NAME[:FILE][@REV]`` (hub): a Coconut checkpoint (``base`` default gpt2)
     - ``dir:PATH`` or a plain path to a directory with ``latentpatch.json``
     - ``gguf:PATH`` (or a plain ``*.gguf`` path): a GGUF LM with identity projection
     - ``config:llama`` / ``config:gpt2``: a small random model (demo)
@@ -120,11 +153,14 @@ def load_model(
             )
         return load_latent_dir(DEFAULT_MODEL_DIR, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "codi":
-        if not rest:
-            raise LatentPatchError("--model codi: needs a directory, e.g. --model codi:path/to/checkpoint")
-        return load_codi_checkpoint(rest, base, preset=preset, dtype=dtype, device=device, **overrides)
+        get_preset(preset)  # an unknown preset is named before any download
+        where, name = codi_location(rest, preset)
+        return load_codi_checkpoint(where, base, preset=preset, dtype=dtype, device=device, name=name, **overrides)
     if kind == "coconut":
-        return load_coconut_checkpoint(rest, base or "gpt2", num_latent=num_latent, dtype=dtype, device=device)
+        where, name = coconut_location(rest)
+        return load_coconut_checkpoint(
+            where, base or "gpt2", num_latent=num_latent, dtype=dtype, device=device, name=name
+        )
     if kind == "dir":
         return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "gguf":

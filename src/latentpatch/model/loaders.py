@@ -42,6 +42,7 @@ def load_coconut_checkpoint(
     num_latent: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    name: str | None = None,
 ) -> LatentModel:
     """Load a Coconut checkpoint (facebookresearch/coconut): ``torch.save`` of the full state dict,
     keys ``base_causallm.<hf keys>`` + ``embedding.weight`` (three tied copies of the embedding),
@@ -77,10 +78,13 @@ def load_coconut_checkpoint(
         remove_eos=True,
         answer_prefix="### ",
         question_template="{question}\n",
+        max_answer_tokens=64,  # Coconut's run.py on GSM8k: max_new_tokens 64
+        decoding="coconut",  # a plain argmax; pad == eos must not be banned
+        question_text="raw",
     )
     check_special_ids(cfg, lm, str(file))
     move_to(lm, dev)
-    return LatentModel(lm, prj, cfg, tokenizer, name=f"coconut:{path}")
+    return LatentModel(lm, prj, cfg, tokenizer, name=name or f"coconut:{path}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,12 +38,16 @@ GREEDY_MARGIN = 1e-3
 
 # ---- answers of a patched rollout ------------------------------------------------------------
 def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` ([len, V]) predicts ``seq[j]``."""
+    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` ([len, V]) predicts ``seq[j]``.
+
+    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does."""
     cfg = model.config
+    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
+        return False  # generate would have stopped before the end of seq
+    if not cfg.eos_stops(len(seq) - 1):
+        return False  # the closing [EOS] would not stop generate here
     logits = logits.clone()
-    # the special ids generate() never emits
-    banned = [i for i in {cfg.pad_id, cfg.bot_id, cfg.eot_id} if i is not None and 0 <= i < logits.shape[-1]]
-    logits[:, banned] = float("-inf")
+    logits[:, cfg.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
     top = logits.topk(2, dim=-1)  # values/indices [len, 2]
     ids = torch.tensor(seq, device=logits.device)
     return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())

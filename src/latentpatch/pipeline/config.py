@@ -67,9 +67,10 @@ def parse_batch_size(text: str) -> int | str:
 
 
 MODEL_HELP = (
-    "Model spec: default (the shipped model), codi:DIR (official CODI checkpoint; with --base or "
-    "--preset), coconut:FILE, dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 "
-    "(a small random model, for a demo)."
+    "Model spec: default (the shipped model), codi:DIR or codi:ORG/NAME[@REV] (official CODI checkpoint, "
+    "local or on the hub; with --base or --preset), coconut:FILE or coconut:ORG/NAME[:FILE][@REV], "
+    "dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 (a small random model, for a demo). "
+    "`latentpatch models` lists the released checkpoints."
 )
 
 
@@ -78,9 +79,14 @@ class ModelOptions:
     """The options of :func:`latentpatch.model.load.load_model` (``run``, ``eval``, ``inspect``)."""
 
     model: str = option("default", MODEL_HELP)
-    base: str | None = option(None, "Base model of a codi:/coconut: checkpoint (local dir or hub name).")
+    base: str | None = option(
+        None,
+        "Base model of a codi:/coconut: checkpoint: a local dir or a hub name ORG/NAME[@REV] (config and tokenizer).",
+    )
     preset: str | None = option(
-        None, "Settings of an official CODI checkpoint: codi-gpt2, codi-llama1b or codi-llama1b-instruct."
+        None,
+        "Settings of a released CODI checkpoint: codi-gpt2, codi-llama1b or codi-llama1b-instruct "
+        "(see `latentpatch models`).",
     )
     lora_r: int | None = option(
         None,
