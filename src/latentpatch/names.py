@@ -73,6 +73,8 @@ NO_LAYER = -1
 STEP_REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "step_mean", "noise", "resample")
 #: Interventions of the influence matrix.
 INFLUENCE_REPLACEMENTS: tuple[str, ...] = ("zero", "noise", "source")
+#: Files under ``results/`` of a run with step-level experiments: per-pair files (a folder), the tables.
+STEPS_DIR, STEPS_FILE, INFLUENCE_FILE = "steps", "steps.parquet", "influence.parquet"
 #: Noise scale: the noise vector's expected norm relative to the thought it is added to.
 NOISE_SCALE = 1.0
 #: ``results/steps.parquet``: one row per pair x step-level spec (thought, early, intermediate).

@@ -24,6 +24,7 @@ from latentpatch.names import (
     LAYER_MODE,
     POSITION_MODE,
     REPLACEMENTS,
+    STEP_EXPERIMENTS,
 )
 
 
@@ -131,6 +132,8 @@ def experiment_specs(name: str, n_layers: int, num_latent: int, component: str =
         "position": position_specs,
         "iterative": iterative_specs,
     }
+    if name in STEP_EXPERIMENTS:
+        return []  # step-level experiments are run by latentpatch.pipeline.steps (docs/method.md §13)
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
     return generators[name](n_layers, num_latent, component)
