@@ -129,9 +129,10 @@ def _overrides(
     thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
     ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [K, d]."""
     K = model.num_latent
-    override, mask = _freeze(specs, target_thoughts, K)
+    frozen = _freeze(specs, target_thoughts, K)
     if not any(s.component in THOUGHT_SITES for s in specs):
-        return override, mask
+        return frozen
+    override, mask = frozen
     B = len(specs)
     if override is None or mask is None:
         override = target_thoughts[None].expand(B, -1, -1)

@@ -120,7 +120,7 @@ def step_pool(sources: Sequence[StepRecord]) -> StepPool:
     return StepPool(mean, step_mean)
 
 
-def noise(shape: tuple[int, int], seed: int, pair_index: int, site: str) -> torch.Tensor:
+def noise(shape: tuple[int, ...], seed: int, pair_index: int, site: str) -> torch.Tensor:
     """Seeded standard normal draws [K, d] for one pair and site (CPU generator: device-independent)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + pair_index * 7 + THOUGHT_SITES.index(site))
     return torch.randn(shape, generator=g)
