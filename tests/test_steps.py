@@ -164,3 +164,24 @@ def test_same_value_donors_change_nothing_when_the_thought_is_the_only_path():
     rows, _ = step_rows(base, specs, cells)
     assert {r["replacement"] for r in rows} == {"same", "diff"} and all(r["intermediate"] == 0 for r in rows)
     assert not any(math.isnan(r["p_final"]) for r in rows)
+
+
+def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
+    import pandas as pd
+
+    from latentpatch.names import INFLUENCE_COLUMNS, STEP_COLUMNS
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    for exps in (("thought", "early", "influence"), ("layer", "early")):
+        cfg = RunConfig(limit=2, experiments=exps, out=str(tmp_path / "_".join(exps)), use_cache=False)
+        out = run_experiments(cfg, progress=False, command="test")
+        steps = pd.read_parquet(out / "results" / "steps.parquet")
+        assert list(steps.columns) == STEP_COLUMNS and set(steps["experiment"]) <= set(exps)
+        early = steps[steps["experiment"] == "early"]
+        assert len(early) == 2 * 7 and not early[early["position"] == 6]["flipped"].any()  # S(K) = baseline
+        influence = pd.read_parquet(out / "results" / "influence.parquet")
+        assert list(influence.columns) == INFLUENCE_COLUMNS
+        page = (out / "report.html").read_text()
+        assert '<section id="early">' in page and "Reading." in page
+        assert (out / "figures" / "early_answers.png").is_file()
