@@ -47,6 +47,7 @@ from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noq
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
 from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
 from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402
+from latentpatch.patching.steps import influence_specs, step_pool, step_record, step_values  # noqa: E402
 from latentpatch.pipeline.memory import auto_batch_size, working_set_bytes  # noqa: E402
 
 METRICS = ("kl", "answer_logit_diff", "logit_l2")
@@ -211,20 +212,35 @@ def measure(fn, device) -> tuple[object, float, int]:
 
 
 # ---- the three sweeps ------------------------------------------------------------------------
+#: pair_id -> the values patched in (``--experiment influence`` sets step-level values, docs/method.md §13).
+VALUES: dict = {}
+
+
+def values_of(b):
+    return VALUES[b.pair_id] if b.pair_id in VALUES else replacement_values(b, EngineConfig())
+
+
+def cell_key(b, s) -> tuple:
+    # (pair, layer, position), plus the replacement of a step-level spec (influence: zero/noise/source)
+    return (b.pair_id, s.layer, s.index) + ((s.replacement,) if s.replacement else ())
+
+
 def engine_sweep(model, bases, specs, batch_size) -> dict:
     return {
-        (b.pair_id, s.layer, s.index): m
-        for b in bases
-        for s, m in zip(specs, sweep_fast(model, b, specs, replacement_values(b, EngineConfig()), batch_size))
+        cell_key(b, s): m for b in bases for s, m in zip(specs, sweep_fast(model, b, specs, values_of(b), batch_size))
     }
 
 
 def reference_sweep(model, bases, specs) -> dict:
-    return {
-        (b.pair_id, s.layer, s.index): m
-        for b in bases
-        for s, m in zip(specs, sweep_reference(model, b, specs, replacement_values(b, EngineConfig())))
-    }
+    return {cell_key(b, s): m for b in bases for s, m in zip(specs, sweep_reference(model, b, specs, values_of(b)))}
+
+
+def influence_values(model, bases) -> None:
+    """Step-level values of the influence experiment for every pair (target = corrupted run)."""
+    recs = [(step_record(model, b.target.prompt), step_record(model, b.source.prompt)) for b in bases]
+    pool = step_pool([s for _, s in recs])
+    for i, (b, (t, s)) in enumerate(zip(bases, recs)):
+        VALUES[b.pair_id] = step_values(t, s, pool, seed=0, pair_index=i)
 
 
 def nnsight_sweep(model, items, baselines_only=False) -> dict:
@@ -257,7 +273,7 @@ def lower_bound(model, bases, cells: dict) -> tuple[int, int]:
     by_id = {b.pair_id: b for b in bases}
     K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
-    for (pid, _, p), m in cells.items():
+    for (pid, _, p, *_), m in cells.items():
         base = by_id[pid]
         forced = sum(len(ids) - 1 for ids, _ in base.answers.values()) + 1
         rollout += (K - p) + start + forced
@@ -460,6 +476,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-nnsight", action="store_true")
+    ap.add_argument(
+        "--experiment",
+        default="position",
+        choices=["position", "influence"],
+        help="cells swept: the position sweep, or the K x 3 influence interventions (docs/method.md §13; no nnsight)",
+    )
     ap.add_argument("--memory", default="", help="comma list of batch sizes to measure peak memory for")
     ap.add_argument("--memory-only", action="store_true", help="only the memory table (no timing)")
     ap.add_argument("--out", default=None, help="update this model's section of a results file (bench/RESULTS.md)")
@@ -479,6 +501,8 @@ def main(argv=None) -> dict:
     )
     batch = auto_batch_size(model) if args.batch_size == "auto" else int(args.batch_size)
     specs = position_specs(model.n_layers, model.num_latent)
+    if args.experiment == "influence":
+        specs, args.skip_nnsight = influence_specs(model.num_latent), True
 
     # Baselines once, outside the timed region, shared by engine and reference.
     t = time.perf_counter()
@@ -493,6 +517,8 @@ def main(argv=None) -> dict:
         )
         for it in items
     ]
+    if args.experiment == "influence":
+        influence_values(model, bases)
     print(f"baselines: {time.perf_counter() - t:.1f} s", flush=True)
     engine_sweep(model, bases[:1], specs[:2], batch)  # warm-up (allocator, lazy inits)
 

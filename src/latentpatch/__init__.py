@@ -9,10 +9,12 @@ The package is laid out as the pipeline it runs; each folder is one stage::
     model/       latent (LatentModel, the rollout), state, sites (families, write sites),
                  checkpoint (strict core), latent_dir (the model-dir format), hf, codi, loaders,
                  load (load_model)
-    patching/    specs (patch specs, experiments), baselines, engine (the two sweeps), metrics, checks
+    patching/    specs (patch specs, experiments), baselines, engine (the two sweeps), metrics, checks,
+                 steps (step-level experiments)
     pipeline/    config (run options, no torch), run (the run's steps), manifest, progress, values,
-                 cache (activation cache), memory (batch size), merge (shards, no torch)
+                 cache (activation cache), memory (batch size), merge (shards, no torch), steps (the step-level sweep)
     analysis/    inference, stats (statistics), selection, figures, html, sections, stats_section,
+                 steps_section, steps_figures,
                  report (report.html), compare, wandb_log (W&B); no torch
     training/    data, objective, train (the shipped model), evaluate (``latentpatch eval``)
     cli.py       the ``latentpatch`` command (options generated in cli_options.py)

@@ -54,6 +54,63 @@ REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "resample")
 GLOBAL_REPLACEMENTS: tuple[str, ...] = ("mean", "resample")
 
 
+# ---- step-level experiments (docs/method.md §13) ---------------------------------------------------
+#: Experiments on the latent chain itself; run only when named in ``--experiments``. Their rows go to
+#: ``results/steps.parquet`` and ``results/influence.parquet``, never to ``cells.parquet``.
+STEP_EXPERIMENTS: tuple[str, ...] = ("thought", "early", "influence", "intermediate")
+#: Every name ``--experiments`` accepts.
+ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS
+#: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
+#: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
+THOUGHT_SITES: tuple[str, ...] = ("thought", "thought_pre")
+#: ``component`` of an early-answer spec: [EOT] fed after k thoughts.
+EARLY_SITE = "early"
+#: ``layer`` of a step-level spec (it does not patch a block).
+NO_LAYER = -1
+#: What replaces a thought: the source run's, zero, the dataset mean (over pairs and steps), the
+#: per-step mean (over pairs), the target's own thought plus Gaussian noise scaled to its norm,
+#: another pair's source thought.
+STEP_REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "step_mean", "noise", "resample")
+#: Interventions of the influence matrix.
+INFLUENCE_REPLACEMENTS: tuple[str, ...] = ("zero", "noise", "source")
+#: Files under ``results/`` of a run with step-level experiments: per-pair files (a folder), the tables.
+STEPS_DIR, STEPS_FILE, INFLUENCE_FILE = "steps", "steps.parquet", "influence.parquet"
+#: Noise scale: the noise vector's expected norm relative to the thought it is added to.
+NOISE_SCALE = 1.0
+#: ``results/steps.parquet``: one row per pair x step-level spec (thought, early, intermediate).
+STEP_COLUMNS: list[str] = [
+    "pair_id",
+    "experiment",
+    "site",
+    "replacement",
+    "position",
+    "intermediate",
+    "kl",
+    "answer_logit_diff",
+    "recovery",
+    "logprob_final",
+    "p_final",
+    "pred_answer",
+    "flipped",
+    "correct",
+    "clean_correct",
+    "corrupted_correct",
+    "flagged",
+]
+#: ``results/influence.parquet``: one row per pair x intervention x intervened step i x thought j.
+INFLUENCE_COLUMNS: list[str] = [
+    "pair_id",
+    "replacement",
+    "step",
+    "later",
+    "thought_cos",
+    "thought_rel_l2",
+    "kl",
+    "flipped",
+    "flagged",
+]
+
+
 # ---- metrics ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:

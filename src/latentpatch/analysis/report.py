@@ -34,6 +34,7 @@ from latentpatch.analysis.sections import (
 )
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.stats_section import statistics_section
+from latentpatch.analysis.steps_section import build_steps_report, steps_only, steps_sections
 from latentpatch.rundir import (
     RunPaths,
     atomic_write_text,
@@ -98,6 +99,7 @@ def render_page(
 {layer_section(stats, fig_dir)}
 {position_section(stats, fig_dir)}
 {iterative_section(stats, fig_dir)}
+{steps_sections(run_dir, st.run_seed(manifest))}
 {statistics_section(stats)}
 {flagged_section(stats, all_cells)}
 {thoughts_section(thoughts, pairs)}
@@ -122,6 +124,8 @@ def build_report(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     check_result_files(run_dir)
+    if steps_only(run_dir):  # step-level experiments only (docs/method.md §13): no cells to summarise
+        return build_steps_report(run_dir, st.run_seed(manifest), figs.page_formats(formats))
     all_cells = read_cells(run_dir)
     trajectories = read_trajectories(run_dir)
 

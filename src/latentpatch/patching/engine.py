@@ -26,8 +26,9 @@ import torch
 
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
 from latentpatch.model.sites import ActivationHooks, Write
+from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
-from latentpatch.patching.metrics import AnswerLogits, answer_metrics, cosine
+from latentpatch.patching.metrics import AnswerLogits, answer_logprob, answer_metrics, cosine
 from latentpatch.patching.specs import PatchSpec
 
 #: A teacher-forced argmax stands in for a greedy step only when it wins by more than this many
@@ -90,6 +91,8 @@ def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, de
     """One :class:`Write` per (component, layer, position), with a row mask over the chunk (row = spec)."""
     grouped: dict[tuple[str, int, int], dict[int, torch.Tensor]] = defaultdict(dict)
     for row, spec in enumerate(specs):
+        if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
+            continue  # step-level specs write no activation (docs/method.md §13)
         vals = values(spec)  # [len(positions), d]
         for i, q in enumerate(spec.positions):
             grouped[(spec.component, spec.layer, q)][row] = vals[i]
@@ -121,6 +124,46 @@ def _freeze(
         if spec.frozen:
             mask[row, max(spec.positions) + 1 :] = True
     return target_thoughts[None].expand(B, -1, -1), mask
+
+
+def _overrides(
+    model: LatentModel, specs: Sequence[PatchSpec], values: ValueFn, target_thoughts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Thought overrides of a chunk (``[B, K, d]``, ``[B, K]``): frozen specs (:func:`_freeze`) and
+    thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
+    ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [K, d]."""
+    K = model.num_latent
+    frozen = _freeze(specs, target_thoughts, K)
+    if not any(s.component in THOUGHT_SITES for s in specs):
+        return frozen
+    override, mask = frozen
+    B = len(specs)
+    if override is None or mask is None:
+        override = target_thoughts[None].expand(B, -1, -1)
+        mask = torch.zeros(B, K, dtype=torch.bool, device=target_thoughts.device)
+    override = override.clone()
+    for row, spec in enumerate(specs):
+        if spec.component in THOUGHT_SITES:
+            pos = list(spec.positions)
+            vals = values(spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
+            if spec.component == "thought_pre":
+                vals = model.prj(vals)
+            override[row, pos] = vals.to(override.dtype)
+            mask[row, pos] = True
+    return override, mask
+
+
+def _thought_similarity(target: torch.Tensor, fed: torch.Tensor, start: int) -> dict[str, list[float]]:
+    """Every thought j of a patched run against the target's: ``thought_cos`` and ``thought_rel_l2``
+    (|fed − target| / |target|), lists over j = 0..K-1. ``target``: [K, d]; ``fed``: [K-start, d]
+    thoughts start..K-1 (earlier ones are the target's by construction: cos 1, distance 0)."""
+    t = target[start:].float()
+    cos = cosine(fed, t)  # [K-start]
+    rel = (fed.float() - t).norm(dim=-1) / t.norm(dim=-1).clamp(min=1e-12)
+    return {
+        "thought_cos": [1.0] * start + [float(x) for x in cos],
+        "thought_rel_l2": [0.0] * start + [float(x) for x in rel],
+    }
 
 
 # ---- metrics per cell ------------------------------------------------------------------------
@@ -171,6 +214,8 @@ def _cell_results(
             patched[row], base.target_logits, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
         )
         m["answer_ids"] = gen[row]
+        if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
+            m["logprob_final"] = answer_logprob(patched[row].base, patched[row].base_ids, patched[row].base_start)
         if spec.track and row in tracked:
             m.update(_tracking_metrics(model, base, spec, tracked[row]))
         out.append(m)
@@ -200,10 +245,10 @@ def _sweep_chunk(
     state = target.state.fork(length=T_q + start, repeats=B)  # KV cache [B, ..., T_q + start, ...]
     writes = _writes_for(chunk, values, T_q, model.device)
     record = sorted({(s.component, s.layer) for s in chunk if s.track})
-    override, mask = _freeze(chunk, target.thoughts[0], K)  # [B, K, d], [B, K] or None
+    override, mask = _overrides(model, chunk, values, target.thoughts[0])  # [B, K, d], [B, K] or None
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
         first = target.thoughts[0, start][None].expand(B, -1)  # [B, d]: the target's thought at start
-        model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
+        fed, _, _ = model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
     tracked = {}
     for row, s in enumerate(chunk):
@@ -211,7 +256,35 @@ def _sweep_chunk(
             acts = hooks.recorded(s.component, s.layer)  # [B, T_new, d], index 0 = absolute T_q + start
             lo = max(s.positions) + 1 - start
             tracked[row] = acts[row, lo : K - start]  # [n_later, d]
-    return _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)  # logits [B, V]
+    cells = _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)  # logits [B, V]
+    for row, s in enumerate(chunk):
+        if s.component in THOUGHT_SITES:
+            cells[row].update(_thought_similarity(target.thoughts[0], fed[row], start))
+    return cells
+
+
+def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec]) -> list[dict]:
+    """Early answers S(k), k = ``spec.start``, as one batch on the target's cache (docs/method.md §13):
+    row b keeps the cache of all K thoughts but masks thoughts k..K-1 out of attention (as left
+    padding is), so its [EOT] sits right after thought k-1 with position id ``T_q + k``."""
+    T_q, K, B = target.prompt_len, model.num_latent, len(chunk)
+    state = target.state.fork(length=T_q + K, repeats=B)
+    mask = state.attention_mask.clone()  # [B, T_q + K]
+    for row, s in enumerate(chunk):
+        mask[row, T_q + s.start : T_q + K] = 0
+    state.attention_mask, state.next_position = mask, mask.sum(1)
+    end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B))
+    return _cell_results(model, base, chunk, state, model.logits(end[:, -1]), {})
+
+
+def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
+    """The plain early answer: prompt, k thoughts, [EOT]. Returns the state and [1, V] answer logits."""
+    state, h = model.prefill([prompt])
+    thought = model.prj(h)
+    for _ in range(k):
+        thought = model.prj(model.advance(state, inputs_embeds=thought[:, None])[:, -1])
+    end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))
+    return state, model.logits(end[:, -1])
 
 
 @torch.no_grad()
@@ -244,11 +317,17 @@ def sweep_fast(
     # Chunks of batch_size specs in order of their first patched position; a chunk continues from
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).
-    ordered = sorted(_unique_computations(specs), key=lambda s: s.start)
+    unique = _unique_computations(specs)
+    ordered = sorted((s for s in unique if s.component != EARLY_SITE), key=lambda s: s.start)
+    early = [s for s in unique if s.component == EARLY_SITE]
     results: dict[tuple, dict] = {}
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i : i + batch_size]
         for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values)):
+            results[s.computation] = cell
+    for i in range(0, len(early), batch_size):
+        chunk = early[i : i + batch_size]
+        for s, cell in zip(chunk, _early_chunk(model, base, target, chunk)):
             results[s.computation] = cell
     return [dict(results[s.computation]) for s in specs]
 
@@ -261,8 +340,12 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
     K = model.num_latent
     for spec in specs:
         T_q = len(base.target.prompt)  # batch of one: no padding
+        if spec.component == EARLY_SITE:
+            state, logits = _early_rollout(model, base.target.prompt, spec.start)
+            out.extend(_cell_results(model, base, [spec], state, logits, {}, decode_all=True))
+            continue
         writes = _writes_for([spec], values, T_q, model.device)
-        override, mask = _freeze([spec], base.target.thoughts, K)
+        override, mask = _overrides(model, [spec], values, base.target.thoughts)
         record = [(spec.component, spec.layer)] if spec.track else []
         r = model.rollout(
             [base.target.prompt], writes=writes, record=record, thought_override=override, override_mask=mask
@@ -272,5 +355,8 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
             assert r.hooks is not None  # rollout always returns the hooks it ran with
             acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
             tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
-        out.extend(_cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True))
+        cells = _cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True)
+        if spec.component in THOUGHT_SITES:
+            cells[0].update(_thought_similarity(base.target.thoughts, r.thoughts[0], 0))
+        out.extend(cells)
     return out

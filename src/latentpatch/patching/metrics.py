@@ -83,6 +83,11 @@ def answer_logprob_diff(a: AnswerLogits) -> float:
     )
 
 
+def answer_logprob(logits: torch.Tensor, ids: list[int], start: int) -> float:
+    """log P(the number tokens of a string | its prefix), summed (nats); ``logits``: [len, V]."""
+    return float(_token_logprobs(logits, ids, start).sum())
+
+
 def distribution_shift(patched: torch.Tensor, baseline: torch.Tensor, start: int) -> dict[str, float | list[float]]:
     """KL, logit RMS and argmax-change rate over the answer positions of ``A_base``.
 

@@ -24,6 +24,7 @@ from latentpatch.names import (
     LAYER_MODE,
     POSITION_MODE,
     REPLACEMENTS,
+    STEP_EXPERIMENTS,
 )
 
 
@@ -35,6 +36,8 @@ class PatchSpec:
     tables: -1 for "all latent positions", p for a single position, n for cumulative S_n).
     ``frozen``: after the last patched position, feed the target's own thoughts (no recurrence).
     ``track``: record the regenerated activation at ``layer`` at every later latent position.
+    ``replacement``: set only by step-level specs (docs/method.md §13), whose experiments mix
+    replacements in one sweep; "" = the run's ``--replacement``.
     """
 
     experiment: str
@@ -45,6 +48,7 @@ class PatchSpec:
     index: int
     frozen: bool = False
     track: bool = False
+    replacement: str = ""
 
     @property
     def start(self) -> int:
@@ -63,9 +67,9 @@ class PatchSpec:
         return self.mode
 
     @property
-    def computation(self) -> tuple[str, int, tuple[int, ...], bool]:
+    def computation(self) -> tuple[str, int, tuple[int, ...], bool, str]:
         """Specs with equal ``computation`` give identical patched runs (computed once)."""
-        return (self.component, self.layer, self.positions, self.frozen)
+        return (self.component, self.layer, self.positions, self.frozen, self.replacement)
 
 
 @dataclass
@@ -128,6 +132,8 @@ def experiment_specs(name: str, n_layers: int, num_latent: int, component: str =
         "position": position_specs,
         "iterative": iterative_specs,
     }
+    if name in STEP_EXPERIMENTS:
+        return []  # step-level experiments are run by latentpatch.pipeline.steps (docs/method.md §13)
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
     return generators[name](n_layers, num_latent, component)

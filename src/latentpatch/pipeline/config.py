@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
+    ALL_EXPERIMENTS,
     COMPONENTS,
     DEFAULT_COMPONENT,
     DIRECTIONS,
@@ -150,7 +151,9 @@ class RunConfig(ModelOptions):
 
     pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).")
     experiments: tuple[str, ...] = option(
-        EXPERIMENTS, "Comma list of " + ",".join(EXPERIMENTS) + ".", parse=parse_experiments
+        EXPERIMENTS,
+        "Comma list of " + ",".join(ALL_EXPERIMENTS) + " (the last four: step-level analyses, docs/method.md §13).",
+        parse=parse_experiments,
     )
     component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(COMPONENTS) + ".")
     direction: str = option("denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).")
@@ -222,10 +225,10 @@ class RunConfig(ModelOptions):
     def validate(self) -> None:
         """Raise a :class:`LatentPatchError` naming the option for the first bad value (dtype and
         device are checked by ``load_model``)."""
-        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        bad = [e for e in self.experiments if e not in ALL_EXPERIMENTS]
         if bad or not self.experiments:
             raise LatentPatchError(
-                f"--experiments: unknown {','.join(bad) or '(empty)'}; use a comma list of {','.join(EXPERIMENTS)}"
+                f"--experiments: unknown {','.join(bad) or '(empty)'}; use a comma list of {','.join(ALL_EXPERIMENTS)}"
             )
         for name, value, choices in (
             ("component", self.component, COMPONENTS),

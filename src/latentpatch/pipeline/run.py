@@ -42,6 +42,7 @@ from latentpatch.pipeline.config import RunConfig, load_run_pairs, pairs_to_run
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
+from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
 
@@ -321,5 +322,6 @@ def run_experiments(
         write_manifest(ctx)
         report_failed_checks(ctx)
         sweep(ctx, values_for)
+        sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
     finish_run(ctx, t0)
     return ctx.out

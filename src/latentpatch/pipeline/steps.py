@@ -1,0 +1,136 @@
+"""The step-level experiments of a run (docs/method.md §13): ``--experiments thought,early,influence,intermediate``.
+
+:func:`sweep_steps` runs after the layer/position/iterative sweep (and only when a step-level
+experiment is named): it records each pair's chain (:class:`~latentpatch.patching.steps.StepRecord`),
+runs the step-level specs through the same engine, commits one file per pair
+(``results/steps/NNNNN.json``, so ``--resume`` skips finished pairs) and assembles
+``results/steps.parquet`` and ``results/influence.parquet`` (columns: :data:`~latentpatch.names.STEP_COLUMNS`,
+:data:`~latentpatch.names.INFLUENCE_COLUMNS`; docs/ARCHITECTURE.md). A default run never calls it,
+so its files stay as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from latentpatch.model.latent import LatentModel
+from latentpatch.names import (
+    INFLUENCE_COLUMNS,
+    INFLUENCE_FILE,
+    STEP_COLUMNS,
+    STEP_EXPERIMENTS,
+    STEPS_DIR,
+    STEPS_FILE,
+)
+from latentpatch.patching.baselines import resample_partner
+from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.specs import PatchSpec
+from latentpatch.patching.steps import (
+    early_specs,
+    influence_specs,
+    intermediate_specs,
+    pick_donors,
+    step_pool,
+    step_record,
+    step_rows,
+    step_values,
+    thought_sites,
+    thought_specs,
+)
+from latentpatch.pipeline.manifest import RunContext
+from latentpatch.rundir import RunPaths, write_json, write_parquet
+
+#: Columns that JSON may hold as null (NaN, or no number): NaN in the tables, as in cells.parquet.
+FLOAT_COLUMNS = ("kl", "answer_logit_diff", "recovery", "logprob_final", "p_final", "pred_answer", "thought_cos")
+
+
+def requested(experiments: tuple[str, ...]) -> list[str]:
+    """The step-level experiments among ``experiments``, in :data:`STEP_EXPERIMENTS` order."""
+    return [e for e in STEP_EXPERIMENTS if e in experiments]
+
+
+def step_specs(model: LatentModel, names: list[str], n_intermediates: int = 0) -> list[PatchSpec]:
+    """The spec list of the named step-level experiments for ``model``."""
+    K = model.num_latent
+    specs: list[PatchSpec] = []
+    if "thought" in names:
+        specs += thought_specs(K, thought_sites(model))
+    if "early" in names:
+        specs += early_specs(K)
+    if "influence" in names:
+        specs += influence_specs(K)
+    if "intermediate" in names and n_intermediates:
+        specs += intermediate_specs(K, n_intermediates)
+    return specs
+
+
+def _intermediates(ctx: RunContext) -> list[list[float] | None]:
+    """Per run of the donor pool (pair i's clean at 2i, corrupted at 2i+1): its ``intermediates``."""
+    out: list[list[float] | None] = []
+    for pair in ctx.pairs:
+        for name in ("clean", "corrupted"):
+            vals = pair.variant(name).extra.get("intermediates")
+            out.append([float(v) for v in vals] if isinstance(vals, list) else None)
+    return out
+
+
+def sweep_steps(ctx: RunContext) -> None:
+    """Run the requested step-level experiments on every pair not yet committed, then assemble."""
+    names = requested(ctx.config.experiments)
+    if not names:
+        return
+    model, config = ctx.model, ctx.config
+    t = time.perf_counter()
+    runs = [step_record(model, p) for b in ctx.bases for p in (b.clean.prompt, b.corrupted.prompt)]
+    # 2i = clean, 2i+1 = corrupted; target/source follow the direction
+    tgt_off, src_off = (1, 0) if config.direction == "denoise" else (0, 1)
+    pool = step_pool([runs[2 * i + src_off] for i in range(len(ctx.bases))])
+    partner = resample_partner(len(ctx.bases), config.seed)
+    inter = _intermediates(ctx)
+    n_inter = max((len(v) for v in inter if v is not None), default=0)
+    specs = step_specs(model, names, n_inter)
+    paths = RunPaths(ctx.out)
+    (paths.results / STEPS_DIR).mkdir(parents=True, exist_ok=True)
+    ctx.progress.stage("step-level", len(ctx.bases) * len(specs))
+    for i, (base, k) in enumerate(zip(ctx.bases, ctx.indices)):
+        path = paths.results / STEPS_DIR / f"{k:05d}.json"
+        if not path.exists():
+            donors = pick_donors(inter, 2 * i + tgt_off, n_inter, config.seed)
+            values = step_values(
+                runs[2 * i + tgt_off],
+                runs[2 * i + src_off],
+                pool,
+                partner=runs[2 * partner[i] + src_off],
+                donors={rep: runs[j] for rep, j in donors.items()},
+                seed=config.seed,
+                pair_index=k,
+            )
+            mine = [s for s in specs if s.experiment != "intermediate" or s.replacement in donors]
+            if config.engine == "fast":
+                cells = sweep_fast(model, base, mine, values, ctx.batch_size)
+            else:
+                cells = sweep_reference(model, base, mine, values)
+            rows, influence = step_rows(base, mine, cells)
+            write_json(path, {"pair_id": base.pair_id, "index": k, "rows": rows, "influence": influence})
+        ctx.progress.advance(len(specs))
+    ctx.timings["steps_s"] = time.perf_counter() - t
+    assemble_steps(ctx.out)
+
+
+def assemble_steps(out: Path | str) -> None:
+    """``results/steps/*.json`` (in global pair order) -> ``results/steps.parquet``, ``influence.parquet``."""
+    results = RunPaths(out).results
+    rows: list[dict] = []
+    influence: list[dict] = []
+    for f in sorted((results / STEPS_DIR).glob("*.json")):
+        entry = json.loads(f.read_text())
+        rows += entry["rows"]
+        influence += entry["influence"]
+    for row in rows + influence:
+        for c in FLOAT_COLUMNS:
+            if c in row and row[c] is None:
+                row[c] = float("nan")
+    write_parquet(results / STEPS_FILE, rows, STEP_COLUMNS)
+    write_parquet(results / INFLUENCE_FILE, influence, INFLUENCE_COLUMNS)
