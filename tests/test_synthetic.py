@@ -110,3 +110,22 @@ def test_default_pairs_file_matches_generator():
     assert [(p.clean.question, p.clean.answer, p.corrupted.question, p.corrupted.answer) for p in stored] == [
         (p.clean.question, p.clean.answer, p.corrupted.question, p.corrupted.answer) for p in gen
     ]
+
+
+def test_intermediates_are_every_step_result_and_off_by_default():
+    """--intermediates adds each step's result (recomputed here from the program, plainly); without
+    it the pairs are exactly those of before."""
+    plain = generate_pairs(12, seed=3)
+    with_steps = generate_pairs(12, seed=3, intermediates=True)
+    for a, b in zip(plain, with_steps):
+        for name in ("clean", "corrupted"):
+            va, vb = a.variant(name), b.variant(name)
+            assert "intermediates" not in va.extra
+            assert {k: v for k, v in vb.extra.items() if k != "intermediates"} == va.extra
+            results: list[int] = []
+            for op, x, y in vb.extra["program"]:
+                x = results[int(x[1:])] if isinstance(x, str) else x
+                y = results[int(y[1:])] if isinstance(y, str) else y
+                results.append({"add": x + y, "sub": x - y, "mul": x * y, "div": x // max(y, 1)}[op])
+            assert vb.extra["intermediates"] == results
+            assert results[-1] == vb.answer

@@ -177,6 +177,11 @@ def pairs_generate(
     n: int = typer.Option(57, "--n", help="Number of pairs (at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same pairs)."),
     out: Path = typer.Option(Path("pairs.json"), "--out", help="Output pair file (flat format, docs/method.md §9.1)."),
+    intermediates: bool = typer.Option(
+        False,
+        "--intermediates",
+        help="Also write each variant's intermediate results (for --experiments intermediate).",
+    ),
 ) -> None:
     """Generate synthetic GSM8K-style clean/corrupted pairs."""
     if n < 1:
@@ -184,7 +189,7 @@ def pairs_generate(
     from latentpatch.data.pairs import save_pairs
     from latentpatch.data.synthetic import generate_pairs
 
-    pairs = generate_pairs(n, seed)
+    pairs = generate_pairs(n, seed, intermediates=intermediates)
     save_pairs(pairs, out)
     typer.echo(f"wrote {len(pairs)} pairs (seed {seed}) -> {out}")
 

@@ -375,11 +375,18 @@ def corrupt(problem: Problem, rng: random.Random) -> Problem | None:
     return None
 
 
-def generate_pairs(n: int, seed: int = 0) -> list[Pair]:
+def generate_pairs(n: int, seed: int = 0, intermediates: bool = False) -> list[Pair]:
     """``n`` clean/corrupted :class:`latentpatch.data.pairs.Pair` objects, deterministic in ``seed``.
 
     ``extra`` of each variant holds ``program``, ``cot``, ``template`` and ``changed``
-    (the one question number changed: ``{"param", "from", "to"}``).
+    (the one question number changed: ``{"param", "from", "to"}``); with ``intermediates``, also
+    ``intermediates``: the result of every program step in order (the last is the answer), which
+    the ``intermediate`` experiment reads (docs/method.md §13). Off by default, so existing pair
+    files stay byte-identical.
+
+    >>> p = generate_pairs(1, seed=0, intermediates=True)[0]
+    >>> p.clean.extra["intermediates"][-1] == p.clean.answer
+    True
     """
     rng = random.Random(seed)
     pairs: list[Pair] = []
@@ -395,13 +402,17 @@ def generate_pairs(n: int, seed: int = 0) -> list[Pair]:
         changed = [k for k in clean.params if not k.startswith("_") and clean.params[k] != corr.params[k]]
         ch = {"param": changed[0], "from": clean.params[changed[0]], "to": corr.params[changed[0]]}
         pid = f"syn-{seed}-{len(pairs):04d}"
-        pairs.append(Pair(pair_id=pid, clean=_as_variant(clean, ch), corrupted=_as_variant(corr, ch)))
+        sides = (_as_variant(clean, ch, intermediates), _as_variant(corr, ch, intermediates))
+        pairs.append(Pair(pair_id=pid, clean=sides[0], corrupted=sides[1]))
     return pairs
 
 
-def _as_variant(p: Problem, changed: dict) -> Variant:
-    """``p`` as one side of a pair; ``changed`` (the pair's changed number) goes into ``extra``."""
+def _as_variant(p: Problem, changed: dict, intermediates: bool = False) -> Variant:
+    """``p`` as one side of a pair; ``changed`` (the pair's changed number) goes into ``extra``,
+    and with ``intermediates`` every step's result."""
     extra = {"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": changed}
+    if intermediates:
+        extra["intermediates"] = _run_program(p.program)
     return Variant(question=p.question, answer=p.answer, extra=extra)
 
 
