@@ -185,3 +185,13 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         page = (out / "report.html").read_text()
         assert '<section id="early">' in page and "Reading." in page
         assert (out / "figures" / "early_answers.png").is_file()
+
+
+def test_step_experiments_refuse_shards():
+    """Their mean/step_mean/resample values pool every pair of the run: a shard would silently differ."""
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.pipeline.config import RunConfig
+
+    with pytest.raises(LatentPatchError, match="--shard with --experiments thought"):
+        RunConfig(experiments=("layer", "thought"), shard="0/2").validate()
+    RunConfig(experiments=("layer",), shard="0/2").validate()  # the seed experiments shard as before

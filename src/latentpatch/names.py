@@ -75,6 +75,16 @@ STEP_REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "step_mean", "no
 INFLUENCE_REPLACEMENTS: tuple[str, ...] = ("zero", "noise", "source")
 #: Files under ``results/`` of a run with step-level experiments: per-pair files (a folder), the tables.
 STEPS_DIR, STEPS_FILE, INFLUENCE_FILE = "steps", "steps.parquet", "influence.parquet"
+#: Step-table columns that JSON may hold as null (NaN, or no number): NaN in the tables, as in cells.parquet.
+STEP_FLOAT_COLUMNS: tuple[str, ...] = (
+    "kl",
+    "answer_logit_diff",
+    "recovery",
+    "logprob_final",
+    "p_final",
+    "pred_answer",
+    "thought_cos",
+)
 #: Noise scale: the noise vector's expected norm relative to the thought it is added to.
 NOISE_SCALE = 1.0
 #: ``results/steps.parquet``: one row per pair x step-level spec (thought, early, intermediate).

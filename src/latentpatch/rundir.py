@@ -30,8 +30,14 @@ from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     CELL_COLUMNS,
     EXPERIMENTS,
+    INFLUENCE_COLUMNS,
+    INFLUENCE_FILE,
     REQUIRED_CELL_COLUMNS,
     RUN_FORMAT,
+    STEP_COLUMNS,
+    STEP_FLOAT_COLUMNS,
+    STEPS_DIR,
+    STEPS_FILE,
     TRACKED_MODES,
     TRAJECTORY_COLUMNS,
 )
@@ -421,3 +427,22 @@ def assemble(out: Path | str) -> None:
     write_parquet(paths.cells, cell_rows, CELL_COLUMNS)
     write_parquet(paths.trajectories, traj_rows, TRAJECTORY_COLUMNS)
     write_json(paths.thoughts, thoughts)
+    if (paths.results / STEPS_DIR).is_dir():
+        assemble_steps(out)
+
+
+def assemble_steps(out: Path | str) -> None:
+    """``results/steps/*.json`` (in global pair order) -> ``results/steps.parquet``, ``influence.parquet``."""
+    results = RunPaths(out).results
+    rows: list[dict] = []
+    influence: list[dict] = []
+    for f in sorted((results / STEPS_DIR).glob("*.json")):
+        entry = json.loads(f.read_text())
+        rows += entry["rows"]
+        influence += entry["influence"]
+    for row in rows + influence:
+        for c in STEP_FLOAT_COLUMNS:
+            if c in row and row[c] is None:
+                row[c] = float("nan")
+    write_parquet(results / STEPS_FILE, rows, STEP_COLUMNS)
+    write_parquet(results / INFLUENCE_FILE, influence, INFLUENCE_COLUMNS)

@@ -28,6 +28,7 @@ from latentpatch.names import (
     DIRECTIONS,
     EXPERIMENTS,
     REPLACEMENTS,
+    STEP_EXPERIMENTS,
 )
 
 if TYPE_CHECKING:
@@ -246,6 +247,12 @@ class RunConfig(ModelOptions):
             raise LatentPatchError(f"--batch-size {self.batch_size!r}: use a positive integer or auto")
         if self.shard is not None:
             parse_shard(self.shard)
+            steps = [e for e in self.experiments if e in STEP_EXPERIMENTS]
+            if steps:  # their mean/step_mean/resample values are pooled over the run's pairs
+                raise LatentPatchError(
+                    f"--shard with --experiments {','.join(steps)}: step-level experiments pool values over every "
+                    "pair of the run, so shards would not merge into the unsharded result; fix: run them unsharded"
+                )
 
     def result_hash(self) -> str:
         """Hash of the options that change numbers (the run directory's ``config_hash``)."""

@@ -11,18 +11,12 @@ so its files stay as they were.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import (
-    INFLUENCE_COLUMNS,
-    INFLUENCE_FILE,
-    STEP_COLUMNS,
     STEP_EXPERIMENTS,
     STEPS_DIR,
-    STEPS_FILE,
 )
 from latentpatch.patching.baselines import resample_partner
 from latentpatch.patching.engine import sweep_fast, sweep_reference
@@ -40,10 +34,7 @@ from latentpatch.patching.steps import (
     thought_specs,
 )
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.rundir import RunPaths, write_json, write_parquet
-
-#: Columns that JSON may hold as null (NaN, or no number): NaN in the tables, as in cells.parquet.
-FLOAT_COLUMNS = ("kl", "answer_logit_diff", "recovery", "logprob_final", "p_final", "pred_answer", "thought_cos")
+from latentpatch.rundir import RunPaths, write_json
 
 
 def requested(experiments: tuple[str, ...]) -> list[str]:
@@ -115,22 +106,4 @@ def sweep_steps(ctx: RunContext) -> None:
             rows, influence = step_rows(base, mine, cells)
             write_json(path, {"pair_id": base.pair_id, "index": k, "rows": rows, "influence": influence})
         ctx.progress.advance(len(specs))
-    ctx.timings["steps_s"] = time.perf_counter() - t
-    assemble_steps(ctx.out)
-
-
-def assemble_steps(out: Path | str) -> None:
-    """``results/steps/*.json`` (in global pair order) -> ``results/steps.parquet``, ``influence.parquet``."""
-    results = RunPaths(out).results
-    rows: list[dict] = []
-    influence: list[dict] = []
-    for f in sorted((results / STEPS_DIR).glob("*.json")):
-        entry = json.loads(f.read_text())
-        rows += entry["rows"]
-        influence += entry["influence"]
-    for row in rows + influence:
-        for c in FLOAT_COLUMNS:
-            if c in row and row[c] is None:
-                row[c] = float("nan")
-    write_parquet(results / STEPS_FILE, rows, STEP_COLUMNS)
-    write_parquet(results / INFLUENCE_FILE, influence, INFLUENCE_COLUMNS)
+    ctx.timings["steps_s"] = time.perf_counter() - t  # assembled with the rest by rundir.assemble
