@@ -42,6 +42,7 @@ from latentpatch.pipeline.config import RunConfig, load_run_pairs, pairs_to_run
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
+from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
@@ -315,6 +316,7 @@ def run_experiments(
     ctx = start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
     with reporter:
         record_baselines(ctx)
+        prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         t = time.perf_counter()
         values_for = replacement_source(ctx, all_pairs)
         ctx.checks = run_checks(ctx, values_for)
@@ -323,5 +325,6 @@ def run_experiments(
         report_failed_checks(ctx)
         sweep(ctx, values_for)
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
+        sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
     finish_run(ctx, t0)
     return ctx.out
