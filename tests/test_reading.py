@@ -65,3 +65,28 @@ def test_default_model_roles_and_mass() -> None:
     weights, T_q = attention_run(model, prompt)
     mass = role_mass(weights.mean(1), roles)  # [L, Q] per role
     torch.testing.assert_close(sum(mass.values()), torch.ones(weights.shape[0], weights.shape[2]), atol=1e-5, rtol=0)
+
+
+def test_run_with_reading_and_heads(tmp_path) -> None:
+    """A run with lens, attention and head_out writes the tables and the report sections."""
+    import pandas as pd
+
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    pairs = generate_pairs(2, seed=0, intermediates=True)
+    cfg = RunConfig(
+        experiments=("layer", "lens", "attention"), component="head_out", out=str(tmp_path / "r"), use_cache=False
+    )
+    out = run_experiments(cfg, pairs=pairs, progress=False, command="test")
+    res = out / "results"
+    lens = pd.read_parquet(res / "lens.parquet")
+    assert {"answer", "intermediate", "operand"} <= set(lens["kind"]) and set(lens["variant"]) == {"clean", "corrupted"}
+    att = pd.read_parquet(res / "attention.parquet")
+    sums = att.groupby(["pair_id", "variant", "layer", "position"])["weight"].sum()
+    assert ((sums - 1).abs() < 1e-4).all()
+    cells = pd.read_parquet(res / "cells.parquet")
+    assert sorted(cells["component"].unique()) == [f"head_out.{h}" for h in range(4)]
+    html = (out / "report.html").read_text()
+    assert all(f'id="{sid}"' in html for sid in ("lens", "attention", "heads"))

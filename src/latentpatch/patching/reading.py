@@ -139,3 +139,28 @@ def role_mass(weights: torch.Tensor, roles: Sequence[str]) -> dict[str, torch.Te
         cols = [i for i, r in enumerate(roles) if r == role]
         out[role] = weights[..., cols].sum(-1)
     return out
+
+
+def lens_lines(
+    model: LatentModel, prompt: Sequence[int], values: Sequence[tuple[str, int, float]], k: int
+) -> list[str]:
+    """``latentpatch inspect --lens``: per layer and query position the top-k tokens, then per known
+    value (``(kind, index, value)``, see :func:`known_values`) its rank at every layer x position."""
+    tokens = [value_token(model, v) for _, _, v in values] if model.tokenizer is not None else []
+    res = lens_run(model, prompt, tokens, k)
+    K = model.num_latent
+    name = [f"thought {p}" for p in range(K)] + ["answer"]
+    out = ["logit lens (layer 'fed' = the thought / answer-start embedding itself; ranks: 0 = top token)"]
+    for li, layer in enumerate(res.layers):
+        lab = "fed" if layer < 0 else f"L{layer}"
+        for q in range(res.top_ids.shape[1]):
+            ids = res.top_ids[li, q].tolist()
+            toks = [model.decode([i]) if model.tokenizer is not None else str(i) for i in ids]
+            tops = " | ".join(f"{t!r} {pr:.3f}" for t, pr in zip(toks, res.top_probs[li, q].tolist()))
+            out.append(f"{lab:>4} {name[q]:>9}: {tops}")
+    for j, (kind, index, value) in enumerate(values if tokens else []):
+        out.append(f"rank of {kind} {index} = {value:g} (rows: layers fed, L0..; columns: {', '.join(name)})")
+        for li, layer in enumerate(res.layers):
+            lab = "fed" if layer < 0 else f"L{layer}"
+            out.append(f"{lab:>4}: " + " ".join(f"{int(x):>6}" for x in res.ranks[li, :, j].tolist()))
+    return out
