@@ -28,7 +28,7 @@ FINAL_NORM: dict[str, str] = {"llama": "norm", "gpt2": "ln_f"}
 
 def head_shape(lm: nn.Module) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dimension) of a causal LM's attention."""
-    cfg = lm.config
+    cfg: Any = lm.config
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
@@ -45,7 +45,8 @@ def final_norm(lm: nn.Module) -> nn.Module:
 
 def lens_logits(lm: nn.Module, resid: torch.Tensor) -> torch.Tensor:
     """[..., V] fp32: residual-stream vectors [..., d] through the final norm and the LM head."""
-    return lm.get_output_embeddings()(final_norm(lm)(resid)).float()
+    head: Any = lm.get_output_embeddings()  # type: ignore[operator]
+    return head(final_norm(lm)(resid)).float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class QueryRecorder:
 
     def queries(self, layer: int, index: Sequence[int]) -> torch.Tensor:
         """[B, n_heads, Q, d_head]: the queries of ``layer`` at absolute indices ``index``."""
-        attn, _ = hooked_module(self.lm, "attn_out", layer)
+        attn: Any = hooked_module(self.lm, "attn_out", layer)[0]  # family-specific submodules
         hidden = torch.cat([h for h, _ in self.inputs[layer]], dim=1)[:, list(index)]  # [B, Q, d]
         n_heads, _, d_head = head_shape(self.lm)
         B, Q = hidden.shape[:2]

@@ -110,7 +110,7 @@ def token_roles(model: LatentModel, prompt: Sequence[int], n_question: int) -> l
     over several digit tokens is one number), ``operator`` (:data:`OPERATOR_WORDS`), ``other``, or
     ``special`` (BOS and the separators after the question)."""
     tok = model.tokenizer
-    specials = {model.config.pad_id, model.config.bot_id, model.config.eos_id, model.config.eot_id}
+    specials: set[int | None] = {model.config.pad_id, model.config.bot_id, model.config.eos_id, model.config.eot_id}
     specials.add(getattr(tok, "bos_token_id", None) if tok is not None else None)
     roles, n, prev_digit = [], 0, False
     for i, t in enumerate(prompt):
