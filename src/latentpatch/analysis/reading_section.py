@@ -2,7 +2,7 @@
 
 Reads ``results/lens.parquet``, ``results/lens_top.parquet``, ``results/attention.parquet``, the
 per-pair attention files and the ``head_out.<h>`` rows of ``results/cells.parquet``. A run without
-them gets no section (an empty string), so default reports are unchanged.
+them gets each section as one line that says how to get it (as the step-level sections do).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from latentpatch.analysis.sections import figure, note, section
 from latentpatch.names import ATTENTION_DIR, ATTENTION_FILE, LENS_FILE, LENS_TOP_FILE, THOUGHT_LAYER, parse_head
 from latentpatch.rundir import RunPaths, read_manifest
 
+HOW = "docs/method.md §14"
 #: Pairs shown with their own tables / heatmaps.
 PAIRS_SHOWN = 3
 #: Heads listed in the top-heads table.
@@ -67,7 +68,7 @@ def _pair_table(top: pd.DataFrame, K: int) -> str:
 def lens_section(run_dir: Path, formats: Sequence[str]) -> str:
     lens, top = _read(run_dir, LENS_FILE), _read(run_dir, LENS_TOP_FILE)
     if lens is None or top is None:
-        return ""
+        return section("lens", note(f"This run has no logit lens; run with <code>--experiments lens</code> ({HOW})."))
     K, fig_dir = _num_latent(run_dir), RunPaths(run_dir).figures
     body = note(
         "Each layer's residual stream at each thought (t0..) and the first answer position (ans), and the fed "
@@ -87,7 +88,7 @@ def lens_section(run_dir: Path, formats: Sequence[str]) -> str:
 def attention_section(run_dir: Path, formats: Sequence[str]) -> str:
     att = _read(run_dir, ATTENTION_FILE)
     if att is None:
-        return ""
+        return section("attention", note(f"This run has no attention maps; add <code>attention</code> ({HOW})."))
     K, paths = _num_latent(run_dir), RunPaths(run_dir)
     body = note(
         "Attention (mean over heads) of each thought and of the first answer position on the prompt's tokens, "
@@ -108,13 +109,11 @@ def attention_section(run_dir: Path, formats: Sequence[str]) -> str:
 
 def heads_section(run_dir: Path, formats: Sequence[str]) -> str:
     cells_path = RunPaths(run_dir).cells
-    if not cells_path.is_file():
-        return ""
-    cells = pd.read_parquet(cells_path)
+    cells = pd.read_parquet(cells_path) if cells_path.is_file() else pd.DataFrame({"component": []})
     heads = cells["component"].map(parse_head)
     cells = cells[heads.notna()].assign(head=heads[heads.notna()].astype(int))
     if cells.empty:
-        return ""
+        return section("heads", note(f"This run patched no heads; run with <code>--component head_out</code> ({HOW})."))
     fig_dir = RunPaths(run_dir).figures
     body = note(
         "--component head_out: head h's slice of the attention output projection's input patched alone "
@@ -137,6 +136,6 @@ def heads_section(run_dir: Path, formats: Sequence[str]) -> str:
 
 
 def reading_sections(run_dir: Path, formats: Sequence[str] = ("png", "svg")) -> str:
-    """The HTML of the lens, attention and heads sections (each empty when its results are absent)."""
+    """The HTML of the lens, attention and heads sections (each a one-line note when its results are absent)."""
     run_dir = Path(run_dir)
     return lens_section(run_dir, formats) + attention_section(run_dir, formats) + heads_section(run_dir, formats)

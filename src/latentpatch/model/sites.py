@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from latentpatch.names import HEAD_COMPONENT, SITE_COMPONENTS, parse_head
+from latentpatch.names import COMPONENTS, HEAD_COMPONENT, SITE_COMPONENTS, parse_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -97,7 +97,7 @@ COMPONENT_HOOKS: dict[str, tuple[str, str]] = {
 
 def is_site_component(component: str) -> bool:
     """A block component, ``head_out`` or ``head_out.<h>``."""
-    return component in SITE_COMPONENTS or parse_head(component) is not None
+    return component in COMPONENTS or component == HEAD_COMPONENT or parse_head(component) is not None
 
 
 def model_family(lm: nn.Module) -> str:

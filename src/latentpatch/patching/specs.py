@@ -23,7 +23,6 @@ from latentpatch.names import (
     EXPERIMENTS,
     LAYER_MODE,
     POSITION_MODE,
-    READING_EXPERIMENTS,
     REPLACEMENTS,
     STEP_EXPERIMENTS,
 )
@@ -135,8 +134,6 @@ def experiment_specs(name: str, n_layers: int, num_latent: int, component: str =
     }
     if name in STEP_EXPERIMENTS:
         return []  # step-level experiments are run by latentpatch.pipeline.steps (docs/method.md §13)
-    if name in READING_EXPERIMENTS:
-        return []  # reading experiments are run by latentpatch.pipeline.reading (docs/method.md §14)
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
     return generators[name](n_layers, num_latent, component)

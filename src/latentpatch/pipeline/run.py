@@ -27,7 +27,7 @@ import torch
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import GLOBAL_REPLACEMENTS
+from latentpatch.names import GLOBAL_REPLACEMENTS, READING_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -94,7 +94,8 @@ def start_run(
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     for name in config.experiments:
-        specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
+        if name not in READING_EXPERIMENTS:  # lens/attention: latentpatch.pipeline.reading (docs/method.md §14)
+            specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
     return RunContext(
         config=config,
         model=model,
