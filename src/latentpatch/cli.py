@@ -49,6 +49,7 @@ def inspect_cmd(
     ),
     top_k: int = typer.Option(5, "--top-k", help="Tokens shown per thought."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
+    lens: bool = typer.Option(False, "--lens", help="Also the logit lens per layer and position (method.md §14)."),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
     if (question is None) == (input_ids is None):
@@ -105,6 +106,12 @@ def inspect_cmd(
         num = extract_number(text)
         typer.echo(f"answer: {text!r} (ids {out})")
         typer.echo(f"number: {'none' if num is None else format(num, 'g')}")
+    if lens:
+        from latentpatch.patching.reading import known_values, lens_lines
+
+        answer = extract_number(m.decode(out)) if m.tokenizer is not None else None
+        values = known_values(question or "", answer, None) if answer is not None else []
+        typer.echo("\n".join(lens_lines(m, prompt, values, k)))
 
 
 @app.command("models")

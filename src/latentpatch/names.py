@@ -25,6 +25,33 @@ MODEL_FORMAT = "latentpatch-codi/1"
 COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_out", "attn_out", "mlp_out")
 #: The component a run patches unless configured otherwise.
 DEFAULT_COMPONENT = "resid_out"
+#: Per-head component (docs/method.md §14): head h's slice of the input of the attention output
+#: projection (``o_proj`` for LLaMA, ``attn.c_proj`` for GPT-2). ``--component head_out`` expands every
+#: spec into one per head, whose ``component`` is ``head_out.<h>`` (:func:`head_component`); that string
+#: is the ``component`` column of ``cells.parquet`` (no extra column, so default runs are unchanged).
+HEAD_COMPONENT = "head_out"
+#: Every ``--component`` value: the block components plus :data:`HEAD_COMPONENT`.
+SITE_COMPONENTS: tuple[str, ...] = COMPONENTS + (HEAD_COMPONENT,)
+
+
+def head_component(head: int) -> str:
+    """The component name of attention head ``head``'s output.
+
+    >>> head_component(3)
+    'head_out.3'
+    """
+    return f"{HEAD_COMPONENT}.{head}"
+
+
+def parse_head(component: str) -> int | None:
+    """The head index of a per-head component name, None for any other component.
+
+    >>> parse_head("head_out.3"), parse_head("head_out"), parse_head("resid_out")
+    (3, None, None)
+    """
+    base, _, head = component.partition(".")
+    return int(head) if base == HEAD_COMPONENT and head.isdigit() else None
+
 
 # ---- experiments and their modes ----------------------------------------------------------------
 EXPERIMENTS: tuple[str, ...] = ("layer", "position", "iterative")
@@ -58,8 +85,11 @@ GLOBAL_REPLACEMENTS: tuple[str, ...] = ("mean", "resample")
 #: Experiments on the latent chain itself; run only when named in ``--experiments``. Their rows go to
 #: ``results/steps.parquet`` and ``results/influence.parquet``, never to ``cells.parquet``.
 STEP_EXPERIMENTS: tuple[str, ...] = ("thought", "early", "influence", "intermediate")
+#: Reading experiments (docs/method.md §14): logit lens and attention to the question, from each
+#: pair's unpatched runs; their rows go to ``results/lens*.parquet`` and ``results/attention.parquet``.
+READING_EXPERIMENTS: tuple[str, ...] = ("lens", "attention")
 #: Every name ``--experiments`` accepts.
-ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS
+ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS
 #: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
 #: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
 THOUGHT_SITES: tuple[str, ...] = ("thought", "thought_pre")
@@ -119,6 +149,35 @@ INFLUENCE_COLUMNS: list[str] = [
     "flipped",
     "flagged",
 ]
+
+
+# ---- reading experiments (docs/method.md §14) ---------------------------------------------------------
+#: Folders of per-pair files and the tables under ``results/`` of a run with reading experiments.
+LENS_DIR, ATTENTION_DIR = "lens", "attention"
+LENS_FILE, LENS_TOP_FILE, ATTENTION_FILE = "lens.parquet", "lens_top.parquet", "attention.parquet"
+#: ``layer`` of a lens row that reads the thought vector itself (the input embedding at the position).
+THOUGHT_LAYER = -1
+#: ``results/lens.parquet``: one row per pair x variant x layer x position x known value. ``position``
+#: 0..K-1 = latent position, K = the first answer position (the last fed token before the answer);
+#: ``kind`` = ``answer`` | ``intermediate`` | ``operand``, ``index`` its order within the kind.
+LENS_COLUMNS: list[str] = [
+    "pair_id",
+    "variant",
+    "layer",
+    "position",
+    "kind",
+    "index",
+    "value",
+    "token_id",
+    "rank",
+    "prob",
+]
+#: ``results/lens_top.parquet``: one row per pair x variant x layer x position x top-k rank.
+LENS_TOP_COLUMNS: list[str] = ["pair_id", "variant", "layer", "position", "k", "token_id", "token", "prob"]
+#: ``results/attention.parquet``: attention mass (mean over heads) per pair x variant x layer x query
+#: position (0..K-1 latent, K first answer) x token role (``number 1``.., ``operator``, ``other``,
+#: ``special``, ``thoughts``: earlier latent positions and the query itself).
+ATTENTION_COLUMNS: list[str] = ["pair_id", "variant", "layer", "position", "role", "weight"]
 
 
 # ---- metrics ----------------------------------------------------------------------------------------

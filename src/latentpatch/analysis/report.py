@@ -19,6 +19,7 @@ import pandas as pd
 from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
 from latentpatch.analysis.html import CSS, escape
+from latentpatch.analysis.reading_section import reading_sections
 from latentpatch.analysis.sections import (
     SECTIONS,
     baselines_section,
@@ -100,6 +101,7 @@ def render_page(
 {position_section(stats, fig_dir)}
 {iterative_section(stats, fig_dir)}
 {steps_sections(run_dir, st.run_seed(manifest))}
+{reading_sections(run_dir)}
 {statistics_section(stats)}
 {flagged_section(stats, all_cells)}
 {thoughts_section(thoughts, pairs)}

@@ -6,6 +6,8 @@ A :class:`Site` is ``(component, layer, position)`` (docs/method.md §3):
 - ``resid_out``  output of block ``layer`` = residual stream after the block (the default)
 - ``attn_out``   output of the attention sub-layer of block ``layer`` (before the residual add)
 - ``mlp_out``    output of the MLP sub-layer of block ``layer`` (before the residual add)
+- ``head_out.h`` attention head h's slice ``[h·d_head, (h+1)·d_head)`` of the input of the attention
+  output projection (docs/method.md §14); ``head_out`` alone is the whole input (every head)
 
 ``position`` counts within a ``segment``: ``"latent"`` (thought p, 0..K-1; the sequence position
 whose input embedding is the p-th continuous thought) or ``"prompt"`` (index into that row's
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from latentpatch.names import COMPONENTS
+from latentpatch.names import COMPONENTS, HEAD_COMPONENT, SITE_COMPONENTS, parse_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -47,8 +49,8 @@ class Site:
     segment: str = "latent"
 
     def __post_init__(self) -> None:
-        if self.component not in COMPONENTS:
-            raise ValueError(f"unknown component {self.component!r}; expected one of {COMPONENTS}")
+        if not is_site_component(self.component):
+            raise ValueError(f"unknown component {self.component!r}; expected one of {SITE_COMPONENTS}")
         if self.segment not in SEGMENTS:
             raise ValueError(f"unknown segment {self.segment!r}; expected one of {SEGMENTS}")
         if self.layer < 0 or self.position < 0:
@@ -72,6 +74,9 @@ class FamilyLayout:
     mlp: str
 
 
+#: family -> the attention output projection inside the attention sub-layer (input = concatenated heads).
+ATTN_OUT_PROJ: dict[str, str] = {"llama": "o_proj", "gpt2": "c_proj"}
+
 #: family -> layout. A new family is one entry here (the first whose backbone and blocks exist wins).
 FAMILIES: dict[str, FamilyLayout] = {
     # LLaMA, Mistral, Qwen2, SmolLM2, ...: lm.model.layers[i].{self_attn, mlp}
@@ -88,6 +93,11 @@ COMPONENT_HOOKS: dict[str, tuple[str, str]] = {
     "attn_out": ("attn", "output"),
     "mlp_out": ("mlp", "output"),
 }
+
+
+def is_site_component(component: str) -> bool:
+    """A block component, ``head_out`` or ``head_out.<h>``."""
+    return component in COMPONENTS or component == HEAD_COMPONENT or parse_head(component) is not None
 
 
 def model_family(lm: nn.Module) -> str:
@@ -116,6 +126,12 @@ def transformer_blocks(lm: nn.Module) -> nn.ModuleList:
 
 def hooked_module(lm: nn.Module, component: str, layer: int) -> tuple[nn.Module, str]:
     """(the module whose input or output is ``component`` at block ``layer``, ``"input"`` or ``"output"``)."""
+    if component == HEAD_COMPONENT or parse_head(component) is not None:
+        attn, _ = hooked_module(lm, "attn_out", layer)
+        proj = getattr(attn, ATTN_OUT_PROJ[model_family(lm)], None)
+        if not isinstance(proj, nn.Module):
+            raise TypeError(f"attention {type(attn).__name__} has no output projection for {component}")
+        return proj, "input"
     where, kind = COMPONENT_HOOKS[component]
     block = transformer_blocks(lm)[layer]
     if where == "block":
@@ -147,7 +163,8 @@ def cache_keyword(backbone: nn.Module) -> str:
 class Write:
     """Overwrite ``component`` at ``layer`` at absolute index ``index[b]`` with ``value[b]``.
 
-    Shapes: ``index`` [B] long, ``rows`` [B] bool (which rows are written), ``value`` [B, d].
+    Shapes: ``index`` [B] long, ``rows`` [B] bool (which rows are written), ``value`` [B, d]
+    (``head_out.h``: [B, d_head], written to head h's slice of the projection input).
     """
 
     component: str
@@ -179,6 +196,7 @@ class ActivationHooks:
     def __init__(self, lm: nn.Module, writes: Iterable[Write] = (), record: Iterable[tuple[str, int]] = ()):
         self.lm = lm
         self.blocks = transformer_blocks(lm)
+        self.n_heads = int(getattr(getattr(lm, "config", None), "num_attention_heads", 1) or 1)
         self.writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
         for w in writes:
             self.writes[(w.component, w.layer)].append(w)
@@ -188,7 +206,7 @@ class ActivationHooks:
         self._handles: list[RemovableHandle] = []
         for key in set(self.writes) | self.record_keys:
             component, layer = key
-            if component not in COMPONENTS:
+            if not is_site_component(component):
                 raise ValueError(f"unknown component {component!r}")
             if not 0 <= layer < len(self.blocks):
                 raise ValueError(f"layer {layer} out of range: the model has {len(self.blocks)} blocks")
@@ -196,6 +214,7 @@ class ActivationHooks:
     # -- hook bodies -------------------------------------------------------------------------
     def _apply(self, key: tuple[str, int], h: torch.Tensor) -> torch.Tensor:
         writes = self.writes.get(key)
+        head = parse_head(key[0])
         if writes:
             h = h.clone()
             T = h.shape[1]
@@ -204,10 +223,20 @@ class ActivationHooks:
                 ok = w.rows.to(h.device) & (local >= 0) & (local < T)
                 if bool(ok.any()):
                     b = ok.nonzero(as_tuple=True)[0]
-                    h[b, local[b]] = w.value.to(device=h.device, dtype=h.dtype)[b]
+                    value = w.value.to(device=h.device, dtype=h.dtype)[b]
+                    if head is None:
+                        h[b, local[b]] = value
+                    else:  # one head's slice of the projection input
+                        width = value.shape[-1]
+                        h[b, local[b], head * width : (head + 1) * width] = value
         if key in self.record_keys:
-            self._recorded[key].append(h.detach())
+            self._recorded[key].append(h.detach() if head is None else self._head_slice(h, head).detach())
         return h
+
+    def _head_slice(self, h: torch.Tensor, head: int) -> torch.Tensor:
+        """[B, T, d_head] head ``head``'s slice of a projection input [B, T, n_heads·d_head]."""
+        width = h.shape[-1] // self.n_heads
+        return h[..., head * width : (head + 1) * width]
 
     def _make_pre_hook(self, key: tuple[str, int]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

@@ -23,11 +23,11 @@ from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     ALL_EXPERIMENTS,
-    COMPONENTS,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
     REPLACEMENTS,
+    SITE_COMPONENTS,
     STEP_EXPERIMENTS,
 )
 
@@ -156,7 +156,7 @@ class RunConfig(ModelOptions):
         "Comma list of " + ",".join(ALL_EXPERIMENTS) + " (the last four: step-level analyses, docs/method.md §13).",
         parse=parse_experiments,
     )
-    component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(COMPONENTS) + ".")
+    component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(SITE_COMPONENTS) + ".")
     direction: str = option("denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).")
     replacement: str = option("source", "Patched-in values: " + " | ".join(REPLACEMENTS) + ".")
     out: str = option("runs/latest", "Run directory.")
@@ -232,7 +232,7 @@ class RunConfig(ModelOptions):
                 f"--experiments: unknown {','.join(bad) or '(empty)'}; use a comma list of {','.join(ALL_EXPERIMENTS)}"
             )
         for name, value, choices in (
-            ("component", self.component, COMPONENTS),
+            ("component", self.component, SITE_COMPONENTS),
             ("direction", self.direction, DIRECTIONS),
             ("replacement", self.replacement, REPLACEMENTS),
             ("engine", self.engine, ENGINES),

@@ -27,7 +27,7 @@ import torch
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import GLOBAL_REPLACEMENTS
+from latentpatch.names import GLOBAL_REPLACEMENTS, READING_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -42,6 +42,7 @@ from latentpatch.pipeline.config import RunConfig, load_run_pairs, pairs_to_run
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
+from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
@@ -93,7 +94,8 @@ def start_run(
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     for name in config.experiments:
-        specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
+        if name not in READING_EXPERIMENTS:  # lens/attention: latentpatch.pipeline.reading (docs/method.md §14)
+            specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
     return RunContext(
         config=config,
         model=model,
@@ -315,6 +317,7 @@ def run_experiments(
     ctx = start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
     with reporter:
         record_baselines(ctx)
+        prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         t = time.perf_counter()
         values_for = replacement_source(ctx, all_pairs)
         ctx.checks = run_checks(ctx, values_for)
@@ -323,5 +326,6 @@ def run_experiments(
         report_failed_checks(ctx)
         sweep(ctx, values_for)
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
+        sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
     finish_run(ctx, t0)
     return ctx.out
