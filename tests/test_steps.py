@@ -194,4 +194,9 @@ def test_step_experiments_refuse_shards():
 
     with pytest.raises(LatentPatchError, match="--shard with --experiments thought"):
         RunConfig(experiments=("layer", "thought"), shard="0/2").validate()
+    with pytest.raises(LatentPatchError, match="--shard with --experiments lens"):
+        RunConfig(experiments=("lens",), shard="1/2").validate()
+    with pytest.raises(LatentPatchError, match="--component head_out --replacement mean"):
+        RunConfig(component="head_out", replacement="mean", shard="1/2").validate()
+    RunConfig(component="head_out", replacement="zero", shard="1/2").validate()
     RunConfig(experiments=("layer",), shard="0/2").validate()  # the seed experiments shard as before

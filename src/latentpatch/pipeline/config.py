@@ -26,6 +26,9 @@ from latentpatch.names import (
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
+    GLOBAL_REPLACEMENTS,
+    HEAD_COMPONENT,
+    READING_EXPERIMENTS,
     REPLACEMENTS,
     SITE_COMPONENTS,
     STEP_EXPERIMENTS,
@@ -247,12 +250,22 @@ class RunConfig(ModelOptions):
             raise LatentPatchError(f"--batch-size {self.batch_size!r}: use a positive integer or auto")
         if self.shard is not None:
             parse_shard(self.shard)
-            steps = [e for e in self.experiments if e in STEP_EXPERIMENTS]
-            if steps:  # their mean/step_mean/resample values are pooled over the run's pairs
-                raise LatentPatchError(
-                    f"--shard with --experiments {','.join(steps)}: step-level experiments pool values over every "
-                    "pair of the run, so shards would not merge into the unsharded result; fix: run them unsharded"
-                )
+            self._check_shardable()
+
+    def _check_shardable(self) -> None:
+        """``merge`` joins the seed experiments' tables only; step-level experiments also pool values
+        over every pair of the run, and per-head baselines are not in the shared activation cache."""
+        unmergeable = [e for e in self.experiments if e in STEP_EXPERIMENTS + READING_EXPERIMENTS]
+        if unmergeable:
+            raise LatentPatchError(
+                f"--shard with --experiments {','.join(unmergeable)}: these are not joined by `latentpatch merge` "
+                "(step-level ones pool values over every pair of the run); fix: run them unsharded"
+            )
+        if self.component == HEAD_COMPONENT and self.replacement in GLOBAL_REPLACEMENTS:
+            raise LatentPatchError(
+                f"--shard with --component {HEAD_COMPONENT} --replacement {self.replacement}: per-head values are "
+                "pooled over this shard's pairs only; fix: run it unsharded, or use --replacement source or zero"
+            )
 
     def result_hash(self) -> str:
         """Hash of the options that change numbers (the run directory's ``config_hash``)."""
