@@ -19,8 +19,10 @@ import json
 import math
 import os
 import secrets
+import socket
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +180,86 @@ def write_parquet(path: Path | str, rows: list[dict], columns: Sequence[str]) ->
     df = pd.DataFrame(rows, columns=list(columns))
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+# ---- the lock on a run directory -----------------------------------------------------------------
+def check_writable_dir(path: Path | str, option: str = "--out") -> Path:
+    """``path`` as a directory this process can write into (created if missing), or one
+    :class:`LatentPatchError` line: an empty path, an existing file, a parent that is a file, or
+    a location without write permission."""
+    if not str(path).strip():
+        raise LatentPatchError(f"{option} is empty; fix: name a run directory, e.g. {option} runs/first")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LatentPatchError(f"{option} {path} is an existing file, not a directory; fix: choose another {option}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise LatentPatchError(
+                f"{option} {path}: {parent} is a file, not a directory; fix: choose another {option}"
+            )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise LatentPatchError(
+            f"{option} {path} cannot be written ({err.strerror or err}); fix: choose a location you can write to"
+        ) from None
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path | str, note: Callable[[str], None] = print) -> Iterator[Path]:
+    """Hold ``RUN_DIR/.lock`` (``{pid, host, started}``) while the block runs, so two processes
+    never write one run directory. A lock held by a live process is a :class:`LatentPatchError`
+    naming it; a lock left by a dead process on this host is taken over, with ``note``."""
+    path = Path(run_dir) / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):  # a lock released or taken over between our steps: try again
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is None:  # half-written by a process starting right now, or damaged
+                time.sleep(0.2)
+                holder = _read_lock(path) or {"pid": -1, "host": me["host"], "started": "?"}
+            if holder.get("host") != me["host"] or _process_alive(int(holder.get("pid", -1))):
+                raise LatentPatchError(
+                    f"run directory {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                    f"(started {holder.get('started')}); fix: wait for it to finish, or choose another --out"
+                ) from None
+            note(f"note: taking over the lock of {run_dir} left by process {holder.get('pid')} (no longer running)")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise LatentPatchError(f"could not lock run directory {run_dir}; fix: retry, or choose another --out")
+    try:
+        yield path
+    finally:
+        if (_read_lock(path) or {}).get("pid") == me["pid"]:
+            path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
 
 
 # ---- the manifest --------------------------------------------------------------------------------
@@ -371,6 +453,17 @@ def read_pairs_json(run_dir: Path | str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_pair_result(path: Path | str) -> dict[str, Any] | None:
+    """A per-pair result file ``{pair_id, index, cells, ...}``; None if it is damaged or incomplete."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "pair_id" not in data or not isinstance(data.get("cells"), list):
+        return None
+    return data
+
+
 # ---- assembly ------------------------------------------------------------------------------------
 #: Keys of a per-pair cell row that are not metrics of ``results/{experiment}.json``.
 _NOT_NESTED = ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")
@@ -386,7 +479,9 @@ def assemble(out: Path | str) -> None:
     nested: dict[str, dict] = {}
     cell_rows, traj_rows, thoughts = [], [], {}
     for f in files:
-        data = json.loads(f.read_text())
+        data = read_pair_result(f)
+        if data is None:
+            raise LatentPatchError(f"{f} is damaged (truncated?); fix: delete it and rerun the run with --resume")
         pid = data["pair_id"]
         if "thoughts" in data:
             thoughts[pid] = data["thoughts"]
