@@ -17,6 +17,7 @@ Files (``<name>.png`` and ``<name>.svg``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from latentpatch.analysis.findings import RunLabels
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of
 from latentpatch.names import KEY_METRICS, METRIC_LABELS, POSITION_MODE, TRACKED_MODES
 
@@ -37,6 +39,8 @@ DIVERGING = {"recovery", "answer_logit_diff", "act_bias"}
 #: Colours of the compared iterative modes, in the order the comparison figure draws them.
 MODE_COLOURS = {"chained": "#d95f02", "parallel": "#1b9e77", "frozen": "#7570b3"}
 DPI = 110
+#: Percentiles the per-pair heatmaps clip their colour scale at (outliers do not flatten the rest).
+CLIP_PERCENTILES = (2.0, 98.0)
 
 
 def page_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -67,9 +71,13 @@ def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -
 def colour_norm(metric: str, values: np.ndarray):
     """(norm, colour map) for ``values`` of ``metric``.
 
-    Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise.
+    Colour normalisation: symmetric around 0 for signed metrics whose values straddle 0 (a diverging
+    map); otherwise a sequential map over the values' own range (from 0 for unsigned metrics).
     """
     finite = values[np.isfinite(values)]
+    if metric in DIVERGING and finite.size and (finite.min() >= 0 or finite.max() <= 0):
+        lo, hi = float(finite.min()), float(finite.max())
+        return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0), "viridis"
     if metric in DIVERGING:
         lim = float(np.max(np.abs(finite))) if finite.size else 1.0
         lim = lim or 1.0
@@ -131,7 +139,7 @@ def draw_heatmap(
     ax.set_xlabel("latent position")
     ax.set_ylabel("layer")
     if annotate_top and top:
-        flat = np.where(np.isfinite(grid), grid, -np.inf).ravel()
+        flat = np.where(np.isfinite(grid), np.abs(grid), -np.inf).ravel()  # ranked by effect size
         order = np.argsort(-flat, kind="stable")[:top]
         for rank, idx in enumerate(order, start=1):
             if not np.isfinite(flat[idx]):
@@ -152,9 +160,17 @@ def draw_heatmap(
 
 
 def position_heatmaps(
-    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5
+    summary: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    top: int = 5,
+    run: RunLabels | None = None,
 ) -> list[Path]:
-    """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells numbered."""
+    """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells (by
+    |mean|) numbered. The answer logit diff is shown as the change from the unpatched target run
+    when its baseline is known. Writes ``<name>.cells.json`` (the axes box in figure fractions) for
+    the page's hover grid."""
+    run = run or RunLabels()
     comp = primary_component_of(summary)
     paths: list[Path] = []
     for metric in HEATMAP_METRICS:
@@ -163,18 +179,31 @@ def position_heatmaps(
             continue
         piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
         grid = piv.to_numpy(float)
+        label, what = run.label(metric), f"mean {metric}"
+        if metric == "answer_logit_diff" and run.baseline_ld is not None:
+            grid = grid - run.baseline_ld
+            label = f"Δ answer logit diff vs unpatched {run.target} run"
+            what = f"change in answer logit diff from the unpatched {run.target} run ({run.baseline_ld:.3g})"
         norm, cmap = colour_norm(metric, grid)
         fig = Figure(
             figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained"
         )
         ax = fig.subplots()
         im = draw_heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
-        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
+        fig.colorbar(im, ax=ax, label=label)
         ax.set_title(
-            f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells",
-            fontsize=10,
+            f"Position sweep ({comp} {run.values}):\n{what}, {int(d['n'].max())} pairs; boxes: top {top} |value|",
+            fontsize=9,
         )
-        paths += save_figure(fig, out_dir, f"position_heatmap_{metric}", formats)
+        name = f"position_heatmap_{metric}"
+        paths += save_figure(fig, out_dir, name, formats)
+        layout = {
+            "axes": [round(float(v), 6) for v in ax.get_position().bounds],
+            "layers": [int(x) for x in piv.index],
+            "positions": [int(x) for x in piv.columns],
+            "change_from_baseline": bool(metric == "answer_logit_diff" and run.baseline_ld is not None),
+        }
+        (out_dir / f"{name}.cells.json").write_text(json.dumps(layout) + "\n")
     return paths
 
 
@@ -202,6 +231,9 @@ def position_heatmaps_per_pair(
             )
             grids[pid] = piv
         allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
+        finite = allv[np.isfinite(allv)]
+        if finite.size:  # the colour scale from the 2nd..98th percentile: an outlier does not flatten the rest
+            allv = np.clip(finite, *np.percentile(finite, CLIP_PERCENTILES))
         norm, cmap = colour_norm(metric, allv)
         ncol = min(3, len(pair_ids))
         nrow = int(np.ceil(len(pair_ids) / ncol))
@@ -230,7 +262,8 @@ def position_heatmaps_per_pair(
         for ax in axes.ravel()[len(pair_ids) :]:
             ax.set_visible(False)
         fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
-        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell)")
+        lo, hi = CLIP_PERCENTILES
+        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell; colours clipped at p{lo:g}–p{hi:g})")
         paths += save_figure(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
     return paths
 
@@ -305,7 +338,11 @@ def cumulative_trajectories(
 
 
 def chained_similarity(
-    trajectories: pd.DataFrame | None, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+    trajectories: pd.DataFrame | None,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    highlight: int = 3,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Chained (and frozen) patching: cosine of the generated activation to clean / corrupted per position."""
     if trajectories is None or trajectories.empty:
@@ -315,6 +352,8 @@ def chained_similarity(
         return []
     cols = [(c, METRIC_LABELS[c]) for c in ("act_cos_clean", "act_cos_corr", "act_bias") if c in trajectories]
     mean = trajectories.groupby(["mode", "layer", "position"])[[c for c, _ in cols]].mean()
+    # a column whose means vary by less than float noise (e.g. cos to a run it equals) is no panel
+    cols = [(c, label) for c, label in cols if np.nanmax(mean[c]) - np.nanmin(mean[c]) > 1e-5] or cols[:1]
     fig = Figure(figsize=(4.3 * len(cols), 3.3 * len(modes)), layout="constrained")
     axes = fig.subplots(len(modes), len(cols), squeeze=False, sharex=True)
     for r, mode in enumerate(modes):
@@ -340,8 +379,9 @@ def chained_similarity(
                 ax.set_xlabel("later thought position")
             if c == 0:
                 ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
+    run = run or RunLabels()
     fig.suptitle(
-        "Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)"
+        f"Position 0 {run.values}; later thoughts generated (chained) or with inputs held {run.target} (frozen)"
     )
     return save_figure(fig, out_dir, "chained_similarity", formats)
 
@@ -387,8 +427,10 @@ def make_figures(
     cells: pd.DataFrame,
     trajectories: pd.DataFrame | None = None,
     formats: Iterable[str] = ("png", "svg"),
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.
+    ``run``: the run's wording and baseline (:meth:`RunLabels.of`), so titles and labels follow it.
 
     ``summary``: :func:`latentpatch.analysis.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
     ``cells``: ``results/cells.parquet`` (already filtered if flagged pairs are excluded);
@@ -400,11 +442,11 @@ def make_figures(
     paths: list[Path] = []
     if not summary.empty:
         paths += layer_bars(summary, out, formats)
-        paths += position_heatmaps(summary, out, formats)
+        paths += position_heatmaps(summary, out, formats, run=run)
         paths += cumulative_trajectories(summary, out, formats)
         paths += modes_comparison(summary, out, formats)
     if not cells.empty:
         paths += position_heatmaps_per_pair(cells, out, formats)
         paths += pairs_layers(cells, out, formats)
-    paths += chained_similarity(trajectories, out, formats)
+    paths += chained_similarity(trajectories, out, formats, run=run)
     return paths

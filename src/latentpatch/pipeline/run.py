@@ -43,15 +43,8 @@ from latentpatch.pipeline.manifest import RunContext, command_line, environment,
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.values import global_pool, value_factory
-from latentpatch.rundir import (
-    RunPaths,
-    assemble,
-    check_writable_dir,
-    read_manifest,
-    read_pair_result,
-    run_lock,
-    write_json,
-)
+from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result, write_json
+from latentpatch.runlock import check_writable_dir, run_lock
 
 # ---- the steps -----------------------------------------------------------------------------------
 
@@ -306,7 +299,10 @@ def finish_run(ctx: RunContext, t0: float) -> None:
     if ctx.config.report:
         from latentpatch.analysis.report import build_report  # matplotlib and pandas: only when reporting
 
+        ctx.progress.message("report: statistics, figures and report.html ...")
+        t = time.perf_counter()
         build_report(ctx.out)
+        ctx.progress.message(f"report: done in {time.perf_counter() - t:.1f} s")
         if ctx.config.wandb:
             from latentpatch.analysis.wandb_log import log_run
 
