@@ -95,7 +95,9 @@ def _of(summary: pd.DataFrame, metric: str, component: str | None) -> pd.DataFra
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def layer_bars(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Bar chart per layer (mean over pairs, 95% bootstrap CI error bars) of KL, recovery, logit diff."""
     comp = primary_component_of(summary)
     data = {m: all_positions_rows(_of(summary, m, comp)).sort_values("layer") for m in HEATMAP_METRICS}
@@ -112,7 +114,7 @@ def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.bar(d["layer"], mean, yerr=err, color=colours, capsize=2, ecolor="#333333")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xlabel("layer")
-        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_ylabel((run or RunLabels()).label(metric))
         ax.set_xticks(d["layer"])
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"Patching all latent positions at one layer ({comp}): mean over pairs ± 95% CI")
@@ -183,7 +185,7 @@ def position_heatmaps(
         if metric == "answer_logit_diff" and run.baseline_ld is not None:
             grid = grid - run.baseline_ld
             label = f"Δ answer logit diff vs unpatched {run.target} run"
-            what = f"change in answer logit diff from the unpatched {run.target} run ({run.baseline_ld:.3g})"
+            what = f"Δ answer logit diff vs unpatched {run.target} ({run.baseline_ld:.3g})"
         norm, cmap = colour_norm(metric, grid)
         fig = Figure(
             figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained"
@@ -192,7 +194,7 @@ def position_heatmaps(
         im = draw_heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
         fig.colorbar(im, ax=ax, label=label)
         ax.set_title(
-            f"Position sweep ({comp} {run.values}):\n{what}, {int(d['n'].max())} pairs; boxes: top {top} |value|",
+            f"Position sweep ({comp}): {what}\n{int(d['n'].max())} pairs; boxes: top {top} |value|",
             fontsize=9,
         )
         name = f"position_heatmap_{metric}"
@@ -208,7 +210,11 @@ def position_heatmaps(
 
 
 def position_heatmaps_per_pair(
-    cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), max_pairs: int = 6
+    cells: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    max_pairs: int = 6,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Small multiples: layer x position heatmaps for the first ``max_pairs`` pairs, one colour scale."""
     comp = primary_component_of(cells)
@@ -261,14 +267,16 @@ def position_heatmaps_per_pair(
             )
         for ax in axes.ravel()[len(pair_ids) :]:
             ax.set_visible(False)
-        fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
+        fig.colorbar(im, ax=axes, label=(run or RunLabels()).label(metric), shrink=0.9)
         lo, hi = CLIP_PERCENTILES
         fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell; colours clipped at p{lo:g}–p{hi:g})")
         paths += save_figure(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
     return paths
 
 
-def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def pairs_layers(
+    cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Pairs (rows) x layers (cols) heatmaps of the all-positions patch (layer sweep, else parallel)."""
     comp = primary_component_of(cells)
     d = all_positions_rows(cells[cells["component"] == comp])
@@ -294,7 +302,7 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.set_yticks(range(0, len(pair_ids), step), labels[::step], fontsize=7)
         ax.set_xlabel("layer")
         ax.set_ylabel("pair (* = flagged)")
-        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric], shrink=0.6, aspect=30)
+        fig.colorbar(im, ax=ax, label=(run or RunLabels()).label(metric), shrink=0.6, aspect=30)
     fig.suptitle(f"All latent positions patched at one layer ({comp}), per pair")
     return save_figure(fig, out_dir, "pairs_layers", formats)
 
@@ -304,7 +312,11 @@ def _strongest(values: pd.Series, k: int = 3) -> list:
 
 
 def cumulative_trajectories(
-    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+    summary: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    highlight: int = 3,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Cumulative patching (positions 0..n at one layer): mean KL and recovery vs n, one line per layer."""
     comp = primary_component_of(summary)
@@ -325,7 +337,7 @@ def cumulative_trajectories(
             ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
         ax.set_xticks(piv.index)
         ax.set_xlabel("thoughts patched: positions 0..n (n)")
-        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_ylabel((run or RunLabels()).label(metric))
         ax.legend(
             title=f"strongest {len(strong)}\n(grey: other layers)",
             fontsize=8,
@@ -350,6 +362,7 @@ def chained_similarity(
     modes = [m for m in TRACKED_MODES if (trajectories["mode"] == m).any()]
     if not modes:
         return []
+    run = run or RunLabels()
     cols = [(c, METRIC_LABELS[c]) for c in ("act_cos_clean", "act_cos_corr", "act_bias") if c in trajectories]
     mean = trajectories.groupby(["mode", "layer", "position"])[[c for c, _ in cols]].mean()
     # a column whose means vary by less than float noise (e.g. cos to a run it equals) is no panel
@@ -367,26 +380,43 @@ def chained_similarity(
         for c, (col, label) in enumerate(cols):
             ax = axes[r, c]
             piv = m[col].unstack("layer").sort_index()
+            ax.set_title(f"{mode}: {label}", fontsize=10)
+            values = piv.to_numpy(float)
+            if np.nanmax(values) - np.nanmin(values) < 1e-5:  # float noise around a constant: say so, no lines
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{np.nanmean(values):.5f} everywhere\n(no variation beyond float noise)",
+                    ha="center",
+                    transform=ax.transAxes,
+                )
+                ax.set_yticks([])
+                continue
             for layer in piv.columns:
                 if layer not in strong:
                     ax.plot(piv.index, piv[layer], color="#bbbbbb", lw=0.9)
             for i, layer in enumerate(strong):
                 ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
+                ref = run.reference_cos.get(int(layer))
+                if col == "act_cos_clean" and ref:  # where the unpatched corrupted run already is
+                    ys = [ref[int(q)] if int(q) < len(ref) else np.nan for q in piv.index]
+                    unpatched = "unpatched cos(clean, corrupted)" if i == 0 else None
+                    ax.plot(piv.index, ys, ls=(0, (3, 2)), lw=1.3, color="black", zorder=3, label=unpatched)
             ax.set_xticks(piv.index)
-            ax.set_title(f"{mode}: {label}", fontsize=10)
             ax.set_ylabel(label)
             if r == len(modes) - 1:
                 ax.set_xlabel("later thought position")
             if c == 0:
                 ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
-    run = run or RunLabels()
     fig.suptitle(
         f"Position 0 {run.values}; later thoughts generated (chained) or with inputs held {run.target} (frozen)"
     )
     return save_figure(fig, out_dir, "chained_similarity", formats)
 
 
-def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def modes_comparison(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Chained vs parallel vs frozen per layer: grouped bars, mean over pairs ± 95% CI."""
     comp = primary_component_of(summary)
     panels = []
@@ -414,7 +444,7 @@ def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str
         layers = sorted(set().union(*[set(d["layer"]) for d in per_mode.values()]))
         ax.set_xticks(layers)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_ylabel(METRIC_LABELS[metric], fontsize=9)
+        ax.set_ylabel((run or RunLabels()).label(metric), fontsize=9)
         ax.legend(fontsize=8, ncols=3, loc="best")
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
@@ -441,12 +471,12 @@ def make_figures(
     formats = tuple(formats)
     paths: list[Path] = []
     if not summary.empty:
-        paths += layer_bars(summary, out, formats)
+        paths += layer_bars(summary, out, formats, run=run)
         paths += position_heatmaps(summary, out, formats, run=run)
-        paths += cumulative_trajectories(summary, out, formats)
-        paths += modes_comparison(summary, out, formats)
+        paths += cumulative_trajectories(summary, out, formats, run=run)
+        paths += modes_comparison(summary, out, formats, run=run)
     if not cells.empty:
-        paths += position_heatmaps_per_pair(cells, out, formats)
-        paths += pairs_layers(cells, out, formats)
+        paths += position_heatmaps_per_pair(cells, out, formats, run=run)
+        paths += pairs_layers(cells, out, formats, run=run)
     paths += chained_similarity(trajectories, out, formats, run=run)
     return paths

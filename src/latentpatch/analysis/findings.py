@@ -58,6 +58,8 @@ class RunLabels:
     target: str = "corrupted"
     baseline_ld: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: layer -> per latent position, mean over the pairs of the unpatched cos(clean, corrupted)
+    reference_cos: dict[int, list[float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, manifest: dict[str, Any], pair_ids: set[str] | None = None) -> RunLabels:
@@ -67,6 +69,9 @@ class RunLabels:
         key = f"ld_{terms['target']}_run"
         lds = [v[key] for p, v in per_pair.items() if (pair_ids is None or p in pair_ids) and v.get(key) is not None]
         labels = {"recovery": f"recovery (1 = {terms['source']} restored)"}
+        cos = [v["cos_clean_corrupted"] for p, v in per_pair.items() if (pair_ids is None or p in pair_ids)]
+        cos = [c for c in cos if c]
+        reference = {i: row for i, row in enumerate(np.mean(np.array(cos, float), axis=0).tolist())} if cos else {}
         return cls(
             terms["component"],
             terms["values"],
@@ -74,6 +79,7 @@ class RunLabels:
             terms["target"],
             float(np.mean(lds)) if lds else None,
             labels,
+            reference,
         )
 
     def label(self, metric: str) -> str:

@@ -92,7 +92,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
     )
     if ctx.bases:
         manifest.n_pairs = len(ctx.bases)
-        manifest.baselines = baseline_summary(ctx.bases, config.direction)
+        manifest.baselines = baseline_summary(ctx.bases, config.direction, config.component)
     if ctx.complete:
         sweep_s = ctx.timings.get("sweep_s")
         manifest.timings = ctx.timings
@@ -105,8 +105,10 @@ def write_manifest(ctx: RunContext) -> None:
     build_manifest(ctx).write(ctx.out)
 
 
-def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str, Any]:
-    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``)."""
+def baseline_summary(bases: Sequence[PairBaseline], direction: str, component: str | None = None) -> dict[str, Any]:
+    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``);
+    with ``component``, each pair's ``cos_clean_corrupted`` (the unpatched reference of the
+    chained/frozen cosine plots)."""
     n = len(bases)
     denoise = direction == "denoise"
     return {
@@ -123,10 +125,23 @@ def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str,
                 "corrupted_answer": b.corrupted_answer,
                 "ld_clean_run": b.ld_source if denoise else b.ld_target,
                 "ld_corrupted_run": b.ld_target if denoise else b.ld_source,
+                **({"cos_clean_corrupted": cos_clean_corrupted(b, component)} if component else {}),
             }
             for b in bases
         },
     }
+
+
+def cos_clean_corrupted(base: PairBaseline, component: str) -> list[list[float]] | None:
+    """cos(clean, corrupted) of the unpatched runs' ``component`` activations, [layer][position]
+    (rounded to 6 decimals); None if the runs did not record that component."""
+    import torch
+
+    clean, corrupted = base.clean.acts.get(component), base.corrupted.acts.get(component)
+    if clean is None or corrupted is None:
+        return None
+    cos = torch.nn.functional.cosine_similarity(clean.float(), corrupted.float(), dim=-1)  # [n_layers, K]
+    return [[round(float(v), 6) for v in row] for row in cos]
 
 
 def environment() -> dict[str, Any]:
