@@ -387,6 +387,9 @@ def test_manifest_command_reproduces_the_run(finished_run):
     command = json.loads((finished_run / "manifest.json").read_text())["command"]
     assert command.startswith("latentpatch run --model config:llama --pairs ") and " run run " not in command
     assert "--experiments layer" in command and "--batch-size 8" in command and "--no-report" in command
+    per_pair = json.loads((finished_run / "manifest.json").read_text())["baselines"]["per_pair"]
+    cos = next(iter(per_pair.values()))["cos_clean_corrupted"]  # the cosine plots' unpatched reference
+    assert len(cos) >= 1 and all(-1.0 <= v <= 1.0 + 1e-6 for row in cos for v in row)
 
 
 # ---- faults: real processes ------------------------------------------------------------------------

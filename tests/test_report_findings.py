@@ -126,3 +126,16 @@ def test_colour_scale_diverges_only_when_values_straddle_zero():
     norm, cmap = colour_norm("answer_logit_diff", np.array([-9.0, 2.0]))
     assert cmap == "RdBu_r" and norm.vcenter == 0
     assert colour_norm("kl", np.array([0.1, 3.0]))[1] == "viridis"
+
+
+def test_reference_cosine_is_the_mean_over_the_used_pairs():
+    from latentpatch.analysis.findings import RunLabels
+
+    per_pair = {
+        "a": {"ld_corrupted_run": -2.0, "cos_clean_corrupted": [[1.0, 0.5], [0.9, 0.1]]},
+        "b": {"ld_corrupted_run": -4.0, "cos_clean_corrupted": [[1.0, 0.7], [0.7, 0.3]]},
+        "c": {"ld_corrupted_run": 9.0, "cos_clean_corrupted": [[0.0, 0.0], [0.0, 0.0]]},
+    }
+    labels = RunLabels.of({"config": {"replacement": "source"}, "baselines": {"per_pair": per_pair}}, {"a", "b"})
+    assert labels.baseline_ld == -3.0
+    assert np.allclose(labels.reference_cos[0], [1.0, 0.6]) and np.allclose(labels.reference_cos[1], [0.8, 0.2])

@@ -69,7 +69,7 @@ class RunLabels:
         key = f"ld_{terms['target']}_run"
         lds = [v[key] for p, v in per_pair.items() if (pair_ids is None or p in pair_ids) and v.get(key) is not None]
         labels = {"recovery": f"recovery (1 = {terms['source']} restored)"}
-        cos = [v["cos_clean_corrupted"] for p, v in per_pair.items() if (pair_ids is None or p in pair_ids)]
+        cos = [v.get("cos_clean_corrupted") for p, v in per_pair.items() if (pair_ids is None or p in pair_ids)]
         cos = [c for c in cos if c]
         reference = {i: row for i, row in enumerate(np.mean(np.array(cos, float), axis=0).tolist())} if cos else {}
         return cls(
