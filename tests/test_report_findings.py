@@ -74,14 +74,14 @@ def test_labels_follow_the_run(tmp_path):
     page = build_report(path, n_resamples=200, formats=("png",)).read_text()
     assert "patched with its clean value" not in page and "set to zero" in page
     assert "attn_out activations of the clean run set to zero" in section_text(page, "findings")
-    assert "1 = the unpatched corrupted run" in page
+    assert "1 = the unpatched corrupted run" in page and "1 = clean restored" not in page
 
 
 def test_top_tables_rank_by_effect_size_and_not_every_row(run):
     page = (run / "report.html").read_text()
     layer = section_text(page, "layer")
     # 4 layers: the top table lists 2, not all 4
-    assert "Top 2 of 4 by |" in layer and "Top 4" not in layer
+    assert "Top 2 of 4 by |recovery|" in layer and "Top 4" not in layer
     position = section_text(page, "position")
     tables = re.findall(r"<h3>Top (\d+) of (\d+) by \|([^|]+)\|</h3>(<table>.*?</table>)", position)
     assert tables

@@ -17,7 +17,7 @@ import pandas as pd
 from latentpatch.analysis.findings import findings_section_body, run_terms
 from latentpatch.analysis.hover import heatmap_shows_change, hover_figure
 from latentpatch.analysis.html import embed_png, escape, fmt, fmt_p, kv_list, table
-from latentpatch.names import KEY_METRICS, METRIC_LABELS
+from latentpatch.names import KEY_METRICS
 
 #: (id, heading) of every section of the page, in order.
 SECTIONS: list[tuple[str, str]] = [
@@ -204,7 +204,7 @@ def top_tables(stats: dict, key: str, metrics: Iterable[str]) -> str:
             for i, r in enumerate(rows[: shown_top(len(rows))])
         ]
         blocks.append(
-            f"<div><h3>Top {len(body)} of {len(rows)} by |{escape(METRIC_LABELS.get(metric, metric))}|</h3>"
+            f"<div><h3>Top {len(body)} of {len(rows)} by |{escape(metric)}|</h3>"  # the run's meaning: findings
             + table(["#", "layer", "pos", "mean", "95% CI", "p Holm", "p BH"], body)
             + "</div>"
         )
