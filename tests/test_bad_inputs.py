@@ -442,3 +442,11 @@ def test_ctrl_c_then_resume(tmp_path):
     assert resumed.returncode == 0, err3
     for f in RESULT_FILES:
         assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+
+
+def test_damaged_lock_is_taken_over(tmp_path, capsys, pair_file):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".lock").write_text("{not json")
+    rc, _, err = run_cli(["run", *FAST, "--pairs", str(pair_file), "--out", str(out)], capsys)
+    assert rc == 0 and "taking over the lock" in err and not (out / ".lock").exists()

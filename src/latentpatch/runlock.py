@@ -46,6 +46,8 @@ def check_writable_dir(path: Path | str, option: str = "--out") -> Path:
 
 
 def _process_alive(pid: int) -> bool:
+    if pid <= 0:  # a damaged lock (os.kill would address a process group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -73,7 +75,8 @@ def run_lock(run_dir: Path | str, note: Callable[[str], None] = print) -> Iterat
             if holder.get("host") != me["host"] or _process_alive(int(holder.get("pid", -1))):
                 raise LatentPatchError(
                     f"run directory {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                    f"(started {holder.get('started')}); fix: wait for it to finish, or choose another --out"
+                    f"(started {holder.get('started')}); fix: wait for it to finish or choose another --out "
+                    f"(if that process is not a latentpatch run, delete {path})"
                 ) from None
             note(f"note: taking over the lock of {run_dir} left by process {holder.get('pid')} (no longer running)")
             path.unlink(missing_ok=True)
