@@ -20,7 +20,7 @@ def tiny_lm(family: str, n_layers: int = 3, d: int = 32, seed: int = 0, vocab: i
             num_hidden_layers=n_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=512,  # RoPE: values do not depend on it; long pair questions fit
             tie_word_embeddings=False,
         )
         lm = LlamaForCausalLM(cfg)

@@ -2,20 +2,22 @@
 
 The package is laid out as the pipeline it runs; each folder is one stage::
 
-    errors.py    LatentPatchError (one line with the fix; the CLI prints it, exit code 2)
+    errors.py    LatentPatchError (one line with the fix; the CLI prints it, exit code 2), RunInterrupted (130)
     names.py     the run directory's names and rules: experiments, modes, components, columns (no torch)
     rundir.py    the run directory: paths, atomic writes, typed manifest, readers, assembly (no torch)
+    runlock.py   the lock on a run directory and the --out checks (no torch)
     data/        pairs (the pair-file format), answers, validate, synthetic (GSM8K-style pairs)
     model/       latent (LatentModel, the rollout), state, sites (families, write sites),
-                 checkpoint (strict core), latent_dir (the model-dir format), hf, codi, loaders,
-                 load (load_model)
+                 heads (per-head sites), checkpoint (strict core), latent_dir (the model-dir format),
+                 hf, hub (hub names), codi, loaders, load (load_model)
     patching/    specs (patch specs, experiments), baselines, engine (the two sweeps), metrics, checks,
-                 steps (step-level experiments)
+                 steps (step-level experiments), heads (per-head specs), reading (lens, attention)
     pipeline/    config (run options, no torch), run (the run's steps), manifest, progress, values,
-                 cache (activation cache), memory (batch size), merge (shards, no torch), steps (the step-level sweep)
-    analysis/    inference, stats (statistics), selection, figures, html, sections, stats_section,
-                 steps_section, steps_figures,
-                 report (report.html), compare, wandb_log (W&B); no torch
+                 cache (activation cache), memory (batch size), merge (shards, no torch),
+                 steps (the step-level sweep), reading (lens and attention)
+    analysis/    inference, stats (statistics), selection, findings (the first screen, run wording),
+                 figures, hover, html, sections, stats_section, steps_section, steps_figures,
+                 reading_section, reading_figures, report (report.html), compare, wandb_log (W&B); no torch
     training/    data, objective, train (the shipped model), evaluate (``latentpatch eval``)
     cli.py       the ``latentpatch`` command (options generated in cli_options.py)
 

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, standalone_mode=False)
     except LatentPatchError as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(err.exit_code) from None  # 2; 130 for an interrupted run
     except Exception as err:
         # typer bundles its own click: match usage errors by their interface, not their class.
         if hasattr(err, "show") and hasattr(err, "exit_code"):

@@ -16,3 +16,9 @@ class LatentPatchError(Exception):
     def __init__(self, message: str):
         # Keep the message on one line whatever the caller passed.
         super().__init__(" ".join(str(message).split()))
+
+
+class RunInterrupted(LatentPatchError):
+    """A run stopped by Ctrl-C: one line saying how far it got and how to continue, exit code 130."""
+
+    exit_code = 130

@@ -377,6 +377,17 @@ def read_pairs_json(run_dir: Path | str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_pair_result(path: Path | str) -> dict[str, Any] | None:
+    """A per-pair result file ``{pair_id, index, cells, ...}``; None if it is damaged or incomplete."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "pair_id" not in data or not isinstance(data.get("cells"), list):
+        return None
+    return data
+
+
 # ---- assembly ------------------------------------------------------------------------------------
 #: Keys of a per-pair cell row that are not metrics of ``results/{experiment}.json``.
 _NOT_NESTED = ("experiment", "mode", "component", "layer", "position", "key", "answer_ids")
@@ -392,7 +403,9 @@ def assemble(out: Path | str) -> None:
     nested: dict[str, dict] = {}
     cell_rows, traj_rows, thoughts = [], [], {}
     for f in files:
-        data = json.loads(f.read_text())
+        data = read_pair_result(f)
+        if data is None:
+            raise LatentPatchError(f"{f} is damaged (truncated?); fix: delete it and rerun the run with --resume")
         pid = data["pair_id"]
         if "thoughts" in data:
             thoughts[pid] = data["thoughts"]

@@ -52,6 +52,13 @@ def check_grids(cells_a: pd.DataFrame, cells_b: pd.DataFrame, name_a: str, name_
     """The (experiment, mode, component) groups both runs have; LatentPatchError if their grids differ."""
     ga, gb = _grid(cells_a), _grid(cells_b)
     common = sorted(set(ga) & set(gb))
+    if not common and {k[:2] for k in ga} == {k[:2] for k in gb}:
+        comp_a, comp_b = sorted({k[2] for k in ga}), sorted({k[2] for k in gb})
+        raise LatentPatchError(
+            f"{name_a} and {name_b} differ only in component ({name_a}: {', '.join(comp_a)}; {name_b}: "
+            f"{', '.join(comp_b)}), and compare matches cells of the same component; "
+            "fix: compare runs made with the same --component"
+        )
     if not common:
         raise LatentPatchError(
             f"{name_a} has {sorted(set(ga))} and {name_b} has {sorted(set(gb))}: no experiment in common to compare; "

@@ -17,6 +17,7 @@ Files (``<name>.png`` and ``<name>.svg``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from latentpatch.analysis.findings import RunLabels
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of
 from latentpatch.names import KEY_METRICS, METRIC_LABELS, POSITION_MODE, TRACKED_MODES
 
@@ -37,6 +39,8 @@ DIVERGING = {"recovery", "answer_logit_diff", "act_bias"}
 #: Colours of the compared iterative modes, in the order the comparison figure draws them.
 MODE_COLOURS = {"chained": "#d95f02", "parallel": "#1b9e77", "frozen": "#7570b3"}
 DPI = 110
+#: Percentiles the per-pair heatmaps clip their colour scale at (outliers do not flatten the rest).
+CLIP_PERCENTILES = (2.0, 98.0)
 
 
 def page_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -67,9 +71,13 @@ def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -
 def colour_norm(metric: str, values: np.ndarray):
     """(norm, colour map) for ``values`` of ``metric``.
 
-    Colour normalisation: symmetric around 0 for signed metrics, [0, max] otherwise.
+    Colour normalisation: symmetric around 0 for signed metrics whose values straddle 0 (a diverging
+    map); otherwise a sequential map over the values' own range (from 0 for unsigned metrics).
     """
     finite = values[np.isfinite(values)]
+    if metric in DIVERGING and finite.size and (finite.min() >= 0 or finite.max() <= 0):
+        lo, hi = float(finite.min()), float(finite.max())
+        return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0), "viridis"
     if metric in DIVERGING:
         lim = float(np.max(np.abs(finite))) if finite.size else 1.0
         lim = lim or 1.0
@@ -87,7 +95,9 @@ def _of(summary: pd.DataFrame, metric: str, component: str | None) -> pd.DataFra
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def layer_bars(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Bar chart per layer (mean over pairs, 95% bootstrap CI error bars) of KL, recovery, logit diff."""
     comp = primary_component_of(summary)
     data = {m: all_positions_rows(_of(summary, m, comp)).sort_values("layer") for m in HEATMAP_METRICS}
@@ -104,7 +114,7 @@ def layer_bars(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.bar(d["layer"], mean, yerr=err, color=colours, capsize=2, ecolor="#333333")
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xlabel("layer")
-        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_ylabel((run or RunLabels()).label(metric))
         ax.set_xticks(d["layer"])
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"Patching all latent positions at one layer ({comp}): mean over pairs ± 95% CI")
@@ -131,7 +141,7 @@ def draw_heatmap(
     ax.set_xlabel("latent position")
     ax.set_ylabel("layer")
     if annotate_top and top:
-        flat = np.where(np.isfinite(grid), grid, -np.inf).ravel()
+        flat = np.where(np.isfinite(grid), np.abs(grid), -np.inf).ravel()  # ranked by effect size
         order = np.argsort(-flat, kind="stable")[:top]
         for rank, idx in enumerate(order, start=1):
             if not np.isfinite(flat[idx]):
@@ -152,9 +162,17 @@ def draw_heatmap(
 
 
 def position_heatmaps(
-    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), top: int = 5
+    summary: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    top: int = 5,
+    run: RunLabels | None = None,
 ) -> list[Path]:
-    """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells numbered."""
+    """Layer x position heatmaps of the position sweep (mean over pairs), the top-``top`` cells (by
+    |mean|) numbered. The answer logit diff is shown as the change from the unpatched target run
+    when its baseline is known. Writes ``<name>.cells.json`` (the axes box in figure fractions) for
+    the page's hover grid."""
+    run = run or RunLabels()
     comp = primary_component_of(summary)
     paths: list[Path] = []
     for metric in HEATMAP_METRICS:
@@ -163,23 +181,40 @@ def position_heatmaps(
             continue
         piv = d.pivot(index="layer", columns="position", values="mean").sort_index().sort_index(axis=1)
         grid = piv.to_numpy(float)
+        label, what = run.label(metric), f"mean {metric}"
+        if metric == "answer_logit_diff" and run.baseline_ld is not None:
+            grid = grid - run.baseline_ld
+            label = f"Δ answer logit diff vs unpatched {run.target} run"
+            what = f"Δ answer logit diff vs unpatched {run.target} ({run.baseline_ld:.3g})"
         norm, cmap = colour_norm(metric, grid)
         fig = Figure(
             figsize=(max(4.5, 2.2 + 0.75 * grid.shape[1]), max(3.5, 1.6 + 0.32 * grid.shape[0])), layout="constrained"
         )
         ax = fig.subplots()
         im = draw_heatmap(ax, grid, piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top)
-        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric])
+        fig.colorbar(im, ax=ax, label=label)
         ax.set_title(
-            f"Position sweep ({comp}): mean {metric} over {int(d['n'].max())} pairs\nboxes: top {top} cells",
-            fontsize=10,
+            f"Position sweep ({comp}): {what}\n{int(d['n'].max())} pairs; boxes: top {top} |value|",
+            fontsize=9,
         )
-        paths += save_figure(fig, out_dir, f"position_heatmap_{metric}", formats)
+        name = f"position_heatmap_{metric}"
+        paths += save_figure(fig, out_dir, name, formats)
+        layout = {
+            "axes": [round(float(v), 6) for v in ax.get_position().bounds],
+            "layers": [int(x) for x in piv.index],
+            "positions": [int(x) for x in piv.columns],
+            "change_from_baseline": bool(metric == "answer_logit_diff" and run.baseline_ld is not None),
+        }
+        (out_dir / f"{name}.cells.json").write_text(json.dumps(layout) + "\n")
     return paths
 
 
 def position_heatmaps_per_pair(
-    cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), max_pairs: int = 6
+    cells: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    max_pairs: int = 6,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Small multiples: layer x position heatmaps for the first ``max_pairs`` pairs, one colour scale."""
     comp = primary_component_of(cells)
@@ -202,6 +237,9 @@ def position_heatmaps_per_pair(
             )
             grids[pid] = piv
         allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
+        finite = allv[np.isfinite(allv)]
+        if finite.size:  # the colour scale from the 2nd..98th percentile: an outlier does not flatten the rest
+            allv = np.clip(finite, *np.percentile(finite, CLIP_PERCENTILES))
         norm, cmap = colour_norm(metric, allv)
         ncol = min(3, len(pair_ids))
         nrow = int(np.ceil(len(pair_ids) / ncol))
@@ -229,13 +267,16 @@ def position_heatmaps_per_pair(
             )
         for ax in axes.ravel()[len(pair_ids) :]:
             ax.set_visible(False)
-        fig.colorbar(im, ax=axes, label=METRIC_LABELS[metric], shrink=0.9)
-        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell)")
+        fig.colorbar(im, ax=axes, label=(run or RunLabels()).label(metric), shrink=0.9)
+        lo, hi = CLIP_PERCENTILES
+        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell; colours clipped at p{lo:g}–p{hi:g})")
         paths += save_figure(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
     return paths
 
 
-def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def pairs_layers(
+    cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Pairs (rows) x layers (cols) heatmaps of the all-positions patch (layer sweep, else parallel)."""
     comp = primary_component_of(cells)
     d = all_positions_rows(cells[cells["component"] == comp])
@@ -261,7 +302,7 @@ def pairs_layers(cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("
         ax.set_yticks(range(0, len(pair_ids), step), labels[::step], fontsize=7)
         ax.set_xlabel("layer")
         ax.set_ylabel("pair (* = flagged)")
-        fig.colorbar(im, ax=ax, label=METRIC_LABELS[metric], shrink=0.6, aspect=30)
+        fig.colorbar(im, ax=ax, label=(run or RunLabels()).label(metric), shrink=0.6, aspect=30)
     fig.suptitle(f"All latent positions patched at one layer ({comp}), per pair")
     return save_figure(fig, out_dir, "pairs_layers", formats)
 
@@ -271,7 +312,11 @@ def _strongest(values: pd.Series, k: int = 3) -> list:
 
 
 def cumulative_trajectories(
-    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+    summary: pd.DataFrame,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    highlight: int = 3,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Cumulative patching (positions 0..n at one layer): mean KL and recovery vs n, one line per layer."""
     comp = primary_component_of(summary)
@@ -292,7 +337,7 @@ def cumulative_trajectories(
             ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
         ax.set_xticks(piv.index)
         ax.set_xlabel("thoughts patched: positions 0..n (n)")
-        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_ylabel((run or RunLabels()).label(metric))
         ax.legend(
             title=f"strongest {len(strong)}\n(grey: other layers)",
             fontsize=8,
@@ -305,7 +350,11 @@ def cumulative_trajectories(
 
 
 def chained_similarity(
-    trajectories: pd.DataFrame | None, out_dir: Path, formats: Sequence[str] = ("png", "svg"), highlight: int = 3
+    trajectories: pd.DataFrame | None,
+    out_dir: Path,
+    formats: Sequence[str] = ("png", "svg"),
+    highlight: int = 3,
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Chained (and frozen) patching: cosine of the generated activation to clean / corrupted per position."""
     if trajectories is None or trajectories.empty:
@@ -313,8 +362,11 @@ def chained_similarity(
     modes = [m for m in TRACKED_MODES if (trajectories["mode"] == m).any()]
     if not modes:
         return []
+    run = run or RunLabels()
     cols = [(c, METRIC_LABELS[c]) for c in ("act_cos_clean", "act_cos_corr", "act_bias") if c in trajectories]
     mean = trajectories.groupby(["mode", "layer", "position"])[[c for c, _ in cols]].mean()
+    # a column whose means vary by less than float noise (e.g. cos to a run it equals) is no panel
+    cols = [(c, label) for c, label in cols if np.nanmax(mean[c]) - np.nanmin(mean[c]) > 1e-5] or cols[:1]
     fig = Figure(figsize=(4.3 * len(cols), 3.3 * len(modes)), layout="constrained")
     axes = fig.subplots(len(modes), len(cols), squeeze=False, sharex=True)
     for r, mode in enumerate(modes):
@@ -328,25 +380,43 @@ def chained_similarity(
         for c, (col, label) in enumerate(cols):
             ax = axes[r, c]
             piv = m[col].unstack("layer").sort_index()
+            ax.set_title(f"{mode}: {label}", fontsize=10)
+            values = piv.to_numpy(float)
+            if np.nanmax(values) - np.nanmin(values) < 1e-5:  # float noise around a constant: say so, no lines
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{np.nanmean(values):.5f} everywhere\n(no variation beyond float noise)",
+                    ha="center",
+                    transform=ax.transAxes,
+                )
+                ax.set_yticks([])
+                continue
             for layer in piv.columns:
                 if layer not in strong:
                     ax.plot(piv.index, piv[layer], color="#bbbbbb", lw=0.9)
             for i, layer in enumerate(strong):
                 ax.plot(piv.index, piv[layer], lw=2.2, marker="o", ms=4, color=f"C{i}", label=f"layer {layer}")
+                ref = run.reference_cos.get(int(layer))
+                if col == "act_cos_clean" and ref:  # where the unpatched corrupted run already is
+                    ys = [ref[int(q)] if int(q) < len(ref) else np.nan for q in piv.index]
+                    unpatched = "unpatched cos(clean, corrupted)" if i == 0 else None
+                    ax.plot(piv.index, ys, ls=(0, (3, 2)), lw=1.3, color="black", zorder=3, label=unpatched)
             ax.set_xticks(piv.index)
-            ax.set_title(f"{mode}: {label}", fontsize=10)
             ax.set_ylabel(label)
             if r == len(modes) - 1:
                 ax.set_xlabel("later thought position")
             if c == 0:
                 ax.legend(title="strongest\n(grey: others)", fontsize=8, title_fontsize=8, loc="best")
     fig.suptitle(
-        "Position 0 patched with its clean value; later thoughts generated (chained) or held corrupted (frozen)"
+        f"Position 0 {run.values}; later thoughts generated (chained) or with inputs held {run.target} (frozen)"
     )
     return save_figure(fig, out_dir, "chained_similarity", formats)
 
 
-def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+def modes_comparison(
+    summary: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
+) -> list[Path]:
     """Chained vs parallel vs frozen per layer: grouped bars, mean over pairs ± 95% CI."""
     comp = primary_component_of(summary)
     panels = []
@@ -374,7 +444,7 @@ def modes_comparison(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str
         layers = sorted(set().union(*[set(d["layer"]) for d in per_mode.values()]))
         ax.set_xticks(layers)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_ylabel(METRIC_LABELS[metric], fontsize=9)
+        ax.set_ylabel((run or RunLabels()).label(metric), fontsize=9)
         ax.legend(fontsize=8, ncols=3, loc="best")
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
@@ -387,8 +457,10 @@ def make_figures(
     cells: pd.DataFrame,
     trajectories: pd.DataFrame | None = None,
     formats: Iterable[str] = ("png", "svg"),
+    run: RunLabels | None = None,
 ) -> list[Path]:
     """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.
+    ``run``: the run's wording and baseline (:meth:`RunLabels.of`), so titles and labels follow it.
 
     ``summary``: :func:`latentpatch.analysis.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
     ``cells``: ``results/cells.parquet`` (already filtered if flagged pairs are excluded);
@@ -399,12 +471,12 @@ def make_figures(
     formats = tuple(formats)
     paths: list[Path] = []
     if not summary.empty:
-        paths += layer_bars(summary, out, formats)
-        paths += position_heatmaps(summary, out, formats)
-        paths += cumulative_trajectories(summary, out, formats)
-        paths += modes_comparison(summary, out, formats)
+        paths += layer_bars(summary, out, formats, run=run)
+        paths += position_heatmaps(summary, out, formats, run=run)
+        paths += cumulative_trajectories(summary, out, formats, run=run)
+        paths += modes_comparison(summary, out, formats, run=run)
     if not cells.empty:
-        paths += position_heatmaps_per_pair(cells, out, formats)
-        paths += pairs_layers(cells, out, formats)
-    paths += chained_similarity(trajectories, out, formats)
+        paths += position_heatmaps_per_pair(cells, out, formats, run=run)
+        paths += pairs_layers(cells, out, formats, run=run)
+    paths += chained_similarity(trajectories, out, formats, run=run)
     return paths

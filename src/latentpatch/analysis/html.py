@@ -40,6 +40,8 @@ CSS = (
     "figcaption{font-size:13px;color:#555;margin-top:4px}\n"
     ".row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}\n"
     ".figs figure{flex:1 1 480px;max-width:620px;margin:6px 0}\n"
+    ".hover{position:relative;display:inline-block;line-height:0} .hover .cell{position:absolute;z-index:1}\n"
+    ".hover .cell:hover{outline:2px solid #000}\n"
     ".note{color:#666;font-style:italic}\n"
     ".sig{font-weight:700;color:#0b5394}\n"
     "pre{background:#f3f3f3;padding:10px;border-radius:6px;white-space:pre-wrap;word-break:break-all;font-size:13px}\n"

@@ -25,6 +25,7 @@ from latentpatch.analysis.sections import (
     baselines_section,
     checks_section,
     config_section,
+    findings_section,
     flagged_section,
     iterative_section,
     layer_section,
@@ -78,8 +79,10 @@ def render_page(
     ``all_cells``: every pair's rows of ``results/cells.parquet`` (flagged pairs listed even when
     excluded from ``stats``).
     """
-    fig_dir = RunPaths(run_dir).figures
+    fig_dir = RunPaths(page_dir(run_dir, exclude_flagged)).figures
     checks_html, n_fail = checks_section(manifest)
+    config = manifest.get("config") or {}
+    predictions = (manifest.get("baselines") or {}).get("per_pair")
     model = manifest.get("model") or {}
     title = f"latentpatch report: {run_dir.name}"
     nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS)
@@ -93,21 +96,32 @@ def render_page(
 <title>{escape(title)}</title><style>{CSS}</style></head>
 <body><header><h1>{escape(title)}</h1><div class="sub">{sub}</div></header>
 <nav>{nav}</nav><main>{_banners(manifest, n_fail)}
-{summary_section(manifest, stats, run_dir)}
+{findings_section(manifest, stats)}
 {checks_html}
 {baselines_section(manifest)}
-{config_section(manifest)}
-{layer_section(stats, fig_dir)}
-{position_section(stats, fig_dir)}
+{layer_section(stats, fig_dir, config)}
+{position_section(stats, fig_dir, config)}
 {iterative_section(stats, fig_dir)}
 {steps_sections(run_dir, st.run_seed(manifest))}
 {reading_sections(run_dir)}
 {statistics_section(stats)}
 {flagged_section(stats, all_cells)}
-{thoughts_section(thoughts, pairs)}
+{thoughts_section(thoughts, pairs, predictions=predictions)}
+{summary_section(manifest, stats, run_dir)}
+{config_section(manifest)}
 {reproduce_section(manifest, run_dir, exclude_flagged)}
 </main></body></html>
 """
+
+
+#: Where ``latentpatch report --exclude-flagged`` writes its stats, figures and page: beside the full
+#: report, not over it.
+EXCLUDE_FLAGGED_DIR = "exclude_flagged"
+
+
+def page_dir(run_dir: Path, exclude_flagged: bool) -> Path:
+    """The folder of a report's outputs: the run directory, or ``RUN_DIR/exclude_flagged``."""
+    return run_dir / EXCLUDE_FLAGGED_DIR if exclude_flagged else run_dir
 
 
 def build_report(
@@ -121,7 +135,8 @@ def build_report(
 
     Needs ``manifest.json`` and ``results/cells.parquet``; uses ``results/trajectories.parquet``,
     ``results/thoughts.json`` and ``pairs.json`` when present. A missing or corrupt file raises
-    :class:`LatentPatchError` naming it. Returns the path of ``report.html``.
+    :class:`LatentPatchError` naming it. Returns the path of ``report.html``. With
+    ``exclude_flagged`` every output goes to ``RUN_DIR/exclude_flagged/`` (the full report stays).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -132,15 +147,23 @@ def build_report(
     trajectories = read_trajectories(run_dir)
 
     stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
-    st.write_stats(run_dir, stats)
+    out_dir = page_dir(run_dir, exclude_flagged)
+    st.write_stats(out_dir, stats)
     cells = used_pairs(all_cells, exclude_flagged)
     if trajectories is not None and exclude_flagged:
         trajectories = trajectories[trajectories["pair_id"].astype(str).isin(set(cells["pair_id"]))]
-    figs.make_figures(run_dir, pd.DataFrame(stats["cells"]), cells, trajectories, formats=figs.page_formats(formats))
+    figs.make_figures(
+        out_dir,
+        pd.DataFrame(stats["cells"]),
+        cells,
+        trajectories,
+        formats=figs.page_formats(formats),
+        run=figs.RunLabels.of(manifest, set(cells["pair_id"])),
+    )
 
     page = render_page(
         run_dir, manifest, stats, all_cells, read_thoughts(run_dir), read_pairs_json(run_dir), exclude_flagged
     )
-    out = RunPaths(run_dir).report
+    out = RunPaths(out_dir).report
     atomic_write_text(out, page)
     return out

@@ -14,15 +14,16 @@ from typing import Any
 
 import pandas as pd
 
+from latentpatch.analysis.findings import findings_section_body, run_terms
+from latentpatch.analysis.hover import heatmap_shows_change, hover_figure
 from latentpatch.analysis.html import embed_png, escape, fmt, fmt_p, kv_list, table
-from latentpatch.names import KEY_METRICS, METRIC_LABELS
+from latentpatch.names import KEY_METRICS
 
 #: (id, heading) of every section of the page, in order.
 SECTIONS: list[tuple[str, str]] = [
-    ("summary", "Model and data"),
+    ("findings", "Findings"),
     ("checks", "Built-in checks"),
     ("baselines", "Baselines"),
-    ("config", "Run configuration"),
     ("layer", "Layer sweep"),
     ("position", "Position sweep"),
     ("iterative", "Iterative patching: cumulative, chained, frozen"),
@@ -36,6 +37,8 @@ SECTIONS: list[tuple[str, str]] = [
     ("statistics", "Statistics"),
     ("flagged", "Flagged pairs"),
     ("thoughts", "Decoded thoughts"),
+    ("summary", "Model and data"),
+    ("config", "Run configuration"),
     ("reproduce", "Reproduce"),
 ]
 
@@ -72,6 +75,35 @@ def note(text: str) -> str:
 def position_label(position: int) -> str:
     """A cell's position for a table: ``"all"`` for the all-positions patch (-1), else the index."""
     return "all" if position == -1 else str(position)
+
+
+def findings_section(manifest: dict, stats: dict) -> str:
+    """What was run and what was found (the page's first screen)."""
+    return section("findings", findings_section_body(manifest, stats))
+
+
+def shown_top(n_cells: int) -> int:
+    """How many top cells a table lists: :data:`TOP_SHOWN`, but at most half the cells (a "top 5"
+    of 4 layers would be every row).
+
+    >>> shown_top(4), shown_top(24), shown_top(1)
+    (2, 5, 1)
+    """
+    return max(1, min(TOP_SHOWN, n_cells // 2))
+
+
+def ranked_cells(stats: dict, key: str, metric: str) -> list[dict]:
+    """The cells of ``key`` (``"experiment/mode"``, the primary component) and ``metric``, by |mean|."""
+    experiment, mode = key.split("/")
+    comps = sorted({c["component"] for c in stats.get("cells", [])})
+    component = "resid_out" if "resid_out" in comps else (comps[0] if comps else None)
+    cells = [
+        c
+        for c in stats.get("cells", [])
+        if (c["experiment"], c["mode"], c["metric"], c["component"]) == (experiment, mode, metric, component)
+        and c.get("mean") is not None
+    ]
+    return sorted(cells, key=lambda c: -abs(c["mean"]))
 
 
 def summary_section(manifest: dict, stats: dict, run_dir: Path) -> str:
@@ -159,11 +191,11 @@ def config_section(manifest: dict) -> str:
 
 
 def top_tables(stats: dict, key: str, metrics: Iterable[str]) -> str:
-    """Side-by-side tables of the top cells of ``key`` (``"experiment/mode"``), one per metric."""
-    top = stats["top_cells"].get(key, {})
+    """Side-by-side tables of the top cells of ``key`` (``"experiment/mode"``), one per metric,
+    ranked by effect size (|mean|, not the signed value)."""
     blocks = []
     for metric in metrics:
-        rows = top.get(metric)
+        rows = ranked_cells(stats, key, metric)
         if not rows:
             continue
         body = [
@@ -176,10 +208,10 @@ def top_tables(stats: dict, key: str, metrics: Iterable[str]) -> str:
                 fmt_p(r["p_holm"]),
                 fmt_p(r["p_bh"]),
             ]
-            for i, r in enumerate(rows[:TOP_SHOWN])
+            for i, r in enumerate(rows[: shown_top(len(rows))])
         ]
         blocks.append(
-            f"<div><h3>Top {len(body)} by {escape(METRIC_LABELS.get(metric, metric))}</h3>"
+            f"<div><h3>Top {len(body)} of {len(rows)} by |{escape(metric)}|</h3>"  # the run's meaning: findings
             + table(["#", "layer", "pos", "mean", "95% CI", "p Holm", "p BH"], body)
             + "</div>"
         )
@@ -191,14 +223,12 @@ def figure(fig_dir: Path, name: str, caption: str) -> str:
     return embed_png(fig_dir / f"{name}.png", caption)
 
 
-def layer_section(stats: dict, fig_dir: Path) -> str:
-    """The layer sweep: bars, per-pair map and top layers."""
+def layer_section(stats: dict, fig_dir: Path, config: dict | None = None) -> str:
+    """The layer sweep: bars, per-pair map and top layers (``config``: the run's, for the wording)."""
     if "layer" not in stats["experiments"]:
         return section("layer", note("This run has no layer sweep."))
-    body = (
-        "<p>Every latent position at one layer patched with its clean value "
-        "(resid_out unless configured otherwise).</p>"
-    )
+    terms = run_terms(config)
+    body = f"<p>Every latent position at one layer: {terms['component']} {escape(terms['values'])}.</p>"
     body += figure(fig_dir, "layer_bars", "Mean over pairs per layer with 95% bootstrap CI.")
     body += figure(fig_dir, "pairs_layers", "Per pair (rows) and layer (columns); * marks flagged pairs.")
     body += top_tables(stats, "layer/all", TABLE_METRICS)
@@ -232,16 +262,26 @@ def _additivity_table(stats: dict) -> str:
     )
 
 
-def position_section(stats: dict, fig_dir: Path) -> str:
+def position_section(stats: dict, fig_dir: Path, config: dict | None = None) -> str:
     """The position sweep: mean heatmaps, top cells, per-pair heatmaps and additivity."""
     if "position" not in stats["experiments"]:
         return section("position", note("This run has no position sweep."))
-    body = "<p>One latent position at one layer patched with its clean value. Boxes mark the top-5 cells.</p>"
+    terms = run_terms(config)
+    body = (
+        f"<p>One latent position at one layer: {terms['component']} {escape(terms['values'])}. "
+        "Boxes mark the top-5 cells by |mean|; hover a cell for its mean, CI and n.</p>"
+    )
     heatmaps = (
-        figure(
+        hover_figure(
             fig_dir,
             f"position_heatmap_{metric}",
-            f"Position sweep, mean {metric} over pairs (layer x latent position).",
+            f"Position sweep, mean {metric} over pairs (layer x latent position)"
+            + (
+                f", as the change from the unpatched {terms['target']} run."
+                if heatmap_shows_change(fig_dir, metric)
+                else "."
+            ),
+            ranked_cells(stats, "position/single", metric),
         )
         for metric in KEY_METRICS
     )
@@ -249,7 +289,12 @@ def position_section(stats: dict, fig_dir: Path) -> str:
     body += top_tables(stats, "position/single", TABLE_METRICS)
     body += "<details><summary>Per-pair heatmaps (first pairs)</summary>"
     for metric in KEY_METRICS:
-        body += figure(fig_dir, f"position_heatmap_pairs_{metric}", f"Position sweep per pair: {metric}.")
+        body += figure(
+            fig_dir,
+            f"position_heatmap_pairs_{metric}",
+            f"Position sweep per pair: {metric}; colours clipped at the 2nd and 98th percentile of all pairs' "
+            "values, so outliers do not flatten the rest.",
+        )
     body += "</details>"
     body += _additivity_table(stats)
     return section("position", body)
@@ -322,8 +367,14 @@ def _thought_rows(clean: list, corr: list) -> list[list[str]]:
     return rows
 
 
-def thoughts_section(thoughts: dict | None, pairs: dict[str, dict[str, Any]], max_pairs: int = 5) -> str:
-    """Top decoded tokens of each thought for the first ``max_pairs`` pairs, with their questions."""
+def thoughts_section(
+    thoughts: dict | None,
+    pairs: dict[str, dict[str, Any]],
+    max_pairs: int = 5,
+    predictions: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """Top decoded tokens of each thought for the first ``max_pairs`` pairs, with their questions,
+    gold answers and (``predictions``: the manifest's ``baselines.per_pair``) the model's answers."""
     if not thoughts:
         return section("thoughts", note("This run recorded no decoded thoughts (results/thoughts.json)."))
     body = (
@@ -334,9 +385,12 @@ def thoughts_section(thoughts: dict | None, pairs: dict[str, dict[str, Any]], ma
     for pid, d in list(thoughts.items())[:max_pairs]:
         rows = _thought_rows(d.get("clean") or [], d.get("corrupted") or [])
         q = pairs.get(str(pid), {})
+        pred = (predictions or {}).get(str(pid), {})
         qtxt = "".join(
             f"<div><b>{escape(v)}</b>: {escape(q[v].get('question', ''))} "
-            f"→ <b>{escape(q[v].get('answer', ''))}</b></div>"
+            f"→ gold <b>{escape(q[v].get('answer', ''))}</b>"
+            + (f", model <b>{fmt(pred.get(f'{v}_pred'))}</b>" if f"{v}_pred" in pred else "")
+            + "</div>"
             for v in ("clean", "corrupted")
             if v in q
         )

@@ -72,7 +72,9 @@ def _comparison_table(sub: pd.DataFrame, metric: str) -> str:
             row += [fmt(r["mean_diff"]), fmt_p(r["p_wilcoxon_holm"]), fmt(r["cohens_dz"])]
         rows.append(row)
     header = ["layer"] + [x for n in names for x in (f"{n}: Δ", "p", "d_z")]
-    return f"<div><h3>{escape(METRIC_LABELS.get(metric, metric))}</h3>" + table(header, rows, left=1) + "</div>"
+    # recovery's "1 = ..." depends on the run's direction (the findings say which): a neutral label here
+    label = "recovery [fraction restored]" if metric == "recovery" else METRIC_LABELS.get(metric, metric)
+    return f"<div><h3>{escape(label)}</h3>" + table(header, rows, left=1) + "</div>"
 
 
 def _comparisons(comps: pd.DataFrame) -> str:

@@ -289,7 +289,13 @@ def _scan_nested(scan: PairScan, i: int, pid: str, entry: dict) -> None:
         scan.add("duplicate_id", _entry_label(i, raw_id), f"pair_id {raw_id!r} appears more than once", fix, pid)
         return
     scan.register(pid, raw_id)
-    shared = {k: v for k, v in entry.items() if k not in VARIANTS and k != "pair_id"}
+    # a pair-level "question"/"answer"/"variant" cannot be shared by both sides: one issue, not a crash
+    clash = [k for k in RESERVED_KEYS if k != "pair_id" and k in entry]
+    if clash:
+        fix = f'move {", ".join(repr(k) for k in clash)} into the "clean" and "corrupted" objects'
+        problem = f"pair-level field(s) {', '.join(repr(k) for k in clash)} in the nested format"
+        scan.add("reserved_key", _entry_label(i, raw_id), problem, fix, pid)
+    shared = {k: v for k, v in entry.items() if k not in VARIANTS and k not in RESERVED_KEYS}
     for name in (n for n in VARIANTS if n in entry):  # a missing one is reported as missing_variant
         where, data = _entry_label(i, raw_id, name), entry[name]
         issue = _nested_variant_issue(name, data)

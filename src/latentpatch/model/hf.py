@@ -43,7 +43,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise LatentPatchError(f"--dtype {dtype!r} is not supported; fix: use float32 or bfloat16") from None
+        raise LatentPatchError(f"--dtype {dtype!r} is not supported; fix: use float32, bfloat16 or float16") from None
 
 
 def check_device(device: str | torch.device) -> torch.device:

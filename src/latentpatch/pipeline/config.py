@@ -37,6 +37,10 @@ from latentpatch.names import (
 if TYPE_CHECKING:
     from latentpatch.model.latent import LatentModel
 
+#: ``--dtype`` values (``load_model`` also takes the aliases fp32, bf16, fp16, half).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES: tuple[str, ...] = ("fp32", "float", "bf16", "fp16", "half")
+
 #: ``--engine``: the batched engine, or one full rollout per cell (the check's reference).
 ENGINES: tuple[str, ...] = ("fast", "reference")
 
@@ -125,7 +129,7 @@ class ModelOptions:
         None, "Text a codi: checkpoint emits before the number (default: 'The answer is: ').", omit_if_unset=True
     )
     device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...")
-    dtype: str = option("float32", "Weights and activations: float32 or bfloat16 (float16 also works).")
+    dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".")
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
@@ -242,6 +246,10 @@ class RunConfig(ModelOptions):
         ):
             if value not in choices:
                 raise LatentPatchError(f"--{name} {value!r}: use one of {', '.join(choices)}")
+        if str(self.dtype).lower() not in DTYPES + DTYPE_ALIASES:
+            raise LatentPatchError(f"--dtype {self.dtype!r} is not supported; fix: use {', '.join(DTYPES)}")
+        if not str(self.out).strip():
+            raise LatentPatchError("--out is empty; fix: name a run directory, e.g. --out runs/first")
         if self.threads is not None and self.threads < 1:
             raise LatentPatchError("--threads must be >= 1")
         if self.limit is not None and self.limit < 1:

@@ -7,10 +7,10 @@ Imports no torch at module level (the types of the shared state are only annotat
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shlex
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ class RunContext:
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
     complete: bool = False
+    interrupted: bool = False  # stopped by Ctrl-C: the manifest says "interrupted"
 
     @property
     def out(self) -> Path:
@@ -66,7 +67,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
     """
     config, model = ctx.config, ctx.model
     manifest = Manifest(
-        status="complete" if ctx.complete else "running",
+        status="interrupted" if ctx.interrupted else "complete" if ctx.complete else "running",
         config=config.to_dict(),
         config_hash=config.result_hash(),
         command=ctx.command,
@@ -91,7 +92,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
     )
     if ctx.bases:
         manifest.n_pairs = len(ctx.bases)
-        manifest.baselines = baseline_summary(ctx.bases, config.direction)
+        manifest.baselines = baseline_summary(ctx.bases, config.direction, config.component)
     if ctx.complete:
         sweep_s = ctx.timings.get("sweep_s")
         manifest.timings = ctx.timings
@@ -104,8 +105,10 @@ def write_manifest(ctx: RunContext) -> None:
     build_manifest(ctx).write(ctx.out)
 
 
-def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str, Any]:
-    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``)."""
+def baseline_summary(bases: Sequence[PairBaseline], direction: str, component: str | None = None) -> dict[str, Any]:
+    """Accuracy of the unpatched runs and per-pair predictions (the manifest's ``baselines``);
+    with ``component``, each pair's ``cos_clean_corrupted`` (the unpatched reference of the
+    chained/frozen cosine plots)."""
     n = len(bases)
     denoise = direction == "denoise"
     return {
@@ -122,10 +125,23 @@ def baseline_summary(bases: Sequence[PairBaseline], direction: str) -> dict[str,
                 "corrupted_answer": b.corrupted_answer,
                 "ld_clean_run": b.ld_source if denoise else b.ld_target,
                 "ld_corrupted_run": b.ld_target if denoise else b.ld_source,
+                **({"cos_clean_corrupted": cos_clean_corrupted(b, component)} if component else {}),
             }
             for b in bases
         },
     }
+
+
+def cos_clean_corrupted(base: PairBaseline, component: str) -> list[list[float]] | None:
+    """cos(clean, corrupted) of the unpatched runs' ``component`` activations, [layer][position]
+    (rounded to 6 decimals); None if the runs did not record that component."""
+    import torch
+
+    clean, corrupted = base.clean.acts.get(component), base.corrupted.acts.get(component)
+    if clean is None or corrupted is None:
+        return None
+    cos = torch.nn.functional.cosine_similarity(clean.float(), corrupted.float(), dim=-1)  # [n_layers, K]
+    return [[round(float(v), 6) for v in row] for row in cos]
 
 
 def environment() -> dict[str, Any]:
@@ -157,6 +173,24 @@ def git_commit() -> str | None:
         return None
 
 
-def command_line() -> str:
-    """This process's ``latentpatch run`` command, shell-quoted (the manifest's ``command``)."""
-    return "latentpatch run " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(config: RunConfig) -> str:
+    """The ``latentpatch run`` command that reproduces ``config`` (the manifest's ``command``):
+    every option that differs from its default, and ``--out``, shell-quoted. The same for a run
+    started from the command line (with or without a ``--config`` file) and from the Python API.
+
+    >>> command_line(RunConfig(limit=5, only_correct=True, experiments=("layer",), out="runs/a b"))
+    "latentpatch run --experiments layer --out 'runs/a b' --limit 5 --only-correct"
+    """
+    words = ["latentpatch", "run"]
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if (value == f.default and f.name != "out") or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            on, _, off = (f.metadata.get("flags") or f"{flag}/--no-{flag[2:]}").partition("/")
+            words.append(on if value else off)
+            continue
+        text = ",".join(value) if isinstance(value, (tuple, list)) else str(value)
+        words += [flag, shlex.quote(text)]
+    return " ".join(words)

@@ -30,6 +30,10 @@ class RunProgress:
     def warn(self, message: str) -> None:
         print(message, file=sys.stderr)
 
+    def message(self, text: str) -> None:
+        """A step outside the bar (the report) starts or ends: one line on stderr."""
+        print(text, file=sys.stderr)
+
 
 class BarProgress(RunProgress):
     """A rich progress bar on the terminal, one line per stage (the previous stage's line is hidden)."""

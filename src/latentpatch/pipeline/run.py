@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from latentpatch.data.pairs import Pair, save_pairs
-from latentpatch.errors import LatentPatchError
+from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import GLOBAL_REPLACEMENTS, READING_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
@@ -45,16 +45,16 @@ from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.values import global_pool, value_factory
-from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
+from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result, write_json
+from latentpatch.runlock import check_writable_dir, run_lock
 
 # ---- the steps -----------------------------------------------------------------------------------
 
 
 def open_run(config: RunConfig, resume: bool) -> dict[str, Any] | None:
-    """Validate ``config`` and guard ``config.out``: returns the manifest of the run being resumed
-    (None for a new run). A run directory made with other options, or resumed without ``resume``,
-    is refused."""
-    config.validate()
+    """Guard ``config.out`` (validated and locked by the caller): returns the manifest of the run
+    being resumed (None for a new run). A run directory made with other options, or resumed
+    without ``resume``, is refused."""
     out = Path(config.out)
     if not RunPaths(out).manifest.exists():
         return None
@@ -85,10 +85,19 @@ def start_run(
 ) -> RunContext:
     """This process's pairs, batch size, CPU threads, activation cache and patch specs."""
     selected, removed = pairs_to_run(all_pairs, config)
+    if removed:
+        shown = ", ".join(p for p, _ in removed[:10]) + (f" (+{len(removed) - 10} more)" if len(removed) > 10 else "")
+        progress.warn(f"dropped {len(removed)} pair(s) whose clean and corrupted answers are equal: {shown}")
+    if not selected and removed and len(removed) == len(all_pairs):
+        raise LatentPatchError(
+            f"pair file {config.pairs}: all {len(all_pairs)} pairs have the same clean and corrupted answer, "
+            "so patching has nothing to restore; fix: use pairs whose answers differ (or --keep-same-answer)"
+        )
     if not selected:
         raise LatentPatchError(
             f"pair file {config.pairs}: no pairs left after filtering/sharding; fix: check --pairs, --shard, --limit"
         )
+    check_question_lengths(model, [p for _, p in selected])
     batch_size = auto_batch_size(model) if config.batch_size == "auto" else int(config.batch_size)
     set_threads(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
@@ -102,7 +111,7 @@ def start_run(
         environment=environment(),
         batch_size=batch_size,
         cache=cache,
-        command=command or command_line(),
+        command=command or command_line(config),
         progress=progress,
         pairs=[p for _, p in selected],
         indices=[k for k, _ in selected],
@@ -111,6 +120,25 @@ def start_run(
         timings=timings,
         previous_timings=(previous or {}).get("timings"),
     )
+
+
+def check_question_lengths(model: LatentModel, pairs: Sequence[Pair]) -> None:
+    """Refuse a question whose prompt, thoughts and answer do not fit the model's context (it would
+    run for minutes and give meaningless numbers)."""
+    lm_config = getattr(model.lm, "config", None)
+    context = getattr(lm_config, "max_position_embeddings", None) or getattr(lm_config, "n_positions", None)
+    if not isinstance(context, int) or model.tokenizer is None:
+        return
+    reserve = model.num_latent + 3 + int(getattr(model.config, "max_answer_tokens", 0) or 0)  # [BOT] [EOT] [EOS]
+    for pair in pairs:
+        for name in ("clean", "corrupted"):
+            n = len(model.prompt_ids(pair.variant(name).question))
+            if n + reserve > context:
+                raise LatentPatchError(
+                    f"pair {pair.pair_id} ({name}): the question is {n} tokens, but the model's context is "
+                    f"{context} tokens ({reserve} of them needed for thoughts and answer); "
+                    "fix: shorten the question or remove the pair"
+                )
 
 
 def set_threads(config: RunConfig, model: LatentModel) -> None:
@@ -255,7 +283,9 @@ def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
     t = time.perf_counter()
     for i, k in enumerate(ctx.indices):
         path = ctx.paths.pair_result(k)
-        if not path.exists():
+        if not path.exists() or read_pair_result(path) is None:
+            if path.exists():  # a file damaged outside the run (writes are atomic): recompute it
+                ctx.progress.warn(f"note: {path} is damaged (truncated?); recomputing pair {ctx.bases[i].pair_id}")
             write_json(path, patch_pair(ctx, i, values_for(i)))
         ctx.progress.advance(len(ctx.specs))
     ctx.timings["sweep_s"] = time.perf_counter() - t
@@ -272,7 +302,10 @@ def finish_run(ctx: RunContext, t0: float) -> None:
     if ctx.config.report:
         from latentpatch.analysis.report import build_report  # matplotlib and pandas: only when reporting
 
+        ctx.progress.message("report: statistics, figures and report.html ...")
+        t = time.perf_counter()
         build_report(ctx.out)
+        ctx.progress.message(f"report: done in {time.perf_counter() - t:.1f} s")
         if ctx.config.wandb:
             from latentpatch.analysis.wandb_log import log_run
 
@@ -297,6 +330,9 @@ def run_experiments(
     ``config.model``/``config.pairs``. ``progress``: True shows a progress bar, False shows none,
     or a :class:`~latentpatch.pipeline.progress.RunProgress` to follow the stages. A failed
     built-in check is reported through ``progress.warn`` (and is fatal with ``config.strict``).
+    ``command``: the manifest's reproduce command (default: the equivalent ``latentpatch run``).
+    The run directory is locked while the run writes it; Ctrl-C raises
+    :class:`~latentpatch.errors.RunInterrupted` after marking the manifest ``interrupted``.
 
     >>> import tempfile
     >>> out = tempfile.mkdtemp() + "/run"
@@ -305,16 +341,43 @@ def run_experiments(
     >>> sorted(f.name for f in (path / "results").iterdir())
     ['cells.parquet', 'layer.json', 'pairs', 'thoughts.json', 'trajectories.parquet']
     """
-    previous = open_run(config, resume)
+    config.validate()
+    existed = Path(config.out).is_dir()
+    out = check_writable_dir(config.out)
+    reporter = progress if isinstance(progress, RunProgress) else BarProgress() if progress else RunProgress()
+    command = command or command_line(config)
+    holder: list[RunContext] = []  # the run's context once it exists (for the interrupted manifest)
+    try:
+        with run_lock(out, note=reporter.warn):
+            previous = open_run(config, resume)
+            execute_run(config, model, pairs, previous, reporter, command, holder)
+    except KeyboardInterrupt:
+        raise interrupted(holder[0] if holder else None, command) from None
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no empty directory behind
+    return out
+
+
+def execute_run(
+    config: RunConfig,
+    model: LatentModel | None,
+    pairs: Sequence[Pair] | None,
+    previous: dict[str, Any] | None,
+    reporter: RunProgress,
+    command: str,
+    holder: list[RunContext],
+) -> None:
+    """The steps of :func:`run_experiments` in the locked run directory; ``holder`` gets the context."""
+    all_pairs = load_run_pairs(config) if pairs is None else list(pairs)  # a bad pair file fails before the model loads
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
     timings["load_model_s"] = time.perf_counter() - t0
-    all_pairs = load_run_pairs(config) if pairs is None else list(pairs)
-    reporter = progress if isinstance(progress, RunProgress) else BarProgress() if progress else RunProgress()
     ctx = start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
+    holder.append(ctx)
     with reporter:
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
@@ -328,4 +391,15 @@ def run_experiments(
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
     finish_run(ctx, t0)
-    return ctx.out
+
+
+def interrupted(ctx: RunContext | None, command: str) -> RunInterrupted:
+    """After Ctrl-C: mark the manifest ``interrupted`` (if the run wrote one) and say how to continue."""
+    resume = command if command.endswith(" --resume") else command + " --resume"
+    if ctx is None:
+        return RunInterrupted(f"interrupted before the first pair; continue with: {resume}")
+    done = sum(ctx.paths.pair_result(k).exists() for k in ctx.indices)
+    if ctx.paths.manifest.exists():
+        ctx.interrupted, ctx.complete = True, False
+        write_manifest(ctx)
+    return RunInterrupted(f"interrupted after {done} of {len(ctx.indices)} pairs; continue with: {resume}")
