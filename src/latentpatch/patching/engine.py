@@ -39,13 +39,21 @@ GREEDY_MARGIN = 1e-3
 
 # ---- answers of a patched rollout ------------------------------------------------------------
 def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` ([len, V]) predicts ``seq[j]``.
+    """Would greedy decoding emit exactly ``seq[:-1]``? ``seq`` ends in [EOS]; ``logits[j]`` ([len, V])
+    predicts ``seq[j]``.
 
-    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does."""
+    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does.
+    An answer of ``max_answer_tokens`` tokens is one that ``generate`` cut off (docs/method.md §7.3):
+    greedy decoding stops there whatever comes next, so only those tokens must be reproduced,
+    and the closing [EOS] is not looked at."""
     cfg = model.config
-    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
+    if len(seq) - 1 >= cfg.max_answer_tokens:
+        seq, logits = seq[: cfg.max_answer_tokens], logits[: cfg.max_answer_tokens]
+        if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
+            return False  # generate would have stopped before the cut
+    elif any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
         return False  # generate would have stopped before the end of seq
-    if not cfg.eos_stops(len(seq) - 1):
+    elif not cfg.eos_stops(len(seq) - 1):
         return False  # the closing [EOS] would not stop generate here
     logits = logits.clone()
     logits[:, cfg.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
@@ -313,7 +321,8 @@ def sweep_fast(
     >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
     [(31.0, 0.31), (31.0, 0.24)]
     """
-    target = model.rollout([base.target.prompt])
+    # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
+    target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
     # Chunks of batch_size specs in order of their first patched position; a chunk continues from
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).

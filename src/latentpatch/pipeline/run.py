@@ -130,7 +130,7 @@ def record_baselines(ctx: RunContext) -> None:
     t = time.perf_counter()
     bases = []
     for pair in ctx.pairs:
-        clean, corrupted = (recorded_run(model, ctx.cache, v.question) for v in (pair.clean, pair.corrupted))
+        clean, corrupted = (recorded_run(model, ctx.cache, v.question, True) for v in (pair.clean, pair.corrupted))
         bases.append(
             prepare_pair(
                 model,
