@@ -43,6 +43,7 @@ from latentpatch.pipeline.manifest import RunContext, command_line, environment,
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.steps import sweep_steps
+from latentpatch.pipeline.threads import ThreadChoice, choose_threads
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import RunPaths, assemble, read_manifest, write_json
 
@@ -89,7 +90,7 @@ def start_run(
             f"pair file {config.pairs}: no pairs left after filtering/sharding; fix: check --pairs, --shard, --limit"
         )
     batch_size = auto_batch_size(model) if config.batch_size == "auto" else int(config.batch_size)
-    set_threads(config, model)
+    threads = set_threads(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     for name in config.experiments:
@@ -99,6 +100,7 @@ def start_run(
         model=model,
         environment=environment(),
         batch_size=batch_size,
+        threads=threads,
         cache=cache,
         command=command or command_line(),
         progress=progress,
@@ -111,15 +113,14 @@ def start_run(
     )
 
 
-def set_threads(config: RunConfig, model: LatentModel) -> None:
-    """CPU threads: ``--threads`` if given; else one thread for small models, whose many tiny
-    matrix products only lose time to thread start-up and (on a busy machine) oversubscription."""
+def set_threads(config: RunConfig, model: LatentModel) -> ThreadChoice:
+    """CPU threads: ``--threads`` if given, else from the model's size and the free cores
+    (:func:`~latentpatch.pipeline.threads.choose_threads`). Off the CPU, torch's count is left as it is."""
     if model.device.type != "cpu":
-        return
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    elif model.d_model * model.n_layers <= 4096:
-        torch.set_num_threads(1)
+        return ThreadChoice(torch.get_num_threads(), f"left as torch's (device {model.device.type})")
+    choice = choose_threads(model.d_model, model.n_layers, config.threads)
+    torch.set_num_threads(choice.count)
+    return choice
 
 
 def record_baselines(ctx: RunContext) -> None:
