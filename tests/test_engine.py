@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_text_model
 
+from latentpatch.model.latent import shared_prefix_length
 from latentpatch.model.load import load_model
 from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import (
@@ -316,3 +317,29 @@ def test_sweep_needs_prepared_baselines():
     spec = layer_specs(m.n_layers, m.num_latent)[0]
     with pytest.raises(ValueError, match="prepare_pair"):
         sweep_fast(m, raw, [spec], own_values(raw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_scoring_equals_plain_teacher_forcing(family):
+    """``score(..., shared_prefix=True)`` feeds the answer strings' common prefix once and branches;
+    its logits equal one plain batch-1 forward per string (to float precision), and the engine
+    with it still equals the reference."""
+    m = tiny_text_model(family)
+    base = baselines(m)[0]
+    r = m.rollout([base.target.prompt, base.source.prompt])
+    clean, corr = base.answers["clean"][0], base.answers["corr"][0]
+    conts = [clean + [0], corr, clean[:-1] + [7, 8, 0]]  # a shared "= " and more
+    assert shared_prefix_length(conts) >= 2
+    shared = m.score(r.state, r.answer_logits, [conts, conts], shared_prefix=True)
+    for b in range(2):
+        for c, seq in enumerate(conts):
+            state = r.state.fork(rows=torch.tensor([b]))
+            plain = m.logits(m.advance(state, input_ids=torch.tensor([seq[:-1]])))[0]  # [len - 1, V]
+            expected = torch.cat([r.answer_logits[b : b + 1], plain])
+            assert shared[b][c].shape == expected.shape
+            assert torch.allclose(shared[b][c], expected, atol=1e-4), (b, c)
+    specs = all_specs(m)
+    values = replacement_values(base, EngineConfig())
+    assert_close_cells(
+        sweep_fast(m, base, specs, values, 7, shared_prefix=True), sweep_reference(m, base, specs, values)
+    )
