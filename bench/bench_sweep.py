@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj  # noqa: E402
+from latentpatch.model.latent import LatentConfig, LatentModel, build_prj, shared_prefix_length  # noqa: E402
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
 from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
 from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402
@@ -214,6 +214,8 @@ def measure(fn, device) -> tuple[object, float, int]:
 # ---- the three sweeps ------------------------------------------------------------------------
 #: pair_id -> the values patched in (``--experiment influence`` sets step-level values, docs/method.md §13).
 VALUES: dict = {}
+#: ``--shared-prefix``: the engine scores the answer strings' common prefix once per row (docs/method.md §7.2).
+SHARED_PREFIX = False
 
 
 def values_of(b):
@@ -227,7 +229,9 @@ def cell_key(b, s) -> tuple:
 
 def engine_sweep(model, bases, specs, batch_size) -> dict:
     return {
-        cell_key(b, s): m for b in bases for s, m in zip(specs, sweep_fast(model, b, specs, values_of(b), batch_size))
+        cell_key(b, s): m
+        for b in bases
+        for s, m in zip(specs, sweep_fast(model, b, specs, values_of(b), batch_size, shared_prefix=SHARED_PREFIX))
     }
 
 
@@ -269,13 +273,21 @@ def lower_bound(model, bases, cells: dict) -> tuple[int, int]:
     the answer-start tokens and len - 1 tokens of each answer string (the first is predicted at
     [EOT]), A_base with its closing [EOS] (one more position: it tells whether greedy decoding
     would reproduce A_base). Only a cell whose answer differs from A_base must be decoded: that
-    feeds min(len(answer), max_answer_tokens - 1) more tokens."""
+    feeds min(len(answer), max_answer_tokens - 1) more tokens. With ``--shared-prefix`` the strings'
+    common prefix (``shared_prefix_length``) is counted once instead of three times."""
     by_id = {b.pair_id: b for b in bases}
     K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
     for (pid, _, p, *_), m in cells.items():
         base = by_id[pid]
         forced = sum(len(ids) - 1 for ids, _ in base.answers.values()) + 1
+        if SHARED_PREFIX:
+            strings = [
+                base.answers["base"][0] + [model.config.eos_id],
+                base.answers["clean"][0],
+                base.answers["corr"][0],
+            ]
+            forced -= 2 * shared_prefix_length(strings)
         rollout += (K - p) + start + forced
         if list(m["answer_ids"]) != list(base.target.answer_ids):
             decode += min(len(m["answer_ids"]), n - 1)
@@ -477,6 +489,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-nnsight", action="store_true")
     ap.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="engine: score the answer strings' common prefix once (not the default: other last bits)",
+    )
+    ap.add_argument(
         "--experiment",
         default="position",
         choices=["position", "influence"],
@@ -487,6 +504,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="update this model's section of a results file (bench/RESULTS.md)")
     ap.add_argument("--key", default=None, help="section name in --out (default: from --model and --device)")
     args = ap.parse_args(argv)
+    global SHARED_PREFIX
+    SHARED_PREFIX = args.shared_prefix
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

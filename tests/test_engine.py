@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_text_model
 
+from latentpatch.model.latent import shared_prefix_length
+from latentpatch.model.load import load_model
 from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import (
     PairBaseline,
@@ -232,13 +234,28 @@ def test_replacements_zero_mean_resample():
     assert partner == resample_partner(7, seed=3)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generated_answers_equal_plain_greedy_decoding(family):
+def greedy_test_model(family):
+    """A tiny text model, or ``config:llama`` (the random demo model, whose answers all run to
+    ``max_answer_tokens`` without [EOS]: the truncated case of the decoding shortcut)."""
+    return load_model(family) if family.startswith("config:") else tiny_text_model(family)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "config:llama"])
+def test_generated_answers_equal_plain_greedy_decoding(family, monkeypatch):
     """The engine decodes step by step only the rows whose teacher-forced argmaxes do not
     reproduce A_base; every cell's answer must still equal plain greedy decoding of its patched
-    rollout (both branches are exercised: some patches change the answer, some do not)."""
-    m = tiny_text_model(family)
-    changed = kept = 0
+    rollout (both branches are exercised: some patches change the answer, some do not). Answers
+    cut at ``max_answer_tokens`` take the shortcut too (docs/method.md §7.3)."""
+    m = greedy_test_model(family)
+    decoded = []  # rows the engine decoded step by step
+    plain_generate = m.generate
+
+    def counting_generate(state, logits, *args):
+        decoded.append(len(logits))
+        return plain_generate(state, logits, *args)
+
+    monkeypatch.setattr(m, "generate", counting_generate)
+    changed = kept = shortcut_truncated = 0
     for base in baselines(m):
         specs = layer_specs(m.n_layers, m.num_latent, "resid_out") + position_specs(
             m.n_layers, m.num_latent, "resid_out"
@@ -250,7 +267,11 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
             v = base.source.acts[spec.component][spec.layer, list(spec.positions)]
             return v + noise[spec.layer, list(spec.positions)] if spec.layer % 2 else v
 
+        decoded.clear()
         cells = sweep_fast(m, base, specs, values, batch_size=7)
+        truncated = len(base.target.answer_ids) == m.config.max_answer_tokens
+        if truncated:
+            shortcut_truncated += len(cells) - sum(decoded)
         tgt, T = base.target.prompt, len(base.target.prompt)
         for spec, cell in zip(specs, cells):
             vals = values(spec)
@@ -259,12 +280,14 @@ def test_generated_answers_equal_plain_greedy_decoding(family):
                 for i, p in enumerate(spec.positions)
             ]
             r = m.rollout([tgt], writes=writes)
-            assert cell["answer_ids"] == m.generate(r.state, r.answer_logits)[0], spec
+            assert cell["answer_ids"] == plain_generate(r.state, r.answer_logits)[0], spec
             if cell["answer_ids"] == list(base.target.answer_ids):
                 kept += 1
             else:
                 changed += 1
-    assert changed > 0 and kept > 0, (changed, kept)
+    # config:llama's answer does not move under any patch (a random model): only the kept branch
+    assert (changed > 0 or family == "config:llama") and kept > 0, (changed, kept)
+    assert shortcut_truncated > 0  # every model here has baselines cut at max_answer_tokens
 
 
 def test_specs_and_config_validate_their_names():
@@ -294,3 +317,29 @@ def test_sweep_needs_prepared_baselines():
     spec = layer_specs(m.n_layers, m.num_latent)[0]
     with pytest.raises(ValueError, match="prepare_pair"):
         sweep_fast(m, raw, [spec], own_values(raw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_scoring_equals_plain_teacher_forcing(family):
+    """``score(..., shared_prefix=True)`` feeds the answer strings' common prefix once and branches;
+    its logits equal one plain batch-1 forward per string (to float precision), and the engine
+    with it still equals the reference."""
+    m = tiny_text_model(family)
+    base = baselines(m)[0]
+    r = m.rollout([base.target.prompt, base.source.prompt])
+    clean, corr = base.answers["clean"][0], base.answers["corr"][0]
+    conts = [clean + [0], corr, clean[:-1] + [7, 8, 0]]  # a shared "= " and more
+    assert shared_prefix_length(conts) >= 2
+    shared = m.score(r.state, r.answer_logits, [conts, conts], shared_prefix=True)
+    for b in range(2):
+        for c, seq in enumerate(conts):
+            state = r.state.fork(rows=torch.tensor([b]))
+            plain = m.logits(m.advance(state, input_ids=torch.tensor([seq[:-1]])))[0]  # [len - 1, V]
+            expected = torch.cat([r.answer_logits[b : b + 1], plain])
+            assert shared[b][c].shape == expected.shape
+            assert torch.allclose(shared[b][c], expected, atol=1e-4), (b, c)
+    specs = all_specs(m)
+    values = replacement_values(base, EngineConfig())
+    assert_close_cells(
+        sweep_fast(m, base, specs, values, 7, shared_prefix=True), sweep_reference(m, base, specs, values)
+    )

@@ -188,7 +188,16 @@ def write_parquet(path: Path | str, rows: list[dict], columns: Sequence[str]) ->
 
 # ---- the manifest --------------------------------------------------------------------------------
 #: Manifest keys written only once their step ran (absent, not null, before).
-_STEP_KEYS = ("previous_timings", "n_pairs", "baselines", "replacement_pool", "checks", "timings", "merged_from")
+_STEP_KEYS = (
+    "threads",
+    "previous_timings",
+    "n_pairs",
+    "baselines",
+    "replacement_pool",
+    "checks",
+    "timings",
+    "merged_from",
+)
 #: Keys the finish step writes together with ``timings`` (each may be null).
 _FINISH_KEYS = ("cells_per_second", "activation_cache")
 
@@ -213,6 +222,7 @@ class Manifest:
     device: str
     dtype: str
     batch_size: int
+    threads: dict[str, Any] | None = None  # {count, reason}: the CPU threads a run chose (absent when merged)
     model: dict[str, Any]  # name, family, n_layers, num_latent, d_model, config
     pairs_removed: list[dict[str, str]]  # [{pair_id, reason}]
     previous_timings: dict[str, float] | None = None  # the interrupted run's, on --resume

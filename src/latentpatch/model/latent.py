@@ -154,6 +154,22 @@ def format_number(x: Number) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens that every sequence starts with and that each feeds while teacher-forced (at most
+    ``len - 1``: the last token of a sequence is only predicted).
+
+    >>> shared_prefix_length([[5, 6, 7, 1], [5, 6, 7, 2, 3], [5, 6, 9]])
+    2
+    """
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    for i in range(max(n, 0)):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return max(n, 0)
+
+
 class ThoughtOverride(TypedDict):
     """Keyword arguments of :meth:`LatentModel.rollout` that replace thoughts: ``thought_override``
     [B, K, d] is fed at the latent positions where ``override_mask`` [B, K] is True."""
@@ -413,34 +429,49 @@ class LatentModel(nn.Module):
     # -- after the thoughts: scoring and generation ---------------------------------------------
     @torch.no_grad()
     def score(
-        self, state: RolloutState, answer_logits: torch.Tensor, continuations: Sequence[Sequence[Sequence[int]]]
+        self,
+        state: RolloutState,
+        answer_logits: torch.Tensor,
+        continuations: Sequence[Sequence[Sequence[int]]],
+        shared_prefix: bool = False,
     ) -> list[list[torch.Tensor]]:
         """Teacher forcing: logits predicting each token of each continuation, per row.
 
         ``continuations[b]`` is a list of token-id lists for row b (all rows must have the same
         number C of continuations). Returns ``out[b][c]`` = [len, V] fp32 logits where row j
         predicts token j (row 0 is ``answer_logits[b]``). ``state`` is not modified.
+
+        ``shared_prefix``: feed the tokens every continuation starts with ("The answer is: ")
+        once and branch from a fork after them (docs/method.md §7.2). The same computation, but
+        not the same bits as the default: a prefix fed in its own forward sums in another order
+        than inside a longer one, so the default leaves it off.
         """
         B = state.batch_size
         C = len(continuations[0])
         if any(len(c) != C for c in continuations):
             raise ValueError("every row needs the same number of continuations")
+        seqs = [[list(continuations[b][c]) for b in range(B)] for c in range(C)]  # [C][B]
+        n = shared_prefix_length([seq for per_c in seqs for seq in per_c]) if shared_prefix else 0
+        first, start = answer_logits[:, None], state  # first: [B, 1 + n, V] logits before the branches
+        if n:
+            start = state.fork()
+            prefix = torch.tensor([seqs[0][b][:n] for b in range(B)], device=self.device)  # [B, n]
+            first = torch.cat([first, self.logits(self.advance(start, input_ids=prefix))], 1)
         out: list[list] = [[None] * C for _ in range(B)]
         # One forward per continuation index, each right-padded only to its own longest string
         # (A_base is often much longer than A_clean/A_corr). Padding after the real tokens is
         # harmless: causal attention keeps the earlier positions' logits exact.
         for c in range(C):
-            seqs = [list(continuations[b][c]) for b in range(B)]
-            width = max(len(seq) for seq in seqs) - 1
+            width = max(len(seq) for seq in seqs[c]) - 1 - n
             if width > 0:
                 ids = torch.full((B, width), self.config.pad_id, dtype=torch.long, device=self.device)
-                for b, seq in enumerate(seqs):
-                    if len(seq) > 1:
-                        ids[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-                logits = self.logits(self.advance(state.fork(), input_ids=ids))
-            for b, seq in enumerate(seqs):
-                rest = logits[b, : len(seq) - 1] if width > 0 else answer_logits[:0]
-                out[b][c] = torch.cat([answer_logits[b : b + 1], rest], 0)[: len(seq)]
+                for b, seq in enumerate(seqs[c]):
+                    if len(seq) > n + 1:
+                        ids[b, : len(seq) - 1 - n] = torch.tensor(seq[n:-1])
+                logits = self.logits(self.advance(start.fork(), input_ids=ids))
+            for b, seq in enumerate(seqs[c]):
+                rest = logits[b, : len(seq) - 1 - n] if width > 0 else answer_logits[:0]
+                out[b][c] = torch.cat([first[b], rest], 0)[: len(seq)]
         return out
 
     @torch.no_grad()

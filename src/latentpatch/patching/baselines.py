@@ -15,6 +15,7 @@ Contract: everything a sweep needs from a pair is computed here once, before any
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentpatch.model.latent import LatentModel, RolloutState, extract_number
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
 from latentpatch.names import COMPONENTS
 from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, same_number
 from latentpatch.patching.specs import EngineConfig, PatchSpec
@@ -37,7 +38,9 @@ class RunRecord:
 
     ``prompt``: its prompt ids; ``thoughts``: [K, d] input embeddings fed at the latent positions;
     ``acts[component]``: [n_layers, K, d] activations at the latent positions; ``answer_ids``:
-    its greedy answer; ``pred``: the number in it (None if none).
+    its greedy answer; ``pred``: the number in it (None if none). ``rollout``: the unpatched
+    rollout itself (its KV state, no recordings) while :func:`prepare_pair` may still reuse it;
+    never cached (a record read from the cache has none).
     """
 
     prompt: list[int]
@@ -45,6 +48,7 @@ class RunRecord:
     acts: dict[str, torch.Tensor]
     answer_ids: list[int]
     pred: float | None
+    rollout: Rollout | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -61,6 +65,9 @@ class PairBaseline:
     target_logits: AnswerLogits | None = None
     ld_target: float = math.nan
     ld_source: float = math.nan
+    #: the target's unpatched rollout (batch of one), kept by :func:`prepare_pair` so the sweep
+    #: continues from it instead of rolling the target out again (the same computation, the same bits)
+    target_rollout: Rollout | None = field(default=None, repr=False, compare=False)
 
     @property
     def target(self) -> RunRecord:
@@ -83,8 +90,12 @@ class PairBaseline:
 
 # ---- baselines -------------------------------------------------------------------------------
 @torch.no_grad()
-def record_run(model: LatentModel, prompt: Sequence[int], components: Sequence[str] = COMPONENTS) -> RunRecord:
-    """Unpatched rollout of one prompt: its latent activations for ``components`` and answer."""
+def record_run(
+    model: LatentModel, prompt: Sequence[int], components: Sequence[str] = COMPONENTS, keep_rollout: bool = False
+) -> RunRecord:
+    """Unpatched rollout of one prompt: its latent activations for ``components`` and answer.
+
+    ``keep_rollout``: keep the rollout itself on the record, for :func:`prepare_pair` to reuse."""
     keys = [(c, layer) for c in components for layer in range(model.n_layers)]
     r = model.rollout([list(prompt)], record=keys)
     assert r.hooks is not None  # rollout always returns the hooks it ran with
@@ -92,7 +103,10 @@ def record_run(model: LatentModel, prompt: Sequence[int], components: Sequence[s
     acts = {c: torch.stack([r.hooks.recorded(c, layer)[0, lat] for layer in range(model.n_layers)]) for c in components}
     ids = model.generate(r.state, r.answer_logits)[0]
     pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None
-    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred)
+    # The recording hooks only copy activations, so this rollout is the one prepare_pair would
+    # compute again: keep it (without the recordings) for that.
+    kept = dataclasses.replace(r, hooks=None) if keep_rollout else None
+    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred, kept)
 
 
 def answer_strings(model: LatentModel, base: PairBaseline) -> AnswerStrings:
@@ -151,13 +165,19 @@ def prepare_pair(
     corrupted_answer: float,
     direction: str = "denoise",
 ) -> PairBaseline:
-    """Baseline metrics of a pair: the target's unpatched answer logits, LD_target, LD_source."""
+    """Baseline metrics of a pair: the target's unpatched answer logits, LD_target, LD_source.
+
+    Reuses the records' rollouts where :func:`record_run` kept them (else rolls out again) and
+    keeps the target's as ``target_rollout`` for the sweep; the records let go of theirs."""
     base = PairBaseline(pair_id, float(clean_answer), float(corrupted_answer), clean, corrupted, direction)
     base.answers = answer_strings(model, base)
     logits = {}
     for role, rec in (("target", base.target), ("source", base.source)):
-        r = model.rollout([rec.prompt])
+        r = rec.rollout if rec.rollout is not None else model.rollout([rec.prompt])
         logits[role] = score_answer_strings(model, r.state, r.answer_logits, base.answers, [rec.pred])[0]
+        if role == "target":
+            base.target_rollout = r
+    clean.rollout = corrupted.rollout = None  # only the target's is needed later (memory)
     base.target_logits = logits["target"]
     base.ld_target = answer_logit_diff(logits["target"])
     base.ld_source = answer_logit_diff(logits["source"])

@@ -39,13 +39,21 @@ GREEDY_MARGIN = 1e-3
 
 # ---- answers of a patched rollout ------------------------------------------------------------
 def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Would greedy decoding emit exactly ``seq`` (ending in [EOS])? ``logits[j]`` ([len, V]) predicts ``seq[j]``.
+    """Would greedy decoding emit exactly ``seq[:-1]``? ``seq`` ends in [EOS]; ``logits[j]`` ([len, V])
+    predicts ``seq[j]``.
 
-    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does."""
+    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does.
+    An answer of ``max_answer_tokens`` tokens is one that ``generate`` cut off (docs/method.md §7.3):
+    greedy decoding stops there whatever comes next, so only those tokens must be reproduced,
+    and the closing [EOS] is not looked at."""
     cfg = model.config
-    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
+    if len(seq) - 1 >= cfg.max_answer_tokens:
+        seq, logits = seq[: cfg.max_answer_tokens], logits[: cfg.max_answer_tokens]
+        if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
+            return False  # generate would have stopped before the cut
+    elif any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
         return False  # generate would have stopped before the end of seq
-    if not cfg.eos_stops(len(seq) - 1):
+    elif not cfg.eos_stops(len(seq) - 1):
         return False  # the closing [EOS] would not stop generate here
     logits = logits.clone()
     logits[:, cfg.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
@@ -63,18 +71,19 @@ def _score_and_generate(
     base: PairBaseline,
     state: RolloutState,
     first: torch.Tensor,
+    shared_prefix: bool = False,
 ) -> tuple[list[list[int]], list[AnswerLogits]]:
     """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
 
     ``first``: [B, V] logits of the first answer token. ``A_base`` is scored with its closing
     [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` + [EOS] would decode exactly
     ``A_base`` greedily, so only the other rows (the patches that changed the answer) are decoded
-    step by step.
+    step by step. ``shared_prefix``: :meth:`LatentModel.score`'s option (off: the default's bits).
     """
     greedy_base = list(base.target.answer_ids)
     base_scored = greedy_base + [model.config.eos_id]
     conts = [base_scored, base.answers["clean"][0], base.answers["corr"][0]]
-    scored = model.score(state, first, [conts] * state.batch_size)  # [B][3] x [len, V]
+    scored = model.score(state, first, [conts] * state.batch_size, shared_prefix)  # [B][3] x [len, V]
     reproduced = [_reproduces_greedy(model, sc[0], base_scored) for sc in scored]
     gen = [list(greedy_base) if ok else [] for ok in reproduced]
     rest = [b for b, ok in enumerate(reproduced) if not ok]
@@ -193,6 +202,7 @@ def _cell_results(
     answer_logits: torch.Tensor,
     tracked: dict[int, torch.Tensor],
     decode_all: bool = False,
+    shared_prefix: bool = False,
 ) -> list[dict]:
     """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]``.
 
@@ -207,7 +217,7 @@ def _cell_results(
         preds = [_decode_number(model, ids) for ids in gen]
         patched = score_answer_strings(model, state, answer_logits, base.answers, preds)
     else:
-        gen, patched = _score_and_generate(model, base, state, answer_logits)
+        gen, patched = _score_and_generate(model, base, state, answer_logits, shared_prefix)
     out = []
     for row, spec in enumerate(specs):
         m = answer_metrics(
@@ -238,6 +248,7 @@ def _sweep_chunk(
     target: Rollout,
     chunk: Sequence[PatchSpec],
     values: ValueFn,
+    shared_prefix: bool = False,
 ) -> list[dict]:
     """Metrics of a chunk of specs (sorted by start), as one batched continuation of the target's prefix."""
     T_q, K = target.prompt_len, model.num_latent
@@ -256,7 +267,8 @@ def _sweep_chunk(
             acts = hooks.recorded(s.component, s.layer)  # [B, T_new, d], index 0 = absolute T_q + start
             lo = max(s.positions) + 1 - start
             tracked[row] = acts[row, lo : K - start]  # [n_later, d]
-    cells = _cell_results(model, base, chunk, state, model.logits(end[:, -1]), tracked)  # logits [B, V]
+    logits = model.logits(end[:, -1])  # [B, V]
+    cells = _cell_results(model, base, chunk, state, logits, tracked, shared_prefix=shared_prefix)
     for row, s in enumerate(chunk):
         if s.component in THOUGHT_SITES:
             cells[row].update(_thought_similarity(target.thoughts[0], fed[row], start))
@@ -294,11 +306,14 @@ def sweep_fast(
     specs: Sequence[PatchSpec],
     values: ValueFn,
     batch_size: int = 64,
+    shared_prefix: bool = False,
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
     Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
-    per spec, in order; ``batch_size`` patches run as one batch.
+    per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
+    answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
+    it changes the last bits).
 
     >>> from latentpatch.data.synthetic import generate_pairs
     >>> from latentpatch.model.load import load_model
@@ -313,7 +328,8 @@ def sweep_fast(
     >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
     [(31.0, 0.31), (31.0, 0.24)]
     """
-    target = model.rollout([base.target.prompt])
+    # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
+    target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
     # Chunks of batch_size specs in order of their first patched position; a chunk continues from
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).
@@ -323,7 +339,7 @@ def sweep_fast(
     results: dict[tuple, dict] = {}
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i : i + batch_size]
-        for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values)):
+        for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values, shared_prefix)):
             results[s.computation] = cell
     for i in range(0, len(early), batch_size):
         chunk = early[i : i + batch_size]

@@ -82,12 +82,16 @@ class ActivationCache:
             save_file(tensors, str(tmp))
 
 
-def recorded_run(model: LatentModel, cache: ActivationCache | None, question: str) -> RunRecord:
-    """The unpatched run of one question, from ``cache`` when it holds it (and stored there if not)."""
+def recorded_run(
+    model: LatentModel, cache: ActivationCache | None, question: str, keep_rollout: bool = False
+) -> RunRecord:
+    """The unpatched run of one question, from ``cache`` when it holds it (and stored there if not).
+
+    ``keep_rollout``: a record computed here keeps its rollout (:func:`record_run`); a cached one has none."""
     prompt = model.prompt_ids(question)
     record = cache.get(prompt) if cache is not None else None
     if record is None:
-        record = record_run(model, prompt)
+        record = record_run(model, prompt, keep_rollout=keep_rollout)
         if cache is not None:
             cache.put(record)
     return record

@@ -170,7 +170,7 @@ class RunConfig(ModelOptions):
     limit: int | None = option(None, "First N pairs only (quick test: --limit 5).")
     shard: str | None = option(None, "i/N: this process runs pairs k with k mod N == i (see `latentpatch merge`).")
     batch_size: int | str = option(64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size)
-    threads: int | None = option(None, "CPU threads (default: 1 for small models, else torch's).")
+    threads: int | None = option(None, "CPU threads (default: 1 for small models, else the free cores).")
     seed: int = option(0, "Random seed (resample partners, check cells).")
     only_correct: bool = option(
         False, "Exclude pairs the model gets wrong (clean or corrupted).", flags="--only-correct/--all-pairs"

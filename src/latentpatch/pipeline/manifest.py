@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from latentpatch.patching.baselines import PairBaseline
     from latentpatch.patching.specs import PatchSpec
     from latentpatch.pipeline.cache import ActivationCache
+    from latentpatch.pipeline.threads import ThreadChoice
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunContext:
     specs: list[PatchSpec]
     timings: dict[str, float]
     previous_timings: dict[str, float] | None = None
+    threads: ThreadChoice | None = None  # the CPU thread count chosen (pipeline/threads.py)
     bases: list[PairBaseline] = field(default_factory=list)
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
@@ -77,6 +79,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         device=str(model.device),
         dtype=str(model.dtype).replace("torch.", ""),
         batch_size=ctx.batch_size,
+        threads=ctx.threads.to_dict() if ctx.threads else None,
         model={
             "name": model.name or config.model,
             "family": model.family,

@@ -44,6 +44,7 @@ from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
+from latentpatch.pipeline.threads import ThreadChoice, choose_threads
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result, write_json
 from latentpatch.runlock import check_writable_dir, run_lock
@@ -99,7 +100,7 @@ def start_run(
         )
     check_question_lengths(model, [p for _, p in selected])
     batch_size = auto_batch_size(model) if config.batch_size == "auto" else int(config.batch_size)
-    set_threads(config, model)
+    threads = set_threads(config, model)
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     for name in config.experiments:
@@ -110,6 +111,7 @@ def start_run(
         model=model,
         environment=environment(),
         batch_size=batch_size,
+        threads=threads,
         cache=cache,
         command=command or command_line(config),
         progress=progress,
@@ -141,15 +143,14 @@ def check_question_lengths(model: LatentModel, pairs: Sequence[Pair]) -> None:
                 )
 
 
-def set_threads(config: RunConfig, model: LatentModel) -> None:
-    """CPU threads: ``--threads`` if given; else one thread for small models, whose many tiny
-    matrix products only lose time to thread start-up and (on a busy machine) oversubscription."""
+def set_threads(config: RunConfig, model: LatentModel) -> ThreadChoice:
+    """CPU threads: ``--threads`` if given, else from the model's size and the free cores
+    (:func:`~latentpatch.pipeline.threads.choose_threads`). Off the CPU, torch's count is left as it is."""
     if model.device.type != "cpu":
-        return
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    elif model.d_model * model.n_layers <= 4096:
-        torch.set_num_threads(1)
+        return ThreadChoice(torch.get_num_threads(), f"left as torch's (device {model.device.type})")
+    choice = choose_threads(model.d_model, model.n_layers, config.threads)
+    torch.set_num_threads(choice.count)
+    return choice
 
 
 def record_baselines(ctx: RunContext) -> None:
@@ -160,7 +161,7 @@ def record_baselines(ctx: RunContext) -> None:
     t = time.perf_counter()
     bases = []
     for pair in ctx.pairs:
-        clean, corrupted = (recorded_run(model, ctx.cache, v.question) for v in (pair.clean, pair.corrupted))
+        clean, corrupted = (recorded_run(model, ctx.cache, v.question, True) for v in (pair.clean, pair.corrupted))
         bases.append(
             prepare_pair(
                 model,

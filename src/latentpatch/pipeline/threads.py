@@ -1,0 +1,76 @@
+"""How many CPU threads a run uses: from the model's size and the cores actually free.
+
+Small models (many tiny matrix products) lose time to thread start-up, so they get one thread.
+A larger model gains from more threads only on cores nobody else is using: on a 2-core machine
+with the other core busy, two threads are several times *slower* than one (bench/RESULTS.md),
+so the count is the cores this process may run on (``os.sched_getaffinity``) less the load of
+the last minute (``os.getloadavg``), at least one. ``--threads`` overrides the choice.
+
+Imports no torch (the caller sets the count).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+#: ``d_model * n_layers`` at or below which a model is "small" and runs on one thread.
+SMALL_MODEL = 4096
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The thread count chosen and why (the manifest's ``threads``, the run summary line)."""
+
+    count: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "reason": self.reason}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def recent_load() -> float:
+    """Runnable processes over the last minute (``os.getloadavg()[0]``); 0 where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def choose_threads(
+    d_model: int,
+    n_layers: int,
+    override: int | None = None,
+    cores: int | None = None,
+    load: float | None = None,
+) -> ThreadChoice:
+    """The CPU thread count for a model of ``d_model`` x ``n_layers``.
+
+    ``override`` (``--threads``) wins; a small model (``d_model * n_layers <= SMALL_MODEL``) gets
+    1; else the free cores, ``cores - round(load)``, between 1 and ``cores``. ``cores`` and
+    ``load`` default to this machine's (:func:`usable_cores`, :func:`recent_load`); tests inject them.
+
+    >>> choose_threads(128, 4, cores=16, load=0.0)
+    ThreadChoice(count=1, reason='small model (d_model x n_layers 512 <= 4096)')
+    >>> choose_threads(576, 30, cores=2, load=0.1).count, choose_threads(576, 30, cores=2, load=1.2).count
+    (2, 1)
+    """
+    if override is not None:
+        return ThreadChoice(override, "--threads")
+    size = d_model * n_layers
+    if size <= SMALL_MODEL:
+        return ThreadChoice(1, f"small model (d_model x n_layers {size} <= {SMALL_MODEL})")
+    cores = usable_cores() if cores is None else cores
+    load = recent_load() if load is None else load
+    # round(): a process that is running now counts (our own start-up adds well under one)
+    free = min(cores, max(1, cores - round(load)))
+    return ThreadChoice(free, f"{free} of {cores} cores free (load {load:.2f})")

@@ -1,0 +1,34 @@
+"""The CPU thread count a run chooses (pipeline/threads.py), with the machine's cores and load injected."""
+
+from __future__ import annotations
+
+from latentpatch.pipeline.threads import SMALL_MODEL, choose_threads, recent_load, usable_cores
+
+
+def test_small_models_get_one_thread_whatever_the_machine():
+    for cores, load in ((1, 0.0), (2, 0.0), (64, 0.5), (2, 5.0)):
+        assert choose_threads(128, 4, cores=cores, load=load).count == 1
+    assert choose_threads(SMALL_MODEL, 1, cores=8, load=0.0).count == 1
+    assert choose_threads(SMALL_MODEL + 1, 1, cores=8, load=0.0).count == 8
+
+
+def test_larger_models_get_the_free_cores():
+    # SmolLM2-135M: d 576 x 30 layers
+    assert choose_threads(576, 30, cores=2, load=0.0).count == 2  # a free 2-core machine
+    assert choose_threads(576, 30, cores=2, load=0.3).count == 2
+    assert choose_threads(576, 30, cores=2, load=1.0).count == 1  # the other core is busy
+    assert choose_threads(576, 30, cores=2, load=3.7).count == 1  # never fewer than one
+    assert choose_threads(576, 30, cores=16, load=5.2).count == 11
+    choice = choose_threads(576, 30, cores=16, load=5.2)
+    assert choice.reason == "11 of 16 cores free (load 5.20)"
+    assert choice.to_dict() == {"count": 11, "reason": "11 of 16 cores free (load 5.20)"}
+
+
+def test_threads_option_overrides():
+    assert choose_threads(128, 4, override=3, cores=2, load=9.0).to_dict() == {"count": 3, "reason": "--threads"}
+    assert choose_threads(576, 30, override=1, cores=16, load=0.0).count == 1
+
+
+def test_this_machine_is_read():
+    assert usable_cores() >= 1 and recent_load() >= 0.0
+    assert 1 <= choose_threads(576, 30).count <= usable_cores()
