@@ -416,13 +416,14 @@ def test_ctrl_c_then_resume(tmp_path):
     """SIGINT: one line with the resume command, manifest ``interrupted``, exit 130; the command it
     names finishes the run with the bytes of an uninterrupted one; a second process is refused by the lock."""
     path = tmp_path / "pairs.json"
-    save_pairs(generate_pairs(30, seed=2), path)
+    save_pairs(generate_pairs(200, seed=2), path)  # enough pairs that the victim still runs when the second starts
     n_pairs = len(load_pairs(path))
     common = ["run", "--model", "config:llama", "--pairs", str(path), "--no-report", "--quiet", "--batch-size", "8"]
     full = _cli_process(common + ["--out", str(tmp_path / "full")], tmp_path / "c1")
     victim = _cli_process(common + ["--out", str(tmp_path / "cut")], tmp_path / "c2")
     pair_dir = tmp_path / "cut/results/pairs"
     _wait_for(lambda: len(list(pair_dir.glob("0*.json"))) >= 2)
+    assert victim.poll() is None, "the run finished before it could be interrupted"
     second = _cli_process(common + ["--out", str(tmp_path / "cut"), "--resume"], tmp_path / "c2")
     _, err2 = second.communicate(timeout=120)
     assert second.returncode == 2 and f"in use by process {victim.pid}" in err2 and "Traceback" not in err2
