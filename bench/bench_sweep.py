@@ -43,7 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj, shared_prefix_length  # noqa: E402
+from latentpatch.model.config import LatentConfig, build_prj
+from latentpatch.model.latent import LatentModel, shared_prefix_length  # noqa: E402
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
 from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
 from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402

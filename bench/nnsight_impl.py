@@ -38,7 +38,8 @@ import torch
 from nnsight import NNsight
 
 from latentpatch.data.pairs import Pair
-from latentpatch.model.latent import LatentModel, extract_number
+from latentpatch.model.config import extract_number
+from latentpatch.model.latent import LatentModel
 from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, answer_metrics
 
 

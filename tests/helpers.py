@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj
+from latentpatch.model.config import LatentConfig, build_prj
+from latentpatch.model.latent import LatentModel
 
 VOCAB = 40  # ids VOCAB, VOCAB+1, VOCAB+2 = pad, bot, eot as in CODI's +3 resize
 

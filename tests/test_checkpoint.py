@@ -13,7 +13,7 @@ from torch import nn
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.checkpoint import LoraSpec, load_weights_strict, read_state_dict
-from latentpatch.model.latent import build_prj
+from latentpatch.model.config import build_prj
 
 V, D, PRJ = 10, 4, 6
 

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.codi import PRESETS, get_preset, load_codi_checkpoint
-from latentpatch.model.latent import LatentConfig, build_prj
+from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.latent_dir import (
     MODEL_FORMAT,
     config_from_meta,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import VOCAB, tiny_latent_model
 
-from latentpatch.model.latent import extract_number
+from latentpatch.model.config import extract_number
 from latentpatch.model.sites import COMPONENTS, ActivationHooks, Site, Write, hooked_module, model_family
 from latentpatch.model.sites import FAMILIES as LAYOUTS
 

@@ -14,7 +14,7 @@ import torch
 from helpers import tiny_text_model
 from test_loading import V, base_lm, load, make_codi, save_base, save_ckpt
 
-from latentpatch.model.latent import LatentConfig
+from latentpatch.model.config import LatentConfig
 from latentpatch.model.load import load_model
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.engine import sweep_fast, sweep_reference

@@ -62,7 +62,7 @@ def inspect_cmd(
 
     import torch
 
-    from latentpatch.model.latent import extract_number
+    from latentpatch.model.config import extract_number
 
     model_options = ModelOptions(**options)
     m = model_options.load()

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.model.config import LatentConfig
 from latentpatch.model.hub import BASE_FILES, resolve_repo
-from latentpatch.model.latent import LatentConfig
 from latentpatch.model.sites import embedding_matrix
 
 log = logging.getLogger("latentpatch.model.hf")

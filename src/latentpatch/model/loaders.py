@@ -19,6 +19,7 @@ from torch import nn
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.checkpoint import load_weights_strict, preview, read_state_dict
+from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.hf import (
     base_config_and_tokenizer,
     build_lm,
@@ -28,7 +29,7 @@ from latentpatch.model.hf import (
     parse_dtype,
     resolve_eos_id,
 )
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj
+from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import embedding_matrix
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
+from latentpatch.model.config import extract_number
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.names import COMPONENTS
 from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, same_number
 from latentpatch.patching.specs import EngineConfig, PatchSpec

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from latentpatch.model.latent import LatentModel, extract_number
+from latentpatch.model.config import extract_number
+from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import Write
 from latentpatch.names import LOGIT_METRICS
 from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values

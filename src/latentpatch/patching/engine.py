@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from latentpatch.model.latent import LatentModel, Rollout, RolloutState, extract_number
+from latentpatch.model.config import extract_number
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits

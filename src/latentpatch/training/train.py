@@ -2,7 +2,7 @@
 
 Model: a :class:`~latentpatch.model.latent.LatentModel` = a small LLaMA
 (``transformers.LlamaForCausalLM``) from scratch + the CODI projection of
-:func:`~latentpatch.model.latent.build_prj`. Sequences: :mod:`latentpatch.training.data`;
+:func:`~latentpatch.model.config.build_prj`. Sequences: :mod:`latentpatch.training.data`;
 loss: :mod:`latentpatch.training.objective`. The model directory is written by
 ``save_latent_dir`` (the one writer; ``load_model("dir:PATH")`` reads it back strictly).
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from latentpatch.model.latent import LatentConfig, LatentModel, build_prj
+from latentpatch.model.config import LatentConfig, build_prj
+from latentpatch.model.latent import LatentModel
 from latentpatch.training.data import (
     ANSWER_PREFIX,
     NUMBER_TOKENS_UP_TO,
