@@ -20,23 +20,15 @@ import pytest
 
 import latentpatch.analysis
 from latentpatch.errors import LatentPatchError
+from latentpatch.files import atomic_path, atomic_write_text, json_safe, write_json
 from latentpatch.names import CELL_COLUMNS, METRIC_LABELS, all_positions_cell, primary_component
-from latentpatch.rundir import (
-    Manifest,
-    RunPaths,
-    atomic_path,
-    atomic_write_text,
-    json_safe,
-    read_manifest,
-    read_pairs_json,
-    read_stats,
-    write_json,
-)
+from latentpatch.rundir import Manifest, RunPaths, read_manifest, read_pairs_json, read_stats
 
 #: Modules that must import without torch.
 LIGHT_MODULES = [
     "latentpatch.names",
     "latentpatch.rundir",
+    "latentpatch.files",
     "latentpatch.pipeline.config",
     "latentpatch.pipeline.manifest",
     "latentpatch.pipeline.merge",

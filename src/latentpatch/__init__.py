@@ -4,12 +4,13 @@ The package is laid out as the pipeline it runs; each folder is one stage::
 
     errors.py    LatentPatchError (one line with the fix; the CLI prints it, exit code 2), RunInterrupted (130)
     names.py     the run directory's names and rules: experiments, modes, components, columns (no torch)
-    rundir.py    the run directory: paths, atomic writes, typed manifest, readers, assembly (no torch)
+    files.py     atomic writes and plain JSON, for every writer of the project (no torch)
+    rundir.py    the run directory: paths, typed manifest, readers, assembly (no torch)
     runlock.py   the lock on a run directory and the --out checks (no torch)
     data/        pairs (the pair-file format), answers, validate, synthetic (GSM8K-style pairs)
     model/       config (LatentConfig, decoding rules, prj), latent (LatentModel, the rollout), state,
-                 sites (families, write sites), heads (per-head sites), checkpoint (strict core), latent_dir (the model-dir format),
-                 hf, hub (hub names), codi, loaders, load (load_model)
+                 sites (families, write sites), heads (per-head sites), checkpoint (strict core),
+                 latent_dir (the model-dir format), hf, hub (hub names), codi, loaders, load (load_model)
     patching/    specs (patch specs, experiments), baselines, engine (the two sweeps), metrics, checks,
                  steps (step-level experiments), heads (per-head specs), reading (lens, attention)
     pipeline/    config (run options, no torch), run (the run's steps), manifest, progress, values,

@@ -1,4 +1,4 @@
-"""The run directory: its paths, atomic writers, typed manifest, readers and model-free assembly.
+"""The run directory: its paths, typed manifest, readers and model-free assembly.
 
 Imports no torch (pandas only inside the functions that need it), so ``report``, ``compare``
 and ``merge`` stay light. Layout (docs/ARCHITECTURE.md "Run directory")::
@@ -7,8 +7,8 @@ and ``merge`` stay light. Layout (docs/ARCHITECTURE.md "Run directory")::
     results/{experiment}.json  results/cells.parquet  results/trajectories.parquet  results/thoughts.json
     stats.json  stats/{cells,comparisons,additivity}.csv  figures/*.{png,svg}  report.html
 
-Every path is a property of :class:`RunPaths`; every file is written by :func:`atomic_path` (a
-reader or a crash never sees half a file); every reader raises one :class:`LatentPatchError`
+Every path is a property of :class:`RunPaths`; every file is written atomically through
+:mod:`latentpatch.files` (a reader or a crash never sees half a file); every reader raises one :class:`LatentPatchError`
 line naming the file and the fix.
 """
 
@@ -17,16 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import secrets
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.files import write_json, write_parquet
 from latentpatch.names import (
     CELL_COLUMNS,
     EXPERIMENTS,
@@ -115,75 +111,6 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
-
-
-# ---- atomic writes and JSON --------------------------------------------------------------------
-@contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; when the block ends without error it replaces
-    ``path`` in one step (``os.replace``), else it is removed. Parent folders are created.
-
-    For writers that take a path (parquet, safetensors, savefig); text and bytes have
-    :func:`atomic_write_text` / :func:`atomic_write_bytes`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path | str, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically; ``fsync``: flush to disk before the rename."""
-    with atomic_path(path) as tmp, open(tmp, "xb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path | str, text: str, fsync: bool = False) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"), fsync)
-
-
-def json_safe(x: Any) -> Any:
-    """Plain JSON values: NaN/±inf -> None, numpy/torch arrays and scalars -> lists/numbers,
-    pandas NA -> None, dict keys -> str, tuples -> lists.
-
-    >>> json_safe({1: (float("nan"), 2.5, float("inf")), "b": [True, None]})
-    {'1': [None, 2.5, None], 'b': [True, None]}
-    """
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, float):  # also numpy.float64
-        return float(x) if math.isfinite(x) else None
-    if hasattr(x, "tolist"):  # numpy arrays/scalars and torch tensors, without importing either
-        return json_safe(x.tolist())
-    pandas = sys.modules.get("pandas")  # pd.NA can only exist if pandas is loaded
-    if pandas is not None and x is pandas.NA:
-        return None
-    return x
-
-
-def write_json(path: Path | str, data: Any) -> None:
-    """``data`` through :func:`json_safe`, indent 1, a final newline; atomic."""
-    atomic_write_text(path, json.dumps(json_safe(data), indent=1) + "\n")
-
-
-def write_parquet(path: Path | str, rows: list[dict], columns: Sequence[str]) -> None:
-    """``rows`` as a parquet table with exactly ``columns`` (in that order); atomic."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows, columns=list(columns))
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
 
 
 # ---- the manifest --------------------------------------------------------------------------------

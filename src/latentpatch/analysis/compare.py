@@ -22,8 +22,9 @@ from latentpatch.analysis.figures import HEATMAP_METRICS, colour_norm, draw_heat
 from latentpatch.analysis.html import CSS, embed_png, escape, fmt, table
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, primary_component_of, used_pairs
 from latentpatch.errors import LatentPatchError
+from latentpatch.files import atomic_write_text, json_safe
 from latentpatch.names import CELL_KEYS, METRIC_LABELS, POSITION_MODE, SUMMARY_METRICS
-from latentpatch.rundir import atomic_write_text, json_safe, read_cells, read_manifest
+from latentpatch.rundir import read_cells, read_manifest
 
 GROUP = ["experiment", "mode", "component"]
 

@@ -37,9 +37,9 @@ from latentpatch.analysis.sections import (
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.stats_section import statistics_section
 from latentpatch.analysis.steps_section import build_steps_report, steps_only, steps_sections
+from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
     RunPaths,
-    atomic_write_text,
     check_result_files,
     read_cells,
     read_manifest,

@@ -27,8 +27,9 @@ import pandas as pd
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, used_pairs
 from latentpatch.errors import LatentPatchError
+from latentpatch.files import atomic_write_text, json_safe
 from latentpatch.names import ADDITIVE_METRICS, CELL_KEYS, MODE_COMPARISONS, POSITION_MODE, SUMMARY_METRICS
-from latentpatch.rundir import RunPaths, atomic_write_text, check_result_files, json_safe, read_cells, read_manifest
+from latentpatch.rundir import RunPaths, check_result_files, read_cells, read_manifest
 
 #: Metrics summarised per cell (``act_bias`` only exists for chained/frozen rows; NaN elsewhere).
 METRICS = SUMMARY_METRICS

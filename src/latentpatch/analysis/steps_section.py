@@ -28,8 +28,9 @@ from latentpatch.analysis.sections import (
     section,
 )
 from latentpatch.analysis.steps_figures import early_figure, influence_figures, thought_figure
+from latentpatch.files import atomic_write_text
 from latentpatch.names import INFLUENCE_FILE, STEPS_FILE
-from latentpatch.rundir import RunPaths, atomic_write_text, read_manifest
+from latentpatch.rundir import RunPaths, read_manifest
 
 #: Section ids of this module, in page order.
 STEP_SECTION_IDS: tuple[str, ...] = ("thought", "early", "influence", "intermediate")

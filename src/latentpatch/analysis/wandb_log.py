@@ -23,7 +23,8 @@ import pandas as pd
 from latentpatch.analysis.selection import all_positions_rows, primary_component_of, used_pairs
 from latentpatch.analysis.stats import compute_stats
 from latentpatch.errors import LatentPatchError
-from latentpatch.rundir import RunPaths, json_safe, read_cells, read_manifest, read_stats, read_trajectories
+from latentpatch.files import json_safe
+from latentpatch.rundir import RunPaths, read_cells, read_manifest, read_stats, read_trajectories
 
 DEFAULT_PROJECT = "latentpatch"
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from latentpatch.data.answers import parse_answer
 from latentpatch.errors import LatentPatchError
-from latentpatch.rundir import atomic_write_text
+from latentpatch.files import atomic_write_text
 
 VARIANTS = ("clean", "corrupted")
 #: Keys with a fixed meaning in a flat entry; every other key is kept verbatim in ``Variant.extra``.

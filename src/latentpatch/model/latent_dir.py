@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.files import atomic_path, atomic_write_text
 from latentpatch.model.checkpoint import load_weights_strict, read_state_dict
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.hf import build_lm, check_device, check_special_ids, local_tokenizer, move_to, parse_dtype
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import embedding_matrix
 from latentpatch.names import MODEL_FORMAT  # the format tag in latentpatch.json; a reader refuses any other
-from latentpatch.rundir import atomic_path, atomic_write_text
 
 #: the file name of the metadata
 LATENT_JSON = "latentpatch.json"

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from latentpatch.files import atomic_path
 from latentpatch.model.latent import LatentModel
 from latentpatch.patching.baselines import RunRecord, record_run
-from latentpatch.rundir import atomic_path
 
 
 def default_cache_dir() -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from latentpatch.data.pairs import Pair
+from latentpatch.files import write_json, write_parquet
 from latentpatch.model.heads import head_shape
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import (
@@ -34,7 +35,7 @@ from latentpatch.names import (
 from latentpatch.patching.heads import add_head_acts, expand_heads
 from latentpatch.patching.reading import attention_run, known_values, lens_run, role_mass, token_roles, value_token
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.rundir import RunPaths, write_json, write_parquet
+from latentpatch.rundir import RunPaths
 
 VARIANTS = ("clean", "corrupted")
 #: Tokens listed per lens cell.

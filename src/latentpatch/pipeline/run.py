@@ -26,6 +26,7 @@ import torch
 
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
+from latentpatch.files import write_json
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import GLOBAL_REPLACEMENTS, READING_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
@@ -46,7 +47,7 @@ from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.threads import ThreadChoice, choose_threads
 from latentpatch.pipeline.values import global_pool, value_factory
-from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result, write_json
+from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result
 from latentpatch.runlock import check_writable_dir, run_lock
 
 # ---- the steps -----------------------------------------------------------------------------------

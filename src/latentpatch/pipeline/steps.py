@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from latentpatch.files import write_json
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import (
     STEP_EXPERIMENTS,
@@ -34,7 +35,7 @@ from latentpatch.patching.steps import (
     thought_specs,
 )
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.rundir import RunPaths, write_json
+from latentpatch.rundir import RunPaths
 
 
 def requested(experiments: tuple[str, ...]) -> list[str]:
