@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from fake_run import write_fake_run
 
-from latentpatch.analysis.report import SECTIONS
+from latentpatch.analysis.report import SECTIONS, build_report
 from latentpatch.cli import main
 from latentpatch.errors import LatentPatchError
 
@@ -64,10 +64,20 @@ def built(tmp_path_factory):
     return run
 
 
-def test_every_figure_written_png_and_svg(built):
+def test_every_figure_written_png_and_svg(built, tmp_path):
+    # default: PNG only (issue 16: SVG on request); with the run's figure_formats "svg", both formats
+    for name in FIGURES:
+        path = built / "figures" / f"{name}.png"
+        assert path.is_file() and path.stat().st_size > 1000, path
+        assert not (built / "figures" / f"{name}.svg").exists()
+    run = write_fake_run(tmp_path / "run", n_pairs=4, n_layers=3, K=3, seed=1, flagged=(1,))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["figure_formats"] = "svg"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    build_report(run, n_resamples=100)
     for name in FIGURES:
         for ext in ("png", "svg"):
-            path = built / "figures" / f"{name}.{ext}"
+            path = run / "figures" / f"{name}.{ext}"
             assert path.is_file() and path.stat().st_size > 1000, path
     assert (built / "stats.json").is_file()
     assert {p.name for p in (built / "stats").iterdir()} >= {"cells.csv", "comparisons.csv", "additivity.csv"}

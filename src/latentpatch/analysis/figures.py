@@ -1,14 +1,14 @@
-"""Figures of a run (PNG + SVG under ``RUN_DIR/figures/``), drawn from the results only.
+"""Figures of a run (PNG, and SVG on request, under ``RUN_DIR/figures/``), drawn from the results only.
 
 Uses matplotlib's object API (:class:`matplotlib.figure.Figure`, Agg canvas), never pyplot, so
 nothing global (backend, open figures) is touched. Every function takes the tidy tables of
 :mod:`latentpatch.analysis.stats` and returns the paths it wrote; a figure whose data the run lacks (e.g.
-no position sweep) is skipped, not an error. :func:`make_figures` draws them all.
+no position sweep) is skipped, not an error. :func:`latentpatch.analysis.figure_set.make_figures` draws them all.
 
-Files (``<name>.png`` and ``<name>.svg``):
+Files (``<name>.png``; ``<name>.svg`` too when asked for):
 - ``layer_bars``: per layer mean ± bootstrap CI of KL, recovery, answer logit diff (layer sweep).
 - ``position_heatmap_{kl,recovery,answer_logit_diff}``: layer x latent position means, top-5 marked.
-- ``position_heatmap_pairs_{metric}``: the same per pair, small multiples (first few pairs).
+- ``position_heatmap_pairs_{metric}``: the same per pair (:mod:`latentpatch.analysis.pair_figures`).
 - ``pairs_layers``: pairs x layers heatmaps of the layer sweep.
 - ``cumulative_trajectories``: cumulative patching, x = last patched position, one line per layer.
 - ``chained_similarity``: chained/frozen activation cosine to clean and corrupted per position.
@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import rc_context
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.image import imsave
 from matplotlib.patches import Rectangle
 
 from latentpatch.analysis.findings import RunLabels
@@ -57,13 +59,23 @@ def page_formats(formats: Iterable[str]) -> tuple[str, ...]:
 
 def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for each format; an SVG has no date and fixed ids,
-    so the same figure gives the same bytes."""
+    so the same figure gives the same bytes.
+
+    The PNG is drawn once on an Agg canvas and its pixels written as they are (what ``savefig``
+    writes, without its second, layout-only pass over the figure: half the cost of a figure).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
-        with rc_context({"svg.hashsalt": "latentpatch"}):  # SVG ids from a fixed salt, not a random one
-            fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
+        if fmt == "png":
+            fig.set_dpi(DPI)
+            canvas = FigureCanvasAgg(fig)
+            canvas.draw()  # lays the figure out and renders it, measuring each text once
+            imsave(path, np.asarray(canvas.buffer_rgba()), format="png", dpi=DPI)
+        else:
+            with rc_context({"svg.hashsalt": "latentpatch"}):  # SVG ids from a fixed salt, not a random one
+                fig.savefig(path, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
         paths.append(path)
     return paths
 
@@ -121,6 +133,28 @@ def layer_bars(
     return save_figure(fig, out_dir, "layer_bars", formats)
 
 
+def mark_top(ax, grid: np.ndarray, top: int, x0: int = 0, y0: int = 0) -> None:
+    """Outline and number the ``top`` cells of ``grid`` [layers, positions] with the largest |value|;
+    the grid's cell (0, 0) is drawn at data coordinates (``x0``, ``y0``)."""
+    flat = np.where(np.isfinite(grid), np.abs(grid), -np.inf).ravel()  # ranked by effect size
+    order = np.argsort(-flat, kind="stable")[:top]
+    for rank, idx in enumerate(order, start=1):
+        if not np.isfinite(flat[idx]):
+            continue
+        r, c = divmod(int(idx), grid.shape[1])
+        ax.add_patch(Rectangle((x0 + c - 0.5, y0 + r - 0.5), 1, 1, fill=False, ec="black", lw=1.8))
+        ax.text(
+            x0 + c,
+            y0 + r,
+            f"#{rank}\n{grid[r, c]:.2g}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black",
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75),
+        )
+
+
 def draw_heatmap(
     ax,
     grid: np.ndarray,
@@ -141,23 +175,7 @@ def draw_heatmap(
     ax.set_xlabel("latent position")
     ax.set_ylabel("layer")
     if annotate_top and top:
-        flat = np.where(np.isfinite(grid), np.abs(grid), -np.inf).ravel()  # ranked by effect size
-        order = np.argsort(-flat, kind="stable")[:top]
-        for rank, idx in enumerate(order, start=1):
-            if not np.isfinite(flat[idx]):
-                continue
-            r, c = divmod(int(idx), grid.shape[1])
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="black", lw=1.8))
-            ax.text(
-                c,
-                r,
-                f"#{rank}\n{grid[r, c]:.2g}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black",
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75),
-            )
+        mark_top(ax, grid, top)
     return im
 
 
@@ -209,71 +227,6 @@ def position_heatmaps(
     return paths
 
 
-def position_heatmaps_per_pair(
-    cells: pd.DataFrame,
-    out_dir: Path,
-    formats: Sequence[str] = ("png", "svg"),
-    max_pairs: int = 6,
-    run: RunLabels | None = None,
-) -> list[Path]:
-    """Small multiples: layer x position heatmaps for the first ``max_pairs`` pairs, one colour scale."""
-    comp = primary_component_of(cells)
-    d = mode_rows(cells[cells["component"] == comp], "position", POSITION_MODE)
-    if d.empty:
-        return []
-    pair_ids = list(dict.fromkeys(d["pair_id"]))[:max_pairs]
-    flagged = set(d.loc[d["flagged"], "pair_id"]) if "flagged" in d else set()
-    paths: list[Path] = []
-    for metric in HEATMAP_METRICS:
-        if metric not in d:
-            continue
-        grids = {}
-        for pid in pair_ids:
-            piv = (
-                d[d["pair_id"] == pid]
-                .pivot(index="layer", columns="position", values=metric)
-                .sort_index()
-                .sort_index(axis=1)
-            )
-            grids[pid] = piv
-        allv = np.concatenate([g.to_numpy(float).ravel() for g in grids.values()])
-        finite = allv[np.isfinite(allv)]
-        if finite.size:  # the colour scale from the 2nd..98th percentile: an outlier does not flatten the rest
-            allv = np.clip(finite, *np.percentile(finite, CLIP_PERCENTILES))
-        norm, cmap = colour_norm(metric, allv)
-        ncol = min(3, len(pair_ids))
-        nrow = int(np.ceil(len(pair_ids) / ncol))
-        n_layers, n_pos = next(iter(grids.values())).shape
-        fig = Figure(
-            figsize=(1.2 + ncol * (1.0 + 0.5 * n_pos), 1.0 + nrow * (0.8 + 0.2 * n_layers)), layout="constrained"
-        )
-        axes = fig.subplots(nrow, ncol, squeeze=False, sharex=True, sharey=True)
-        im = None
-        for k, (ax, pid) in enumerate(zip(axes.ravel(), pair_ids)):
-            piv = grids[pid]
-            im = draw_heatmap(
-                ax, piv.to_numpy(float), piv.index.to_numpy(), piv.columns.to_numpy(), metric, norm, cmap, top=1
-            )
-            if k % ncol:
-                ax.set_ylabel("")
-                ax.tick_params(labelleft=False)
-            if k < len(pair_ids) - ncol:
-                ax.set_xlabel("")
-                ax.tick_params(labelbottom=False)
-            ax.set_title(
-                f"pair {pid}" + (" (flagged)" if pid in flagged else ""),
-                fontsize=9,
-                color="#b00" if pid in flagged else "black",
-            )
-        for ax in axes.ravel()[len(pair_ids) :]:
-            ax.set_visible(False)
-        fig.colorbar(im, ax=axes, label=(run or RunLabels()).label(metric), shrink=0.9)
-        lo, hi = CLIP_PERCENTILES
-        fig.suptitle(f"Position sweep per pair: {metric} (box = strongest cell; colours clipped at p{lo:g}–p{hi:g})")
-        paths += save_figure(fig, out_dir, f"position_heatmap_pairs_{metric}", formats)
-    return paths
-
-
 def pairs_layers(
     cells: pd.DataFrame, out_dir: Path, formats: Sequence[str] = ("png", "svg"), run: RunLabels | None = None
 ) -> list[Path]:
@@ -290,8 +243,9 @@ def pairs_layers(
         figsize=(1.0 + len(metrics) * max(3.6, 1.6 + 0.17 * n_layers), max(3.2, 1.6 + 0.11 * len(pair_ids))),
         layout="constrained",
     )
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics):
+    # the panels share the pair axis: its (many) labels are measured and drawn once, on the first panel
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
+    for k, (ax, metric) in enumerate(zip(axes, metrics)):
         piv = d.pivot(index="pair_id", columns="layer", values=metric).reindex(pair_ids).sort_index(axis=1)
         grid = piv.to_numpy(float)
         norm, cmap = colour_norm(metric, grid)
@@ -299,9 +253,12 @@ def pairs_layers(
         ax.set_xticks(range(grid.shape[1]), [str(c) for c in piv.columns], fontsize=7)
         step = max(1, len(pair_ids) // 40)
         labels = [f"{p} *" if p in flagged else str(p) for p in pair_ids]
-        ax.set_yticks(range(0, len(pair_ids), step), labels[::step], fontsize=7)
         ax.set_xlabel("layer")
-        ax.set_ylabel("pair (* = flagged)")
+        if k == 0:
+            ax.set_yticks(range(0, len(pair_ids), step), labels[::step], fontsize=7)
+            ax.set_ylabel("pair (* = flagged)")
+        else:
+            ax.tick_params(labelleft=False)
         fig.colorbar(im, ax=ax, label=(run or RunLabels()).label(metric), shrink=0.6, aspect=30)
     fig.suptitle(f"All latent positions patched at one layer ({comp}), per pair")
     return save_figure(fig, out_dir, "pairs_layers", formats)
@@ -449,34 +406,3 @@ def modes_comparison(
     axes[-1].set_xlabel("layer")
     fig.suptitle(f"Chained vs parallel vs frozen ({comp}): mean over pairs ± 95% CI")
     return save_figure(fig, out_dir, "modes_comparison", formats)
-
-
-def make_figures(
-    run_dir: Path | str,
-    summary: pd.DataFrame,
-    cells: pd.DataFrame,
-    trajectories: pd.DataFrame | None = None,
-    formats: Iterable[str] = ("png", "svg"),
-    run: RunLabels | None = None,
-) -> list[Path]:
-    """Draw every figure the run's data allows into ``RUN_DIR/figures``; return the files written.
-    ``run``: the run's wording and baseline (:meth:`RunLabels.of`), so titles and labels follow it.
-
-    ``summary``: :func:`latentpatch.analysis.stats.summarize_cells` output (e.g. ``pd.DataFrame(stats["cells"])``);
-    ``cells``: ``results/cells.parquet`` (already filtered if flagged pairs are excluded);
-    ``trajectories``: ``results/trajectories.parquet`` or None.
-    """
-    out = Path(run_dir) / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    formats = tuple(formats)
-    paths: list[Path] = []
-    if not summary.empty:
-        paths += layer_bars(summary, out, formats, run=run)
-        paths += position_heatmaps(summary, out, formats, run=run)
-        paths += cumulative_trajectories(summary, out, formats, run=run)
-        paths += modes_comparison(summary, out, formats, run=run)
-    if not cells.empty:
-        paths += position_heatmaps_per_pair(cells, out, formats, run=run)
-        paths += pairs_layers(cells, out, formats, run=run)
-    paths += chained_similarity(trajectories, out, formats, run=run)
-    return paths

@@ -18,6 +18,7 @@ import pandas as pd
 
 from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
+from latentpatch.analysis.figure_set import start_cell_figures, summary_figures
 from latentpatch.analysis.html import CSS, escape
 from latentpatch.analysis.reading_section import reading_sections
 from latentpatch.analysis.sections import (
@@ -124,12 +125,27 @@ def page_dir(run_dir: Path, exclude_flagged: bool) -> Path:
     return run_dir / EXCLUDE_FLAGGED_DIR if exclude_flagged else run_dir
 
 
+def figure_formats(manifest: dict, formats: Iterable[str] | None) -> tuple[str, ...]:
+    """The figure formats of a report: ``formats`` if given, else the run's ``figure_formats`` option
+    (e.g. ``"svg"``), PNG always first (the page embeds it).
+
+    >>> figure_formats({"config": {"figure_formats": "svg"}}, None)
+    ('png', 'svg')
+    >>> figure_formats({"config": {}}, None)
+    ('png',)
+    """
+    if formats is None:
+        extra = (manifest.get("config") or {}).get("figure_formats") or ""
+        formats = [f.strip().lower() for f in str(extra).split(",") if f.strip()]
+    return figs.page_formats(formats)
+
+
 def build_report(
     run_dir: Path | str,
     exclude_flagged: bool = False,
     n_resamples: int = 9999,
     ci_method: str = "percentile",
-    formats: Iterable[str] = ("png", "svg"),
+    formats: Iterable[str] | None = None,
 ) -> Path:
     """Rebuild ``stats.json``, ``stats/*.csv``, ``figures/*`` and ``report.html`` from a run's results.
 
@@ -137,29 +153,28 @@ def build_report(
     ``results/thoughts.json`` and ``pairs.json`` when present. A missing or corrupt file raises
     :class:`LatentPatchError` naming it. Returns the path of ``report.html``. With
     ``exclude_flagged`` every output goes to ``RUN_DIR/exclude_flagged/`` (the full report stays).
+    ``formats``: figure files besides PNG (e.g. ``("svg",)``); default: the run's ``figure_formats``.
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     check_result_files(run_dir)
+    formats = figure_formats(manifest, formats)
     if steps_only(run_dir):  # step-level experiments only (docs/method.md §13): no cells to summarise
-        return build_steps_report(run_dir, st.run_seed(manifest), figs.page_formats(formats))
+        return build_steps_report(run_dir, st.run_seed(manifest), formats)
     all_cells = read_cells(run_dir)
     trajectories = read_trajectories(run_dir)
-
-    stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
     out_dir = page_dir(run_dir, exclude_flagged)
-    st.write_stats(out_dir, stats)
     cells = used_pairs(all_cells, exclude_flagged)
     if trajectories is not None and exclude_flagged:
         trajectories = trajectories[trajectories["pair_id"].astype(str).isin(set(cells["pair_id"]))]
-    figs.make_figures(
-        out_dir,
-        pd.DataFrame(stats["cells"]),
-        cells,
-        trajectories,
-        formats=figs.page_formats(formats),
-        run=figs.RunLabels.of(manifest, set(cells["pair_id"])),
-    )
+    run = figs.RunLabels.of(manifest, set(cells["pair_id"]))
+    # the figures of the cells alone are drawn (in a child process where cores allow) meanwhile
+    cell_job = start_cell_figures(RunPaths(out_dir).figures, cells, trajectories, formats, run)
+
+    stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
+    st.write_stats(out_dir, stats)
+    summary_figures(RunPaths(out_dir).figures, pd.DataFrame(stats["cells"]), formats, run)
+    cell_job.result()
 
     page = render_page(
         run_dir, manifest, stats, all_cells, read_thoughts(run_dir), read_pairs_json(run_dir), exclude_flagged

@@ -70,7 +70,7 @@ def _figure_pngs(run_dir: Path, summary: pd.DataFrame, cells: pd.DataFrame, excl
     fig_dir = RunPaths(run_dir).figures
     pngs = sorted(fig_dir.glob("*.png")) if fig_dir.is_dir() else []
     if not pngs:
-        from latentpatch.analysis.figures import make_figures
+        from latentpatch.analysis.figure_set import make_figures
 
         used = used_pairs(cells, exclude_flagged)
         make_figures(run_dir, summary, used, read_trajectories(run_dir), formats=("png",))

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES: tuple[str, ...] = ("fp32", "float", "bf16", "fp16", "half")
 
+#: ``--figure-formats``: figure files matplotlib writes besides the PNG the report embeds.
+FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
+
 #: ``--engine``: the batched engine, or one full rollout per cell (the check's reference).
 ENGINES: tuple[str, ...] = ("fast", "reference")
 
@@ -182,6 +185,11 @@ class RunConfig(ModelOptions):
     cache_dir: str | None = option(None, "Activation cache directory (default ~/.cache/latentpatch/activations).")
     use_cache: bool = option(True, "Read and write the activation cache.")
     report: bool = option(True, "Build stats, figures and report.html at the end.")
+    figure_formats: str | None = option(
+        None,
+        "Figure files besides PNG, comma-separated (e.g. svg, or svg,pdf); PNG only by default (faster).",
+        omit_if_unset=True,
+    )
     wandb: bool = option(False, "Log the run to Weights & Biases.")
     wandb_project: str | None = option(None, "W&B project (default: latentpatch).")
     thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
@@ -224,6 +232,7 @@ class RunConfig(ModelOptions):
         "out",
         "strict",
         "report",
+        "figure_formats",
         "wandb",
         "wandb_project",
         "cache_dir",
@@ -256,6 +265,13 @@ class RunConfig(ModelOptions):
             raise LatentPatchError("--limit must be >= 1")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
             raise LatentPatchError(f"--batch-size {self.batch_size!r}: use a positive integer or auto")
+        bad_formats = [
+            f for f in (self.figure_formats or "").split(",") if f.strip() and f.strip().lower() not in FIGURE_FORMATS
+        ]
+        if bad_formats:
+            raise LatentPatchError(
+                f"--figure-formats {self.figure_formats!r}: use a comma list of {', '.join(FIGURE_FORMATS)}"
+            )
         if self.shard is not None:
             parse_shard(self.shard)
             self._check_shardable()
