@@ -83,6 +83,18 @@ def test_every_figure_written_png_and_svg(built, tmp_path):
     assert {p.name for p in (built / "stats").iterdir()} >= {"cells.csv", "comparisons.csv", "additivity.csv"}
 
 
+def test_report_svg_flag_writes_svg_beside_png(tmp_path):
+    """`latentpatch report --svg` adds SVG files to a run made with the default (PNG only)."""
+    run = write_fake_run(tmp_path / "run", n_pairs=3, n_layers=2, K=2, seed=2)
+    code, _, err = run_cli(["report", str(run), "--n-resamples", "100"])
+    assert code == 0, err
+    assert not list((run / "figures").glob("*.svg"))
+    code, _, err = run_cli(["report", str(run), "--n-resamples", "100", "--svg"])
+    assert code == 0, err
+    pngs = {p.stem for p in (run / "figures").glob("*.png")}
+    assert pngs and {p.stem for p in (run / "figures").glob("*.svg")} == pngs
+
+
 def test_report_sections_self_contained(built):
     page = (built / "report.html").read_text()
     for sid, heading in SECTIONS:

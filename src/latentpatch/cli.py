@@ -329,13 +329,18 @@ def report_cmd(
     ),
     n_resamples: int = typer.Option(9999, "--n-resamples", min=100, help="bootstrap resamples per cell"),
     ci_method: str = typer.Option("percentile", "--ci-method", help="bootstrap CI: percentile | bca | basic"),
+    svg: bool = typer.Option(False, "--svg", help="also write every figure as SVG (default: the run's figure formats)"),
 ) -> None:
     """Rebuild stats.json, stats/, figures/ and report.html from a run's results (no model needed)."""
     from latentpatch.analysis.report import build_report
 
     if ci_method not in ("percentile", "bca", "basic"):
         raise LatentPatchError(f"--ci-method {ci_method!r}: use percentile, bca or basic")
-    typer.echo(build_report(run_dir, exclude_flagged=exclude_flagged, n_resamples=n_resamples, ci_method=ci_method))
+    formats = ("svg",) if svg else None  # None: the formats the run was made with (PNG always)
+    path = build_report(
+        run_dir, exclude_flagged=exclude_flagged, n_resamples=n_resamples, ci_method=ci_method, formats=formats
+    )
+    typer.echo(path)
 
 
 @app.command("compare")

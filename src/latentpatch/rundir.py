@@ -5,7 +5,7 @@ and ``merge`` stay light. Layout (docs/ARCHITECTURE.md "Run directory")::
 
     RUN_DIR/manifest.json  pairs.json  results/pairs/NNNNN.json (one committed file per pair)
     results/{experiment}.json  results/cells.parquet  results/trajectories.parquet  results/thoughts.json
-    stats.json  stats/{cells,comparisons,additivity}.csv  figures/*.{png,svg}  report.html
+    stats.json  stats/{cells,comparisons,additivity}.csv  figures/*.png (+ .svg on request)  report.html
 
 Every path is a property of :class:`RunPaths`; every file is written atomically through
 :mod:`latentpatch.files` (a reader or a crash never sees half a file); every reader raises one :class:`LatentPatchError`
