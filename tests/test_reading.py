@@ -90,3 +90,17 @@ def test_run_with_reading_and_heads(tmp_path) -> None:
     assert sorted(cells["component"].unique()) == [f"head_out.{h}" for h in range(4)]
     html = (out / "report.html").read_text()
     assert all(f'id="{sid}"' in html for sid in ("lens", "attention", "heads"))
+
+
+def test_run_of_reading_experiments_only_gets_a_report(tmp_path) -> None:
+    """No cells (lens only): the page holds the checks, the lens section with its figure, and no error."""
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    cfg = RunConfig(experiments=("lens",), out=str(tmp_path / "r"), use_cache=False)
+    out = run_experiments(cfg, pairs=generate_pairs(2, seed=1), progress=False, command="test")
+    html = (out / "report.html").read_text()
+    assert 'id="checks"' in html and 'id="lens"' in html and 'id="layer"' not in html
+    lens_part = html[html.index('id="lens"') :]
+    assert "data:image/png;base64," in lens_part[: lens_part.index("</section>")]

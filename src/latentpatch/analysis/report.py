@@ -10,6 +10,7 @@ network. The page is assembled here from its sections (:mod:`latentpatch.analysi
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from latentpatch.analysis.sections import (
 )
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.stats_section import statistics_section
-from latentpatch.analysis.steps_section import build_steps_report, steps_only, steps_sections
+from latentpatch.analysis.steps_section import steps_sections
 from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
     RunPaths,
@@ -140,6 +141,38 @@ def figure_formats(manifest: dict, formats: Iterable[str] | None) -> tuple[str, 
     return figs.page_formats(formats)
 
 
+def has_no_cells(run_dir: Path) -> bool:
+    """A run of step-level and/or reading experiments only: ``cells.parquet`` exists with no rows."""
+    import pyarrow.parquet as pq
+
+    paths = RunPaths(run_dir)
+    try:
+        return pq.ParquetFile(paths.cells).metadata.num_rows == 0
+    except Exception:  # missing or damaged: read_cells names the file and the fix
+        return False
+
+
+def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tuple[str, ...]) -> Path:
+    """``report.html`` of a run without cells (no layer/position maps): checks, baselines, the step-level
+    and reading sections, configuration and the reproduce command."""
+    checks_html, _ = checks_section(manifest)
+    body = (
+        f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, st.run_seed(manifest), formats)}"
+        f"{reading_sections(run_dir, formats)}{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
+    )
+    ids = set(re.findall(r'<section id="([^"]+)"', body))
+    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS if sid in ids)
+    title = f"latentpatch report: {run_dir.name}"
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{CSS}</style></head><body><header><h1>{escape(title)}</h1></header><nav>{nav}</nav>"
+        f"<main>{body}</main></body></html>\n"
+    )
+    out = RunPaths(run_dir).report
+    atomic_write_text(out, page)
+    return out
+
+
 def build_report(
     run_dir: Path | str,
     exclude_flagged: bool = False,
@@ -159,8 +192,8 @@ def build_report(
     manifest = read_manifest(run_dir)
     check_result_files(run_dir)
     formats = figure_formats(manifest, formats)
-    if steps_only(run_dir):  # step-level experiments only (docs/method.md §13): no cells to summarise
-        return build_steps_report(run_dir, st.run_seed(manifest), formats)
+    if has_no_cells(run_dir):  # only step-level / reading experiments (docs/method.md §13-§14)
+        return build_sections_report(run_dir, manifest, formats)
     all_cells = read_cells(run_dir)
     trajectories = read_trajectories(run_dir)
     out_dir = page_dir(run_dir, exclude_flagged)

@@ -15,22 +15,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from latentpatch.analysis.html import CSS, escape, fmt, fmt_p, table
+from latentpatch.analysis.html import escape, fmt, fmt_p, table
 from latentpatch.analysis.inference import bootstrap_mean_ci, holm, wilcoxon_p
 from latentpatch.analysis.sections import (
-    SECTIONS,
-    baselines_section,
-    checks_section,
-    config_section,
     figure,
     note,
-    reproduce_section,
     section,
 )
 from latentpatch.analysis.steps_figures import early_figure, influence_figures, thought_figure
-from latentpatch.files import atomic_write_text
 from latentpatch.names import INFLUENCE_FILE, STEPS_FILE
-from latentpatch.rundir import RunPaths, read_manifest
+from latentpatch.rundir import RunPaths
 
 #: Section ids of this module, in page order.
 STEP_SECTION_IDS: tuple[str, ...] = ("thought", "early", "influence", "intermediate")
@@ -202,28 +196,3 @@ def steps_sections(run_dir: Path, seed: int, formats=("png", "svg")) -> str:
         + influence_section(influence, seed, fig_dir, formats)
         + intermediate_section(steps, seed)
     )
-
-
-def steps_only(run_dir: Path) -> bool:
-    """A run of step-level experiments only: step results, and no cell rows."""
-    paths = RunPaths(run_dir)
-    has_steps = (paths.results / STEPS_FILE).is_file()
-    return has_steps and paths.cells.is_file() and len(pd.read_parquet(paths.cells)) == 0
-
-
-def build_steps_report(run_dir: Path, seed: int, formats=("png", "svg")) -> Path:
-    """``report.html`` of a run made of step-level experiments only (no cells: no layer/position maps)."""
-    manifest = read_manifest(run_dir)
-    checks_html, _ = checks_section(manifest)
-    ids = {"checks", "baselines", "config", *STEP_SECTION_IDS, "reproduce"}
-    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS if sid in ids)
-    title = f"latentpatch report: {run_dir.name}"
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f"<style>{CSS}</style></head><body><header><h1>{escape(title)}</h1></header><nav>{nav}</nav><main>"
-        f"{checks_html}{baselines_section(manifest)}{config_section(manifest)}"
-        f"{steps_sections(run_dir, seed, formats)}{reproduce_section(manifest, run_dir, False)}</main></body></html>\n"
-    )
-    out = RunPaths(run_dir).report
-    atomic_write_text(out, page)
-    return out
