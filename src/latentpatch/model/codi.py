@@ -68,21 +68,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         about="CODI LLaMA-3.2-1B-Instruct; stops at <|end_of_text|> 128001 as scripts/test_llama1b.sh "
         "(whose tokenizer is Llama-3.2-1B's)",
     ),
-    "codi-llama1b-instruct": dict(
-        repo="zen-E/CODI-llama3.2-1b-Instruct",
-        base="meta-llama/Llama-3.2-1B-Instruct",
-        lora_r=128,
-        lora_alpha=32,
-        lora_targets=_LLAMA_TARGETS,
-        prj_dim=2048,
-        prj_ln=True,
-        num_latent=6,
-        remove_eos=True,
-        eos_id=128009,
-        answer_prefix="The answer is: ",
-        about="the same checkpoint, stopping at the Instruct tokenizer's eos <|eot_id|> 128009 "
-        "(the token its training appended)",
-    ),
+}
+# the same checkpoint and settings; only the stop token differs
+PRESETS["codi-llama1b-instruct"] = {
+    **PRESETS["codi-llama1b"],
+    "eos_id": 128009,
+    "about": "the same checkpoint, stopping at the Instruct tokenizer's eos <|eot_id|> 128009 "
+    "(the token its training appended)",
 }
 
 #: preset keys that are not load_codi_checkpoint settings
