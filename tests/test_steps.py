@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -185,6 +186,8 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         page = (out / "report.html").read_text()
         assert '<section id="early">' in page and "Reading." in page
         assert (out / "figures" / "early_answers.png").is_file()
+        check = json.loads((out / "manifest.json").read_text())["checks"]["steps_engine_reference"]
+        assert check["passed"] and check["cells"] > 0 and check["value"] <= check["threshold"]
 
 
 def test_step_experiments_refuse_shards():
@@ -200,3 +203,24 @@ def test_step_experiments_refuse_shards():
         RunConfig(component="head_out", replacement="mean", shard="1/2").validate()
     RunConfig(component="head_out", replacement="zero", shard="1/2").validate()
     RunConfig(experiments=("layer",), shard="0/2").validate()  # the seed experiments shard as before
+
+
+def test_steps_engine_reference_check_catches_a_disagreement(monkeypatch):
+    """Check 5 compares the fast engine with one rollout per spec: a reference that disagrees fails it."""
+    from latentpatch.patching import checks
+
+    model, bases, values = setup("llama")
+    base, vals = bases[0], values[0]
+    specs = early_specs(model.num_latent)
+    ok = checks.check_steps_engine_reference(model, base, specs, vals, batch_size=8, n_cells=4)
+    assert ok["passed"] and ok["cells"] == 4
+
+    real = checks.sweep_reference
+
+    def shifted(*args, **kwargs):
+        cells = real(*args, **kwargs)
+        return [{**c, "answer_logit_diff": c["answer_logit_diff"] + 10.0} for c in cells]
+
+    monkeypatch.setattr(checks, "sweep_reference", shifted)
+    bad = checks.check_steps_engine_reference(model, base, specs, vals, batch_size=8, n_cells=4)
+    assert not bad["passed"] and bad["value"] > 0.5

@@ -10,6 +10,9 @@ Each check returns ``{"passed": bool, "value": float, "threshold": float, "detai
    changes the model's answers (reported as an accuracy drop and a changed-answer rate).
 4. ``engine_reference``: on a seeded random subset of cells the fast engine agrees with the
    one-rollout-per-spec reference within the threshold.
+5. ``steps_engine_reference`` (runs with step-level experiments): the same for a seeded sample of
+   the first pair's step-level specs, relative to max(1, |reference|) (noise interventions make
+   the answer logits large).
 """
 
 from __future__ import annotations
@@ -159,4 +162,40 @@ def check_engine_reference(
         "threshold": threshold,
         "cells": compared,
         "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}",
+    }
+
+
+#: Step-level metrics check 5 compares.
+STEP_COMPARED = ("kl", "answer_logit_diff", "logprob_final")
+
+
+def check_steps_engine_reference(
+    model: LatentModel,
+    base: PairBaseline,
+    specs: Sequence[PatchSpec],
+    values: ValueFn,
+    batch_size: int,
+    n_cells: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Check 5: ``n_cells`` seeded random step-level specs of one pair, :func:`sweep_fast` vs
+    :func:`sweep_reference`, as the largest difference relative to max(1, |reference|)."""
+    subset = random.Random(seed).sample(list(specs), min(n_cells, len(specs)))
+    fast = sweep_fast(model, base, subset, values, batch_size)
+    ref = sweep_reference(model, base, subset, values)
+    worst = 0.0
+    for f, r in zip(fast, ref):
+        for k in STEP_COMPARED:
+            a, b = f.get(k), r.get(k)
+            if a is None or b is None or (math.isnan(a) and math.isnan(b)):
+                continue
+            worst = max(worst, abs(a - b) / max(1.0, abs(b)))
+    threshold = _tolerance(model, 1e-4)
+    return {
+        "passed": worst <= threshold,
+        "value": worst,
+        "threshold": threshold,
+        "cells": len(subset),
+        "detail": f"max |fast - reference| / max(1, |reference|) over {len(subset)} random step-level specs of "
+        f"pair {base.pair_id}, metrics {', '.join(STEP_COMPARED)}",
     }

@@ -12,6 +12,7 @@ so its files stay as they were.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from latentpatch.files import write_json
 from latentpatch.model.latent import LatentModel
@@ -19,10 +20,12 @@ from latentpatch.names import (
     STEP_EXPERIMENTS,
     STEPS_DIR,
 )
-from latentpatch.patching.baselines import resample_partner
+from latentpatch.patching.baselines import ValueFn, resample_partner
+from latentpatch.patching.checks import check_steps_engine_reference
 from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.patching.steps import (
+    StepRecord,
     early_specs,
     influence_specs,
     intermediate_specs,
@@ -68,38 +71,60 @@ def _intermediates(ctx: RunContext) -> list[list[float] | None]:
     return out
 
 
+def _pair_inputs(
+    ctx: RunContext, runs: list[StepRecord], specs: list[PatchSpec], inter: list[list[float] | None], n_inter: int
+) -> Callable[[int], tuple[ValueFn, list[PatchSpec]]]:
+    """``i -> (values, specs)`` of pair ``ctx.bases[i]``: its replacement values (pooled over the run's
+    pairs, donors for the intermediate contrast) and the specs it runs (intermediate specs need a donor)."""
+    config = ctx.config
+    # runs: 2i = clean, 2i+1 = corrupted; target/source follow the direction
+    tgt_off, src_off = (1, 0) if config.direction == "denoise" else (0, 1)
+    pool = step_pool([runs[2 * i + src_off] for i in range(len(ctx.bases))])
+    partner = resample_partner(len(ctx.bases), config.seed)
+
+    def inputs(i: int) -> tuple[ValueFn, list[PatchSpec]]:
+        donors = pick_donors(inter, 2 * i + tgt_off, n_inter, config.seed)
+        values = step_values(
+            runs[2 * i + tgt_off],
+            runs[2 * i + src_off],
+            pool,
+            partner=runs[2 * partner[i] + src_off],
+            donors={rep: runs[j] for rep, j in donors.items()},
+            seed=config.seed,
+            pair_index=ctx.indices[i],
+        )
+        return values, [s for s in specs if s.experiment != "intermediate" or s.replacement in donors]
+
+    return inputs
+
+
 def sweep_steps(ctx: RunContext) -> None:
-    """Run the requested step-level experiments on every pair not yet committed, then assemble."""
+    """Run the requested step-level experiments on every pair not yet committed (checked first:
+    fast engine vs one rollout per spec on a seeded sample of the first pair's specs)."""
     names = requested(ctx.config.experiments)
     if not names:
         return
     model, config = ctx.model, ctx.config
     t = time.perf_counter()
     runs = [step_record(model, p) for b in ctx.bases for p in (b.clean.prompt, b.corrupted.prompt)]
-    # 2i = clean, 2i+1 = corrupted; target/source follow the direction
-    tgt_off, src_off = (1, 0) if config.direction == "denoise" else (0, 1)
-    pool = step_pool([runs[2 * i + src_off] for i in range(len(ctx.bases))])
-    partner = resample_partner(len(ctx.bases), config.seed)
     inter = _intermediates(ctx)
     n_inter = max((len(v) for v in inter if v is not None), default=0)
     specs = step_specs(model, names, n_inter)
+    inputs = _pair_inputs(ctx, runs, specs, inter, n_inter)
+    values, mine = inputs(0)
+    check = check_steps_engine_reference(
+        model, ctx.bases[0], mine, values, ctx.batch_size, config.check_cells, config.seed
+    )
+    ctx.checks = {**(ctx.checks or {}), "steps_engine_reference": check}
+    if not check["passed"]:
+        ctx.progress.warn(f"CHECK FAILED: steps_engine_reference (value {check['value']:.3g}): {check['detail']}")
     paths = RunPaths(ctx.out)
     (paths.results / STEPS_DIR).mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("step-level", len(ctx.bases) * len(specs))
     for i, (base, k) in enumerate(zip(ctx.bases, ctx.indices)):
         path = paths.results / STEPS_DIR / f"{k:05d}.json"
         if not path.exists():
-            donors = pick_donors(inter, 2 * i + tgt_off, n_inter, config.seed)
-            values = step_values(
-                runs[2 * i + tgt_off],
-                runs[2 * i + src_off],
-                pool,
-                partner=runs[2 * partner[i] + src_off],
-                donors={rep: runs[j] for rep, j in donors.items()},
-                seed=config.seed,
-                pair_index=k,
-            )
-            mine = [s for s in specs if s.experiment != "intermediate" or s.replacement in donors]
+            values, mine = inputs(i)
             if config.engine == "fast":
                 cells = sweep_fast(model, base, mine, values, ctx.batch_size)
             else:
