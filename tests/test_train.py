@@ -180,3 +180,99 @@ def test_training_pool_excludes_default_pair_questions():
     assert any(q in pair_qs for q in raw)
     pool = [normalize_question(p.question) for p in training_pool(TrainConfig(train_pool=50, data_seed=0))]
     assert pool == [q for q in raw if q not in pair_qs] and len(pool) < len(raw)
+
+
+def student_reference_blind_swap(model: LatentModel, b, blind, swap) -> torch.Tensor:
+    """Plain no-cache loop with a 4-D mask: thought ``swap.position`` of row i is row
+    ``swap.donor[i]``'s where ``swap.rows[i]``; answer tokens of ``blind`` rows see no question
+    token (but ``<bot>``). [B, La, V] answer logits."""
+    lm, embed = model.lm, model.lm.get_input_embeddings()
+    embs, mask = embed(b.q_ids), b.q_mask
+    for step in range(model.num_latent):
+        out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
+        emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
+        if step == swap.position:
+            emb = torch.stack([emb[int(swap.donor[i])] if swap.rows[i] else emb[i] for i in range(len(emb))])
+        embs = torch.cat([embs, emb], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+    embs = torch.cat([embs, embed(swap.answer_ids)], 1)
+    mask = torch.cat([mask, b.a_mask], 1)
+    T, t_q, n_a = mask.size(1), b.q_ids.size(1), b.a_ids.size(1)
+    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+    for i in range(len(mask)):
+        if blind[i]:
+            allowed[i, T - n_a :, : t_q - 1] = False
+    allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding queries see themselves (no NaN)
+    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask))
+    return out.logits[:, -n_a:]
+
+
+def test_blind_and_swapped_student_equals_plain_loop(tiny_run):
+    """Training-only variants of the rollout (answer blind to the question, a swapped thought)
+    against a plain recompute with an explicit 4-D attention mask."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    model = load_model(f"dir:{out}")
+    codec = Codec.from_dir(out)
+    b = make_batch(generate_problems(6, seed=5), codec, num_latent=model.num_latent)
+    torch.manual_seed(3)
+    swap = plan_swap(b, codec, 1.0, model.num_latent)
+    assert swap is not None and swap.rows.any()
+    blind = torch.tensor([True, False, True, True, False, True])
+    with torch.no_grad():
+        fast = student_forward(model, b.q_ids, b.q_mask, swap.answer_ids, b.a_mask, blind, swap).answer_logits
+        ref = student_reference_blind_swap(model, b, blind, swap)
+        plain = student_forward(model, b.q_ids, b.q_mask, swap.answer_ids, b.a_mask).answer_logits
+    m = b.a_mask.bool()
+    assert torch.allclose(fast[m], ref[m], atol=1e-4)
+    assert not torch.allclose(fast[m], plain[m], atol=1e-3)  # the variants do change the logits
+
+
+def _plain_results(program, forced_step=None, forced_value=None):
+    """Step results by hand, with one step's result forced."""
+    res = []
+    for i, (op, a, b) in enumerate(program):
+        x = res[int(a[1:])] if isinstance(a, str) else a
+        y = res[int(b[1:])] if isinstance(b, str) else b
+        r = {"add": x + y, "sub": x - y, "mul": x * y, "div": x // y if y and x % y == 0 else -1}[op]
+        res.append(forced_value if i == forced_step else r)
+    return res
+
+
+def test_swap_targets_are_the_counterfactual_program(tiny_run):
+    """Every swapped row's answer and later latent targets = its program with step p-1 forced to
+    the donor's value at p-1 (the donor's answer past its last step); other rows are unchanged."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    K = 4
+    probs = generate_problems(64, seed=11)
+    b = make_batch(probs, codec, num_latent=K)
+    number_at = 1 + len(codec.encode("The answer is: "))
+    checked = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        swap = plan_swap(b, codec, 0.7, K)
+        p = swap.position
+        for i, prob in enumerate(probs):
+            if not swap.rows[i]:
+                assert torch.equal(swap.answer_ids[i], b.a_ids[i])
+                continue
+            donor = probs[int(swap.donor[i])]
+            d_res = _plain_results(donor.program)
+            v = d_res[min(p - 1, len(d_res) - 1)]
+            res = _plain_results(prob.program, p - 1, v)
+            values = (res + [res[-1]] * K)[:K]  # past the last step the thoughts hold the answer
+            if p - 1 >= len(res):  # the swapped thought held the answer: the new value is the answer
+                values[p - 1 :] = [v] * (K - p + 1)
+            answer = values[-1]
+            assert codec.decode([int(swap.answer_ids[i, number_at])]) == str(answer)
+            assert int(swap.answer_labels[i, number_at]) == int(swap.answer_ids[i, number_at])
+            got = [codec.decode([int(t)]) for t in swap.latent_targets[i, p:]]
+            assert got == [str(x) for x in values[p:]]
+            assert torch.equal(swap.latent_targets[i, :p], b.latent_targets[i, :p])
+            checked += 1
+    assert checked > 50

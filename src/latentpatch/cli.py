@@ -235,6 +235,20 @@ def train_cmd(
         "--latent-aux-factor",
         help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI).",
     ),
+    answer_blind_rate: float = typer.Option(
+        0.0,
+        "--answer-blind-rate",
+        min=0.0,
+        max=1.0,
+        help="Fraction of training rows whose answer tokens cannot attend to the question (read the thoughts).",
+    ),
+    thought_swap_rate: float = typer.Option(
+        0.0,
+        "--thought-swap-rate",
+        min=0.0,
+        max=1.0,
+        help="Interchange training: fraction of rows fed another row's thought, trained on the counterfactual answer.",
+    ),
     stop_after: int = typer.Option(
         0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."
     ),

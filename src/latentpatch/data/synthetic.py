@@ -61,10 +61,22 @@ class Problem:
 # program evaluation
 
 
-def _run_program(program) -> list[int] | None:
-    """Results of every step, or None if any step is invalid (negative, inexact, too large)."""
+def program_results(program, forced: dict[int, int] | None = None) -> list[int] | None:
+    """Results of every step, or None if any step is invalid (negative, inexact, too large).
+
+    ``forced`` {step: value} sets those steps' results instead of computing them (a counterfactual:
+    later steps that reference them are recomputed from the forced value).
+
+    >>> program_results([("add", 2, 3), ("mul", "#0", 4)])
+    [5, 20]
+    >>> program_results([("add", 2, 3), ("mul", "#0", 4)], forced={0: 6})
+    [6, 24]
+    """
     results: list[int] = []
-    for op, a, b in program:
+    for i, (op, a, b) in enumerate(program):
+        if forced and i in forced:
+            results.append(int(forced[i]))
+            continue
         x = results[int(a[1:])] if isinstance(a, str) else int(a)
         y = results[int(b[1:])] if isinstance(b, str) else int(b)
         if op == "add":
@@ -91,7 +103,7 @@ def evaluate_program(program) -> int:
     Operands are ints or ``"#i"`` references to earlier steps. Raises :class:`ValueError` if a
     division is inexact or a result is negative or larger than :data:`MAX_VALUE`.
     """
-    res = _run_program(program)
+    res = program_results(program)
     if res is None:
         raise ValueError(f"invalid program (negative, inexact or too large): {program!r}")
     return res[-1]
@@ -99,7 +111,7 @@ def evaluate_program(program) -> int:
 
 def cot_text(program) -> str:
     """GSM8k-Aug style chain of thought: ``<<16-3=13>> <<13*2=26>>``."""
-    res = _run_program(program)
+    res = program_results(program)
     if res is None:
         raise ValueError(f"invalid program: {program!r}")
     parts = []
@@ -303,7 +315,7 @@ _FROZEN = {"savings": {"d"}}
 
 def _render(t: Template, params: dict, words: dict) -> Problem | None:
     prog = t.program(params)
-    res = _run_program(prog)
+    res = program_results(prog)
     if res is None:
         return None
     prog_t = tuple(tuple(s) for s in prog)
@@ -412,7 +424,7 @@ def _as_variant(p: Problem, changed: dict, intermediates: bool = False) -> Varia
     and with ``intermediates`` every step's result."""
     extra = {"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": changed}
     if intermediates:
-        extra["intermediates"] = _run_program(p.program)
+        extra["intermediates"] = program_results(p.program)
     return Variant(question=p.question, answer=p.answer, extra=extra)
 
 

@@ -137,6 +137,8 @@ class Batch:
     a_distill: torch.Tensor  # [B] index in the answer part of the distillation position
     # auxiliary latent targets: token id of step result j (answer for j >= n_steps), [B, K]
     latent_targets: torch.Tensor | None = None
+    # the problems' programs (for counterfactual targets, training/interchange.py)
+    programs: tuple = ()
 
 
 def pad_rows(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -163,13 +165,22 @@ def step_results(program) -> list[int]:
     return [evaluate_program(program[: i + 1]) for i in range(len(program))]
 
 
+def latent_values(results: Sequence[int], num_latent: int) -> list[int]:
+    """The value latent position j < K should hold: step result j, the answer once the program has
+    no more steps."""
+    return (list(results) + [results[-1]] * num_latent)[:num_latent]
+
+
+def number_ids(values: Sequence[int], codec: Codec) -> list[int]:
+    """The token id of each value; -100 where a value is not a single token."""
+    ids = [codec.encode(str(v)) for v in values]
+    return [i[0] if len(i) == 1 else -100 for i in ids]
+
+
 def latent_targets(program, codec: Codec, num_latent: int) -> list[int]:
     """Token id of step result j for each latent position j < K (the answer once the program has
     no more steps); -100 where a result is not a single token."""
-    res = step_results(program)
-    res = (res + [res[-1]] * num_latent)[:num_latent]
-    ids = [codec.encode(str(r)) for r in res]
-    return [i[0] if len(i) == 1 else -100 for i in ids]
+    return number_ids(latent_values(step_results(program), num_latent), codec)
 
 
 def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
@@ -202,6 +213,7 @@ def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
         a_labels=pad_rows(a_ids, -100),
         a_distill=torch.tensor(a_dis),
         latent_targets=torch.tensor(lat) if num_latent else None,
+        programs=tuple(p.program for p in problems),
     )
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from latentpatch.model.latent import LatentModel
-from latentpatch.training.data import Batch
+from latentpatch.training.data import Batch, Codec
+from latentpatch.training.interchange import ThoughtSwap, plan_swap
 
 if TYPE_CHECKING:
     from latentpatch.training.train import TrainConfig
@@ -51,7 +52,13 @@ def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def student_forward(
-    model: LatentModel, q_ids: torch.Tensor, q_mask: torch.Tensor, a_ids: torch.Tensor, a_mask: torch.Tensor
+    model: LatentModel,
+    q_ids: torch.Tensor,
+    q_mask: torch.Tensor,
+    a_ids: torch.Tensor,
+    a_mask: torch.Tensor,
+    blind_rows: torch.Tensor | None = None,
+    swap: ThoughtSwap | None = None,
 ) -> StudentPass:
     """The latent rollout of :meth:`LatentModel.rollout`, with gradients and every layer's hidden
     states, and the answer part teacher-forced.
@@ -61,6 +68,12 @@ def student_forward(
     of the previous position (``<bot>`` for thought 0), fed as an input embedding; the last
     produced thought is not fed. K = ``model.num_latent``. Kept equal to ``LatentModel.rollout``
     by tests/test_train.py (it is the training-only copy of that rollout).
+
+    ``blind_rows`` [B] bool (training only): in these rows the answer tokens do not attend to the
+    question tokens (``<bot>``, the thoughts and the answer stay visible), so the answer must be
+    read from the thoughts. Positions are unchanged; the rollout itself (question, thoughts) is not
+    affected, and the saved model is a plain causal LM. ``swap`` (training only): feed another
+    row's thought at one position (:mod:`latentpatch.training.interchange`).
     """
     from transformers import DynamicCache
 
@@ -77,8 +90,10 @@ def student_forward(
     )
     h = out.hidden_states[-1][:, -1]
     thoughts, latent_hidden = [], []
-    for _ in range(model.num_latent):
+    for step in range(model.num_latent):
         emb = model.prj(h).unsqueeze(1)
+        if swap is not None:
+            emb = swap.apply(step, emb)
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
         out = lm(
@@ -92,9 +107,14 @@ def student_forward(
         h = out.hidden_states[-1][:, -1]
         latent_hidden.append(h)
     mask = torch.cat([mask, a_mask], 1)
+    answer_mask = mask
+    if blind_rows is not None:
+        hide = torch.zeros_like(mask, dtype=torch.bool)
+        hide[:, : q_ids.size(1) - 1] = blind_rows[:, None]  # question tokens; <bot> is the last
+        answer_mask = mask.masked_fill(hide, 0)
     out = lm(
         input_ids=a_ids,
-        attention_mask=mask,
+        attention_mask=answer_mask,
         position_ids=positions(mask)[:, -a_ids.size(1) :],
         use_cache=True,
         output_hidden_states=True,
@@ -103,38 +123,58 @@ def student_forward(
     return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
 
 
-def distill_loss(teacher_hidden: tuple, student_hidden: tuple, b: Batch) -> torch.Tensor:
+def distill_loss(
+    teacher_hidden: tuple, student_hidden: tuple, b: Batch, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over layers of SmoothL1(student, detached teacher) / teacher std at the distillation
-    position (``b.t_distill`` in the teacher sequence, ``b.a_distill`` in the answer part)."""
+    position (``b.t_distill`` in the teacher sequence, ``b.a_distill`` in the answer part), over
+    the rows ``keep`` ([B] bool; default all: a swapped row's teacher solves another problem)."""
     rows = torch.arange(b.t_ids.size(0))
+    if keep is not None:
+        rows = rows[keep]
     per_layer = []
     for th, sh in zip(teacher_hidden[1:], student_hidden[1:]):
-        t = th[rows, b.t_distill].detach()
-        s = sh[rows, b.a_distill]
+        t = th[rows, b.t_distill[rows]].detach()
+        s = sh[rows, b.a_distill[rows]]
         per_layer.append(F.smooth_l1_loss(s, t) / (t.std() + 1e-6))
     return torch.stack(per_layer).mean()
 
 
 def codi_loss(
-    model: LatentModel, b: Batch, cfg: TrainConfig, teacher_only: bool = False
+    model: LatentModel, b: Batch, cfg: TrainConfig, teacher_only: bool = False, codec: Codec | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss (scalar, with gradients) and its parts as floats (for the log)."""
+    """The total loss (scalar, with gradients) and its parts as floats (for the log).
+
+    ``codec`` is needed for interchange training (``cfg.thought_swap_rate``: counterfactual answer
+    tokens); without it no thought is swapped."""
     t_out = model.lm(input_ids=b.t_ids, attention_mask=b.t_mask, output_hidden_states=True, use_cache=False)
     t_ce = next_token_ce(t_out.logits, b.t_labels)
     if teacher_only:
         return t_ce, {"teacher_ce": t_ce.item()}
-    student = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
-    s_ce = next_token_ce(student.answer_logits, b.a_labels)
-    distill = distill_loss(t_out.hidden_states, student.answer_hidden_states, b)
+    blind = None
+    if cfg.answer_blind_rate:  # the answer must be read from the thoughts in these rows
+        blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
+    swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent) if codec is not None else None
+    a_ids, a_labels, targets = (
+        (swap.answer_ids, swap.answer_labels, swap.latent_targets)
+        if swap
+        else (
+            b.a_ids,
+            b.a_labels,
+            b.latent_targets,
+        )
+    )
+    student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap)
+    s_ce = next_token_ce(student.answer_logits, a_labels)
+    keep = ~swap.rows if swap is not None else None
+    distill = distill_loss(t_out.hidden_states, student.answer_hidden_states, b, keep)
     total = s_ce + cfg.distill_factor * distill + cfg.ref_factor * t_ce
     parts = {"student_ce": s_ce.item(), "distill": distill.item(), "teacher_ce": t_ce.item()}
-    if cfg.latent_aux_factor and b.latent_targets is not None:
+    if cfg.latent_aux_factor and targets is not None:
         # auxiliary (not in CODI): the LM head on the final hidden state at latent position j
         # predicts the j-th intermediate result (the answer once the program has no more steps)
         lat_logits = model.logits(student.latent_hidden)  # [B, K, V] fp32
-        aux = F.cross_entropy(
-            lat_logits.reshape(-1, lat_logits.size(-1)), b.latent_targets.reshape(-1), ignore_index=-100
-        )
+        aux = F.cross_entropy(lat_logits.reshape(-1, lat_logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         total = total + cfg.latent_aux_factor * aux
         parts["latent_aux"] = aux.item()
     return total, parts

@@ -52,6 +52,8 @@ class TrainConfig:
     distill_factor: float = 20.0
     ref_factor: float = 1.0
     teacher_only_steps: int = 300  # curriculum: first steps train the teacher task only
+    answer_blind_rate: float = 0.0  # fraction of rows whose answer tokens cannot see the question
+    thought_swap_rate: float = 0.0  # interchange training: fraction of rows fed another row's thought
     latent_aux_factor: float = 1.0  # >0: intermediate-result loss on the latent hidden states
     number_init: str = "fourier"  # "fourier": number tokens start with sin/cos features of their value
     stop_after: int = 0  # >0: stop after this step index (lr schedule still planned for `steps`)
@@ -238,7 +240,7 @@ def train(cfg: TrainConfig, out, progress: bool = True, pool=None) -> dict:
             b = make_batch(batches.next(), codec, cfg.num_latent if cfg.latent_aux_factor else 0)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            loss, parts = codi_loss(model, b, cfg, teacher_only=step < cfg.teacher_only_steps)
+            loss, parts = codi_loss(model, b, cfg, teacher_only=step < cfg.teacher_only_steps, codec=codec)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

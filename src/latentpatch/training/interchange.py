@@ -1,0 +1,103 @@
+"""Interchange training of the thoughts (not in CODI; ``TrainConfig.thought_swap_rate``).
+
+The auxiliary loss (:mod:`latentpatch.training.objective`) asks the final hidden state at latent
+position j to decode to step result j, so the thought fed at position p = j + 1 (``prj`` of that
+state) should *hold* result j. Decoding alone does not make the rest of the chain *use* it: a model
+can decode the value and still recompute the answer from the question. Interchange training
+(Geiger et al., 2022, "Inducing causal structure for interpretable neural networks") makes the
+stored value causal: in a fraction of the rows, the thought fed at one position p is replaced by
+the thought another row of the batch computed at the same position, and the row is trained on the
+*counterfactual* targets, i.e. its program recomputed with step result p − 1 forced to the donor's
+value (the answer, and the auxiliary targets of the later positions). A donor whose value equals
+the row's own therefore leaves the targets unchanged, and one whose value differs changes them,
+which is the behaviour the ``intermediate`` experiment measures (``docs/method.md`` §13).
+
+Rows are swapped at one position per batch, chosen from the torch RNG (so a seeded run is
+reproducible); a row whose counterfactual program is invalid (negative, inexact, too large) or
+whose donor is itself is not swapped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from latentpatch.data.synthetic import program_results
+from latentpatch.training.data import ANSWER_PREFIX, Batch, Codec, latent_values, number_ids
+
+
+class ThoughtSwap:
+    """One batch's interchange: rows, donors, position and the counterfactual targets.
+
+    ``position`` p (1..K-1): the latent position whose fed thought is swapped. ``rows`` [B] bool;
+    ``donor`` [B] long (row i is fed ``thought[donor[i], p]``). ``answer_ids``/``answer_labels``
+    [B, T_a] and ``latent_targets`` [B, K]: the batch's, with the swapped rows' counterfactuals.
+    """
+
+    def __init__(self, position: int, rows, donor, answer_ids, answer_labels, latent_targets):
+        self.position, self.rows, self.donor = position, rows, donor
+        self.answer_ids, self.answer_labels, self.latent_targets = answer_ids, answer_labels, latent_targets
+
+    def apply(self, step: int, thought: torch.Tensor) -> torch.Tensor:
+        """The thought to feed at latent ``step`` ([B, 1, d] in, [B, 1, d] out)."""
+        if step != self.position:
+            return thought
+        return torch.where(self.rows[:, None, None], thought[self.donor], thought)
+
+
+class Counterfactual(NamedTuple):
+    """Row i's latent values [K] and answer after forcing step result ``step`` to ``value``."""
+
+    values: list[int]
+    answer: int
+
+
+def counterfactual(program, step: int, value: int, num_latent: int) -> Counterfactual | None:
+    """The values a row's thoughts should hold and its answer when step result ``step`` is
+    ``value`` (past the last step, the thoughts hold the answer, so the answer becomes ``value``);
+    None when the recomputed program is invalid.
+
+    >>> counterfactual([("add", 2, 3), ("mul", "#0", 4)], 0, 6, 4)
+    Counterfactual(values=[6, 24, 24, 24], answer=24)
+    >>> counterfactual([("add", 2, 3)], 2, 7, 4)
+    Counterfactual(values=[5, 5, 7, 7], answer=7)
+    """
+    results = program_results(program)
+    if results is None:
+        return None
+    if step >= len(results):  # the thought holds the answer: later positions copy the new value
+        values = latent_values(results, num_latent)
+        values[step:] = [value] * (num_latent - step)
+        return Counterfactual(values, value)
+    forced = program_results(program, forced={step: value})
+    if forced is None:
+        return None
+    return Counterfactual(latent_values(forced, num_latent), forced[-1])
+
+
+def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int) -> ThoughtSwap | None:
+    """Pick the position, rows and donors of one batch (torch RNG) and their counterfactual targets."""
+    n = b.q_ids.size(0)
+    if rate <= 0 or n < 2 or num_latent < 2 or b.latent_targets is None:
+        return None
+    position = int(torch.randint(1, num_latent, ()))
+    donor = torch.randperm(n)
+    chosen = torch.rand(n) < rate
+    rows = torch.zeros(n, dtype=torch.bool)
+    answer_ids, answer_labels = b.a_ids.clone(), b.a_labels.clone()
+    targets = b.latent_targets.clone()
+    number_at = 1 + len(codec.encode(ANSWER_PREFIX))  # <eot> prefix N <eos>: N's index
+    for i in range(n):
+        j = int(donor[i])
+        if not chosen[i] or j == i:
+            continue
+        donor_values = latent_values(program_results(b.programs[j]) or [0], num_latent)
+        cf = counterfactual(b.programs[i], position - 1, donor_values[position - 1], num_latent)
+        answer_id = number_ids([cf.answer], codec)[0] if cf else -100
+        if cf is None or answer_id < 0:
+            continue
+        rows[i] = True
+        answer_ids[i, number_at] = answer_labels[i, number_at] = answer_id
+        targets[i, position:] = torch.tensor(number_ids(cf.values, codec)[position:])
+    return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets) if rows.any() else None
