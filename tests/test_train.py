@@ -10,9 +10,10 @@ import torch
 from latentpatch.data.synthetic import generate_problems
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.load import load_model
+from latentpatch.training.config import TrainConfig
 from latentpatch.training.data import Codec, make_batch
 from latentpatch.training.objective import positions, student_forward
-from latentpatch.training.train import TrainConfig, train
+from latentpatch.training.train import train
 
 TINY = dict(
     layers=1,

@@ -15,6 +15,7 @@ import typer
 from latentpatch.cli_options import with_options
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import ModelOptions, RunConfig  # no torch: --help stays fast
+from latentpatch.training.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -206,69 +207,20 @@ def pairs_generate(
 
 # ---- section: train / eval ----------------------------------------------------------------
 @app.command("train")
+@with_options(TrainConfig)
 def train_cmd(
+    options: dict[str, Any],
     out: Path = typer.Option(..., "--out", help="Output model directory."),
-    steps: int = typer.Option(4600, "--steps", min=1, help="Optimizer steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed (init, data order)."),
-    layers: int = typer.Option(4, "--layers", min=1),
-    d_model: int = typer.Option(128, "--d-model", min=8),
-    heads: int = typer.Option(4, "--heads", min=1),
-    d_ff: int = typer.Option(384, "--d-ff", min=8),
-    prj_dim: int = typer.Option(256, "--prj-dim", min=8),
-    num_latent: int = typer.Option(6, "--num-latent", min=1),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    lr: float = typer.Option(4e-3, "--lr"),
-    distill_factor: float = typer.Option(20.0, "--distill-factor"),
-    ref_factor: float = typer.Option(1.0, "--ref-factor"),
-    teacher_only_steps: int = typer.Option(300, "--teacher-only-steps", min=0),
-    train_pool: int = typer.Option(200_000, "--train-pool", min=100),
-    threads: int = typer.Option(2, "--threads", min=1),
-    ckpt_every: int = typer.Option(
-        0, "--ckpt-every", min=0, help="Save an intermediate model to <out>_ckpt every N steps."
-    ),
-    init_from: Path | None = typer.Option(
-        None, "--init-from", help="Continue from a saved model directory (its architecture/tokenizer)."
-    ),
-    warmup: int = typer.Option(50, "--warmup", min=0),
-    latent_aux_factor: float = typer.Option(
-        1.0,
-        "--latent-aux-factor",
-        help="Weight of the auxiliary intermediate-result loss on latent hidden states (not in CODI).",
-    ),
-    answer_blind_rate: float = typer.Option(
-        0.0,
-        "--answer-blind-rate",
-        min=0.0,
-        max=1.0,
-        help="Fraction of training rows whose answer tokens cannot attend to the question (read the thoughts).",
-    ),
-    thought_swap_rate: float = typer.Option(
-        0.0,
-        "--thought-swap-rate",
-        min=0.0,
-        max=1.0,
-        help="Interchange training: fraction of rows fed another row's thought, trained on the counterfactual answer.",
-    ),
-    stop_after: int = typer.Option(
-        0, "--stop-after", min=0, help="Stop after this step (the schedule is still planned for --steps)."
-    ),
-    number_init: str = typer.Option(
-        "fourier", "--number-init", help="random | fourier: number tokens start with sin/cos features of their value."
-    ),
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective.
 
     The defaults are the shipped default model's recipe (add --threads 1 to reproduce it exactly)."""
-    options = {k: v for k, v in locals().items() if k != "out"}  # the other parameters are TrainConfig fields
     import json as _json
 
-    from latentpatch.training.train import TrainConfig, train
+    from latentpatch.training.train import train
 
-    if d_model % heads:
-        raise LatentPatchError(f"--d-model {d_model} must be divisible by --heads {heads}")
-    if number_init not in ("random", "fourier"):
-        raise LatentPatchError(f"--number-init {number_init!r}: use random or fourier")
-    cfg = TrainConfig(**{**options, "init_from": str(init_from) if init_from else ""})
+    cfg = TrainConfig(**options)
+    cfg.validate()
     summary = train(cfg, out)
     typer.echo(_json.dumps({"out": str(out), **summary}))
 

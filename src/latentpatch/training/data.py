@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from latentpatch.training.train import TrainConfig
+    from latentpatch.training.config import TrainConfig
 
 ANSWER_PREFIX = "The answer is: "
 SPECIAL = {"eos": "<eos>", "pad": "<pad>", "bot": "<bot>", "eot": "<eot>"}

@@ -56,8 +56,8 @@ def training_questions(model_dir: Path | None) -> set[str] | None:
     tr = json.loads((model_dir / LATENT_JSON).read_text()).get("training") or {}
     if "data_seed" not in tr or "train_pool" not in tr:
         return None
+    from latentpatch.training.config import TrainConfig
     from latentpatch.training.data import training_pool
-    from latentpatch.training.train import TrainConfig
 
     pool = training_pool(TrainConfig(train_pool=int(tr["train_pool"]), data_seed=int(tr["data_seed"])))
     return {p.question for p in pool}

@@ -27,7 +27,7 @@ from latentpatch.training.data import Batch, Codec
 from latentpatch.training.interchange import ThoughtSwap, plan_swap
 
 if TYPE_CHECKING:
-    from latentpatch.training.train import TrainConfig
+    from latentpatch.training.config import TrainConfig
 
 
 class StudentPass(NamedTuple):

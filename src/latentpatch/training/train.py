@@ -13,13 +13,14 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.latent import LatentModel
+from latentpatch.training.config import TrainConfig
 from latentpatch.training.data import (
     ANSWER_PREFIX,
     NUMBER_TOKENS_UP_TO,
@@ -31,42 +32,6 @@ from latentpatch.training.data import (
     training_pool,
 )
 from latentpatch.training.objective import codi_loss
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 4600
-    seed: int = 0
-    batch_size: int = 32
-    lr: float = 4e-3
-    weight_decay: float = 0.01
-    warmup: int = 50
-    layers: int = 4
-    d_model: int = 128
-    heads: int = 4
-    d_ff: int = 384
-    prj_dim: int = 256
-    prj_dropout: float = 0.0
-    num_latent: int = 6
-    vocab_size: int = 1000
-    distill_factor: float = 20.0
-    ref_factor: float = 1.0
-    teacher_only_steps: int = 300  # curriculum: first steps train the teacher task only
-    answer_blind_rate: float = 0.0  # fraction of rows whose answer tokens cannot see the question
-    thought_swap_rate: float = 0.0  # interchange training: fraction of rows fed another row's thought
-    latent_aux_factor: float = 1.0  # >0: intermediate-result loss on the latent hidden states
-    number_init: str = "fourier"  # "fourier": number tokens start with sin/cos features of their value
-    stop_after: int = 0  # >0: stop after this step index (lr schedule still planned for `steps`)
-    init_from: str = ""  # start from a saved model directory instead of a fresh init
-    data_seed: int = 1
-    train_pool: int = 200_000
-    tokenizer_corpus: int = 20_000
-    grad_clip: float = 1.0
-    threads: int = 2
-    log_every: int = 10
-    max_answer_tokens: int = 16
-    ckpt_every: int = 0  # >0: save an intermediate model every N steps to <out>_ckpt/
-
 
 # --------------------------------------------------------------------------------------------
 # model
