@@ -451,3 +451,18 @@ def test_damaged_lock_is_taken_over(tmp_path, capsys, pair_file):
     (out / ".lock").write_text("{not json")
     rc, _, err = run_cli(["run", *FAST, "--pairs", str(pair_file), "--out", str(out)], capsys)
     assert rc == 0 and "taking over the lock" in err and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--d-model", "130", "--heads", "4"], "--d-model 130 must be divisible by --heads 4"),
+        (["--number-init", "gauss"], "--number-init 'gauss': use random or fourier"),
+        (["--thought-swap-rate", "1.5"], "--thought-swap-rate 1.5: use a value in [0, 1]"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+    ],
+)
+def test_bad_train_options_are_refused_before_training(args, message, tmp_path, capsys):
+    """`train`'s options come from TrainConfig; a value that cannot train is one line, nothing written."""
+    assert_refused(["train", "--out", str(tmp_path / "m"), *args], capsys, message)
+    assert not (tmp_path / "m").exists()

@@ -132,6 +132,8 @@ def distill_loss(
     rows = torch.arange(b.t_ids.size(0))
     if keep is not None:
         rows = rows[keep]
+    if not len(rows):  # every row swapped: nothing to distil
+        return student_hidden[-1].new_zeros(())
     per_layer = []
     for th, sh in zip(teacher_hidden[1:], student_hidden[1:]):
         t = th[rows, b.t_distill[rows]].detach()
