@@ -44,6 +44,9 @@ class TrainConfig:
     latent_aux_factor: float = option(
         1.0, "Weight of the auxiliary loss: latent position j decodes to step result j (not in CODI)."
     )
+    thought_aux_factor: float = option(
+        0.0, "Weight of the auxiliary loss: fed thought q, read as a token embedding, is step result q-1 (not in CODI)."
+    )
     answer_blind_rate: float = option(
         0.0, "Fraction of rows whose answer tokens cannot attend to the question (they must read the thoughts)."
     )

@@ -32,18 +32,32 @@ class ThoughtSwap:
 
     ``position`` p (1..K-1): the latent position whose fed thought is swapped. ``rows`` [B] bool;
     ``donor`` [B] long (row i is fed ``thought[donor[i], p]``). ``answer_ids``/``answer_labels``
-    [B, T_a] and ``latent_targets`` [B, K]: the batch's, with the swapped rows' counterfactuals.
+    [B, T_a], ``latent_targets`` [B, K] and ``thought_targets`` [B, K] (see
+    :func:`thought_targets`): the batch's, with the swapped rows' counterfactuals.
     """
 
-    def __init__(self, position: int, rows, donor, answer_ids, answer_labels, latent_targets):
+    def __init__(self, position: int, rows, donor, answer_ids, answer_labels, latent_targets, thought_targets):
         self.position, self.rows, self.donor = position, rows, donor
-        self.answer_ids, self.answer_labels, self.latent_targets = answer_ids, answer_labels, latent_targets
+        self.answer_ids, self.answer_labels = answer_ids, answer_labels
+        self.latent_targets, self.thought_targets = latent_targets, thought_targets
 
     def apply(self, step: int, thought: torch.Tensor) -> torch.Tensor:
         """The thought to feed at latent ``step`` ([B, 1, d] in, [B, 1, d] out)."""
         if step != self.position:
             return thought
         return torch.where(self.rows[:, None, None], thought[self.donor], thought)
+
+
+def thought_targets(latent_targets: torch.Tensor) -> torch.Tensor:
+    """[B, K] token ids the fed thoughts should hold: thought q = ``prj`` of latent position q-1's
+    final state, so it holds that position's value; thought 0 (``prj`` of ``<bot>``) holds none (-100).
+
+    >>> thought_targets(torch.tensor([[5, 6, 7]]))
+    tensor([[-100,    5,    6]])
+    """
+    out = torch.full_like(latent_targets, -100)
+    out[:, 1:] = latent_targets[:, :-1]
+    return out
 
 
 class Counterfactual(NamedTuple):
@@ -87,6 +101,7 @@ def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int) -> ThoughtSw
     rows = torch.zeros(n, dtype=torch.bool)
     answer_ids, answer_labels = b.a_ids.clone(), b.a_labels.clone()
     targets = b.latent_targets.clone()
+    thoughts = thought_targets(b.latent_targets)
     number_at = 1 + len(codec.encode(ANSWER_PREFIX))  # <eot> prefix N <eos>: N's index
     for i in range(n):
         j = int(donor[i])
@@ -99,5 +114,9 @@ def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int) -> ThoughtSw
             continue
         rows[i] = True
         answer_ids[i, number_at] = answer_labels[i, number_at] = answer_id
-        targets[i, position:] = torch.tensor(number_ids(cf.values, codec)[position:])
-    return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets) if rows.any() else None
+        cf_ids = torch.tensor(number_ids(cf.values, codec))
+        targets[i, position:] = cf_ids[position:]
+        thoughts[i, position:] = cf_ids[position - 1 : -1]  # the swapped thought holds the donor's value
+    if not rows.any():
+        return None
+    return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets, thoughts)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.training.data import Batch, Codec
-from latentpatch.training.interchange import ThoughtSwap, plan_swap
+from latentpatch.training.interchange import ThoughtSwap, plan_swap, thought_targets
 
 if TYPE_CHECKING:
     from latentpatch.training.config import TrainConfig
@@ -157,15 +157,16 @@ def codi_loss(
     if cfg.answer_blind_rate:  # the answer must be read from the thoughts in these rows
         blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
     swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent) if codec is not None else None
-    a_ids, a_labels, targets = (
-        (swap.answer_ids, swap.answer_labels, swap.latent_targets)
-        if swap
-        else (
-            b.a_ids,
-            b.a_labels,
-            b.latent_targets,
+    if swap is not None:
+        a_ids, a_labels, targets, t_targets = (
+            swap.answer_ids,
+            swap.answer_labels,
+            swap.latent_targets,
+            swap.thought_targets,
         )
-    )
+    else:
+        a_ids, a_labels, targets = b.a_ids, b.a_labels, b.latent_targets
+        t_targets = thought_targets(b.latent_targets) if b.latent_targets is not None else None
     student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap)
     s_ce = next_token_ce(student.answer_logits, a_labels)
     keep = ~swap.rows if swap is not None else None
@@ -179,4 +180,13 @@ def codi_loss(
         aux = F.cross_entropy(lat_logits.reshape(-1, lat_logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         total = total + cfg.latent_aux_factor * aux
         parts["latent_aux"] = aux.item()
+    if cfg.thought_aux_factor and t_targets is not None:
+        # auxiliary (not in CODI): the fed thought, read as an input embedding (dot product with the
+        # tied token embeddings), is its value's token, so later positions can read it as they read
+        # the question's numbers
+        emb = model.lm.get_input_embeddings().weight  # [V, d]
+        t_logits = (student.thoughts @ emb.T).float()  # [B, K, V]
+        t_aux = F.cross_entropy(t_logits.reshape(-1, t_logits.size(-1)), t_targets.reshape(-1), ignore_index=-100)
+        total = total + cfg.thought_aux_factor * t_aux
+        parts["thought_aux"] = t_aux.item()
     return total, parts
