@@ -192,12 +192,16 @@ ATP_PATHS: tuple[str, ...] = ("full", "attention")
 ATP_METRICS: tuple[str, ...] = ("answer_logit_diff", "answer_logprob_diff")
 #: Per-pair files and the table under ``results/``.
 ATP_DIR, ATP_FILE = "atp", "atp.parquet"
-#: ``selected`` of a row: exactly patched as part of the exact check, as one of the top-K of ``--refine``,
-#: as one of its random control sample, or not patched ("").
-ATP_SELECTIONS: tuple[str, ...] = ("check", "top", "control", "")
+#: ``selected`` of a row under ``--refine K``: one of the K sites with the largest estimate, one of the
+#: random control sample of the rest, or neither ("").
+ATP_SELECTIONS: tuple[str, ...] = ("top", "control", "")
+#: Float columns of ``atp.parquet`` that JSON holds as null when NaN.
+ATP_FLOAT_COLUMNS: tuple[str, ...] = ("atp", "atp_attention", "atp_graddrop", "exact")
 #: ``results/atp.parquet``: one row per pair x site (component x layer x latent position). ``atp`` /
-#: ``atp_attention``: the estimate through both routes / the recurrence cut; ``atp_graddrop``: the GradDrop
-#: score (NaN unless asked); ``exact``: the exact effect (NaN where not patched); all in the unit of ``metric``.
+#: ``atp_attention``: the estimated change of ``metric`` through both routes / with the recurrence cut;
+#: ``atp_graddrop``: the GradDrop score (NaN unless ``--graddrop``); ``exact``: the exact change (NaN where
+#: not patched); ``checked``: the pair is one of the exact check's (every site patched); ``selected``: see
+#: :data:`ATP_SELECTIONS`.
 ATP_COLUMNS: list[str] = [
     "pair_id",
     "metric",
@@ -208,6 +212,7 @@ ATP_COLUMNS: list[str] = [
     "atp_attention",
     "atp_graddrop",
     "exact",
+    "checked",
     "selected",
     "flagged",
 ]

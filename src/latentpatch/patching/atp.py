@@ -293,7 +293,7 @@ def exact_effects(
     return [float(c[metric]) - at_target for c in cells]
 
 
-def refine_sites(ranking: dict[SiteKey, float], k: int, seed: int) -> tuple[list[SiteKey], list[SiteKey]]:
+def refine_sites(ranking: dict[SiteKey, float], k: int, seed: int | str) -> tuple[list[SiteKey], list[SiteKey]]:
     """``(top, control)``: the ``k`` sites with the largest |score| (ties: site order) and ``k``
     sites drawn at random (``random.Random(seed)``) from the rest."""
     order = sorted(ranking, key=lambda s: -abs(ranking[s]))
