@@ -238,3 +238,56 @@ def test_gradients_leave_parameters_and_default_rollout_alone():
     r = m.rollout([base.target.prompt])
     assert not r.answer_logits.requires_grad
     assert torch.equal(r.thoughts[0], base.target.thoughts)
+
+
+# ---- the run: --experiments atp -------------------------------------------------------------------------
+def test_run_with_atp_exact_check_and_refine(tmp_path):
+    """Rows equal the estimator and plain patched rollouts; pair 0 is checked (every site exact),
+    pair 1 has exact effects on its top-K and control sites only; the report has the section."""
+    import pandas as pd
+
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.model.load import load_model
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    pairs = generate_pairs(2, seed=0)
+    cfg = RunConfig(
+        experiments=("atp",), out=str(tmp_path / "r"), use_cache=False, atp_exact_pairs=1, refine=3, graddrop=True
+    )
+    out = run_experiments(cfg, pairs=pairs, progress=False, command="test")
+    atp = pd.read_parquet(out / "results" / "atp.parquet")
+    m = load_model("default")
+    L, K = m.n_layers, m.num_latent
+    assert len(atp) == 2 * 4 * L * K and atp["atp_graddrop"].notna().all()
+    first, second = (atp[atp["pair_id"] == p.pair_id] for p in pairs)
+    assert first["checked"].all() and first["exact"].notna().all()
+    assert not second["checked"].any()
+    assert sorted(second["selected"].value_counts().items()) == [("", 4 * L * K - 6), ("control", 3), ("top", 3)]
+    assert second["exact"].notna().sum() == 6
+    top = second[second["selected"] == "top"]
+    assert top["atp_graddrop"].min() >= second[second["selected"] != "top"]["atp_graddrop"].max()
+    clean, corr = (record_run(m, m.prompt_ids(v.question)) for v in (pairs[1].clean, pairs[1].corrupted))
+    base = prepare_pair(m, pairs[1].pair_id, clean, corr, pairs[1].clean.answer, pairs[1].corrupted.answer)
+    res = attribution_patching(m, base, replacement_values(base, EngineConfig()))
+    for r in second[second["exact"].notna()].itertuples():
+        site = (r.component, r.layer, r.position)
+        assert abs(r.atp - res.value("full", site)) < 1e-5
+        plain = patched_ld(m, base, site, base.source.acts[r.component][r.layer, r.position]) - base.ld_target
+        assert abs(r.exact - plain) < 1e-4 * max(1.0, abs(plain))
+    html = (out / "report.html").read_text()
+    part = html[html.index('id="atp"') :]
+    part = part[: part.index("</section>")]
+    assert "Pearson" in part and "data:image/png;base64," in part and "--refine" in part
+
+
+def test_atp_options_need_the_experiment():
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.pipeline.config import RunConfig
+
+    with pytest.raises(LatentPatchError, match="--refine applies to attribution patching"):
+        RunConfig(refine=5).validate()
+    with pytest.raises(LatentPatchError, match="--atp-exact-pairs must be >= 1"):
+        RunConfig(experiments=("atp",), atp_exact_pairs=0).validate()
+    RunConfig(experiments=("layer", "atp"), refine=2, graddrop=False).validate()
+    assert RunConfig().to_dict() == RunConfig(refine=None, atp_exact_pairs=None).to_dict()
