@@ -291,3 +291,43 @@ def test_atp_options_need_the_experiment():
         RunConfig(experiments=("atp",), atp_exact_pairs=0).validate()
     RunConfig(experiments=("layer", "atp"), refine=2, graddrop=False).validate()
     assert RunConfig().to_dict() == RunConfig(refine=None, atp_exact_pairs=None).to_dict()
+
+
+def test_run_with_layer_and_atp_per_head(tmp_path):
+    """--component head_out: every head is a site too; a run with cells and atp has both sections,
+    and a head row's estimate equals the estimator's."""
+    import pandas as pd
+
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.model.load import load_model
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    pairs = generate_pairs(1, seed=2)
+    cfg = RunConfig(experiments=("layer", "atp"), component="head_out", out=str(tmp_path / "r"), use_cache=False)
+    out = run_experiments(cfg, pairs=pairs, progress=False, command="test")
+    atp = pd.read_parquet(out / "results" / "atp.parquet")
+    m = load_model("default")
+    L, K = m.n_layers, m.num_latent
+    assert len(atp) == (4 + 4) * L * K and atp["exact"].notna().all()
+    heads = atp[atp["component"].str.startswith("head_out.")]
+    assert sorted(heads["component"].unique()) == [f"head_out.{h}" for h in range(4)]
+    clean, corr = (record_run(m, m.prompt_ids(v.question)) for v in (pairs[0].clean, pairs[0].corrupted))
+    base = prepare_pair(m, pairs[0].pair_id, clean, corr, pairs[0].clean.answer, pairs[0].corrupted.answer)
+    add_head_acts(m, [base.clean, base.corrupted])
+    res = attribution_patching(m, base, replacement_values(base, EngineConfig()), ("head_out.2",), paths=("full",))
+    row = heads[(heads["component"] == "head_out.2") & (heads["layer"] == 1) & (heads["position"] == 3)].iloc[0]
+    assert abs(row["atp"] - res.value("full", ("head_out.2", 1, 3))) < 1e-5
+    html = (out / "report.html").read_text()
+    assert 'id="atp"' in html and 'id="layer"' in html
+
+
+def test_cli_refine_without_atp_is_one_line(capsys):
+    from latentpatch import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["run", "--refine", "3", "--limit", "1"])
+    assert err.value.code == 2
+    out, errtext = capsys.readouterr()
+    assert "--refine applies to attribution patching only" in out + errtext and "Traceback" not in out + errtext
