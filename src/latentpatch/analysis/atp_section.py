@@ -2,9 +2,10 @@
 
 Reads ``results/atp.parquet``. :func:`agreement` compares the estimate with the exact effect on the
 exact check's rows (Pearson and Spearman correlation, pooled and per component; top-10 overlap per
-pair; the worst misses: large exact effect, small estimate); :func:`refine_summary` the ``--refine``
-rows. The figure ``atp_scatter`` shows estimate vs exact effect, one panel per component. A run
-without ``atp`` gets one line that says how to get it.
+pair; the worst misses: large exact effect, small estimate); :func:`path_split` splits the estimate
+into the attention path and the recurrent path; :func:`refine_summary` the ``--refine`` rows. The
+figure ``atp_scatter`` shows estimate vs exact effect, one panel per component. A run without ``atp``
+gets one line that says how to get it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,33 @@ def refine_summary(atp: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def path_split(atp: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per component group (every pair and site): mean |estimate|, mean |attention-path estimate|, mean
+    |recurrent share| (``atp − atp_attention``) and the recurrent fraction Σ|recurrent| / (Σ|attention| +
+    Σ|recurrent|).
+
+    >>> rows = pd.DataFrame({"component": ["resid_out", "resid_out"], "atp": [1.0, -2.0], "atp_attention": [1.0, 0.0]})
+    >>> round(path_split(rows)[0]["recurrent_fraction"], 3)  # |1 − 1| + |−2 − 0| over that + |1| + |0|
+    0.667
+    """
+    out = []
+    groups = atp["component"].map(component_group)
+    for group in [g for g in (*COMPONENTS, "head_out") if (groups == g).any()]:
+        g = atp[groups == group]
+        attention, recurrent = g["atp_attention"].abs(), (g["atp"] - g["atp_attention"]).abs()
+        total = float(attention.sum() + recurrent.sum())
+        out.append(
+            {
+                "group": group,
+                "mean_abs_atp": float(g["atp"].abs().mean()),
+                "mean_abs_attention": float(attention.mean()),
+                "mean_abs_recurrent": float(recurrent.mean()),
+                "recurrent_fraction": float(recurrent.sum()) / total if total else float("nan"),
+            }
+        )
+    return out
+
+
 def atp_scatter(rows: pd.DataFrame, out_dir: Path, formats: Sequence[str]) -> list[Path]:
     """Estimate (x) vs exact effect (y) per component group, y = x dashed."""
     groups = [g for g in (*COMPONENTS, "head_out") if (rows["group"] == g).any()]
@@ -158,7 +186,8 @@ def atp_section(run_dir: Path, formats: Sequence[str] = ("png",)) -> str:
     rows = [["all", str(a["n_sites"]), fmt(a["pearson"]), fmt(a["spearman"])]]
     rows += [[escape(g), str(v["n"]), fmt(v["pearson"]), fmt(v["spearman"])] for g, v in a["by_component"].items()]
     body += (
-        f"<p>Exact check: {a['n_pairs']} pair(s); top-{TOP_K} overlap (mean over pairs): {fmt(a['top_overlap'])}.</p>"
+        f"<p>Exact check: {a['n_pairs']} pair(s); per pair (mean over pairs): Pearson {fmt(a['pair_pearson'])}, "
+        f"Spearman {fmt(a['pair_spearman'])}, top-{TOP_K} overlap {fmt(a['top_overlap'])}. Pooled over pairs:</p>"
     )
     body += table(["component", "sites", "Pearson", "Spearman"], rows, left=1)
     checked = atp[atp["checked"].astype(bool) & atp["exact"].notna()].copy()
@@ -173,6 +202,16 @@ def atp_section(run_dir: Path, formats: Sequence[str] = ("png",)) -> str:
             for r in a["misses"].itertuples()
         ]
         body += table(["pair", "component", "layer", "position", "exact", "AtP", "AtP attention path"], miss_rows, 2)
+    body += "<h3>Attention path and recurrent path (every pair and site)</h3>"
+    body += table(
+        ["component", "mean |AtP|", "mean |attention path|", "mean |recurrent path|", "recurrent fraction"],
+        [
+            [escape(r["group"])]
+            + [fmt(r[k]) for k in ("mean_abs_atp", "mean_abs_attention", "mean_abs_recurrent", "recurrent_fraction")]
+            for r in path_split(atp)
+        ],
+        left=1,
+    )
     refined = refine_summary(atp)
     if refined:
         body += "<h3>--refine: exact effects of the top sites and of a random control sample</h3>"
