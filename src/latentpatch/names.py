@@ -88,8 +88,11 @@ STEP_EXPERIMENTS: tuple[str, ...] = ("thought", "early", "influence", "intermedi
 #: Reading experiments (docs/method.md §14): logit lens and attention to the question, from each
 #: pair's unpatched runs; their rows go to ``results/lens*.parquet`` and ``results/attention.parquet``.
 READING_EXPERIMENTS: tuple[str, ...] = ("lens", "attention")
+#: Attribution patching (docs/method.md §15): the first-order estimate of every position-sweep site's
+#: effect from one backward pass, checked against exact patching; rows go to ``results/atp.parquet``.
+ATP_EXPERIMENT = "atp"
 #: Every name ``--experiments`` accepts.
-ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS
+ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT,)
 #: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
 #: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
 THOUGHT_SITES: tuple[str, ...] = ("thought", "thought_pre")
@@ -178,6 +181,41 @@ LENS_TOP_COLUMNS: list[str] = ["pair_id", "variant", "layer", "position", "k", "
 #: position (0..K-1 latent, K first answer) x token role (``number 1``.., ``operator``, ``other``,
 #: ``special``, ``thoughts``: earlier latent positions and the query itself).
 ATTENTION_COLUMNS: list[str] = ["pair_id", "variant", "layer", "position", "role", "weight"]
+
+
+# ---- attribution patching (docs/method.md §15) -------------------------------------------------------
+#: Gradient paths: ``full`` = through the KV cache and the recurrence; ``attention`` = the gradient stopped
+#: at each fed thought (recurrence cut, the counterpart of the ``frozen`` control).
+ATP_PATHS: tuple[str, ...] = ("full", "attention")
+#: Metrics attribution patching estimates (KL has zero gradient at the target run, so it has no
+#: first-order estimate).
+ATP_METRICS: tuple[str, ...] = ("answer_logit_diff", "answer_logprob_diff")
+#: Per-pair files and the table under ``results/``.
+ATP_DIR, ATP_FILE = "atp", "atp.parquet"
+#: ``selected`` of a row under ``--refine K``: one of the K sites with the largest estimate, one of the
+#: random control sample of the rest, or neither ("").
+ATP_SELECTIONS: tuple[str, ...] = ("top", "control", "")
+#: Float columns of ``atp.parquet`` that JSON holds as null when NaN.
+ATP_FLOAT_COLUMNS: tuple[str, ...] = ("atp", "atp_attention", "atp_graddrop", "exact")
+#: ``results/atp.parquet``: one row per pair x site (component x layer x latent position). ``atp`` /
+#: ``atp_attention``: the estimated change of ``metric`` through both routes / with the recurrence cut;
+#: ``atp_graddrop``: the GradDrop score (NaN unless ``--graddrop``); ``exact``: the exact change (NaN where
+#: not patched); ``checked``: the pair is one of the exact check's (every site patched); ``selected``: see
+#: :data:`ATP_SELECTIONS`.
+ATP_COLUMNS: list[str] = [
+    "pair_id",
+    "metric",
+    "component",
+    "layer",
+    "position",
+    "atp",
+    "atp_attention",
+    "atp_graddrop",
+    "exact",
+    "checked",
+    "selected",
+    "flagged",
+]
 
 
 # ---- metrics ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pandas as pd
 
 from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
+from latentpatch.analysis.atp_section import atp_section
 from latentpatch.analysis.figure_set import start_cell_figures, summary_figures
 from latentpatch.analysis.html import CSS, escape
 from latentpatch.analysis.reading_section import reading_sections
@@ -106,6 +107,7 @@ def render_page(
 {iterative_section(stats, fig_dir)}
 {steps_sections(run_dir, st.run_seed(manifest))}
 {reading_sections(run_dir)}
+{atp_section(run_dir)}
 {statistics_section(stats)}
 {flagged_section(stats, all_cells)}
 {thoughts_section(thoughts, pairs, predictions=predictions)}
@@ -158,7 +160,8 @@ def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tupl
     checks_html, _ = checks_section(manifest)
     body = (
         f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, st.run_seed(manifest), formats)}"
-        f"{reading_sections(run_dir, formats)}{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
+        f"{reading_sections(run_dir, formats)}{atp_section(run_dir, formats)}"
+        f"{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
     )
     ids = set(re.findall(r'<section id="([^"]+)"', body))
     nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS if sid in ids)

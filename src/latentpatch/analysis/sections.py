@@ -34,6 +34,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("lens", "Logit lens"),
     ("attention", "Attention to the question"),
     ("heads", "Per-head patching"),
+    ("atp", "Attribution patching"),
     ("statistics", "Statistics"),
     ("flagged", "Flagged pairs"),
     ("thoughts", "Decoded thoughts"),

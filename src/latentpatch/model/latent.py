@@ -19,7 +19,8 @@ position ids skip the padding, so a row's numbers do not depend on the rest of t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypedDict
 
 import torch
@@ -226,12 +227,16 @@ class LatentModel(nn.Module):
         hooks: ActivationHooks | None = None,
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,
+        cut_recurrence: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latent steps ``start..K-1`` on ``state`` (which must end just before latent ``start``).
 
         ``first_thought`` [B, d] is the input embedding of latent ``start``. Each later input is
         ``prj`` of the previous final hidden state, unless ``override_mask[b, p]`` is set, in which
         case row b is fed ``thought_override[b, p]`` (used to freeze the recurrent path).
+        ``cut_recurrence`` (with gradients on): each ``prj`` output is fed as a new leaf tensor, the
+        same values with the gradient stopped there, so gradients reach earlier positions only
+        through the KV cache (the attention path; docs/method.md §15).
         Returns ``thoughts`` [B, K-start, d] (inputs fed), ``hidden`` [B, K-start, d] (final hidden
         states) and the next thought [B, d] (produced by the last step, not fed).
         """
@@ -244,6 +249,8 @@ class LatentModel(nn.Module):
             h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks)[:, -1]
             hidden.append(h)
             thought = self.prj(h)
+            if cut_recurrence and torch.is_grad_enabled():
+                thought = thought.detach().requires_grad_(True)
         return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
 
     def thought_ablation(self, values: torch.Tensor, batch: int) -> ThoughtOverride:
@@ -257,7 +264,25 @@ class LatentModel(nn.Module):
         every = torch.ones(batch, K, dtype=torch.bool, device=self.device)
         return ThoughtOverride(thought_override=override, override_mask=every)
 
-    @torch.no_grad()
+    @contextmanager
+    def grad_mode(self, grad: bool) -> Iterator[None]:
+        """``grad`` False: no autograd graph (every run but attribution patching). True: gradients
+        on, with every parameter's ``requires_grad`` off meanwhile, so the graph holds only what
+        flows from the inputs that ask for gradients (the latent positions; docs/method.md §15)."""
+        if not grad:
+            with torch.no_grad():
+                yield
+            return
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
     def rollout(
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -266,11 +291,19 @@ class LatentModel(nn.Module):
         record: Sequence[tuple[str, int]] = (),
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,
+        grad: bool = False,
+        cut_recurrence: bool = False,
     ) -> Rollout:
         """The real latent rollout of a batch of questions (text) or prompt ids (with separators).
 
         ``writes`` overwrite sites on the way (see :mod:`latentpatch.model.sites`); ``record`` keeps
         ``(component, layer)`` activations for every position.
+
+        ``grad``: run the latent steps and ``[EOT]`` with gradients (:meth:`grad_mode`): thought 0 is
+        a leaf that asks for gradients (the prompt pass has no graph: no site lies there), every
+        later thought is ``prj`` of the previous step inside the graph, and recordings stay in the
+        graph (:meth:`ActivationHooks.recorded_parts`). ``cut_recurrence``: stop the gradient at each
+        fed thought (:meth:`run_thoughts`). Attribution patching (docs/method.md §15) uses both.
 
         >>> from latentpatch.model.load import load_model
         >>> model = load_model("default")
@@ -285,20 +318,26 @@ class LatentModel(nn.Module):
         'The answer is: 8'
         """
         prompt_ids = [self.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
-        hooks = ActivationHooks(self.lm, writes=writes, record=record)
-        with hooks:
-            state, h = self.prefill(prompt_ids, hooks=hooks)
+        hooks = ActivationHooks(self.lm, writes=writes, record=record, keep_graph=grad)
+        with hooks, self.grad_mode(grad):
+            with torch.no_grad():
+                state, h = self.prefill(prompt_ids, hooks=hooks)
             prompt_len = state.length
+            first = self.prj(h)
+            if grad:
+                first = first.detach().requires_grad_(True)
             thoughts, hidden, next_thought = self.run_thoughts(
                 state,
-                self.prj(h),
+                first,
                 0,
                 hooks=hooks,
                 thought_override=thought_override,
                 override_mask=override_mask,
+                cut_recurrence=cut_recurrence,
             )
             answer_start = self.embed_ids(self.answer_start_ids(), len(prompt_ids))  # [B, 1 or 2, d]
             end = self.advance(state, inputs_embeds=answer_start, hooks=hooks)
+            answer_logits = self.logits(end[:, -1])
         return Rollout(
             prompt_len=prompt_len,
             prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
@@ -306,19 +345,19 @@ class LatentModel(nn.Module):
             source_hidden=h,
             latent_hidden=hidden,
             next_thought=next_thought,
-            answer_logits=self.logits(end[:, -1]),
+            answer_logits=answer_logits,
             state=state,
             hooks=hooks,
         )
 
     # -- after the thoughts: scoring and generation ---------------------------------------------
-    @torch.no_grad()
     def score(
         self,
         state: RolloutState,
         answer_logits: torch.Tensor,
         continuations: Sequence[Sequence[Sequence[int]]],
         shared_prefix: bool = False,
+        grad: bool = False,
     ) -> list[list[torch.Tensor]]:
         """Teacher forcing: logits predicting each token of each continuation, per row.
 
@@ -329,8 +368,19 @@ class LatentModel(nn.Module):
         ``shared_prefix``: feed the tokens every continuation starts with ("The answer is: ")
         once and branch from a fork after them (docs/method.md §7.2). The same computation, but
         not the same bits as the default: a prefix fed in its own forward sums in another order
-        than inside a longer one, so the default leaves it off.
+        than inside a longer one, so the default leaves it off. ``grad``: with gradients
+        (:meth:`grad_mode`), through the cache of a rollout made with ``grad=True``.
         """
+        with self.grad_mode(grad):
+            return self._score(state, answer_logits, continuations, shared_prefix)
+
+    def _score(
+        self,
+        state: RolloutState,
+        answer_logits: torch.Tensor,
+        continuations: Sequence[Sequence[Sequence[int]]],
+        shared_prefix: bool,
+    ) -> list[list[torch.Tensor]]:
         B = state.batch_size
         C = len(continuations[0])
         if any(len(c) != C for c in continuations):

@@ -191,10 +191,19 @@ class ActivationHooks:
     ``record``: ``(component, layer)`` pairs whose full activation is kept; read them with
     :meth:`recorded` as ``[B, T_recorded, d]`` (concatenated over the calls made while active,
     starting at the ``offset`` of the first call). Recorded values are *after* any write.
+    ``keep_graph``: keep the recorded tensors in the autograd graph (not detached), so a metric can
+    be differentiated with respect to them (:meth:`recorded_parts`; attribution patching, docs/method.md §15).
     """
 
-    def __init__(self, lm: nn.Module, writes: Iterable[Write] = (), record: Iterable[tuple[str, int]] = ()):
+    def __init__(
+        self,
+        lm: nn.Module,
+        writes: Iterable[Write] = (),
+        record: Iterable[tuple[str, int]] = (),
+        keep_graph: bool = False,
+    ):
         self.lm = lm
+        self.keep_graph = keep_graph
         self.blocks = transformer_blocks(lm)
         self.n_heads = int(getattr(getattr(lm, "config", None), "num_attention_heads", 1) or 1)
         self.writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
@@ -230,7 +239,8 @@ class ActivationHooks:
                         width = value.shape[-1]
                         h[b, local[b], head * width : (head + 1) * width] = value
         if key in self.record_keys:
-            self._recorded[key].append(h.detach() if head is None else self._head_slice(h, head).detach())
+            kept = h if head is None else self._head_slice(h, head)
+            self._recorded[key].append(kept if self.keep_graph else kept.detach())
         return h
 
     def _head_slice(self, h: torch.Tensor, head: int) -> torch.Tensor:
@@ -276,3 +286,12 @@ class ActivationHooks:
         if not parts:
             raise KeyError(f"({component}, {layer}) was not recorded")
         return torch.cat(parts, dim=1)
+
+    def recorded_parts(self, component: str, layer: int) -> list[torch.Tensor]:
+        """The recordings of ``(component, layer)`` one per forward call, each ``[B, T_call, d]``: with
+        ``keep_graph`` these are the very tensors the forward used, so gradients can be taken
+        with respect to them (the concatenation of :meth:`recorded` is a new tensor outside the graph)."""
+        parts = self._recorded.get((component, layer))
+        if not parts:
+            raise KeyError(f"({component}, {layer}) was not recorded")
+        return list(parts)

@@ -67,20 +67,30 @@ def _token_logprobs(logits: torch.Tensor, ids: list[int], start: int) -> torch.T
     return _number_rows(picked[:, None], start)[:, 0]
 
 
-def answer_logit_diff(a: AnswerLogits) -> float:
-    """Mean logit of A_clean's number tokens minus mean logit of A_corr's number tokens."""
-    return float(
+def answer_logit_diff_tensor(a: AnswerLogits) -> torch.Tensor:
+    """:func:`answer_logit_diff` as a 0-dim tensor (differentiable: attribution patching, §15)."""
+    return (
         _token_logits(a.clean, a.clean_ids, a.clean_start).mean()
         - _token_logits(a.corr, a.corr_ids, a.corr_start).mean()
     )
 
 
-def answer_logprob_diff(a: AnswerLogits) -> float:
-    """log P(number of A_clean) − log P(number of A_corr), given the prefix (nats)."""
-    return float(
+def answer_logit_diff(a: AnswerLogits) -> float:
+    """Mean logit of A_clean's number tokens minus mean logit of A_corr's number tokens."""
+    return float(answer_logit_diff_tensor(a))
+
+
+def answer_logprob_diff_tensor(a: AnswerLogits) -> torch.Tensor:
+    """:func:`answer_logprob_diff` as a 0-dim tensor (differentiable: attribution patching, §15)."""
+    return (
         _token_logprobs(a.clean, a.clean_ids, a.clean_start).sum()
         - _token_logprobs(a.corr, a.corr_ids, a.corr_start).sum()
     )
+
+
+def answer_logprob_diff(a: AnswerLogits) -> float:
+    """log P(number of A_clean) − log P(number of A_corr), given the prefix (nats)."""
+    return float(answer_logprob_diff_tensor(a))
 
 
 def answer_logprob(logits: torch.Tensor, ids: list[int], start: int) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from latentpatch.names import (
     ALL_POSITIONS,
+    ATP_EXPERIMENT,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
@@ -132,8 +133,8 @@ def experiment_specs(name: str, n_layers: int, num_latent: int, component: str =
         "position": position_specs,
         "iterative": iterative_specs,
     }
-    if name in STEP_EXPERIMENTS:
-        return []  # step-level experiments are run by latentpatch.pipeline.steps (docs/method.md §13)
+    if name in STEP_EXPERIMENTS or name == ATP_EXPERIMENT:
+        return []  # run by latentpatch.pipeline.steps (§13) and latentpatch.pipeline.atp (§15)
     if name not in generators:
         raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
     return generators[name](n_layers, num_latent, component)

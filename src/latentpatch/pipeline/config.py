@@ -23,6 +23,7 @@ from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     ALL_EXPERIMENTS,
+    ATP_EXPERIMENT,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
@@ -163,7 +164,10 @@ class RunConfig(ModelOptions):
     pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).")
     experiments: tuple[str, ...] = option(
         EXPERIMENTS,
-        "Comma list of " + ",".join(ALL_EXPERIMENTS) + " (the last four: step-level analyses, docs/method.md §13).",
+        "Comma list of "
+        + ",".join(ALL_EXPERIMENTS)
+        + " (thought..intermediate: step-level analyses, docs/method.md §13; lens, attention: §14; "
+        "atp: attribution patching, §15).",
         parse=parse_experiments,
     )
     component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(SITE_COMPONENTS) + ".")
@@ -193,6 +197,25 @@ class RunConfig(ModelOptions):
     wandb: bool = option(False, "Log the run to Weights & Biases.")
     wandb_project: str | None = option(None, "W&B project (default: latentpatch).")
     thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
+    atp_exact_pairs: int | None = option(
+        None,
+        "With --experiments atp: the first N pairs whose every site is also patched exactly, to check the "
+        "estimate (default: all pairs; docs/method.md §15).",
+        omit_if_unset=True,
+    )
+    refine: int | None = option(
+        None,
+        "With --experiments atp: per pair, patch exactly the K sites with the largest estimate and a seeded "
+        "random control sample of K of the rest (docs/method.md §15).",
+        omit_if_unset=True,
+    )
+    graddrop: bool | None = option(
+        None,
+        "With --experiments atp: also compute AtP*'s GradDrop score (one backward pass per layer; "
+        "--refine then ranks by it).",
+        flags="--graddrop/--no-graddrop",
+        omit_if_unset=True,
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -275,11 +298,25 @@ class RunConfig(ModelOptions):
         if self.shard is not None:
             parse_shard(self.shard)
             self._check_shardable()
+        self._check_atp()
+
+    def _check_atp(self) -> None:
+        """The attribution patching options: positive counts, and only with ``--experiments atp``."""
+        for name, value in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)):
+            if value is not None and value < 1:
+                raise LatentPatchError(f"--{name} must be >= 1 (got {value})")
+        given = [n for n, v in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)) if v is not None]
+        if self.graddrop is not None:
+            given.append("graddrop")
+        if given and ATP_EXPERIMENT not in self.experiments:
+            raise LatentPatchError(
+                f"--{given[0]} applies to attribution patching only; fix: add atp to --experiments, or drop the option"
+            )
 
     def _check_shardable(self) -> None:
         """``merge`` joins the seed experiments' tables only; step-level experiments also pool values
         over every pair of the run, and per-head baselines are not in the shared activation cache."""
-        unmergeable = [e for e in self.experiments if e in STEP_EXPERIMENTS + READING_EXPERIMENTS]
+        unmergeable = [e for e in self.experiments if e in STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT,)]
         if unmergeable:
             raise LatentPatchError(
                 f"--shard with --experiments {','.join(unmergeable)}: these are not joined by `latentpatch merge` "

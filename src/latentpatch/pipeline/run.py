@@ -38,6 +38,7 @@ from latentpatch.patching.checks import (
 )
 from latentpatch.patching.engine import sweep_fast, sweep_reference
 from latentpatch.patching.specs import PatchSpec, experiment_specs
+from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig, load_run_pairs, pairs_to_run
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
@@ -392,6 +393,7 @@ def execute_run(
         sweep(ctx, values_for)
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
+        sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
     finish_run(ctx, t0)
 
 
