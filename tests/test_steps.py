@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from latentpatch.patching.steps import (
 )
 
 FAMILIES = ["llama", "gpt2"]
+
+DEFAULT_PAIRS = Path(__file__).parents[1] / "src" / "latentpatch" / "default_data" / "pairs.json"
 
 
 def setup(family: str, noise_scale: float = 1.0):
@@ -181,6 +184,10 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         assert list(steps.columns) == STEP_COLUMNS and set(steps["experiment"]) <= set(exps)
         early = steps[steps["experiment"] == "early"]
         assert len(early) == 2 * 7 and not early[early["position"] == 6]["flipped"].any()  # S(K) = baseline
+        # to_source: the greedy number is the clean question's answer (denoising), read from the pair file
+        clean = {e["pair_id"]: e["answer"] for e in json.loads(DEFAULT_PAIRS.read_text()) if e["variant"] == "clean"}
+        expect = [p == clean[pid] for p, pid in zip(steps["pred_answer"], steps["pair_id"])]
+        assert steps["to_source"].tolist() == expect
         influence = pd.read_parquet(out / "results" / "influence.parquet")
         assert list(influence.columns) == INFLUENCE_COLUMNS
         page = (out / "report.html").read_text()

@@ -136,6 +136,7 @@ STEP_COLUMNS: list[str] = [
     "pred_answer",
     "flipped",
     "correct",
+    "to_source",
     "clean_correct",
     "corrupted_correct",
     "flagged",

@@ -9,6 +9,7 @@ page of a run made of step-level experiments only (it has no ``cells.parquet`` r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from latentpatch.analysis.sections import (
     section,
 )
 from latentpatch.analysis.steps_figures import early_figure, influence_figures, thought_figure
-from latentpatch.names import INFLUENCE_FILE, STEPS_FILE
+from latentpatch.names import ALL_POSITIONS, INFLUENCE_FILE, STEPS_FILE
 from latentpatch.rundir import RunPaths
 
 #: Section ids of this module, in page order.
@@ -59,6 +60,59 @@ def summarize(
     return pd.DataFrame(rows)
 
 
+def thought_signature(steps: pd.DataFrame) -> dict[str, float | int | list[list[int]]]:
+    """Do the answers follow the thoughts? Three numbers over the pairs right on both sides (docs/method.md §13).
+
+    ``source_answer``: fraction of pairs whose target run gives the source's answer when every thought
+    is the source run's (``thought``/``thought``/``source``/every step); ``same_flip`` and
+    ``diff_flip``: flip rates of same- and different-value donors at the thought that stores each
+    intermediate s (the p with the largest different-minus-same gap), rows pooled over s; ``cells``:
+    those [s, p]. NaN where the run lacks the experiment.
+
+    >>> rows = [dict(pair_id=i, experiment="thought", site="thought", replacement="source", position=-1,
+    ...              intermediate=-1, flipped=True, to_source=ok, flagged=False) for i, ok in enumerate((True, False))]
+    >>> rows += [dict(pair_id=0, experiment="intermediate", site="thought", replacement=k, position=p,
+    ...               intermediate=0, flipped=f, to_source=False, flagged=False)
+    ...          for k, p, f in [("same", 1, False), ("diff", 1, True), ("same", 2, True), ("diff", 2, True)]]
+    >>> sig = thought_signature(pd.DataFrame(rows))
+    >>> sig["source_answer"], sig["same_flip"], sig["diff_flip"], sig["cells"]
+    (0.5, 0.0, 1.0, [[0, 1]])
+    """
+    ok = steps[~steps["flagged"].astype(bool)]
+    every = ok[
+        (ok["experiment"] == "thought")
+        & (ok["site"] == "thought")
+        & (ok["replacement"] == "source")
+        & (ok["position"] == ALL_POSITIONS)
+    ]
+    has_col = "to_source" in every.columns and len(every)
+    out: dict[str, float | int | list[list[int]]] = {
+        "n_pairs": int(every["pair_id"].nunique()),
+        "source_answer": float(every["to_source"].astype(float).mean()) if has_col else math.nan,
+        "same_flip": math.nan,
+        "diff_flip": math.nan,
+        "cells": [],
+    }
+    inter = ok[ok["experiment"] == "intermediate"]
+    if inter.empty:
+        return out
+    rate = inter.pivot_table(
+        index=["intermediate", "position"], columns="replacement", values="flipped", aggfunc="mean"
+    )
+    if not {"same", "diff"} <= set(rate.columns):
+        return out
+    gap = (rate["diff"] - rate["same"]).dropna()
+    if gap.empty:
+        return out
+    best = gap.groupby(level="intermediate").idxmax().tolist()
+    chosen = inter.set_index(["intermediate", "position"]).loc[best]
+    flips = chosen.groupby("replacement")["flipped"].mean()
+    out.update(
+        same_flip=float(flips["same"]), diff_flip=float(flips["diff"]), cells=[[int(s), int(p)] for s, p in best]
+    )
+    return out
+
+
 def _ci(row: pd.Series) -> str:
     return f"{fmt(row['mean'])} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
 
@@ -82,7 +136,12 @@ def thought_section(steps: pd.DataFrame | None, seed: int, fig_dir: Path, format
     if sub is None or sub.empty:
         return section("thought", note(f"This run has no thought interventions; {HOW}."))
     keys = ["site", "replacement", "position"]
-    summary = summarize(sub, keys, ["flipped", "correct", "kl", "recovery"], seed)
+    metrics = (
+        ["flipped", "correct", "to_source", "kl", "recovery"]
+        if "to_source" in sub
+        else ["flipped", "correct", "kl", "recovery"]
+    )
+    summary = summarize(sub, keys, metrics, seed)
     thought_figure(summary, fig_dir, formats)
     flips = summary[(summary["metric"] == "flipped") & (summary["position"] >= 0)]
     top = flips.loc[flips["mean"].idxmax()] if len(flips) else None
@@ -92,9 +151,21 @@ def thought_section(steps: pd.DataFrame | None, seed: int, fig_dir: Path, format
         if top is not None
         else ""
     )
+    sig = thought_signature(steps) if steps is not None else {}
+    if not math.isnan(float(sig.get("source_answer", math.nan))):  # type: ignore[arg-type]
+        reading += (
+            f" With every thought taken from the source run, {fmt(sig['source_answer'])} of the "
+            f"{sig['n_pairs']} pairs right on both sides give the source's answer"
+        )
+        if not math.isnan(float(sig["same_flip"])):  # type: ignore[arg-type]
+            reading += (
+                f"; at the thought that stores each intermediate, a different-value donor flips "
+                f"{fmt(sig['diff_flip'])} of answers and a same-value donor {fmt(sig['same_flip'])}"
+            )
+        reading += " (for answers that follow the thoughts, the first two are high and the last low)."
     body = f"<p><b>Reading.</b> {escape(reading)}</p>"
     body += figure(fig_dir, "thought_bars", "Answer flip rate per thought p (all = every thought) and replacement.")
-    body += _table(summary, keys, ["flipped", "correct", "kl", "recovery"])
+    body += _table(summary, keys, metrics)
     return section("thought", body)
 
 

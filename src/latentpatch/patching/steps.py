@@ -206,6 +206,8 @@ def step_rows(base: PairBaseline, specs: Sequence[PatchSpec], cells: Sequence[di
         "flagged": not (base.clean_correct and base.corrupted_correct),
     }
     truth = base.corrupted_answer if base.direction == "denoise" else base.clean_answer
+    # the source run's answer: "the patched run now gives the clean answer" when denoising
+    source_answer = base.clean_answer if base.direction == "denoise" else base.corrupted_answer
     rows, influence = [], []
     for spec, m in zip(specs, cells):
         flipped = list(m["answer_ids"]) != list(base.target.answer_ids)
@@ -242,6 +244,7 @@ def step_rows(base: PairBaseline, specs: Sequence[PatchSpec], cells: Sequence[di
                 "pred_answer": m["pred_answer"],
                 "flipped": flipped,
                 "correct": same_number(m["pred_answer"], truth),
+                "to_source": same_number(m["pred_answer"], source_answer),
                 **flags,
             }
         )
