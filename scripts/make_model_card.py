@@ -1,7 +1,8 @@
 """Write the default model's card (README.md) from its latentpatch.json, config.json and eval.json.
 
-    python scripts/make_model_card.py MODEL_DIR EVAL_JSON [NOTES_MD]
+    python scripts/make_model_card.py MODEL_DIR EVAL_JSON SIGNATURE_JSON [NOTES_MD]
 
+SIGNATURE_JSON: the thought-dependence numbers `scripts/thought_dependence.sh` writes.
 NOTES_MD (optional) is a Markdown file whose text goes under "What was tried".
 """
 
@@ -10,7 +11,8 @@ import sys
 from pathlib import Path
 
 d, ev = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
-notes = Path(sys.argv[3]).read_text().strip() if len(sys.argv) > 3 else ""
+sig = json.loads(Path(sys.argv[3]).read_text())
+notes = Path(sys.argv[4]).read_text().strip() if len(sys.argv) > 4 else ""
 meta = json.loads((d / "latentpatch.json").read_text())
 tr, cfg = meta["training"], json.loads((d / "config.json").read_text())
 pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
@@ -19,6 +21,9 @@ targets = [
     ("accuracy >= 95%", ev["accuracy"] >= 0.95),
     ("pairs both correct >= 90%", ev["pairs_both_correct"] >= 0.90),
     ("zero-ablation drop >= 50 points", ev["ablation_accuracy_drop"] >= 0.50),
+    ("all thoughts from the clean run give the clean answer >= 70%", sig["source_answer"] >= 0.70),
+    ("different-value donor flips > 50%", sig["diff_flip"] > 0.50),
+    ("same-value donor flips < 10%", sig["same_flip"] < 0.10),
 ]
 met = ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets)
 n_layers, d_model, n_heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
@@ -40,12 +45,22 @@ quality_rows = [
         f"{pct(ev['pairs_clean_accuracy'])} / {pct(ev['pairs_corrupted_accuracy'])}",
     ),
     ("default pairs: both clean and corrupted correct", f"**{pct(ev['pairs_both_correct'])}**"),
+    (
+        f"default pairs right on both sides ({sig['n_pairs']}): all thoughts from the clean run -> clean answer",
+        f"**{pct(sig['source_answer'])}**",
+    ),
+    (
+        "the thought that stores each intermediate: different- / same-value donor flips the answer",
+        f"**{pct(sig['diff_flip'])}** / **{pct(sig['same_flip'])}**",
+    ),
 ]
 quality = "\n".join(f"| {measure} | {value} |" for measure, value in quality_rows)
 train_cmd = (
     f"OMP_NUM_THREADS=1 latentpatch train --out model --steps {tr['steps']} --seed {tr['seed']} --lr {tr['lr']} \\\n"
     f"    --warmup {tr['warmup']} --teacher-only-steps {tr['teacher_only_steps']} "
     f"--latent-aux-factor {tr['latent_aux_factor']} \\\n"
+    f"    --thought-aux-factor {tr['thought_aux_factor']} --thought-swap-rate {tr['thought_swap_rate']} "
+    f"--answer-blind-rate {tr['answer_blind_rate']} \\\n"
     f"    --number-init {tr['number_init']} --threads {tr['threads']}"
 )
 card = f"""# latentpatch default model: a small CODI model trained on synthetic arithmetic word problems
@@ -98,6 +113,11 @@ single token. Special tokens: `<eos>` = {meta["eos_id"]}, `<pad>` = {meta["pad_i
   hidden state at latent position j predicts the j-th intermediate result of the program (the answer
   once the program has no more steps). It makes the thoughts carry the intermediate results, which
   the patching tool's thought decoding shows.
+- three options that make the answer follow the thoughts (also not in CODI; `docs/training.md`):
+  answer-blind rows (rate {tr["answer_blind_rate"]}: the answer tokens cannot attend to the question),
+  interchange training (rate {tr["thought_swap_rate"]}: thought p is another row's, and the row learns the
+  counterfactual answer), and a thought auxiliary loss (factor {tr["thought_aux_factor"]}: fed thought q,
+  read as a token embedding, is step result q - 1).
 - curriculum: the first {tr["teacher_only_steps"]} steps train the teacher task only.
 - number tokens start from value features (`--number-init {tr["number_init"]}`: the first 32
   embedding dims of token n are 0.1 * [cos, sin](2 pi n / T) for 16 periods T from 2 to 100, the rest
