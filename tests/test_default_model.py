@@ -85,6 +85,22 @@ def test_layout_and_size():
         assert (MODEL_DIR / f).is_file()
 
 
+def test_readme_example_prints_the_models_answer():
+    """The README's Python example shows the shipped model's actual output for its question."""
+    import ast
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    m = re.search(
+        r"question = (\(.*?\))\nprint\(model\.answer\(\[question\]\)\)  # the shipped model prints: (\[.*?\])",
+        readme,
+        re.S,
+    )
+    assert m, "README: the Python example's question and printed answer not found"
+    question, shown = ast.literal_eval(m.group(1)), ast.literal_eval(m.group(2))
+    assert _load().answer([question]) == shown
+
+
 def test_reproduces_stored_answers():
     if not EXPECTED:
         pytest.skip("no stored answers")
