@@ -63,11 +63,19 @@ train_cmd = (
     f"--answer-blind-rate {tr['answer_blind_rate']} \\\n"
     f"    --number-init {tr['number_init']} --threads {tr['threads']}"
 )
+stages = tr.get("stages") or []
+stages_cmd = (
+    "\n".join(f"# stage {st['stage']} ({st['wall_s'] / 60:.1f} min)\n{st['command']}" for st in stages)
+    if stages
+    else train_cmd
+)
+wall_s = sum(st["wall_s"] for st in stages) if stages else tr["wall_s"]
+in_stages = f" in {len(stages)} stages" if stages else ""
 card = f"""# latentpatch default model: a small CODI model trained on synthetic arithmetic word problems
 
 A {n_layers}-layer LLaMA-architecture model (d_model {d_model}, {n_heads} heads,
 MLP {cfg["intermediate_size"]}, vocabulary {cfg["vocab_size"]}, tied embeddings, fp32, {size / 2**20:.1f} MB)
-trained from scratch on CPU by `latentpatch train`, with K = {meta["num_latent"]} continuous thoughts and
+trained from scratch on CPU by `latentpatch train`{in_stages}, with K = {meta["num_latent"]} continuous thoughts and
 the CODI projection `prj` (Linear {cfg["hidden_size"]}->{meta["prj_dim"]}, GELU, Linear, LayerNorm).
 Layout: official CODI without LoRA (`codi.model.*`, `prj.1.*`, `prj.3.*`, `prj.ln.*`; `lm_head` tied
 and omitted), `latentpatch.json` with the special ids and rollout settings.
@@ -123,16 +131,17 @@ single token. Special tokens: `<eos>` = {meta["eos_id"]}, `<pad>` = {meta["pad_i
   embedding dims of token n are 0.1 * [cos, sin](2 pi n / T) for 16 periods T from 2 to 100, the rest
   random); embeddings are tied, so the LM head reads values through the same features.
 
-AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matrices), batch {tr["batch_size"]},
+{"The settings here are the last stage's; the commands below give each stage's. " if stages else ""}AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matrices), batch {tr["batch_size"]},
 {tr["steps"]} steps, linear warmup {tr["warmup"]} + cosine decay to 5%, grad clip {tr["grad_clip"]}, fp32,
 `torch.set_num_threads({tr["threads"]})`, seeded init (seed {tr["seed"]}) and data order.
 
 ## Training command (CPU, one thread; `scripts/train_default.sh`)
 ```
-{train_cmd}
+{stages_cmd}
 ```
-Wall time: {tr["wall_s"]} s ({tr["wall_s"] / 60:.1f} min) on a 2-core AMD EPYC machine (the other core
-busy with a second training run or benchmarks most of the time). Loss log: `train_log.jsonl`.
+Wall time: {wall_s:.0f} s ({wall_s / 60:.1f} min) on a 2-core AMD EPYC machine (the other core
+busy with a second training run or benchmarks most of the time). Loss log: `train_log.jsonl`
+(each line names its `stage`).
 `eval.json`: the numbers above (eval wall time {ev["wall_s"]} s).
 """
 (d / "README.md").write_text(card)

@@ -32,7 +32,7 @@ EXPECTED: dict = {
         "He packs the rest in bags of 5 and sells each bag for 5 dollars. "
         "Then he spends 9 dollars on flour. "
         "How many dollars does Leo have left?"
-    ): 15.0,  # ground truth 16
+    ): 16.0,  # ground truth 16
     (
         "Sam bakes 32 cookies and eats 2 of them. "
         "He packs the rest in bags of 3 and sells each bag for 2 dollars. "
@@ -108,3 +108,55 @@ def test_reproduces_stored_answers():
     qs = list(EXPECTED)
     got = lm.answer(qs)
     assert got == [EXPECTED[q] for q in qs]
+
+
+# thought_signature (docs/method.md §13) of the shipped model on the first SIGNATURE_PAIRS default
+# pairs with their intermediates, stored once from the shipped weights (fp32 CPU, one thread).
+SIGNATURE_PAIRS = 10
+EXPECTED_SIGNATURE: dict = {
+    "n_pairs": 9,
+    "source_answer": 1.0,
+    "same_flip": 0.21428571428571427,
+    "diff_flip": 0.7037037037037037,
+    "cells": [[0, 1], [1, 1], [2, 5]],
+}
+
+
+def test_answers_follow_the_thoughts(tmp_path):
+    """The shipped model's answers follow its thoughts (issue target: clean thoughts give the clean
+    answer, a different-value donor flips the answer and a same-value one does not)."""
+    import torch
+
+    from latentpatch.analysis.steps_section import read_steps, thought_signature
+    from latentpatch.data.pairs import save_pairs
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    pairs = generate_pairs(57, seed=0, intermediates=True)[:SIGNATURE_PAIRS]
+    save_pairs(pairs, tmp_path / "pairs.json")
+    cfg = RunConfig(
+        pairs=str(tmp_path / "pairs.json"),
+        experiments=("thought", "intermediate"),
+        out=str(tmp_path / "run"),
+        use_cache=False,
+        threads=1,
+    )
+    sig = thought_signature(read_steps(run_experiments(cfg, progress=False, command="test"))[0])
+    # plain computation of the first number: one rollout per pair, every thought fed from the clean run
+    lm = _load()
+    right, follows = 0, 0
+    with torch.no_grad():
+        for p in pairs:
+            clean = lm.rollout([p.clean.question])
+            if lm.answer([p.clean.question]) != [p.clean.answer]:
+                continue
+            if lm.answer([p.corrupted.question]) != [p.corrupted.answer]:
+                continue
+            right += 1
+            got = lm.answer([p.corrupted.question], **lm.thought_ablation(clean.thoughts, 1))
+            follows += got == [p.clean.answer]
+    assert sig["n_pairs"] == right and sig["source_answer"] == pytest.approx(follows / right)
+    assert sig == pytest.approx(EXPECTED_SIGNATURE)
+    # the signature of thoughts that hold values (on these pairs; all 57: docs/training.md)
+    assert sig["source_answer"] >= 0.7 and sig["diff_flip"] > 2 * sig["same_flip"]

@@ -1,6 +1,7 @@
 """``TrainConfig``: every option of ``latentpatch train``, declared once with its help text.
 
-The defaults are the shipped default model's recipe (``src/latentpatch/default_model/README.md``).
+The defaults are stage 1 of the shipped default model's recipe (``src/latentpatch/default_model/README.md``);
+``scripts/train_default.sh`` runs stages 2 and 3 from it with ``--init-from``.
 The CLI generates ``train``'s options from these fields (``cli_options.with_options``), so this
 module imports no torch and ``latentpatch train --help`` stays fast.
 """
