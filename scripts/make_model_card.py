@@ -71,6 +71,7 @@ stages_cmd = (
 )
 wall_s = sum(st["wall_s"] for st in stages) if stages else tr["wall_s"]
 in_stages = f" in {len(stages)} stages" if stages else ""
+last_stage = "The settings here are the last stage's; the commands below give each stage's. " if stages else ""
 card = f"""# latentpatch default model: a small CODI model trained on synthetic arithmetic word problems
 
 A {n_layers}-layer LLaMA-architecture model (d_model {d_model}, {n_heads} heads,
@@ -131,7 +132,8 @@ single token. Special tokens: `<eos>` = {meta["eos_id"]}, `<pad>` = {meta["pad_i
   embedding dims of token n are 0.1 * [cos, sin](2 pi n / T) for 16 periods T from 2 to 100, the rest
   random); embeddings are tied, so the LM head reads values through the same features.
 
-{"The settings here are the last stage's; the commands below give each stage's. " if stages else ""}AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matrices), batch {tr["batch_size"]},
+{last_stage}AdamW (lr {tr["lr"]}, betas 0.9/0.98, weight decay {tr["weight_decay"]} on matrices),
+batch {tr["batch_size"]},
 {tr["steps"]} steps, linear warmup {tr["warmup"]} + cosine decay to 5%, grad clip {tr["grad_clip"]}, fp32,
 `torch.set_num_threads({tr["threads"]})`, seeded init (seed {tr["seed"]}) and data order.
 
