@@ -156,3 +156,22 @@ def test_partial_run_only_layer_sweep(tmp_path):
     assert s["experiments"] == ["layer"]
     assert s["comparisons"] == [] and s["additivity"] == []
     assert {c["metric"] for c in s["cells"]} == {"kl", "recovery", "answer_logit_diff", "logit_l2", "pred_change_rate"}
+
+
+def test_wilcoxon_p_equals_scipy_on_the_unsorted_sample():
+    """wilcoxon_p caches on the sorted sample: the same statistic and p as scipy on the sample as given
+    (ties and zeros included, n <= 13 where scipy runs its exact permutation null, and n > 50)."""
+    import numpy as np
+    from scipy import stats as sps
+
+    from latentpatch.analysis.inference import wilcoxon_p
+
+    rng = np.random.default_rng(0)
+    samples = [rng.integers(-1, 2, n).astype(float) for n in (5, 9, 12, 30, 60)]
+    samples += [rng.normal(size=n) for n in (7, 40)]
+    for x in samples:
+        if np.all(x == 0):
+            continue
+        ref = sps.wilcoxon(x)
+        assert wilcoxon_p(x) == (float(ref.statistic), float(ref.pvalue))
+        assert wilcoxon_p(x[::-1]) == wilcoxon_p(x)
