@@ -157,6 +157,7 @@ def test_answers_follow_the_thoughts(tmp_path):
             got = lm.answer([p.corrupted.question], **lm.thought_ablation(clean.thoughts, 1))
             follows += got == [p.clean.answer]
     assert sig["n_pairs"] == right and sig["source_answer"] == pytest.approx(follows / right)
-    assert sig == pytest.approx(EXPECTED_SIGNATURE)
+    assert sig.pop("cells") == EXPECTED_SIGNATURE["cells"]
+    assert sig == pytest.approx({k: v for k, v in EXPECTED_SIGNATURE.items() if k != "cells"})
     # the signature of thoughts that hold values (on these pairs; all 57: docs/training.md)
     assert sig["source_answer"] >= 0.7 and sig["diff_flip"] > 2 * sig["same_flip"]
