@@ -277,3 +277,41 @@ def test_swap_targets_are_the_counterfactual_program(tiny_run):
             assert torch.equal(swap.latent_targets[i, :p], b.latent_targets[i, :p])
             checked += 1
     assert checked > 50
+
+
+def test_same_value_donors_hold_the_rows_value_and_keep_its_targets(tiny_run):
+    """``swap_same_value`` 1: a swapped row whose batch has another row with its value at the
+    swapped thought gets such a donor (checked with a plain recomputation of both programs), and
+    its targets stay its own; with 0 the donors are those of the plain draw (same RNG use)."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    K = 4
+    probs = generate_problems(64, seed=11)
+    b = make_batch(probs, codec, num_latent=K)
+    matched = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        plain = plan_swap(b, codec, 0.7, K)
+        torch.manual_seed(seed)
+        again = plan_swap(b, codec, 0.7, K, same_value=0.0)
+        assert torch.equal(plain.donor, again.donor) and torch.equal(plain.rows, again.rows)
+        torch.manual_seed(seed)
+        swap = plan_swap(b, codec, 0.7, K, same_value=1.0)
+        p = swap.position
+
+        def value(prob):
+            res = _plain_results(prob.program)
+            return res[min(p - 1, len(res) - 1)]
+
+        for i, prob in enumerate(probs):
+            has_partner = any(value(q) == value(prob) for j, q in enumerate(probs) if j != i)
+            if not swap.rows[i] or not has_partner:
+                continue
+            donor = int(swap.donor[i])
+            assert donor != i and value(probs[donor]) == value(prob)
+            assert torch.equal(swap.answer_ids[i], b.a_ids[i])
+            assert torch.equal(swap.latent_targets[i], b.latent_targets[i])
+            matched += 1
+    assert matched > 20

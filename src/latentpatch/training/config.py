@@ -54,6 +54,9 @@ class TrainConfig:
     thought_swap_rate: float = option(
         0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )
+    swap_same_value: float = option(
+        0.0, "Of the swapped rows, the fraction given a donor with the same value at that thought (if the batch has one)."
+    )
     # data and machine
     data_seed: int = option(1, "Seed of the training pool of synthetic problems.")
     train_pool: int = option(200_000, "Problems generated for the pool (less the default pairs' questions).")
@@ -73,7 +76,7 @@ class TrainConfig:
             raise LatentPatchError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         if self.number_init not in NUMBER_INITS:
             raise LatentPatchError(f"--number-init {self.number_init!r}: use {' or '.join(NUMBER_INITS)}")
-        for name in ("answer_blind_rate", "thought_swap_rate", "prj_dropout"):
+        for name in ("answer_blind_rate", "thought_swap_rate", "swap_same_value", "prj_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LatentPatchError(f"--{name.replace('_', '-')} {getattr(self, name)}: use a value in [0, 1]")
 

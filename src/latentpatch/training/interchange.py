@@ -90,14 +90,20 @@ def counterfactual(program, step: int, value: int, num_latent: int) -> Counterfa
     return Counterfactual(latent_values(forced, num_latent), forced[-1])
 
 
-def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int) -> ThoughtSwap | None:
-    """Pick the position, rows and donors of one batch (torch RNG) and their counterfactual targets."""
+def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int, same_value: float = 0.0) -> ThoughtSwap | None:
+    """Pick the position, rows and donors of one batch (torch RNG) and their counterfactual targets.
+
+    ``same_value``: the fraction of swapped rows whose donor is re-drawn among the rows that hold the
+    same value at the swapped thought (their targets stay the row's own), so that what the thought
+    holds besides its value is trained not to matter; with 0 no extra random numbers are drawn."""
     n = b.q_ids.size(0)
     if rate <= 0 or n < 2 or num_latent < 2 or b.latent_targets is None:
         return None
     position = int(torch.randint(1, num_latent, ()))
     donor = torch.randperm(n)
     chosen = torch.rand(n) < rate
+    if same_value > 0:
+        donor = same_value_donors(b, donor, position - 1, same_value, num_latent)
     rows = torch.zeros(n, dtype=torch.bool)
     answer_ids, answer_labels = b.a_ids.clone(), b.a_labels.clone()
     targets = b.latent_targets.clone()
@@ -120,3 +126,17 @@ def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int) -> ThoughtSw
     if not rows.any():
         return None
     return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets, thoughts)
+
+
+def same_value_donors(b: Batch, donor: torch.Tensor, step: int, fraction: float, num_latent: int) -> torch.Tensor:
+    """``donor`` [B] with a ``fraction`` of rows (torch RNG) re-drawn among the other rows whose
+    step result ``step`` equals theirs; rows without such a partner keep their donor."""
+    values = [latent_values(program_results(p) or [0], num_latent)[step] for p in b.programs]
+    redraw = torch.rand(len(values)) < fraction
+    picks = torch.rand(len(values))  # one uniform per row: index into its partners
+    out = donor.clone()
+    for i, v in enumerate(values):
+        partners = [j for j, w in enumerate(values) if w == v and j != i]
+        if redraw[i] and partners:
+            out[i] = partners[min(int(picks[i] * len(partners)), len(partners) - 1)]
+    return out
