@@ -32,3 +32,15 @@ def test_threads_option_overrides():
 def test_this_machine_is_read():
     assert usable_cores() >= 1 and recent_load() >= 0.0
     assert 1 <= choose_threads(576, 30).count <= usable_cores()
+
+
+def test_small_models_get_a_worker_per_free_core_and_enough_pairs():
+    from latentpatch.pipeline.threads import PAIRS_PER_WORKER, choose_workers
+
+    assert choose_workers(128, 4, 57, cores=2, load=0.0).count == 2
+    assert choose_workers(128, 4, 57, cores=2, load=1.0).count == 1  # the other core is busy
+    assert choose_workers(128, 4, 57, cores=16, load=0.0).count == 57 // PAIRS_PER_WORKER
+    assert choose_workers(128, 4, PAIRS_PER_WORKER - 1, cores=16, load=0.0).count == 1  # too few pairs
+    assert choose_workers(576, 30, 57, cores=16, load=0.0).count == 1  # a larger model gets threads
+    assert choose_workers(128, 4, 57, on_cpu=False, cores=16, load=0.0).count == 1
+    assert choose_workers(576, 30, 57, override=3).to_dict() == {"count": 3, "reason": "--workers"}

@@ -301,7 +301,7 @@ def test_same_value_donors_hold_the_rows_value_and_keep_its_targets(tiny_run):
         swap = plan_swap(b, codec, 0.7, K, same_value=1.0)
         p = swap.position
 
-        def value(prob):
+        def value(prob, p=p):
             res = _plain_results(prob.program)
             return res[min(p - 1, len(res) - 1)]
 

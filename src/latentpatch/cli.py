@@ -279,6 +279,7 @@ def run_cmd(
         f"{manifest.n_pairs} pairs, clean acc {b.get('clean_accuracy', 0):.3f}, corrupted acc "
         f"{b.get('corrupted_accuracy', 0):.3f}; checks: {status}; {t.get('total_s', 0):.1f} s"
         + (f"; threads {manifest.threads['count']} ({manifest.threads['reason']})" if manifest.threads else "")
+        + (f"; workers {manifest.workers['count']} ({manifest.workers['reason']})" if manifest.workers else "")
     )
     report = RunPaths(path).report
     print(f"run directory: {path}" + (f"  report: {report}" if report.exists() else ""))

@@ -117,6 +117,7 @@ class RunPaths:
 #: Manifest keys written only once their step ran (absent, not null, before).
 _STEP_KEYS = (
     "threads",
+    "workers",
     "previous_timings",
     "n_pairs",
     "baselines",
@@ -150,6 +151,7 @@ class Manifest:
     dtype: str
     batch_size: int
     threads: dict[str, Any] | None = None  # {count, reason}: the CPU threads a run chose (absent when merged)
+    workers: dict[str, Any] | None = None  # {count, reason}: its processes for the pairs (pipeline/workers.py)
     model: dict[str, Any]  # name, family, n_layers, num_latent, d_model, config
     pairs_removed: list[dict[str, str]]  # [{pair_id, reason}]
     previous_timings: dict[str, float] | None = None  # the interrupted run's, on --resume

@@ -178,6 +178,12 @@ class RunConfig(ModelOptions):
     shard: str | None = option(None, "i/N: this process runs pairs k with k mod N == i (see `latentpatch merge`).")
     batch_size: int | str = option(64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size)
     threads: int | None = option(None, "CPU threads (default: 1 for small models, else the free cores).")
+    workers: int | None = option(
+        None,
+        "Processes that patch pairs side by side (default: one per free core for a small model on the CPU, "
+        "at most one per 8 pairs; else 1). Results are the same bytes with any number.",
+        omit_if_unset=True,
+    )
     seed: int = option(0, "Random seed (resample partners, check cells).")
     only_correct: bool = option(
         False, "Exclude pairs the model gets wrong (clean or corrupted).", flags="--only-correct/--all-pairs"
@@ -260,6 +266,7 @@ class RunConfig(ModelOptions):
         "wandb_project",
         "cache_dir",
         "use_cache",
+        "workers",
     )
 
     def validate(self) -> None:
@@ -284,6 +291,8 @@ class RunConfig(ModelOptions):
             raise LatentPatchError("--out is empty; fix: name a run directory, e.g. --out runs/first")
         if self.threads is not None and self.threads < 1:
             raise LatentPatchError("--threads must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise LatentPatchError("--workers must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LatentPatchError("--limit must be >= 1")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):

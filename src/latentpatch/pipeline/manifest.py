@@ -47,6 +47,7 @@ class RunContext:
     timings: dict[str, float]
     previous_timings: dict[str, float] | None = None
     threads: ThreadChoice | None = None  # the CPU thread count chosen (pipeline/threads.py)
+    workers: ThreadChoice | None = None  # processes for the per-pair loops (pipeline/workers.py)
     bases: list[PairBaseline] = field(default_factory=list)
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
@@ -80,6 +81,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         dtype=str(model.dtype).replace("torch.", ""),
         batch_size=ctx.batch_size,
         threads=ctx.threads.to_dict() if ctx.threads else None,
+        workers=ctx.workers.to_dict() if ctx.workers else None,
         model={
             "name": model.name or config.model,
             "family": model.family,

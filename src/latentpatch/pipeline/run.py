@@ -46,8 +46,9 @@ from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
-from latentpatch.pipeline.threads import ThreadChoice, choose_threads
+from latentpatch.pipeline.threads import ThreadChoice, choose_threads, choose_workers
 from latentpatch.pipeline.values import global_pool, value_factory
+from latentpatch.pipeline.workers import run_items
 from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result
 from latentpatch.runlock import check_writable_dir, run_lock
 
@@ -103,6 +104,9 @@ def start_run(
     check_question_lengths(model, [p for _, p in selected])
     batch_size = auto_batch_size(model) if config.batch_size == "auto" else int(config.batch_size)
     threads = set_threads(config, model)
+    workers = choose_workers(
+        model.d_model, model.n_layers, len(selected), config.workers, on_cpu=model.device.type == "cpu"
+    )
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     for name in config.experiments:
@@ -114,6 +118,7 @@ def start_run(
         environment=environment(),
         batch_size=batch_size,
         threads=threads,
+        workers=workers,
         cache=cache,
         command=command or command_line(config),
         progress=progress,
@@ -161,21 +166,28 @@ def record_baselines(ctx: RunContext) -> None:
     config, model = ctx.config, ctx.model
     ctx.progress.stage("baselines", len(ctx.pairs))
     t = time.perf_counter()
-    bases = []
-    for pair in ctx.pairs:
-        clean, corrupted = (recorded_run(model, ctx.cache, v.question, True) for v in (pair.clean, pair.corrupted))
-        bases.append(
-            prepare_pair(
-                model,
-                pair.pair_id,
-                clean,
-                corrupted,
-                float(pair.clean.answer),
-                float(pair.corrupted.answer),
-                config.direction,
-            )
-        )
-        ctx.progress.advance()
+    cache = ctx.cache
+    counts = (cache.hits, cache.misses) if cache else (0, 0)
+
+    def baseline(i: int) -> tuple[PairBaseline, int, int]:
+        pair, before = ctx.pairs[i], (cache.hits, cache.misses) if cache else (0, 0)
+        clean, corrupted = (recorded_run(model, cache, v.question, True) for v in (pair.clean, pair.corrupted))
+        answers = float(pair.clean.answer), float(pair.corrupted.answer)
+        base = prepare_pair(model, pair.pair_id, clean, corrupted, *answers, config.direction)
+        after = (cache.hits, cache.misses) if cache else (0, 0)
+        return base, after[0] - before[0], after[1] - before[1]  # a worker's cache counts come back
+
+    done = run_items(
+        list(range(len(ctx.pairs))),
+        baseline,
+        ctx.workers.count if ctx.workers else 1,
+        lambda i: ctx.progress.advance(),
+        threads=torch.get_num_threads(),
+    )
+    bases = [done[i][0] for i in range(len(ctx.pairs))]
+    if cache:
+        cache.hits = counts[0] + sum(d[1] for d in done.values())
+        cache.misses = counts[1] + sum(d[2] for d in done.values())
     ctx.timings["baselines_s"] = time.perf_counter() - t
     if config.only_correct:
         keep = [i for i, b in enumerate(bases) if b.clean_correct and b.corrupted_correct]
@@ -284,13 +296,22 @@ def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
     ctx.paths.pair_results.mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("patching", len(ctx.bases) * len(ctx.specs))
     t = time.perf_counter()
+    todo = []
     for i, k in enumerate(ctx.indices):
         path = ctx.paths.pair_result(k)
         if not path.exists() or read_pair_result(path) is None:
             if path.exists():  # a file damaged outside the run (writes are atomic): recompute it
                 ctx.progress.warn(f"note: {path} is damaged (truncated?); recomputing pair {ctx.bases[i].pair_id}")
-            write_json(path, patch_pair(ctx, i, values_for(i)))
-        ctx.progress.advance(len(ctx.specs))
+            todo.append(i)
+        else:
+            ctx.progress.advance(len(ctx.specs))
+    run_items(
+        todo,
+        lambda i: write_json(ctx.paths.pair_result(ctx.indices[i]), patch_pair(ctx, i, values_for(i))),
+        ctx.workers.count if ctx.workers else 1,
+        lambda i: ctx.progress.advance(len(ctx.specs)),
+        threads=torch.get_num_threads(),
+    )
     ctx.timings["sweep_s"] = time.perf_counter() - t
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 from latentpatch.files import write_json
 from latentpatch.model.latent import LatentModel
@@ -38,6 +41,7 @@ from latentpatch.patching.steps import (
     thought_specs,
 )
 from latentpatch.pipeline.manifest import RunContext
+from latentpatch.pipeline.workers import run_items
 from latentpatch.rundir import RunPaths
 
 
@@ -121,15 +125,30 @@ def sweep_steps(ctx: RunContext) -> None:
     paths = RunPaths(ctx.out)
     (paths.results / STEPS_DIR).mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("step-level", len(ctx.bases) * len(specs))
-    for i, (base, k) in enumerate(zip(ctx.bases, ctx.indices)):
-        path = paths.results / STEPS_DIR / f"{k:05d}.json"
-        if not path.exists():
-            values, mine = inputs(i)
-            if config.engine == "fast":
-                cells = sweep_fast(model, base, mine, values, ctx.batch_size)
-            else:
-                cells = sweep_reference(model, base, mine, values)
-            rows, influence = step_rows(base, mine, cells)
-            write_json(path, {"pair_id": base.pair_id, "index": k, "rows": rows, "influence": influence})
-        ctx.progress.advance(len(specs))
+    todo = [i for i in range(len(ctx.bases)) if not _step_path(ctx, i).exists()]
+    ctx.progress.advance(len(specs) * (len(ctx.bases) - len(todo)))
+    run_items(
+        todo,
+        lambda i: _patch_steps(ctx, i, *inputs(i)),
+        ctx.workers.count if ctx.workers else 1,
+        lambda i: ctx.progress.advance(len(specs)),
+        threads=torch.get_num_threads(),
+    )
     ctx.timings["steps_s"] = time.perf_counter() - t  # assembled with the rest by rundir.assemble
+
+
+def _step_path(ctx: RunContext, i: int) -> Path:
+    return RunPaths(ctx.out).results / STEPS_DIR / f"{ctx.indices[i]:05d}.json"
+
+
+def _patch_steps(ctx: RunContext, i: int, values: ValueFn, specs: list[PatchSpec]) -> None:
+    """Pair ``i``'s step-level cells, committed as one file (``results/steps/{k:05d}.json``)."""
+    base = ctx.bases[i]
+    if ctx.config.engine == "fast":
+        cells = sweep_fast(ctx.model, base, specs, values, ctx.batch_size)
+    else:
+        cells = sweep_reference(ctx.model, base, specs, values)
+    rows, influence = step_rows(base, specs, cells)
+    write_json(
+        _step_path(ctx, i), {"pair_id": base.pair_id, "index": ctx.indices[i], "rows": rows, "influence": influence}
+    )

@@ -74,3 +74,43 @@ def choose_threads(
     # round(): a process that is running now counts (our own start-up adds well under one)
     free = min(cores, max(1, cores - round(load)))
     return ThreadChoice(free, f"{free} of {cores} cores free (load {load:.2f})")
+
+
+#: Pairs each worker process should have at least before another one is started (forking and
+#: the per-process start cost more than a few pairs' work).
+PAIRS_PER_WORKER = 8
+
+
+def choose_workers(
+    d_model: int,
+    n_layers: int,
+    n_pairs: int,
+    override: int | None = None,
+    on_cpu: bool = True,
+    cores: int | None = None,
+    load: float | None = None,
+) -> ThreadChoice:
+    """Worker processes for the per-pair loops (``pipeline/workers.py``).
+
+    ``override`` (``--workers``) wins; off the CPU, or for a model that is not small (it gets
+    threads instead), 1; a small model gets one worker per free core, at most one per
+    ``PAIRS_PER_WORKER`` pairs.
+
+    >>> choose_workers(128, 4, 57, cores=2, load=0.1)
+    ThreadChoice(count=2, reason='small model, 2 of 2 cores free (load 0.10), 57 pairs')
+    >>> choose_workers(128, 4, 57, cores=2, load=1.2).count, choose_workers(128, 4, 5, cores=16, load=0.0).count
+    (1, 1)
+    >>> choose_workers(576, 30, 57, cores=16, load=0.0).reason
+    'one process: the model gets the threads'
+    """
+    if override is not None:
+        return ThreadChoice(override, "--workers")
+    if not on_cpu:
+        return ThreadChoice(1, "one process on the accelerator")
+    if d_model * n_layers > SMALL_MODEL:
+        return ThreadChoice(1, "one process: the model gets the threads")
+    cores = usable_cores() if cores is None else cores
+    load = recent_load() if load is None else load
+    free = min(cores, max(1, cores - round(load)))
+    count = max(1, min(free, n_pairs // PAIRS_PER_WORKER))
+    return ThreadChoice(count, f"small model, {free} of {cores} cores free (load {load:.2f}), {n_pairs} pairs")

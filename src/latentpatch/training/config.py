@@ -55,7 +55,7 @@ class TrainConfig:
         0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )
     swap_same_value: float = option(
-        0.0, "Of the swapped rows, the fraction given a donor with the same value at that thought (if the batch has one)."
+        0.0, "Of the swapped rows, the fraction given a donor holding the same value (where the batch has one)."
     )
     # data and machine
     data_seed: int = option(1, "Seed of the training pool of synthetic problems.")

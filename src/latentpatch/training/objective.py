@@ -156,7 +156,9 @@ def codi_loss(
     blind = None
     if cfg.answer_blind_rate:  # the answer must be read from the thoughts in these rows
         blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
-    swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value) if codec is not None else None
+    swap = None
+    if codec is not None:
+        swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value)
     if swap is not None:
         a_ids, a_labels, targets, t_targets = (
             swap.answer_ids,

@@ -1,0 +1,64 @@
+"""Pairs in worker processes (pipeline/workers.py): the same bytes as one process, errors surface."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from latentpatch.data.pairs import save_pairs
+from latentpatch.data.synthetic import generate_pairs
+from latentpatch.errors import LatentPatchError
+from latentpatch.model.load import load_model
+from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.run import run_experiments
+from latentpatch.pipeline.workers import run_items
+from latentpatch.rundir import read_manifest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need fork")
+
+
+def test_run_items_returns_every_result_and_reports_every_item():
+    seen: list[int] = []
+    parent = os.getpid()
+    out = run_items(list(range(7)), lambda i: (i * i, os.getpid()), 3, seen.append)
+    assert [v[0] for v in out.values()] == [i * i for i in range(7)] and list(out) == list(range(7))
+    assert sorted(seen) == list(range(7))
+    pids = {v[1] for v in out.values()}
+    assert parent in pids and len(pids) == 3  # this process and two children did the work
+
+
+def test_a_failing_worker_is_raised_with_its_message():
+    def work(i: int) -> int:
+        if i == 5:  # odd items go to the child
+            raise ValueError("pair 5 is broken")
+        return i
+
+    with pytest.raises(LatentPatchError, match="in a worker process: ValueError: pair 5 is broken"):
+        run_items(list(range(6)), work, 2, lambda i: None)
+    with pytest.raises(ValueError, match="pair 5"):  # in this process: the error itself
+        run_items(list(range(6)), work, 1, lambda i: None)
+
+
+def test_results_are_the_same_bytes_with_two_workers(tmp_path):
+    """Baselines, the layer sweep and the step-level experiments in two processes write exactly the
+    files one process writes (every pair is computed alone, at the same thread count)."""
+    pairs = tmp_path / "pairs.json"
+    save_pairs(generate_pairs(6, seed=3, intermediates=True), pairs)
+    model = load_model("default")
+    runs = {}
+    for workers in (1, 2):
+        config = RunConfig(
+            pairs=str(pairs),
+            experiments=("layer", "thought", "intermediate"),
+            out=str(tmp_path / f"w{workers}"),
+            workers=workers,
+            report=False,
+            use_cache=False,
+        )
+        runs[workers] = run_experiments(config, model=model, progress=False, command="test")
+    files = sorted(p.relative_to(runs[1]) for p in (runs[1] / "results").rglob("*") if p.is_file())
+    assert any(str(f).startswith("results/steps") for f in files) and len(files) > 10
+    for f in files:
+        assert (runs[1] / f).read_bytes() == (runs[2] / f).read_bytes(), f
+    assert read_manifest(runs[2])["workers"] == {"count": 2, "reason": "--workers"}
