@@ -41,8 +41,9 @@ def test_a_failing_worker_is_raised_with_its_message():
 
 
 def test_results_are_the_same_bytes_with_two_workers(tmp_path):
-    """Baselines, the layer sweep and the step-level experiments in two processes write exactly the
-    files one process writes (every pair is computed alone, at the same thread count)."""
+    """Baselines, the built-in checks, the layer sweep and the step-level experiments in two
+    processes write exactly the files (and check values) one process writes (every pair and every
+    check is computed alone, at the same thread count)."""
     pairs = tmp_path / "pairs.json"
     save_pairs(generate_pairs(6, seed=3, intermediates=True), pairs)
     model = load_model("default")
@@ -61,4 +62,6 @@ def test_results_are_the_same_bytes_with_two_workers(tmp_path):
     assert any(str(f).startswith("results/steps") for f in files) and len(files) > 10
     for f in files:
         assert (runs[1] / f).read_bytes() == (runs[2] / f).read_bytes(), f
-    assert read_manifest(runs[2])["workers"] == {"count": 2, "reason": "--workers"}
+    one, two = read_manifest(runs[1]), read_manifest(runs[2])
+    assert two["workers"] == {"count": 2, "reason": "--workers"}
+    assert one["checks"] == two["checks"] and one["baselines"] == two["baselines"]

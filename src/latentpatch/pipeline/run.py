@@ -214,14 +214,20 @@ def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[
 def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, dict]:
     """The built-in checks (docs/method.md §8), each ``{passed, value, threshold, detail}``."""
     model, bases, config = ctx.model, ctx.bases, ctx.config
-    return {
-        "identity": check_identity(model, bases, ctx.specs, n_pairs=1),
-        "full_restoration": check_full_restoration(model, bases[: min(len(bases), 8)]),
-        "live_thoughts": check_live_thoughts(model, bases),
-        "engine_reference": check_engine_reference(
+    checks: dict[str, Callable[[], dict]] = {
+        "identity": lambda: check_identity(model, bases, ctx.specs, n_pairs=1),
+        "full_restoration": lambda: check_full_restoration(model, bases[: min(len(bases), 8)]),
+        "live_thoughts": lambda: check_live_thoughts(model, bases),
+        "engine_reference": lambda: check_engine_reference(
             model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed
         ),
     }
+    names = list(checks)  # independent of each other: they run side by side like pairs
+    workers = ctx.workers.count if ctx.workers else 1
+    done = run_items(
+        list(range(len(names))), lambda i: checks[names[i]](), workers, lambda i: None, torch.get_num_threads()
+    )
+    return {name: done[i] for i, name in enumerate(names)}
 
 
 def report_failed_checks(ctx: RunContext) -> None:
