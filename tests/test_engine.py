@@ -343,3 +343,46 @@ def test_shared_prefix_scoring_equals_plain_teacher_forcing(family):
     assert_close_cells(
         sweep_fast(m, base, specs, values, 7, shared_prefix=True), sweep_reference(m, base, specs, values)
     )
+
+
+def test_flipped_answers_verified_as_the_clean_answer_equal_plain_greedy_decoding(monkeypatch):
+    """A patch that flips the shipped model's answer mostly makes it give the clean answer: the
+    engine then checks that guess with one forward instead of decoding step by step. Every cell's
+    answer must equal plain greedy decoding of its own patched rollout (one rollout per cell, no
+    shared cache), and the guess must have saved decoding."""
+    from latentpatch.data.synthetic import generate_pairs
+
+    m = load_model("default")
+    decoded = []
+    plain_generate = m.generate
+
+    def counting_generate(state, logits, *args):
+        decoded.append(len(logits))
+        return plain_generate(state, logits, *args)
+
+    monkeypatch.setattr(m, "generate", counting_generate)
+    specs = layer_specs(m.n_layers, m.num_latent, "resid_out") + position_specs(m.n_layers, m.num_latent, "resid_out")
+    flipped = to_clean = stepwise = 0
+    for pair in generate_pairs(3, seed=5):
+        clean, corr = (record_run(m, m.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+        base = prepare_pair(m, pair.pair_id, clean, corr, float(pair.clean.answer), float(pair.corrupted.answer))
+
+        def values(spec, base=base):
+            return base.source.acts[spec.component][spec.layer, list(spec.positions)]
+
+        decoded.clear()
+        cells = sweep_fast(m, base, specs, values, batch_size=16)
+        T = len(base.target.prompt)
+        for spec, cell in zip(specs, cells):
+            writes = [
+                Write(spec.component, spec.layer, torch.tensor([T + p]), torch.tensor([True]), values(spec)[i][None])
+                for i, p in enumerate(spec.positions)
+            ]
+            r = m.rollout([base.target.prompt], writes=writes)
+            assert cell["answer_ids"] == plain_generate(r.state, r.answer_logits)[0], spec
+            if cell["answer_ids"] != list(base.target.answer_ids):
+                flipped += 1
+                to_clean += cell["answer_ids"] == base.answers["clean"][0]
+        stepwise += sum(decoded)
+    # the rows decoded step by step are the flipped ones whose answer is neither guess
+    assert to_clean > 5 and stepwise <= flipped - to_clean, (flipped, to_clean, stepwise)

@@ -56,8 +56,14 @@ def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int])
         return False  # generate would have stopped before the end of seq
     elif not cfg.eos_stops(len(seq) - 1):
         return False  # the closing [EOS] would not stop generate here
+    return _argmaxes_are(model, logits, seq)
+
+
+def _argmaxes_are(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Is ``seq[j]`` the argmax of ``logits[j]`` ([len(seq), V]) among the ids ``generate`` may
+    emit, by more than :data:`GREEDY_MARGIN`, at every j?"""
     logits = logits.clone()
-    logits[:, cfg.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
+    logits[:, model.config.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
     top = logits.topk(2, dim=-1)  # values/indices [len, 2]
     ids = torch.tensor(seq, device=logits.device)
     return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())
@@ -86,14 +92,51 @@ def _score_and_generate(
     conts = [base_scored, base.answers["clean"][0], base.answers["corr"][0]]
     scored = model.score(state, first, [conts] * state.batch_size, shared_prefix)  # [B][3] x [len, V]
     reproduced = [_reproduces_greedy(model, sc[0], base_scored) for sc in scored]
-    gen = [list(greedy_base) if ok else [] for ok in reproduced]
-    rest = [b for b, ok in enumerate(reproduced) if not ok]
+    gen: list[list[int] | None] = [list(greedy_base) if ok else None for ok in reproduced]
+    for c in (1, 2):  # a flipped row most often gives A_clean or A_corr: verify that guess
+        _verify_candidate(model, state, first, conts[c], [sc[c] for sc in scored], gen)
+    rest = [b for b, ids in enumerate(gen) if ids is None]
     if rest:
         rows = torch.tensor(rest, device=first.device)
         for b, ids in zip(rest, model.generate(state.fork(rows=rows), first[rows])):
             gen[b] = ids
-    preds = [_decode_number(model, ids) for ids in gen]
-    return gen, [to_answer_logits(sc, base.answers, pred) for sc, pred in zip(scored, preds)]
+    done = [ids or [] for ids in gen]
+    preds = [_decode_number(model, ids) for ids in done]
+    return done, [to_answer_logits(sc, base.answers, pred) for sc, pred in zip(scored, preds)]
+
+
+def _verify_candidate(
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    cand: list[int],
+    cand_logits: list[torch.Tensor],
+    gen: list[list[int] | None],
+) -> None:
+    """Set ``gen[b] = cand`` for the undecided rows (``gen[b] is None``) whose greedy answer is
+    ``cand``: its teacher-forced argmaxes (``cand_logits[b]`` [len, V]) reproduce it, and one
+    forward of ``cand`` on those rows shows [EOS] next (every step by the :data:`GREEDY_MARGIN`).
+    One forward instead of a step-by-step decode; the metrics' own logits are not touched."""
+    cfg = model.config
+    if not cand or len(cand) >= cfg.max_answer_tokens:
+        return  # a cut-off answer is left to generate
+    rows = [b for b, ids in enumerate(gen) if ids is None and _reproduces_prefix(model, cand_logits[b], cand)]
+    if not rows:
+        return
+    idx = torch.tensor(rows, device=first.device)
+    ids = torch.tensor([cand] * len(rows), device=first.device)  # [B', len]
+    logits = model.logits(model.advance(state.fork(rows=idx), input_ids=ids))  # [B', len, V]
+    for j, b in enumerate(rows):
+        if _reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), cand + [cfg.eos_id]):
+            gen[b] = list(cand)
+
+
+def _reproduces_prefix(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Do the argmaxes of ``logits`` [len(seq), V] give ``seq`` by the margin (no [EOS] before it)?"""
+    cfg = model.config
+    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
+        return False
+    return _argmaxes_are(model, logits, seq)
 
 
 # ---- the patch as hooks ----------------------------------------------------------------------
