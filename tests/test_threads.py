@@ -44,3 +44,33 @@ def test_small_models_get_a_worker_per_free_core_and_enough_pairs():
     assert choose_workers(576, 30, 57, cores=16, load=0.0).count == 1  # a larger model gets threads
     assert choose_workers(128, 4, 57, on_cpu=False, cores=16, load=0.0).count == 1
     assert choose_workers(576, 30, 57, override=3).to_dict() == {"count": 3, "reason": "--workers"}
+
+
+def test_cores_busy_elsewhere_count_other_processes_not_this_one():
+    """The start-up CPU sample (``/proc/stat`` less this process's own CPU time) sees a busy child
+    process and does not count this process's own work (the 1-minute load average would count
+    both, and a process that ended a minute ago)."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from latentpatch.pipeline.threads import CpuSample
+
+    if CpuSample.now().ticks is None:
+        pytest.skip("no /proc/stat")
+    sample = CpuSample.now()
+    t = time.monotonic()
+    while time.monotonic() - t < 0.6:  # this process busy: not counted
+        pass
+    assert sample.others_busy() < 0.6
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)  # the child's start-up
+        sample = CpuSample.now()
+        time.sleep(1.0)
+        assert sample.others_busy() > 0.6
+    finally:
+        child.kill()
+        child.wait()

@@ -15,6 +15,7 @@ import typer
 from latentpatch.cli_options import with_options
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import ModelOptions, RunConfig  # no torch: --help stays fast
+from latentpatch.pipeline.threads import CpuSample  # noqa: F401 - its import starts the start-up CPU sample
 from latentpatch.training.config import TrainConfig
 
 app = typer.Typer(

@@ -3,8 +3,8 @@
 Small models (many tiny matrix products) lose time to thread start-up, so they get one thread.
 A larger model gains from more threads only on cores nobody else is using: on a 2-core machine
 with the other core busy, two threads are several times *slower* than one (bench/RESULTS.md),
-so the count is the cores this process may run on (``os.sched_getaffinity``) less the load of
-the last minute (``os.getloadavg``), at least one. ``--threads`` overrides the choice.
+so the count is the cores this process may run on (``os.sched_getaffinity``) less the cores other
+processes keep busy (:func:`busy_elsewhere`), at least one. ``--threads`` overrides the choice.
 
 Imports no torch (the caller sets the count).
 """
@@ -12,6 +12,7 @@ Imports no torch (the caller sets the count).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,59 @@ def recent_load() -> float:
         return 0.0
 
 
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """(busy, all, n_cpus) of the machine's CPU time counters (``/proc/stat``); None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    ticks = [int(x) for x in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    n_cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks), n_cpus
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """The machine's and this process's CPU time at one moment (:func:`busy_elsewhere`)."""
+
+    wall: float
+    ticks: tuple[int, int, int] | None
+    own: float  # this process's CPU seconds
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        t = os.times()
+        return cls(time.monotonic(), _cpu_ticks(), t.user + t.system)
+
+    def others_busy(self) -> float | None:
+        """Cores that other processes kept busy since this sample; None where unknown."""
+        now = CpuSample.now()
+        if self.ticks is None or now.ticks is None or now.ticks[1] <= self.ticks[1]:
+            return None
+        busy, total, n_cpus = (now.ticks[0] - self.ticks[0]), (now.ticks[1] - self.ticks[1]), now.ticks[2]
+        own = (now.own - self.own) / max(now.wall - self.wall, 1e-9)
+        return max(0.0, busy / total * n_cpus - own)
+
+
+#: Taken when this module is first imported: at ``latentpatch run``'s start, so the seconds of its
+#: imports are the window over which the other processes' use of the cores is measured.
+_STARTUP = CpuSample.now()
+
+
+def busy_elsewhere() -> float:
+    """Cores that other processes keep busy now: measured over this process's start-up (from
+    :data:`_STARTUP`), or over a fresh quarter second when that window is under 0.2 s or over a
+    minute old; the 1-minute load average where ``/proc/stat`` is missing. Unlike the load
+    average, a process that just ended does not count."""
+    sample, age = _STARTUP, time.monotonic() - _STARTUP.wall
+    if not 0.2 <= age <= 60:
+        sample = CpuSample.now()
+        time.sleep(0.25)
+    measured = sample.others_busy()
+    return recent_load() if measured is None else measured
+
+
 def choose_threads(
     d_model: int,
     n_layers: int,
@@ -57,7 +111,8 @@ def choose_threads(
 
     ``override`` (``--threads``) wins; a small model (``d_model * n_layers <= SMALL_MODEL``) gets
     1; else the free cores, ``cores - round(load)``, between 1 and ``cores``. ``cores`` and
-    ``load`` default to this machine's (:func:`usable_cores`, :func:`recent_load`); tests inject them.
+    ``load`` (cores busy elsewhere) default to this machine's (:func:`usable_cores`,
+    :func:`busy_elsewhere`); tests inject them.
 
     >>> choose_threads(128, 4, cores=16, load=0.0)
     ThreadChoice(count=1, reason='small model (d_model x n_layers 512 <= 4096)')
@@ -70,7 +125,7 @@ def choose_threads(
     if size <= SMALL_MODEL:
         return ThreadChoice(1, f"small model (d_model x n_layers {size} <= {SMALL_MODEL})")
     cores = usable_cores() if cores is None else cores
-    load = recent_load() if load is None else load
+    load = busy_elsewhere() if load is None else load
     # round(): a process that is running now counts (our own start-up adds well under one)
     free = min(cores, max(1, cores - round(load)))
     return ThreadChoice(free, f"{free} of {cores} cores free (load {load:.2f})")
@@ -110,7 +165,7 @@ def choose_workers(
     if d_model * n_layers > SMALL_MODEL:
         return ThreadChoice(1, "one process: the model gets the threads")
     cores = usable_cores() if cores is None else cores
-    load = recent_load() if load is None else load
+    load = busy_elsewhere() if load is None else load
     free = min(cores, max(1, cores - round(load)))
     count = max(1, min(free, n_pairs // PAIRS_PER_WORKER))
     return ThreadChoice(count, f"small model, {free} of {cores} cores free (load {load:.2f}), {n_pairs} pairs")
