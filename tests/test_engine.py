@@ -386,3 +386,35 @@ def test_flipped_answers_verified_as_the_clean_answer_equal_plain_greedy_decodin
         stepwise += sum(decoded)
     # the rows decoded step by step are the flipped ones whose answer is neither guess
     assert to_clean > 5 and stepwise <= flipped - to_clean, (flipped, to_clean, stepwise)
+
+
+def test_baseline_answer_from_a_checked_guess_equals_plain_greedy_decoding(monkeypatch):
+    """An unpatched run given the pair file's answer checks ``answer_prefix + answer`` with one
+    forward; its answer ids must be those of plain greedy decoding, for right and wrong guesses,
+    and a right guess must skip the step-by-step decode."""
+    from latentpatch.data.synthetic import generate_pairs
+
+    m = load_model("default")
+    plain_generate = m.generate
+    decoded = []
+
+    def counting_generate(state, logits, *args):
+        decoded.append(len(logits))
+        return plain_generate(state, logits, *args)
+
+    right = 0
+    for pair in generate_pairs(6, seed=8):
+        prompt = m.prompt_ids(pair.clean.question)
+        plain = record_run(m, prompt).answer_ids  # before the patch below: plain generate
+        monkeypatch.setattr(m, "generate", counting_generate)
+        for guess in (pair.clean.answer, pair.clean.answer + 1):
+            decoded.clear()
+            ids = record_run(m, prompt, guess=guess).answer_ids
+            assert ids == plain, (pair.pair_id, guess)
+            if ids == m.answer_ids(guess)[0]:
+                right += 1
+                assert not decoded  # taken from the guess
+            else:
+                assert decoded == [1]
+        monkeypatch.setattr(m, "generate", plain_generate)
+    assert right >= 4

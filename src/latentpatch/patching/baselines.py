@@ -26,6 +26,7 @@ import torch
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.names import COMPONENTS
+from latentpatch.patching.greedy import decode_rest, verify_guess
 from latentpatch.patching.metrics import AnswerLogits, answer_logit_diff, same_number
 from latentpatch.patching.specs import EngineConfig, PatchSpec
 
@@ -92,17 +93,27 @@ class PairBaseline:
 # ---- baselines -------------------------------------------------------------------------------
 @torch.no_grad()
 def record_run(
-    model: LatentModel, prompt: Sequence[int], components: Sequence[str] = COMPONENTS, keep_rollout: bool = False
+    model: LatentModel,
+    prompt: Sequence[int],
+    components: Sequence[str] = COMPONENTS,
+    keep_rollout: bool = False,
+    guess: float | int | None = None,
 ) -> RunRecord:
     """Unpatched rollout of one prompt: its latent activations for ``components`` and answer.
 
-    ``keep_rollout``: keep the rollout itself on the record, for :func:`prepare_pair` to reuse."""
+    ``keep_rollout``: keep the rollout itself on the record, for :func:`prepare_pair` to reuse.
+    ``guess``: the expected answer (the pair file's): ``answer_prefix + guess`` is checked with one
+    forward and taken if greedy decoding would emit it (:mod:`latentpatch.patching.greedy`; the
+    same ids), else the answer is decoded step by step."""
     keys = [(c, layer) for c in components for layer in range(model.n_layers)]
     r = model.rollout([list(prompt)], record=keys)
     assert r.hooks is not None  # rollout always returns the hooks it ran with
     lat = slice(r.prompt_len, r.prompt_len + model.num_latent)
     acts = {c: torch.stack([r.hooks.recorded(c, layer)[0, lat] for layer in range(model.n_layers)]) for c in components}
-    ids = model.generate(r.state, r.answer_logits)[0]
+    gen: list[list[int] | None] = [None]
+    if guess is not None and model.tokenizer is not None:
+        verify_guess(model, r.state, r.answer_logits, model.answer_ids(guess)[0], gen)
+    ids = decode_rest(model, r.state, r.answer_logits, gen)[0]
     pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None
     # The recording hooks only copy activations, so this rollout is the one prepare_pair would
     # compute again: keep it (without the recordings) for that.

@@ -29,44 +29,9 @@ from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
+from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guess
 from latentpatch.patching.metrics import AnswerLogits, answer_logprob, answer_metrics, cosine
 from latentpatch.patching.specs import PatchSpec
-
-#: A teacher-forced argmax stands in for a greedy step only when it wins by more than this many
-#: logits (fp32), so float noise between one forward over a string and step-by-step decoding
-#: cannot flip the choice.
-GREEDY_MARGIN = 1e-3
-
-
-# ---- answers of a patched rollout ------------------------------------------------------------
-def _reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Would greedy decoding emit exactly ``seq[:-1]``? ``seq`` ends in [EOS]; ``logits[j]`` ([len, V])
-    predicts ``seq[j]``.
-
-    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does.
-    An answer of ``max_answer_tokens`` tokens is one that ``generate`` cut off (docs/method.md §7.3):
-    greedy decoding stops there whatever comes next, so only those tokens must be reproduced,
-    and the closing [EOS] is not looked at."""
-    cfg = model.config
-    if len(seq) - 1 >= cfg.max_answer_tokens:
-        seq, logits = seq[: cfg.max_answer_tokens], logits[: cfg.max_answer_tokens]
-        if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
-            return False  # generate would have stopped before the cut
-    elif any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
-        return False  # generate would have stopped before the end of seq
-    elif not cfg.eos_stops(len(seq) - 1):
-        return False  # the closing [EOS] would not stop generate here
-    return _argmaxes_are(model, logits, seq)
-
-
-def _argmaxes_are(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Is ``seq[j]`` the argmax of ``logits[j]`` ([len(seq), V]) among the ids ``generate`` may
-    emit, by more than :data:`GREEDY_MARGIN`, at every j?"""
-    logits = logits.clone()
-    logits[:, model.config.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
-    top = logits.topk(2, dim=-1)  # values/indices [len, 2]
-    ids = torch.tensor(seq, device=logits.device)
-    return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())
 
 
 def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
@@ -91,52 +56,13 @@ def _score_and_generate(
     base_scored = greedy_base + [model.config.eos_id]
     conts = [base_scored, base.answers["clean"][0], base.answers["corr"][0]]
     scored = model.score(state, first, [conts] * state.batch_size, shared_prefix)  # [B][3] x [len, V]
-    reproduced = [_reproduces_greedy(model, sc[0], base_scored) for sc in scored]
+    reproduced = [reproduces_greedy(model, sc[0], base_scored) for sc in scored]
     gen: list[list[int] | None] = [list(greedy_base) if ok else None for ok in reproduced]
     for c in (1, 2):  # a flipped row most often gives A_clean or A_corr: verify that guess
-        _verify_candidate(model, state, first, conts[c], [sc[c] for sc in scored], gen)
-    rest = [b for b, ids in enumerate(gen) if ids is None]
-    if rest:
-        rows = torch.tensor(rest, device=first.device)
-        for b, ids in zip(rest, model.generate(state.fork(rows=rows), first[rows])):
-            gen[b] = ids
-    done = [ids or [] for ids in gen]
+        verify_guess(model, state, first, conts[c], gen, [sc[c] for sc in scored])
+    done = decode_rest(model, state, first, gen)
     preds = [_decode_number(model, ids) for ids in done]
     return done, [to_answer_logits(sc, base.answers, pred) for sc, pred in zip(scored, preds)]
-
-
-def _verify_candidate(
-    model: LatentModel,
-    state: RolloutState,
-    first: torch.Tensor,
-    cand: list[int],
-    cand_logits: list[torch.Tensor],
-    gen: list[list[int] | None],
-) -> None:
-    """Set ``gen[b] = cand`` for the undecided rows (``gen[b] is None``) whose greedy answer is
-    ``cand``: its teacher-forced argmaxes (``cand_logits[b]`` [len, V]) reproduce it, and one
-    forward of ``cand`` on those rows shows [EOS] next (every step by the :data:`GREEDY_MARGIN`).
-    One forward instead of a step-by-step decode; the metrics' own logits are not touched."""
-    cfg = model.config
-    if not cand or len(cand) >= cfg.max_answer_tokens:
-        return  # a cut-off answer is left to generate
-    rows = [b for b, ids in enumerate(gen) if ids is None and _reproduces_prefix(model, cand_logits[b], cand)]
-    if not rows:
-        return
-    idx = torch.tensor(rows, device=first.device)
-    ids = torch.tensor([cand] * len(rows), device=first.device)  # [B', len]
-    logits = model.logits(model.advance(state.fork(rows=idx), input_ids=ids))  # [B', len, V]
-    for j, b in enumerate(rows):
-        if _reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), cand + [cfg.eos_id]):
-            gen[b] = list(cand)
-
-
-def _reproduces_prefix(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
-    """Do the argmaxes of ``logits`` [len(seq), V] give ``seq`` by the margin (no [EOS] before it)?"""
-    cfg = model.config
-    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
-        return False
-    return _argmaxes_are(model, logits, seq)
 
 
 # ---- the patch as hooks ----------------------------------------------------------------------
@@ -354,23 +280,24 @@ def sweep_fast(
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
-    Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
-    per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
-    answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
-    it changes the last bits).
+        Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
+        per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
+        answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
+        it changes the last bits).
 
-    >>> from latentpatch.data.synthetic import generate_pairs
-    >>> from latentpatch.model.load import load_model
-    >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
-    >>> from latentpatch.patching.specs import EngineConfig, layer_specs
-    >>> model = load_model("default")
-    >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31
-    >>> clean, corrupted = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
-    >>> base = prepare_pair(model, pair.pair_id, clean, corrupted, pair.clean.answer, pair.corrupted.answer)
-    >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
-    >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
-    >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
-    [(31.0, 0.09), (32.0, 0.96)]
+        >>> from latentpatch.data.synthetic import generate_pairs
+        >>> from latentpatch.model.load import load_model
+        >>> from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guess
+    from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+        >>> from latentpatch.patching.specs import EngineConfig, layer_specs
+        >>> model = load_model("default")
+        >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31
+        >>> clean, corrupted = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+        >>> base = prepare_pair(model, pair.pair_id, clean, corrupted, pair.clean.answer, pair.corrupted.answer)
+        >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
+        >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
+        >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
+        [(31.0, 0.09), (32.0, 0.96)]
     """
     # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
     target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])

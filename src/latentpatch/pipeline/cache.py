@@ -83,7 +83,11 @@ class ActivationCache:
 
 
 def recorded_run(
-    model: LatentModel, cache: ActivationCache | None, question: str, keep_rollout: bool = False
+    model: LatentModel,
+    cache: ActivationCache | None,
+    question: str,
+    keep_rollout: bool = False,
+    guess: float | int | None = None,
 ) -> RunRecord:
     """The unpatched run of one question, from ``cache`` when it holds it (and stored there if not).
 
@@ -91,7 +95,7 @@ def recorded_run(
     prompt = model.prompt_ids(question)
     record = cache.get(prompt) if cache is not None else None
     if record is None:
-        record = record_run(model, prompt, keep_rollout=keep_rollout)
+        record = record_run(model, prompt, keep_rollout=keep_rollout, guess=guess)
         if cache is not None:
             cache.put(record)
     return record

@@ -171,7 +171,9 @@ def record_baselines(ctx: RunContext) -> None:
 
     def baseline(i: int) -> tuple[PairBaseline, int, int]:
         pair, before = ctx.pairs[i], (cache.hits, cache.misses) if cache else (0, 0)
-        clean, corrupted = (recorded_run(model, cache, v.question, True) for v in (pair.clean, pair.corrupted))
+        clean, corrupted = (
+            recorded_run(model, cache, v.question, True, v.answer) for v in (pair.clean, pair.corrupted)
+        )
         answers = float(pair.clean.answer), float(pair.corrupted.answer)
         base = prepare_pair(model, pair.pair_id, clean, corrupted, *answers, config.direction)
         after = (cache.hits, cache.misses) if cache else (0, 0)

@@ -1,0 +1,104 @@
+"""Greedy answers without step-by-step decoding, where a guess can be checked instead.
+
+``generate`` decodes one token per forward. When the answer is known in advance up to a check
+(the unpatched answer ``A_base`` for a patch that changes nothing; ``A_clean``/``A_corr`` for one
+that flips it; the pair file's answer for an unpatched run), one forward over the guess gives
+the logits greedy decoding would see at every step: if each step's argmax is the guess's next
+token (and then ``[EOS]``) by more than :data:`GREEDY_MARGIN`, greedy decoding would emit exactly
+the guess (docs/method.md §7.3). Only the answer ids come from here; no metric reads these logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentpatch.model.latent import LatentModel, RolloutState
+
+#: A teacher-forced argmax stands in for a greedy step only when it wins by more than this many
+#: logits (fp32), so float noise between one forward over a string and step-by-step decoding
+#: cannot flip the choice.
+GREEDY_MARGIN = 1e-3
+
+
+# ---- answers of a patched rollout ------------------------------------------------------------
+def reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Would greedy decoding emit exactly ``seq[:-1]``? ``seq`` ends in [EOS]; ``logits[j]`` ([len, V])
+    predicts ``seq[j]``.
+
+    Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does.
+    An answer of ``max_answer_tokens`` tokens is one that ``generate`` cut off (docs/method.md §7.3):
+    greedy decoding stops there whatever comes next, so only those tokens must be reproduced,
+    and the closing [EOS] is not looked at."""
+    cfg = model.config
+    if len(seq) - 1 >= cfg.max_answer_tokens:
+        seq, logits = seq[: cfg.max_answer_tokens], logits[: cfg.max_answer_tokens]
+        if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
+            return False  # generate would have stopped before the cut
+    elif any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
+        return False  # generate would have stopped before the end of seq
+    elif not cfg.eos_stops(len(seq) - 1):
+        return False  # the closing [EOS] would not stop generate here
+    return argmaxes_are(model, logits, seq)
+
+
+def argmaxes_are(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Is ``seq[j]`` the argmax of ``logits[j]`` ([len(seq), V]) among the ids ``generate`` may
+    emit, by more than :data:`GREEDY_MARGIN`, at every j?"""
+    logits = logits.clone()
+    logits[:, model.config.banned_ids(logits.shape[-1])] = float("-inf")  # the ids generate() never emits
+    top = logits.topk(2, dim=-1)  # values/indices [len, 2]
+    ids = torch.tensor(seq, device=logits.device)
+    return bool((top.indices[:, 0] == ids).all() and (top.values[:, 0] - top.values[:, 1] > GREEDY_MARGIN).all())
+
+
+def verify_guess(
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    guess: list[int],
+    gen: list[list[int] | None],
+    guess_logits: list[torch.Tensor] | None = None,
+) -> None:
+    """Set ``gen[b] = guess`` for the undecided rows (``gen[b] is None``) of ``state`` whose greedy
+    answer is ``guess``: one forward of ``guess`` on those rows shows its tokens and then [EOS]
+    as the argmaxes (``first`` [B, V]: the logits of the first answer token), every step by the
+    :data:`GREEDY_MARGIN`. ``guess_logits[b]`` ([len, V], optional): teacher-forced logits of the
+    guess already computed; rows whose argmaxes do not give it are not tried. ``state`` is not
+    modified."""
+    cfg = model.config
+    if not guess or len(guess) >= cfg.max_answer_tokens:
+        return  # a cut-off answer is left to generate
+    rows = [
+        b
+        for b, ids in enumerate(gen)
+        if ids is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
+    ]
+    if not rows:
+        return
+    idx = torch.tensor(rows, device=first.device)
+    ids = torch.tensor([guess] * len(rows), device=first.device)  # [B', len]
+    logits = model.logits(model.advance(state.fork(rows=idx), input_ids=ids))  # [B', len, V]
+    for j, b in enumerate(rows):
+        if reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), guess + [cfg.eos_id]):
+            gen[b] = list(guess)
+
+
+def decode_rest(
+    model: LatentModel, state: RolloutState, first: torch.Tensor, gen: list[list[int] | None]
+) -> list[list[int]]:
+    """``gen`` with its undecided rows (None) greedy-decoded step by step (``generate``)."""
+    rest = [b for b, ids in enumerate(gen) if ids is None]
+    out = [ids or [] for ids in gen]
+    if rest:
+        rows = torch.tensor(rest, device=first.device)
+        for b, ids in zip(rest, model.generate(state if len(rest) == len(gen) else state.fork(rows=rows), first[rows])):
+            out[b] = ids
+    return out
+
+
+def reproduces_prefix(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+    """Do the argmaxes of ``logits`` [len(seq), V] give ``seq`` by the margin (no [EOS] before it)?"""
+    cfg = model.config
+    if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
+        return False
+    return argmaxes_are(model, logits, seq)
