@@ -459,6 +459,7 @@ def test_damaged_lock_is_taken_over(tmp_path, capsys, pair_file):
         (["--d-model", "130", "--heads", "4"], "--d-model 130 must be divisible by --heads 4"),
         (["--number-init", "gauss"], "--number-init 'gauss': use random or fourier"),
         (["--thought-swap-rate", "1.5"], "--thought-swap-rate 1.5: use a value in [0, 1]"),
+        (["--swap-positions", "0,7"], "--swap-positions '0,7': use a comma list of 1,2,3,4,5"),
         (["--steps", "0"], "--steps 0: must be at least 1"),
     ],
 )

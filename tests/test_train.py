@@ -315,3 +315,22 @@ def test_same_value_donors_hold_the_rows_value_and_keep_its_targets(tiny_run):
             assert torch.equal(swap.latent_targets[i], b.latent_targets[i])
             matched += 1
     assert matched > 20
+
+
+def test_swap_positions_limit_the_swapped_thought(tiny_run):
+    """``positions`` restricts the drawn thought; the default draw is the one of 1..K-1."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    b = make_batch(generate_problems(32, seed=4), codec, num_latent=4)
+    drawn = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        assert plan_swap(b, codec, 0.9, 4, positions=[2]).position == 2
+        torch.manual_seed(seed)
+        default = plan_swap(b, codec, 0.9, 4).position
+        torch.manual_seed(seed)
+        assert plan_swap(b, codec, 0.9, 4, positions=[1, 2, 3]).position == default
+        drawn.add(default)
+    assert drawn == {1, 2, 3}

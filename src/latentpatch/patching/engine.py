@@ -287,8 +287,7 @@ def sweep_fast(
 
         >>> from latentpatch.data.synthetic import generate_pairs
         >>> from latentpatch.model.load import load_model
-        >>> from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guess
-    from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+        >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
         >>> from latentpatch.patching.specs import EngineConfig, layer_specs
         >>> model = load_model("default")
         >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31

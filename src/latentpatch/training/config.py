@@ -54,6 +54,9 @@ class TrainConfig:
     thought_swap_rate: float = option(
         0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )
+    swap_positions: str = option(
+        "", "Comma list of the thoughts p (1..K-1) interchange may swap (default: all of them)."
+    )
     swap_same_value: float = option(
         0.0, "Of the swapped rows, the fraction given a donor holding the same value (where the batch has one)."
     )
@@ -76,6 +79,9 @@ class TrainConfig:
             raise LatentPatchError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         if self.number_init not in NUMBER_INITS:
             raise LatentPatchError(f"--number-init {self.number_init!r}: use {' or '.join(NUMBER_INITS)}")
+        allowed = [str(p) for p in range(1, self.num_latent)]
+        if any(p.strip() not in allowed for p in self.swap_positions.split(",") if self.swap_positions):
+            raise LatentPatchError(f"--swap-positions {self.swap_positions!r}: use a comma list of {','.join(allowed)}")
         for name in ("answer_blind_rate", "thought_swap_rate", "swap_same_value", "prj_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LatentPatchError(f"--{name.replace('_', '-')} {getattr(self, name)}: use a value in [0, 1]")

@@ -90,16 +90,25 @@ def counterfactual(program, step: int, value: int, num_latent: int) -> Counterfa
     return Counterfactual(latent_values(forced, num_latent), forced[-1])
 
 
-def plan_swap(b: Batch, codec: Codec, rate: float, num_latent: int, same_value: float = 0.0) -> ThoughtSwap | None:
+def plan_swap(
+    b: Batch,
+    codec: Codec,
+    rate: float,
+    num_latent: int,
+    same_value: float = 0.0,
+    positions: list[int] | None = None,
+) -> ThoughtSwap | None:
     """Pick the position, rows and donors of one batch (torch RNG) and their counterfactual targets.
 
     ``same_value``: the fraction of swapped rows whose donor is re-drawn among the rows that hold the
     same value at the swapped thought (their targets stay the row's own), so that what the thought
-    holds besides its value is trained not to matter; with 0 no extra random numbers are drawn."""
+    holds besides its value is trained not to matter; with 0 no extra random numbers are drawn.
+    ``positions``: the thoughts that may be swapped (default 1..K-1; the same draw either way)."""
     n = b.q_ids.size(0)
     if rate <= 0 or n < 2 or num_latent < 2 or b.latent_targets is None:
         return None
-    position = int(torch.randint(1, num_latent, ()))
+    allowed = positions or list(range(1, num_latent))
+    position = allowed[int(torch.randint(0, len(allowed), ()))]
     donor = torch.randperm(n)
     chosen = torch.rand(n) < rate
     if same_value > 0:

@@ -158,7 +158,8 @@ def codi_loss(
         blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
     swap = None
     if codec is not None:
-        swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value)
+        positions = [int(p) for p in cfg.swap_positions.split(",")] if cfg.swap_positions else None
+        swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value, positions)
     if swap is not None:
         a_ids, a_labels, targets, t_targets = (
             swap.answer_ids,
