@@ -280,23 +280,23 @@ def sweep_fast(
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
-        Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
-        per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
-        answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
-        it changes the last bits).
+    Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
+    per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
+    answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
+    it changes the last bits).
 
-        >>> from latentpatch.data.synthetic import generate_pairs
-        >>> from latentpatch.model.load import load_model
-        >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
-        >>> from latentpatch.patching.specs import EngineConfig, layer_specs
-        >>> model = load_model("default")
-        >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31
-        >>> clean, corrupted = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
-        >>> base = prepare_pair(model, pair.pair_id, clean, corrupted, pair.clean.answer, pair.corrupted.answer)
-        >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
-        >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
-        >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
-        [(31.0, 0.09), (32.0, 0.96)]
+    >>> from latentpatch.data.synthetic import generate_pairs
+    >>> from latentpatch.model.load import load_model
+    >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+    >>> from latentpatch.patching.specs import EngineConfig, layer_specs
+    >>> model = load_model("default")
+    >>> pair = generate_pairs(1, seed=0)[0]  # a bus question: clean answer 32, corrupted 31
+    >>> clean, corrupted = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+    >>> base = prepare_pair(model, pair.pair_id, clean, corrupted, pair.clean.answer, pair.corrupted.answer)
+    >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
+    >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
+    >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
+    [(31.0, 0.09), (32.0, 0.96)]
     """
     # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
     target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
