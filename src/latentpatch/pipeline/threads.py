@@ -12,6 +12,7 @@ Imports no torch (the caller sets the count).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,8 @@ def choose_workers(
         return ThreadChoice(override, "--workers")
     if not on_cpu:
         return ThreadChoice(1, "one process on the accelerator")
+    if not sys.platform.startswith("linux"):  # fork after torch's start is unsafe on macOS
+        return ThreadChoice(1, "one process (worker processes only on Linux)")
     if d_model * n_layers > SMALL_MODEL:
         return ThreadChoice(1, "one process: the model gets the threads")
     cores = usable_cores() if cores is None else cores
