@@ -40,14 +40,15 @@ def machine() -> str:
 
 
 def one_run(out: Path, extra: list[str]) -> dict:
-    cmd = ["latentpatch", "run", "--out", str(out), "--quiet", "--no-use-cache", *extra]
+    cmd = ["latentpatch", "run", "--out", str(out), "--no-use-cache", *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
         sys.exit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    report = next((line for line in proc.stdout.splitlines() if line.startswith("report: done")), "")
+    lines = (proc.stdout + proc.stderr).splitlines()  # progress messages go to stderr
+    report = next((line for line in lines if line.startswith("report: done")), "")
     return {
         "wall_s": wall,
         "report_s": float(report.split()[3]) if report else float("nan"),
