@@ -418,7 +418,9 @@ def test_ctrl_c_then_resume(tmp_path):
     path = tmp_path / "pairs.json"
     save_pairs(generate_pairs(200, seed=2), path)  # enough pairs that the victim still runs when the second starts
     n_pairs = len(load_pairs(path))
+    # one worker process: two would finish the 200 pairs before the second process has started
     common = ["run", "--model", "config:llama", "--pairs", str(path), "--no-report", "--quiet", "--batch-size", "8"]
+    common += ["--workers", "1"]
     full = _cli_process(common + ["--out", str(tmp_path / "full")], tmp_path / "c1")
     victim = _cli_process(common + ["--out", str(tmp_path / "cut")], tmp_path / "c2")
     pair_dir = tmp_path / "cut/results/pairs"
@@ -443,6 +445,30 @@ def test_ctrl_c_then_resume(tmp_path):
     assert resumed.returncode == 0, err3
     for f in RESULT_FILES:
         assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_worker_processes(tmp_path):
+    """SIGINT to a run whose pairs are split over two processes: exit 130, manifest ``interrupted``,
+    no worker left writing, and ``--resume`` completes every pair."""
+    path = tmp_path / "pairs.json"
+    save_pairs(generate_pairs(120, seed=2), path)
+    args = ["run", "--model", "config:llama", "--pairs", str(path), "--no-report", "--quiet", "--batch-size", "8"]
+    args += ["--workers", "2", "--out", str(tmp_path / "cut")]
+    victim = _cli_process(args, tmp_path / "c")
+    pair_dir = tmp_path / "cut/results/pairs"
+    _wait_for(lambda: len(list(pair_dir.glob("0*.json"))) >= 4)
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "cut/manifest.json").read_text())["status"] == "interrupted"
+    done = len(list(pair_dir.glob("0*.json")))
+    time.sleep(1.0)
+    assert len(list(pair_dir.glob("0*.json"))) == done < 120  # the children stopped with the run
+    resumed = _cli_process(args + ["--resume"], tmp_path / "c")
+    _, err2 = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err2
+    assert len(list(pair_dir.glob("0*.json"))) == 120
 
 
 def test_damaged_lock_is_taken_over(tmp_path, capsys, pair_file):

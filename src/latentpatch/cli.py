@@ -267,12 +267,19 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Run the patching experiments and write a run directory (manifest, results, report)."""
-    from latentpatch.pipeline.run import run_experiments
+    from latentpatch.analysis.report_process import ReportProcess
 
     cfg = RunConfig.from_file(config, **options) if config is not None else RunConfig(**options)
+    report_process = ReportProcess.start() if cfg.report else None  # before torch is imported
+    try:
+        from latentpatch.pipeline.run import run_experiments
+
+        path = run_experiments(cfg, resume=resume, progress=not quiet, report_process=report_process)
+    finally:
+        if report_process is not None:
+            report_process.close()
     from latentpatch.rundir import Manifest, RunPaths, read_manifest
 
-    path = run_experiments(cfg, resume=resume, progress=not quiet)
     manifest = Manifest.from_dict(read_manifest(path), RunPaths(path).manifest)
     t, checks, b = manifest.timings or {}, manifest.checks or {}, manifest.baselines or {}
     status = ", ".join(f"{k} {'ok' if c['passed'] else 'FAILED'}" for k, c in checks.items())

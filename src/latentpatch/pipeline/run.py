@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from latentpatch.analysis.report_process import ReportProcess
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.files import write_json
@@ -323,8 +324,9 @@ def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
     ctx.timings["sweep_s"] = time.perf_counter() - t
 
 
-def finish_run(ctx: RunContext, t0: float) -> None:
-    """Assemble ``results/``, mark the manifest complete, build the report and log to W&B."""
+def finish_run(ctx: RunContext, t0: float, report_process: ReportProcess | None = None) -> None:
+    """Assemble ``results/``, mark the manifest complete, build the report (in ``report_process``
+    when one was started, else here) and log to W&B."""
     t = time.perf_counter()
     assemble(ctx.out)
     ctx.timings["assemble_s"] = time.perf_counter() - t
@@ -332,11 +334,12 @@ def finish_run(ctx: RunContext, t0: float) -> None:
     ctx.complete = True
     write_manifest(ctx)
     if ctx.config.report:
-        from latentpatch.analysis.report import build_report  # matplotlib and pandas: only when reporting
-
         ctx.progress.message("report: statistics, figures and report.html ...")
         t = time.perf_counter()
-        build_report(ctx.out)
+        if report_process is None or not report_process.build(ctx.out):
+            from latentpatch.analysis.report import build_report  # matplotlib and pandas: only when reporting
+
+            build_report(ctx.out)
         ctx.progress.message(f"report: done in {time.perf_counter() - t:.1f} s")
         if ctx.config.wandb:
             from latentpatch.analysis.wandb_log import log_run
@@ -355,6 +358,7 @@ def run_experiments(
     resume: bool = False,
     progress: bool | RunProgress = True,
     command: str | None = None,
+    report_process: ReportProcess | None = None,
 ) -> Path:
     """Run the configured experiments and write the run directory; returns its path.
 
@@ -363,7 +367,8 @@ def run_experiments(
     or a :class:`~latentpatch.pipeline.progress.RunProgress` to follow the stages. A failed
     built-in check is reported through ``progress.warn`` (and is fatal with ``config.strict``).
     ``command``: the manifest's reproduce command (default: the equivalent ``latentpatch run``).
-    The run directory is locked while the run writes it; Ctrl-C raises
+    ``report_process``: builds the report (:mod:`latentpatch.analysis.report_process`; the CLI
+    starts one before importing torch). The run directory is locked while the run writes it; Ctrl-C raises
     :class:`~latentpatch.errors.RunInterrupted` after marking the manifest ``interrupted``.
 
     >>> import tempfile
@@ -382,7 +387,7 @@ def run_experiments(
     try:
         with run_lock(out, note=reporter.warn):
             previous = open_run(config, resume)
-            execute_run(config, model, pairs, previous, reporter, command, holder)
+            execute_run(config, model, pairs, previous, reporter, command, holder, report_process)
     except KeyboardInterrupt:
         raise interrupted(holder[0] if holder else None, command) from None
     finally:
@@ -399,6 +404,7 @@ def execute_run(
     reporter: RunProgress,
     command: str,
     holder: list[RunContext],
+    report_process: ReportProcess | None = None,
 ) -> None:
     """The steps of :func:`run_experiments` in the locked run directory; ``holder`` gets the context."""
     all_pairs = load_run_pairs(config) if pairs is None else list(pairs)  # a bad pair file fails before the model loads
@@ -423,7 +429,7 @@ def execute_run(
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
-    finish_run(ctx, t0)
+    finish_run(ctx, t0, report_process)
 
 
 def interrupted(ctx: RunContext | None, command: str) -> RunInterrupted:

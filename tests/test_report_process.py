@@ -1,0 +1,47 @@
+"""The report built in a process forked before torch (analysis/report_process.py): same files as
+``build_report`` here; a failure there leaves the building to the caller."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from latentpatch.analysis.report import build_report
+from latentpatch.analysis.report_process import ReportProcess
+from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.run import run_experiments
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked only on Linux")
+
+
+def test_the_forked_report_is_the_report(tmp_path):
+    config = RunConfig(limit=2, experiments=("layer",), out=str(tmp_path / "a" / "run"), report=False, use_cache=False)
+    here = run_experiments(config, progress=False, command="test")
+    there = tmp_path / "b" / "run"
+    shutil.copytree(here, there)
+    process = ReportProcess.start()
+    assert process is not None and process.build(there) is True
+    build_report(here)
+    files = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file())
+    assert any(f.name == "report.html" for f in files) and any(f.suffix == ".png" for f in files)
+    for f in files:
+        a, b = (here / f).read_bytes(), (there / f).read_bytes()
+        if f.name == "report.html":  # names its own directory (and the manifest names the first)
+            a, b = (x.replace(str(there).encode(), b"RUN").replace(str(here).encode(), b"RUN") for x in (a, b))
+        assert a == b, f
+
+
+def test_a_failed_build_is_left_to_the_caller_and_the_child_ends(tmp_path):
+    process = ReportProcess.start()
+    assert process is not None
+    pid = process.pid
+    assert process.build(tmp_path / "no-run-here") is False
+    with pytest.raises(ChildProcessError):  # already reaped
+        os.waitpid(pid, os.WNOHANG)
+    closed = ReportProcess.start()
+    assert closed is not None
+    closed.close()  # a run that ends without a report: the child exits on its own
+    closed.close()
