@@ -402,6 +402,9 @@ def _cli_process(args: list[str], cache: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that starts the suite in the background makes it ignore SIGINT, and an ignored
+        # signal stays ignored across exec: give the run the default handler (Ctrl-C) back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -418,7 +421,7 @@ def test_ctrl_c_then_resume(tmp_path):
     path = tmp_path / "pairs.json"
     save_pairs(generate_pairs(200, seed=2), path)  # enough pairs that the victim still runs when the second starts
     n_pairs = len(load_pairs(path))
-    # one worker process: two would finish the 200 pairs before the second process has started
+    # one worker process, so that the victim is still running when the second process starts
     common = ["run", "--model", "config:llama", "--pairs", str(path), "--no-report", "--quiet", "--batch-size", "8"]
     common += ["--workers", "1"]
     full = _cli_process(common + ["--out", str(tmp_path / "full")], tmp_path / "c1")
