@@ -3,9 +3,13 @@
 The steps of :func:`run_experiments` (each step's output is on disk before the next starts)::
 
     open_run (validate, resume guard) -> load the model -> start_run (pairs filtered, limited, sharded;
-    batch size, activation cache) -> record_baselines (clean + corrupted runs) -> run_checks (the
-    built-in checks, docs/method.md §8) -> sweep (one pair at a time, committed atomically) -> finish_run
-    (results/*.json, cells.parquet, trajectories.parquet, thoughts.json, manifest, report)
+    batch size, threads, worker processes, activation cache) -> record_baselines (clean + corrupted
+    runs) -> run_checks (the built-in checks, docs/method.md §8) -> sweep (each pair alone, committed
+    atomically) -> finish_run (results/*.json, cells.parquet, trajectories.parquet, thoughts.json,
+    manifest, report)
+
+Baselines, checks and the sweeps run on this process and ``workers - 1`` forked children when the
+run has more than one (:mod:`latentpatch.pipeline.workers`); the bytes are the same either way.
 
 The state the steps share and the manifest built from it are in :mod:`latentpatch.pipeline.manifest`.
 
