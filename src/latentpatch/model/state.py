@@ -23,6 +23,14 @@ def layer_keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
+def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """``x`` [B, ...] with each row repeated ``repeats`` times. One row is expanded without a copy:
+    the next forward's cache update concatenates it into new storage anyway."""
+    if x.shape[0] == 1:
+        return x.expand(repeats, *x.shape[1:])
+    return x.repeat_interleave(repeats, 0)
+
+
 @dataclass
 class RolloutState:
     """A KV-cached sequence in progress. ``length`` = tokens so far (incl. left padding).
@@ -54,7 +62,7 @@ class RolloutState:
             k, v = k[:, :, :length], v[:, :, :length]
             if rows is not None:
                 k, v = k[rows], v[rows]
-            layers.append((k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)))
+            layers.append((_repeat_rows(k, repeats), _repeat_rows(v, repeats)))
         if rows is not None:
             mask = mask[rows]
         mask = mask.repeat_interleave(repeats, 0)
