@@ -65,3 +65,30 @@ def test_results_are_the_same_bytes_with_two_workers(tmp_path):
     one, two = read_manifest(runs[1]), read_manifest(runs[2])
     assert two["workers"] == {"count": 2, "reason": "--workers"}
     assert one["checks"] == two["checks"] and one["baselines"] == two["baselines"]
+
+
+def test_checks_share_the_sweeps_pool_unless_strict(tmp_path, monkeypatch):
+    """With workers the checks run in the sweep's pool (a failed one is reported after it, in the
+    manifest); ``strict`` keeps them before the sweep, which then never starts."""
+    import latentpatch.pipeline.run as run_module
+
+    def failing_identity(*args, **kwargs) -> dict:
+        during_sweep = any((tmp_path / out / "results" / "pairs").is_dir() for out in ("pooled", "strict"))
+        return {"passed": False, "value": 1.0, "threshold": 0.0, "detail": f"made to fail, in the sweep {during_sweep}"}
+
+    monkeypatch.setattr(run_module, "check_identity", failing_identity)
+    pairs = tmp_path / "pairs.json"
+    save_pairs(generate_pairs(4, seed=5), pairs)
+    model = load_model("default")
+    common = dict(pairs=str(pairs), experiments=("layer",), workers=2, report=False, use_cache=False)
+    pooled = run_experiments(RunConfig(out=str(tmp_path / "pooled"), **common), model=model, progress=False)
+    manifest = read_manifest(pooled)
+    assert (
+        manifest["checks"]["identity"]["detail"] == "made to fail, in the sweep True"
+        and manifest["status"] == "complete"
+    )
+    assert manifest["checks"]["live_thoughts"]["passed"]  # the others ran in the pool too
+    assert 0 < manifest["timings"]["checks_s"] and len(list((pooled / "results" / "pairs").glob("*.json"))) == 4
+    with pytest.raises(LatentPatchError, match="built-in check failed \\(identity\\)"):
+        run_experiments(RunConfig(out=str(tmp_path / "strict"), strict=True, **common), model=model, progress=False)
+    assert not list((tmp_path / "strict" / "results" / "pairs").glob("*.json"))

@@ -4,12 +4,13 @@ The steps of :func:`run_experiments` (each step's output is on disk before the n
 
     open_run (validate, resume guard) -> load the model -> start_run (pairs filtered, limited, sharded;
     batch size, threads, worker processes, activation cache) -> record_baselines (clean + corrupted
-    runs) -> run_checks (the built-in checks, docs/method.md §8) -> sweep (each pair alone, committed
-    atomically) -> finish_run (results/*.json, cells.parquet, trajectories.parquet, thoughts.json,
+    runs) -> checks_and_sweep: run_checks (the built-in checks, docs/method.md §8), then sweep (each pair
+    alone, committed atomically) -> finish_run (results/*.json, cells.parquet, trajectories.parquet, thoughts.json,
     manifest, report)
 
 Baselines, checks and the sweeps run on this process and ``workers - 1`` forked children when the
 run has more than one (:mod:`latentpatch.pipeline.workers`); the bytes are the same either way.
+With workers the checks share the sweep's pool (no barrier between them), unless ``strict``.
 
 The state the steps share and the manifest built from it are in :mod:`latentpatch.pipeline.manifest`.
 
@@ -218,10 +219,11 @@ def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[
     return value_factory(ctx.bases, config)
 
 
-def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, dict]:
-    """The built-in checks (docs/method.md §8), each ``{passed, value, threshold, detail}``."""
+def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, Callable[[], dict]]:
+    """The built-in checks (docs/method.md §8) as independent jobs, each giving ``{passed, value,
+    threshold, detail}``."""
     model, bases, config = ctx.model, ctx.bases, ctx.config
-    checks: dict[str, Callable[[], dict]] = {
+    return {
         "identity": lambda: check_identity(model, bases, ctx.specs, n_pairs=1),
         "full_restoration": lambda: check_full_restoration(model, bases[: min(len(bases), 8)]),
         "live_thoughts": lambda: check_live_thoughts(model, bases),
@@ -229,12 +231,36 @@ def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[s
             model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed
         ),
     }
-    names = list(checks)  # independent of each other: they run side by side like pairs
+
+
+def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, dict]:
+    """The built-in checks, side by side like pairs (over the run's worker processes)."""
+    jobs = check_jobs(ctx, values_for)
+    names = list(jobs)
     workers = ctx.workers.count if ctx.workers else 1
     done = run_items(
-        list(range(len(names))), lambda i: checks[names[i]](), workers, lambda i: None, torch.get_num_threads()
+        list(range(len(names))), lambda i: jobs[names[i]](), workers, lambda i: None, torch.get_num_threads()
     )
     return {name: done[i] for i, name in enumerate(names)}
+
+
+def checks_and_sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
+    """The built-in checks, then the sweep. With worker processes (and without ``strict``, which
+    must stop before the sweep) the checks go into the sweep's pool instead, so that no core waits
+    at a barrier between the two; ``checks_s`` is then the checks' own time inside ``sweep_s``."""
+    t = time.perf_counter()
+    pooled = ctx.workers is not None and ctx.workers.count > 1 and not ctx.config.strict
+    if not pooled:
+        ctx.checks = run_checks(ctx, values_for)
+        ctx.timings["checks_s"] = time.perf_counter() - t
+        write_manifest(ctx)
+        report_failed_checks(ctx)
+    timed = sweep(ctx, values_for, check_jobs(ctx, values_for) if pooled else None)
+    if pooled:
+        ctx.checks = {name: result for name, (result, _) in timed.items()}
+        ctx.timings["checks_s"] = sum(seconds for _, seconds in timed.values())
+        write_manifest(ctx)
+        report_failed_checks(ctx)
 
 
 def report_failed_checks(ctx: RunContext) -> None:
@@ -303,9 +329,14 @@ def patch_pair(ctx: RunContext, i: int, values: Callable) -> dict[str, Any]:
     return entry
 
 
-def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
+def sweep(
+    ctx: RunContext, values_for: Callable[[int], Callable], jobs: dict[str, Callable[[], dict]] | None = None
+) -> dict[str, tuple[dict, float]]:
     """Patch every pair not yet committed; a pair's cells are committed as one file
-    ``results/pairs/{k:05d}.json`` (k: its global index), so an interrupted run resumes there."""
+    ``results/pairs/{k:05d}.json`` (k: its global index), so an interrupted run resumes there.
+
+    ``jobs`` (the built-in checks) run first in the same pool as the pairs; returns each one's
+    ``{name: (result, seconds)}``."""
     ctx.paths.pair_results.mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("patching", len(ctx.bases) * len(ctx.specs))
     t = time.perf_counter()
@@ -318,14 +349,24 @@ def sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
             todo.append(i)
         else:
             ctx.progress.advance(len(ctx.specs))
-    run_items(
-        todo,
-        lambda i: write_json(ctx.paths.pair_result(ctx.indices[i]), patch_pair(ctx, i, values_for(i))),
+    names = list(jobs or {})  # job j is item -1 - j, pair i is item i
+
+    def work(i: int) -> tuple[dict, float] | None:
+        if i < 0:
+            start = time.perf_counter()
+            return (jobs or {})[names[-1 - i]](), time.perf_counter() - start
+        write_json(ctx.paths.pair_result(ctx.indices[i]), patch_pair(ctx, i, values_for(i)))
+        return None
+
+    done = run_items(
+        [-1 - j for j in range(len(names))] + todo,
+        work,
         ctx.workers.count if ctx.workers else 1,
-        lambda i: ctx.progress.advance(len(ctx.specs)),
+        lambda i: ctx.progress.advance(len(ctx.specs)) if i >= 0 else None,
         threads=torch.get_num_threads(),
     )
     ctx.timings["sweep_s"] = time.perf_counter() - t
+    return {name: done[-1 - j] for j, name in enumerate(names)}
 
 
 def finish_run(ctx: RunContext, t0: float, report_process: ReportProcess | None = None) -> None:
@@ -423,13 +464,8 @@ def execute_run(
     with reporter:
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
-        t = time.perf_counter()
         values_for = replacement_source(ctx, all_pairs)
-        ctx.checks = run_checks(ctx, values_for)
-        timings["checks_s"] = time.perf_counter() - t
-        write_manifest(ctx)
-        report_failed_checks(ctx)
-        sweep(ctx, values_for)
+        checks_and_sweep(ctx, values_for)
         sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
