@@ -99,7 +99,9 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
 
 @torch.no_grad()
 def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch: int = 16) -> dict:
-    """Check 3: the thoughts carry information (clean != corrupted; zeroing them changes answers)."""
+    """Check 3: the thoughts carry information (clean != corrupted; zeroing them changes answers).
+
+    The clean and corrupted prompts are rolled out with zeroed thoughts ``batch`` rows at a time."""
     diffs = [float((b.clean.thoughts.float() - b.corrupted.thoughts.float()).abs().max()) for b in bases]
     runs = [(b.clean, b.clean_answer) for b in bases] + [(b.corrupted, b.corrupted_answer) for b in bases]
     changed, correct_ablated = 0, 0

@@ -226,7 +226,7 @@ def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[s
     return {
         "identity": lambda: check_identity(model, bases, ctx.specs, n_pairs=1),
         "full_restoration": lambda: check_full_restoration(model, bases[: min(len(bases), 8)]),
-        "live_thoughts": lambda: check_live_thoughts(model, bases),
+        "live_thoughts": lambda: check_live_thoughts(model, bases, ctx.batch_size),  # rows of the sweep's size
         "engine_reference": lambda: check_engine_reference(
             model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed
         ),
