@@ -83,6 +83,22 @@ def test_every_figure_written_png_and_svg(built, tmp_path):
     assert {p.name for p in (built / "stats").iterdir()} >= {"cells.csv", "comparisons.csv", "additivity.csv"}
 
 
+def test_figures_drawn_in_child_processes_equal_serial_ones(tmp_path, monkeypatch):
+    """The report draws some figures in forked children where two cores are free: the same bytes
+    (PNG and SVG) as drawing them all in one process."""
+    import latentpatch.analysis.figure_set as figure_set
+
+    runs = {}
+    for cores in (2, 1):
+        monkeypatch.setattr(figure_set, "_free_cores", lambda cores=cores: cores)
+        runs[cores] = write_fake_run(tmp_path / f"cores{cores}", n_pairs=4, n_layers=3, K=3, seed=1, flagged=(1,))
+        build_report(runs[cores], n_resamples=100, formats=("svg",))
+    files = sorted(p.name for p in (runs[1] / "figures").iterdir())
+    assert len(files) >= 2 * len(FIGURES) and files == sorted(p.name for p in (runs[2] / "figures").iterdir())
+    for name in files:
+        assert (runs[2] / "figures" / name).read_bytes() == (runs[1] / "figures" / name).read_bytes(), name
+
+
 def test_report_svg_flag_writes_svg_beside_png(tmp_path):
     """`latentpatch report --svg` adds SVG files to a run made with the default (PNG only)."""
     run = write_fake_run(tmp_path / "run", n_pairs=3, n_layers=2, K=2, seed=2)

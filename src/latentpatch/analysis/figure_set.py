@@ -1,20 +1,23 @@
-"""Every figure of a run's page, drawn serially or with the per-pair ones in a child process.
+"""Every figure of a run's page, drawn serially or partly in child processes.
 
 The figures split in two independent sets: those of the summary statistics (they need the
 bootstrap of :mod:`latentpatch.analysis.stats`) and those of the cells and trajectories alone
 (per-pair heatmaps, pairs x layers, chained similarity). :func:`start_cell_figures` draws the second
-set in a forked child process while the caller computes the statistics and draws the first set:
-on two free cores the report takes about the time of the slower half. The same code draws each
-figure in either process, so the files are byte-identical to a serial run.
+set in a forked child process while the caller computes the statistics and draws the first set,
+whose position heatmaps go to a second child once the statistics are there: on two free cores the
+report takes about half its serial time. The same code draws each figure in any process, so the
+files are byte-identical to a serial run.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -22,20 +25,21 @@ from latentpatch.analysis import figures as figs
 from latentpatch.analysis.findings import RunLabels
 from latentpatch.analysis.pair_figures import position_heatmaps_per_pair
 
-__all__ = ["cell_figures", "make_figures", "start_cell_figures", "summary_figures"]
+__all__ = ["cell_figures", "in_child", "make_figures", "start_cell_figures", "summary_figures"]
 
 
 def summary_figures(
     out: Path, summary: pd.DataFrame, formats: tuple[str, ...], run: RunLabels | None = None
 ) -> list[Path]:
-    """The figures of the per-cell summary (layer bars, position heatmaps, cumulative, modes)."""
+    """The figures of the per-cell summary (layer bars, position heatmaps, cumulative, modes); the
+    heatmaps, the largest of them, in a child process (:func:`in_child`) while this one draws the rest."""
     if summary.empty:
         return []
+    heatmaps = in_child(partial(figs.position_heatmaps, run=run), summary, out, formats)
     paths = figs.layer_bars(summary, out, formats, run=run)
-    paths += figs.position_heatmaps(summary, out, formats, run=run)
-    paths += figs.cumulative_trajectories(summary, out, formats, run=run)
-    paths += figs.modes_comparison(summary, out, formats, run=run)
-    return paths
+    later = figs.cumulative_trajectories(summary, out, formats, run=run)
+    later += figs.modes_comparison(summary, out, formats, run=run)
+    return paths + heatmaps.result() + later
 
 
 def cell_figures(
@@ -59,6 +63,25 @@ def _free_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def in_child(draw: Callable[..., list[Path]], *args: Any) -> Future[list[Path]]:
+    """Start ``draw(*args)``; ``.result()`` gives the files it wrote.
+
+    In a forked child process when the platform forks and two cores are available (a child only
+    draws with matplotlib, never uses torch); otherwise drawn here, before returning.
+
+    >>> in_child(sorted, [Path("b"), Path("a")]).result()
+    [PosixPath('a'), PosixPath('b')]
+    """
+    if _free_cores() >= 2 and "fork" in multiprocessing.get_all_start_methods():
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+        future = pool.submit(draw, *args)
+        pool.shutdown(wait=False)  # the child exits once its one job is done
+        return future
+    done: Future[list[Path]] = Future()
+    done.set_result(draw(*args))
+    return done
+
+
 def start_cell_figures(
     out: Path,
     cells: pd.DataFrame,
@@ -66,21 +89,9 @@ def start_cell_figures(
     formats: Iterable[str],
     run: RunLabels | None = None,
 ) -> Future[list[Path]]:
-    """Start drawing :func:`cell_figures` into ``out``; ``.result()`` gives the files written.
-
-    In a forked child process when the platform forks and two cores are available (the child only
-    draws with matplotlib, never uses torch); otherwise drawn here, before returning.
-    """
+    """Start drawing :func:`cell_figures` into ``out`` (:func:`in_child`); ``.result()`` gives the files."""
     out.mkdir(parents=True, exist_ok=True)
-    formats = tuple(formats)
-    if _free_cores() >= 2 and "fork" in multiprocessing.get_all_start_methods():
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
-        future = pool.submit(cell_figures, out, cells, trajectories, formats, run)
-        pool.shutdown(wait=False)  # the child exits once its one job is done
-        return future
-    done: Future[list[Path]] = Future()
-    done.set_result(cell_figures(out, cells, trajectories, formats, run))
-    return done
+    return in_child(cell_figures, out, cells, trajectories, tuple(formats), run)
 
 
 def make_figures(
