@@ -1,5 +1,6 @@
-"""The report built in a process forked before torch (analysis/report_process.py): same files as
-``build_report`` here; a failure there leaves the building to the caller."""
+"""The results assembled and the report built in a process forked before torch
+(analysis/report_process.py): same files as ``assemble`` and ``build_report`` here; a failure there
+leaves the step to the caller."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ def test_the_forked_report_is_the_report(tmp_path):
     here = run_experiments(config, progress=False, command="test")
     there = tmp_path / "b" / "run"
     shutil.copytree(here, there)
+    assembled = [f for f in (there / "results").iterdir() if f.is_file()]  # the run assembled them here
+    assert {f.name for f in assembled} >= {"cells.parquet", "layer.json"}
+    for f in assembled:
+        f.unlink()
     process = ReportProcess.start()
-    assert process is not None and process.build(there) is True
+    assert process is not None and process.assemble(there) is True and process.build(there) is True
     build_report(here)
     files = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file())
     assert any(f.name == "report.html" for f in files) and any(f.suffix == ".png" for f in files)
@@ -39,6 +44,15 @@ def test_a_failed_build_is_left_to_the_caller_and_the_child_ends(tmp_path):
     assert process is not None
     pid = process.pid
     assert process.build(tmp_path / "no-run-here") is False
+    with pytest.raises(ChildProcessError):  # already reaped
+        os.waitpid(pid, os.WNOHANG)
+    failing = ReportProcess.start()  # a failed step: the caller does it and the rest itself
+    assert failing is not None
+    pid = failing.pid
+    damaged = tmp_path / "damaged" / "results" / "pairs" / "00000.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"pair_id": "p0", "cells": [')  # assemble names it and refuses
+    assert failing.assemble(tmp_path / "damaged") is False and failing.build(tmp_path / "damaged") is False
     with pytest.raises(ChildProcessError):  # already reaped
         os.waitpid(pid, os.WNOHANG)
     closed = ReportProcess.start()

@@ -1,11 +1,13 @@
 """The report built in a process started before the run imports torch.
 
 ``latentpatch run`` spends its first seconds importing torch and transformers on one core. A
-process forked before that imports the analysis stack (matplotlib, pandas, scipy: about a second
-and a half) on the other core and then waits; when the run is done it builds the report there, so
-the run's end does not wait for those imports. Anything that goes wrong in it (no fork, an error
-while building) makes :meth:`ReportProcess.build` return False, and the caller builds the report
-itself, so the report and its errors are the same as without it.
+process forked before that imports the analysis stack (matplotlib, pandas, scipy, pyarrow: about a
+second and a half) on the other core and then waits. When the run's pairs are done it assembles
+``results/`` there (:func:`latentpatch.rundir.assemble`, whose parquet writer is then already
+imported) and builds the report, so the run's end waits for neither import. Anything that goes
+wrong in it (no fork, an error while assembling or building) makes :meth:`ReportProcess.assemble`
+or :meth:`ReportProcess.build` return False, and the caller does that step itself, so the files and
+their errors are the same as without it.
 
 Imports no torch (the analysis side never does).
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
 class ReportProcess:
-    """A forked child that imports :mod:`latentpatch.analysis.report` and builds one report on request.
+    """A forked child that imports :mod:`latentpatch.analysis.report`, then assembles one run's
+    results and builds its report on request.
 
     >>> process = ReportProcess.start()
     >>> process is None or process.build(Path("/nonexistent/run")) is False  # fails there: the caller builds
@@ -46,15 +50,27 @@ class ReportProcess:
         _serve(req_read, rep_write)
         os._exit(0)
 
+    def assemble(self, run_dir: Path) -> bool:
+        """Assemble ``run_dir``'s ``results/`` in the child; False if it did not (the caller then does)."""
+        if self._ask("assemble", run_dir):
+            return True
+        self.close()  # the caller does the rest itself
+        return False
+
     def build(self, run_dir: Path) -> bool:
         """Build ``run_dir``'s report in the child; False if it did not (the caller then builds it)."""
-        try:
-            os.write(self.request, f"{run_dir}\n".encode())  # as given: the report shows it
-            answer = _read_line(self.reply)
-        except OSError:
-            answer = ""
+        built = self._ask("report", run_dir)
         self.close()
-        return answer == "ok"
+        return built
+
+    def _ask(self, step: str, run_dir: Path) -> bool:
+        if self.pid < 0:
+            return False
+        try:
+            os.write(self.request, f"{step} {run_dir}\n".encode())  # the path as given: the report shows it
+            return _read_line(self.reply) == "ok"
+        except OSError:
+            return False
 
     def close(self) -> None:
         """End the child (idempotent): it sees the end of its request pipe and exits."""
@@ -80,15 +96,17 @@ def _read_line(fd: int) -> str:
 
 
 def _serve(request: int, reply: int) -> None:
-    """The child: import the report's modules, wait for one run directory, build its report."""
+    """The child: import the report's modules, then do each request (``assemble PATH``, then
+    ``report PATH``) until the run closes the pipe or a step fails."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
     try:
         from latentpatch.analysis.report import build_report
+        from latentpatch.rundir import assemble
 
-        path = _read_line(request)
-        if not path:  # the run ended without a report to build
-            return
-        build_report(Path(path))
-        os.write(reply, b"ok\n")
-    except Exception:  # noqa: BLE001 - the parent builds the report itself and shows the error
+        steps: dict[str, Callable[[Path], object]] = {"assemble": assemble, "report": build_report}
+        while line := _read_line(request):  # empty: the run ended (with or without a report)
+            step, path = line.split(" ", 1)
+            steps[step](Path(path))
+            os.write(reply, b"ok\n")
+    except Exception:  # noqa: BLE001 - the parent does the step itself and shows the error
         os.write(reply, b"failed\n")

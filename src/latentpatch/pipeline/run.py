@@ -370,10 +370,11 @@ def sweep(
 
 
 def finish_run(ctx: RunContext, t0: float, report_process: ReportProcess | None = None) -> None:
-    """Assemble ``results/``, mark the manifest complete, build the report (in ``report_process``
+    """Assemble ``results/``, mark the manifest complete, build the report (both in ``report_process``
     when one was started, else here) and log to W&B."""
     t = time.perf_counter()
-    assemble(ctx.out)
+    if report_process is None or not report_process.assemble(ctx.out):
+        assemble(ctx.out)
     ctx.timings["assemble_s"] = time.perf_counter() - t
     ctx.timings["total_s"] = time.perf_counter() - t0
     ctx.complete = True
