@@ -12,6 +12,8 @@ by the engine and the reference; the nnsight sweep computes its own per-pair bas
 per pair), which are timed separately and subtracted. Every method's forward passes are counted in
 token positions (``LatentModel.prefill``/``advance`` instrumented) and compared with the lower bound
 a sweep must recompute. All three must agree on kl / answer_logit_diff / logit_l2 (<= 1e-4 in fp32).
+The engine's FLOPs in its ``nn.Linear`` products (counted in a second, untimed run) per second of its
+timed run are printed as a fraction of the same process's ``torch.mm`` peak.
 
 Examples::
 
@@ -194,6 +196,45 @@ class TokenCounter:
 
     def __exit__(self, *exc):
         LatentModel.advance, LatentModel.prefill = self._advance, self._prefill
+
+
+class LinearFlops:
+    """Counts the FLOPs of every ``nn.Linear`` of the model (2 x rows x in x out per call): the dense
+    matmuls of the projections, the MLP, the LM head and ``prj``. Attention's own products (inside
+    SDPA) are not counted, so the fraction of peak it gives is a lower bound."""
+
+    def __init__(self, model: LatentModel):
+        self.modules = [m for m in (*model.lm.modules(), *model.prj.modules()) if isinstance(m, torch.nn.Linear)]
+        self.flops, self.handles = 0, []
+
+    def _count(self, module, inputs, output):
+        x = inputs[0]
+        self.flops += 2 * (x.numel() // x.shape[-1]) * module.in_features * module.out_features
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._count) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s, n): the best of ``repeats`` n x n x n ``torch.mm`` in this process, at its thread
+    count and the model's dtype: what the same process can reach on large products."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best, n
 
 
 def _sync(device: torch.device) -> None:
@@ -419,6 +460,13 @@ def section(key: str, r: dict) -> str:
             f"{m['tokens'] / m['cells']:.0f} | {m['tokens'] / m['lb']:.1f} |"
         )
     lines.append("")
+    e = r["methods"].get("engine", {})
+    if "peak_gflops" in e:
+        lines.append(
+            f"- engine: {e['linear_gflops']:.1f} GFLOP/s in its nn.Linear products = "
+            f"{100 * e['linear_gflops'] / e['peak_gflops']:.0f}% of the same process's matmul peak "
+            f"({e['peak_gflops']:.1f} GFLOP/s, {e['peak_n']}^3 torch.mm; attention's products not counted)"
+        )
     for name in ("reference", "nnsight"):
         if name in r["methods"]:
             lines.append(f"- engine vs {name}: {r['methods']['engine']['cps'] / r['methods'][name]['cps']:.1f}x")
@@ -565,6 +613,16 @@ def main(argv=None) -> dict:
 
     if not args.memory_only:
         record("engine", *measure(lambda: engine_sweep(model, bases, specs, batch), device), len(bases))
+        with LinearFlops(model) as counted:  # a second, untimed engine run: the hooks cost time
+            engine_sweep(model, bases, specs, batch)
+        peak, n = matmul_peak(device, dtype)
+        achieved = counted.flops / methods["engine"]["wall"]
+        methods["engine"].update(linear_gflops=achieved / 1e9, peak_gflops=peak / 1e9, peak_n=n)
+        print(
+            f"engine: {achieved / 1e9:.1f} GFLOP/s in its nn.Linear products = {100 * achieved / peak:.0f}% of this "
+            f"process's matmul peak ({peak / 1e9:.1f} GFLOP/s, {n}x{n}x{n} torch.mm)",
+            flush=True,
+        )
     if not (args.skip_reference or args.memory_only):
         record("reference", *measure(lambda: reference_sweep(model, bases[:n_ref], specs), device), n_ref)
     if not (args.skip_nnsight or args.memory_only):
