@@ -183,28 +183,41 @@ def test_training_pool_excludes_default_pair_questions():
     assert pool == [q for q in raw if q not in pair_qs] and len(pool) < len(raw)
 
 
-def student_reference_blind_swap(model: LatentModel, b, blind, swap) -> torch.Tensor:
-    """Plain no-cache loop with a 4-D mask: thought ``swap.position`` of row i is row
-    ``swap.donor[i]``'s where ``swap.rows[i]``; answer tokens of ``blind`` rows see no question
-    token (but ``<bot>``). [B, La, V] answer logits."""
+def attention_bias(mask: torch.Tensor, t_q: int, n_a: int, blind=None, isolated=None) -> torch.Tensor:
+    """[B, 1, T, T] additive mask: causal and padding; answer tokens (the last ``n_a``) of ``blind``
+    rows see no question token (but ``<bot>``); latent positions of ``isolated`` rows see no earlier
+    latent position."""
+    T = mask.size(1)
+    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+    n_latent = T - t_q - n_a
+    for i in range(len(mask)):
+        if blind is not None and blind[i]:
+            allowed[i, T - n_a :, : t_q - 1] = False
+        if isolated is not None and isolated[i]:
+            for j in range(n_latent):
+                allowed[i, t_q + j, t_q : t_q + j] = False
+    allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding queries see themselves (no NaN)
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+
+def student_reference(model: LatentModel, b, answer_ids, blind=None, swap=None, isolated=None) -> torch.Tensor:
+    """Plain no-cache loop with explicit 4-D masks: thought ``swap.position`` of row i is row
+    ``swap.donor[i]``'s where ``swap.rows[i]``; see :func:`attention_bias` for ``blind`` and
+    ``isolated``. [B, La, V] answer logits."""
     lm, embed = model.lm, model.lm.get_input_embeddings()
-    embs, mask = embed(b.q_ids), b.q_mask
+    embs, mask, t_q = embed(b.q_ids), b.q_mask, b.q_ids.size(1)
     for step in range(model.num_latent):
-        out = lm(inputs_embeds=embs, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
+        bias = attention_bias(mask, t_q, 0, None, isolated)
+        out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask), output_hidden_states=True)
         emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
-        if step == swap.position:
+        if swap is not None and step == swap.position:
             emb = torch.stack([emb[int(swap.donor[i])] if swap.rows[i] else emb[i] for i in range(len(emb))])
         embs = torch.cat([embs, emb], 1)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-    embs = torch.cat([embs, embed(swap.answer_ids)], 1)
+    embs = torch.cat([embs, embed(answer_ids)], 1)
     mask = torch.cat([mask, b.a_mask], 1)
-    T, t_q, n_a = mask.size(1), b.q_ids.size(1), b.a_ids.size(1)
-    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & mask.bool()[:, None, :]
-    for i in range(len(mask)):
-        if blind[i]:
-            allowed[i, T - n_a :, : t_q - 1] = False
-    allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding queries see themselves (no NaN)
-    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+    n_a = answer_ids.size(1)
+    bias = attention_bias(mask, t_q, n_a, blind, isolated)
     out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask))
     return out.logits[:, -n_a:]
 
@@ -224,11 +237,39 @@ def test_blind_and_swapped_student_equals_plain_loop(tiny_run):
     blind = torch.tensor([True, False, True, True, False, True])
     with torch.no_grad():
         fast = student_forward(model, b.q_ids, b.q_mask, swap.answer_ids, b.a_mask, blind, swap).answer_logits
-        ref = student_reference_blind_swap(model, b, blind, swap)
+        ref = student_reference(model, b, swap.answer_ids, blind, swap)
         plain = student_forward(model, b.q_ids, b.q_mask, swap.answer_ids, b.a_mask).answer_logits
     m = b.a_mask.bool()
     assert torch.allclose(fast[m], ref[m], atol=1e-4)
     assert not torch.allclose(fast[m], plain[m], atol=1e-3)  # the variants do change the logits
+
+
+def test_isolated_student_equals_plain_loop(tiny_run):
+    """Latent positions that see no earlier latent position (``thought_isolate_rate``), alone and
+    with blind rows, against a plain recompute with explicit 4-D masks at every step; isolated rows
+    change, the others do not (a random 2-layer model with 4 thoughts, where the mask matters)."""
+    from latentpatch.training.train import build_model
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(**{**TINY, "layers": 2, "num_latent": 4}), codec).eval()
+    b = make_batch(generate_problems(6, seed=7), codec, num_latent=model.num_latent)
+    isolated = torch.tensor([True, True, False, True, False, False])
+    blind = torch.tensor([True, False, False, True, True, False])
+    m = b.a_mask.bool()
+    with torch.no_grad():
+        plain = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
+        for blind_rows in (None, blind):
+            fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, blind_rows, None, isolated)
+            ref = student_reference(model, b, b.a_ids, blind_rows, None, isolated)
+            assert torch.allclose(fast.answer_logits[m], ref[m], atol=1e-4)
+        fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, None, None, isolated)
+    # thoughts 0 and 1 come from positions that see no earlier latent position either way; from
+    # thought 2 on, isolated rows compute something else
+    assert torch.allclose(fast.thoughts[:, :2], plain.thoughts[:, :2], atol=1e-5)
+    moved = (fast.thoughts[:, 2:] - plain.thoughts[:, 2:]).abs().amax(dim=(1, 2))
+    assert (moved[isolated] > 1e-3).all() and (moved[~isolated] < 1e-5).all()
 
 
 def _plain_results(program, forced_step=None, forced_value=None):

@@ -51,6 +51,9 @@ class TrainConfig:
     answer_blind_rate: float = option(
         0.0, "Fraction of rows whose answer tokens cannot attend to the question (they must read the thoughts)."
     )
+    thought_isolate_rate: float = option(
+        0.0, "Fraction of rows whose latent positions see only the question and their own thought."
+    )
     thought_swap_rate: float = option(
         0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )
@@ -82,7 +85,8 @@ class TrainConfig:
         allowed = [str(p) for p in range(1, self.num_latent)]
         if any(p.strip() not in allowed for p in self.swap_positions.split(",") if self.swap_positions):
             raise LatentPatchError(f"--swap-positions {self.swap_positions!r}: use a comma list of {','.join(allowed)}")
-        for name in ("answer_blind_rate", "thought_swap_rate", "swap_same_value", "prj_dropout"):
+        rates = ("answer_blind_rate", "thought_isolate_rate", "thought_swap_rate", "swap_same_value", "prj_dropout")
+        for name in rates:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LatentPatchError(f"--{name.replace('_', '-')} {getattr(self, name)}: use a value in [0, 1]")
 

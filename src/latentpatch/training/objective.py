@@ -59,6 +59,7 @@ def student_forward(
     a_mask: torch.Tensor,
     blind_rows: torch.Tensor | None = None,
     swap: ThoughtSwap | None = None,
+    isolated_rows: torch.Tensor | None = None,
 ) -> StudentPass:
     """The latent rollout of :meth:`LatentModel.rollout`, with gradients and every layer's hidden
     states, and the answer part teacher-forced.
@@ -73,7 +74,10 @@ def student_forward(
     question tokens (``<bot>``, the thoughts and the answer stay visible), so the answer must be
     read from the thoughts. Positions are unchanged; the rollout itself (question, thoughts) is not
     affected, and the saved model is a plain causal LM. ``swap`` (training only): feed another
-    row's thought at one position (:mod:`latentpatch.training.interchange`).
+    row's thought at one position (:mod:`latentpatch.training.interchange`). ``isolated_rows`` [B]
+    bool (training only): in these rows latent position j attends to the question and to itself, not
+    to the earlier latent positions, so what the chain computed so far reaches it only through its
+    fed thought (the answer tokens see every position, as in the rollout).
     """
     from transformers import DynamicCache
 
@@ -96,9 +100,14 @@ def student_forward(
             emb = swap.apply(step, emb)
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+        step_mask = mask
+        if isolated_rows is not None and step:  # hide latent columns T_q .. T_q + step - 1
+            hide = torch.zeros_like(mask, dtype=torch.bool)
+            hide[:, q_ids.size(1) : q_ids.size(1) + step] = isolated_rows[:, None]
+            step_mask = mask.masked_fill(hide, 0)
         out = lm(
             inputs_embeds=emb,
-            attention_mask=mask,
+            attention_mask=step_mask,
             position_ids=positions(mask)[:, -1:],
             use_cache=True,
             output_hidden_states=True,
@@ -156,6 +165,9 @@ def codi_loss(
     blind = None
     if cfg.answer_blind_rate:  # the answer must be read from the thoughts in these rows
         blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
+    isolated = None
+    if cfg.thought_isolate_rate:  # the chain must pass through the fed thoughts in these rows
+        isolated = torch.rand(b.q_ids.size(0)) < cfg.thought_isolate_rate
     swap = None
     if codec is not None:
         positions = [int(p) for p in cfg.swap_positions.split(",")] if cfg.swap_positions else None
@@ -170,7 +182,7 @@ def codi_loss(
     else:
         a_ids, a_labels, targets = b.a_ids, b.a_labels, b.latent_targets
         t_targets = thought_targets(b.latent_targets) if b.latent_targets is not None else None
-    student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap)
+    student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap, isolated)
     s_ce = next_token_ce(student.answer_logits, a_labels)
     keep = ~swap.rows if swap is not None else None
     distill = distill_loss(t_out.hidden_states, student.answer_hidden_states, b, keep)
