@@ -183,31 +183,32 @@ def test_training_pool_excludes_default_pair_questions():
     assert pool == [q for q in raw if q not in pair_qs] and len(pool) < len(raw)
 
 
-def attention_bias(mask: torch.Tensor, t_q: int, n_a: int, blind=None, isolated=None) -> torch.Tensor:
+def attention_bias(mask: torch.Tensor, t_q: int, n_a: int, blind=None, latent_hide=None) -> torch.Tensor:
     """[B, 1, T, T] additive mask: causal and padding; answer tokens (the last ``n_a``) of ``blind``
-    rows see no question token (but ``<bot>``); latent positions of ``isolated`` rows see no earlier
-    latent position."""
+    rows see no question token (but ``<bot>``); latent position j of row i does not see the columns
+    ``latent_hide[i, j]`` marks."""
     T = mask.size(1)
     allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))[None] & mask.bool()[:, None, :]
-    n_latent = T - t_q - n_a
     for i in range(len(mask)):
         if blind is not None and blind[i]:
             allowed[i, T - n_a :, : t_q - 1] = False
-        if isolated is not None and isolated[i]:
-            for j in range(n_latent):
-                allowed[i, t_q + j, t_q : t_q + j] = False
+        if latent_hide is not None:
+            for j in range(T - t_q - n_a):
+                for col in range(T):
+                    if col < latent_hide.size(2) and latent_hide[i, j, col]:
+                        allowed[i, t_q + j, col] = False
     allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding queries see themselves (no NaN)
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
 
-def student_reference(model: LatentModel, b, answer_ids, blind=None, swap=None, isolated=None) -> torch.Tensor:
+def student_reference(model: LatentModel, b, answer_ids, blind=None, swap=None, latent_hide=None) -> torch.Tensor:
     """Plain no-cache loop with explicit 4-D masks: thought ``swap.position`` of row i is row
     ``swap.donor[i]``'s where ``swap.rows[i]``; see :func:`attention_bias` for ``blind`` and
-    ``isolated``. [B, La, V] answer logits."""
+    ``latent_hide``. [B, La, V] answer logits."""
     lm, embed = model.lm, model.lm.get_input_embeddings()
     embs, mask, t_q = embed(b.q_ids), b.q_mask, b.q_ids.size(1)
     for step in range(model.num_latent):
-        bias = attention_bias(mask, t_q, 0, None, isolated)
+        bias = attention_bias(mask, t_q, 0, None, latent_hide)
         out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask), output_hidden_states=True)
         emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
         if swap is not None and step == swap.position:
@@ -217,7 +218,7 @@ def student_reference(model: LatentModel, b, answer_ids, blind=None, swap=None, 
     embs = torch.cat([embs, embed(answer_ids)], 1)
     mask = torch.cat([mask, b.a_mask], 1)
     n_a = answer_ids.size(1)
-    bias = attention_bias(mask, t_q, n_a, blind, isolated)
+    bias = attention_bias(mask, t_q, n_a, blind, latent_hide)
     out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask))
     return out.logits[:, -n_a:]
 
@@ -245,9 +246,11 @@ def test_blind_and_swapped_student_equals_plain_loop(tiny_run):
 
 
 def test_isolated_student_equals_plain_loop(tiny_run):
-    """Latent positions that see no earlier latent position (``thought_isolate_rate``), alone and
-    with blind rows, against a plain recompute with explicit 4-D masks at every step; isolated rows
-    change, the others do not (a random 2-layer model with 4 thoughts, where the mask matters)."""
+    """Latent positions that see no earlier latent position and, with ``spent``, none of the question
+    numbers only earlier steps read (``thought_isolate_rate``, ``hide_spent_numbers``), alone and with
+    blind rows, against a plain recompute with explicit 4-D masks at every step; hidden rows change,
+    the others do not (a random 2-layer model with 4 thoughts, so that the masks matter)."""
+    from latentpatch.training.objective import latent_hide_mask
     from latentpatch.training.train import build_model
 
     out, _ = tiny_run
@@ -255,21 +258,44 @@ def test_isolated_student_equals_plain_loop(tiny_run):
     torch.manual_seed(0)
     model = build_model(TrainConfig(**{**TINY, "layers": 2, "num_latent": 4}), codec).eval()
     b = make_batch(generate_problems(6, seed=7), codec, num_latent=model.num_latent)
-    isolated = torch.tensor([True, True, False, True, False, False])
+    rows = torch.tensor([True, True, False, True, False, False])
     blind = torch.tensor([True, False, False, True, True, False])
     m = b.a_mask.bool()
     with torch.no_grad():
         plain = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask)
-        for blind_rows in (None, blind):
-            fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, blind_rows, None, isolated)
-            ref = student_reference(model, b, b.a_ids, blind_rows, None, isolated)
-            assert torch.allclose(fast.answer_logits[m], ref[m], atol=1e-4)
-        fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, None, None, isolated)
-    # thoughts 0 and 1 come from positions that see no earlier latent position either way; from
-    # thought 2 on, isolated rows compute something else
-    assert torch.allclose(fast.thoughts[:, :2], plain.thoughts[:, :2], atol=1e-5)
-    moved = (fast.thoughts[:, 2:] - plain.thoughts[:, 2:]).abs().amax(dim=(1, 2))
-    assert (moved[isolated] > 1e-3).all() and (moved[~isolated] < 1e-5).all()
+        for spent in (False, True):
+            hide = latent_hide_mask(b, rows, model.num_latent, spent, codec)
+            assert not hide[~rows].any() and hide[rows].any()
+            for blind_rows in (None, blind):
+                fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, blind_rows, None, hide)
+                ref = student_reference(model, b, b.a_ids, blind_rows, None, hide)
+                assert torch.allclose(fast.answer_logits[m], ref[m], atol=1e-4)
+            fast = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask, None, None, hide)
+            # thought 0 comes from <bot>, thought 1 from latent position 0 (which sees no earlier latent
+            # and no spent number); from thought 2 on, hidden rows compute something else
+            assert torch.allclose(fast.thoughts[:, :2], plain.thoughts[:, :2], atol=1e-5)
+            moved = (fast.thoughts[:, 2:] - plain.thoughts[:, 2:]).abs().amax(dim=(1, 2))
+            assert (moved[rows] > 1e-3).all() and (moved[~rows] < 1e-5).all()
+
+
+def test_spent_columns_mark_the_numbers_of_earlier_steps_only(tiny_run):
+    """``spent_columns`` by hand on two programs: a chain hides step 0's operands from position 1 on
+    (and every literal past the last step); a program reading an older result hides nothing."""
+    from latentpatch.data.synthetic import Problem
+    from latentpatch.training.data import spent_columns
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    chain = Problem("A has 16 eggs, eats 3, doubles 2 times?", (("sub", 16, 3), ("mul", "#0", 2)), 26, "", "t")
+    other = Problem("5 and 7, then 5 times 4.", (("add", 5, 7), ("mul", 5, 4), ("add", "#0", "#1")), 32, "", "t")
+    b = make_batch([chain, other], codec, num_latent=3)
+    cols = spent_columns(b.q_ids, b.programs, codec, 3)
+    words = [codec.decode([int(t)]).strip() for t in b.q_ids[0]]
+    at = {w: [i for i, x in enumerate(words) if x == w] for w in ("16", "3", "2")}
+    assert not cols[0, 0].any()
+    assert [i for i in range(len(words)) if cols[0, 1, i]] == sorted(at["16"] + at["3"])
+    assert [i for i in range(len(words)) if cols[0, 2, i]] == sorted(at["16"] + at["3"] + at["2"])
+    assert not cols[1].any()
 
 
 def _plain_results(program, forced_step=None, forced_value=None):

@@ -54,6 +54,9 @@ class TrainConfig:
     thought_isolate_rate: float = option(
         0.0, "Fraction of rows whose latent positions see only the question and their own thought."
     )
+    hide_spent_numbers: bool = option(
+        False, "In those rows, latent position j also cannot see the question numbers only earlier steps read."
+    )
     thought_swap_rate: float = option(
         0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )

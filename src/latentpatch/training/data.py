@@ -183,6 +183,43 @@ def latent_targets(program, codec: Codec, num_latent: int) -> list[int]:
     return number_ids(latent_values(step_results(program), num_latent), codec)
 
 
+def is_chain(program) -> bool:
+    """Every step after the first reads the step right before it and no other step (``#j-1`` only)."""
+    refs = [[int(x[1:]) for x in (a, b) if isinstance(x, str)] for _, a, b in program]
+    return all(r == ([j - 1] if j else []) for j, r in enumerate(refs))
+
+
+def spent_numbers(program, num_latent: int) -> list[set[int]]:
+    """For each latent position j < K: the question numbers that only steps before j read (the
+    literal operands of steps < j that no step >= j reads), i.e. what a position j needs only to
+    recompute earlier results. Past the last step every literal is spent.
+
+    >>> [sorted(s) for s in spent_numbers([("sub", 16, 3), ("mul", "#0", 2)], 3)]
+    [[], [3, 16], [2, 3, 16]]
+    """
+    literals = [{x for x in (a, b) if not isinstance(x, str)} for _, a, b in program]
+    out = []
+    for j in range(num_latent):
+        before = set().union(*literals[:j])
+        out.append(before - set().union(*literals[j:]))
+    return out
+
+
+def spent_columns(q_ids: torch.Tensor, programs: Sequence, codec: Codec, num_latent: int) -> torch.Tensor:
+    """[B, K, T_q] bool: the question columns (of left-padded ``q_ids`` [B, T_q]) holding a number
+    token that :func:`spent_numbers` lists for latent position j; all False in a row whose program
+    is not a chain (:func:`is_chain`: a step reading an older result needs its operands)."""
+    value_of = {codec.encode(str(n))[0]: n for n in range(NUMBER_TOKENS_UP_TO + 1)}
+    out = torch.zeros(q_ids.size(0), num_latent, q_ids.size(1), dtype=torch.bool)
+    for i, program in enumerate(programs):
+        if not is_chain(program):
+            continue
+        values = [value_of.get(int(t), -1) for t in q_ids[i]]
+        for j, spent in enumerate(spent_numbers(program, num_latent)):
+            out[i, j] = torch.tensor([v in spent for v in values])
+    return out
+
+
 def make_batch(problems, codec: Codec, num_latent: int = 0) -> Batch:
     """Teacher and student sequences of ``problems``; ``num_latent`` > 0 adds the latent targets."""
     prefix = codec.encode(ANSWER_PREFIX)

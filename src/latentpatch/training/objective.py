@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from latentpatch.model.latent import LatentModel
-from latentpatch.training.data import Batch, Codec
+from latentpatch.training.data import Batch, Codec, spent_columns
 from latentpatch.training.interchange import ThoughtSwap, plan_swap, thought_targets
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def student_forward(
     a_mask: torch.Tensor,
     blind_rows: torch.Tensor | None = None,
     swap: ThoughtSwap | None = None,
-    isolated_rows: torch.Tensor | None = None,
+    latent_hide: torch.Tensor | None = None,
 ) -> StudentPass:
     """The latent rollout of :meth:`LatentModel.rollout`, with gradients and every layer's hidden
     states, and the answer part teacher-forced.
@@ -74,10 +74,9 @@ def student_forward(
     question tokens (``<bot>``, the thoughts and the answer stay visible), so the answer must be
     read from the thoughts. Positions are unchanged; the rollout itself (question, thoughts) is not
     affected, and the saved model is a plain causal LM. ``swap`` (training only): feed another
-    row's thought at one position (:mod:`latentpatch.training.interchange`). ``isolated_rows`` [B]
-    bool (training only): in these rows latent position j attends to the question and to itself, not
-    to the earlier latent positions, so what the chain computed so far reaches it only through its
-    fed thought (the answer tokens see every position, as in the rollout).
+    row's thought at one position (:mod:`latentpatch.training.interchange`). ``latent_hide``
+    [B, K, T_q + K] bool (training only, :func:`latent_hide_mask`): columns latent position j does
+    not attend to (its own column is never hidden; the answer tokens see every position).
     """
     from transformers import DynamicCache
 
@@ -101,10 +100,8 @@ def student_forward(
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
         step_mask = mask
-        if isolated_rows is not None and step:  # hide latent columns T_q .. T_q + step - 1
-            hide = torch.zeros_like(mask, dtype=torch.bool)
-            hide[:, q_ids.size(1) : q_ids.size(1) + step] = isolated_rows[:, None]
-            step_mask = mask.masked_fill(hide, 0)
+        if latent_hide is not None:
+            step_mask = mask.masked_fill(latent_hide[:, step, : mask.size(1)], 0)
         out = lm(
             inputs_embeds=emb,
             attention_mask=step_mask,
@@ -130,6 +127,22 @@ def student_forward(
         **{kv: getattr(out, kv)},
     )
     return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
+
+
+def latent_hide_mask(
+    b: Batch, rows: torch.Tensor, num_latent: int, spent: bool = False, codec: Codec | None = None
+) -> torch.Tensor:
+    """[B, K, T_q + K] bool, the columns latent position j may not attend to in ``rows`` [B] bool:
+    the earlier latent positions (so what the chain computed so far reaches position j only
+    through its fed thought), and with ``spent`` (needs ``codec``) the question numbers that only
+    earlier steps read (:func:`~latentpatch.training.data.spent_columns`), so that position j
+    cannot recompute the earlier results from the question either."""
+    T_q, K = b.q_ids.size(1), num_latent
+    hide = torch.zeros(b.q_ids.size(0), K, T_q + K, dtype=torch.bool)
+    hide[:, :, T_q:] = torch.ones(K, K, dtype=torch.bool).tril(-1)  # latent column k < j
+    if spent and codec is not None:
+        hide[:, :, :T_q] = spent_columns(b.q_ids, b.programs, codec, K)
+    return hide & rows[:, None, None]
 
 
 def distill_loss(
@@ -165,9 +178,10 @@ def codi_loss(
     blind = None
     if cfg.answer_blind_rate:  # the answer must be read from the thoughts in these rows
         blind = torch.rand(b.q_ids.size(0)) < cfg.answer_blind_rate
-    isolated = None
+    hide = None
     if cfg.thought_isolate_rate:  # the chain must pass through the fed thoughts in these rows
-        isolated = torch.rand(b.q_ids.size(0)) < cfg.thought_isolate_rate
+        rows = torch.rand(b.q_ids.size(0)) < cfg.thought_isolate_rate
+        hide = latent_hide_mask(b, rows, model.num_latent, cfg.hide_spent_numbers, codec)
     swap = None
     if codec is not None:
         positions = [int(p) for p in cfg.swap_positions.split(",")] if cfg.swap_positions else None
@@ -182,7 +196,7 @@ def codi_loss(
     else:
         a_ids, a_labels, targets = b.a_ids, b.a_labels, b.latent_targets
         t_targets = thought_targets(b.latent_targets) if b.latent_targets is not None else None
-    student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap, isolated)
+    student = student_forward(model, b.q_ids, b.q_mask, a_ids, b.a_mask, blind, swap, hide)
     s_ce = next_token_ce(student.answer_logits, a_labels)
     keep = ~swap.rows if swap is not None else None
     distill = distill_loss(t_out.hidden_states, student.answer_hidden_states, b, keep)
