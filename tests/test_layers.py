@@ -94,6 +94,7 @@ def _run_manifest_stages() -> list[dict]:
         **checks,
         "status": "complete",
         "timings": {"sweep_s": 2.0},
+        "finished": "2026-12-03 02:00",
         "cells_per_second": None,
         "activation_cache": None,
     }

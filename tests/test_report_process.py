@@ -14,6 +14,7 @@ from latentpatch.analysis.report import build_report
 from latentpatch.analysis.report_process import ReportProcess
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.run import run_experiments
+from latentpatch.rundir import read_manifest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked only on Linux")
 
@@ -32,6 +33,8 @@ def test_the_forked_report_is_the_report(tmp_path):
     build_report(here)
     files = sorted(p.relative_to(here) for p in here.rglob("*") if p.is_file())
     assert any(f.name == "report.html" for f in files) and any(f.suffix == ".png" for f in files)
+    finished = read_manifest(here)["finished"]  # the page states the run's date, not the build's
+    assert f"run finished {finished}".encode() in (here / "report.html").read_bytes()
     for f in files:
         a, b = (here / f).read_bytes(), (there / f).read_bytes()
         if f.name == "report.html":  # names its own directory (and the manifest names the first)

@@ -127,7 +127,7 @@ _STEP_KEYS = (
     "merged_from",
 )
 #: Keys the finish step writes together with ``timings`` (each may be null).
-_FINISH_KEYS = ("cells_per_second", "activation_cache")
+_FINISH_KEYS = ("finished", "cells_per_second", "activation_cache")
 
 
 @dataclass(kw_only=True)
@@ -160,6 +160,7 @@ class Manifest:
     replacement_pool: str | None = None  # "all shards" when a shard computed mean/resample over all
     checks: dict[str, dict[str, Any]] | None = None
     timings: dict[str, float] | None = None
+    finished: str | None = None  # local time the run completed, "YYYY-MM-DD HH:MM" (the report's date)
     cells_per_second: float | None = None
     activation_cache: dict[str, int] | None = None  # {hits, misses}; null without the cache
     merged_from: list[dict[str, Any]] | None = None

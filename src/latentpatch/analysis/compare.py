@@ -9,7 +9,6 @@ The runs must share their layer x position grid for every experiment compared.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,6 +157,7 @@ def _run_summary(manifest: dict, cells: pd.DataFrame, run_dir: Path) -> dict:
         "num_latent": model.get("num_latent"),
         "n_pairs": int(cells["pair_id"].nunique()),
         "experiments": sorted(cells["experiment"].unique().tolist()),
+        "finished": manifest.get("finished"),
         "command": manifest.get("command"),
     }
 
@@ -204,7 +204,7 @@ def _compare_page(
     figs_html = "".join(embed_png(p, p.stem.replace("_", " ")) for p in paths if p.suffix == ".png")
     figs_html = figs_html or '<p class="note">No layer or position sweep in common.</p>'
     title = f"latentpatch compare: {escape(label_a)} vs {escape(label_b)}"
-    sub = f"differences are A − B, means over pairs · generated {_dt.datetime.now():%Y-%m-%d %H:%M}"
+    sub = "differences are A − B, means over pairs"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
 <body><header><h1>Compare A = {escape(label_a)} vs B = {escape(label_b)}</h1><div class="sub">{sub}</div></header>

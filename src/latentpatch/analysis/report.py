@@ -9,7 +9,6 @@ network. The page is assembled here from its sections (:mod:`latentpatch.analysi
 
 from __future__ import annotations
 
-import datetime as _dt
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,10 +88,11 @@ def render_page(
     model = manifest.get("model") or {}
     title = f"latentpatch report: {run_dir.name}"
     nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS)
-    generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    # the run's own date, not the page's: the same run gives the same page whenever it is rebuilt
+    finished = f" · run finished {escape(manifest['finished'])}" if manifest.get("finished") else ""
     sub = (
         f"model {escape(model.get('name', '?'))} · {stats['n_pairs_used']} pairs · "
-        f"experiments: {escape(', '.join(stats['experiments']) or 'none')} · generated {generated}"
+        f"experiments: {escape(', '.join(stats['experiments']) or 'none')}{finished}"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

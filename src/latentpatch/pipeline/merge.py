@@ -201,6 +201,7 @@ def _merged_manifest(
         baselines=_merged_baselines(manifests, ordered),
         checks=_merge_checks(manifests),
         timings=timings,
+        finished=max((m.finished for m in manifests if m.finished), default=None),  # the last shard's
         cells_per_second=n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
         activation_cache=cache or None,
         merged_from=[

@@ -377,7 +377,7 @@ def finish_run(ctx: RunContext, t0: float, report_process: ReportProcess | None 
         assemble(ctx.out)
     ctx.timings["assemble_s"] = time.perf_counter() - t
     ctx.timings["total_s"] = time.perf_counter() - t0
-    ctx.complete = True
+    ctx.complete, ctx.finished = True, time.strftime("%Y-%m-%d %H:%M")
     write_manifest(ctx)
     if ctx.config.report:
         ctx.progress.message("report: statistics, figures and report.html ...")
