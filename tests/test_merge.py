@@ -58,6 +58,7 @@ def test_merged_shards_equal_the_unsharded_run(runs):
     assert m["timings"]["sweep_s"] == pytest.approx(
         sum(json.loads((s / "manifest.json").read_text())["timings"]["sweep_s"] for s in shards)
     )
+    assert m["finished"] == max(json.loads((s / "manifest.json").read_text())["finished"] for s in shards)
 
 
 def test_merge_refuses_bad_shard_sets(runs, tmp_path):
