@@ -212,7 +212,14 @@ def student_reference(model: LatentModel, b, answer_ids, blind=None, swap=None, 
         out = lm(inputs_embeds=embs, attention_mask=bias, position_ids=positions(mask), output_hidden_states=True)
         emb = model.prj(out.hidden_states[-1][:, -1]).unsqueeze(1)
         if swap is not None and step == swap.position:
-            emb = torch.stack([emb[int(swap.donor[i])] if swap.rows[i] else emb[i] for i in range(len(emb))])
+            fed = []
+            for i in range(len(emb)):
+                if swap.token_rows is not None and swap.token_rows[i]:  # the donor value's token, at row i's norm
+                    token = embed(swap.token_ids[i : i + 1])
+                    fed.append(token * emb[i].norm() / token.norm())
+                else:
+                    fed.append(emb[int(swap.donor[i])] if swap.rows[i] else emb[i])
+            emb = torch.stack(fed)
         embs = torch.cat([embs, emb], 1)
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
     embs = torch.cat([embs, embed(answer_ids)], 1)
@@ -243,6 +250,85 @@ def test_blind_and_swapped_student_equals_plain_loop(tiny_run):
     m = b.a_mask.bool()
     assert torch.allclose(fast[m], ref[m], atol=1e-4)
     assert not torch.allclose(fast[m], plain[m], atol=1e-3)  # the variants do change the logits
+
+
+def test_token_fed_student_equals_plain_loop(tiny_run):
+    """``swap_token_rate``: the token rows are fed the donor value's token embedding at their own
+    thought's norm, the other swapped rows the donor's thought (plain recompute with 4-D masks)."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    model = load_model(f"dir:{out}")
+    codec = Codec.from_dir(out)
+    b = make_batch(generate_problems(8, seed=5), codec, num_latent=model.num_latent)
+    torch.manual_seed(4)
+    swap = plan_swap(b, codec, 1.0, model.num_latent, token_rate=0.5)
+    assert swap is not None and swap.token_rows is not None
+    assert swap.token_rows.any() and (swap.rows & ~swap.token_rows).any()
+    m = b.a_mask.bool()
+    with torch.no_grad():
+        fast = student_forward(model, b.q_ids, b.q_mask, swap.answer_ids, b.a_mask, None, swap)
+        ref = student_reference(model, b, swap.answer_ids, None, swap)
+        assert torch.allclose(fast.answer_logits[m], ref[m], atol=1e-4)
+        fed = fast.thoughts[:, swap.position]  # [B, d]
+        token = model.lm.get_input_embeddings()(swap.token_ids)
+        cos = torch.nn.functional.cosine_similarity(fed, token, dim=-1)
+        assert (cos[swap.token_rows] > 1 - 1e-5).all() and (cos[~swap.token_rows] < 0.999).all()
+
+
+def test_token_rows_hold_the_donor_value_and_keep_the_swap(tiny_run):
+    """With ``token_rate`` the rows, donors and targets are those of the plain draw (the token rows
+    are drawn after it); a token row's token is the donor's value at p-1, checked by hand."""
+    from latentpatch.training.interchange import plan_swap
+
+    out, _ = tiny_run
+    codec = Codec.from_dir(out)
+    K = 4
+    probs = generate_problems(48, seed=13)
+    b = make_batch(probs, codec, num_latent=K)
+    checked = 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        plain = plan_swap(b, codec, 0.7, K)
+        torch.manual_seed(seed)
+        swap = plan_swap(b, codec, 0.7, K, token_rate=1.0)
+        assert plain.token_rows is None and torch.equal(swap.token_rows, swap.rows)
+        assert torch.equal(plain.donor, swap.donor) and torch.equal(plain.latent_targets, swap.latent_targets)
+        assert torch.equal(plain.answer_ids, swap.answer_ids)
+        p = swap.position
+        for i in range(len(probs)):
+            if swap.rows[i]:
+                res = _plain_results(probs[int(swap.donor[i])].program)
+                assert codec.decode([int(swap.token_ids[i])]) == str(res[min(p - 1, len(res) - 1)])
+                checked += 1
+    assert checked > 40
+
+
+def test_thought_match_is_one_minus_the_mean_cosine(tiny_run):
+    """``thought_match_factor``: 1 - mean cosine of each fed thought q >= 1 with the embedding of step
+    result q-1, computed here element by element; the total grows by factor x that."""
+    from latentpatch.training.interchange import thought_targets
+    from latentpatch.training.objective import codi_loss
+
+    out, _ = tiny_run
+    model = load_model(f"dir:{out}")
+    codec = Codec.from_dir(out)
+    b = make_batch(generate_problems(6, seed=9), codec, num_latent=model.num_latent)
+    with torch.no_grad():
+        thoughts = student_forward(model, b.q_ids, b.q_mask, b.a_ids, b.a_mask).thoughts
+        emb = model.lm.get_input_embeddings().weight
+        targets = thought_targets(b.latent_targets)
+        cosines = [
+            float(thoughts[i, q] @ emb[targets[i, q]] / (thoughts[i, q].norm() * emb[targets[i, q]].norm()))
+            for i in range(targets.size(0))
+            for q in range(targets.size(1))
+            if targets[i, q] != -100
+        ]
+        want = 1 - sum(cosines) / len(cosines)
+        off, parts_off = codi_loss(model, b, TrainConfig(**TINY))
+        on, parts = codi_loss(model, b, TrainConfig(**TINY, thought_match_factor=2.0))
+    assert "thought_match" not in parts_off and parts["thought_match"] == pytest.approx(want, abs=1e-5)
+    assert float(on - off) == pytest.approx(2.0 * want, abs=1e-4)
 
 
 def test_isolated_student_equals_plain_loop(tiny_run):

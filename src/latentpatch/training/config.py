@@ -66,6 +66,14 @@ class TrainConfig:
     swap_same_value: float = option(
         0.0, "Of the swapped rows, the fraction given a donor holding the same value (where the batch has one)."
     )
+    swap_token_rate: float = option(
+        0.0,
+        "Of the swapped rows, the fraction fed the donor value's number-token embedding (at the thought's norm) "
+        "instead of the donor's thought.",
+    )
+    thought_match_factor: float = option(
+        0.0, "Weight of 1 - cos(fed thought q, token embedding of step result q-1) (not in CODI)."
+    )
     # data and machine
     data_seed: int = option(1, "Seed of the training pool of synthetic problems.")
     train_pool: int = option(200_000, "Problems generated for the pool (less the default pairs' questions).")
@@ -88,7 +96,14 @@ class TrainConfig:
         allowed = [str(p) for p in range(1, self.num_latent)]
         if any(p.strip() not in allowed for p in self.swap_positions.split(",") if self.swap_positions):
             raise LatentPatchError(f"--swap-positions {self.swap_positions!r}: use a comma list of {','.join(allowed)}")
-        rates = ("answer_blind_rate", "thought_isolate_rate", "thought_swap_rate", "swap_same_value", "prj_dropout")
+        rates = (
+            "answer_blind_rate",
+            "thought_isolate_rate",
+            "thought_swap_rate",
+            "swap_same_value",
+            "swap_token_rate",
+            "prj_dropout",
+        )
         for name in rates:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise LatentPatchError(f"--{name.replace('_', '-')} {getattr(self, name)}: use a value in [0, 1]")

@@ -36,16 +36,34 @@ class ThoughtSwap:
     :func:`thought_targets`): the batch's, with the swapped rows' counterfactuals.
     """
 
-    def __init__(self, position: int, rows, donor, answer_ids, answer_labels, latent_targets, thought_targets):
+    def __init__(
+        self,
+        position: int,
+        rows,
+        donor,
+        answer_ids,
+        answer_labels,
+        latent_targets,
+        thought_targets,
+        token_rows=None,
+        token_ids=None,
+    ):
         self.position, self.rows, self.donor = position, rows, donor
         self.answer_ids, self.answer_labels = answer_ids, answer_labels
         self.latent_targets, self.thought_targets = latent_targets, thought_targets
+        self.token_rows, self.token_ids = token_rows, token_ids  # [B] bool, [B] long: fed a number token
 
-    def apply(self, step: int, thought: torch.Tensor) -> torch.Tensor:
-        """The thought to feed at latent ``step`` ([B, 1, d] in, [B, 1, d] out)."""
+    def apply(self, step: int, thought: torch.Tensor, embed: torch.nn.Module | None = None) -> torch.Tensor:
+        """The thought to feed at latent ``step`` ([B, 1, d] in, [B, 1, d] out); ``embed`` (the
+        model's token embedding) for the rows fed the donor value's token."""
         if step != self.position:
             return thought
-        return torch.where(self.rows[:, None, None], thought[self.donor], thought)
+        fed = torch.where(self.rows[:, None, None], thought[self.donor], thought)
+        if self.token_rows is None or embed is None:
+            return fed
+        token = embed(self.token_ids)[:, None]  # [B, 1, d], at the row's own thought's norm
+        token = token * (thought.norm(dim=-1, keepdim=True) / token.norm(dim=-1, keepdim=True))
+        return torch.where(self.token_rows[:, None, None], token, fed)
 
 
 def thought_targets(latent_targets: torch.Tensor) -> torch.Tensor:
@@ -97,13 +115,17 @@ def plan_swap(
     num_latent: int,
     same_value: float = 0.0,
     positions: list[int] | None = None,
+    token_rate: float = 0.0,
 ) -> ThoughtSwap | None:
     """Pick the position, rows and donors of one batch (torch RNG) and their counterfactual targets.
 
     ``same_value``: the fraction of swapped rows whose donor is re-drawn among the rows that hold the
     same value at the swapped thought (their targets stay the row's own), so that what the thought
     holds besides its value is trained not to matter; with 0 no extra random numbers are drawn.
-    ``positions``: the thoughts that may be swapped (default 1..K-1; the same draw either way)."""
+    ``positions``: the thoughts that may be swapped (default 1..K-1; the same draw either way).
+    ``token_rate``: the fraction of swapped rows fed the donor value's number-token embedding
+    instead of the donor's thought (same targets), so that a position learns to compute from a
+    value it is fed; with 0 no extra random numbers are drawn."""
     n = b.q_ids.size(0)
     if rate <= 0 or n < 2 or num_latent < 2 or b.latent_targets is None:
         return None
@@ -118,6 +140,7 @@ def plan_swap(
     targets = b.latent_targets.clone()
     thoughts = thought_targets(b.latent_targets)
     number_at = 1 + len(codec.encode(ANSWER_PREFIX))  # <eot> prefix N <eos>: N's index
+    token_ids = torch.zeros(n, dtype=torch.long)
     for i in range(n):
         j = int(donor[i])
         if not chosen[i] or j == i:
@@ -132,9 +155,11 @@ def plan_swap(
         cf_ids = torch.tensor(number_ids(cf.values, codec))
         targets[i, position:] = cf_ids[position:]
         thoughts[i, position:] = cf_ids[position - 1 : -1]  # the swapped thought holds the donor's value
+        token_ids[i] = cf_ids[position - 1]
     if not rows.any():
         return None
-    return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets, thoughts)
+    token_rows = rows & (torch.rand(n) < token_rate) if token_rate > 0 else None
+    return ThoughtSwap(position, rows, donor, answer_ids, answer_labels, targets, thoughts, token_rows, token_ids)
 
 
 def same_value_donors(b: Batch, donor: torch.Tensor, step: int, fraction: float, num_latent: int) -> torch.Tensor:

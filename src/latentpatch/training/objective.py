@@ -96,7 +96,7 @@ def student_forward(
     for step in range(model.num_latent):
         emb = model.prj(h).unsqueeze(1)
         if swap is not None:
-            emb = swap.apply(step, emb)
+            emb = swap.apply(step, emb, lm.get_input_embeddings())
         thoughts.append(emb[:, 0])
         mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
         step_mask = mask
@@ -185,7 +185,9 @@ def codi_loss(
     swap = None
     if codec is not None:
         positions = [int(p) for p in cfg.swap_positions.split(",")] if cfg.swap_positions else None
-        swap = plan_swap(b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value, positions)
+        swap = plan_swap(
+            b, codec, cfg.thought_swap_rate, model.num_latent, cfg.swap_same_value, positions, cfg.swap_token_rate
+        )
     if swap is not None:
         a_ids, a_labels, targets, t_targets = (
             swap.answer_ids,
@@ -218,4 +220,12 @@ def codi_loss(
         t_aux = F.cross_entropy(t_logits.reshape(-1, t_logits.size(-1)), t_targets.reshape(-1), ignore_index=-100)
         total = total + cfg.thought_aux_factor * t_aux
         parts["thought_aux"] = t_aux.item()
+    if cfg.thought_match_factor and t_targets is not None:
+        # (not in CODI) the fed thought points where its value's token embedding points, so a
+        # position computes from it as from a number it reads
+        fed = t_targets != -100
+        emb = model.lm.get_input_embeddings().weight
+        match = 1 - F.cosine_similarity(student.thoughts[fed], emb[t_targets[fed]], dim=-1).mean()
+        total = total + cfg.thought_match_factor * match
+        parts["thought_match"] = match.item()
     return total, parts
