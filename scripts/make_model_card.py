@@ -64,6 +64,7 @@ train_cmd = (
     f"    --number-init {tr['number_init']} --threads {tr['threads']}"
 )
 stages = tr.get("stages") or []
+stage1 = stages[0]["settings"] if stages else tr  # the curriculum runs in stage 1
 stages_cmd = (
     "\n".join(f"# stage {st['stage']} ({st['wall_s'] / 60:.1f} min)\n{st['command']}" for st in stages)
     if stages
@@ -122,12 +123,16 @@ single token. Special tokens: `<eos>` = {meta["eos_id"]}, `<pad>` = {meta["pad_i
   hidden state at latent position j predicts the j-th intermediate result of the program (the answer
   once the program has no more steps). It makes the thoughts carry the intermediate results, which
   the patching tool's thought decoding shows.
-- three options that make the answer follow the thoughts (also not in CODI; `docs/training.md`):
-  answer-blind rows (rate {tr["answer_blind_rate"]}: the answer tokens cannot attend to the question),
-  interchange training (rate {tr["thought_swap_rate"]}: thought p is another row's, and the row learns the
-  counterfactual answer), and a thought auxiliary loss (factor {tr["thought_aux_factor"]}: fed thought q,
-  read as a token embedding, is step result q - 1).
-- curriculum: the first {tr["teacher_only_steps"]} steps train the teacher task only.
+- options that make the chain read its thoughts and the answer follow them (also not in CODI;
+  `docs/training.md`): answer-blind rows (rate {tr["answer_blind_rate"]}: the answer tokens cannot attend
+  to the question); interchange training (rate {tr["thought_swap_rate"]}: thought p is another row's, and
+  the row learns the counterfactual targets; of those rows {tr["swap_same_value"]} get a donor with the
+  same value and {tr["swap_token_rate"]} are fed the donor value's number-token embedding instead of its
+  thought); a thought auxiliary loss (factor {tr["thought_aux_factor"]}: fed thought q, read as a token
+  embedding, is step result q - 1) and a match loss (factor {tr["thought_match_factor"]}: 1 - cosine of
+  fed thought q with that token's embedding).
+- curriculum: the first {stage1["teacher_only_steps"]} steps of training
+  train the teacher task only.
 - number tokens start from value features (`--number-init {tr["number_init"]}`: the first 32
   embedding dims of token n are 0.1 * [cos, sin](2 pi n / T) for 16 periods T from 2 to 100, the rest
   random); embeddings are tied, so the LM head reads values through the same features.
@@ -137,7 +142,7 @@ batch {tr["batch_size"]},
 {tr["steps"]} steps, linear warmup {tr["warmup"]} + cosine decay to 5%, grad clip {tr["grad_clip"]}, fp32,
 `torch.set_num_threads({tr["threads"]})`, seeded init (seed {tr["seed"]}) and data order.
 
-## Training command (CPU, one thread; `scripts/train_default.sh`)
+## Training commands (CPU; `scripts/train_default.sh`)
 ```
 {stages_cmd}
 ```

@@ -325,8 +325,10 @@ def test_thought_match_is_one_minus_the_mean_cosine(tiny_run):
             if targets[i, q] != -100
         ]
         want = 1 - sum(cosines) / len(cosines)
-        off, parts_off = codi_loss(model, b, TrainConfig(**TINY))
-        on, parts = codi_loss(model, b, TrainConfig(**TINY, thought_match_factor=2.0))
+        # no random rows (interchange, answer-blind), so both calls see the same batch
+        fixed = dict(TINY, thought_swap_rate=0.0, answer_blind_rate=0.0)
+        off, parts_off = codi_loss(model, b, TrainConfig(**fixed, thought_match_factor=0.0))
+        on, parts = codi_loss(model, b, TrainConfig(**fixed, thought_match_factor=2.0))
     assert "thought_match" not in parts_off and parts["thought_match"] == pytest.approx(want, abs=1e-5)
     assert float(on - off) == pytest.approx(2.0 * want, abs=1e-4)
 

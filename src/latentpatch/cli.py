@@ -216,8 +216,8 @@ def train_cmd(
 ) -> None:
     """Train a small CODI model (LLaMA architecture) on synthetic problems with the CODI objective.
 
-    The defaults are stage 1 of the shipped default model's recipe (add --threads 1 to reproduce it exactly);
-    scripts/train_default.sh runs all three stages."""
+    The defaults are stage 1 of the shipped default model's recipe; scripts/train_default.sh runs all
+    four stages."""
     import json as _json
 
     from latentpatch.training.train import train

@@ -296,7 +296,7 @@ def sweep_fast(
     >>> specs = layer_specs(model.n_layers, model.num_latent)[:2]  # layers 0 and 1, every latent position
     >>> cells = sweep_fast(model, base, specs, replacement_values(base, EngineConfig()))  # clean into corrupted
     >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
-    [(31.0, 0.09), (32.0, 0.96)]
+    [(32.0, 1.0), (32.0, 1.0)]
     """
     # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
     target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])

@@ -1,7 +1,7 @@
 """``TrainConfig``: every option of ``latentpatch train``, declared once with its help text.
 
 The defaults are stage 1 of the shipped default model's recipe (``src/latentpatch/default_model/README.md``);
-``scripts/train_default.sh`` runs stages 2 and 3 from it with ``--init-from``.
+``scripts/train_default.sh`` runs stages 2-4 from it with ``--init-from``.
 The CLI generates ``train``'s options from these fields (``cli_options.with_options``), so this
 module imports no torch and ``latentpatch train --help`` stays fast.
 """
@@ -19,7 +19,7 @@ NUMBER_INITS: tuple[str, ...] = ("random", "fourier")
 @dataclass
 class TrainConfig:
     # schedule
-    steps: int = option(4600, "Optimizer steps (the cosine schedule is planned for this many).")
+    steps: int = option(3000, "Optimizer steps (the cosine schedule is planned for this many).")
     seed: int = option(0, "Seed of the init, the batch order and the training-only randomness.")
     batch_size: int = option(32, "Problems per optimizer step.")
     lr: float = option(4e-3, "Peak learning rate (AdamW; linear warmup, cosine decay to 5%).")
@@ -46,10 +46,10 @@ class TrainConfig:
         1.0, "Weight of the auxiliary loss: latent position j decodes to step result j (not in CODI)."
     )
     thought_aux_factor: float = option(
-        0.0, "Weight of the auxiliary loss: fed thought q, read as a token embedding, is step result q-1 (not in CODI)."
+        1.0, "Weight of the auxiliary loss: fed thought q, read as a token embedding, is step result q-1 (not in CODI)."
     )
     answer_blind_rate: float = option(
-        0.0, "Fraction of rows whose answer tokens cannot attend to the question (they must read the thoughts)."
+        0.5, "Fraction of rows whose answer tokens cannot attend to the question (they must read the thoughts)."
     )
     thought_isolate_rate: float = option(
         0.0, "Fraction of rows whose latent positions see only the question and their own thought."
@@ -58,27 +58,27 @@ class TrainConfig:
         False, "In those rows, latent position j also cannot see the question numbers only earlier steps read."
     )
     thought_swap_rate: float = option(
-        0.0, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
+        0.5, "Interchange training: fraction of rows fed another row's thought, trained on the counterfactual."
     )
     swap_positions: str = option(
         "", "Comma list of the thoughts p (1..K-1) interchange may swap (default: all of them)."
     )
     swap_same_value: float = option(
-        0.0, "Of the swapped rows, the fraction given a donor holding the same value (where the batch has one)."
+        0.25, "Of the swapped rows, the fraction given a donor holding the same value (where the batch has one)."
     )
     swap_token_rate: float = option(
-        0.0,
+        0.5,
         "Of the swapped rows, the fraction fed the donor value's number-token embedding (at the thought's norm) "
         "instead of the donor's thought.",
     )
     thought_match_factor: float = option(
-        0.0, "Weight of 1 - cos(fed thought q, token embedding of step result q-1) (not in CODI)."
+        1.0, "Weight of 1 - cos(fed thought q, token embedding of step result q-1) (not in CODI)."
     )
     # data and machine
     data_seed: int = option(1, "Seed of the training pool of synthetic problems.")
     train_pool: int = option(200_000, "Problems generated for the pool (less the default pairs' questions).")
     tokenizer_corpus: int = option(20_000, "Problems the tokenizer is trained on.")
-    threads: int = option(2, "CPU threads (1 reproduces the shipped model bit for bit).")
+    threads: int = option(2, "CPU threads (the same count reproduces a run bit for bit on the same machine).")
     log_every: int = option(10, "Steps between lines of train_log.jsonl.")
     max_answer_tokens: int = option(16, "Answer tokens the saved model decodes at most.")
     ckpt_every: int = option(0, "Save an intermediate model to <out>_ckpt every N steps (0 = never).")
