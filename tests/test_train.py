@@ -489,3 +489,45 @@ def test_swap_positions_limit_the_swapped_thought(tiny_run):
         assert plan_swap(b, codec, 0.9, 4, positions=[1, 2, 3]).position == default
         drawn.add(default)
     assert drawn == {1, 2, 3}
+
+
+def test_collected_stages_keep_each_stages_command_and_log(tiny_run, tmp_path):
+    """``scripts/collect_stages.py`` (how the shipped model's directory is made from its stages): the
+    last stage's weights, every stage's log lines tagged with their stage, and for each stage a
+    command that rebuilds its settings from ``latentpatch train``'s defaults."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "collect_stages.py"
+    spec = importlib.util.spec_from_file_location("collect_stages", script)
+    assert spec is not None and spec.loader is not None
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+
+    stage1, _ = tiny_run
+    stage2 = tmp_path / "stage2"
+    train(TrainConfig(**{**TINY, "steps": 3, "seed": 5, "lr": 1e-3, "init_from": str(stage1)}), stage2, progress=False)
+    out = tmp_path / "model"
+    collect.main(out, [stage1, stage2])
+
+    assert (out / "model.safetensors").read_bytes() == (stage2 / "model.safetensors").read_bytes()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    own = [len((d / "train_log.jsonl").read_text().splitlines()) for d in (stage1, stage2)]
+    assert [r["stage"] for r in log] == [1] * own[0] + [2] * own[1]
+    stages = json.loads((out / "latentpatch.json").read_text())["training"]["stages"]
+    assert [s["stage"] for s in stages] == [1, 2]
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    for st in stages:
+        words = st["command"].split()
+        assert words[:4] == ["latentpatch", "train", "--out", f"stage{st['stage']}"]
+        given = {}
+        for flag, value in zip(words[4::2], words[5::2]):  # this recipe has no bool flags
+            name = flag[2:].replace("-", "_")
+            given[name] = value if name == "init_from" else types[name](value)
+        rebuilt = dataclasses.asdict(TrainConfig(**given))
+        settings = st["settings"]
+        for name in rebuilt:
+            if name in settings and name not in ("init_from", "ckpt_every"):
+                assert rebuilt[name] == settings[name], (st["stage"], name)
+        assert given.get("init_from", "") == ("stage1" if st["stage"] == 2 else "")
