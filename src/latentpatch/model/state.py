@@ -7,6 +7,7 @@ of it so a sweep can restart many patched runs from one baseline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,10 @@ def layer_keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
-    """``x`` [B, ...] with each row repeated ``repeats`` times. One row is expanded without a copy:
-    the next forward's cache update concatenates it into new storage anyway."""
+    """``x`` [B, ...] with each row repeated ``repeats`` times. No copy for one repeat or one row
+    (expanded): the next forward's cache update concatenates it into new storage anyway."""
+    if repeats == 1:
+        return x
     if x.shape[0] == 1:
         return x.expand(repeats, *x.shape[1:])
     return x.repeat_interleave(repeats, 0)
@@ -72,6 +75,25 @@ class RolloutState:
             next_position=mask.sum(1) if length else torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device),
             length=length,
         )
+
+
+def stack_states(states: Sequence[RolloutState]) -> RolloutState:
+    """One state whose rows are the rows of ``states`` in order (all of the same ``length``: no
+    padding is added, so each row attends over exactly the keys it had)."""
+    if len(states) == 1:
+        return states[0]
+    if len({s.length for s in states}) != 1:
+        raise ValueError(f"cannot stack states of lengths {sorted({s.length for s in states})}")
+    layers = []
+    for per_state in zip(*(s.cache.layers for s in states)):
+        kvs = [layer_keys_values(layer) for layer in per_state]
+        layers.append((torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])))
+    return RolloutState(
+        cache=DynamicCache(ddp_cache_data=layers),
+        attention_mask=torch.cat([s.attention_mask for s in states]),
+        next_position=torch.cat([s.next_position for s in states]),
+        length=states[0].length,
+    )
 
 
 @dataclass

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
+from latentpatch.model.state import stack_states
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
 from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guess
@@ -38,41 +40,60 @@ def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
     return extract_number(model.decode(ids)) if model.tokenizer is not None else None
 
 
+def _rows_by_pair(row_bases: Sequence[PairBaseline]) -> list[list[int]]:
+    """The row indices of each pair in a batch (``row_bases[b]``: row b's pair), in order."""
+    rows: dict[int, list[int]] = {}
+    for b, base in enumerate(row_bases):
+        rows.setdefault(id(base), []).append(b)
+    return list(rows.values())
+
+
 def _score_and_generate(
     model: LatentModel,
-    base: PairBaseline,
+    row_bases: Sequence[PairBaseline],
     state: RolloutState,
     first: torch.Tensor,
     shared_prefix: bool = False,
 ) -> tuple[list[list[int]], list[AnswerLogits]]:
     """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
 
-    ``first``: [B, V] logits of the first answer token. ``A_base`` is scored with its closing
-    [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` + [EOS] would decode exactly
-    ``A_base`` greedily, so only the other rows (the patches that changed the answer) are decoded
-    step by step. ``shared_prefix``: :meth:`LatentModel.score`'s option (off: the default's bits).
+    ``row_bases[b]``: row b's pair; ``first``: [B, V] logits of the first answer token. ``A_base``
+    is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` +
+    [EOS] would decode exactly ``A_base`` greedily, so only the other rows (the patches that
+    changed the answer) are decoded step by step, one pair's rows at a time. ``shared_prefix``:
+    :meth:`LatentModel.score`'s option (off: the default's bits).
     """
-    greedy_base = list(base.target.answer_ids)
-    base_scored = greedy_base + [model.config.eos_id]
-    conts = [base_scored, base.answers["clean"][0], base.answers["corr"][0]]
-    scored = model.score(state, first, [conts] * state.batch_size, shared_prefix)  # [B][3] x [len, V]
-    reproduced = [reproduces_greedy(model, sc[0], base_scored) for sc in scored]
-    gen: list[list[int] | None] = [list(greedy_base) if ok else None for ok in reproduced]
+    eos = model.config.eos_id
+    conts = [[[*b.target.answer_ids, eos], b.answers["clean"][0], b.answers["corr"][0]] for b in row_bases]
+    scored = model.score(state, first, conts, shared_prefix)  # [B][3] x [len, V]
+    gen: list[list[int] | None] = [
+        list(row_bases[b].target.answer_ids) if reproduces_greedy(model, sc[0], conts[b][0]) else None
+        for b, sc in enumerate(scored)
+    ]
+    pairs = _rows_by_pair(row_bases)
     for c in (1, 2):  # a flipped row most often gives A_clean or A_corr: verify that guess
-        verify_guess(model, state, first, conts[c], gen, [sc[c] for sc in scored])
-    done = decode_rest(model, state, first, gen)
-    preds = [_decode_number(model, ids) for ids in done]
-    return done, [to_answer_logits(sc, base.answers, pred) for sc, pred in zip(scored, preds)]
+        for rows in pairs:
+            verify_guess(model, state, first, conts[rows[0]][c], gen, [sc[c] for sc in scored], among=rows)
+    for rows in pairs:
+        done = decode_rest(model, state, first, gen, among=rows)
+        for b in rows:
+            gen[b] = done[b]
+    answers = [ids or [] for ids in gen]
+    preds = [_decode_number(model, ids) for ids in answers]
+    return answers, [to_answer_logits(sc, b.answers, pred) for sc, b, pred in zip(scored, row_bases, preds)]
 
 
 # ---- the patch as hooks ----------------------------------------------------------------------
-def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, device: torch.device) -> list[Write]:
-    """One :class:`Write` per (component, layer, position), with a row mask over the chunk (row = spec)."""
+def _writes_for(
+    specs: Sequence[PatchSpec], row_values: Sequence[ValueFn], prompt_len: int, device: torch.device
+) -> list[Write]:
+    """One :class:`Write` per (component, layer, position), with a row mask over the chunk (row b =
+    ``specs[b]``, its values from ``row_values[b]``)."""
     grouped: dict[tuple[str, int, int], dict[int, torch.Tensor]] = defaultdict(dict)
     for row, spec in enumerate(specs):
         if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
             continue  # step-level specs write no activation (docs/method.md §13)
-        vals = values(spec)  # [len(positions), d]
+        vals = row_values[row](spec)  # [len(positions), d]
         for i, q in enumerate(spec.positions):
             grouped[(spec.component, spec.layer, q)][row] = vals[i]
     writes = []
@@ -89,42 +110,38 @@ def _writes_for(specs: Sequence[PatchSpec], values: ValueFn, prompt_len: int, de
 
 
 def _freeze(
-    specs: Sequence[PatchSpec],
-    target_thoughts: torch.Tensor,
-    K: int,
+    specs: Sequence[PatchSpec], target_thoughts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Thought overrides for frozen specs: (``[B, K, d]`` target thoughts, ``[B, K]`` mask of the
-    positions after the patch), or (None, None) when no spec is frozen. ``target_thoughts``: [K, d]."""
+    positions after the patch), or (None, None) when no spec is frozen. ``target_thoughts``:
+    [B, K, d], row b's pair's."""
     if not any(s.frozen for s in specs):
         return None, None
-    B = len(specs)
-    mask = torch.zeros(B, K, dtype=torch.bool, device=target_thoughts.device)
+    mask = torch.zeros(target_thoughts.shape[:2], dtype=torch.bool, device=target_thoughts.device)
     for row, spec in enumerate(specs):
         if spec.frozen:
             mask[row, max(spec.positions) + 1 :] = True
-    return target_thoughts[None].expand(B, -1, -1), mask
+    return target_thoughts, mask
 
 
 def _overrides(
-    model: LatentModel, specs: Sequence[PatchSpec], values: ValueFn, target_thoughts: torch.Tensor
+    model: LatentModel, specs: Sequence[PatchSpec], row_values: Sequence[ValueFn], target_thoughts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Thought overrides of a chunk (``[B, K, d]``, ``[B, K]``): frozen specs (:func:`_freeze`) and
     thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
-    ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [K, d]."""
-    K = model.num_latent
-    frozen = _freeze(specs, target_thoughts, K)
+    ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [B, K, d], row b's pair's."""
+    frozen = _freeze(specs, target_thoughts)
     if not any(s.component in THOUGHT_SITES for s in specs):
         return frozen
     override, mask = frozen
-    B = len(specs)
     if override is None or mask is None:
-        override = target_thoughts[None].expand(B, -1, -1)
-        mask = torch.zeros(B, K, dtype=torch.bool, device=target_thoughts.device)
+        override = target_thoughts
+        mask = torch.zeros(target_thoughts.shape[:2], dtype=torch.bool, device=target_thoughts.device)
     override = override.clone()
     for row, spec in enumerate(specs):
         if spec.component in THOUGHT_SITES:
             pos = list(spec.positions)
-            vals = values(spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
+            vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
             if spec.component == "thought_pre":
                 vals = model.prj(vals)
             override[row, pos] = vals.to(override.dtype)
@@ -166,7 +183,7 @@ def _tracking_metrics(model: LatentModel, base: PairBaseline, spec: PatchSpec, a
 
 def _cell_results(
     model: LatentModel,
-    base: PairBaseline,
+    row_bases: Sequence[PairBaseline],
     specs: Sequence[PatchSpec],
     state: RolloutState,
     answer_logits: torch.Tensor,
@@ -174,24 +191,28 @@ def _cell_results(
     decode_all: bool = False,
     shared_prefix: bool = False,
 ) -> list[dict]:
-    """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]``.
+    """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]`` on
+    the pair ``row_bases[b]``.
 
     ``answer_logits``: [B, V]; ``tracked[row]``: [n_later, d] regenerated activations of a tracked
-    spec. ``decode_all`` (the reference): greedy-decode every row step by step, the plain way,
-    instead of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
+    spec. ``decode_all`` (the reference, one pair): greedy-decode every row step by step, the plain
+    way, instead of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
     """
-    if base.target_logits is None:
-        raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
+    target_logits = [base.target_logits for base in row_bases]
+    for base, logits in zip(row_bases, target_logits):
+        if logits is None:
+            raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
     if decode_all:
         gen = model.generate(state, answer_logits)
         preds = [_decode_number(model, ids) for ids in gen]
-        patched = score_answer_strings(model, state, answer_logits, base.answers, preds)
+        patched = score_answer_strings(model, state, answer_logits, row_bases[0].answers, preds)
     else:
-        gen, patched = _score_and_generate(model, base, state, answer_logits, shared_prefix)
+        gen, patched = _score_and_generate(model, row_bases, state, answer_logits, shared_prefix)
     out = []
-    for row, spec in enumerate(specs):
+    for row, (spec, base, target) in enumerate(zip(specs, row_bases, target_logits)):
+        assert target is not None  # checked above
         m = answer_metrics(
-            patched[row], base.target_logits, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
+            patched[row], target, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
         )
         m["answer_ids"] = gen[row]
         if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
@@ -212,37 +233,52 @@ def _unique_computations(specs: Sequence[PatchSpec]) -> list[PatchSpec]:
     return list(unique.values())
 
 
-def _sweep_chunk(
-    model: LatentModel,
-    base: PairBaseline,
-    target: Rollout,
-    chunk: Sequence[PatchSpec],
-    values: ValueFn,
-    shared_prefix: bool = False,
-) -> list[dict]:
-    """Metrics of a chunk of specs (sorted by start), as one batched continuation of the target's prefix."""
-    T_q, K = target.prompt_len, model.num_latent
-    start, B = chunk[0].start, len(chunk)
-    state = target.state.fork(length=T_q + start, repeats=B)  # KV cache [B, ..., T_q + start, ...]
-    writes = _writes_for(chunk, values, T_q, model.device)
-    record = sorted({(s.component, s.layer) for s in chunk if s.track})
-    override, mask = _overrides(model, chunk, values, target.thoughts[0])  # [B, K, d], [B, K] or None
+@dataclass(frozen=True)
+class _Part:
+    """One pair's share of a batched continuation: its baselines, target rollout, patched-in values
+    and chunk of specs (sorted by start)."""
+
+    base: PairBaseline
+    target: Rollout
+    values: ValueFn
+    specs: Sequence[PatchSpec]
+
+
+def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool = False) -> list[list[dict]]:
+    """Metrics of each part's chunk, all parts as one batched continuation of their targets'
+    prefixes (rows: the parts' specs in order). The parts share the prompt length and the chunk."""
+    T_q, K = parts[0].target.prompt_len, model.num_latent
+    start = parts[0].specs[0].start
+    specs = [s for p in parts for s in p.specs]
+    row_bases = [p.base for p in parts for _ in p.specs]
+    row_values = [p.values for p in parts for _ in p.specs]
+    B = len(specs)
+    targets = torch.cat([p.target.thoughts[0][None].expand(len(p.specs), -1, -1) for p in parts])  # [B, K, d]
+    # KV cache [B, ..., T_q + start, ...]: each target's repeated for its rows
+    state = stack_states([p.target.state.fork(length=T_q + start, repeats=len(p.specs)) for p in parts])
+    writes = _writes_for(specs, row_values, T_q, model.device)
+    record = sorted({(s.component, s.layer) for s in specs if s.track})
+    override, mask = _overrides(model, specs, row_values, targets)  # [B, K, d], [B, K] or None
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
-        first = target.thoughts[0, start][None].expand(B, -1)  # [B, d]: the target's thought at start
+        first = targets[:, start]  # [B, d]: each target's thought at start
         fed, _, _ = model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
     tracked = {}
-    for row, s in enumerate(chunk):
+    for row, s in enumerate(specs):
         if s.track:
             acts = hooks.recorded(s.component, s.layer)  # [B, T_new, d], index 0 = absolute T_q + start
             lo = max(s.positions) + 1 - start
             tracked[row] = acts[row, lo : K - start]  # [n_later, d]
     logits = model.logits(end[:, -1])  # [B, V]
-    cells = _cell_results(model, base, chunk, state, logits, tracked, shared_prefix=shared_prefix)
-    for row, s in enumerate(chunk):
+    cells = _cell_results(model, row_bases, specs, state, logits, tracked, shared_prefix=shared_prefix)
+    for row, s in enumerate(specs):
         if s.component in THOUGHT_SITES:
-            cells[row].update(_thought_similarity(target.thoughts[0], fed[row], start))
-    return cells
+            cells[row].update(_thought_similarity(targets[row], fed[row], start))
+    out, i = [], 0
+    for p in parts:
+        out.append(cells[i : i + len(p.specs)])
+        i += len(p.specs)
+    return out
 
 
 def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec]) -> list[dict]:
@@ -256,7 +292,7 @@ def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk:
         mask[row, T_q + s.start : T_q + K] = 0
     state.attention_mask, state.next_position = mask, mask.sum(1)
     end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B))
-    return _cell_results(model, base, chunk, state, model.logits(end[:, -1]), {})
+    return _cell_results(model, [base] * B, chunk, state, model.logits(end[:, -1]), {})
 
 
 def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
@@ -267,6 +303,112 @@ def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[Rollo
         thought = model.prj(model.advance(state, inputs_embeds=thought[:, None])[:, -1])
     end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))
     return state, model.logits(end[:, -1])
+
+
+def shared_batch_key(base: PairBaseline) -> tuple[int, ...]:
+    """Pairs with the same key can share the engine's forward passes (:func:`sweep_pairs`) and
+    get the same bits as alone: the target's prompt length and the token lengths of ``A_base`` +
+    [EOS], ``A_clean`` and ``A_corr`` (so no row is padded, on the keys' side or the answers')."""
+    return (
+        len(base.target.prompt),
+        len(base.target.answer_ids) + 1,
+        len(base.answers["clean"][0]),
+        len(base.answers["corr"][0]),
+    )
+
+
+def group_pairs(bases: Sequence[PairBaseline], order: Sequence[int], pairs_per_group: int) -> list[list[int]]:
+    """``order`` (indices into ``bases``) cut into groups of at most ``pairs_per_group`` pairs of
+    one :func:`shared_batch_key` each, in order of each key's first pair.
+
+    >>> group_pairs([], [], 4)
+    []
+    """
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for i in order:
+        by_key.setdefault(shared_batch_key(bases[i]), []).append(i)
+    step = max(1, pairs_per_group)
+    return [same[j : j + step] for same in by_key.values() for j in range(0, len(same), step)]
+
+
+def pairs_per_batch(specs: Sequence[PatchSpec], batch_size: int, max_rows: int | None) -> int:
+    """How many pairs :func:`sweep_pairs` puts in one batch of at most ``max_rows`` rows (None: 1),
+    for ``specs``: ``max_rows`` over the rows of a pair's largest chunk.
+
+    >>> from latentpatch.patching.specs import position_specs
+    >>> pairs_per_batch(position_specs(4, 6), 64, 256)  # 24 patches a pair
+    10
+    """
+    unique = [s for s in _unique_computations(specs) if s.component != EARLY_SITE]
+    rows = min(len(unique), batch_size)
+    return 1 if max_rows is None or rows < 2 else max(1, max_rows // rows)
+
+
+def _shared_groups(bases: Sequence[PairBaseline], rows: int, max_rows: int | None) -> list[list[int]]:
+    """The pairs that run one chunk of ``rows`` specs together: at most ``max_rows`` rows in all,
+    with one :func:`shared_batch_key`. A chunk of one row runs alone (a batch of one sums in
+    another order than a larger batch)."""
+    if max_rows is None or rows < 2:
+        return [[j] for j in range(len(bases))]
+    return group_pairs(bases, range(len(bases)), max_rows // rows)
+
+
+@torch.no_grad()
+def sweep_pairs(
+    model: LatentModel,
+    bases: Sequence[PairBaseline],
+    specs: Sequence[PatchSpec],
+    values: Sequence[ValueFn],
+    batch_size: int = 64,
+    max_rows: int | None = None,
+    shared_prefix: bool = False,
+) -> list[list[dict]]:
+    """:func:`sweep_fast` of several pairs (``values[j]``: pair j's): one list of metric dicts per
+    pair, each the same as :func:`sweep_fast` gives it.
+
+    Each pair's specs are cut into the same chunks as alone; the chunks of pairs with one
+    :func:`shared_batch_key` run as one batch of at most ``max_rows`` rows (None: each pair
+    alone). On the CPU a row's numbers do not depend on the other rows of its batch (at two
+    rows or more), so the bits are those of one pair at a time (docs/method.md §7.1).
+    ``shared_prefix``: :func:`sweep_fast`'s option (each pair alone then).
+
+    >>> from latentpatch.data.synthetic import generate_pairs
+    >>> from latentpatch.model.load import load_model
+    >>> from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+    >>> from latentpatch.patching.specs import EngineConfig, layer_specs
+    >>> model = load_model("default")
+    >>> bases = []
+    >>> for pair in generate_pairs(2, seed=0):
+    ...     clean, corr = (record_run(model, model.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+    ...     bases.append(prepare_pair(model, pair.pair_id, clean, corr, pair.clean.answer, pair.corrupted.answer))
+    >>> specs = layer_specs(model.n_layers, model.num_latent)
+    >>> values = [replacement_values(b, EngineConfig()) for b in bases]
+    >>> together = sweep_pairs(model, bases, specs, values, max_rows=256)
+    >>> together == [sweep_fast(model, b, specs, v) for b, v in zip(bases, values)]
+    True
+    """
+    # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
+    targets = [b.target_rollout if b.target_rollout is not None else model.rollout([b.target.prompt]) for b in bases]
+    # Chunks of batch_size specs in order of their first patched position; a chunk continues from
+    # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
+    # which equal the target's), so small start groups share one batch (fewer, fuller passes).
+    unique = _unique_computations(specs)
+    ordered = sorted((s for s in unique if s.component != EARLY_SITE), key=lambda s: s.start)
+    early = [s for s in unique if s.component == EARLY_SITE]
+    results: list[dict[tuple, dict]] = [{} for _ in bases]
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i : i + batch_size]
+        for group in _shared_groups(bases, len(chunk), None if shared_prefix else max_rows):
+            parts = [_Part(bases[j], targets[j], values[j], chunk) for j in group]
+            for j, cells in zip(group, _sweep_chunk(model, parts, shared_prefix)):
+                results[j].update((s.computation, cell) for s, cell in zip(chunk, cells))
+    for j, base in enumerate(bases):
+        for i in range(0, len(early), batch_size):
+            chunk = early[i : i + batch_size]
+            results[j].update(
+                (s.computation, cell) for s, cell in zip(chunk, _early_chunk(model, base, targets[j], chunk))
+            )
+    return [[dict(res[s.computation]) for s in specs] for res in results]
 
 
 @torch.no_grad()
@@ -298,24 +440,7 @@ def sweep_fast(
     >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
     [(32.0, 1.0), (32.0, 1.0)]
     """
-    # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
-    target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
-    # Chunks of batch_size specs in order of their first patched position; a chunk continues from
-    # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
-    # which equal the target's), so small start groups share one batch (fewer, fuller passes).
-    unique = _unique_computations(specs)
-    ordered = sorted((s for s in unique if s.component != EARLY_SITE), key=lambda s: s.start)
-    early = [s for s in unique if s.component == EARLY_SITE]
-    results: dict[tuple, dict] = {}
-    for i in range(0, len(ordered), batch_size):
-        chunk = ordered[i : i + batch_size]
-        for s, cell in zip(chunk, _sweep_chunk(model, base, target, chunk, values, shared_prefix)):
-            results[s.computation] = cell
-    for i in range(0, len(early), batch_size):
-        chunk = early[i : i + batch_size]
-        for s, cell in zip(chunk, _early_chunk(model, base, target, chunk)):
-            results[s.computation] = cell
-    return [dict(results[s.computation]) for s in specs]
+    return sweep_pairs(model, [base], specs, [values], batch_size, shared_prefix=shared_prefix)[0]
 
 
 @torch.no_grad()
@@ -328,10 +453,10 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         T_q = len(base.target.prompt)  # batch of one: no padding
         if spec.component == EARLY_SITE:
             state, logits = _early_rollout(model, base.target.prompt, spec.start)
-            out.extend(_cell_results(model, base, [spec], state, logits, {}, decode_all=True))
+            out.extend(_cell_results(model, [base], [spec], state, logits, {}, decode_all=True))
             continue
-        writes = _writes_for([spec], values, T_q, model.device)
-        override, mask = _overrides(model, [spec], values, base.target.thoughts)
+        writes = _writes_for([spec], [values], T_q, model.device)
+        override, mask = _overrides(model, [spec], [values], base.target.thoughts[None])
         record = [(spec.component, spec.layer)] if spec.track else []
         r = model.rollout(
             [base.target.prompt], writes=writes, record=record, thought_override=override, override_mask=mask
@@ -341,7 +466,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
             assert r.hooks is not None  # rollout always returns the hooks it ran with
             acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
             tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
-        cells = _cell_results(model, base, [spec], r.state, r.answer_logits, tracked, decode_all=True)
+        cells = _cell_results(model, [base], [spec], r.state, r.answer_logits, tracked, decode_all=True)
         if spec.component in THOUGHT_SITES:
             cells[0].update(_thought_similarity(base.target.thoughts, r.thoughts[0], 0))
         out.extend(cells)

@@ -10,6 +10,8 @@ the guess (docs/method.md §7.3). Only the answer ids come from here; no metric 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from latentpatch.model.latent import LatentModel, RolloutState
@@ -58,20 +60,22 @@ def verify_guess(
     guess: list[int],
     gen: list[list[int] | None],
     guess_logits: list[torch.Tensor] | None = None,
+    among: Sequence[int] | None = None,
 ) -> None:
     """Set ``gen[b] = guess`` for the undecided rows (``gen[b] is None``) of ``state`` whose greedy
     answer is ``guess``: one forward of ``guess`` on those rows shows its tokens and then [EOS]
     as the argmaxes (``first`` [B, V]: the logits of the first answer token), every step by the
     :data:`GREEDY_MARGIN`. ``guess_logits[b]`` ([len, V], optional): teacher-forced logits of the
-    guess already computed; rows whose argmaxes do not give it are not tried. ``state`` is not
-    modified."""
+    guess already computed; rows whose argmaxes do not give it are not tried. ``among``: only
+    these rows are tried (all by default; the engine passes one pair's rows of a shared batch, so
+    each forward holds the rows it would hold for that pair alone). ``state`` is not modified."""
     cfg = model.config
     if not guess or len(guess) >= cfg.max_answer_tokens:
         return  # a cut-off answer is left to generate
     rows = [
         b
-        for b, ids in enumerate(gen)
-        if ids is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
+        for b in (range(len(gen)) if among is None else among)
+        if gen[b] is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
     ]
     if not rows:
         return
@@ -84,10 +88,15 @@ def verify_guess(
 
 
 def decode_rest(
-    model: LatentModel, state: RolloutState, first: torch.Tensor, gen: list[list[int] | None]
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    gen: list[list[int] | None],
+    among: Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """``gen`` with its undecided rows (None) greedy-decoded step by step (``generate``)."""
-    rest = [b for b, ids in enumerate(gen) if ids is None]
+    """``gen`` with its undecided rows (None) greedy-decoded step by step (``generate``) in one
+    batch; ``among``: only these rows (as in :func:`verify_guess`), the others are left as they are."""
+    rest = [b for b in (range(len(gen)) if among is None else among) if gen[b] is None]
     out = [ids or [] for ids in gen]
     if rest:
         rows = torch.tensor(rest, device=first.device)

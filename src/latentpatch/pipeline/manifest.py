@@ -48,6 +48,7 @@ class RunContext:
     previous_timings: dict[str, float] | None = None
     threads: ThreadChoice | None = None  # the CPU thread count chosen (pipeline/threads.py)
     workers: ThreadChoice | None = None  # processes for the per-pair loops (pipeline/workers.py)
+    shared_rows: int | None = None  # rows per forward when pairs share the engine's batches (threads.py)
     bases: list[PairBaseline] = field(default_factory=list)
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None

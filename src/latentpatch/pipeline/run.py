@@ -42,7 +42,7 @@ from latentpatch.patching.checks import (
     check_identity,
     check_live_thoughts,
 )
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
 from latentpatch.patching.specs import PatchSpec, experiment_specs
 from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
@@ -52,7 +52,7 @@ from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.steps import sweep_steps
-from latentpatch.pipeline.threads import ThreadChoice, choose_threads, choose_workers
+from latentpatch.pipeline.threads import ThreadChoice, choose_threads, choose_workers, shared_rows
 from latentpatch.pipeline.values import global_pool, value_factory
 from latentpatch.pipeline.workers import run_items
 from latentpatch.rundir import RunPaths, assemble, read_manifest, read_pair_result
@@ -125,6 +125,7 @@ def start_run(
         batch_size=batch_size,
         threads=threads,
         workers=workers,
+        shared_rows=shared_rows(model.d_model, model.n_layers, on_cpu=model.device.type == "cpu"),
         cache=cache,
         command=command or command_line(config),
         progress=progress,
@@ -312,21 +313,28 @@ def decoded_thoughts(model: LatentModel, pair: Pair, k: int = 5) -> dict[str, li
     return entry
 
 
-def patch_pair(ctx: RunContext, i: int, values: Callable) -> dict[str, Any]:
-    """Every cell of pair ``i`` (this process's numbering): its result file's content."""
-    model, config, base, k = ctx.model, ctx.config, ctx.bases[i], ctx.indices[i]
+def patch_pairs(ctx: RunContext, group: Sequence[int], values_for: Callable[[int], Callable]) -> list[dict[str, Any]]:
+    """Every cell of the pairs ``group`` (this process's numbering), sharing the engine's batches
+    where that keeps each pair's bits (:func:`~latentpatch.patching.engine.sweep_pairs`): each
+    pair's result file content."""
+    model, config = ctx.model, ctx.config
+    bases, values = [ctx.bases[i] for i in group], [values_for(i) for i in group]
     if config.engine == "fast":
-        cells = sweep_fast(model, base, ctx.specs, values, ctx.batch_size)
+        cells = sweep_pairs(model, bases, ctx.specs, values, ctx.batch_size, ctx.shared_rows)
     else:
-        cells = sweep_reference(model, base, ctx.specs, values)
-    entry: dict[str, Any] = {
-        "pair_id": base.pair_id,
-        "index": k,
-        "cells": [_cell_row(s, c, base) for s, c in zip(ctx.specs, cells)],
-    }
-    if k < config.thoughts_pairs and model.tokenizer is not None:
-        entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
-    return entry
+        cells = [sweep_reference(model, base, ctx.specs, v) for base, v in zip(bases, values)]
+    entries = []
+    for i, pair_cells in zip(group, cells):
+        k = ctx.indices[i]
+        entry: dict[str, Any] = {
+            "pair_id": ctx.bases[i].pair_id,
+            "index": k,
+            "cells": [_cell_row(s, c, ctx.bases[i]) for s, c in zip(ctx.specs, pair_cells)],
+        }
+        if k < config.thoughts_pairs and model.tokenizer is not None:
+            entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
+        entries.append(entry)
+    return entries
 
 
 def sweep(
@@ -349,20 +357,23 @@ def sweep(
             todo.append(i)
         else:
             ctx.progress.advance(len(ctx.specs))
-    names = list(jobs or {})  # job j is item -1 - j, pair i is item i
+    names = list(jobs or {})  # job j is item -1 - j, group g of pairs is item g
+    size = pairs_per_batch(ctx.specs, ctx.batch_size, ctx.shared_rows) if ctx.config.engine == "fast" else 1
+    groups = group_pairs(ctx.bases, todo, size)
 
-    def work(i: int) -> tuple[dict, float] | None:
-        if i < 0:
+    def work(g: int) -> tuple[dict, float] | None:
+        if g < 0:
             start = time.perf_counter()
-            return (jobs or {})[names[-1 - i]](), time.perf_counter() - start
-        write_json(ctx.paths.pair_result(ctx.indices[i]), patch_pair(ctx, i, values_for(i)))
+            return (jobs or {})[names[-1 - g]](), time.perf_counter() - start
+        for i, entry in zip(groups[g], patch_pairs(ctx, groups[g], values_for)):
+            write_json(ctx.paths.pair_result(ctx.indices[i]), entry)
         return None
 
     done = run_items(
-        [-1 - j for j in range(len(names))] + todo,
+        [-1 - j for j in range(len(names))] + list(range(len(groups))),
         work,
         ctx.workers.count if ctx.workers else 1,
-        lambda i: ctx.progress.advance(len(ctx.specs)) if i >= 0 else None,
+        lambda g: ctx.progress.advance(len(groups[g]) * len(ctx.specs)) if g >= 0 else None,
         threads=torch.get_num_threads(),
     )
     ctx.timings["sweep_s"] = time.perf_counter() - t

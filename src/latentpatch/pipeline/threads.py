@@ -132,6 +132,28 @@ def choose_threads(
     return ThreadChoice(free, f"{free} of {cores} cores free (load {load:.2f})")
 
 
+#: Rows of one forward pass when several pairs share the engine's batches (a small model on the
+#: CPU, where a forward costs its Python and module overhead more than its arithmetic). Measured
+#: on the default model (bench/RESULTS.md): 128 rows take 0.85x the time per row of 64, 256 rows
+#: 0.78x; beyond that the KV-cache copies grow faster than the overhead shrinks.
+SHARED_ROWS = 256
+
+
+def shared_rows(d_model: int, n_layers: int, on_cpu: bool) -> int | None:
+    """Rows per forward when pairs share the engine's batches
+    (:func:`~latentpatch.patching.engine.sweep_pairs`), or None: each pair alone.
+
+    Only a small model on the CPU shares: there a row's numbers do not depend on the batch
+    (docs/method.md §7.1), and the per-forward overhead is what sharing saves. A large model
+    fills its batches alone, and an accelerator's kernels may sum in another order at another
+    batch size.
+
+    >>> shared_rows(128, 4, on_cpu=True), shared_rows(576, 30, on_cpu=True), shared_rows(128, 4, on_cpu=False)
+    (256, None, None)
+    """
+    return SHARED_ROWS if on_cpu and d_model * n_layers <= SMALL_MODEL else None
+
+
 #: Pairs each worker process should have at least before another one is started (forking and
 #: the per-process start cost more than a few pairs' work).
 PAIRS_PER_WORKER = 8
