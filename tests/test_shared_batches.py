@@ -1,0 +1,172 @@
+"""Several pairs in one engine batch (``sweep_pairs``): the same bits as each pair alone, the same
+numbers as the plain reference, and a run that shares batches writes the same files."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from test_engine import assert_close_cells
+
+from latentpatch.data.pairs import save_pairs
+from latentpatch.data.synthetic import generate_pairs
+from latentpatch.model.load import load_model
+from latentpatch.model.state import stack_states
+from latentpatch.names import THOUGHT_SITES
+from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+from latentpatch.patching.engine import (
+    group_pairs,
+    pairs_per_batch,
+    shared_batch_key,
+    sweep_fast,
+    sweep_pairs,
+    sweep_reference,
+)
+from latentpatch.patching.specs import EngineConfig, experiment_specs
+from latentpatch.patching.steps import early_specs, step_pool, step_record, step_values, thought_specs
+from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.run import run_experiments
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def pairs_and_values(model):
+    """Baselines of 8 synthetic pairs and each one's values: activations from the other run,
+    thoughts from the step-level values (so activation, frozen, tracked, thought and early specs
+    all run)."""
+    bases = []
+    for p in generate_pairs(8, seed=0):
+        clean, corr = (record_run(model, model.prompt_ids(v.question)) for v in (p.clean, p.corrupted))
+        bases.append(prepare_pair(model, p.pair_id, clean, corr, p.clean.answer, p.corrupted.answer))
+    recs = [(step_record(model, b.target.prompt), step_record(model, b.source.prompt)) for b in bases]
+    pool = step_pool([s for _, s in recs])
+    values = []
+    for i, (base, (t, s)) in enumerate(zip(bases, recs)):
+        acts = replacement_values(base, EngineConfig())
+        steps = step_values(t, s, pool, partner=recs[(i + 1) % len(recs)][1], seed=0, pair_index=i)
+        values.append(lambda spec, a=acts, st=steps: st(spec) if spec.component in THOUGHT_SITES else a(spec))
+    return bases, values
+
+
+def all_specs(model):
+    n, k = model.n_layers, model.num_latent
+    specs = [s for e in ("layer", "position", "iterative") for s in experiment_specs(e, n, k)]
+    return specs + thought_specs(k)[::2] + early_specs(k)
+
+
+def as_text(cells) -> str:
+    """Every value at full precision (NaN included), for a comparison of bits."""
+    return json.dumps(cells, sort_keys=True, default=str)
+
+
+def test_pairs_in_one_batch_get_the_bits_they_get_alone(model, pairs_and_values, monkeypatch):
+    bases, values = pairs_and_values
+    keys = Counter(shared_batch_key(b) for b in bases)
+    assert max(keys.values()) >= 3  # not vacuous: several pairs do share a batch
+    specs = all_specs(model)
+    alone = [sweep_fast(model, b, specs, v, batch_size=32) for b, v in zip(bases, values)]
+
+    calls = Counter()
+    advance = model.advance
+
+    def counted(state, **kwargs):
+        calls[state.batch_size > 32] += 1
+        return advance(state, **kwargs)
+
+    monkeypatch.setattr(model, "advance", counted)
+    together = sweep_pairs(model, bases, specs, values, batch_size=32, max_rows=1024)
+    assert calls[True] > 0  # some forwards held more than one pair's chunk
+    assert as_text(together) == as_text(alone)
+    separate = Counter(calls)
+    calls.clear()
+    sweep_pairs(model, bases, specs, values, batch_size=32, max_rows=None)
+    assert calls[True] == 0 and sum(calls.values()) > sum(separate.values())
+
+
+def test_shared_batches_equal_the_plain_reference(model, pairs_and_values):
+    """The independent computation: one full rollout per spec and plain greedy decoding."""
+    bases, values = pairs_and_values
+    key = Counter(shared_batch_key(b) for b in bases).most_common(1)[0][0]
+    group = [i for i, b in enumerate(bases) if shared_batch_key(b) == key][:3]
+    specs = all_specs(model)[::4]
+    together = sweep_pairs(model, [bases[i] for i in group], specs, [values[i] for i in group], 16, max_rows=256)
+    for i, cells in zip(group, together):
+        ref = sweep_reference(model, bases[i], specs, values[i])
+        assert_close_cells(cells, ref)
+        assert [c["answer_ids"] for c in cells] == [c["answer_ids"] for c in ref]
+
+
+def test_pairs_are_grouped_by_their_key_in_order(pairs_and_values):
+    bases, _ = pairs_and_values
+    order = [7, 0, 5, 2, 3, 1, 6, 4]
+    groups = group_pairs(bases, order, 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    for g in groups:
+        assert 1 <= len(g) <= 2 and len({shared_batch_key(bases[i]) for i in g}) == 1
+        assert g == sorted(g, key=order.index)  # each group keeps the given order
+    prompt_lengths = {len(b.target.prompt) for b in bases}
+    assert len(group_pairs(bases, order, 100)) >= len(prompt_lengths)
+    singles = group_pairs(bases, order, 1)
+    assert all(len(g) == 1 for g in singles) and sorted(g[0] for g in singles) == list(range(8))
+
+
+def test_pairs_per_batch_counts_a_pairs_largest_chunk(model):
+    specs = experiment_specs("position", model.n_layers, model.num_latent)  # 24 patches
+    assert pairs_per_batch(specs, 64, 256) == 10
+    assert pairs_per_batch(specs, 8, 256) == 32  # chunks of 8
+    assert pairs_per_batch(specs, 64, None) == 1
+    assert pairs_per_batch(specs[:1], 64, 256) == 1  # a batch of one row never shares
+    assert pairs_per_batch(early_specs(model.num_latent), 64, 256) == 1  # early answers: per pair
+
+
+def test_stack_states_keeps_each_rows_cache(model):
+    a, _ = model.prefill([model.prompt_ids("Tom has 3 eggs and buys 4.")])
+    b, _ = model.prefill([model.prompt_ids("Tom has 5 eggs and buys 2.")])
+    assert a.length == b.length
+    both = stack_states([a.fork(repeats=2), b])
+    assert both.batch_size == 3 and both.length == a.length
+    for layer, la, lb in zip(both.cache.layers, a.cache.layers, b.cache.layers):
+        assert torch.equal(layer.keys[:2], la.keys.expand(2, -1, -1, -1)) and torch.equal(layer.values[2:], lb.values)
+    assert torch.equal(both.next_position, torch.cat([a.next_position, a.next_position, b.next_position]))
+    c, _ = model.prefill([model.prompt_ids("Tom has 3 eggs.")])
+    with pytest.raises(ValueError, match="lengths"):
+        stack_states([a, c])
+
+
+def test_a_run_that_shares_batches_writes_the_files_of_one_pair_at_a_time(tmp_path, monkeypatch, model):
+    import latentpatch.pipeline.run as run_module
+
+    pairs = tmp_path / "pairs.json"
+    save_pairs(generate_pairs(8, seed=0), pairs)
+    sizes: dict[str, list[int]] = {"shared": [], "alone": []}
+    real = run_module.sweep_pairs
+
+    runs = {}
+    for name, rows in (("shared", 256), ("alone", None)):
+        monkeypatch.setattr(run_module, "shared_rows", lambda *args, rows=rows, **kwargs: rows)
+        monkeypatch.setattr(
+            run_module,
+            "sweep_pairs",
+            lambda m, bases, *a, name=name, **k: sizes[name].append(len(bases)) or real(m, bases, *a, **k),
+        )
+        config = RunConfig(
+            pairs=str(pairs),
+            experiments=("layer", "position"),
+            out=str(tmp_path / name),
+            workers=1,
+            report=False,
+            use_cache=False,
+        )
+        runs[name] = run_experiments(config, model=model, progress=False, command="test")
+    assert max(sizes["shared"]) > 1 and set(sizes["alone"]) == {1}
+    assert sum(sizes["shared"]) == sum(sizes["alone"]) == 8
+    files = sorted(p.relative_to(runs["alone"]) for p in (runs["alone"] / "results").rglob("*") if p.is_file())
+    assert len(files) > 8
+    for f in files:
+        assert (runs["shared"] / f).read_bytes() == (runs["alone"] / f).read_bytes(), f
