@@ -3,7 +3,9 @@
 One process, one model, the same pairs. The sweep is the position sweep (docs/method.md §5) (every layer x
 every latent position, component resid_out, denoise, source values), computed three ways:
 
-- ``engine``: :func:`latentpatch.patching.engine.sweep_fast` (shared KV prefix, batched patches);
+- ``engine``: :func:`latentpatch.patching.engine.sweep_pairs` (shared KV prefix, batched patches, and
+  several pairs' chunks in one batch where ``latentpatch run`` would share them: ``--shared-rows``;
+  then also timed with each pair alone, side by side);
 - ``reference``: :func:`latentpatch.patching.engine.sweep_reference` (one full hooked rollout per cell);
 - ``nnsight``: ``bench/nnsight_impl.py`` (one nnsight-traced rollout per cell).
 
@@ -48,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.latent import LatentModel, shared_prefix_length  # noqa: E402
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values  # noqa: E402
-from latentpatch.patching.engine import sweep_fast, sweep_reference  # noqa: E402
+from latentpatch.patching.engine import sweep_pairs, sweep_reference  # noqa: E402
 from latentpatch.patching.specs import EngineConfig, position_specs  # noqa: E402
 from latentpatch.patching.steps import influence_specs, step_pool, step_record, step_values  # noqa: E402
 from latentpatch.pipeline.memory import auto_batch_size, working_set_bytes  # noqa: E402
+from latentpatch.pipeline.threads import shared_rows  # noqa: E402
 
 METRICS = ("kl", "answer_logit_diff", "logit_l2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -258,6 +261,8 @@ def measure(fn, device) -> tuple[object, float, int]:
 VALUES: dict = {}
 #: ``--shared-prefix``: the engine scores the answer strings' common prefix once per row (docs/method.md §7.2).
 SHARED_PREFIX = False
+#: ``--shared-rows``: rows of a batch several pairs share (docs/method.md §7.1); None: each pair alone.
+SHARED_ROWS: int | None = None
 
 
 def values_of(b):
@@ -269,12 +274,12 @@ def cell_key(b, s) -> tuple:
     return (b.pair_id, s.layer, s.index) + ((s.replacement,) if s.replacement else ())
 
 
-def engine_sweep(model, bases, specs, batch_size) -> dict:
-    return {
-        cell_key(b, s): m
-        for b in bases
-        for s, m in zip(specs, sweep_fast(model, b, specs, values_of(b), batch_size, shared_prefix=SHARED_PREFIX))
-    }
+def engine_sweep(model, bases, specs, batch_size, shared_rows: int | None | str = "set") -> dict:
+    """The engine on every pair: ``sweep_pairs`` with ``--shared-rows`` (``shared_rows`` overrides it)."""
+    rows = SHARED_ROWS if shared_rows == "set" else shared_rows
+    values = [values_of(b) for b in bases]
+    cells = sweep_pairs(model, bases, specs, values, batch_size, rows, shared_prefix=SHARED_PREFIX)
+    return {cell_key(b, s): m for b, per_pair in zip(bases, cells) for s, m in zip(specs, per_pair)}
 
 
 def reference_sweep(model, bases, specs) -> dict:
@@ -446,7 +451,8 @@ def section(key: str, r: dict) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
     lines = _header(key, r, r["title"]) + [
         f"- sweep: position sweep, {r['n_layers']} layers x {r['K']} latent positions = {r['cells_per_pair']} cells "
-        f"per pair, resid_out, denoise, source values; engine batch size {r['batch_size']}",
+        f"per pair, resid_out, denoise, source values; engine batch size {r['batch_size']}, "
+        f"rows shared by several pairs {r['shared_rows']}",
         f"- lower bound per cell (mean): {r['lb_cell']:.1f} token positions = thoughts p..K-1 + answer start + "
         f"teacher forcing of 3 answer strings and A_base's [EOS] ({r['lb_rollout_cell']:.1f}) + greedy decoding of the "
         f"answers that changed ({r['lb_decode_cell']:.1f})",
@@ -467,9 +473,9 @@ def section(key: str, r: dict) -> str:
             f"{100 * e['linear_gflops'] / e['peak_gflops']:.0f}% of the same process's matmul peak "
             f"({e['peak_gflops']:.1f} GFLOP/s, {e['peak_n']}^3 torch.mm; attention's products not counted)"
         )
-    for name in ("reference", "nnsight"):
+    for name in ("engine, pairs alone", "reference", "nnsight"):
         if name in r["methods"]:
-            lines.append(f"- engine vs {name}: {r['methods']['engine']['cps'] / r['methods'][name]['cps']:.1f}x")
+            lines.append(f"- engine vs {name}: {r['methods']['engine']['cps'] / r['methods'][name]['cps']:.2f}x")
     for name, d in r["diffs"].items():
         ok = all(not (v > r["tol"]) for v in d.values())
         lines.append(
@@ -543,6 +549,12 @@ def main(argv=None) -> dict:
         help="engine: score the answer strings' common prefix once (not the default: other last bits)",
     )
     ap.add_argument(
+        "--shared-rows",
+        default="run",
+        help="rows of a batch several pairs share: run (what latentpatch run picks here), none (each pair "
+        "alone), or a number; with sharing, the engine is also timed with each pair alone",
+    )
+    ap.add_argument(
         "--experiment",
         default="position",
         choices=["position", "influence"],
@@ -553,7 +565,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="update this model's section of a results file (bench/RESULTS.md)")
     ap.add_argument("--key", default=None, help="section name in --out (default: from --model and --device)")
     args = ap.parse_args(argv)
-    global SHARED_PREFIX
+    global SHARED_PREFIX, SHARED_ROWS
     SHARED_PREFIX = args.shared_prefix
 
     torch.set_num_threads(args.threads)
@@ -568,6 +580,10 @@ def main(argv=None) -> dict:
         flush=True,
     )
     batch = auto_batch_size(model) if args.batch_size == "auto" else int(args.batch_size)
+    if args.shared_rows == "run":
+        SHARED_ROWS = shared_rows(model.d_model, model.n_layers, on_cpu=device.type == "cpu")
+    else:
+        SHARED_ROWS = None if args.shared_rows == "none" else int(args.shared_rows)
     specs = position_specs(model.n_layers, model.num_latent)
     if args.experiment == "influence":
         specs, args.skip_nnsight = influence_specs(model.num_latent), True
@@ -613,6 +629,9 @@ def main(argv=None) -> dict:
 
     if not args.memory_only:
         record("engine", *measure(lambda: engine_sweep(model, bases, specs, batch), device), len(bases))
+        if SHARED_ROWS is not None:  # side by side: the same engine with each pair alone
+            alone = measure(lambda: engine_sweep(model, bases, specs, batch, shared_rows=None), device)
+            record("engine, pairs alone", *alone, len(bases))
         with LinearFlops(model) as counted:  # a second, untimed engine run: the hooks cost time
             engine_sweep(model, bases, specs, batch)
         peak, n = matmul_peak(device, dtype)
@@ -633,8 +652,9 @@ def main(argv=None) -> dict:
         methods["nnsight"].update(baseline_wall=base_wall, baseline_tokens=base_tokens)
 
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    diffs = {name: max_diffs(results["engine"], results[name]) for name in ("reference", "nnsight") if name in results}
-    for name in ("reference", "nnsight"):
+    compared = ("engine, pairs alone", "reference", "nnsight")
+    diffs = {name: max_diffs(results["engine"], results[name]) for name in compared if name in results}
+    for name in compared:
         if name in methods:
             print(
                 f"engine vs {name}: {methods['engine']['cps'] / methods[name]['cps']:.1f}x; max diffs "
@@ -655,6 +675,7 @@ def main(argv=None) -> dict:
         "K": model.num_latent,
         "cells_per_pair": len(specs),
         "batch_size": batch,
+        "shared_rows": SHARED_ROWS,
         "methods": methods,
         "diffs": diffs,
         "tol": tol,
