@@ -31,7 +31,7 @@ from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
-from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guess
+from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guesses
 from latentpatch.patching.metrics import AnswerLogits, answer_logprob, answer_metrics, cosine
 from latentpatch.patching.specs import PatchSpec
 
@@ -60,7 +60,8 @@ def _score_and_generate(
     ``row_bases[b]``: row b's pair; ``first``: [B, V] logits of the first answer token. ``A_base``
     is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` +
     [EOS] would decode exactly ``A_base`` greedily, so only the other rows (the patches that
-    changed the answer) are decoded step by step, one pair's rows at a time. ``shared_prefix``:
+    changed the answer) are checked against ``A_clean``/``A_corr`` or decoded step by step (one
+    pair's rows at a time where a batch of one could arise). ``shared_prefix``:
     :meth:`LatentModel.score`'s option (off: the default's bits).
     """
     eos = model.config.eos_id
@@ -72,8 +73,7 @@ def _score_and_generate(
     ]
     pairs = _rows_by_pair(row_bases)
     for c in (1, 2):  # a flipped row most often gives A_clean or A_corr: verify that guess
-        for rows in pairs:
-            verify_guess(model, state, first, conts[rows[0]][c], gen, [sc[c] for sc in scored], among=rows)
+        verify_guesses(model, state, first, [cont[c] for cont in conts], gen, [sc[c] for sc in scored], pairs)
     for rows in pairs:
         done = decode_rest(model, state, first, gen, among=rows)
         for b in rows:

@@ -60,30 +60,72 @@ def verify_guess(
     guess: list[int],
     gen: list[list[int] | None],
     guess_logits: list[torch.Tensor] | None = None,
-    among: Sequence[int] | None = None,
 ) -> None:
     """Set ``gen[b] = guess`` for the undecided rows (``gen[b] is None``) of ``state`` whose greedy
     answer is ``guess``: one forward of ``guess`` on those rows shows its tokens and then [EOS]
     as the argmaxes (``first`` [B, V]: the logits of the first answer token), every step by the
     :data:`GREEDY_MARGIN`. ``guess_logits[b]`` ([len, V], optional): teacher-forced logits of the
-    guess already computed; rows whose argmaxes do not give it are not tried. ``among``: only
-    these rows are tried (all by default; the engine passes one pair's rows of a shared batch, so
-    each forward holds the rows it would hold for that pair alone). ``state`` is not modified."""
+    guess already computed; rows whose argmaxes do not give it are not tried. ``state`` is not
+    modified."""
     cfg = model.config
     if not guess or len(guess) >= cfg.max_answer_tokens:
         return  # a cut-off answer is left to generate
     rows = [
         b
-        for b in (range(len(gen)) if among is None else among)
-        if gen[b] is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
+        for b, ids in enumerate(gen)
+        if ids is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
     ]
-    if not rows:
-        return
+    if rows:
+        _check_guesses(model, state, first, rows, [guess] * len(gen), gen)
+
+
+def verify_guesses(
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    guesses: Sequence[list[int]],
+    gen: list[list[int] | None],
+    guess_logits: Sequence[torch.Tensor],
+    pairs: Sequence[Sequence[int]],
+) -> None:
+    """:func:`verify_guess` for several pairs in one batch: ``pairs`` lists each pair's rows,
+    ``guesses[b]`` is row b's pair's guess and ``guess_logits[b]`` its teacher-forced logits.
+
+    The rows to try of every pair that has two or more run in one forward per guess length
+    (from two rows up a row's bits do not depend on the batch: docs/method.md §7.1); a pair with
+    one row to try runs it alone, as it would on its own (a batch of one sums differently)."""
+    cfg = model.config
+    shared: dict[int, list[int]] = {}
+    for rows in pairs:
+        guess = guesses[rows[0]]
+        if not guess or len(guess) >= cfg.max_answer_tokens:
+            continue  # a cut-off answer is left to generate
+        tried = [b for b in rows if gen[b] is None and reproduces_prefix(model, guess_logits[b], guess)]
+        if len(tried) == 1:
+            _check_guesses(model, state, first, tried, guesses, gen)
+        else:
+            shared.setdefault(len(guess), []).extend(tried)
+    for tried in shared.values():
+        if tried:
+            _check_guesses(model, state, first, tried, guesses, gen)
+
+
+def _check_guesses(
+    model: LatentModel,
+    state: RolloutState,
+    first: torch.Tensor,
+    rows: list[int],
+    guesses: Sequence[list[int]],
+    gen: list[list[int] | None],
+) -> None:
+    """One forward of ``guesses[b]`` (all of one length) on ``rows`` of ``state``; ``gen[b] =
+    guesses[b]`` where greedy decoding would emit exactly it (tokens, then [EOS])."""
     idx = torch.tensor(rows, device=first.device)
-    ids = torch.tensor([guess] * len(rows), device=first.device)  # [B', len]
+    ids = torch.tensor([guesses[b] for b in rows], device=first.device)  # [B', len]
     logits = model.logits(model.advance(state.fork(rows=idx), input_ids=ids))  # [B', len, V]
     for j, b in enumerate(rows):
-        if reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), guess + [cfg.eos_id]):
+        guess = guesses[b]
+        if reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), guess + [model.config.eos_id]):
             gen[b] = list(guess)
 
 
@@ -95,7 +137,8 @@ def decode_rest(
     among: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """``gen`` with its undecided rows (None) greedy-decoded step by step (``generate``) in one
-    batch; ``among``: only these rows (as in :func:`verify_guess`), the others are left as they are."""
+    batch; ``among``: only these rows, the others are left as they are (the engine passes one
+    pair's rows of a shared batch, so the decoding batch holds what it would for that pair alone)."""
     rest = [b for b in (range(len(gen)) if among is None else among) if gen[b] is None]
     out = [ids or [] for ids in gen]
     if rest:
