@@ -266,8 +266,9 @@ def measure(fn, device) -> tuple[object, float, int]:
 # ---- the three sweeps ------------------------------------------------------------------------
 #: pair_id -> the values patched in (``--experiment influence`` sets step-level values, docs/method.md §13).
 VALUES: dict = {}
-#: ``--shared-prefix``: the engine scores the answer strings' common prefix once per row (docs/method.md §7.2).
-SHARED_PREFIX = False
+#: The engine scores the answer strings' common prefix once per row (docs/method.md §7.2) unless
+#: ``--whole-strings``.
+SHARED_PREFIX = True
 #: ``--shared-rows``: rows of a batch several pairs share (docs/method.md §7.1); None: each pair alone.
 SHARED_ROWS: int | None = None
 
@@ -327,8 +328,9 @@ def lower_bound(model, bases, cells: dict) -> tuple[int, int]:
     the answer-start tokens and len - 1 tokens of each answer string (the first is predicted at
     [EOT]), A_base with its closing [EOS] (one more position: it tells whether greedy decoding
     would reproduce A_base). Only a cell whose answer differs from A_base must be decoded: that
-    feeds min(len(answer), max_answer_tokens - 1) more tokens. With ``--shared-prefix`` the strings'
-    common prefix (``shared_prefix_length``) is counted once instead of three times."""
+    feeds min(len(answer), max_answer_tokens - 1) more tokens. The strings' common prefix
+    (``shared_prefix_length``) is counted once, as the engine scores it (three times with
+    ``--whole-strings``)."""
     by_id = {b.pair_id: b for b in bases}
     K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
@@ -552,9 +554,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-nnsight", action="store_true")
     ap.add_argument(
-        "--shared-prefix",
+        "--whole-strings",
         action="store_true",
-        help="engine: score the answer strings' common prefix once (not the default: other last bits)",
+        help="engine: feed each answer string whole instead of their common prefix once (the default, §7.2)",
     )
     ap.add_argument(
         "--shared-rows",
@@ -574,7 +576,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--key", default=None, help="section name in --out (default: from --model and --device)")
     args = ap.parse_args(argv)
     global SHARED_PREFIX, SHARED_ROWS, REPEATS
-    SHARED_PREFIX = args.shared_prefix
+    SHARED_PREFIX = not args.whole_strings
     REPEATS = max(1, args.repeats)
 
     torch.set_num_threads(args.threads)

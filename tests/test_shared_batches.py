@@ -67,7 +67,7 @@ def as_text(cells) -> str:
 
 def test_pairs_in_one_batch_get_the_bits_they_get_alone(model, pairs_and_values, monkeypatch):
     bases, values = pairs_and_values
-    keys = Counter(shared_batch_key(b) for b in bases)
+    keys = Counter(shared_batch_key(b, model.config.eos_id) for b in bases)
     assert max(keys.values()) >= 3  # not vacuous: several pairs do share a batch
     specs = all_specs(model)
     alone = [sweep_fast(model, b, specs, v, batch_size=32) for b, v in zip(bases, values)]
@@ -92,8 +92,8 @@ def test_pairs_in_one_batch_get_the_bits_they_get_alone(model, pairs_and_values,
 def test_shared_batches_equal_the_plain_reference(model, pairs_and_values):
     """The independent computation: one full rollout per spec and plain greedy decoding."""
     bases, values = pairs_and_values
-    key = Counter(shared_batch_key(b) for b in bases).most_common(1)[0][0]
-    group = [i for i, b in enumerate(bases) if shared_batch_key(b) == key][:3]
+    key = Counter(shared_batch_key(b, model.config.eos_id) for b in bases).most_common(1)[0][0]
+    group = [i for i, b in enumerate(bases) if shared_batch_key(b, model.config.eos_id) == key][:3]
     specs = all_specs(model)[::4]
     together = sweep_pairs(model, [bases[i] for i in group], specs, [values[i] for i in group], 16, max_rows=256)
     for i, cells in zip(group, together):
@@ -102,17 +102,17 @@ def test_shared_batches_equal_the_plain_reference(model, pairs_and_values):
         assert [c["answer_ids"] for c in cells] == [c["answer_ids"] for c in ref]
 
 
-def test_pairs_are_grouped_by_their_key_in_order(pairs_and_values):
+def test_pairs_are_grouped_by_their_key_in_order(model, pairs_and_values):
     bases, _ = pairs_and_values
     order = [7, 0, 5, 2, 3, 1, 6, 4]
-    groups = group_pairs(bases, order, 2)
+    groups = group_pairs(bases, order, 2, model.config.eos_id)
     assert sorted(i for g in groups for i in g) == list(range(8))
     for g in groups:
-        assert 1 <= len(g) <= 2 and len({shared_batch_key(bases[i]) for i in g}) == 1
+        assert 1 <= len(g) <= 2 and len({shared_batch_key(bases[i], model.config.eos_id) for i in g}) == 1
         assert g == sorted(g, key=order.index)  # each group keeps the given order
     prompt_lengths = {len(b.target.prompt) for b in bases}
-    assert len(group_pairs(bases, order, 100)) >= len(prompt_lengths)
-    singles = group_pairs(bases, order, 1)
+    assert len(group_pairs(bases, order, 100, model.config.eos_id)) >= len(prompt_lengths)
+    singles = group_pairs(bases, order, 1, model.config.eos_id)
     assert all(len(g) == 1 for g in singles) and sorted(g[0] for g in singles) == list(range(8))
 
 
@@ -170,3 +170,25 @@ def test_a_run_that_shares_batches_writes_the_files_of_one_pair_at_a_time(tmp_pa
     assert len(files) > 8
     for f in files:
         assert (runs["shared"] / f).read_bytes() == (runs["alone"] / f).read_bytes(), f
+
+
+def test_scoring_the_common_prefix_once_gives_the_bits_of_whole_strings(model, pairs_and_values, monkeypatch):
+    """The engine's default feeds "The answer is: " once per row and branches (docs/method.md §7.2):
+    fewer positions, and on the CPU the same bits as feeding each answer string whole."""
+    bases, values = pairs_and_values
+    specs = all_specs(model)[::2]
+    fed: Counter = Counter()
+    advance = model.advance
+
+    def counted(state, **kwargs):
+        x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        fed[kwargs["mode"]] += x.shape[0] * x.shape[1]
+        return advance(state, **{k: v for k, v in kwargs.items() if k != "mode"})
+
+    for base, v in zip(bases[:3], values[:3]):
+        cells = {}
+        for mode, shared in (("once", True), ("whole", False)):
+            monkeypatch.setattr(model, "advance", lambda state, mode=mode, **kw: counted(state, mode=mode, **kw))
+            cells[mode] = sweep_fast(model, base, specs, v, shared_prefix=shared)
+        assert as_text(cells["once"]) == as_text(cells["whole"])
+    assert fed["once"] < 0.8 * fed["whole"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from latentpatch.model.config import extract_number
-from latentpatch.model.latent import LatentModel, Rollout, RolloutState
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState, shared_prefix_length
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
@@ -53,7 +53,7 @@ def _score_and_generate(
     row_bases: Sequence[PairBaseline],
     state: RolloutState,
     first: torch.Tensor,
-    shared_prefix: bool = False,
+    shared_prefix: bool = True,
 ) -> tuple[list[list[int]], list[AnswerLogits]]:
     """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
 
@@ -189,7 +189,7 @@ def _cell_results(
     answer_logits: torch.Tensor,
     tracked: dict[int, torch.Tensor],
     decode_all: bool = False,
-    shared_prefix: bool = False,
+    shared_prefix: bool = True,
 ) -> list[dict]:
     """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]`` on
     the pair ``row_bases[b]``.
@@ -244,7 +244,7 @@ class _Part:
     specs: Sequence[PatchSpec]
 
 
-def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool = False) -> list[list[dict]]:
+def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool = True) -> list[list[dict]]:
     """Metrics of each part's chunk, all parts as one batched continuation of their targets'
     prefixes (rows: the parts' specs in order). The parts share the prompt length and the chunk."""
     T_q, K = parts[0].target.prompt_len, model.num_latent
@@ -305,28 +305,27 @@ def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[Rollo
     return state, model.logits(end[:, -1])
 
 
-def shared_batch_key(base: PairBaseline) -> tuple[int, ...]:
+def shared_batch_key(base: PairBaseline, eos_id: int) -> tuple[int, ...]:
     """Pairs with the same key can share the engine's forward passes (:func:`sweep_pairs`) and
-    get the same bits as alone: the target's prompt length and the token lengths of ``A_base`` +
-    [EOS], ``A_clean`` and ``A_corr`` (so no row is padded, on the keys' side or the answers')."""
-    return (
-        len(base.target.prompt),
-        len(base.target.answer_ids) + 1,
-        len(base.answers["clean"][0]),
-        len(base.answers["corr"][0]),
-    )
+    get the same bits as alone: the target's prompt length, the token lengths of ``A_base`` +
+    [EOS], ``A_clean`` and ``A_corr`` (so no row is padded, on the keys' side or the answers'),
+    and the length of their common prefix (scored once, §7.2: the same split for every row)."""
+    strings = [[*base.target.answer_ids, eos_id], base.answers["clean"][0], base.answers["corr"][0]]
+    return (len(base.target.prompt), *(len(s) for s in strings), shared_prefix_length(strings))
 
 
-def group_pairs(bases: Sequence[PairBaseline], order: Sequence[int], pairs_per_group: int) -> list[list[int]]:
+def group_pairs(
+    bases: Sequence[PairBaseline], order: Sequence[int], pairs_per_group: int, eos_id: int
+) -> list[list[int]]:
     """``order`` (indices into ``bases``) cut into groups of at most ``pairs_per_group`` pairs of
     one :func:`shared_batch_key` each, in order of each key's first pair.
 
-    >>> group_pairs([], [], 4)
+    >>> group_pairs([], [], 4, eos_id=0)
     []
     """
     by_key: dict[tuple[int, ...], list[int]] = {}
     for i in order:
-        by_key.setdefault(shared_batch_key(bases[i]), []).append(i)
+        by_key.setdefault(shared_batch_key(bases[i], eos_id), []).append(i)
     step = max(1, pairs_per_group)
     return [same[j : j + step] for same in by_key.values() for j in range(0, len(same), step)]
 
@@ -344,13 +343,13 @@ def pairs_per_batch(specs: Sequence[PatchSpec], batch_size: int, max_rows: int |
     return 1 if max_rows is None or rows < 2 else max(1, max_rows // rows)
 
 
-def _shared_groups(bases: Sequence[PairBaseline], rows: int, max_rows: int | None) -> list[list[int]]:
+def _shared_groups(bases: Sequence[PairBaseline], rows: int, max_rows: int | None, eos_id: int) -> list[list[int]]:
     """The pairs that run one chunk of ``rows`` specs together: at most ``max_rows`` rows in all,
     with one :func:`shared_batch_key`. A chunk of one row runs alone (a batch of one sums in
     another order than a larger batch)."""
     if max_rows is None or rows < 2:
         return [[j] for j in range(len(bases))]
-    return group_pairs(bases, range(len(bases)), max_rows // rows)
+    return group_pairs(bases, range(len(bases)), max_rows // rows, eos_id)
 
 
 @torch.no_grad()
@@ -361,7 +360,7 @@ def sweep_pairs(
     values: Sequence[ValueFn],
     batch_size: int = 64,
     max_rows: int | None = None,
-    shared_prefix: bool = False,
+    shared_prefix: bool = True,
 ) -> list[list[dict]]:
     """:func:`sweep_fast` of several pairs (``values[j]``: pair j's): one list of metric dicts per
     pair, each the same as :func:`sweep_fast` gives it.
@@ -370,7 +369,7 @@ def sweep_pairs(
     :func:`shared_batch_key` run as one batch of at most ``max_rows`` rows (None: each pair
     alone). On the CPU a row's numbers do not depend on the other rows of its batch (at two
     rows or more), so the bits are those of one pair at a time (docs/method.md §7.1).
-    ``shared_prefix``: :func:`sweep_fast`'s option (each pair alone then).
+    ``shared_prefix``: :func:`sweep_fast`'s option.
 
     >>> from latentpatch.data.synthetic import generate_pairs
     >>> from latentpatch.model.load import load_model
@@ -398,7 +397,7 @@ def sweep_pairs(
     results: list[dict[tuple, dict]] = [{} for _ in bases]
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i : i + batch_size]
-        for group in _shared_groups(bases, len(chunk), None if shared_prefix else max_rows):
+        for group in _shared_groups(bases, len(chunk), max_rows, model.config.eos_id):
             parts = [_Part(bases[j], targets[j], values[j], chunk) for j in group]
             for j, cells in zip(group, _sweep_chunk(model, parts, shared_prefix)):
                 results[j].update((s.computation, cell) for s, cell in zip(chunk, cells))
@@ -418,14 +417,14 @@ def sweep_fast(
     specs: Sequence[PatchSpec],
     values: ValueFn,
     batch_size: int = 64,
-    shared_prefix: bool = False,
+    shared_prefix: bool = True,
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
     Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
     per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
-    answer strings' common prefix once per row (:meth:`LatentModel.score`; off by default, as
-    it changes the last bits).
+    answer strings' common prefix ("The answer is: ") once per row and branch after it
+    (:meth:`LatentModel.score`, docs/method.md §7.2); False feeds each string whole.
 
     >>> from latentpatch.data.synthetic import generate_pairs
     >>> from latentpatch.model.load import load_model

@@ -359,7 +359,7 @@ def sweep(
             ctx.progress.advance(len(ctx.specs))
     names = list(jobs or {})  # job j is item -1 - j, group g of pairs is item g
     size = pairs_per_batch(ctx.specs, ctx.batch_size, ctx.shared_rows) if ctx.config.engine == "fast" else 1
-    groups = group_pairs(ctx.bases, todo, size)
+    groups = group_pairs(ctx.bases, todo, size, ctx.model.config.eos_id)
 
     def work(g: int) -> tuple[dict, float] | None:
         if g < 0:
