@@ -366,10 +366,10 @@ class LatentModel(nn.Module):
         predicts token j (row 0 is ``answer_logits[b]``). ``state`` is not modified.
 
         ``shared_prefix``: feed the tokens every continuation starts with ("The answer is: ")
-        once and branch from a fork after them (docs/method.md §7.2). The same computation, but
-        not the same bits as the default: a prefix fed in its own forward sums in another order
-        than inside a longer one, so the default leaves it off. ``grad``: with gradients
-        (:meth:`grad_mode`), through the cache of a rollout made with ``grad=True``.
+        once and branch from a fork after them (docs/method.md §7.2; the engine's default). The
+        same computation; a branch of a single token may differ in the last bits from the same
+        token inside a longer forward. ``grad``: with gradients (:meth:`grad_mode`), through the
+        cache of a rollout made with ``grad=True``.
         """
         with self.grad_mode(grad):
             return self._score(state, answer_logits, continuations, shared_prefix)
