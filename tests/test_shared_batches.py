@@ -139,6 +139,69 @@ def test_stack_states_keeps_each_rows_cache(model):
         stack_states([a, c])
 
 
+def test_stack_states_cuts_and_repeats_in_one_copy(model):
+    a, _ = model.prefill([model.prompt_ids("Tom has 3 eggs and buys 4.")])
+    b, _ = model.prefill([model.prompt_ids("Tom has 5 eggs and buys 2.")])
+    model.advance(a, inputs_embeds=model.embed_ids([7, 8], 1))  # a is now 2 tokens longer than b
+    n = b.length - 1
+    both = stack_states([a, b], n, [3, 2])
+    assert both.batch_size == 5 and both.length == n and both.attention_mask.shape == (5, n)
+    for layer, la, lb in zip(both.cache.layers, a.cache.layers, b.cache.layers):
+        assert layer.keys.is_contiguous() and layer.keys.shape[2] == n
+        assert torch.equal(layer.keys[:3], la.keys[:, :, :n].expand(3, -1, -1, -1))
+        assert torch.equal(layer.values[3:], lb.values[:, :, :n].expand(2, -1, -1, -1))
+    assert torch.equal(both.next_position, both.attention_mask.sum(1))
+    with pytest.raises(ValueError, match="cannot take"):
+        stack_states([a, b], a.length)
+
+
+def test_a_plain_fork_shares_the_cache_and_leaves_the_original_usable(model):
+    """A plain fork holds the original's tensors (no copy); advancing either leaves the other's
+    cache as it was, and the original continues exactly as a deep copy of it does."""
+    a, _ = model.prefill([model.prompt_ids("Tom has 3 eggs and buys 4.")] * 2)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in a.cache.layers]
+    shorter, full = a.fork(length=a.length - 3), a.fork()
+    assert full.cache.layers[0].keys.data_ptr() == a.cache.layers[0].keys.data_ptr()  # shared, not copied
+    for f in (shorter, full):
+        model.advance(f, inputs_embeds=model.embed_ids([7, 8, 9], 2))
+    for layer, (k, v) in zip(a.cache.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    copy = a.fork(repeats=1, rows=torch.arange(2))  # a real copy
+    h_a = model.advance(a, inputs_embeds=model.embed_ids([5], 2))
+    h_copy = model.advance(copy, inputs_embeds=model.embed_ids([5], 2))
+    assert torch.equal(h_a, h_copy)
+    assert shorter.length == a.length - 1 and full.length == a.length + 2
+
+
+def test_each_row_feeds_its_own_common_prefix_once(model):
+    """Rows whose answer strings share a longer prefix within the row than across rows (two pairs,
+    different digits) split where each row alone would: the same bits as each pair's rows alone,
+    and no more positions fed."""
+    a, _ = model.prefill([model.prompt_ids("Tom has 3 eggs and buys 4.")] * 2)
+    b, _ = model.prefill([model.prompt_ids("Tom has 5 eggs and buys 2.")] * 2)
+    first = torch.zeros(2, model.vocab_size)
+    row_a = [[5, 6, 7, 1], [5, 6, 7, 2], [5, 6, 7, 3]]  # each row: common prefix 5 6 7
+    row_b = [[5, 8, 7, 1], [5, 8, 7, 2], [5, 8, 7, 3]]
+    fed = []
+    real = model.advance
+
+    def counting(state, **kw):
+        x = kw.get("input_ids", kw.get("inputs_embeds"))
+        fed.append(x.shape[0] * x.shape[1])
+        return real(state, **kw)
+
+    model.advance = counting
+    try:
+        alone = model.score(a, first, [row_a] * 2, shared_prefix=True) + model.score(b, first, [row_b] * 2, True)
+        n_alone, fed[:] = sum(fed), []
+        together = model.score(stack_states([a, b]), torch.cat([first, first]), [row_a] * 2 + [row_b] * 2, True)
+    finally:
+        del model.advance
+    assert sum(fed) == n_alone == 4 * 3  # 3 prefix tokens a row, no branch left to feed
+    for x, y in zip(alone, together):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
 def test_a_run_that_shares_batches_writes_the_files_of_one_pair_at_a_time(tmp_path, monkeypatch, model):
     import latentpatch.pipeline.run as run_module
 

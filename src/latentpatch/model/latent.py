@@ -365,8 +365,9 @@ class LatentModel(nn.Module):
         number C of continuations). Returns ``out[b][c]`` = [len, V] fp32 logits where row j
         predicts token j (row 0 is ``answer_logits[b]``). ``state`` is not modified.
 
-        ``shared_prefix``: feed the tokens every continuation starts with ("The answer is: ")
-        once and branch from a fork after them (docs/method.md §7.2; the engine's default). The
+        ``shared_prefix``: feed the tokens every continuation of a row starts with ("The answer
+        is: ") once and branch from a fork after them (docs/method.md §7.2; the engine's default;
+        rows may hold different tokens there, the batch feeds the shortest such prefix). The
         same computation; a branch of a single token may differ in the last bits from the same
         token inside a longer forward. ``grad``: with gradients (:meth:`grad_mode`), through the
         cache of a rollout made with ``grad=True``.
@@ -386,7 +387,9 @@ class LatentModel(nn.Module):
         if any(len(c) != C for c in continuations):
             raise ValueError("every row needs the same number of continuations")
         seqs = [[list(continuations[b][c]) for b in range(B)] for c in range(C)]  # [C][B]
-        n = shared_prefix_length([seq for per_c in seqs for seq in per_c]) if shared_prefix else 0
+        # Each row's own common prefix (rows of different pairs may hold different tokens there);
+        # the batch feeds the shortest, so rows alike split as they would alone (§7.1).
+        n = min(shared_prefix_length([seqs[c][b] for c in range(C)]) for b in range(B)) if shared_prefix else 0
         first, start = answer_logits[:, None], state  # first: [B, 1 + n, V] logits before the branches
         if n:
             start = state.fork()

@@ -1,8 +1,8 @@
 """The state of a rollout in progress (:class:`RolloutState`) and a finished one (:class:`Rollout`).
 
 A :class:`RolloutState` is a KV-cached, left-padded batch of sequences that
-:meth:`latentpatch.model.latent.LatentModel.advance` extends token by token; ``fork`` copies a prefix
-of it so a sweep can restart many patched runs from one baseline.
+:meth:`latentpatch.model.latent.LatentModel.advance` extends token by token; ``fork`` takes a prefix
+of it so a sweep can restart many patched runs from one baseline (a plain fork without a copy).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from latentpatch.model.sites import ActivationHooks
 
@@ -24,14 +24,55 @@ def layer_keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
-def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
-    """``x`` [B, ...] with each row repeated ``repeats`` times. No copy for one repeat or one row
-    (expanded): the next forward's cache update concatenates it into new storage anyway."""
-    if repeats == 1:
-        return x
-    if x.shape[0] == 1:
-        return x.expand(repeats, *x.shape[1:])
-    return x.repeat_interleave(repeats, 0)
+def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A ``DynamicCache`` holding ``layers`` ((keys, values) [B, heads, T, d_head] per layer) as
+    they are: no copy (``DynamicCache(ddp_cache_data=...)`` would concatenate each into new storage).
+    Sharing tensors is safe: a ``DynamicLayer`` never writes into its tensors, each update
+    concatenates into new ones."""
+    cache = DynamicCache()
+    for k, v in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)  # dtype and device
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
+
+
+def _gather_rows(parts: Sequence[tuple[torch.Tensor, int]], length: int) -> torch.Tensor:
+    """One contiguous [sum B_i * r_i, heads, length, d_head] tensor: each part's x [B_i, heads,
+    >= length, d_head] cut to ``length`` tokens, each row repeated ``r_i`` times (row b -> rows
+    b*r_i .. b*r_i + r_i - 1), parts in order: one copy."""
+    x0 = parts[0][0]
+    out = x0.new_empty(sum(x.shape[0] * r for x, r in parts), x0.shape[1], length, x0.shape[3])
+    i = 0
+    for x, r in parts:
+        n = x.shape[0] * r
+        out[i : i + n].view(x.shape[0], r, *out.shape[1:]).copy_(x[:, None, :, :length].expand(-1, r, -1, -1, -1))
+        i += n
+    return out
+
+
+def _gathered(
+    states: Sequence[RolloutState], length: int, repeats: Sequence[int], rows: torch.Tensor | None = None
+) -> RolloutState:
+    """One state of each state's first ``length`` tokens (of a single state's rows ``rows``, when
+    given), each row repeated ``repeats[i]`` times, states' rows in order: one copy per tensor."""
+    layers = []
+    for per_state in zip(*(s.cache.layers for s in states)):
+        kvs = [layer_keys_values(layer) for layer in per_state]
+        if rows is not None:
+            kvs = [(k[rows], v[rows]) for k, v in kvs]
+        layers.append(
+            (
+                _gather_rows([(k, r) for (k, _), r in zip(kvs, repeats)], length),
+                _gather_rows([(v, r) for (_, v), r in zip(kvs, repeats)], length),
+            )
+        )
+    masks = [s.attention_mask[:, :length] for s in states]
+    if rows is not None:
+        masks = [masks[0][rows]]
+    mask = torch.cat([m.repeat_interleave(r, 0) for m, r in zip(masks, repeats)])
+    return RolloutState(cache=_cache_of(layers), attention_mask=mask, next_position=mask.sum(1), length=length)
 
 
 @dataclass
@@ -52,48 +93,41 @@ class RolloutState:
         return self.attention_mask.shape[0]
 
     def fork(self, length: int | None = None, repeats: int = 1, rows: torch.Tensor | None = None) -> RolloutState:
-        """A copy truncated to the first ``length`` tokens, rows selected then repeated ``repeats`` times.
+        """A state of the first ``length`` tokens (default: all), rows ``rows`` selected (default:
+        all) then each repeated ``repeats`` times; the original stays usable (this is how a sweep
+        reuses one baseline prefix for many patches).
 
-        The copy shares no storage that a later forward would append to, so the original stays
-        usable (this is how a sweep reuses one baseline prefix for many patches).
+        A plain fork (all rows, one repeat) shares the cache's tensors without a copy: a forward
+        on either state concatenates its new tokens into new tensors and never writes into the
+        shared ones. Any other fork copies the selected prefix once.
         """
         length = self.length if length is None else length
-        mask = self.attention_mask[:, :length]
-        layers = []
-        for layer in self.cache.layers:
-            k, v = layer_keys_values(layer)
-            k, v = k[:, :, :length], v[:, :, :length]
-            if rows is not None:
-                k, v = k[rows], v[rows]
-            layers.append((_repeat_rows(k, repeats), _repeat_rows(v, repeats)))
-        if rows is not None:
-            mask = mask[rows]
-        mask = mask.repeat_interleave(repeats, 0)
-        return RolloutState(
-            cache=DynamicCache(ddp_cache_data=layers),
-            attention_mask=mask,
-            next_position=mask.sum(1) if length else torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device),
-            length=length,
-        )
+        if rows is None and repeats == 1:
+            kvs = [layer_keys_values(layer) for layer in self.cache.layers]
+            mask = self.attention_mask[:, :length]
+            return RolloutState(
+                cache=_cache_of([(k[:, :, :length], v[:, :, :length]) for k, v in kvs]),
+                attention_mask=mask,
+                next_position=mask.sum(1),
+                length=length,
+            )
+        return _gathered([self], length, [repeats], rows)
 
 
-def stack_states(states: Sequence[RolloutState]) -> RolloutState:
-    """One state whose rows are the rows of ``states`` in order (all of the same ``length``: no
-    padding is added, so each row attends over exactly the keys it had)."""
-    if len(states) == 1:
-        return states[0]
-    if len({s.length for s in states}) != 1:
-        raise ValueError(f"cannot stack states of lengths {sorted({s.length for s in states})}")
-    layers = []
-    for per_state in zip(*(s.cache.layers for s in states)):
-        kvs = [layer_keys_values(layer) for layer in per_state]
-        layers.append((torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])))
-    return RolloutState(
-        cache=DynamicCache(ddp_cache_data=layers),
-        attention_mask=torch.cat([s.attention_mask for s in states]),
-        next_position=torch.cat([s.next_position for s in states]),
-        length=states[0].length,
-    )
+def stack_states(
+    states: Sequence[RolloutState], length: int | None = None, repeats: Sequence[int] | None = None
+) -> RolloutState:
+    """One state whose rows are the rows of ``states`` in order, each state cut to its first
+    ``length`` tokens (default: their common length) and each of its rows repeated ``repeats[i]``
+    times (default 1): one copy. No padding is added, so each row attends over exactly the keys
+    it had."""
+    if length is None:
+        if len({s.length for s in states}) != 1:
+            raise ValueError(f"cannot stack states of lengths {sorted({s.length for s in states})}")
+        length = states[0].length
+    elif any(s.length < length for s in states):
+        raise ValueError(f"cannot take {length} tokens of states of lengths {sorted({s.length for s in states})}")
+    return _gathered(states, length, repeats or [1] * len(states))
 
 
 @dataclass

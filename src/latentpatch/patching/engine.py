@@ -254,8 +254,8 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool
     row_values = [p.values for p in parts for _ in p.specs]
     B = len(specs)
     targets = torch.cat([p.target.thoughts[0][None].expand(len(p.specs), -1, -1) for p in parts])  # [B, K, d]
-    # KV cache [B, ..., T_q + start, ...]: each target's repeated for its rows
-    state = stack_states([p.target.state.fork(length=T_q + start, repeats=len(p.specs)) for p in parts])
+    # KV cache [B, ..., T_q + start, ...]: each target's repeated for its rows (one copy)
+    state = stack_states([p.target.state for p in parts], T_q + start, [len(p.specs) for p in parts])
     writes = _writes_for(specs, row_values, T_q, model.device)
     record = sorted({(s.component, s.layer) for s in specs if s.track})
     override, mask = _overrides(model, specs, row_values, targets)  # [B, K, d], [B, K] or None
