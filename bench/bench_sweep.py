@@ -330,20 +330,15 @@ def lower_bound(model, bases, cells: dict) -> tuple[int, int]:
     would reproduce A_base). Only a cell whose answer differs from A_base must be decoded: that
     feeds min(len(answer), max_answer_tokens - 1) more tokens. The strings' common prefix
     (``shared_prefix_length``) is counted once, as the engine scores it (three times with
-    ``--whole-strings``)."""
+    ``--whole-strings``), and so are the tokens two strings feed alike after it."""
     by_id = {b.pair_id: b for b in bases}
     K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
     for (pid, _, p, *_), m in cells.items():
         base = by_id[pid]
-        forced = sum(len(ids) - 1 for ids, _ in base.answers.values()) + 1
-        if SHARED_PREFIX:
-            strings = [
-                base.answers["base"][0] + [model.config.eos_id],
-                base.answers["clean"][0],
-                base.answers["corr"][0],
-            ]
-            forced -= 2 * shared_prefix_length(strings)
+        strings = [base.answers["base"][0] + [model.config.eos_id], base.answers["clean"][0], base.answers["corr"][0]]
+        n = shared_prefix_length(strings) if SHARED_PREFIX else 0
+        forced = n + sum(len(fed) for fed in {tuple(s[n:-1]) for s in strings})
         rollout += (K - p) + start + forced
         if list(m["answer_ids"]) != list(base.target.answer_ids):
             decode += min(len(m["answer_ids"]), n - 1)

@@ -202,6 +202,32 @@ def test_each_row_feeds_its_own_common_prefix_once(model):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
 
 
+def test_strings_that_feed_the_same_tokens_share_one_forward(model):
+    """Without a common prefix (a model's own answer is text, the answers "32" and "31" are bare
+    numbers), A_clean and A_corr still feed the same token "3": one forward serves both, with the
+    bits of scoring each alone."""
+    state, _ = model.prefill([model.prompt_ids("Tom has 3 eggs and buys 4.")] * 2)
+    first = torch.zeros(2, model.vocab_size)
+    strings = [[9, 3, 2], [3, 2], [3, 1]]
+    fed = []
+    real = model.advance
+
+    def counting(state, **kw):
+        x = kw.get("input_ids", kw.get("inputs_embeds"))
+        fed.append(x.shape[0] * x.shape[1])
+        return real(state, **kw)
+
+    model.advance = counting
+    try:
+        out = model.score(state, first, [strings] * 2, shared_prefix=True)
+    finally:
+        del model.advance
+    assert fed == [2 * 2, 2 * 1]  # A_base's two tokens, then "3" once for A_clean and A_corr
+    for c in (1, 2):
+        alone = model.score(state, first, [[strings[c]]] * 2, shared_prefix=True)
+        assert all(torch.equal(out[b][c], alone[b][0]) for b in range(2))
+
+
 def test_a_run_that_shares_batches_writes_the_files_of_one_pair_at_a_time(tmp_path, monkeypatch, model):
     import latentpatch.pipeline.run as run_module
 

@@ -398,15 +398,21 @@ class LatentModel(nn.Module):
         out: list[list] = [[None] * C for _ in range(B)]
         # One forward per continuation index, each right-padded only to its own longest string
         # (A_base is often much longer than A_clean/A_corr). Padding after the real tokens is
-        # harmless: causal attention keeps the earlier positions' logits exact.
+        # harmless: causal attention keeps the earlier positions' logits exact. Two strings that
+        # feed the same tokens on every row (A_clean = 32, A_corr = 31 without an answer prefix
+        # both feed "3") share one forward: the same computation, so the same bits.
+        fed: dict[tuple, torch.Tensor] = {}
         for c in range(C):
             width = max(len(seq) for seq in seqs[c]) - 1 - n
-            if width > 0:
+            key = tuple(tuple(seq[n:-1]) for seq in seqs[c])
+            if width > 0 and key not in fed:
                 ids = torch.full((B, width), self.config.pad_id, dtype=torch.long, device=self.device)
                 for b, seq in enumerate(seqs[c]):
                     if len(seq) > n + 1:
                         ids[b, : len(seq) - 1 - n] = torch.tensor(seq[n:-1])
-                logits = self.logits(self.advance(start.fork(), input_ids=ids))
+                fed[key] = self.logits(self.advance(start.fork(), input_ids=ids))
+            if width > 0:
+                logits = fed[key]
             for b, seq in enumerate(seqs[c]):
                 rest = logits[b, : len(seq) - 1 - n] if width > 0 else answer_logits[:0]
                 out[b][c] = torch.cat([first[b], rest], 0)[: len(seq)]
