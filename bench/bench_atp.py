@@ -14,7 +14,7 @@ their mean over pairs, top-10 overlap: :func:`latentpatch.analysis.atp_section.a
 
 ``--memory``: peak RSS growth (forked child) of one pair's attribution patching (both paths) on the
 model, after its baselines; with ``--model random-llama1b`` a LLaMA-3.2-1B-shaped random model
-(``bench/bench_sweep.py``'s) and a GSM8K-length prompt (80-120 tokens).
+(``bench/sweep_methods.py``'s, the model of ``bench/bench_sweep.py``) and a GSM8K-length prompt (80-120 tokens).
 
 Examples::
 
@@ -39,7 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_sweep import load, machine, peak_extra_bytes, update_results  # noqa: E402
+from bench.sweep_instruments import peak_extra_bytes  # noqa: E402
+from bench.sweep_methods import load  # noqa: E402
+from bench.sweep_report import machine, update_results  # noqa: E402
 from latentpatch.analysis.atp_section import agreement  # noqa: E402
 from latentpatch.names import COMPONENTS  # noqa: E402
 from latentpatch.patching.atp import attribution_patching, exact_effects  # noqa: E402

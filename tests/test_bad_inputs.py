@@ -149,8 +149,8 @@ def test_question_longer_than_the_context_is_refused(tmp_path, capsys):
     assert_refused(
         ["run", *FAST, "--pairs", str(path), "--out", str(tmp_path / "r")],
         capsys,
-        "pair 0 (clean): the question is",
-        "the model's context is 512 tokens",
+        "question of pair 0 (clean): its prompt is",
+        "but the model takes 512",
     )
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_text_model
 
-from latentpatch.model.latent import shared_prefix_length
+from latentpatch.model.answering import shared_prefix_length
 from latentpatch.model.load import load_model
 from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import (

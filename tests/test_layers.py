@@ -97,6 +97,7 @@ def _run_manifest_stages() -> list[dict]:
         "finished": "2026-12-03 02:00",
         "cells_per_second": None,
         "activation_cache": None,
+        "answers_cut": {"max_positions": 512, "baselines": 0, "patched": 0},
     }
     return [first, checks, done]
 

@@ -40,7 +40,7 @@ EMB = {
 HEAD = "codi.base_model.model.lm_head.weight"
 
 
-def base_lm(family: str, tie: bool = False, seed: int = 0, vocab: int = V):
+def base_lm(family: str, tie: bool = False, seed: int = 0, vocab: int = V, positions: int = 64):
     torch.manual_seed(seed)
     if family == "llama":
         cfg = LlamaConfig(
@@ -50,7 +50,7 @@ def base_lm(family: str, tie: bool = False, seed: int = 0, vocab: int = V):
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=64,
+            max_position_embeddings=positions,
             tie_word_embeddings=tie,
             bos_token_id=1,
             eos_token_id=2,
@@ -63,7 +63,7 @@ def base_lm(family: str, tie: bool = False, seed: int = 0, vocab: int = V):
             n_embd=32,
             n_layer=2,
             n_head=4,
-            n_positions=64,
+            n_positions=positions,
             bos_token_id=1,
             eos_token_id=2,
             resid_pdrop=0.0,

@@ -230,17 +230,18 @@ def test_strings_that_feed_the_same_tokens_share_one_forward(model):
 
 def test_a_run_that_shares_batches_writes_the_files_of_one_pair_at_a_time(tmp_path, monkeypatch, model):
     import latentpatch.pipeline.run as run_module
+    import latentpatch.pipeline.sweep as sweep_module
 
     pairs = tmp_path / "pairs.json"
     save_pairs(generate_pairs(8, seed=0), pairs)
     sizes: dict[str, list[int]] = {"shared": [], "alone": []}
-    real = run_module.sweep_pairs
+    real = sweep_module.sweep_pairs
 
     runs = {}
     for name, rows in (("shared", 256), ("alone", None)):
         monkeypatch.setattr(run_module, "shared_rows", lambda *args, rows=rows, **kwargs: rows)
         monkeypatch.setattr(
-            run_module,
+            sweep_module,
             "sweep_pairs",
             lambda m, bases, *a, name=name, **k: sizes[name].append(len(bases)) or real(m, bases, *a, **k),
         )

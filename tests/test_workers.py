@@ -70,13 +70,13 @@ def test_results_are_the_same_bytes_with_two_workers(tmp_path):
 def test_checks_share_the_sweeps_pool_unless_strict(tmp_path, monkeypatch):
     """With workers the checks run in the sweep's pool (a failed one is reported after it, in the
     manifest); ``strict`` keeps them before the sweep, which then never starts."""
-    import latentpatch.pipeline.run as run_module
+    import latentpatch.pipeline.sweep as sweep_module
 
     def failing_identity(*args, **kwargs) -> dict:
         during_sweep = any((tmp_path / out / "results" / "pairs").is_dir() for out in ("pooled", "strict"))
         return {"passed": False, "value": 1.0, "threshold": 0.0, "detail": f"made to fail, in the sweep {during_sweep}"}
 
-    monkeypatch.setattr(run_module, "check_identity", failing_identity)
+    monkeypatch.setattr(sweep_module, "check_identity", failing_identity)
     pairs = tmp_path / "pairs.json"
     save_pairs(generate_pairs(4, seed=5), pairs)
     model = load_model("default")

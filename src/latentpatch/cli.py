@@ -75,6 +75,7 @@ def inspect_cmd(
             raise LatentPatchError(f"--input-ids: id(s) {bad[:5]} outside the vocabulary (0..{m.vocab_size - 1})")
         prompt = m.prompt_ids(ids)
     else:
+        assert question is not None  # exactly one of the two was checked above
         if m.tokenizer is None:
             raise LatentPatchError(
                 f"--model {model_options.model} has no tokenizer; fix: pass --input-ids instead of --question"
@@ -102,6 +103,8 @@ def inspect_cmd(
         + " | ".join(f"{tok!r} {prob:.3f}" for tok, prob in zip(names, last.values.tolist()))
     )
     out = m.generate(r.state, r.answer_logits, max_new_tokens)[0]
+    if len(out) >= m.room_at(int(r.state.next_position[0]), 1 << 30):
+        typer.echo(f"note: the answer was cut at the model's last position ({m.max_positions} positions)")
     if m.tokenizer is None:
         typer.echo(f"answer ids: {out}")
     else:

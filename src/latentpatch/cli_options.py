@@ -1,6 +1,6 @@
 """Command-line options generated from the dataclasses of :mod:`latentpatch.pipeline.config`.
 
-Each field declared with :func:`latentpatch.pipeline.config.option` becomes one ``--option`` (name,
+Each field declared with :func:`latentpatch.pipeline.options.option` becomes one ``--option`` (name,
 type, help and flags from the field), so ``latentpatch run``, ``eval`` and ``inspect`` and a
 ``--config`` file share one list of names. No torch, so ``--help`` stays fast.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from latentpatch.pipeline.config import parse_values
+from latentpatch.pipeline.options import parse_values
 
 
 def cli_type(annotation: Any) -> type:

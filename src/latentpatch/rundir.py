@@ -127,7 +127,7 @@ _STEP_KEYS = (
     "merged_from",
 )
 #: Keys the finish step writes together with ``timings`` (each may be null).
-_FINISH_KEYS = ("finished", "cells_per_second", "activation_cache")
+_FINISH_KEYS = ("finished", "cells_per_second", "activation_cache", "answers_cut")
 
 
 @dataclass(kw_only=True)
@@ -163,6 +163,7 @@ class Manifest:
     finished: str | None = None  # local time the run completed, "YYYY-MM-DD HH:MM" (the report's date)
     cells_per_second: float | None = None
     activation_cache: dict[str, int] | None = None  # {hits, misses}; null without the cache
+    answers_cut: dict[str, Any] | None = None  # {max_positions, baselines, patched}: answers cut at the last position
     merged_from: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:

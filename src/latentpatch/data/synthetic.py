@@ -22,6 +22,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from latentpatch.data.pairs import Pair, Variant
 
@@ -422,7 +423,12 @@ def generate_pairs(n: int, seed: int = 0, intermediates: bool = False) -> list[P
 def _as_variant(p: Problem, changed: dict, intermediates: bool = False) -> Variant:
     """``p`` as one side of a pair; ``changed`` (the pair's changed number) goes into ``extra``,
     and with ``intermediates`` every step's result."""
-    extra = {"program": [list(s) for s in p.program], "cot": p.cot, "template": p.template, "changed": changed}
+    extra: dict[str, Any] = {
+        "program": [list(s) for s in p.program],
+        "cot": p.cot,
+        "template": p.template,
+        "changed": changed,
+    }
     if intermediates:
         extra["intermediates"] = program_results(p.program)
     return Variant(question=p.question, answer=p.answer, extra=extra)

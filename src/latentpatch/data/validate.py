@@ -41,10 +41,10 @@ class ValidationReport:
     n_pairs: int  # distinct pair ids
     n_complete_pairs: int  # both variants present and valid
     issues: list[Issue]  # every blocking problem, in file order
-    null_answers: list[tuple[str, str]]  # (pair_id, variant)
-    non_numeric_answers: list[tuple[str, str]]
-    duplicate_ids: list[tuple[str, str]]  # (pair_id, variant) seen more than once
-    missing_variants: list[tuple[str, str]]  # (pair_id, missing variant)
+    null_answers: list[tuple[str | None, str | None]]  # (pair_id, variant)
+    non_numeric_answers: list[tuple[str | None, str | None]]
+    duplicate_ids: list[tuple[str | None, str | None]]  # (pair_id, variant; None: a repeated pair_id) seen again
+    missing_variants: list[tuple[str | None, str | None]]  # (pair_id, missing variant)
     duplicate_questions: list[list[tuple[str, str]]]  # groups of entries sharing one question text
     same_answer_ids: list[str]
     answer_diff: dict  # n, min, median, max, mean of |clean - corrupted|, histogram [(label, count)]
@@ -98,7 +98,7 @@ def validate_pairs(source: PathLike | list | dict) -> ValidationReport:
     scan = scan_pairs(raw)
     pairs = scan.complete_pairs()
 
-    def of(kind: str) -> list[tuple[str, str]]:
+    def of(kind: str) -> list[tuple[str | None, str | None]]:
         return [(i.pair_id, i.variant) for i in scan.issues if i.kind == kind]
 
     by_text: dict[str, list[tuple[str, str]]] = {}

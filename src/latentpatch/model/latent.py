@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from latentpatch.model.answering import AnswerPhase, label_prompt
 from latentpatch.model.config import LatentConfig, Number, extract_number, format_number
 from latentpatch.model.sites import (
     ActivationHooks,
@@ -40,22 +41,6 @@ from latentpatch.model.sites import (
 from latentpatch.model.state import Rollout, RolloutState
 
 
-def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens that every sequence starts with and that each feeds while teacher-forced (at most
-    ``len - 1``: the last token of a sequence is only predicted).
-
-    >>> shared_prefix_length([[5, 6, 7, 1], [5, 6, 7, 2, 3], [5, 6, 9]])
-    2
-    """
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs) - 1
-    for i in range(max(n, 0)):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return max(n, 0)
-
-
 class ThoughtOverride(TypedDict):
     """Keyword arguments of :meth:`LatentModel.rollout` that replace thoughts: ``thought_override``
     [B, K, d] is fed at the latent positions where ``override_mask`` [B, K] is True."""
@@ -64,11 +49,13 @@ class ThoughtOverride(TypedDict):
     override_mask: torch.Tensor
 
 
-class LatentModel(nn.Module):
+class LatentModel(AnswerPhase, nn.Module):
     """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout (docs/method.md §1).
 
     ``lm`` is a transformers ``LlamaForCausalLM``-like or ``GPT2LMHeadModel``-like model with any
     LoRA already merged. ``tokenizer`` is optional (a base without one can be driven by token ids).
+    What happens after the thoughts (the position limit, :meth:`score`, :meth:`generate`) is
+    :class:`~latentpatch.model.answering.AnswerPhase`.
     """
 
     def __init__(
@@ -318,6 +305,7 @@ class LatentModel(nn.Module):
         'The answer is: 8'
         """
         prompt_ids = [self.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
+        self.check_fits(prompt_ids, [label_prompt(p) for p in prompts])
         hooks = ActivationHooks(self.lm, writes=writes, record=record, keep_graph=grad)
         with hooks, self.grad_mode(grad):
             with torch.no_grad():
@@ -349,102 +337,6 @@ class LatentModel(nn.Module):
             state=state,
             hooks=hooks,
         )
-
-    # -- after the thoughts: scoring and generation ---------------------------------------------
-    def score(
-        self,
-        state: RolloutState,
-        answer_logits: torch.Tensor,
-        continuations: Sequence[Sequence[Sequence[int]]],
-        shared_prefix: bool = False,
-        grad: bool = False,
-    ) -> list[list[torch.Tensor]]:
-        """Teacher forcing: logits predicting each token of each continuation, per row.
-
-        ``continuations[b]`` is a list of token-id lists for row b (all rows must have the same
-        number C of continuations). Returns ``out[b][c]`` = [len, V] fp32 logits where row j
-        predicts token j (row 0 is ``answer_logits[b]``). ``state`` is not modified.
-
-        ``shared_prefix``: feed the tokens every continuation of a row starts with ("The answer
-        is: ") once and branch from a fork after them (docs/method.md §7.2; the engine's default;
-        rows may hold different tokens there, the batch feeds the shortest such prefix). The
-        same computation; a branch of a single token may differ in the last bits from the same
-        token inside a longer forward. ``grad``: with gradients (:meth:`grad_mode`), through the
-        cache of a rollout made with ``grad=True``.
-        """
-        with self.grad_mode(grad):
-            return self._score(state, answer_logits, continuations, shared_prefix)
-
-    def _score(
-        self,
-        state: RolloutState,
-        answer_logits: torch.Tensor,
-        continuations: Sequence[Sequence[Sequence[int]]],
-        shared_prefix: bool,
-    ) -> list[list[torch.Tensor]]:
-        B = state.batch_size
-        C = len(continuations[0])
-        if any(len(c) != C for c in continuations):
-            raise ValueError("every row needs the same number of continuations")
-        seqs = [[list(continuations[b][c]) for b in range(B)] for c in range(C)]  # [C][B]
-        # Each row's own common prefix (rows of different pairs may hold different tokens there);
-        # the batch feeds the shortest, so rows alike split as they would alone (§7.1).
-        n = min(shared_prefix_length([seqs[c][b] for c in range(C)]) for b in range(B)) if shared_prefix else 0
-        first, start = answer_logits[:, None], state  # first: [B, 1 + n, V] logits before the branches
-        if n:
-            start = state.fork()
-            prefix = torch.tensor([seqs[0][b][:n] for b in range(B)], device=self.device)  # [B, n]
-            first = torch.cat([first, self.logits(self.advance(start, input_ids=prefix))], 1)
-        out: list[list] = [[None] * C for _ in range(B)]
-        # One forward per continuation index, each right-padded only to its own longest string
-        # (A_base is often much longer than A_clean/A_corr). Padding after the real tokens is
-        # harmless: causal attention keeps the earlier positions' logits exact. Two strings that
-        # feed the same tokens on every row (A_clean = 32, A_corr = 31 without an answer prefix
-        # both feed "3") share one forward: the same computation, so the same bits.
-        fed: dict[tuple, torch.Tensor] = {}
-        for c in range(C):
-            width = max(len(seq) for seq in seqs[c]) - 1 - n
-            key = tuple(tuple(seq[n:-1]) for seq in seqs[c])
-            if width > 0 and key not in fed:
-                ids = torch.full((B, width), self.config.pad_id, dtype=torch.long, device=self.device)
-                for b, seq in enumerate(seqs[c]):
-                    if len(seq) > n + 1:
-                        ids[b, : len(seq) - 1 - n] = torch.tensor(seq[n:-1])
-                fed[key] = self.logits(self.advance(start.fork(), input_ids=ids))
-            if width > 0:
-                logits = fed[key]
-            for b, seq in enumerate(seqs[c]):
-                rest = logits[b, : len(seq) - 1 - n] if width > 0 else answer_logits[:0]
-                out[b][c] = torch.cat([first[b], rest], 0)[: len(seq)]
-        return out
-
-    @torch.no_grad()
-    def generate(
-        self, state: RolloutState, answer_logits: torch.Tensor, max_new_tokens: int | None = None
-    ) -> list[list[int]]:
-        """Greedy decoding after the thoughts by the family's rule (:meth:`LatentConfig.banned_ids`,
-        :meth:`LatentConfig.eos_stops`) until ``[EOS]`` or ``max_new_tokens``. Returns each row's
-        ids without the stopping ``[EOS]``. ``state`` is not modified."""
-        cfg = self.config
-        n = max_new_tokens or cfg.max_answer_tokens
-        banned = torch.tensor(cfg.banned_ids(answer_logits.shape[-1]), dtype=torch.long, device=self.device)
-        state = state.fork()
-        logits = answer_logits.clone()
-        B = logits.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        out: list[list[int]] = [[] for _ in range(B)]
-        for step in range(n):
-            logits[:, banned] = float("-inf")
-            nxt = logits.argmax(-1)
-            stop = (nxt == cfg.eos_id) & cfg.eos_stops(step)
-            for b in range(B):
-                if not done[b] and not stop[b]:
-                    out[b].append(int(nxt[b]))
-            done |= stop
-            if bool(done.all()) or step == n - 1:
-                break
-            logits = self.logits(self.advance(state, input_ids=nxt[:, None])[:, -1])
-        return out
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str] | Sequence[Sequence[int]], **rollout_kwargs) -> list[float | None]:

@@ -14,73 +14,28 @@ numbers:
 - :func:`sweep_reference`: one full hooked rollout per spec and plain greedy decoding of every
   cell. Used by the engine-vs-reference check (:func:`latentpatch.patching.checks.check_engine_reference`)
   and the benchmarks.
+
+Both build the patched rollouts here (the patch as hooks and thought overrides); the finished
+rollout's rows are scored, greedy-decoded and turned into one metric dict per cell by
+:mod:`latentpatch.patching.cells` (:func:`~latentpatch.patching.cells.cell_results`).
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from latentpatch.model.config import extract_number
-from latentpatch.model.latent import LatentModel, Rollout, RolloutState, shared_prefix_length
+from latentpatch.model.answering import shared_prefix_length
+from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
-from latentpatch.patching.baselines import PairBaseline, ValueFn, score_answer_strings, to_answer_logits
-from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guesses
-from latentpatch.patching.metrics import AnswerLogits, answer_logprob, answer_metrics, cosine
+from latentpatch.patching.baselines import PairBaseline, ValueFn
+from latentpatch.patching.cells import cell_results, thought_similarity
 from latentpatch.patching.specs import PatchSpec
-
-
-def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
-    return extract_number(model.decode(ids)) if model.tokenizer is not None else None
-
-
-def _rows_by_pair(row_bases: Sequence[PairBaseline]) -> list[list[int]]:
-    """The row indices of each pair in a batch (``row_bases[b]``: row b's pair), in order."""
-    rows: dict[int, list[int]] = {}
-    for b, base in enumerate(row_bases):
-        rows.setdefault(id(base), []).append(b)
-    return list(rows.values())
-
-
-def _score_and_generate(
-    model: LatentModel,
-    row_bases: Sequence[PairBaseline],
-    state: RolloutState,
-    first: torch.Tensor,
-    shared_prefix: bool = True,
-) -> tuple[list[list[int]], list[AnswerLogits]]:
-    """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
-
-    ``row_bases[b]``: row b's pair; ``first``: [B, V] logits of the first answer token. ``A_base``
-    is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` +
-    [EOS] would decode exactly ``A_base`` greedily, so only the other rows (the patches that
-    changed the answer) are checked against ``A_clean``/``A_corr`` or decoded step by step (one
-    pair's rows at a time where a batch of one could arise). ``shared_prefix``:
-    :meth:`LatentModel.score`'s option (off: the default's bits).
-    """
-    eos = model.config.eos_id
-    conts = [[[*b.target.answer_ids, eos], b.answers["clean"][0], b.answers["corr"][0]] for b in row_bases]
-    scored = model.score(state, first, conts, shared_prefix)  # [B][3] x [len, V]
-    gen: list[list[int] | None] = [
-        list(row_bases[b].target.answer_ids) if reproduces_greedy(model, sc[0], conts[b][0]) else None
-        for b, sc in enumerate(scored)
-    ]
-    pairs = _rows_by_pair(row_bases)
-    for c in (1, 2):  # a flipped row most often gives A_clean or A_corr: verify that guess
-        verify_guesses(model, state, first, [cont[c] for cont in conts], gen, [sc[c] for sc in scored], pairs)
-    for rows in pairs:
-        done = decode_rest(model, state, first, gen, among=rows)
-        for b in rows:
-            gen[b] = done[b]
-    answers = [ids or [] for ids in gen]
-    preds = [_decode_number(model, ids) for ids in answers]
-    return answers, [to_answer_logits(sc, b.answers, pred) for sc, b, pred in zip(scored, row_bases, preds)]
 
 
 # ---- the patch as hooks ----------------------------------------------------------------------
@@ -149,80 +104,6 @@ def _overrides(
     return override, mask
 
 
-def _thought_similarity(target: torch.Tensor, fed: torch.Tensor, start: int) -> dict[str, list[float]]:
-    """Every thought j of a patched run against the target's: ``thought_cos`` and ``thought_rel_l2``
-    (|fed − target| / |target|), lists over j = 0..K-1. ``target``: [K, d]; ``fed``: [K-start, d]
-    thoughts start..K-1 (earlier ones are the target's by construction: cos 1, distance 0)."""
-    t = target[start:].float()
-    cos = cosine(fed, t)  # [K-start]
-    rel = (fed.float() - t).norm(dim=-1) / t.norm(dim=-1).clamp(min=1e-12)
-    return {
-        "thought_cos": [1.0] * start + [float(x) for x in cos],
-        "thought_rel_l2": [0.0] * start + [float(x) for x in rel],
-    }
-
-
-# ---- metrics per cell ------------------------------------------------------------------------
-def _tracking_metrics(model: LatentModel, base: PairBaseline, spec: PatchSpec, acts: torch.Tensor) -> dict:
-    """Similarity of the regenerated activations ``acts`` ([n_later, d] at latent positions
-    max(positions)+1 .. K-1) to the clean and corrupted runs' activations there."""
-    later = list(range(max(spec.positions) + 1, model.num_latent))
-    clean = base.clean.acts[spec.component][spec.layer, later]  # [n_later, d]
-    corr = base.corrupted.acts[spec.component][spec.layer, later]
-    cc, cr = cosine(acts, clean), cosine(acts, corr)  # [n_later]
-    m: dict = {
-        "act_positions": later,
-        "act_cos_clean_by_position": [float(x) for x in cc],
-        "act_cos_corr_by_position": [float(x) for x in cr],
-        "act_cos_clean": float(cc.mean()) if len(later) else math.nan,
-        "act_cos_corr": float(cr.mean()) if len(later) else math.nan,
-    }
-    m["act_bias"] = m["act_cos_clean"] - m["act_cos_corr"]
-    return m
-
-
-def _cell_results(
-    model: LatentModel,
-    row_bases: Sequence[PairBaseline],
-    specs: Sequence[PatchSpec],
-    state: RolloutState,
-    answer_logits: torch.Tensor,
-    tracked: dict[int, torch.Tensor],
-    decode_all: bool = False,
-    shared_prefix: bool = True,
-) -> list[dict]:
-    """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]`` on
-    the pair ``row_bases[b]``.
-
-    ``answer_logits``: [B, V]; ``tracked[row]``: [n_later, d] regenerated activations of a tracked
-    spec. ``decode_all`` (the reference, one pair): greedy-decode every row step by step, the plain
-    way, instead of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
-    """
-    target_logits = [base.target_logits for base in row_bases]
-    for base, logits in zip(row_bases, target_logits):
-        if logits is None:
-            raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
-    if decode_all:
-        gen = model.generate(state, answer_logits)
-        preds = [_decode_number(model, ids) for ids in gen]
-        patched = score_answer_strings(model, state, answer_logits, row_bases[0].answers, preds)
-    else:
-        gen, patched = _score_and_generate(model, row_bases, state, answer_logits, shared_prefix)
-    out = []
-    for row, (spec, base, target) in enumerate(zip(specs, row_bases, target_logits)):
-        assert target is not None  # checked above
-        m = answer_metrics(
-            patched[row], target, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
-        )
-        m["answer_ids"] = gen[row]
-        if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
-            m["logprob_final"] = answer_logprob(patched[row].base, patched[row].base_ids, patched[row].base_start)
-        if spec.track and row in tracked:
-            m.update(_tracking_metrics(model, base, spec, tracked[row]))
-        out.append(m)
-    return out
-
-
 # ---- the sweeps ------------------------------------------------------------------------------
 def _unique_computations(specs: Sequence[PatchSpec]) -> list[PatchSpec]:
     """One spec per :attr:`PatchSpec.computation` (a tracked one where any is), in first-seen order."""
@@ -270,10 +151,10 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool
             lo = max(s.positions) + 1 - start
             tracked[row] = acts[row, lo : K - start]  # [n_later, d]
     logits = model.logits(end[:, -1])  # [B, V]
-    cells = _cell_results(model, row_bases, specs, state, logits, tracked, shared_prefix=shared_prefix)
+    cells = cell_results(model, row_bases, specs, state, logits, tracked, shared_prefix=shared_prefix)
     for row, s in enumerate(specs):
         if s.component in THOUGHT_SITES:
-            cells[row].update(_thought_similarity(targets[row], fed[row], start))
+            cells[row].update(thought_similarity(targets[row], fed[row], start))
     out, i = [], 0
     for p in parts:
         out.append(cells[i : i + len(p.specs)])
@@ -292,7 +173,7 @@ def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk:
         mask[row, T_q + s.start : T_q + K] = 0
     state.attention_mask, state.next_position = mask, mask.sum(1)
     end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B))
-    return _cell_results(model, [base] * B, chunk, state, model.logits(end[:, -1]), {})
+    return cell_results(model, [base] * B, chunk, state, model.logits(end[:, -1]), {})
 
 
 def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
@@ -452,7 +333,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         T_q = len(base.target.prompt)  # batch of one: no padding
         if spec.component == EARLY_SITE:
             state, logits = _early_rollout(model, base.target.prompt, spec.start)
-            out.extend(_cell_results(model, [base], [spec], state, logits, {}, decode_all=True))
+            out.extend(cell_results(model, [base], [spec], state, logits, {}, decode_all=True))
             continue
         writes = _writes_for([spec], [values], T_q, model.device)
         override, mask = _overrides(model, [spec], [values], base.target.thoughts[None])
@@ -465,8 +346,8 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
             assert r.hooks is not None  # rollout always returns the hooks it ran with
             acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
             tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
-        cells = _cell_results(model, [base], [spec], r.state, r.answer_logits, tracked, decode_all=True)
+        cells = cell_results(model, [base], [spec], r.state, r.answer_logits, tracked, decode_all=True)
         if spec.component in THOUGHT_SITES:
-            cells[0].update(_thought_similarity(base.target.thoughts, r.thoughts[0], 0))
+            cells[0].update(thought_similarity(base.target.thoughts, r.thoughts[0], 0))
         out.extend(cells)
     return out

@@ -23,17 +23,19 @@ GREEDY_MARGIN = 1e-3
 
 
 # ---- answers of a patched rollout ------------------------------------------------------------
-def reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int]) -> bool:
+def reproduces_greedy(model: LatentModel, logits: torch.Tensor, seq: list[int], room: int | None = None) -> bool:
     """Would greedy decoding emit exactly ``seq[:-1]``? ``seq`` ends in [EOS]; ``logits[j]`` ([len, V])
     predicts ``seq[j]``.
 
     Uses the model's decoding rule (``LatentConfig.banned_ids``/``eos_stops``), as ``generate`` does.
-    An answer of ``max_answer_tokens`` tokens is one that ``generate`` cut off (docs/method.md §7.3):
-    greedy decoding stops there whatever comes next, so only those tokens must be reproduced,
-    and the closing [EOS] is not looked at."""
+    ``room``: the answer tokens the row may hold (:meth:`LatentModel.answer_room`; default
+    ``max_answer_tokens``). An answer of ``room`` tokens is one that ``generate`` cut off
+    (docs/method.md §7.3): greedy decoding stops there whatever comes next, so only those tokens
+    must be reproduced, and the closing [EOS] is not looked at."""
     cfg = model.config
-    if len(seq) - 1 >= cfg.max_answer_tokens:
-        seq, logits = seq[: cfg.max_answer_tokens], logits[: cfg.max_answer_tokens]
+    cap = cfg.max_answer_tokens if room is None else room
+    if len(seq) - 1 >= cap:
+        seq, logits = seq[:cap], logits[:cap]
         if any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq)):
             return False  # generate would have stopped before the cut
     elif any(t == cfg.eos_id and cfg.eos_stops(j) for j, t in enumerate(seq[:-1])):
@@ -60,23 +62,27 @@ def verify_guess(
     guess: list[int],
     gen: list[list[int] | None],
     guess_logits: list[torch.Tensor] | None = None,
+    room: Sequence[int] | None = None,
 ) -> None:
     """Set ``gen[b] = guess`` for the undecided rows (``gen[b] is None``) of ``state`` whose greedy
     answer is ``guess``: one forward of ``guess`` on those rows shows its tokens and then [EOS]
     as the argmaxes (``first`` [B, V]: the logits of the first answer token), every step by the
     :data:`GREEDY_MARGIN`. ``guess_logits[b]`` ([len, V], optional): teacher-forced logits of the
-    guess already computed; rows whose argmaxes do not give it are not tried. ``state`` is not
-    modified."""
-    cfg = model.config
-    if not guess or len(guess) >= cfg.max_answer_tokens:
-        return  # a cut-off answer is left to generate
+    guess already computed; rows whose argmaxes do not give it are not tried. ``room[b]``: the
+    answer tokens row b may hold (default: :meth:`LatentModel.answer_room` of ``state``); a guess
+    that fills it would be cut off, so it is left to ``generate``. ``state`` is not modified."""
+    room = model.answer_room(state) if room is None else room
+    if not guess:
+        return
     rows = [
         b
         for b, ids in enumerate(gen)
-        if ids is None and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
+        if ids is None
+        and len(guess) < room[b]  # a cut-off answer is left to generate
+        and (guess_logits is None or reproduces_prefix(model, guess_logits[b], guess))
     ]
     if rows:
-        _check_guesses(model, state, first, rows, [guess] * len(gen), gen)
+        _check_guesses(model, state, first, rows, [guess] * len(gen), gen, room)
 
 
 def verify_guesses(
@@ -87,27 +93,35 @@ def verify_guesses(
     gen: list[list[int] | None],
     guess_logits: Sequence[torch.Tensor],
     pairs: Sequence[Sequence[int]],
+    room: Sequence[int] | None = None,
 ) -> None:
     """:func:`verify_guess` for several pairs in one batch: ``pairs`` lists each pair's rows,
     ``guesses[b]`` is row b's pair's guess and ``guess_logits[b]`` its teacher-forced logits.
 
     The rows to try of every pair that has two or more run in one forward per guess length
     (from two rows up a row's bits do not depend on the batch: docs/method.md §7.1); a pair with
-    one row to try runs it alone, as it would on its own (a batch of one sums differently)."""
-    cfg = model.config
+    one row to try runs it alone, as it would on its own (a batch of one sums differently).
+    ``room``: as in :func:`verify_guess`."""
+    room = model.answer_room(state) if room is None else room
     shared: dict[int, list[int]] = {}
     for rows in pairs:
         guess = guesses[rows[0]]
-        if not guess or len(guess) >= cfg.max_answer_tokens:
-            continue  # a cut-off answer is left to generate
-        tried = [b for b in rows if gen[b] is None and reproduces_prefix(model, guess_logits[b], guess)]
+        if not guess:
+            continue
+        tried = [
+            b
+            for b in rows
+            if gen[b] is None
+            and len(guess) < room[b]  # a cut-off answer is left to generate
+            and reproduces_prefix(model, guess_logits[b], guess)
+        ]
         if len(tried) == 1:
-            _check_guesses(model, state, first, tried, guesses, gen)
+            _check_guesses(model, state, first, tried, guesses, gen, room)
         else:
             shared.setdefault(len(guess), []).extend(tried)
     for tried in shared.values():
         if tried:
-            _check_guesses(model, state, first, tried, guesses, gen)
+            _check_guesses(model, state, first, tried, guesses, gen, room)
 
 
 def _check_guesses(
@@ -117,15 +131,17 @@ def _check_guesses(
     rows: list[int],
     guesses: Sequence[list[int]],
     gen: list[list[int] | None],
+    room: Sequence[int],
 ) -> None:
-    """One forward of ``guesses[b]`` (all of one length) on ``rows`` of ``state``; ``gen[b] =
-    guesses[b]`` where greedy decoding would emit exactly it (tokens, then [EOS])."""
+    """One forward of ``guesses[b]`` (all of one length, shorter than ``room[b]``, so every token
+    has a position) on ``rows`` of ``state``; ``gen[b] = guesses[b]`` where greedy decoding would
+    emit exactly it (tokens, then [EOS])."""
     idx = torch.tensor(rows, device=first.device)
     ids = torch.tensor([guesses[b] for b in rows], device=first.device)  # [B', len]
     logits = model.logits(model.advance(state.fork(rows=idx), input_ids=ids))  # [B', len, V]
     for j, b in enumerate(rows):
         guess = guesses[b]
-        if reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), guess + [model.config.eos_id]):
+        if reproduces_greedy(model, torch.cat([first[b][None], logits[j]], 0), guess + [model.config.eos_id], room[b]):
             gen[b] = list(guess)
 
 

@@ -3,7 +3,9 @@
 :class:`ModelOptions` are the options of :func:`latentpatch.model.load.load_model`, shared by
 ``latentpatch run``, ``eval`` and ``inspect``; :class:`RunConfig` adds the options of a run. The
 command line builds its ``--options`` from these fields (name, type, default, help; see
-:func:`option`), and a ``--config`` file (JSON or TOML) takes the same names as keys.
+:func:`latentpatch.pipeline.options.option`), and a ``--config`` file (JSON or TOML) takes the same
+names as keys. Declaring an option and parsing its text live in :mod:`latentpatch.pipeline.options`;
+the pairs a run patches (``--pairs``, ``--limit``, ``--shard``) in :mod:`latentpatch.pipeline.selection`.
 
 Imports no torch, so ``merge`` and ``latentpatch run --help`` stay light.
 """
@@ -13,13 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from latentpatch.data.pairs import Pair, filter_pairs, load_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     ALL_EXPERIMENTS,
@@ -34,6 +33,8 @@ from latentpatch.names import (
     SITE_COMPONENTS,
     STEP_EXPERIMENTS,
 )
+from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
+from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
 
 if TYPE_CHECKING:
     from latentpatch.model.latent import LatentModel
@@ -47,36 +48,6 @@ FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
 
 #: ``--engine``: the batched engine, or one full rollout per cell (the check's reference).
 ENGINES: tuple[str, ...] = ("fast", "reference")
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    flags: str | None = None,
-    parse: Callable[[str], Any] | None = None,
-    omit_if_unset: bool = False,
-) -> Any:
-    """A dataclass field that is also a command-line option.
-
-    ``help``: the option's help text. ``flags``: the option's declaration when it is not
-    ``--field-name`` (``--name/--no-name`` for booleans). ``parse``: turns the text given on the
-    command line (or a string in a config file) into the field's value. ``omit_if_unset``: left
-    out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None,
-    so adding such an option does not change the hash of existing run directories.
-    """
-    meta = {"help": help, "flags": flags, "parse": parse, "omit_if_unset": omit_if_unset}
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def parse_experiments(text: str) -> tuple[str, ...]:
-    """``"layer,position"`` -> ``("layer", "position")``."""
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def parse_batch_size(text: str) -> int | str:
-    """``"8"`` -> 8; anything else stays text (``"auto"``; :meth:`RunConfig.validate` rejects the rest)."""
-    return int(text) if text.strip().isdigit() else text
 
 
 MODEL_HELP = (
@@ -389,63 +360,3 @@ class RunConfig(ModelOptions):
             )
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**parse_values(cls, data))
-
-
-def parse_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with each string run through its field's ``parse`` (lists become tuples)."""
-    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if f.metadata.get("parse")}
-    out = dict(values)
-    for name, value in values.items():
-        if isinstance(value, str) and name in parsers:
-            out[name] = parsers[name](value)
-        elif isinstance(value, list):
-            out[name] = tuple(value)
-    return out
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/N"`` -> (i, N) with 0 <= i < N."""
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-        if not 0 <= i < n:
-            raise ValueError
-    except ValueError:
-        raise LatentPatchError(f"--shard {shard!r}: use i/N with 0 <= i < N, e.g. 0/4") from None
-    return i, n
-
-
-def shard_pairs(pairs: Sequence[Pair], shard: str | None) -> list[tuple[int, Pair]]:
-    """Deterministic split: pair k (in file order, after filtering) goes to shard k mod N.
-
-    Returns ``(k, pair)``: k is the pair's global index, which names its result file, so shard
-    run directories merge back into exactly the unsharded run.
-    """
-    indexed = list(enumerate(pairs))
-    if shard is None:
-        return indexed
-    i, n = parse_shard(shard)
-    return [(k, p) for k, p in indexed if k % n == i]
-
-
-def default_pairs_path() -> Path:
-    """The shipped pair file (``latentpatch/default_data/pairs.json``)."""
-    return Path(str(resources.files("latentpatch") / "default_data" / "pairs.json"))
-
-
-def load_run_pairs(config: RunConfig) -> list[Pair]:
-    """The pairs of ``config.pairs`` (``default``: the shipped file), before filtering."""
-    return load_pairs(default_pairs_path() if config.pairs == "default" else Path(config.pairs))
-
-
-def pairs_to_run(pairs: Sequence[Pair], config: RunConfig) -> tuple[list[tuple[int, Pair]], list[tuple[str, str]]]:
-    """Filter (same-answer pairs out unless kept), limit to the first N, then shard.
-
-    Returns ``(global_index, pair)`` for this process, and the removed pairs with reasons.
-    """
-    removed: list[tuple[str, str]] = []
-    if not config.keep_same_answer:
-        pairs, removed = filter_pairs(pairs)
-    pairs = list(pairs)
-    if config.limit is not None:
-        pairs = pairs[: config.limit]
-    return shard_pairs(pairs, config.shard), removed

@@ -52,6 +52,7 @@ class RunContext:
     bases: list[PairBaseline] = field(default_factory=list)
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
+    answers_cut: dict[str, Any] | None = None  # pipeline/limits.py cut_answers, set when the run finishes
     complete: bool = False
     finished: str | None = None  # set with ``complete``: the time the manifest and report state
     interrupted: bool = False  # stopped by Ctrl-C: the manifest says "interrupted"
@@ -106,6 +107,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         manifest.finished = ctx.finished
         manifest.cells_per_second = len(ctx.bases) * len(ctx.specs) / max(sweep_s, 1e-9) if sweep_s else None
         manifest.activation_cache = {"hits": ctx.cache.hits, "misses": ctx.cache.misses} if ctx.cache else None
+        manifest.answers_cut = ctx.answers_cut
     return manifest
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import GLOBAL_REPLACEMENTS
-from latentpatch.pipeline.config import RunConfig, parse_shard, parse_values
+from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.options import parse_shard, parse_values
 from latentpatch.rundir import Manifest, RunPaths, assemble, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.
@@ -113,6 +114,16 @@ def _sum_numbers(dicts: Sequence[dict | None]) -> dict:
     return out
 
 
+def _merged_cuts(manifests: Sequence[Manifest]) -> dict | None:
+    """The shards' ``answers_cut`` counts added up (the model's ``max_positions`` is every shard's)."""
+    cuts = [m.answers_cut for m in manifests if m.answers_cut]
+    if not cuts:
+        return None
+    return {"max_positions": cuts[0].get("max_positions"), "baselines": 0, "patched": 0} | {
+        k: v for k, v in _sum_numbers(cuts).items() if k != "max_positions"
+    }
+
+
 def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = True) -> Path:
     """Merge the shard run directories ``run_dirs`` into ``out`` (a new or empty directory).
 
@@ -204,6 +215,7 @@ def _merged_manifest(
         finished=max((m.finished for m in manifests if m.finished), default=None),  # the last shard's
         cells_per_second=n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
         activation_cache=cache or None,
+        answers_cut=_merged_cuts(manifests),
         merged_from=[
             {
                 "run_dir": str(d),

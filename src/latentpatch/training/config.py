@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.pipeline.config import option
+from latentpatch.pipeline.options import option
 
 NUMBER_INITS: tuple[str, ...] = ("random", "fourier")
 

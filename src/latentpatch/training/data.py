@@ -259,7 +259,7 @@ def training_pool(cfg: TrainConfig) -> list:
     pairs, so that ``eval`` measures the pairs on questions the model never saw."""
     from latentpatch.data.pairs import load_pairs
     from latentpatch.data.synthetic import generate_problems
-    from latentpatch.pipeline.config import default_pairs_path
+    from latentpatch.pipeline.selection import default_pairs_path
 
     pairs = load_pairs(default_pairs_path())
     held_out = {normalize_question(v.question) for p in pairs for v in (p.clean, p.corrupted)}

@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,19 +86,22 @@ def answers(
     preds: list[float | None] = []
     for i in range(0, len(questions), batch_size):
         qs = list(questions[i : i + batch_size])
-        kw = {} if thoughts is None else lm.thought_ablation(thoughts, len(qs))
+        kw: dict[str, Any] = {} if thoughts is None else dict(lm.thought_ablation(thoughts, len(qs)))
         preds.extend(lm.answer(qs, **kw))
     return preds
 
 
 def mean_thoughts(lm: LatentModel, questions: Sequence[str], batch_size: int) -> torch.Tensor:
     """[1, K, d] fp32: each latent position's thought averaged over ``questions``."""
-    total, count = None, 0
+    total: torch.Tensor | None = None
+    count = 0
     for i in range(0, len(questions), batch_size):
         r = lm.rollout(list(questions[i : i + batch_size]))
         s = r.thoughts.float().sum(0)
         total = s if total is None else total + s
         count += r.thoughts.shape[0]
+    if total is None:
+        raise ValueError("mean_thoughts needs at least one question")
     return (total / count)[None]
 
 
@@ -108,7 +112,7 @@ def accuracy(preds: Sequence[float | None], gold: Sequence[float]) -> float:
 def pair_scores(lm: LatentModel, pairs_path: Path | None, batch_size: int, exclude: set[str]) -> dict:
     """Clean / corrupted / both-correct fractions on a pair file (default: the shipped pairs)."""
     from latentpatch.data.pairs import load_pairs
-    from latentpatch.pipeline.config import default_pairs_path
+    from latentpatch.pipeline.selection import default_pairs_path
 
     ppath = Path(pairs_path) if pairs_path else default_pairs_path()
     if not ppath.exists():

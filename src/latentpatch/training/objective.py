@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.sites import embedding_matrix
 from latentpatch.training.data import Batch, Codec, spent_columns
 from latentpatch.training.interchange import ThoughtSwap, plan_swap, thought_targets
 
@@ -215,7 +216,7 @@ def codi_loss(
         # auxiliary (not in CODI): the fed thought, read as an input embedding (dot product with the
         # tied token embeddings), is its value's token, so later positions can read it as they read
         # the question's numbers
-        emb = model.lm.get_input_embeddings().weight  # [V, d]
+        emb = embedding_matrix(model.lm)  # [V, d]
         t_logits = (student.thoughts @ emb.T).float()  # [B, K, V]
         t_aux = F.cross_entropy(t_logits.reshape(-1, t_logits.size(-1)), t_targets.reshape(-1), ignore_index=-100)
         total = total + cfg.thought_aux_factor * t_aux
@@ -224,7 +225,7 @@ def codi_loss(
         # (not in CODI) the fed thought points where its value's token embedding points, so a
         # position computes from it as from a number it reads
         fed = t_targets != -100
-        emb = model.lm.get_input_embeddings().weight
+        emb = embedding_matrix(model.lm)
         match = 1 - F.cosine_similarity(student.thoughts[fed], emb[t_targets[fed]], dim=-1).mean()
         total = total + cfg.thought_match_factor * match
         parts["thought_match"] = match.item()

@@ -20,6 +20,7 @@ import torch
 
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.sites import embedding_matrix
 from latentpatch.training.config import TrainConfig
 from latentpatch.training.data import (
     ANSWER_PREFIX,
@@ -100,7 +101,7 @@ def init_number_embeddings(model: LatentModel, codec: Codec, scale: float = 0.1)
     token highest. The rest of each row keeps its random init (a token identity). Training is free
     to change everything; this only gives number tokens a shared geometry to start from.
     """
-    emb = model.lm.get_input_embeddings().weight  # [V, d]
+    emb = embedding_matrix(model.lm)  # [V, d]
     periods = torch.tensor(NUMBER_PERIODS, dtype=torch.float64)
     width = 2 * len(NUMBER_PERIODS)
     if width > emb.shape[1]:

@@ -1,0 +1,70 @@
+"""How an option is declared, and the parsers that turn its text into a value (no torch).
+
+Contract: :func:`option` makes a dataclass field that is also a command-line option; its metadata
+(``help``, ``flags``, ``parse``, ``omit_if_unset``) is all that ``cli_options`` and
+:meth:`latentpatch.pipeline.config.RunConfig.to_dict` read. A ``parse`` function takes the text of
+the command line (or a string in a config file) and returns the field's value; :func:`parse_values`
+applies them to a mapping of option names. Bad text raises :class:`LatentPatchError` naming the
+option, or is left for ``RunConfig.validate`` to reject. Imports nothing of the run, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from latentpatch.errors import LatentPatchError
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flags: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    omit_if_unset: bool = False,
+) -> Any:
+    """A dataclass field that is also a command-line option.
+
+    ``help``: the option's help text. ``flags``: the option's declaration when it is not
+    ``--field-name`` (``--name/--no-name`` for booleans). ``parse``: turns the text given on the
+    command line (or a string in a config file) into the field's value. ``omit_if_unset``: left
+    out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None,
+    so adding such an option does not change the hash of existing run directories.
+    """
+    meta = {"help": help, "flags": flags, "parse": parse, "omit_if_unset": omit_if_unset}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_experiments(text: str) -> tuple[str, ...]:
+    """``"layer,position"`` -> ``("layer", "position")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_batch_size(text: str) -> int | str:
+    """``"8"`` -> 8; anything else stays text (``"auto"``; :meth:`RunConfig.validate` rejects the rest)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def parse_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each string run through its field's ``parse`` (lists become tuples)."""
+    parsers = {f.name: f.metadata["parse"] for f in dataclasses.fields(cls) if f.metadata.get("parse")}
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and name in parsers:
+            out[name] = parsers[name](value)
+        elif isinstance(value, list):
+            out[name] = tuple(value)
+    return out
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise LatentPatchError(f"--shard {shard!r}: use i/N with 0 <= i < N, e.g. 0/4") from None
+    return i, n
