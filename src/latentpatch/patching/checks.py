@@ -8,11 +8,16 @@ Each check returns ``{"passed": bool, "value": float, "threshold": float, "detai
    only pairs whose prompts have the same token length are covered, and the count is reported.
 3. ``live_thoughts``: clean and corrupted thoughts differ, and replacing all thoughts by zeros
    changes the model's answers (reported as an accuracy drop and a changed-answer rate).
-4. ``engine_reference``: on a seeded random subset of cells the fast engine agrees with the
-   one-rollout-per-spec reference within the threshold.
+4. ``engine_reference``: on a seeded random subset of cells the fast engine, run as the run runs
+   it (:func:`sweep_pairs`, several pairs in shared batches where the run shares them), agrees with
+   the one-rollout-per-spec reference within the threshold, and gives the same greedy answer ids
+   (the decoding shortcut of docs/method.md §7.3 is checked here too).
 5. ``steps_engine_reference`` (runs with step-level experiments): the same for a seeded sample of
    the first pair's step-level specs, relative to max(1, |reference|) (noise interventions make
    the answer logits large).
+
+A check cannot pass on broken output: a metric that is NaN (or missing) on one side only counts as
+an infinite difference (:func:`mismatch`), and a NaN KL in the identity check fails it.
 """
 
 from __future__ import annotations
@@ -28,13 +33,29 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import Write
 from latentpatch.names import LOGIT_METRICS
 from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import sweep_fast, sweep_pairs, sweep_reference
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
 
 #: The metrics check 4 compares (continuous ones: the greedy answer is compared by the tests).
 #: Metrics the fast engine must reproduce exactly (recovery is a ratio of these, so not compared again).
 COMPARED = tuple(m for m in LOGIT_METRICS if m != "recovery")
+
+
+def mismatch(fast: float | None, reference: float | None) -> float:
+    """How far a fast-engine metric is from the reference's: ``|fast - reference|``; 0 when the
+    metric is NaN or missing on both sides (it does not apply to the cell), inf when on one side
+    only (a broken engine must not pass as "no difference").
+
+    >>> mismatch(1.0, 1.5), mismatch(float("nan"), float("nan")), mismatch(float("nan"), 2.0), mismatch(None, 2.0)
+    (0.5, 0.0, inf, inf)
+    """
+    missing_fast = fast is None or math.isnan(fast)
+    missing_ref = reference is None or math.isnan(reference)
+    if missing_fast or missing_ref:
+        return 0.0 if missing_fast and missing_ref else math.inf
+    assert fast is not None and reference is not None
+    return abs(fast - reference)
 
 
 def _tolerance(model: LatentModel, fp32: float) -> float:
@@ -46,18 +67,23 @@ def _tolerance(model: LatentModel, fp32: float) -> float:
 def check_identity(
     model: LatentModel, bases: Sequence[PairBaseline], specs: Sequence[PatchSpec], n_pairs: int = 2
 ) -> dict:
-    """Check 1: each spec patched with the target's own activations, on the first ``n_pairs`` pairs."""
-    worst = 0.0
+    """Check 1: each spec patched with the target's own activations, on the first ``n_pairs`` pairs.
+    A NaN KL (a broken patch) fails the check."""
+    worst, nans = 0.0, 0
     used = list(bases[:n_pairs])
     for base in used:
         cells = sweep_fast(model, base, specs, own_values(base))
+        nans += sum(math.isnan(c["kl"]) for c in cells)
         worst = max([worst] + [c["kl"] for c in cells if not math.isnan(c["kl"])])
     threshold = _tolerance(model, 1e-6)
+    if nans:
+        worst = math.inf
     return {
         "passed": worst <= threshold,
         "value": worst,
         "threshold": threshold,
-        "detail": f"max KL over {len(specs)} specs x {len(used)} pairs patched with their own activations",
+        "detail": f"max KL over {len(specs)} specs x {len(used)} pairs patched with their own activations"
+        + (f"; {nans} cells gave NaN" if nans else ""),
     }
 
 
@@ -138,32 +164,35 @@ def check_engine_reference(
     batch_size: int,
     n_cells: int = 8,
     seed: int = 0,
+    shared_rows: int | None = None,
 ) -> dict:
-    """Check 4: ``n_cells`` seeded random cells over two pairs, :func:`sweep_fast` vs :func:`sweep_reference`.
+    """Check 4: ``n_cells`` seeded random specs on two seeded pairs, the run's engine path
+    (:func:`sweep_pairs` with ``shared_rows``, as the run calls it) vs :func:`sweep_reference`: the
+    metrics of :data:`COMPARED` within the threshold (:func:`mismatch`: NaN on one side fails) and
+    the same greedy ``answer_ids`` in every cell.
 
     ``values_for(i)``: the replacement values of pair ``bases[i]`` (as the run uses them).
     """
     rng = random.Random(seed)
-    worst, compared = 0.0, 0
     pairs = rng.sample(range(len(bases)), min(2, len(bases)))
-    for i in pairs:
-        base = bases[i]
-        subset = rng.sample(list(specs), min(n_cells // len(pairs) or 1, len(specs)))
-        values: ValueFn = values_for(i)
-        fast = sweep_fast(model, base, subset, values, batch_size)
-        ref = sweep_reference(model, base, subset, values)
-        for f, r in zip(fast, ref):
-            for k in COMPARED:
-                if not (math.isnan(f[k]) and math.isnan(r[k])):
-                    worst = max(worst, abs(f[k] - r[k]))
+    subset = rng.sample(list(specs), min(max(n_cells // max(len(pairs), 1), 1), len(specs)))
+    values = [values_for(i) for i in pairs]
+    fast = sweep_pairs(model, [bases[i] for i in pairs], subset, values, batch_size, shared_rows)
+    worst, compared, other_answers = 0.0, 0, 0
+    for i, v, fast_cells in zip(pairs, values, fast):
+        for f, r in zip(fast_cells, sweep_reference(model, bases[i], subset, v)):
+            worst = max([worst] + [mismatch(f.get(k), r.get(k)) for k in COMPARED])
+            other_answers += list(f["answer_ids"]) != list(r["answer_ids"])
             compared += 1
     threshold = _tolerance(model, 1e-4)
     return {
-        "passed": worst <= threshold,
+        "passed": worst <= threshold and other_answers == 0,
         "value": worst,
         "threshold": threshold,
         "cells": compared,
-        "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}",
+        "answers_differ": other_answers,
+        "detail": f"max |fast - reference| over {compared} random cells, metrics {', '.join(COMPARED)}; "
+        f"greedy answers differ in {other_answers} of them",
     }
 
 
@@ -189,9 +218,8 @@ def check_steps_engine_reference(
     for f, r in zip(fast, ref):
         for k in STEP_COMPARED:
             a, b = f.get(k), r.get(k)
-            if a is None or b is None or (math.isnan(a) and math.isnan(b)):
-                continue
-            worst = max(worst, abs(a - b) / max(1.0, abs(b)))
+            scale = 1.0 if b is None or math.isnan(b) else max(1.0, abs(b))
+            worst = max(worst, mismatch(a, b) / scale)
     threshold = _tolerance(model, 1e-4)
     return {
         "passed": worst <= threshold,

@@ -41,6 +41,7 @@ from latentpatch.patching.steps import (
     thought_specs,
 )
 from latentpatch.pipeline.manifest import RunContext
+from latentpatch.pipeline.sweep import report_failed_checks
 from latentpatch.pipeline.workers import run_items
 from latentpatch.rundir import RunPaths
 
@@ -120,8 +121,7 @@ def sweep_steps(ctx: RunContext) -> None:
         model, ctx.bases[0], mine, values, ctx.batch_size, config.check_cells, config.seed
     )
     ctx.checks = {**(ctx.checks or {}), "steps_engine_reference": check}
-    if not check["passed"]:
-        ctx.progress.warn(f"CHECK FAILED: steps_engine_reference (value {check['value']:.3g}): {check['detail']}")
+    report_failed_checks(ctx, only=["steps_engine_reference"])  # fatal with --strict (docs/method.md §8)
     paths = RunPaths(ctx.out)
     (paths.results / STEPS_DIR).mkdir(parents=True, exist_ok=True)
     ctx.progress.stage("step-level", len(ctx.bases) * len(specs))

@@ -59,7 +59,7 @@ def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[s
         "full_restoration": lambda: check_full_restoration(model, bases[: min(len(bases), 8)]),
         "live_thoughts": lambda: check_live_thoughts(model, bases, ctx.batch_size),  # rows of the sweep's size
         "engine_reference": lambda: check_engine_reference(
-            model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed
+            model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed, ctx.shared_rows
         ),
     }
 
@@ -94,10 +94,11 @@ def checks_and_sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> 
         report_failed_checks(ctx)
 
 
-def report_failed_checks(ctx: RunContext) -> None:
-    """Warn (through ``ctx.progress``) about every failed built-in check; fatal with ``strict``."""
+def report_failed_checks(ctx: RunContext, only: Sequence[str] | None = None) -> None:
+    """Warn (through ``ctx.progress``) about every failed built-in check (of ``only``, when given);
+    fatal with ``strict``."""
     checks = ctx.checks or {}
-    failed = [k for k, c in checks.items() if not c["passed"]]
+    failed = [k for k, c in checks.items() if not c["passed"] and (only is None or k in only)]
     if not failed:
         return
     ctx.progress.warn(
