@@ -130,7 +130,7 @@ def lower_bound(model, bases, cells: dict, shared_prefix: bool = True) -> tuple[
     (``shared_prefix_length``) is counted once, as the engine scores it (three times with
     ``shared_prefix=False``: ``--whole-strings``), and so are the tokens two strings feed alike after it."""
     by_id = {b.pair_id: b for b in bases}
-    K, start, n = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
+    K, start, cap = model.num_latent, len(model.answer_start_ids()), model.config.max_answer_tokens
     rollout = decode = 0
     for (pid, _, p, *_), m in cells.items():
         base = by_id[pid]
@@ -139,7 +139,7 @@ def lower_bound(model, bases, cells: dict, shared_prefix: bool = True) -> tuple[
         forced = n + sum(len(fed) for fed in {tuple(s[n:-1]) for s in strings})
         rollout += (K - p) + start + forced
         if list(m["answer_ids"]) != list(base.target.answer_ids):
-            decode += min(len(m["answer_ids"]), n - 1)
+            decode += min(len(m["answer_ids"]), cap - 1)
     return rollout, decode
 
 

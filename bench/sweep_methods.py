@@ -27,7 +27,7 @@ from bench.sweep_instruments import peak_extra_bytes
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.latent import LatentModel
 from latentpatch.patching.baselines import replacement_values
-from latentpatch.patching.engine import sweep_pairs, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_pairs, sweep_reference
 from latentpatch.patching.specs import EngineConfig
 from latentpatch.patching.steps import step_pool, step_record, step_values
 from latentpatch.pipeline.memory import working_set_bytes
@@ -172,7 +172,7 @@ def engine_sweep(model, bases, specs, batch_size, shared_rows: int | None | str 
     """The engine on every pair: ``sweep_pairs`` with ``--shared-rows`` (``shared_rows`` overrides it)."""
     rows = SHARED_ROWS if shared_rows == "set" else shared_rows
     values = [values_of(b) for b in bases]
-    cells = sweep_pairs(model, bases, specs, values, batch_size, rows, shared_prefix=SHARED_PREFIX)
+    cells = sweep_pairs(model, bases, specs, values, EngineOptions(batch_size, rows, SHARED_PREFIX))
     return {cell_key(b, s): m for b, per_pair in zip(bases, cells) for s, m in zip(specs, per_pair)}
 
 

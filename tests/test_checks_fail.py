@@ -75,7 +75,9 @@ def test_engine_reference_runs_the_runs_shared_batches(setup, monkeypatch):
     model, bases, specs = setup
     seen = []
     real = checks.sweep_pairs
-    monkeypatch.setattr(checks, "sweep_pairs", lambda *a, **k: seen.append((len(a[1]), a[5])) or real(*a, **k))
+    monkeypatch.setattr(
+        checks, "sweep_pairs", lambda *a, **k: seen.append((len(a[1]), a[4].shared_rows)) or real(*a, **k)
+    )
     checks.check_engine_reference(model, bases, specs, values_for(bases), 64, 8, 0, 256)
     assert seen == [(2, 256)]  # both sampled pairs in one call, with the run's shared rows
 

@@ -21,7 +21,7 @@ from latentpatch.patching.baselines import (
     replacement_values,
     resample_partner,
 )
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.specs import (
     EngineConfig,
     PatchSpec,
@@ -72,7 +72,7 @@ def test_fast_engine_equals_reference_on_all_experiments(family, component):
     for base in baselines(m):
         specs = all_specs(m, component)
         values = replacement_values(base, EngineConfig())
-        fast = sweep_fast(m, base, specs, values, batch_size=5)  # odd size: several chunks per start
+        fast = sweep_fast(m, base, specs, values, EngineOptions(batch_size=5))  # odd size: several chunks per start
         ref = sweep_reference(m, base, specs, values)
         assert_close_cells(fast, ref)
         # not a vacuous comparison: patches do move the answer distribution
@@ -84,7 +84,7 @@ def test_fast_engine_with_noise_direction_and_resid_pre():
     base = baselines(m, "noise")[0]
     specs = all_specs(m, "resid_pre")
     values = replacement_values(base, EngineConfig(direction="noise"))
-    assert_close_cells(sweep_fast(m, base, specs, values, 64), sweep_reference(m, base, specs, values))
+    assert_close_cells(sweep_fast(m, base, specs, values, EngineOptions(64)), sweep_reference(m, base, specs, values))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -268,7 +268,7 @@ def test_generated_answers_equal_plain_greedy_decoding(family, monkeypatch):
             return v + noise[spec.layer, list(spec.positions)] if spec.layer % 2 else v
 
         decoded.clear()
-        cells = sweep_fast(m, base, specs, values, batch_size=7)
+        cells = sweep_fast(m, base, specs, values, EngineOptions(batch_size=7))
         truncated = len(base.target.answer_ids) == m.config.max_answer_tokens
         if truncated:
             shortcut_truncated += len(cells) - sum(decoded)
@@ -341,7 +341,8 @@ def test_shared_prefix_scoring_equals_plain_teacher_forcing(family):
     specs = all_specs(m)
     values = replacement_values(base, EngineConfig())
     assert_close_cells(
-        sweep_fast(m, base, specs, values, 7, shared_prefix=True), sweep_reference(m, base, specs, values)
+        sweep_fast(m, base, specs, values, EngineOptions(7, shared_prefix=True)),
+        sweep_reference(m, base, specs, values),
     )
 
 
@@ -371,7 +372,7 @@ def test_flipped_answers_verified_as_the_clean_answer_equal_plain_greedy_decodin
             return base.source.acts[spec.component][spec.layer, list(spec.positions)]
 
         decoded.clear()
-        cells = sweep_fast(m, base, specs, values, batch_size=16)
+        cells = sweep_fast(m, base, specs, values, EngineOptions(batch_size=16))
         T = len(base.target.prompt)
         for spec, cell in zip(specs, cells):
             writes = [

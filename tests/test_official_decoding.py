@@ -17,7 +17,7 @@ from test_loading import V, base_lm, load, make_codi, save_base, save_ckpt
 from latentpatch.model.config import LatentConfig
 from latentpatch.model.load import load_model
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.specs import EngineConfig, layer_specs, position_specs
 
 EOS = 2  # the tiny bases' eos id
@@ -161,7 +161,7 @@ def test_engine_shortcut_follows_the_rule(rule):
     base = prepare_pair(m, "0", clean, corr, ac, ar, "denoise")
     specs = layer_specs(m.n_layers, m.num_latent, "resid_out") + position_specs(m.n_layers, m.num_latent, "resid_out")
     values = replacement_values(base, EngineConfig())
-    fast = sweep_fast(m, base, specs, values, batch_size=5)
+    fast = sweep_fast(m, base, specs, values, EngineOptions(batch_size=5))
     ref = sweep_reference(m, base, specs, values)
     for x, y in zip(fast, ref):
         assert x["pred_answer"] == y["pred_answer"] or (

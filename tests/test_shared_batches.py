@@ -17,6 +17,7 @@ from latentpatch.model.state import stack_states
 from latentpatch.names import THOUGHT_SITES
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.engine import (
+    EngineOptions,
     group_pairs,
     pairs_per_batch,
     shared_batch_key,
@@ -70,7 +71,7 @@ def test_pairs_in_one_batch_get_the_bits_they_get_alone(model, pairs_and_values,
     keys = Counter(shared_batch_key(b, model.config.eos_id) for b in bases)
     assert max(keys.values()) >= 3  # not vacuous: several pairs do share a batch
     specs = all_specs(model)
-    alone = [sweep_fast(model, b, specs, v, batch_size=32) for b, v in zip(bases, values)]
+    alone = [sweep_fast(model, b, specs, v, EngineOptions(batch_size=32)) for b, v in zip(bases, values)]
 
     calls = Counter()
     advance = model.advance
@@ -80,12 +81,12 @@ def test_pairs_in_one_batch_get_the_bits_they_get_alone(model, pairs_and_values,
         return advance(state, **kwargs)
 
     monkeypatch.setattr(model, "advance", counted)
-    together = sweep_pairs(model, bases, specs, values, batch_size=32, max_rows=1024)
+    together = sweep_pairs(model, bases, specs, values, EngineOptions(batch_size=32, shared_rows=1024))
     assert calls[True] > 0  # some forwards held more than one pair's chunk
     assert as_text(together) == as_text(alone)
     separate = Counter(calls)
     calls.clear()
-    sweep_pairs(model, bases, specs, values, batch_size=32, max_rows=None)
+    sweep_pairs(model, bases, specs, values, EngineOptions(batch_size=32, shared_rows=None))
     assert calls[True] == 0 and sum(calls.values()) > sum(separate.values())
 
 
@@ -95,7 +96,7 @@ def test_shared_batches_equal_the_plain_reference(model, pairs_and_values):
     key = Counter(shared_batch_key(b, model.config.eos_id) for b in bases).most_common(1)[0][0]
     group = [i for i, b in enumerate(bases) if shared_batch_key(b, model.config.eos_id) == key][:3]
     specs = all_specs(model)[::4]
-    together = sweep_pairs(model, [bases[i] for i in group], specs, [values[i] for i in group], 16, max_rows=256)
+    together = sweep_pairs(model, [bases[i] for i in group], specs, [values[i] for i in group], EngineOptions(16, 256))
     for i, cells in zip(group, together):
         ref = sweep_reference(model, bases[i], specs, values[i])
         assert_close_cells(cells, ref)
@@ -279,6 +280,6 @@ def test_scoring_the_common_prefix_once_gives_the_bits_of_whole_strings(model, p
         cells = {}
         for mode, shared in (("once", True), ("whole", False)):
             monkeypatch.setattr(model, "advance", lambda state, mode=mode, **kw: counted(state, mode=mode, **kw))
-            cells[mode] = sweep_fast(model, base, specs, v, shared_prefix=shared)
+            cells[mode] = sweep_fast(model, base, specs, v, EngineOptions(shared_prefix=shared))
         assert as_text(cells["once"]) == as_text(cells["whole"])
     assert fed["once"] < 0.8 * fed["whole"]

@@ -13,7 +13,7 @@ from helpers import tiny_text_model
 from test_engine import baselines
 
 from latentpatch.patching.baselines import score_answer_strings
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.metrics import answer_metrics
 from latentpatch.patching.steps import (
     StepRecord,
@@ -72,7 +72,7 @@ def test_thought_and_influence_match_plain_loop(family):
     m, bases, values = setup(family)
     specs = thought_specs(m.num_latent)[::3] + influence_specs(m.num_latent)
     for base, vals in zip(bases, values):
-        fast = sweep_fast(m, base, specs, vals, batch_size=4)
+        fast = sweep_fast(m, base, specs, vals, EngineOptions(batch_size=4))
         ref = sweep_reference(m, base, specs, vals)
         for spec, f, r in zip(specs, fast, ref):
             plain = plain_thought_cell(m, base, spec, vals)
@@ -109,7 +109,7 @@ def test_early_answers_match_plain_loop(family):
     m, bases, values = setup(family)
     specs = early_specs(m.num_latent)
     for base, vals in zip(bases, values):
-        fast = sweep_fast(m, base, specs, vals, batch_size=3)
+        fast = sweep_fast(m, base, specs, vals, EngineOptions(batch_size=3))
         ref = sweep_reference(m, base, specs, vals)
         for spec, f, r in zip(specs, fast, ref):
             logprob, ld = plain_early(m, base, spec.start)

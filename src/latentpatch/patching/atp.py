@@ -51,7 +51,7 @@ from latentpatch.names import (
     parse_head,
 )
 from latentpatch.patching.baselines import PairBaseline, ValueFn
-from latentpatch.patching.engine import sweep_fast
+from latentpatch.patching.engine import EngineOptions, sweep_fast
 from latentpatch.patching.metrics import (
     AnswerLogits,
     answer_logit_diff_tensor,
@@ -286,7 +286,7 @@ def exact_effects(
     patched value minus the target's), in ``sites`` order."""
     if not sites:
         return []
-    cells = sweep_fast(model, base, site_specs(sites), values, batch_size)
+    cells = sweep_fast(model, base, site_specs(sites), values, EngineOptions(batch_size))
     if base.target_logits is None:
         raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
     at_target = base.ld_target if metric == "answer_logit_diff" else answer_logprob_diff(base.target_logits)

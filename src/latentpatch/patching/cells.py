@@ -9,9 +9,11 @@ pair ``row_bases[b]`` (a prepared :class:`~latentpatch.patching.baselines.PairBa
 ``tracked[b]``: [n_later, d]). The sweeps that build the rollouts live in
 :mod:`latentpatch.patching.engine`; this module only reads a finished one:
 
-- :func:`score_and_generate`: teacher-forced logits of ``A_base`` + [EOS], ``A_clean`` and
-  ``A_corr`` for every row (one pass per string), and each row's greedy answer, decoded step by
-  step only where the teacher-forced argmaxes do not already give it (the decoding shortcut).
+- :func:`score_and_generate` (the fast engine's answers): teacher-forced logits of ``A_base`` +
+  [EOS], ``A_clean`` and ``A_corr`` for every row (one pass per string), and each row's greedy
+  answer, decoded step by step only where the teacher-forced argmaxes do not already give it (the
+  decoding shortcut); :func:`reference_answers` (the reference engine's): every row decoded step by
+  step, the strings fed whole. Either gives :data:`Answers`, which :func:`cell_results` reads.
 - :func:`thought_similarity`: a thought-site spec's fed thoughts ([K-start, d]) against the
   target's ([K, d]): ``thought_cos`` and ``thought_rel_l2`` per thought.
 """
@@ -37,6 +39,13 @@ def _decode_number(model: LatentModel, ids: list[int]) -> float | None:
     return extract_number(model.decode(ids)) if model.tokenizer is not None else None
 
 
+def _require_prepared(row_bases: Sequence[PairBaseline]) -> None:
+    """A pair must be prepared (answer strings, target logits) before its cells can be read."""
+    for base in row_bases:
+        if base.target_logits is None:
+            raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
+
+
 def _rows_by_pair(row_bases: Sequence[PairBaseline]) -> list[list[int]]:
     """The row indices of each pair in a batch (``row_bases[b]``: row b's pair), in order."""
     rows: dict[int, list[int]] = {}
@@ -51,8 +60,9 @@ def score_and_generate(
     state: RolloutState,
     first: torch.Tensor,
     shared_prefix: bool = True,
-) -> tuple[list[list[int]], list[AnswerLogits]]:
-    """Greedy answers and teacher-forced answer logits for every row of a finished rollout.
+) -> Answers:
+    """Greedy answers and teacher-forced answer logits for every row of a finished rollout (the
+    fast path; :func:`reference_answers` is the plain one).
 
     ``row_bases[b]``: row b's pair; ``first``: [B, V] logits of the first answer token. ``A_base``
     is scored with its closing [EOS]; a row whose teacher-forced argmaxes reproduce ``A_base`` +
@@ -61,6 +71,7 @@ def score_and_generate(
     pair's rows at a time where a batch of one could arise). ``shared_prefix``:
     :meth:`LatentModel.score`'s option (off: the default's bits).
     """
+    _require_prepared(row_bases)
     eos = model.config.eos_id
     conts = [[[*b.target.answer_ids, eos], b.answers["clean"][0], b.answers["corr"][0]] for b in row_bases]
     scored = model.score(state, first, conts, shared_prefix)  # [B][3] x [len, V]
@@ -113,33 +124,40 @@ def _tracking_metrics(model: LatentModel, base: PairBaseline, spec: PatchSpec, a
     return m
 
 
+#: Each row's greedy answer ids and its teacher-forced answer strings: what a finished rollout's
+#: answers are, whichever path (:func:`score_and_generate` or :func:`reference_answers`) gave them.
+Answers = tuple[list[list[int]], list[AnswerLogits]]
+
+
+def reference_answers(
+    model: LatentModel, row_bases: Sequence[PairBaseline], state: RolloutState, first: torch.Tensor
+) -> Answers:
+    """The plain path (the reference engine, one pair per batch): every row greedy-decoded step by
+    step (:meth:`LatentModel.generate`), then the three answer strings teacher-forced whole.
+    ``first``: [B, V] logits of the first answer token."""
+    _require_prepared(row_bases)
+    gen = model.generate(state, first)
+    preds = [_decode_number(model, ids) for ids in gen]
+    return gen, score_answer_strings(model, state, first, row_bases[0].answers, preds)
+
+
 def cell_results(
     model: LatentModel,
     row_bases: Sequence[PairBaseline],
     specs: Sequence[PatchSpec],
-    state: RolloutState,
-    answer_logits: torch.Tensor,
+    answers: Answers,
     tracked: dict[int, torch.Tensor],
-    decode_all: bool = False,
-    shared_prefix: bool = True,
 ) -> list[dict]:
     """Metrics for each row of a patched, finished rollout (after [EOT]); row b is ``specs[b]`` on
     the pair ``row_bases[b]``.
 
-    ``answer_logits``: [B, V]; ``tracked[row]``: [n_later, d] regenerated activations of a tracked
-    spec. ``decode_all`` (the reference, one pair): greedy-decode every row step by step, the plain
-    way, instead of only the rows whose teacher-forced argmaxes do not reproduce ``A_base``.
+    ``answers``: the rows' greedy ids and teacher-forced answer logits, from the fast path
+    (:func:`score_and_generate`) or the plain one (:func:`reference_answers`); ``tracked[row]``:
+    [n_later, d] regenerated activations of a tracked spec.
     """
+    _require_prepared(row_bases)
     target_logits = [base.target_logits for base in row_bases]
-    for base, logits in zip(row_bases, target_logits):
-        if logits is None:
-            raise ValueError(f"pair {base.pair_id}: baselines not prepared (call prepare_pair first)")
-    if decode_all:
-        gen = model.generate(state, answer_logits)
-        preds = [_decode_number(model, ids) for ids in gen]
-        patched = score_answer_strings(model, state, answer_logits, row_bases[0].answers, preds)
-    else:
-        gen, patched = score_and_generate(model, row_bases, state, answer_logits, shared_prefix)
+    gen, patched = answers
     out = []
     for row, (spec, base, target) in enumerate(zip(specs, row_bases, target_logits)):
         assert target is not None  # checked above

@@ -33,7 +33,7 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import Write
 from latentpatch.names import LOGIT_METRICS
 from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values
-from latentpatch.patching.engine import sweep_fast, sweep_pairs, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_pairs, sweep_reference
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
 
@@ -177,7 +177,7 @@ def check_engine_reference(
     pairs = rng.sample(range(len(bases)), min(2, len(bases)))
     subset = rng.sample(list(specs), min(max(n_cells // max(len(pairs), 1), 1), len(specs)))
     values = [values_for(i) for i in pairs]
-    fast = sweep_pairs(model, [bases[i] for i in pairs], subset, values, batch_size, shared_rows)
+    fast = sweep_pairs(model, [bases[i] for i in pairs], subset, values, EngineOptions(batch_size, shared_rows))
     worst, compared, other_answers = 0.0, 0, 0
     for i, v, fast_cells in zip(pairs, values, fast):
         for f, r in zip(fast_cells, sweep_reference(model, bases[i], subset, v)):
@@ -212,7 +212,7 @@ def check_steps_engine_reference(
     """Check 5: ``n_cells`` seeded random step-level specs of one pair, :func:`sweep_fast` vs
     :func:`sweep_reference`, as the largest difference relative to max(1, |reference|)."""
     subset = random.Random(seed).sample(list(specs), min(n_cells, len(specs)))
-    fast = sweep_fast(model, base, subset, values, batch_size)
+    fast = sweep_fast(model, base, subset, values, EngineOptions(batch_size))
     ref = sweep_reference(model, base, subset, values)
     worst = 0.0
     for f, r in zip(fast, ref):

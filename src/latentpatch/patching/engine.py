@@ -34,7 +34,7 @@ from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
 from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn
-from latentpatch.patching.cells import cell_results, thought_similarity
+from latentpatch.patching.cells import cell_results, reference_answers, score_and_generate, thought_similarity
 from latentpatch.patching.specs import PatchSpec
 
 
@@ -105,6 +105,20 @@ def _overrides(
 
 
 # ---- the sweeps ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the fast engine batches its work: never what it computes (every choice gives the same
+    metrics, docs/method.md §7), passed once to :func:`sweep_pairs` / :func:`sweep_fast`.
+
+    >>> EngineOptions(batch_size=16, shared_rows=256)
+    EngineOptions(batch_size=16, shared_rows=256, shared_prefix=True)
+    """
+
+    batch_size: int = 64  # patches of one pair per batched continuation (--batch-size)
+    shared_rows: int | None = None  # rows several pairs' chunks may share in one batch; None: each pair alone (§7.1)
+    shared_prefix: bool = True  # feed the answer strings' common prefix once per row, then branch (§7.2)
+
+
 def _unique_computations(specs: Sequence[PatchSpec]) -> list[PatchSpec]:
     """One spec per :attr:`PatchSpec.computation` (a tracked one where any is), in first-seen order."""
     unique: dict[tuple, PatchSpec] = {}
@@ -125,7 +139,7 @@ class _Part:
     specs: Sequence[PatchSpec]
 
 
-def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool = True) -> list[list[dict]]:
+def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOptions) -> list[list[dict]]:
     """Metrics of each part's chunk, all parts as one batched continuation of their targets'
     prefixes (rows: the parts' specs in order). The parts share the prompt length and the chunk."""
     T_q, K = parts[0].target.prompt_len, model.num_latent
@@ -151,7 +165,8 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool
             lo = max(s.positions) + 1 - start
             tracked[row] = acts[row, lo : K - start]  # [n_later, d]
     logits = model.logits(end[:, -1])  # [B, V]
-    cells = cell_results(model, row_bases, specs, state, logits, tracked, shared_prefix=shared_prefix)
+    answers = score_and_generate(model, row_bases, state, logits, options.shared_prefix)
+    cells = cell_results(model, row_bases, specs, answers, tracked)
     for row, s in enumerate(specs):
         if s.component in THOUGHT_SITES:
             cells[row].update(thought_similarity(targets[row], fed[row], start))
@@ -162,7 +177,9 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], shared_prefix: bool
     return out
 
 
-def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec]) -> list[dict]:
+def _early_chunk(
+    model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec], options: EngineOptions
+) -> list[dict]:
     """Early answers S(k), k = ``spec.start``, as one batch on the target's cache (docs/method.md §13):
     row b keeps the cache of all K thoughts but masks thoughts k..K-1 out of attention (as left
     padding is), so its [EOT] sits right after thought k-1 with position id ``T_q + k``."""
@@ -173,7 +190,9 @@ def _early_chunk(model: LatentModel, base: PairBaseline, target: Rollout, chunk:
         mask[row, T_q + s.start : T_q + K] = 0
     state.attention_mask, state.next_position = mask, mask.sum(1)
     end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B))
-    return cell_results(model, [base] * B, chunk, state, model.logits(end[:, -1]), {})
+    logits = model.logits(end[:, -1])  # [B, V]
+    answers = score_and_generate(model, [base] * B, state, logits, options.shared_prefix)
+    return cell_results(model, [base] * B, chunk, answers, {})
 
 
 def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
@@ -239,18 +258,15 @@ def sweep_pairs(
     bases: Sequence[PairBaseline],
     specs: Sequence[PatchSpec],
     values: Sequence[ValueFn],
-    batch_size: int = 64,
-    max_rows: int | None = None,
-    shared_prefix: bool = True,
+    options: EngineOptions = EngineOptions(),
 ) -> list[list[dict]]:
     """:func:`sweep_fast` of several pairs (``values[j]``: pair j's): one list of metric dicts per
     pair, each the same as :func:`sweep_fast` gives it.
 
     Each pair's specs are cut into the same chunks as alone; the chunks of pairs with one
-    :func:`shared_batch_key` run as one batch of at most ``max_rows`` rows (None: each pair
-    alone). On the CPU a row's numbers do not depend on the other rows of its batch (at two
+    :func:`shared_batch_key` run as one batch of at most ``options.shared_rows`` rows (None: each
+    pair alone). On the CPU a row's numbers do not depend on the other rows of its batch (at two
     rows or more), so the bits are those of one pair at a time (docs/method.md §7.1).
-    ``shared_prefix``: :func:`sweep_fast`'s option.
 
     >>> from latentpatch.data.synthetic import generate_pairs
     >>> from latentpatch.model.load import load_model
@@ -263,7 +279,7 @@ def sweep_pairs(
     ...     bases.append(prepare_pair(model, pair.pair_id, clean, corr, pair.clean.answer, pair.corrupted.answer))
     >>> specs = layer_specs(model.n_layers, model.num_latent)
     >>> values = [replacement_values(b, EngineConfig()) for b in bases]
-    >>> together = sweep_pairs(model, bases, specs, values, max_rows=256)
+    >>> together = sweep_pairs(model, bases, specs, values, EngineOptions(shared_rows=256))
     >>> together == [sweep_fast(model, b, specs, v) for b, v in zip(bases, values)]
     True
     """
@@ -276,17 +292,18 @@ def sweep_pairs(
     ordered = sorted((s for s in unique if s.component != EARLY_SITE), key=lambda s: s.start)
     early = [s for s in unique if s.component == EARLY_SITE]
     results: list[dict[tuple, dict]] = [{} for _ in bases]
+    batch_size = options.batch_size
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i : i + batch_size]
-        for group in _shared_groups(bases, len(chunk), max_rows, model.config.eos_id):
+        for group in _shared_groups(bases, len(chunk), options.shared_rows, model.config.eos_id):
             parts = [_Part(bases[j], targets[j], values[j], chunk) for j in group]
-            for j, cells in zip(group, _sweep_chunk(model, parts, shared_prefix)):
+            for j, cells in zip(group, _sweep_chunk(model, parts, options)):
                 results[j].update((s.computation, cell) for s, cell in zip(chunk, cells))
     for j, base in enumerate(bases):
         for i in range(0, len(early), batch_size):
             chunk = early[i : i + batch_size]
             results[j].update(
-                (s.computation, cell) for s, cell in zip(chunk, _early_chunk(model, base, targets[j], chunk))
+                (s.computation, cell) for s, cell in zip(chunk, _early_chunk(model, base, targets[j], chunk, options))
             )
     return [[dict(res[s.computation]) for s in specs] for res in results]
 
@@ -297,15 +314,12 @@ def sweep_fast(
     base: PairBaseline,
     specs: Sequence[PatchSpec],
     values: ValueFn,
-    batch_size: int = 64,
-    shared_prefix: bool = True,
+    options: EngineOptions = EngineOptions(),
 ) -> list[dict]:
     """Metrics for every spec on one pair, sharing the target's KV prefix (docs/method.md §7).
 
     Specs with the same :attr:`PatchSpec.computation` are computed once. Returns one metric dict
-    per spec, in order; ``batch_size`` patches run as one batch. ``shared_prefix``: score the
-    answer strings' common prefix ("The answer is: ") once per row and branch after it
-    (:meth:`LatentModel.score`, docs/method.md §7.2); False feeds each string whole.
+    per spec, in order; how it batches is ``options`` (:class:`EngineOptions`).
 
     >>> from latentpatch.data.synthetic import generate_pairs
     >>> from latentpatch.model.load import load_model
@@ -320,7 +334,7 @@ def sweep_fast(
     >>> [(cell["pred_answer"], round(cell["recovery"], 2)) for cell in cells]
     [(32.0, 1.0), (32.0, 1.0)]
     """
-    return sweep_pairs(model, [base], specs, [values], batch_size, shared_prefix=shared_prefix)[0]
+    return sweep_pairs(model, [base], specs, [values], options)[0]
 
 
 @torch.no_grad()
@@ -333,7 +347,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         T_q = len(base.target.prompt)  # batch of one: no padding
         if spec.component == EARLY_SITE:
             state, logits = _early_rollout(model, base.target.prompt, spec.start)
-            out.extend(cell_results(model, [base], [spec], state, logits, {}, decode_all=True))
+            out.extend(cell_results(model, [base], [spec], reference_answers(model, [base], state, logits), {}))
             continue
         writes = _writes_for([spec], [values], T_q, model.device)
         override, mask = _overrides(model, [spec], [values], base.target.thoughts[None])
@@ -346,7 +360,8 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
             assert r.hooks is not None  # rollout always returns the hooks it ran with
             acts = r.hooks.recorded(spec.component, spec.layer)[0]  # [T_total, d]
             tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
-        cells = cell_results(model, [base], [spec], r.state, r.answer_logits, tracked, decode_all=True)
+        answers = reference_answers(model, [base], r.state, r.answer_logits)
+        cells = cell_results(model, [base], [spec], answers, tracked)
         if spec.component in THOUGHT_SITES:
             cells[0].update(thought_similarity(base.target.thoughts, r.thoughts[0], 0))
         out.extend(cells)

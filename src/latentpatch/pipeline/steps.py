@@ -25,7 +25,7 @@ from latentpatch.names import (
 )
 from latentpatch.patching.baselines import ValueFn, resample_partner
 from latentpatch.patching.checks import check_steps_engine_reference
-from latentpatch.patching.engine import sweep_fast, sweep_reference
+from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.patching.steps import (
     StepRecord,
@@ -145,7 +145,7 @@ def _patch_steps(ctx: RunContext, i: int, values: ValueFn, specs: list[PatchSpec
     """Pair ``i``'s step-level cells, committed as one file (``results/steps/{k:05d}.json``)."""
     base = ctx.bases[i]
     if ctx.config.engine == "fast":
-        cells = sweep_fast(ctx.model, base, specs, values, ctx.batch_size)
+        cells = sweep_fast(ctx.model, base, specs, values, EngineOptions(ctx.batch_size))
     else:
         cells = sweep_reference(ctx.model, base, specs, values)
     rows, influence = step_rows(base, specs, cells)

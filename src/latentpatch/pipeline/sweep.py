@@ -31,7 +31,7 @@ from latentpatch.patching.checks import (
     check_identity,
     check_live_thoughts,
 )
-from latentpatch.patching.engine import group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
+from latentpatch.patching.engine import EngineOptions, group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.manifest import RunContext, write_manifest
 from latentpatch.pipeline.selection import pairs_to_run
@@ -151,7 +151,7 @@ def patch_pairs(ctx: RunContext, group: Sequence[int], values_for: Callable[[int
     model, config = ctx.model, ctx.config
     bases, values = [ctx.bases[i] for i in group], [values_for(i) for i in group]
     if config.engine == "fast":
-        cells = sweep_pairs(model, bases, ctx.specs, values, ctx.batch_size, ctx.shared_rows)
+        cells = sweep_pairs(model, bases, ctx.specs, values, EngineOptions(ctx.batch_size, ctx.shared_rows))
     else:
         cells = [sweep_reference(model, base, ctx.specs, v) for base, v in zip(bases, values)]
     entries = []
