@@ -22,10 +22,10 @@ from latentpatch.patching.baselines import (
     resample_partner,
 )
 from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
+from latentpatch.patching.experiments import SpecShape, experiment_specs
 from latentpatch.patching.specs import (
     EngineConfig,
     PatchSpec,
-    experiment_specs,
     iterative_specs,
     layer_specs,
     position_specs,
@@ -295,9 +295,11 @@ def test_specs_and_config_validate_their_names():
         EngineConfig(direction="sideways")
     with pytest.raises(ValueError):
         EngineConfig(replacement="noise")
-    with pytest.raises(ValueError):
-        experiment_specs("attention", 2, 3)
-    assert experiment_specs("layer", 2, 3) == layer_specs(2, 3)
+    with pytest.raises(ValueError, match="stage"):
+        experiment_specs("attention", SpecShape(2, 3))
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiment_specs("layers", SpecShape(2, 3))
+    assert experiment_specs("layer", SpecShape(2, 3)) == layer_specs(2, 3)
 
 
 def test_equal_computations_are_run_once_and_copied():

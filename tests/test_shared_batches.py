@@ -25,7 +25,8 @@ from latentpatch.patching.engine import (
     sweep_pairs,
     sweep_reference,
 )
-from latentpatch.patching.specs import EngineConfig, experiment_specs
+from latentpatch.patching.experiments import SpecShape, experiment_specs
+from latentpatch.patching.specs import EngineConfig
 from latentpatch.patching.steps import early_specs, step_pool, step_record, step_values, thought_specs
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.run import run_experiments
@@ -57,7 +58,7 @@ def pairs_and_values(model):
 
 def all_specs(model):
     n, k = model.n_layers, model.num_latent
-    specs = [s for e in ("layer", "position", "iterative") for s in experiment_specs(e, n, k)]
+    specs = [s for e in ("layer", "position", "iterative") for s in experiment_specs(e, SpecShape(n, k))]
     return specs + thought_specs(k)[::2] + early_specs(k)
 
 
@@ -118,7 +119,7 @@ def test_pairs_are_grouped_by_their_key_in_order(model, pairs_and_values):
 
 
 def test_pairs_per_batch_counts_a_pairs_largest_chunk(model):
-    specs = experiment_specs("position", model.n_layers, model.num_latent)  # 24 patches
+    specs = experiment_specs("position", SpecShape(model.n_layers, model.num_latent))  # 24 patches
     assert pairs_per_batch(specs, 64, 256) == 10
     assert pairs_per_batch(specs, 8, 256) == 32  # chunks of 8
     assert pairs_per_batch(specs, 64, None) == 1

@@ -31,6 +31,7 @@ from latentpatch.model.answering import AnswerPhase, label_prompt
 from latentpatch.model.config import LatentConfig, Number, extract_number, format_number
 from latentpatch.model.sites import (
     ActivationHooks,
+    Edit,
     Write,
     backbone_of,
     cache_keyword,
@@ -274,7 +275,7 @@ class LatentModel(AnswerPhase, nn.Module):
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],
         *,
-        writes: Sequence[Write] = (),
+        writes: Sequence[Write | Edit] = (),
         record: Sequence[tuple[str, int]] = (),
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,

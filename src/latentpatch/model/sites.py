@@ -173,6 +173,42 @@ class Write:
     rows: torch.Tensor
     value: torch.Tensor
 
+    def new_value(self, current: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The values [n, d] written at batch rows ``rows`` [n] (``current``: what is there now)."""
+        return self.value.to(device=current.device, dtype=current.dtype)[rows]
+
+
+@dataclass
+class Edit:
+    """A write whose new value is a function of the activation there: at ``component``/``layer``,
+    absolute index ``index[b]`` of the rows where ``rows[b]``, the activation ``a`` [n, d] becomes
+    ``fn(a, b)`` ([n, d]; ``b`` [n]: the batch rows edited, to index per-row parameters). The seam
+    for interventions that are not a fixed value: adding a steering vector, rotating and
+    interchanging a subspace (DAS). Gradients flow through ``fn``.
+
+    >>> import torch
+    >>> from latentpatch.model.load import load_model
+    >>> model = load_model("default")
+    >>> shift = torch.ones(model.d_model)
+    >>> at = torch.tensor([model.prompt_ids([5, 6, 7]).__len__()])  # thought 0 of a batch of one
+    >>> edit = Edit("resid_out", 1, at, torch.tensor([True]), lambda a, b: a + shift)
+    >>> plain = model.rollout([[5, 6, 7]], record=[("resid_out", 1)])
+    >>> edited = model.rollout([[5, 6, 7]], writes=[edit], record=[("resid_out", 1)])
+    >>> before, after = (r.hooks.recorded("resid_out", 1)[0, at[0]] for r in (plain, edited))
+    >>> torch.allclose(after, before + shift)
+    True
+    """
+
+    component: str
+    layer: int
+    index: torch.Tensor
+    rows: torch.Tensor
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def new_value(self, current: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``fn(current, rows)`` in the activation's dtype."""
+        return self.fn(current, rows).to(dtype=current.dtype)
+
 
 def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
@@ -198,7 +234,7 @@ class ActivationHooks:
     def __init__(
         self,
         lm: nn.Module,
-        writes: Iterable[Write] = (),
+        writes: Iterable[Write | Edit] = (),
         record: Iterable[tuple[str, int]] = (),
         keep_graph: bool = False,
     ):
@@ -206,7 +242,7 @@ class ActivationHooks:
         self.keep_graph = keep_graph
         self.blocks = transformer_blocks(lm)
         self.n_heads = int(getattr(getattr(lm, "config", None), "num_attention_heads", 1) or 1)
-        self.writes: dict[tuple[str, int], list[Write]] = defaultdict(list)
+        self.writes: dict[tuple[str, int], list[Write | Edit]] = defaultdict(list)
         for w in writes:
             self.writes[(w.component, w.layer)].append(w)
         self.record_keys = set(record)
@@ -232,12 +268,12 @@ class ActivationHooks:
                 ok = w.rows.to(h.device) & (local >= 0) & (local < T)
                 if bool(ok.any()):
                     b = ok.nonzero(as_tuple=True)[0]
-                    value = w.value.to(device=h.device, dtype=h.dtype)[b]
                     if head is None:
-                        h[b, local[b]] = value
+                        h[b, local[b]] = w.new_value(h[b, local[b]], b)
                     else:  # one head's slice of the projection input
-                        width = value.shape[-1]
-                        h[b, local[b], head * width : (head + 1) * width] = value
+                        width = h.shape[-1] // self.n_heads
+                        cols = slice(head * width, (head + 1) * width)
+                        h[b, local[b], cols] = w.new_value(h[b, local[b], cols], b)
         if key in self.record_keys:
             kept = h if head is None else self._head_slice(h, head)
             self._recorded[key].append(kept if self.keep_graph else kept.detach())

@@ -27,9 +27,9 @@ import torch
 
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel, RolloutState
-from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, score_answer_strings, to_answer_logits
 from latentpatch.patching.greedy import decode_rest, reproduces_greedy, verify_guesses
+from latentpatch.patching.interventions import EarlyExit, ThoughtReplacement
 from latentpatch.patching.metrics import AnswerLogits, answer_logprob, answer_metrics, cosine
 from latentpatch.patching.specs import PatchSpec
 
@@ -165,7 +165,7 @@ def cell_results(
             patched[row], target, base.ld_target, base.ld_source, base.clean_answer, base.corrupted_answer
         )
         m["answer_ids"] = gen[row]
-        if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
+        if isinstance(spec.intervention, (ThoughtReplacement, EarlyExit)):  # step-level (§13)
             m["logprob_final"] = answer_logprob(patched[row].base, patched[row].base_ids, patched[row].base_start)
         if spec.track and row in tracked:
             m.update(_tracking_metrics(model, base, spec, tracked[row]))

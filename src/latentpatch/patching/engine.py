@@ -32,9 +32,9 @@ from latentpatch.model.answering import shared_prefix_length
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
-from latentpatch.names import EARLY_SITE, THOUGHT_SITES
 from latentpatch.patching.baselines import PairBaseline, ValueFn
 from latentpatch.patching.cells import cell_results, reference_answers, score_and_generate, thought_similarity
+from latentpatch.patching.interventions import ActivationPatch, EarlyExit, ThoughtReplacement
 from latentpatch.patching.specs import PatchSpec
 
 
@@ -46,7 +46,7 @@ def _writes_for(
     ``specs[b]``, its values from ``row_values[b]``)."""
     grouped: dict[tuple[str, int, int], dict[int, torch.Tensor]] = defaultdict(dict)
     for row, spec in enumerate(specs):
-        if spec.component in THOUGHT_SITES or spec.component == EARLY_SITE:
+        if not isinstance(spec.intervention, ActivationPatch):
             continue  # step-level specs write no activation (docs/method.md §13)
         vals = row_values[row](spec)  # [len(positions), d]
         for i, q in enumerate(spec.positions):
@@ -86,7 +86,7 @@ def _overrides(
     thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
     ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [B, K, d], row b's pair's."""
     frozen = _freeze(specs, target_thoughts)
-    if not any(s.component in THOUGHT_SITES for s in specs):
+    if not any(isinstance(s.intervention, ThoughtReplacement) for s in specs):
         return frozen
     override, mask = frozen
     if override is None or mask is None:
@@ -94,10 +94,11 @@ def _overrides(
         mask = torch.zeros(target_thoughts.shape[:2], dtype=torch.bool, device=target_thoughts.device)
     override = override.clone()
     for row, spec in enumerate(specs):
-        if spec.component in THOUGHT_SITES:
-            pos = list(spec.positions)
+        iv = spec.intervention
+        if isinstance(iv, ThoughtReplacement):
+            pos = list(iv.positions)
             vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
-            if spec.component == "thought_pre":
+            if iv.through_feedback:
                 vals = model.prj(vals)
             override[row, pos] = vals.to(override.dtype)
             mask[row, pos] = True
@@ -168,7 +169,7 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     answers = score_and_generate(model, row_bases, state, logits, options.shared_prefix)
     cells = cell_results(model, row_bases, specs, answers, tracked)
     for row, s in enumerate(specs):
-        if s.component in THOUGHT_SITES:
+        if isinstance(s.intervention, ThoughtReplacement):
             cells[row].update(thought_similarity(targets[row], fed[row], start))
     out, i = [], 0
     for p in parts:
@@ -238,7 +239,7 @@ def pairs_per_batch(specs: Sequence[PatchSpec], batch_size: int, max_rows: int |
     >>> pairs_per_batch(position_specs(4, 6), 64, 256)  # 24 patches a pair
     10
     """
-    unique = [s for s in _unique_computations(specs) if s.component != EARLY_SITE]
+    unique = [s for s in _unique_computations(specs) if not isinstance(s.intervention, EarlyExit)]
     rows = min(len(unique), batch_size)
     return 1 if max_rows is None or rows < 2 else max(1, max_rows // rows)
 
@@ -289,8 +290,8 @@ def sweep_pairs(
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).
     unique = _unique_computations(specs)
-    ordered = sorted((s for s in unique if s.component != EARLY_SITE), key=lambda s: s.start)
-    early = [s for s in unique if s.component == EARLY_SITE]
+    ordered = sorted((s for s in unique if not isinstance(s.intervention, EarlyExit)), key=lambda s: s.start)
+    early = [s for s in unique if isinstance(s.intervention, EarlyExit)]
     results: list[dict[tuple, dict]] = [{} for _ in bases]
     batch_size = options.batch_size
     for i in range(0, len(ordered), batch_size):
@@ -345,7 +346,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
     K = model.num_latent
     for spec in specs:
         T_q = len(base.target.prompt)  # batch of one: no padding
-        if spec.component == EARLY_SITE:
+        if isinstance(spec.intervention, EarlyExit):
             state, logits = _early_rollout(model, base.target.prompt, spec.start)
             out.extend(cell_results(model, [base], [spec], reference_answers(model, [base], state, logits), {}))
             continue
@@ -362,7 +363,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
             tracked[0] = acts[T_q + max(spec.positions) + 1 : T_q + K]  # [n_later, d]
         answers = reference_answers(model, [base], r.state, r.answer_logits)
         cells = cell_results(model, [base], [spec], answers, tracked)
-        if spec.component in THOUGHT_SITES:
+        if isinstance(spec.intervention, ThoughtReplacement):
             cells[0].update(thought_similarity(base.target.thoughts, r.thoughts[0], 0))
         out.extend(cells)
     return out

@@ -1,32 +1,31 @@
 """What an experiment is: the patches it makes (:class:`PatchSpec`) and what they write (:class:`EngineConfig`).
 
-This is the one place that defines an experiment (docs/method.md §5). A
+This module defines what a patch is (docs/method.md §5). A
 :class:`PatchSpec` says *which* sites one patch overwrites (a component, one layer, a set of latent
 positions) and how the rest of the rollout behaves (``frozen``); the run-level
 :class:`EngineConfig` says with *what* (``replacement``) and in which ``direction``.
 
 Each experiment is a spec generator: :func:`layer_specs`, :func:`position_specs` and
 :func:`iterative_specs` return the spec list of one experiment for a model with ``n_layers`` blocks
-and ``num_latent`` (K) thoughts. Nothing else differs between experiments: the engine
-(:mod:`latentpatch.patching.engine`) runs every spec the same way.
+and ``num_latent`` (K) thoughts (the step-level ones are in :mod:`latentpatch.patching.steps`; every
+experiment, by name, in :mod:`latentpatch.patching.experiments`). Nothing else differs between
+experiments: the engine (:mod:`latentpatch.patching.engine`) runs every spec the same way, by the
+type of its :attr:`PatchSpec.intervention`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from latentpatch.names import (
     ALL_POSITIONS,
-    ATP_EXPERIMENT,
     DEFAULT_COMPONENT,
     DIRECTIONS,
-    EXPERIMENTS,
     LAYER_MODE,
     POSITION_MODE,
     REPLACEMENTS,
-    STEP_EXPERIMENTS,
 )
+from latentpatch.patching.interventions import Intervention, Replacement, intervention_of
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,17 @@ class PatchSpec:
         if self.mode == "cumulative":
             return f"cumulative_{self.index}"
         return self.mode
+
+    @property
+    def intervention(self) -> Intervention:
+        """What this patch does to the rollout, as the type the engine dispatches on
+        (:mod:`latentpatch.patching.interventions`)."""
+        return intervention_of(self.component, self.layer, self.positions)
+
+    @property
+    def replacement_value(self) -> Replacement:
+        """:attr:`replacement` as a typed value (a kind, or a donor ``same``/``diff`` of intermediate s)."""
+        return Replacement.parse(self.replacement)
 
     @property
     def computation(self) -> tuple[str, int, tuple[int, ...], bool, str]:
@@ -124,17 +134,3 @@ def iterative_specs(n_layers: int, num_latent: int, component: str = DEFAULT_COM
         specs.append(PatchSpec("iterative", "chained", component, layer, (0,), 0, track=True))
         specs.append(PatchSpec("iterative", "frozen", component, layer, (0,), 0, frozen=True, track=True))
     return specs
-
-
-def experiment_specs(name: str, n_layers: int, num_latent: int, component: str = DEFAULT_COMPONENT) -> list[PatchSpec]:
-    """The spec list of the experiment called ``name`` (one of :data:`EXPERIMENTS`)."""
-    generators: dict[str, Callable[[int, int, str], list[PatchSpec]]] = {
-        "layer": layer_specs,
-        "position": position_specs,
-        "iterative": iterative_specs,
-    }
-    if name in STEP_EXPERIMENTS or name == ATP_EXPERIMENT:
-        return []  # run by latentpatch.pipeline.steps (§13) and latentpatch.pipeline.atp (§15)
-    if name not in generators:
-        raise ValueError(f"unknown experiment {name!r}; expected one of {EXPERIMENTS}")
-    return generators[name](n_layers, num_latent, component)

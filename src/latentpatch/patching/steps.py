@@ -34,6 +34,7 @@ from latentpatch.names import (
     THOUGHT_SITES,
 )
 from latentpatch.patching.baselines import PairBaseline, ValueFn
+from latentpatch.patching.interventions import ThoughtReplacement
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
 
@@ -146,27 +147,32 @@ def step_values(
     """
 
     def values(spec: PatchSpec) -> torch.Tensor:
-        pos, site, rep = list(spec.positions), spec.component, spec.replacement
+        iv, rep = spec.intervention, spec.replacement_value
+        if not isinstance(iv, ThoughtReplacement):
+            raise ValueError(f"step values are for thought replacements, not {iv}")
+        pos, site = list(iv.positions), iv.site
         own = target.site(site)  # [K, d]
-        if rep == "source":
+        if rep.is_donor:
+            if donors is None or rep.label not in donors:
+                raise ValueError(f"no donor for {rep.label!r}")
+            return donors[rep.label].site(site)[pos]
+        if rep.kind == "source":
             return source.site(site)[pos]
-        if rep == "zero":
+        if rep.kind == "zero":
             return torch.zeros_like(own[pos])
-        if rep == "mean":
+        if rep.kind == "mean":
             return pool.mean[site][None].expand(len(pos), -1)
-        if rep == "step_mean":
+        if rep.kind == "step_mean":
             return pool.step_mean[site][pos]
-        if rep == "noise":
+        if rep.kind == "noise":
             eps = noise(tuple(own.shape), seed, pair_index, site)[pos].to(own.device)  # [n, d]
             scale = own[pos].float().norm(dim=-1, keepdim=True) / math.sqrt(own.shape[-1])
             return (own[pos].float() + noise_scale * scale * eps).to(own.dtype)
-        if rep == "resample":
+        if rep.kind == "resample":
             if partner is None:
                 raise ValueError("replacement 'resample' needs another pair")
             return partner.site(site)[pos]
-        if donors is None or rep not in donors:
-            raise ValueError(f"no donor for {rep!r}")
-        return donors[rep].site(site)[pos]
+        raise ValueError(f"unknown step replacement {rep.label!r}")
 
     return values
 
@@ -227,15 +233,15 @@ def step_rows(base: PairBaseline, specs: Sequence[PatchSpec], cells: Sequence[di
                     }
                 )
             continue
-        kind, _, s = spec.replacement.partition(":")
+        rep = spec.replacement_value
         rows.append(
             {
                 "pair_id": base.pair_id,
                 "experiment": spec.experiment,
                 "site": spec.component,
-                "replacement": kind,
+                "replacement": rep.kind,
                 "position": spec.index,
-                "intermediate": int(s) if s else -1,
+                "intermediate": -1 if rep.intermediate is None else rep.intermediate,
                 "kl": m["kl"],
                 "answer_logit_diff": m["answer_logit_diff"],
                 "recovery": m["recovery"],

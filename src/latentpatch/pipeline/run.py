@@ -34,9 +34,9 @@ from latentpatch.analysis.report_process import ReportProcess
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import READING_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
-from latentpatch.patching.specs import PatchSpec, experiment_specs
+from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
+from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig
@@ -111,9 +111,9 @@ def start_run(
     )
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
-    for name in config.experiments:
-        if name not in READING_EXPERIMENTS:  # lens/attention: latentpatch.pipeline.reading (docs/method.md §14)
-            specs += experiment_specs(name, model.n_layers, model.num_latent, config.component)
+    shape = SpecShape(model.n_layers, model.num_latent, config.component)
+    for name in stage_experiments(config.experiments, "sweep"):  # the others: their own stages (§13-§15)
+        specs += experiment_specs(name, shape)
     return RunContext(
         config=config,
         model=model,

@@ -26,19 +26,16 @@ from latentpatch.names import (
 from latentpatch.patching.baselines import ValueFn, resample_partner
 from latentpatch.patching.checks import check_steps_engine_reference
 from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
+from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.patching.steps import (
     StepRecord,
-    early_specs,
-    influence_specs,
-    intermediate_specs,
     pick_donors,
     step_pool,
     step_record,
     step_rows,
     step_values,
     thought_sites,
-    thought_specs,
 )
 from latentpatch.pipeline.manifest import RunContext
 from latentpatch.pipeline.sweep import report_failed_checks
@@ -52,18 +49,11 @@ def requested(experiments: tuple[str, ...]) -> list[str]:
 
 
 def step_specs(model: LatentModel, names: list[str], n_intermediates: int = 0) -> list[PatchSpec]:
-    """The spec list of the named step-level experiments for ``model``."""
-    K = model.num_latent
-    specs: list[PatchSpec] = []
-    if "thought" in names:
-        specs += thought_specs(K, thought_sites(model))
-    if "early" in names:
-        specs += early_specs(K)
-    if "influence" in names:
-        specs += influence_specs(K)
-    if "intermediate" in names and n_intermediates:
-        specs += intermediate_specs(K, n_intermediates)
-    return specs
+    """The spec list of the named step-level experiments for ``model`` (the registry's generators)."""
+    shape = SpecShape(
+        model.n_layers, model.num_latent, thought_sites=thought_sites(model), n_intermediates=n_intermediates
+    )
+    return [s for name in stage_experiments(names, "steps") for s in experiment_specs(name, shape)]
 
 
 def _intermediates(ctx: RunContext) -> list[list[float] | None]:
