@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -234,7 +235,9 @@ def test_default_config_hash_is_unchanged():
     assert list(d) == DEFAULT_CONFIG_KEYS  # the key order too (model options after preset when set)
     set_keys = list(RunConfig(lora_r=4, prj_ln=False).to_dict())
     assert set_keys == DEFAULT_CONFIG_KEYS[:3] + ["lora_r", "prj_ln"] + DEFAULT_CONFIG_KEYS[3:]
-    assert RunConfig().result_hash() == "c818346e7149abc4"  # the hash before model options were added
+    # the version-2 recipe's hash of the defaults (version 1, before 2026-12-07: "c818346e7149abc4"); it
+    # stays fixed while new options are added unset
+    assert RunConfig().result_hash() == "2-19c42b965cdccf2b"
     assert RunConfig(lora_alpha=8.0).result_hash() != RunConfig().result_hash()
     assert RunConfig(lora_alpha=8.0).to_dict()["lora_alpha"] == 8.0
 
@@ -333,3 +336,29 @@ def test_kill_9_then_resume_matches_uninterrupted_cli_run(tmp_path):
     again = _cli(common + ["--out", str(tmp_path / "full")], cache=cache)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 2 and "--resume" in err and "Traceback" not in err
+
+
+def test_options_are_grouped_by_concern_and_the_hash_is_versioned(tmp_path):
+    """Every run option belongs to one concern; the config hash covers exactly the options that
+    change numbers, carries its recipe's version, and a directory of another version is refused."""
+    from latentpatch.pipeline.options import CONCERNS
+
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    grouped = [n for c in CONCERNS for n in RunConfig.options_of(c)]
+    assert sorted(grouped) == sorted(names)  # each option in exactly one concern
+    free = {"out", "strict", "report", "figure_formats", "wandb", "wandb_project", "cache_dir", "use_cache", "workers"}
+    assert set(names) - set(RunConfig.result_keys()) == free
+    base = RunConfig(limit=2)
+    assert base.result_hash().startswith(f"{RunConfig.CONFIG_HASH_VERSION}-")
+    assert all(base.result_hash() == dataclasses.replace(base, **{k: v}).result_hash() for k, v in
+               {"out": "x", "strict": True, "workers": 3, "report": False}.items())  # fmt: skip
+    assert base.result_hash() != dataclasses.replace(base, seed=1).result_hash()
+
+    out = tmp_path / "old"
+    config = RunConfig(limit=1, experiments=("layer",), out=str(out), report=False, use_cache=False)
+    run_experiments(config, progress=False, command="test")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config_hash"] = "0123456789abcdef"  # a version-1 hash: no version prefix
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatentPatchError, match="another version of latentpatch"):
+        run_experiments(config, resume=True, progress=False, command="test")

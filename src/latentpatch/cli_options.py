@@ -30,6 +30,15 @@ def cli_type(annotation: Any) -> type:
     return annotation
 
 
+#: The ``--help`` panel of each concern (``latentpatch.pipeline.options.CONCERNS``).
+PANELS = {
+    "model": "Model",
+    "experiments": "Experiments and pairs",
+    "execution": "Execution",
+    "output": "Output",
+}
+
+
 def option_parameters(cls: type) -> list[inspect.Parameter]:
     """One ``--option`` per field of ``cls`` (name, type, help from the field; see ``config.option``).
 
@@ -49,7 +58,9 @@ def option_parameters(cls: type) -> list[inspect.Parameter]:
                 else (",".join(f.default) if isinstance(f.default, tuple) else str(f.default))
             )
             help_text += f" Default: {shown}."
-        opt = typer.Option(None, flags, help=help_text, show_default=False)
+        concern = f.metadata.get("concern")
+        panel = PANELS[concern] if concern else None  # --help lists the options grouped by concern
+        opt = typer.Option(None, flags, help=help_text, show_default=False, rich_help_panel=panel)
         params.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=value_type | None)
         )

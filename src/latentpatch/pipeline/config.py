@@ -62,49 +62,64 @@ MODEL_HELP = (
 class ModelOptions:
     """The options of :func:`latentpatch.model.load.load_model` (``run``, ``eval``, ``inspect``)."""
 
-    model: str = option("default", MODEL_HELP)
+    model: str = option("default", MODEL_HELP, concern="model")
     base: str | None = option(
         None,
         "Base model of a codi:/coconut: checkpoint: a local dir or a hub name ORG/NAME[@REV] (config and tokenizer).",
+        concern="model",
     )
     preset: str | None = option(
         None,
         "Settings of a released CODI checkpoint: codi-gpt2, codi-llama1b or codi-llama1b-instruct "
         "(see `latentpatch models`).",
+        concern="model",
     )
     lora_r: int | None = option(
         None,
         "LoRA rank of a codi: checkpoint (0 = checkpoint without LoRA; default: read from the file).",
         omit_if_unset=True,
+        concern="model",
     )
     lora_alpha: float | None = option(
-        None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).", omit_if_unset=True
+        None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).", omit_if_unset=True, concern="model"
     )
     lora_targets: str | None = option(
-        None, "Comma-separated LoRA target modules of a codi: checkpoint.", omit_if_unset=True
+        None, "Comma-separated LoRA target modules of a codi: checkpoint.", omit_if_unset=True, concern="model"
     )
     prj_dim: int | None = option(
-        None, "Projection width of a codi: checkpoint (default: read from the file).", omit_if_unset=True
+        None,
+        "Projection width of a codi: checkpoint (default: read from the file).",
+        omit_if_unset=True,
+        concern="model",
     )
     prj_ln: bool | None = option(
         None,
         "The projection of a codi: checkpoint ends with a LayerNorm (default: read from the file).",
         flags="--prj-ln/--no-prj-ln",
         omit_if_unset=True,
+        concern="model",
     )
-    num_latent: int | None = option(None, "Number of continuous thoughts (default: the model's).", omit_if_unset=True)
+    num_latent: int | None = option(
+        None, "Number of continuous thoughts (default: the model's).", omit_if_unset=True, concern="model"
+    )
     remove_eos: bool | None = option(
         None,
         "No [EOS] around the thoughts of a codi: checkpoint (CODI's --remove_eos).",
         flags="--remove-eos/--keep-eos",
         omit_if_unset=True,
+        concern="model",
     )
-    eos_id: int | None = option(None, "End-of-sequence token id of a codi: checkpoint.", omit_if_unset=True)
+    eos_id: int | None = option(
+        None, "End-of-sequence token id of a codi: checkpoint.", omit_if_unset=True, concern="model"
+    )
     answer_prefix: str | None = option(
-        None, "Text a codi: checkpoint emits before the number (default: 'The answer is: ').", omit_if_unset=True
+        None,
+        "Text a codi: checkpoint emits before the number (default: 'The answer is: ').",
+        omit_if_unset=True,
+        concern="model",
     )
-    device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...")
-    dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".")
+    device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...", concern="model")
+    dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
@@ -132,7 +147,7 @@ class RunConfig(ModelOptions):
     True
     """
 
-    pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).")
+    pairs: str = option("default", "Pair file (JSON), or 'default' (the shipped pairs).", concern="experiments")
     experiments: tuple[str, ...] = option(
         EXPERIMENTS,
         "Comma list of "
@@ -140,51 +155,80 @@ class RunConfig(ModelOptions):
         + " (thought..intermediate: step-level analyses, docs/method.md §13; lens, attention: §14; "
         "atp: attribution patching, §15).",
         parse=parse_experiments,
+        concern="experiments",
     )
-    component: str = option(DEFAULT_COMPONENT, "Patched component: " + " | ".join(SITE_COMPONENTS) + ".")
-    direction: str = option("denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).")
-    replacement: str = option("source", "Patched-in values: " + " | ".join(REPLACEMENTS) + ".")
-    out: str = option("runs/latest", "Run directory.")
-    limit: int | None = option(None, "First N pairs only (quick test: --limit 5).")
-    shard: str | None = option(None, "i/N: this process runs pairs k with k mod N == i (see `latentpatch merge`).")
-    batch_size: int | str = option(64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size)
-    threads: int | None = option(None, "CPU threads (default: 1 for small models, else the free cores).")
+    component: str = option(
+        DEFAULT_COMPONENT, "Patched component: " + " | ".join(SITE_COMPONENTS) + ".", concern="experiments"
+    )
+    direction: str = option(
+        "denoise", "denoise (clean -> corrupted run) | noise (corrupted -> clean run).", concern="experiments"
+    )
+    replacement: str = option("source", "Patched-in values: " + " | ".join(REPLACEMENTS) + ".", concern="experiments")
+    out: str = option("runs/latest", "Run directory.", concern="output", results=False)
+    limit: int | None = option(None, "First N pairs only (quick test: --limit 5).", concern="experiments")
+    shard: str | None = option(
+        None, "i/N: this process runs pairs k with k mod N == i (see `latentpatch merge`).", concern="execution"
+    )
+    batch_size: int | str = option(
+        64, "Patches per forward pass, or auto (from free memory).", parse=parse_batch_size, concern="execution"
+    )
+    threads: int | None = option(
+        None, "CPU threads (default: 1 for small models, else the free cores).", concern="execution"
+    )
     workers: int | None = option(
         None,
         "Processes that patch pairs side by side (default: one per free core for a small model on the CPU, "
         "at most one per 8 pairs; else 1). Results are the same bytes with any number.",
         omit_if_unset=True,
+        concern="execution",
+        results=False,
     )
-    seed: int = option(0, "Random seed (resample partners, check cells).")
+    seed: int = option(0, "Random seed (resample partners, check cells).", concern="experiments")
     only_correct: bool = option(
-        False, "Exclude pairs the model gets wrong (clean or corrupted).", flags="--only-correct/--all-pairs"
+        False,
+        "Exclude pairs the model gets wrong (clean or corrupted).",
+        flags="--only-correct/--all-pairs",
+        concern="experiments",
     )
-    keep_same_answer: bool = option(False, "Keep pairs whose clean and corrupted answers are equal.")
-    engine: str = option("fast", "fast (batched) | reference (one full rollout per cell).")
-    strict: bool = option(False, "A failing built-in check is fatal.")
-    check_cells: int = option(8, "Cells the engine_reference check recomputes with the reference engine.")
-    cache_dir: str | None = option(None, "Activation cache directory (default ~/.cache/latentpatch/activations).")
-    use_cache: bool = option(True, "Read and write the activation cache.")
-    report: bool = option(True, "Build stats, figures and report.html at the end.")
+    keep_same_answer: bool = option(
+        False, "Keep pairs whose clean and corrupted answers are equal.", concern="experiments"
+    )
+    engine: str = option("fast", "fast (batched) | reference (one full rollout per cell).", concern="execution")
+    strict: bool = option(False, "A failing built-in check is fatal.", concern="execution", results=False)
+    check_cells: int = option(
+        8, "Cells the engine_reference check recomputes with the reference engine.", concern="execution"
+    )
+    cache_dir: str | None = option(
+        None,
+        "Activation cache directory (default ~/.cache/latentpatch/activations).",
+        concern="execution",
+        results=False,
+    )
+    use_cache: bool = option(True, "Read and write the activation cache.", concern="execution", results=False)
+    report: bool = option(True, "Build stats, figures and report.html at the end.", concern="output", results=False)
     figure_formats: str | None = option(
         None,
         "Figure files besides PNG, comma-separated (e.g. svg, or svg,pdf); PNG only by default (faster).",
         omit_if_unset=True,
+        concern="output",
+        results=False,
     )
-    wandb: bool = option(False, "Log the run to Weights & Biases.")
-    wandb_project: str | None = option(None, "W&B project (default: latentpatch).")
-    thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.")
+    wandb: bool = option(False, "Log the run to Weights & Biases.", concern="output", results=False)
+    wandb_project: str | None = option(None, "W&B project (default: latentpatch).", concern="output", results=False)
+    thoughts_pairs: int = option(5, "Pairs whose decoded thoughts go to results/thoughts.json.", concern="experiments")
     atp_exact_pairs: int | None = option(
         None,
         "With --experiments atp: the first N pairs whose every site is also patched exactly, to check the "
         "estimate (default: all pairs; docs/method.md §15).",
         omit_if_unset=True,
+        concern="experiments",
     )
     refine: int | None = option(
         None,
         "With --experiments atp: per pair, patch exactly the K sites with the largest estimate and a seeded "
         "random control sample of K of the rest (docs/method.md §15).",
         omit_if_unset=True,
+        concern="experiments",
     )
     graddrop: bool | None = option(
         None,
@@ -192,6 +236,7 @@ class RunConfig(ModelOptions):
         "--refine then ranks by it).",
         flags="--graddrop/--no-graddrop",
         omit_if_unset=True,
+        concern="experiments",
     )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
@@ -227,18 +272,24 @@ class RunConfig(ModelOptions):
         "thoughts_pairs",
     )
 
-    #: Options that do not change any number in results/ (safe to differ on --resume).
-    NOT_RESULT_KEYS: ClassVar[tuple[str, ...]] = (
-        "out",
-        "strict",
-        "report",
-        "figure_formats",
-        "wandb",
-        "wandb_project",
-        "cache_dir",
-        "use_cache",
-        "workers",
-    )
+    #: Version of :meth:`result_hash`'s recipe: 2 = the options declared ``results=True``, hashed
+    #: with this number (1, before 2026-12-07: the same options listed in a table, without it). A run
+    #: directory made under another version is refused on --resume (it says which).
+    CONFIG_HASH_VERSION: ClassVar[int] = 2
+
+    @classmethod
+    def result_keys(cls) -> tuple[str, ...]:
+        """The options that change numbers in ``results/`` (declared with ``results=True``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["results"])
+
+    @classmethod
+    def options_of(cls, concern: str) -> tuple[str, ...]:
+        """The options about ``concern`` (one of ``latentpatch.pipeline.options.CONCERNS``).
+
+        >>> RunConfig.options_of("output")
+        ('out', 'report', 'figure_formats', 'wandb', 'wandb_project')
+        """
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["concern"] == concern)
 
     def validate(self) -> None:
         """Raise a :class:`LatentPatchError` naming the option for the first bad value (dtype and
@@ -309,9 +360,16 @@ class RunConfig(ModelOptions):
             )
 
     def result_hash(self) -> str:
-        """Hash of the options that change numbers (the run directory's ``config_hash``)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.NOT_RESULT_KEYS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the options that change numbers (the run directory's ``config_hash``):
+        ``"<version>-<16 hex digits>"``, the version being :attr:`CONFIG_HASH_VERSION`.
+
+        >>> RunConfig().result_hash()[:2]
+        '2-'
+        """
+        keys = set(self.result_keys())
+        options = {k: v for k, v in self.to_dict().items() if k in keys}
+        payload = json.dumps({"version": self.CONFIG_HASH_VERSION, "options": options}, sort_keys=True)
+        return f"{self.CONFIG_HASH_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``config``: every option, except unset ones marked ``omit_if_unset``,

@@ -24,7 +24,7 @@ from latentpatch.pipeline.options import parse_shard, parse_values
 from latentpatch.rundir import Manifest, RunPaths, assemble, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.
-FREE_KEYS = set(RunConfig.NOT_RESULT_KEYS) | {"shard"}
+FREE_KEYS = {f.name for f in dataclasses.fields(RunConfig) if not f.metadata["results"]} | {"shard"}
 
 
 def _complete_manifest(run_dir: Path) -> Manifest:

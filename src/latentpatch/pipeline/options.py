@@ -16,6 +16,11 @@ from typing import Any
 
 from latentpatch.errors import LatentPatchError
 
+#: What an option is about, in the order ``latentpatch run --help`` groups them: the model it
+#: loads, the experiments and pairs (what is computed), how the run executes (where, how fast, in how
+#: many pieces), and what it writes.
+CONCERNS: tuple[str, ...] = ("model", "experiments", "execution", "output")
+
 
 def option(
     default: Any,
@@ -24,6 +29,8 @@ def option(
     flags: str | None = None,
     parse: Callable[[str], Any] | None = None,
     omit_if_unset: bool = False,
+    concern: str | None = None,
+    results: bool = True,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -31,9 +38,21 @@ def option(
     ``--field-name`` (``--name/--no-name`` for booleans). ``parse``: turns the text given on the
     command line (or a string in a config file) into the field's value. ``omit_if_unset``: left
     out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None,
-    so adding such an option does not change the hash of existing run directories.
+    so adding such an option does not change the hash of existing run directories. ``concern``:
+    one of :data:`CONCERNS` (the help panel it is listed in; None: no panel). ``results``: False for
+    an option that changes no number in ``results/`` (left out of the config hash, free to differ on
+    ``--resume`` and between merged shards).
     """
-    meta = {"help": help, "flags": flags, "parse": parse, "omit_if_unset": omit_if_unset}
+    if concern is not None and concern not in CONCERNS:
+        raise ValueError(f"concern {concern!r}: expected one of {CONCERNS}")
+    meta = {
+        "help": help,
+        "flags": flags,
+        "parse": parse,
+        "omit_if_unset": omit_if_unset,
+        "concern": concern,
+        "results": results,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -65,8 +65,16 @@ def open_run(config: RunConfig, resume: bool) -> dict[str, Any] | None:
         return None
     previous = read_manifest(out)  # as written: an interrupted run's manifest lacks the later steps' keys
     if previous.get("config_hash") != config.result_hash():
+        version = str(previous.get("config_hash", "")).partition("-")
+        if not version[1] or version[0] != str(RunConfig.CONFIG_HASH_VERSION):
+            raise LatentPatchError(
+                f"run directory {out} was made by another version of latentpatch (config hash "
+                f"{previous.get('config_hash')!r}, this version writes version {RunConfig.CONFIG_HASH_VERSION}); "
+                "fix: choose a new --out, or finish it with the version that started it"
+            )
         old = previous.get("config", {})
-        diff = [k for k, v in config.to_dict().items() if k not in RunConfig.NOT_RESULT_KEYS and old.get(k) != v]
+        keys = set(RunConfig.result_keys())
+        diff = [k for k, v in config.to_dict().items() if k in keys and old.get(k) != v]
         raise LatentPatchError(
             f"run directory {out} was made with a different config (differs in: {', '.join(diff) or 'config hash'}); "
             f"fix: choose a new --out, or rerun with the same options"
