@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from latentpatch.model.kv_cache import layers_of
 from latentpatch.model.sites import backbone_of, hooked_module, model_family, transformer_blocks
-from latentpatch.model.state import RolloutState, layer_keys_values
+from latentpatch.model.state import RolloutState
 
 #: family -> the final norm inside the backbone (applied before the LM head).
 FINAL_NORM: dict[str, str] = {"llama": "norm", "gpt2": "ln_f"}
@@ -119,7 +120,7 @@ def attention_weights(
     n_heads, n_kv, _ = head_shape(lm)
     attn, _ = hooked_module(lm, "attn_out", layer)
     q = recorder.queries(layer, index).float()  # [B, H, Q, d_head]
-    k, _ = layer_keys_values(state.cache.layers[layer])
+    k, _ = layers_of(state.cache)[layer]
     k = k.float().repeat_interleave(n_heads // n_kv, dim=1)  # [B, H, T, d_head]
     scaling = float(getattr(attn, "scaling", q.shape[-1] ** -0.5))
     scores = torch.einsum("bhqd,bhtd->bhqt", q, k) * scaling  # [B, H, Q, T]

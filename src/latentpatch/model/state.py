@@ -3,39 +3,22 @@
 A :class:`RolloutState` is a KV-cached, left-padded batch of sequences that
 :meth:`latentpatch.model.latent.LatentModel.advance` extends token by token; ``fork`` takes a prefix
 of it so a sweep can restart many patched runs from one baseline (a plain fork without a copy).
+The cache's tensors are read and rebuilt through :mod:`latentpatch.model.kv_cache` only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from latentpatch.model.kv_cache import cache_from, layers_of
 from latentpatch.model.sites import ActivationHooks
 
-
-def layer_keys_values(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values), each [B, heads, T, d_head], of one filled attention layer of a KV cache."""
-    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
-        raise TypeError(f"cannot fork a {type(layer).__name__} cache layer: only filled attention layers are supported")
-    return layer.keys, layer.values
-
-
-def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A ``DynamicCache`` holding ``layers`` ((keys, values) [B, heads, T, d_head] per layer) as
-    they are: no copy (``DynamicCache(ddp_cache_data=...)`` would concatenate each into new storage).
-    Sharing tensors is safe: a ``DynamicLayer`` never writes into its tensors, each update
-    concatenates into new ones."""
-    cache = DynamicCache()
-    for k, v in layers:
-        layer = DynamicLayer()
-        layer.lazy_initialization(k, v)  # dtype and device
-        layer.keys, layer.values = k, v
-        cache.layers.append(layer)
-    return cache
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 def _gather_rows(parts: Sequence[tuple[torch.Tensor, int]], length: int) -> torch.Tensor:
@@ -58,8 +41,8 @@ def _gathered(
     """One state of each state's first ``length`` tokens (of a single state's rows ``rows``, when
     given), each row repeated ``repeats[i]`` times, states' rows in order: one copy per tensor."""
     layers = []
-    for per_state in zip(*(s.cache.layers for s in states)):
-        kvs = [layer_keys_values(layer) for layer in per_state]
+    for per_state in zip(*(layers_of(s.cache) for s in states)):
+        kvs = list(per_state)
         if rows is not None:
             kvs = [(k[rows], v[rows]) for k, v in kvs]
         layers.append(
@@ -72,7 +55,7 @@ def _gathered(
     if rows is not None:
         masks = [masks[0][rows]]
     mask = torch.cat([m.repeat_interleave(r, 0) for m, r in zip(masks, repeats)])
-    return RolloutState(cache=_cache_of(layers), attention_mask=mask, next_position=mask.sum(1), length=length)
+    return RolloutState(cache=cache_from(layers), attention_mask=mask, next_position=mask.sum(1), length=length)
 
 
 @dataclass
@@ -103,10 +86,10 @@ class RolloutState:
         """
         length = self.length if length is None else length
         if rows is None and repeats == 1:
-            kvs = [layer_keys_values(layer) for layer in self.cache.layers]
+            kvs = layers_of(self.cache)
             mask = self.attention_mask[:, :length]
             return RolloutState(
-                cache=_cache_of([(k[:, :, :length], v[:, :, :length]) for k, v in kvs]),
+                cache=cache_from([(k[:, :, :length], v[:, :, :length]) for k, v in kvs]),
                 attention_mask=mask,
                 next_position=mask.sum(1),
                 length=length,
