@@ -231,3 +231,31 @@ def test_steps_engine_reference_check_catches_a_disagreement(monkeypatch):
     monkeypatch.setattr(checks, "sweep_reference", shifted)
     bad = checks.check_steps_engine_reference(model, base, specs, vals, batch_size=8, n_cells=4)
     assert not bad["passed"] and bad["value"] > 0.5
+
+
+def test_the_step_chain_is_recorded_with_the_baselines_and_cached(tmp_path):
+    """The step stage reads thought and thought_pre from the baselines' records (no second rollout):
+    the same bits as a rollout of its own; the activation cache keeps both, and a file written
+    before thought_pre was recorded is a miss."""
+    from latentpatch.patching.baselines import record_run
+    from latentpatch.patching.steps import recorded_chain
+    from latentpatch.pipeline.cache import ActivationCache
+
+    m = tiny_text_model("gpt2", num_latent=3)
+    prompt = m.prompt_ids("What is 2 + 3?")
+    record = record_run(m, prompt)
+    own = step_record(m, prompt)
+    chain = recorded_chain(record)
+    assert torch.equal(chain.thought, own.thought) and torch.equal(chain.thought_pre, own.thought_pre)
+
+    cache = ActivationCache(tmp_path, "k")
+    cache.dir.mkdir(parents=True)
+    cache.put(record)
+    back = cache.get(prompt)
+    assert back is not None and torch.equal(back.thought_pre, record.thought_pre)
+    from safetensors.torch import load_file, save_file
+
+    path = next(cache.dir.glob("*.safetensors"))
+    old = {k: v for k, v in load_file(str(path)).items() if k != "thought_pre"}
+    save_file(old, str(path))
+    assert cache.get(prompt) is None and cache.misses == 1

@@ -40,7 +40,9 @@ class RunRecord:
 
     ``prompt``: its prompt ids; ``thoughts``: [K, d] input embeddings fed at the latent positions;
     ``acts[component]``: [n_layers, K, d] activations at the latent positions; ``answer_ids``:
-    its greedy answer; ``pred``: the number in it (None if none). ``rollout``: the unpatched
+    its greedy answer; ``pred``: the number in it (None if none); ``thought_pre``: [K, d] the states
+    the thoughts were made from (the step-level experiments read both from here, no second
+    rollout). ``rollout``: the unpatched
     rollout itself (its KV state, no recordings) while :func:`prepare_pair` may still reuse it;
     never cached (a record read from the cache has none).
     """
@@ -51,6 +53,9 @@ class RunRecord:
     answer_ids: list[int]
     pred: float | None
     rollout: Rollout | None = field(default=None, repr=False, compare=False)
+    #: [K, d] the state each thought was made from (the final hidden state before the feedback; p = 0:
+    #: the last prompt position): the ``thought_pre`` site, recorded with the other activations
+    thought_pre: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,7 +123,7 @@ def record_run(
     # The recording hooks only copy activations, so this rollout is the one prepare_pair would
     # compute again: keep it (without the recordings) for that.
     kept = dataclasses.replace(r, hooks=None) if keep_rollout else None
-    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred, kept)
+    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred, kept, thought_pre=r.thought_source_hidden()[0])
 
 
 def answer_strings(model: LatentModel, base: PairBaseline) -> AnswerStrings:

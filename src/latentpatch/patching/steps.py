@@ -33,7 +33,7 @@ from latentpatch.names import (
     STEP_REPLACEMENTS,
     THOUGHT_SITES,
 )
-from latentpatch.patching.baselines import PairBaseline, ValueFn
+from latentpatch.patching.baselines import PairBaseline, RunRecord, ValueFn
 from latentpatch.patching.interventions import ThoughtReplacement
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
@@ -57,6 +57,13 @@ def step_record(model: LatentModel, prompt: Sequence[int]) -> StepRecord:
     """The chain of one unpatched rollout of ``prompt`` (ids with separators)."""
     r = model.rollout([list(prompt)])
     return StepRecord(r.thoughts[0], r.thought_source_hidden()[0])
+
+
+def recorded_chain(record: RunRecord) -> StepRecord:
+    """The chain of a recorded unpatched run (``record_run`` keeps both sites): no second rollout."""
+    if record.thought_pre is None:
+        raise ValueError("this run record has no thought_pre (record it with record_run)")
+    return StepRecord(record.thoughts, record.thought_pre)
 
 
 def thought_sites(model: LatentModel) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """On-disk activation cache: unpatched runs, keyed by model + prompt content, reused across runs.
 
-One safetensors file per (model, prompt ids): the thoughts [K, d], the latent activations of
-every component [n_layers, K, d], and the greedy answer. A layer run, a position run and an
-iterative run on the same model and pairs all read the same files.
+One safetensors file per (model, prompt ids): the thoughts [K, d] and the states they were made
+from (``thought_pre`` [K, d]), the latent activations of every component [n_layers, K, d], and the
+greedy answer. A file without ``thought_pre`` (written before it was recorded) is a miss. A layer
+run, a position run and an iterative run on the same model and pairs all read the same files.
 """
 
 from __future__ import annotations
@@ -61,13 +62,15 @@ class ActivationCache:
         except Exception:  # a torn or foreign file: recompute
             self.misses += 1
             return None
-        if t["prompt"].tolist() != list(prompt):
+        if t["prompt"].tolist() != list(prompt) or "thought_pre" not in t:  # (a file from before thought_pre)
             self.misses += 1
             return None
         self.hits += 1
         acts = {k[len("acts.") :]: v for k, v in t.items() if k.startswith("acts.")}
         pred = float(t["pred"][0]) if t["has_pred"][0] else None
-        return RunRecord(list(prompt), t["thoughts"], acts, t["answer_ids"].tolist(), pred)
+        return RunRecord(
+            list(prompt), t["thoughts"], acts, t["answer_ids"].tolist(), pred, thought_pre=t["thought_pre"]
+        )
 
     def put(self, record: RunRecord) -> None:
         tensors = {
@@ -77,6 +80,8 @@ class ActivationCache:
             "pred": torch.tensor([record.pred if record.pred is not None else 0.0], dtype=torch.float64),
             "has_pred": torch.tensor([record.pred is not None]),
         }
+        if record.thought_pre is not None:
+            tensors["thought_pre"] = record.thought_pre.contiguous().cpu()
         tensors.update({f"acts.{c}": a.contiguous().cpu() for c, a in record.acts.items()})
         with atomic_path(self._path(record.prompt)) as tmp:  # a concurrent reader never sees half a file
             save_file(tensors, str(tmp))

@@ -31,8 +31,8 @@ from latentpatch.patching.specs import PatchSpec
 from latentpatch.patching.steps import (
     StepRecord,
     pick_donors,
+    recorded_chain,
     step_pool,
-    step_record,
     step_rows,
     step_values,
     thought_sites,
@@ -101,7 +101,7 @@ def sweep_steps(ctx: RunContext) -> None:
         return
     model, config = ctx.model, ctx.config
     t = time.perf_counter()
-    runs = [step_record(model, p) for b in ctx.bases for p in (b.clean.prompt, b.corrupted.prompt)]
+    runs = [recorded_chain(rec) for b in ctx.bases for rec in (b.clean, b.corrupted)]  # recorded with the baselines
     inter = _intermediates(ctx)
     n_inter = max((len(v) for v in inter if v is not None), default=0)
     specs = step_specs(model, names, n_inter)
