@@ -255,7 +255,8 @@ class LatentModel(AnswerPhase, nn.Module):
         cut_recurrence: bool = False,
         stop: int | None = None,
         latent_hide: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        next_thought: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The latent loop: steps ``start..stop-1`` on ``state`` (which must end just before latent
         ``start``); ``stop`` defaults to K = ``num_latent`` (fewer: an early answer, §13).
 
@@ -271,7 +272,10 @@ class LatentModel(AnswerPhase, nn.Module):
         ``latent_hide`` [B, K, >= T + K] bool (training's thought isolation): the columns latent
         step p does not attend to (that step only; the cache keeps the full mask).
         Returns ``thoughts`` [B, stop-start, d] (inputs fed), ``hidden`` [B, stop-start, d] (final
-        hidden states) and the next thought [B, d] (produced by the last step, not fed).
+        hidden states) and the next thought [B, d] (produced by the last step, not fed); with
+        ``next_thought`` False the last hidden state is not fed back and None takes its place
+        (training: CODI's loop calls ``prj`` once per fed thought, so a projection with dropout
+        draws the same random numbers).
         """
         hook_fns: list[StepHook] = []
         if thought_override is not None and override_mask is not None:
@@ -280,20 +284,23 @@ class LatentModel(AnswerPhase, nn.Module):
             hook_fns.append(step_hook)
         thought = first_thought
         thoughts, hidden = [], []
-        for p in range(start, self.num_latent if stop is None else stop):
+        end = self.num_latent if stop is None else stop
+        for p in range(start, end):
             for fn in hook_fns:
                 thought = fn(p, thought)
             thoughts.append(thought)
             hide = None if latent_hide is None else latent_hide[:, p]
             h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks, hide=hide)[:, -1]
             hidden.append(h)
+            if p == end - 1 and not next_thought:
+                break
             thought = self.feedback(h)
             if cut_recurrence and torch.is_grad_enabled():
                 thought = thought.detach().requires_grad_(True)
         if not thoughts:  # no step (an early answer after 0 thoughts)
             empty = first_thought.new_zeros(first_thought.shape[0], 0, first_thought.shape[-1])
-            return empty, empty, thought
-        return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
+            return empty, empty, thought if next_thought else None
+        return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought if next_thought else None
 
     def early_answer(
         self, prompts: Sequence[Sequence[int]], k: int, hooks: ActivationHooks | None = None
@@ -389,6 +396,7 @@ class LatentModel(AnswerPhase, nn.Module):
                 override_mask=override_mask,
                 cut_recurrence=cut_recurrence,
             )
+            assert next_thought is not None
             answer_start = self.embed_ids(self.answer_start_ids(), len(prompt_ids))  # [B, 1 or 2, d]
             end = self.advance(state, inputs_embeds=answer_start, hooks=hooks)
             answer_logits = self.logits(end[:, -1])
