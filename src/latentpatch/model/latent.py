@@ -202,7 +202,7 @@ class LatentModel(AnswerPhase, nn.Module):
         if hooks is not None:
             hooks.offset = state.length
         cache = {self.cache_keyword: state.cache}
-        step_mask = mask if hide is None else mask.masked_fill(hide[:, : mask.size(1)], 0)
+        step_mask = mask if hide is None else mask.masked_fill(hide[:, : mask.size(1)].to(mask.device), 0)
         out = self.backbone(
             inputs_embeds=inputs_embeds, attention_mask=step_mask, position_ids=position_ids, use_cache=True, **cache
         )
