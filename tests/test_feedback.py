@@ -180,3 +180,92 @@ def test_thought_swap_is_a_step_hook():
     assert torch.equal(hook(0, t), t)
     assert torch.equal(hook(1, t), swap.apply(1, t[:, None], embed)[:, 0])
     assert torch.equal(swap.apply(1, t)[2], t[3]) and torch.equal(swap.apply(1, t)[1], t[1])
+
+
+def old_student_loop(model, q_ids, q_mask, a_ids, a_mask, blind_rows, swap, latent_hide):
+    """training/objective.py's former copy of the latent loop, verbatim (before the one loop)."""
+    from transformers import DynamicCache
+
+    from latentpatch.training.objective import positions
+
+    lm = model.lm
+    kv = model.cache_keyword
+    mask = q_mask
+    out = lm(
+        input_ids=q_ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        use_cache=True,
+        output_hidden_states=True,
+        **{kv: DynamicCache()},
+    )
+    h = out.hidden_states[-1][:, -1]
+    thoughts, latent_hidden = [], []
+    for step in range(model.num_latent):
+        emb = model.prj(h).unsqueeze(1)
+        if swap is not None:
+            emb = swap.apply(step, emb, lm.get_input_embeddings())
+        thoughts.append(emb[:, 0])
+        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
+        step_mask = mask
+        if latent_hide is not None:
+            step_mask = mask.masked_fill(latent_hide[:, step, : mask.size(1)], 0)
+        out = lm(
+            inputs_embeds=emb,
+            attention_mask=step_mask,
+            position_ids=positions(mask)[:, -1:],
+            use_cache=True,
+            output_hidden_states=True,
+            **{kv: getattr(out, kv)},
+        )
+        h = out.hidden_states[-1][:, -1]
+        latent_hidden.append(h)
+    mask = torch.cat([mask, a_mask], 1)
+    answer_mask = mask
+    if blind_rows is not None:
+        hide = torch.zeros_like(mask, dtype=torch.bool)
+        hide[:, : q_ids.size(1) - 1] = blind_rows[:, None]
+        answer_mask = mask.masked_fill(hide, 0)
+    out = lm(
+        input_ids=a_ids,
+        attention_mask=answer_mask,
+        position_ids=positions(mask)[:, -a_ids.size(1) :],
+        use_cache=True,
+        output_hidden_states=True,
+        **{kv: getattr(out, kv)},
+    )
+    return out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1)
+
+
+def test_student_forward_through_the_one_loop_is_the_old_copy():
+    """Training's student pass (run_thoughts with the swap as step hook, latent_hide,
+    next_thought=False) gives the old loop's bits: logits, every hidden state, thoughts, and the
+    gradients, with a swap (token rows too), blind rows and hidden latent columns."""
+    from latentpatch.data.synthetic import generate_problems
+    from latentpatch.model.load import DEFAULT_MODEL_DIR, load_model
+    from latentpatch.training.data import Codec, make_batch
+    from latentpatch.training.interchange import plan_swap
+    from latentpatch.training.objective import latent_hide_mask, student_forward
+
+    model = load_model("default")
+    codec = Codec.from_dir(DEFAULT_MODEL_DIR)
+    b = make_batch(generate_problems(6, seed=5), codec, num_latent=model.num_latent)
+    torch.manual_seed(0)
+    swap = plan_swap(b, codec, 1.0, model.num_latent, token_rate=0.5)
+    assert swap is not None and swap.token_rows is not None and swap.token_rows.any()
+    assert (swap.rows & ~swap.token_rows).any()  # donor thoughts and donor tokens both fed
+    blind = torch.tensor([True, False, True, True, False, True])
+    hide = latent_hide_mask(b, torch.tensor([True, True, False, True, False, False]), model.num_latent)
+    for args in [(None, None, None), (blind, swap, hide)]:
+        a_ids = b.a_ids if args[1] is None else swap.answer_ids
+        results = []
+        for fn in (student_forward, old_student_loop):
+            model.zero_grad()
+            logits, hidden, thoughts, latent = fn(model, b.q_ids, b.q_mask, a_ids, b.a_mask, *args)
+            (logits.float().square().mean() + latent.square().mean()).backward()
+            grads = [p.grad.clone() for p in model.feedback.parameters()] + [model.lm.lm_head.weight.grad.clone()]
+            results.append((logits, hidden, thoughts, latent, grads))
+        new, old = results
+        assert torch.equal(new[0], old[0]) and torch.equal(new[2], old[2]) and torch.equal(new[3], old[3])
+        assert all(torch.equal(x, y) for x, y in zip(new[1], old[1], strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(new[4], old[4], strict=True))
