@@ -1,7 +1,8 @@
 """The continuous-thought model and its real latent rollout (docs/method.md §1).
 
 A :class:`LatentModel` is an ordinary Hugging Face causal LM (LLaMA or GPT-2 family) plus a
-projection ``prj`` and a few special token ids. Its rollout::
+feedback object (``model.feedback``, :mod:`latentpatch.model.feedback`; CODI's projection ``prj``)
+and a few special token ids. Its rollout::
 
     question tokens + [BOT]      one prompt pass, KV cache, last hidden state h
     thought 0 = prj(h)           fed as an input *embedding*, not a token
@@ -10,7 +11,9 @@ projection ``prj`` and a few special token ids. Its rollout::
 
 Nothing is sampled in the latent phase. The hidden state fed back is the last block's output
 after the final norm (``hidden_states[-1]`` in transformers). Coconut is the same with ``prj`` =
-identity.
+identity (:class:`~latentpatch.model.feedback.IdentityFeedback`). :meth:`LatentModel.run_thoughts`
+is the one latent loop: the rollout, the patching engine (overrides, early answers) and training
+all go through it.
 
 Layout of a batch: prompts are left-padded to a common length ``T_q``, so latent position ``p``
 is at absolute index ``T_q + p`` in every row and ``[EOT]`` at ``T_q + K``. Attention masks and
@@ -19,7 +22,7 @@ position ids skip the padding, so a row's numbers do not depend on the rest of t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypedDict
 
@@ -29,6 +32,7 @@ from transformers import PreTrainedModel
 
 from latentpatch.model.answering import AnswerPhase, label_prompt
 from latentpatch.model.config import LatentConfig, Number, extract_number, format_number
+from latentpatch.model.feedback import Feedback, as_feedback
 from latentpatch.model.sites import (
     ActivationHooks,
     Edit,
@@ -41,6 +45,20 @@ from latentpatch.model.sites import (
 )
 from latentpatch.model.state import Rollout, RolloutState
 
+#: a step hook of :meth:`LatentModel.run_thoughts`: ``(step, thought [B, d]) -> thought [B, d]``,
+#: the input embedding fed at latent ``step`` (overrides, ablations, interchange swaps)
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def override_hook(thought_override: torch.Tensor, override_mask: torch.Tensor) -> StepHook:
+    """The step hook of ``thought_override`` [B, K, d] / ``override_mask`` [B, K]: row b is fed
+    ``thought_override[b, p]`` at latent p where ``override_mask[b, p]`` is set."""
+
+    def hook(step: int, thought: torch.Tensor) -> torch.Tensor:
+        return torch.where(override_mask[:, step, None], thought_override[:, step].to(thought.dtype), thought)
+
+    return hook
+
 
 class ThoughtOverride(TypedDict):
     """Keyword arguments of :meth:`LatentModel.rollout` that replace thoughts: ``thought_override``
@@ -51,10 +69,15 @@ class ThoughtOverride(TypedDict):
 
 
 class LatentModel(AnswerPhase, nn.Module):
-    """A causal LM + ``prj`` + special ids: runs the continuous-thought rollout (docs/method.md §1).
+    """A causal LM + a feedback object + special ids: runs the continuous-thought rollout
+    (docs/method.md §1).
 
     ``lm`` is a transformers ``LlamaForCausalLM``-like or ``GPT2LMHeadModel``-like model with any
-    LoRA already merged. ``tokenizer`` is optional (a base without one can be driven by token ids).
+    LoRA already merged. ``prj``: what is fed back after each latent step, a
+    :class:`~latentpatch.model.feedback.Feedback` or what :func:`~latentpatch.model.config.build_prj`
+    returns (turned into one by :func:`~latentpatch.model.feedback.as_feedback`); it is
+    ``model.feedback``, and ``model.prj`` is the same module (assigning either sets both).
+    ``tokenizer`` is optional (a base without one can be driven by token ids).
     What happens after the thoughts (the position limit, :meth:`score`, :meth:`generate`) is
     :class:`~latentpatch.model.answering.AnswerPhase`.
     """
@@ -64,7 +87,7 @@ class LatentModel(AnswerPhase, nn.Module):
     ) -> None:
         super().__init__()
         self.lm = lm
-        self.prj = prj
+        self.feedback = as_feedback(prj)
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
@@ -73,7 +96,17 @@ class LatentModel(AnswerPhase, nn.Module):
         self.backbone = backbone_of(lm)
         self.cache_keyword = cache_keyword(self.backbone)
         self.lm.eval()
-        self.prj.eval()
+        self.feedback.eval()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("prj", "feedback"):  # one module under one name: model.prj is model.feedback
+            name, value = "feedback", as_feedback(value)
+        super().__setattr__(name, value)
+
+    @property
+    def prj(self) -> Feedback:
+        """The feedback object under CODI's name (the same module as :attr:`feedback`)."""
+        return self.feedback
 
     # -- shape facts -----------------------------------------------------------------------------
     @property
@@ -151,13 +184,16 @@ class LatentModel(AnswerPhase, nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         hooks: ActivationHooks | None = None,
+        hide: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run T new tokens (ids [B, T] or embeddings [B, T, d]) on ``state``; returns the
         final hidden states [B, T, d] (after the final norm) and advances ``state`` in place.
 
         The one cached forward step every phase uses (thoughts, [EOT], scoring, decoding); the
         engine calls it to continue a forked state. ``hooks.offset`` is set to the absolute index
-        of the first new token so writes land at the right positions."""
+        of the first new token so writes land at the right positions. ``hide`` [B, >= length + T]
+        bool: columns the new tokens do not attend to in this call only (``state`` keeps the full
+        mask; :meth:`run_thoughts`' ``latent_hide``)."""
         if inputs_embeds is None:
             inputs_embeds = self.lm.get_input_embeddings()(input_ids)
         B, T = inputs_embeds.shape[:2]
@@ -167,8 +203,9 @@ class LatentModel(AnswerPhase, nn.Module):
         if hooks is not None:
             hooks.offset = state.length
         cache = {self.cache_keyword: state.cache}
+        step_mask = mask if hide is None else mask.masked_fill(hide[:, : mask.size(1)].to(mask.device), 0)
         out = self.backbone(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=True, **cache
+            inputs_embeds=inputs_embeds, attention_mask=step_mask, position_ids=position_ids, use_cache=True, **cache
         )
         state.cache = getattr(out, self.cache_keyword)
         state.attention_mask = mask
@@ -213,37 +250,73 @@ class LatentModel(AnswerPhase, nn.Module):
         start: int = 0,
         *,
         hooks: ActivationHooks | None = None,
+        step_hook: StepHook | None = None,
         thought_override: torch.Tensor | None = None,
         override_mask: torch.Tensor | None = None,
         cut_recurrence: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latent steps ``start..K-1`` on ``state`` (which must end just before latent ``start``).
+        stop: int | None = None,
+        latent_hide: torch.Tensor | None = None,
+        next_thought: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The latent loop: steps ``start..stop-1`` on ``state`` (which must end just before latent
+        ``start``); ``stop`` defaults to K = ``num_latent`` (fewer: an early answer, §13).
 
         ``first_thought`` [B, d] is the input embedding of latent ``start``. Each later input is
-        ``prj`` of the previous final hidden state, unless ``override_mask[b, p]`` is set, in which
-        case row b is fed ``thought_override[b, p]`` (used to freeze the recurrent path).
-        ``cut_recurrence`` (with gradients on): each ``prj`` output is fed as a new leaf tensor, the
-        same values with the gradient stopped there, so gradients reach earlier positions only
-        through the KV cache (the attention path; docs/method.md §15).
-        Returns ``thoughts`` [B, K-start, d] (inputs fed), ``hidden`` [B, K-start, d] (final hidden
-        states) and the next thought [B, d] (produced by the last step, not fed).
+        the feedback (``model.feedback``, CODI's ``prj``) of the previous final hidden state.
+        ``step_hook(step, thought [B, d]) -> thought [B, d]`` replaces the input fed at latent
+        ``step`` (every step, ``start`` included). ``thought_override``/``override_mask`` are such a
+        hook (:func:`override_hook`, applied before ``step_hook``): row b is fed
+        ``thought_override[b, p]`` where ``override_mask[b, p]`` is set (used to freeze the
+        recurrent path). ``cut_recurrence`` (with gradients on): each feedback output is fed as a
+        new leaf tensor, the same values with the gradient stopped there, so gradients reach
+        earlier positions only through the KV cache (the attention path; docs/method.md §15).
+        ``latent_hide`` [B, K, >= T + K] bool (training's thought isolation): the columns latent
+        step p does not attend to (that step only; the cache keeps the full mask).
+        Returns ``thoughts`` [B, stop-start, d] (inputs fed), ``hidden`` [B, stop-start, d] (final
+        hidden states) and the next thought [B, d] (produced by the last step, not fed); with
+        ``next_thought`` False the last hidden state is not fed back and None takes its place
+        (training: CODI's loop calls ``prj`` once per fed thought, so a projection with dropout
+        draws the same random numbers).
         """
+        hook_fns: list[StepHook] = []
+        if thought_override is not None and override_mask is not None:
+            hook_fns.append(override_hook(thought_override, override_mask))
+        if step_hook is not None:
+            hook_fns.append(step_hook)
         thought = first_thought
         thoughts, hidden = [], []
-        for p in range(start, self.num_latent):
-            if thought_override is not None and override_mask is not None:
-                thought = torch.where(override_mask[:, p, None], thought_override[:, p].to(thought.dtype), thought)
+        end = self.num_latent if stop is None else stop
+        for p in range(start, end):
+            for fn in hook_fns:
+                thought = fn(p, thought)
             thoughts.append(thought)
-            h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks)[:, -1]
+            hide = None if latent_hide is None else latent_hide[:, p]
+            h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks, hide=hide)[:, -1]
             hidden.append(h)
-            thought = self.prj(h)
+            if p == end - 1 and not next_thought:
+                break
+            thought = self.feedback(h)
             if cut_recurrence and torch.is_grad_enabled():
                 thought = thought.detach().requires_grad_(True)
-        return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought
+        if not thoughts:  # no step (an early answer after 0 thoughts)
+            empty = first_thought.new_zeros(first_thought.shape[0], 0, first_thought.shape[-1])
+            return empty, empty, thought if next_thought else None
+        return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought if next_thought else None
+
+    def early_answer(
+        self, prompts: Sequence[Sequence[int]], k: int, hooks: ActivationHooks | None = None
+    ) -> tuple[RolloutState, torch.Tensor]:
+        """The plain early answer S(k) (docs/method.md §13): prompt, k thoughts of the one latent
+        loop (:meth:`run_thoughts` with ``stop=k``), [EOT]. Returns the state and [B, V] answer
+        logits."""
+        state, h = self.prefill(prompts, hooks=hooks)
+        self.run_thoughts(state, self.feedback(h), 0, hooks=hooks, stop=k)
+        end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
+        return state, self.logits(end[:, -1])
 
     def thought_ablation(self, values: torch.Tensor, batch: int) -> ThoughtOverride:
         """Keyword arguments for :meth:`rollout` / :meth:`answer` that feed ``values`` at every latent
-        position of every row instead of ``prj``'s outputs (thought ablation: zeros, a dataset mean).
+        position of every row instead of the feedback's (``prj``'s) outputs (thought ablation: zeros, a dataset mean).
 
         ``values``: [1, K, d] (the same for every row) or [batch, K, d].
         """
@@ -312,7 +385,7 @@ class LatentModel(AnswerPhase, nn.Module):
             with torch.no_grad():
                 state, h = self.prefill(prompt_ids, hooks=hooks)
             prompt_len = state.length
-            first = self.prj(h)
+            first = self.feedback(h)
             if grad:
                 first = first.detach().requires_grad_(True)
             thoughts, hidden, next_thought = self.run_thoughts(
@@ -324,6 +397,7 @@ class LatentModel(AnswerPhase, nn.Module):
                 override_mask=override_mask,
                 cut_recurrence=cut_recurrence,
             )
+            assert next_thought is not None
             answer_start = self.embed_ids(self.answer_start_ids(), len(prompt_ids))  # [B, 1 or 2, d]
             end = self.advance(state, inputs_embeds=answer_start, hooks=hooks)
             answer_logits = self.logits(end[:, -1])

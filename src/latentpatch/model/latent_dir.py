@@ -2,7 +2,7 @@
 
 A directory holds::
 
-    latentpatch.json     format tag, family, the LatentConfig fields, prj_dim, prj_ln (+ extra keys)
+    latentpatch.json     format tag, family, the LatentConfig fields, prj_dim, prj_ln, feedback (+ extra keys)
     config.json          the final LM's transformers config (vocabulary incl. the special tokens)
     model.safetensors    codi.<hf keys> (CODI layout without LoRA) + prj.* ; a tied lm_head is omitted
     tokenizer files      optional
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
-from torch import nn
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_path, atomic_write_text
 from latentpatch.model.checkpoint import load_weights_strict, read_state_dict
-from latentpatch.model.config import LatentConfig, build_prj
+from latentpatch.model.config import LatentConfig
+from latentpatch.model.feedback import FEEDBACK_NAMES, Feedback, ProjectionFeedback, feedback_by_name
 from latentpatch.model.hf import build_lm, check_device, check_special_ids, local_tokenizer, move_to, parse_dtype
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import embedding_matrix
@@ -41,17 +41,38 @@ LM_PREFIX = "codi."
 
 
 def latent_meta(
-    config: LatentConfig, *, family: str, prj_dim: int | None, prj_ln: bool, extra: dict[str, Any] | None = None
+    config: LatentConfig,
+    *,
+    family: str,
+    prj_dim: int | None,
+    prj_ln: bool,
+    extra: dict[str, Any] | None = None,
+    feedback: str | None = None,
 ) -> dict[str, Any]:
-    """The ``latentpatch.json`` object: format, family, every LatentConfig field, prj_dim, prj_ln, ``extra``."""
+    """The ``latentpatch.json`` object: format, family, every LatentConfig field, prj_dim, prj_ln,
+    the feedback's name (:mod:`latentpatch.model.feedback`; left out when None), ``extra``."""
     return {
         "format": MODEL_FORMAT,
         "family": family,
         **config.to_dict(),
         "prj_dim": prj_dim,
         "prj_ln": bool(prj_ln),
+        **({"feedback": feedback} if feedback is not None else {}),
         **(extra or {}),
     }
+
+
+def feedback_name(meta: dict[str, Any]) -> str:
+    """The feedback a ``latentpatch.json`` object records; a directory written before the key
+    existed: ``"projection"`` when ``prj_dim`` is set, else ``"identity"`` (as it was read then)."""
+    name = meta.get("feedback")
+    if name is None:
+        return "projection" if meta.get("prj_dim") else "identity"
+    if name not in FEEDBACK_NAMES:
+        raise LatentPatchError(
+            f"{LATENT_JSON}: feedback {name!r}, expected one of {', '.join(FEEDBACK_NAMES)}; fix: correct the field"
+        )
+    return str(name)
 
 
 def read_latent_meta(path: str | Path) -> dict[str, Any]:
@@ -124,20 +145,21 @@ def save_latent_dir(
         if tied and k == "lm_head.weight":
             continue
         sd[LM_PREFIX + k] = v.detach().contiguous().clone()
-    for k, v in model.prj.state_dict().items():
+    feedback: Feedback = model.feedback
+    for k, v in feedback.state_dict().items():
         sd["prj." + k] = v.detach().contiguous().clone()
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     lm.config.save_pretrained(str(path))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
-    if prj_dim is None and isinstance(model.prj, nn.Sequential):
-        linear = model.prj[1]
-        assert isinstance(linear, nn.Linear)
-        prj_dim = linear.out_features
+    if prj_dim is None and isinstance(feedback, ProjectionFeedback):
+        prj_dim = feedback.prj_dim
     if prj_ln is None:
-        prj_ln = isinstance(model.prj, nn.Sequential) and hasattr(model.prj, "ln")
-    meta = latent_meta(model.config, family=model.family, prj_dim=prj_dim, prj_ln=prj_ln, extra=extra)
+        prj_ln = isinstance(feedback, ProjectionFeedback) and feedback.layer_norm
+    meta = latent_meta(
+        model.config, family=model.family, prj_dim=prj_dim, prj_ln=prj_ln, extra=extra, feedback=feedback.name
+    )
     # written last: a directory whose save was interrupted has no valid latentpatch.json and is refused
     atomic_write_text(path / LATENT_JSON, json.dumps(meta, indent=2) + "\n")
     return path
@@ -154,7 +176,9 @@ def load_latent_dir(
     layout without LoRA: ``codi.<hf keys>``, ``prj.*``) + optional tokenizer, strictly.
 
     ``config.json`` is the final model's config (vocabulary incl. the special tokens, whose ids come
-    from ``latentpatch.json``). ``prj_dim`` null in ``latentpatch.json`` = identity projection.
+    from ``latentpatch.json``). The feedback is the one ``"feedback"`` names; a directory without
+    the key (written before it existed, e.g. the shipped default model) is read as then:
+    ``prj_dim`` null = identity, else CODI's projection (:func:`feedback_name`).
     """
     from transformers import AutoConfig
 
@@ -171,7 +195,12 @@ def load_latent_dir(
     lm = build_lm(AutoConfig.from_pretrained(str(path)), dtype)
     d = embedding_matrix(lm).shape[1]
     prj_dim = meta.get("prj_dim")
-    prj = build_prj(d, int(prj_dim) if prj_dim else None, layer_norm=bool(meta.get("prj_ln", True))).to(dtype)
+    name = feedback_name(meta)
+    if name == "projection" and not prj_dim:
+        raise LatentPatchError(f"{meta_file}: feedback 'projection' needs prj_dim; fix: add it")
+    prj = feedback_by_name(name, d, int(prj_dim) if prj_dim else None, layer_norm=bool(meta.get("prj_ln", True))).to(
+        dtype
+    )
     sd, file = read_state_dict(weights)
     load_weights_strict(
         lm,

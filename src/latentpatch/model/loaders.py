@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.checkpoint import load_weights_strict, preview, read_state_dict
 from latentpatch.model.config import LatentConfig, build_prj
+from latentpatch.model.feedback import IdentityFeedback
 from latentpatch.model.hf import (
     base_config_and_tokenizer,
     build_lm,
@@ -65,7 +65,7 @@ def load_coconut_checkpoint(
     V = int(config.vocab_size)
     config.vocab_size = V + 3
     lm = build_lm(config, dtype)
-    prj = nn.Identity()
+    prj = IdentityFeedback()
     load_weights_strict(
         lm, prj, sd, file=file, prefix="base_causallm.", tied_copies=("embedding.weight",), hint="wrong --base?"
     )
@@ -151,7 +151,7 @@ def load_gguf(
     )
     check_special_ids(cfg, lm, str(path))
     move_to(lm, dev)
-    return LatentModel(lm, nn.Identity(), cfg, tokenizer, name=f"gguf:{path.name}")
+    return LatentModel(lm, IdentityFeedback(), cfg, tokenizer, name=f"gguf:{path.name}")
 
 
 # ------------------------------------------------------------------------------------------------

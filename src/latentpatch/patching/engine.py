@@ -84,7 +84,7 @@ def _overrides(
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Thought overrides of a chunk (``[B, K, d]``, ``[B, K]``): frozen specs (:func:`_freeze`) and
     thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
-    ``thought_pre`` feeds ``prj(value)``. ``target_thoughts``: [B, K, d], row b's pair's."""
+    ``thought_pre`` feeds the feedback of the value (``prj(value)``). ``target_thoughts``: [B, K, d], row b's pair's."""
     frozen = _freeze(specs, target_thoughts)
     if not any(isinstance(s.intervention, ThoughtReplacement) for s in specs):
         return frozen
@@ -99,7 +99,7 @@ def _overrides(
             pos = list(iv.positions)
             vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
             if iv.through_feedback:
-                vals = model.prj(vals)
+                vals = model.feedback(vals)
             override[row, pos] = vals.to(override.dtype)
             mask[row, pos] = True
     return override, mask
@@ -197,13 +197,9 @@ def _early_chunk(
 
 
 def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
-    """The plain early answer: prompt, k thoughts, [EOT]. Returns the state and [1, V] answer logits."""
-    state, h = model.prefill([prompt])
-    thought = model.prj(h)
-    for _ in range(k):
-        thought = model.prj(model.advance(state, inputs_embeds=thought[:, None])[:, -1])
-    end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))
-    return state, model.logits(end[:, -1])
+    """The plain early answer: prompt, k thoughts, [EOT] (:meth:`LatentModel.early_answer`, the one
+    latent loop). Returns the state and [1, V] answer logits."""
+    return model.early_answer([prompt], k)
 
 
 def shared_batch_key(base: PairBaseline, eos_id: int) -> tuple[int, ...]:

@@ -67,8 +67,8 @@ def recorded_chain(record: RunRecord) -> StepRecord:
 
 
 def thought_sites(model: LatentModel) -> tuple[str, ...]:
-    """``thought`` and, for a model with a real projection (CODI), ``thought_pre``."""
-    return THOUGHT_SITES if not isinstance(model.prj, torch.nn.Identity) else THOUGHT_SITES[:1]
+    """``thought`` and, where the feedback has a pre-feedback site (CODI's projection), ``thought_pre``."""
+    return THOUGHT_SITES if model.feedback.has_pre_site else THOUGHT_SITES[:1]
 
 
 # ---- spec generators -----------------------------------------------------------------------------

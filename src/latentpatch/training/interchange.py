@@ -54,16 +54,19 @@ class ThoughtSwap:
         self.token_rows, self.token_ids = token_rows, token_ids  # [B] bool, [B] long: fed a number token
 
     def apply(self, step: int, thought: torch.Tensor, embed: torch.nn.Module | None = None) -> torch.Tensor:
-        """The thought to feed at latent ``step`` ([B, 1, d] in, [B, 1, d] out); ``embed`` (the
-        model's token embedding) for the rows fed the donor value's token."""
+        """The thought to feed at latent ``step`` ([B, d] or [B, 1, d] in, the same shape out): a
+        step hook of :meth:`~latentpatch.model.latent.LatentModel.run_thoughts` as it stands, or
+        with ``functools.partial(swap.apply, embed=...)``. ``embed`` (the model's token embedding):
+        for the rows fed the donor value's token."""
         if step != self.position:
             return thought
-        fed = torch.where(self.rows[:, None, None], thought[self.donor], thought)
+        rows = (-1,) + (1,) * (thought.dim() - 1)  # [B, 1] or [B, 1, 1]
+        fed = torch.where(self.rows.view(rows), thought[self.donor], thought)
         if self.token_rows is None or embed is None:
             return fed
-        token = embed(self.token_ids)[:, None]  # [B, 1, d], at the row's own thought's norm
+        token = embed(self.token_ids).view(thought.shape)  # at the row's own thought's norm
         token = token * (thought.norm(dim=-1, keepdim=True) / token.norm(dim=-1, keepdim=True))
-        return torch.where(self.token_rows[:, None, None], token, fed)
+        return torch.where(self.token_rows.view(rows), token, fed)
 
 
 def thought_targets(latent_targets: torch.Tensor) -> torch.Tensor:

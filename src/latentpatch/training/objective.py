@@ -17,6 +17,7 @@ Total loss = student CE + ``distill_factor`` * distill + ``ref_factor`` * teache
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import embedding_matrix
+from latentpatch.model.state import RolloutState
 from latentpatch.training.data import Batch, Codec, spent_columns
 from latentpatch.training.interchange import ThoughtSwap, plan_swap, thought_targets
 
@@ -66,10 +68,13 @@ def student_forward(
     states, and the answer part teacher-forced.
 
     ``q_ids``/``q_mask`` [B, T_q]: question + ``<bot>``, left-padded. ``a_ids``/``a_mask`` [B, La]:
-    ``<eot> The answer is: N <eos>``, right-padded. Thought k is ``prj`` of the final hidden state
-    of the previous position (``<bot>`` for thought 0), fed as an input embedding; the last
-    produced thought is not fed. K = ``model.num_latent``. Kept equal to ``LatentModel.rollout``
-    by tests/test_train.py (it is the training-only copy of that rollout).
+    ``<eot> The answer is: N <eos>``, right-padded. Thought k is the feedback (``model.feedback``,
+    CODI's ``prj``) of the final hidden state of the previous position (``<bot>`` for thought 0),
+    fed as an input embedding; the last produced thought is not fed (nor computed). K =
+    ``model.num_latent``. The latent steps are the one loop, :meth:`LatentModel.run_thoughts`
+    (``next_thought=False``, the swap as its step hook, ``latent_hide``); the prompt and answer
+    passes run the LM with every layer's hidden states. Kept equal to ``LatentModel.rollout`` by
+    tests/test_train.py.
 
     ``blind_rows`` [B] bool (training only): in these rows the answer tokens do not attend to the
     question tokens (``<bot>``, the thoughts and the answer stay visible), so the answer must be
@@ -83,37 +88,23 @@ def student_forward(
 
     lm = model.lm
     kv = model.cache_keyword  # "cache" (transformers 5) or "past_key_values": the rollout's own choice
-    mask = q_mask
     out = lm(
         input_ids=q_ids,
-        attention_mask=mask,
-        position_ids=positions(mask),
+        attention_mask=q_mask,
+        position_ids=positions(q_mask),
         use_cache=True,
         output_hidden_states=True,
         **{kv: DynamicCache()},
     )
-    h = out.hidden_states[-1][:, -1]
-    thoughts, latent_hidden = [], []
-    for step in range(model.num_latent):
-        emb = model.prj(h).unsqueeze(1)
-        if swap is not None:
-            emb = swap.apply(step, emb, lm.get_input_embeddings())
-        thoughts.append(emb[:, 0])
-        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-        step_mask = mask
-        if latent_hide is not None:
-            step_mask = mask.masked_fill(latent_hide[:, step, : mask.size(1)], 0)
-        out = lm(
-            inputs_embeds=emb,
-            attention_mask=step_mask,
-            position_ids=positions(mask)[:, -1:],
-            use_cache=True,
-            output_hidden_states=True,
-            **{kv: getattr(out, kv)},
-        )
-        h = out.hidden_states[-1][:, -1]
-        latent_hidden.append(h)
-    mask = torch.cat([mask, a_mask], 1)
+    state = RolloutState(
+        cache=getattr(out, kv), attention_mask=q_mask, next_position=q_mask.sum(1), length=q_ids.size(1)
+    )
+    hook = None if swap is None else partial(swap.apply, embed=lm.get_input_embeddings())
+    first = model.feedback(out.hidden_states[-1][:, -1])
+    thoughts, latent_hidden, _ = model.run_thoughts(
+        state, first, 0, step_hook=hook, latent_hide=latent_hide, next_thought=False
+    )
+    mask = torch.cat([state.attention_mask, a_mask], 1)
     answer_mask = mask
     if blind_rows is not None:
         hide = torch.zeros_like(mask, dtype=torch.bool)
@@ -125,9 +116,9 @@ def student_forward(
         position_ids=positions(mask)[:, -a_ids.size(1) :],
         use_cache=True,
         output_hidden_states=True,
-        **{kv: getattr(out, kv)},
+        **{kv: state.cache},
     )
-    return StudentPass(out.logits, out.hidden_states, torch.stack(thoughts, 1), torch.stack(latent_hidden, 1))
+    return StudentPass(out.logits, out.hidden_states, thoughts, latent_hidden)
 
 
 def latent_hide_mask(

@@ -119,7 +119,7 @@ def initial_model(cfg: TrainConfig, pool: list) -> tuple[LatentModel, Codec]:
     if cfg.init_from:  # continue training a saved model (its architecture and tokenizer)
         codec = Codec.from_dir(cfg.init_from)
         saved = load_latent_dir(cfg.init_from)
-        return LatentModel(saved.lm, saved.prj, latent_config(cfg, codec), name="training"), codec
+        return LatentModel(saved.lm, saved.feedback, latent_config(cfg, codec), name="training"), codec
     corpus = [
         normalize_question(p.question) + " " + p.cot + " " + ANSWER_PREFIX + str(p.answer)
         for p in pool[: cfg.tokenizer_corpus]
