@@ -185,7 +185,8 @@ def run_stage(ctx: RunContext, stage: Stage, executor: Executor | None = None) -
     folder.mkdir(parents=True, exist_ok=True)
     ctx.progress.stage(stage.name, len(ctx.bases) * plan.units)
     todo = pending(ctx, stage)
-    ctx.progress.advance(plan.units * (len(ctx.bases) - len(todo)))
+    if len(todo) < len(ctx.bases):  # the committed ones
+        ctx.progress.advance(plan.units * (len(ctx.bases) - len(todo)))
     jobs = [Job(check=name) for name in plan.checks] if pooled else []
     jobs += [Job(pairs=tuple(group)) for group in plan.batch(todo)]
     pooled_checks: dict[str, tuple[dict, float]] = {}
