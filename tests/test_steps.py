@@ -195,6 +195,11 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         assert (out / "figures" / "early_answers.png").is_file()
         check = json.loads((out / "manifest.json").read_text())["checks"]["steps_engine_reference"]
         assert check["passed"] and check["cells"] > 0 and check["value"] <= check["threshold"]
+        # the step-level statistics are in stats.json (the section reads them from there)
+        stats = json.loads((out / "stats.json").read_text())["steps"]
+        assert set(stats) == {e for e in exps if e != "layer"}
+        early_stats = {r["k"]: r for r in stats["early"]["summary"] if r["metric"] == "correct"}
+        assert sorted(early_stats) == list(range(7)) and early_stats[6]["n"] == 2
 
 
 def test_every_experiment_shards_except_per_head_pooled_values():
