@@ -184,3 +184,5 @@ def test_sharded_step_level_and_reading_runs_merge_into_the_unsharded_bytes(tmp_
     assert files == sorted(p.relative_to(merged) for p in (merged / "results").rglob("*") if p.is_file())
     for f in files:
         assert (merged / f).read_bytes() == (full / f).read_bytes(), f
+    m, f = (json.loads((d / "manifest.json").read_text()) for d in (merged, full))
+    assert m["baselines"] == f["baselines"]  # accuracies from the unpatched predictions: no cells here

@@ -269,14 +269,21 @@ def _merged_manifest(
 
 def _merged_baselines(manifests: Sequence[Manifest], ordered: Sequence[dict]) -> dict:
     """The manifest's ``baselines`` over every shard's pairs (``ordered``: their result files' contents)."""
+    per_pair: dict[str, dict] = {}
+    for m in manifests:
+        per_pair.update((m.baselines or {}).get("per_pair") or {})
     flags = {
         d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
         for d in ordered
         if d["cells"]
     }
-    per_pair: dict[str, dict] = {}
-    for m in manifests:
-        per_pair.update((m.baselines or {}).get("per_pair") or {})
+    for d in ordered:  # a run without cells (step-level, reading, atp only): from the unpatched predictions
+        p = per_pair.get(d["pair_id"])
+        if d["pair_id"] not in flags and p is not None:
+            flags[d["pair_id"]] = (
+                _same_number(p.get("clean_pred"), p.get("clean_answer")),
+                _same_number(p.get("corrupted_pred"), p.get("corrupted_answer")),
+            )
     n = len(ordered)
     return {
         "n_pairs": n,
@@ -286,3 +293,8 @@ def _merged_baselines(manifests: Sequence[Manifest], ordered: Sequence[dict]) ->
         "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
         "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
     }
+
+
+def _same_number(x: float | None, y: float | None) -> bool:
+    """``patching.metrics.same_number`` (the baselines' rule of a correct answer), without torch."""
+    return x is not None and y is not None and abs(float(x) - float(y)) < 1e-6
