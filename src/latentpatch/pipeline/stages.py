@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from latentpatch.errors import LatentPatchError
 from latentpatch.files import write_json
 from latentpatch.pipeline.manifest import RunContext, write_manifest
 from latentpatch.pipeline.workers import stream_items
@@ -125,8 +126,6 @@ def run_checks(ctx: RunContext, checks: dict[str, Callable[[], dict]], executor:
 def report_failed_checks(ctx: RunContext, only: Sequence[str] | None = None) -> None:
     """Warn (through ``ctx.progress``) about every failed built-in check (of ``only``, when given);
     fatal with ``strict``."""
-    from latentpatch.errors import LatentPatchError
-
     checks = ctx.checks or {}
     failed = [k for k, c in checks.items() if not c["passed"] and (only is None or k in only)]
     if not failed:
