@@ -156,3 +156,33 @@ def test_merge_and_config_import_no_torch():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_sharded_step_level_and_reading_runs_merge_into_the_unsharded_bytes(tmp_path):
+    """``--experiments thought,early,lens`` on the shipped model: the shards' step-level values are
+    pooled over every shard's pairs, and ``merge`` copies and assembles every stage folder, so the
+    merged ``results/`` are the unsharded run's bytes."""
+    from latentpatch.model.load import load_model
+
+    model = load_model("default")
+
+    def run(out, shard=None):
+        cfg = RunConfig(
+            out=str(tmp_path / out),
+            experiments=("thought", "early", "lens"),
+            limit=5,
+            shard=shard,
+            report=False,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        return run_experiments(cfg, model=model, progress=False)
+
+    full = run("full")
+    merged = merge_runs([run("s1", "1/2"), run("s0", "0/2")], tmp_path / "merged", report=False)
+    files = sorted(p.relative_to(full) for p in (full / "results").rglob("*") if p.is_file())
+    assert {str(f) for f in files} >= {"results/steps.parquet", "results/lens.parquet", "results/steps/00004.json"}
+    assert files == sorted(p.relative_to(merged) for p in (merged / "results").rglob("*") if p.is_file())
+    for f in files:
+        assert (merged / f).read_bytes() == (full / f).read_bytes(), f
+    m, f = (json.loads((d / "manifest.json").read_text()) for d in (merged, full))
+    assert m["baselines"] == f["baselines"]  # accuracies from the unpatched predictions: no cells here

@@ -195,17 +195,21 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         assert (out / "figures" / "early_answers.png").is_file()
         check = json.loads((out / "manifest.json").read_text())["checks"]["steps_engine_reference"]
         assert check["passed"] and check["cells"] > 0 and check["value"] <= check["threshold"]
+        # the step-level statistics are in stats.json (the section reads them from there)
+        stats = json.loads((out / "stats.json").read_text())["steps"]
+        assert set(stats) == {e for e in exps if e != "layer"}
+        early_stats = {r["k"]: r for r in stats["early"]["summary"] if r["metric"] == "correct"}
+        assert sorted(early_stats) == list(range(7)) and early_stats[6]["n"] == 2
 
 
-def test_step_experiments_refuse_shards():
-    """Their mean/step_mean/resample values pool every pair of the run: a shard would silently differ."""
+def test_every_experiment_shards_except_per_head_pooled_values():
+    """``merge`` joins every stage and the step-level pools are global (tests/test_merge.py): every
+    experiment shards; per-head mean/resample values are still pooled over a shard's own pairs."""
     from latentpatch.errors import LatentPatchError
     from latentpatch.pipeline.config import RunConfig
 
-    with pytest.raises(LatentPatchError, match="--shard with --experiments thought"):
-        RunConfig(experiments=("layer", "thought"), shard="0/2").validate()
-    with pytest.raises(LatentPatchError, match="--shard with --experiments lens"):
-        RunConfig(experiments=("lens",), shard="1/2").validate()
+    RunConfig(experiments=("layer", "thought"), shard="0/2").validate()
+    RunConfig(experiments=("lens", "attention", "atp", "early", "influence", "intermediate"), shard="1/2").validate()
     with pytest.raises(LatentPatchError, match="--component head_out --replacement mean"):
         RunConfig(component="head_out", replacement="mean", shard="1/2").validate()
     RunConfig(component="head_out", replacement="zero", shard="1/2").validate()

@@ -24,10 +24,22 @@ from typing import TYPE_CHECKING, Any
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import write_json, write_parquet
 from latentpatch.names import (
+    ATP_COLUMNS,
+    ATP_DIR,
+    ATP_FILE,
+    ATP_FLOAT_COLUMNS,
+    ATTENTION_COLUMNS,
+    ATTENTION_DIR,
+    ATTENTION_FILE,
     CELL_COLUMNS,
     EXPERIMENTS,
     INFLUENCE_COLUMNS,
     INFLUENCE_FILE,
+    LENS_COLUMNS,
+    LENS_DIR,
+    LENS_FILE,
+    LENS_TOP_COLUMNS,
+    LENS_TOP_FILE,
     REQUIRED_CELL_COLUMNS,
     RUN_FORMAT,
     STEP_COLUMNS,
@@ -40,6 +52,9 @@ from latentpatch.names import (
 
 if TYPE_CHECKING:
     import pandas as pd
+
+#: The patching sweep's folder of per-pair files under ``results/``.
+PAIRS_DIR = "pairs"
 
 #: ``format`` tag of ``manifest.json`` (kept under this name for the pipeline's import).
 FORMAT = RUN_FORMAT
@@ -76,7 +91,7 @@ class RunPaths:
     @property
     def pair_results(self) -> Path:
         """Folder of the per-pair result files, committed one at a time (resume skips them)."""
-        return self.results / "pairs"
+        return self.results / PAIRS_DIR
 
     def pair_result(self, index: int) -> Path:
         """The result file of the pair with global index ``index`` (its name orders shards' pairs)."""
@@ -318,15 +333,31 @@ def read_pairs_json(run_dir: Path | str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def read_pair_result(path: Path | str) -> dict[str, Any] | None:
-    """A per-pair result file ``{pair_id, index, cells, ...}``; None if it is damaged or incomplete."""
+def read_stage_entry(path: Path | str, key: str) -> dict[str, Any] | None:
+    """A per-pair file of a stage ``{pair_id, index, <key>: [...], ...}``; None if it is damaged or incomplete."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or "pair_id" not in data or not isinstance(data.get("cells"), list):
+    if not isinstance(data, dict) or "pair_id" not in data or not isinstance(data.get(key), list):
         return None
     return data
+
+
+def read_pair_result(path: Path | str) -> dict[str, Any] | None:
+    """A per-pair result file ``{pair_id, index, cells, ...}``; None if it is damaged or incomplete."""
+    return read_stage_entry(path, "cells")
+
+
+def _stage_entries(folder: Path, key: str) -> list[dict[str, Any]]:
+    """Every per-pair file of a stage folder, in global pair order; a damaged one is an error."""
+    entries = []
+    for f in sorted(folder.glob("[0-9]*.json")):
+        data = read_stage_entry(f, key)
+        if data is None:
+            raise LatentPatchError(f"{f} is damaged (truncated?); fix: delete it and rerun the run with --resume")
+        entries.append(data)
+    return entries
 
 
 # ---- assembly ------------------------------------------------------------------------------------
@@ -338,7 +369,8 @@ _NAN_IF_MISSING = ("act_cos_clean", "act_cos_corr", "act_bias", "pred_answer", "
 
 def assemble(out: Path | str) -> None:
     """Per-pair files (in global pair order) -> results/{experiment}.json, cells.parquet,
-    trajectories.parquet, thoughts.json. Needs no model: ``merge`` uses it on shard outputs."""
+    trajectories.parquet, thoughts.json, and the tables of every other stage folder present
+    (:data:`ASSEMBLERS`). Needs no model: ``merge`` uses it on shard outputs."""
     paths = RunPaths(out)
     files = sorted(paths.pair_results.glob("[0-9]*.json"))
     nested: dict[str, dict] = {}
@@ -381,8 +413,11 @@ def assemble(out: Path | str) -> None:
     write_parquet(paths.cells, cell_rows, CELL_COLUMNS)
     write_parquet(paths.trajectories, traj_rows, TRAJECTORY_COLUMNS)
     write_json(paths.thoughts, thoughts)
-    if (paths.results / STEPS_DIR).is_dir():
-        assemble_steps(out)
+    done = {assemble}
+    for folder, (_, assembler) in ASSEMBLERS.items():
+        if assembler not in done and (paths.results / folder).is_dir():
+            done.add(assembler)  # lens and attention share one
+            assembler(out)
 
 
 def assemble_steps(out: Path | str) -> None:
@@ -390,8 +425,7 @@ def assemble_steps(out: Path | str) -> None:
     results = RunPaths(out).results
     rows: list[dict] = []
     influence: list[dict] = []
-    for f in sorted((results / STEPS_DIR).glob("*.json")):
-        entry = json.loads(f.read_text())
+    for entry in _stage_entries(results / STEPS_DIR, "rows"):
         rows += entry["rows"]
         influence += entry["influence"]
     for row in rows + influence:
@@ -400,3 +434,45 @@ def assemble_steps(out: Path | str) -> None:
                 row[c] = float("nan")
     write_parquet(results / STEPS_FILE, rows, STEP_COLUMNS)
     write_parquet(results / INFLUENCE_FILE, influence, INFLUENCE_COLUMNS)
+
+
+def _rows(folder: Path, key: str) -> list[dict]:
+    rows: list[dict] = []
+    for entry in _stage_entries(folder, key):
+        rows += [{"pair_id": entry["pair_id"], **row} for row in entry[key]]
+    return rows
+
+
+def assemble_reading(out: Path | str) -> None:
+    """Per-pair reading files (global pair order) -> ``lens.parquet``, ``lens_top.parquet``, ``attention.parquet``."""
+    results = RunPaths(out).results
+    if (results / LENS_DIR).is_dir():
+        write_parquet(results / LENS_FILE, _rows(results / LENS_DIR, "lens"), LENS_COLUMNS)
+        write_parquet(results / LENS_TOP_FILE, _rows(results / LENS_DIR, "lens_top"), LENS_TOP_COLUMNS)
+    if (results / ATTENTION_DIR).is_dir():
+        write_parquet(results / ATTENTION_FILE, _rows(results / ATTENTION_DIR, "rows"), ATTENTION_COLUMNS)
+
+
+def assemble_atp(out: Path | str) -> None:
+    """``results/atp/*.json`` (global pair order) -> ``results/atp.parquet``."""
+    results = RunPaths(out).results
+    rows: list[dict] = []
+    for entry in _stage_entries(results / ATP_DIR, "rows"):
+        for row in entry["rows"]:
+            row = {"pair_id": entry["pair_id"], **row}
+            for c in ATP_FLOAT_COLUMNS:
+                if row[c] is None:
+                    row[c] = math.nan
+            rows.append(row)
+    write_parquet(results / ATP_FILE, rows, ATP_COLUMNS)
+
+
+#: Every stage folder under ``results/`` -> (the list key its whole per-pair files hold, the
+#: model-free assembler of its tables). ``merge`` copies and assembles each one present.
+ASSEMBLERS: dict[str, tuple[str, Any]] = {
+    PAIRS_DIR: ("cells", assemble),
+    STEPS_DIR: ("rows", assemble_steps),
+    LENS_DIR: ("lens", assemble_reading),
+    ATTENTION_DIR: ("rows", assemble_reading),
+    ATP_DIR: ("rows", assemble_atp),
+}

@@ -9,6 +9,7 @@ network. The page is assembled here from its sections (:mod:`latentpatch.analysi
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -105,7 +106,7 @@ def render_page(
 {layer_section(stats, fig_dir, config)}
 {position_section(stats, fig_dir, config)}
 {iterative_section(stats, fig_dir)}
-{steps_sections(run_dir, st.run_seed(manifest))}
+{steps_sections(run_dir, stats.get("steps"))}
 {reading_sections(run_dir)}
 {atp_section(run_dir)}
 {statistics_section(stats)}
@@ -158,8 +159,14 @@ def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tupl
     """``report.html`` of a run without cells (no layer/position maps): checks, baselines, the step-level
     and reading sections, configuration and the reproduce command."""
     checks_html, _ = checks_section(manifest)
+    steps = st.step_stats(*st.read_steps(run_dir), st.run_seed(manifest))
+    if steps is not None:  # stats.json of a run without cells: the step-level statistics only
+        settings = {"seed": st.run_seed(manifest), "n_resamples": 9999}
+        atomic_write_text(
+            RunPaths(run_dir).stats, json.dumps({"settings": settings, "steps": steps}, indent=1, allow_nan=False)
+        )
     body = (
-        f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, st.run_seed(manifest), formats)}"
+        f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, steps, formats)}"
         f"{reading_sections(run_dir, formats)}{atp_section(run_dir, formats)}"
         f"{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
     )
@@ -208,6 +215,7 @@ def build_report(
     cell_job = start_cell_figures(RunPaths(out_dir).figures, cells, trajectories, formats, run)
 
     stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
+    stats = st.add_step_stats(run_dir, stats, n_resamples)  # "steps": only with step-level experiments
     st.write_stats(out_dir, stats)
     summary_figures(RunPaths(out_dir).figures, pd.DataFrame(stats["cells"]), formats, run)
     cell_job.result()

@@ -28,10 +28,8 @@ from latentpatch.names import (
     EXPERIMENTS,
     GLOBAL_REPLACEMENTS,
     HEAD_COMPONENT,
-    READING_EXPERIMENTS,
     REPLACEMENTS,
     SITE_COMPONENTS,
-    STEP_EXPERIMENTS,
 )
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
@@ -345,14 +343,9 @@ class RunConfig(ModelOptions):
             )
 
     def _check_shardable(self) -> None:
-        """``merge`` joins the seed experiments' tables only; step-level experiments also pool values
-        over every pair of the run, and per-head baselines are not in the shared activation cache."""
-        unmergeable = [e for e in self.experiments if e in STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT,)]
-        if unmergeable:
-            raise LatentPatchError(
-                f"--shard with --experiments {','.join(unmergeable)}: these are not joined by `latentpatch merge` "
-                "(step-level ones pool values over every pair of the run); fix: run them unsharded"
-            )
+        """``merge`` joins every stage's per-pair files and every pooled value is computed over all
+        shards' pairs (sites: ``global_pool``; step-level: ``step_pool_runs``), except per-head
+        baselines, which are not in the shared activation cache."""
         if self.component == HEAD_COMPONENT and self.replacement in GLOBAL_REPLACEMENTS:
             raise LatentPatchError(
                 f"--shard with --component {HEAD_COMPONENT} --replacement {self.replacement}: per-head values are "

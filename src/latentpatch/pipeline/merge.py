@@ -1,10 +1,11 @@
 """Merge shard run directories (``latentpatch run --shard i/N``) into one run directory.
 
 Shard i of N runs pairs k with k mod N == i of the filtered, limited pair list and names each
-pair's result file by its global index (``results/pairs/{k:05d}.json``). Merging checks that the
-shards belong together, copies their pair files, writes ``pairs.json`` in global order and a merged
-manifest, then runs the model-free :func:`latentpatch.rundir.assemble`: ``results/`` ends up as an
-unsharded run would write it. See ``docs/scaling.md``.
+pair's result file by its global index (``results/pairs/{k:05d}.json``, and likewise under every
+other stage folder: ``steps/``, ``lens/``, ``attention/``, ``atp/``). Merging checks that the
+shards belong together, copies every stage folder's per-pair files, writes ``pairs.json`` in
+global order and a merged manifest, then runs the model-free :func:`latentpatch.rundir.assemble`
+(every stage's tables): ``results/`` ends up as an unsharded run would write it. See ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from latentpatch.errors import LatentPatchError
 from latentpatch.names import GLOBAL_REPLACEMENTS
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.options import parse_shard, parse_values
-from latentpatch.rundir import Manifest, RunPaths, assemble, read_manifest
+from latentpatch.rundir import ASSEMBLERS, PAIRS_DIR, Manifest, RunPaths, assemble, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.
 FREE_KEYS = {f.name for f in dataclasses.fields(RunConfig) if not f.metadata["results"]} | {"shard"}
@@ -143,11 +144,11 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
     order = sorted(range(len(dirs)), key=lambda j: parse_shard(_shard(manifests[j]))[0])
     dirs, manifests = [dirs[j] for j in order], [manifests[j] for j in order]
     files, pairs = _pair_files(dirs, n_shards, bool(manifests[0].config.get("only_correct")))
-
-    results = RunPaths(out).pair_results
-    results.mkdir(parents=True, exist_ok=True)
-    for k in sorted(files):
-        shutil.copyfile(files[k][0], results / files[k][0].name)
+    for folder, found in _stage_files(dirs, n_shards, files).items():
+        target = RunPaths(out).results / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for k in sorted(found):
+            shutil.copyfile(found[k], target / found[k].name)
     ordered = [files[k][1] for k in sorted(files)]
     save_pairs([pairs[data["pair_id"]] for data in ordered], RunPaths(out).pairs)
     t = time.perf_counter()
@@ -192,6 +193,42 @@ def _pair_files(
     return files, pairs
 
 
+def _stage_files(
+    dirs: Sequence[Path], n_shards: int, pair_files: dict[int, tuple[Path, dict]]
+) -> dict[str, dict[int, Path]]:
+    """Every stage folder's per-pair files (``results/pairs/`` and each other folder of
+    :data:`~latentpatch.rundir.ASSEMBLERS` the shards wrote) by global index: every shard has the
+    same folders, and each folder one file per pair of the patching sweep."""
+    folders = [sorted(f for f in ASSEMBLERS if (RunPaths(d).results / f).is_dir()) for d in dirs]
+    if any(f != folders[0] for f in folders):
+        raise LatentPatchError(
+            f"the shards wrote different stage folders under results/ ({folders[0]} vs "
+            f"{next(f for f in folders if f != folders[0])}); fix: merge the shards of one run configuration"
+        )
+    out: dict[str, dict[int, Path]] = {PAIRS_DIR: {k: path for k, (path, _) in pair_files.items()}}
+    for folder in folders[0]:
+        if folder == PAIRS_DIR:
+            continue
+        found: dict[int, Path] = {}
+        for i, d in enumerate(dirs):
+            for f in sorted((RunPaths(d).results / folder).glob("[0-9]*.json")):
+                k = int(f.stem)
+                if k % n_shards != i or k in found:
+                    raise LatentPatchError(
+                        f"{f}: pair index {k} does not belong to shard {i}/{n_shards} or is duplicated; "
+                        "fix: merge the unchanged shard directories"
+                    )
+                found[k] = f
+        if sorted(found) != sorted(pair_files):
+            missing = sorted(set(pair_files) - set(found))
+            raise LatentPatchError(
+                f"results/{folder}/ lacks the files of pair indices {missing[:8]} that results/pairs/ has; "
+                "fix: rerun that shard with --resume"
+            )
+        out[folder] = found
+    return out
+
+
 def _merged_manifest(
     dirs: Sequence[Path], manifests: Sequence[Manifest], ordered: Sequence[dict], out: Path, timings: dict
 ) -> Manifest:
@@ -232,14 +269,21 @@ def _merged_manifest(
 
 def _merged_baselines(manifests: Sequence[Manifest], ordered: Sequence[dict]) -> dict:
     """The manifest's ``baselines`` over every shard's pairs (``ordered``: their result files' contents)."""
+    per_pair: dict[str, dict] = {}
+    for m in manifests:
+        per_pair.update((m.baselines or {}).get("per_pair") or {})
     flags = {
         d["pair_id"]: (bool(d["cells"][0]["clean_correct"]), bool(d["cells"][0]["corrupted_correct"]))
         for d in ordered
         if d["cells"]
     }
-    per_pair: dict[str, dict] = {}
-    for m in manifests:
-        per_pair.update((m.baselines or {}).get("per_pair") or {})
+    for d in ordered:  # a run without cells (step-level, reading, atp only): from the unpatched predictions
+        p = per_pair.get(d["pair_id"])
+        if d["pair_id"] not in flags and p is not None:
+            flags[d["pair_id"]] = (
+                _same_number(p.get("clean_pred"), p.get("clean_answer")),
+                _same_number(p.get("corrupted_pred"), p.get("corrupted_answer")),
+            )
     n = len(ordered)
     return {
         "n_pairs": n,
@@ -249,3 +293,8 @@ def _merged_baselines(manifests: Sequence[Manifest], ordered: Sequence[dict]) ->
         "flagged_pairs": [pid for pid, (c, r) in flags.items() if not (c and r)],
         "per_pair": {d["pair_id"]: per_pair[d["pair_id"]] for d in ordered if d["pair_id"] in per_pair},
     }
+
+
+def _same_number(x: float | None, y: float | None) -> bool:
+    """``patching.metrics.same_number`` (the baselines' rule of a correct answer), without torch."""
+    return x is not None and y is not None and abs(float(x) - float(y)) < 1e-6

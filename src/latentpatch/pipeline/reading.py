@@ -4,38 +4,24 @@ per-head preparation of ``--component head_out``.
 :func:`sweep_reading` runs after the other sweeps, only when ``lens`` or ``attention`` is named: per
 pair and variant (clean, corrupted) one unpatched rollout each, committed as one file per pair and
 experiment (``results/lens/NNNNN.json``, ``results/attention/NNNNN.json``; ``--resume`` skips them),
-then assembled into ``results/lens.parquet``, ``results/lens_top.parquet`` and
+each experiment a stage of :mod:`latentpatch.pipeline.stages`, then assembled
+(``rundir.assemble_reading``) into ``results/lens.parquet``, ``results/lens_top.parquet`` and
 ``results/attention.parquet`` (columns in :mod:`latentpatch.names`). Attention maps are reduced per
 pair before the next pair starts (never a whole run's maps in memory). A default run never calls it.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 from typing import Any
 
 from latentpatch.data.pairs import Pair
-from latentpatch.files import write_json, write_parquet
 from latentpatch.model.heads import head_shape
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import (
-    ATTENTION_COLUMNS,
-    ATTENTION_DIR,
-    ATTENTION_FILE,
-    HEAD_COMPONENT,
-    LENS_COLUMNS,
-    LENS_DIR,
-    LENS_FILE,
-    LENS_TOP_COLUMNS,
-    LENS_TOP_FILE,
-    READING_EXPERIMENTS,
-)
+from latentpatch.names import ATTENTION_DIR, HEAD_COMPONENT, LENS_DIR, READING_EXPERIMENTS
 from latentpatch.patching.heads import add_head_acts, expand_heads
 from latentpatch.patching.reading import attention_run, known_values, lens_run, role_mass, token_roles, value_token
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.rundir import RunPaths
+from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
 
 VARIANTS = ("clean", "corrupted")
 #: Tokens listed per lens cell.
@@ -103,40 +89,24 @@ def attention_entry(model: LatentModel, pair: Pair) -> dict[str, Any]:
     return {"rows": rows, "maps": maps}
 
 
+def reading_stage(ctx: RunContext, name: str) -> Stage:
+    """``lens`` or ``attention`` as a stage: one file per pair under ``results/lens/`` or
+    ``results/attention/`` (both variants' unpatched rollouts, reduced before the next pair)."""
+    entry_of = lens_entry if name == "lens" else attention_entry
+
+    def one(i: int) -> Done:
+        entry = entry_of(ctx.model, ctx.pairs[i])
+        return Done({"pair_id": ctx.bases[i].pair_id, "index": ctx.indices[i], **entry})
+
+    def prepare() -> Plan:
+        return Plan(work=lambda group: [one(i) for i in group])
+
+    folder, key = (LENS_DIR, "lens") if name == "lens" else (ATTENTION_DIR, "rows")
+    return Stage(name, folder, key, "reading_s", prepare)
+
+
 def sweep_reading(ctx: RunContext) -> None:
-    """Run the requested reading experiments on every pair not yet committed, then assemble."""
-    names = [e for e in READING_EXPERIMENTS if e in ctx.config.experiments]
-    if not names:
-        return
-    t = time.perf_counter()
-    results = RunPaths(ctx.out).results
-    ctx.progress.stage("reading", len(ctx.bases) * len(names))
-    for i, (base, k) in enumerate(zip(ctx.bases, ctx.indices)):
-        for name in names:
-            path = results / (LENS_DIR if name == "lens" else ATTENTION_DIR) / f"{k:05d}.json"
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pair = ctx.pairs[i]
-                entry = lens_entry(ctx.model, pair) if name == "lens" else attention_entry(ctx.model, pair)
-                write_json(path, {"pair_id": base.pair_id, "index": k, **entry})
-            ctx.progress.advance()
-    ctx.timings["reading_s"] = time.perf_counter() - t
-    assemble_reading(ctx.out)
-
-
-def _rows(folder: Path, key: str) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted(folder.glob("*.json")):
-        entry = json.loads(f.read_text())
-        rows += [{"pair_id": entry["pair_id"], **row} for row in entry[key]]
-    return rows
-
-
-def assemble_reading(out: Path | str) -> None:
-    """Per-pair reading files (global pair order) -> ``lens.parquet``, ``lens_top.parquet``, ``attention.parquet``."""
-    results = RunPaths(out).results
-    if (results / LENS_DIR).is_dir():
-        write_parquet(results / LENS_FILE, _rows(results / LENS_DIR, "lens"), LENS_COLUMNS)
-        write_parquet(results / LENS_TOP_FILE, _rows(results / LENS_DIR, "lens_top"), LENS_TOP_COLUMNS)
-    if (results / ATTENTION_DIR).is_dir():
-        write_parquet(results / ATTENTION_FILE, _rows(results / ATTENTION_DIR, "rows"), ATTENTION_COLUMNS)
+    """Run the requested reading experiments on every pair not yet committed (``rundir`` assembles them)."""
+    for name in READING_EXPERIMENTS:
+        if name in ctx.config.experiments:
+            run_stage(ctx, reading_stage(ctx, name))

@@ -299,7 +299,7 @@ def execute_run(
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         values_for = replacement_source(ctx, all_pairs)
         checks_and_sweep(ctx, values_for)
-        sweep_steps(ctx)  # only with step-level experiments (docs/method.md §13)
+        sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
     finish_run(ctx, t0, report_process)

@@ -1,9 +1,11 @@
 """The step-level experiments of a run (docs/method.md §13): ``--experiments thought,early,influence,intermediate``.
 
 :func:`sweep_steps` runs after the layer/position/iterative sweep (and only when a step-level
-experiment is named): it records each pair's chain (:class:`~latentpatch.patching.steps.StepRecord`),
-runs the step-level specs through the same engine, commits one file per pair
-(``results/steps/NNNNN.json``, so ``--resume`` skips finished pairs) and assembles
+experiment is named) :func:`steps_stage` through the one stage runner
+(:mod:`latentpatch.pipeline.stages`): it records the chain of every pair of the pool
+(:class:`~latentpatch.patching.steps.StepRecord`; a shard's pool is every shard's pairs, so its
+values equal the unsharded run's), runs the step-level specs through the same engine, commits one
+file per pair (``results/steps/NNNNN.json``, so ``--resume`` skips finished pairs); ``rundir`` assembles
 ``results/steps.parquet`` and ``results/influence.parquet`` (columns: :data:`~latentpatch.names.STEP_COLUMNS`,
 :data:`~latentpatch.names.INFLUENCE_COLUMNS`; docs/ARCHITECTURE.md). A default run never calls it,
 so its files stay as they were.
@@ -11,13 +13,12 @@ so its files stay as they were.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from pathlib import Path
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from latentpatch.files import write_json
+from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import (
     STEP_EXPERIMENTS,
@@ -38,9 +39,9 @@ from latentpatch.patching.steps import (
     thought_sites,
 )
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.pipeline.sweep import report_failed_checks
-from latentpatch.pipeline.workers import run_items
-from latentpatch.rundir import RunPaths
+from latentpatch.pipeline.selection import pairs_to_run
+from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
+from latentpatch.pipeline.values import global_pool
 
 
 def requested(experiments: tuple[str, ...]) -> list[str]:
@@ -56,35 +57,65 @@ def step_specs(model: LatentModel, names: list[str], n_intermediates: int = 0) -
     return [s for name in stage_experiments(names, "steps") for s in experiment_specs(name, shape)]
 
 
-def _intermediates(ctx: RunContext) -> list[list[float] | None]:
+@dataclass
+class StepPoolRuns:
+    """The runs the step-level values are pooled over: every used pair of the run (all shards', in
+    global order), two records each (pair j's clean at 2j, corrupted at 2j+1), their
+    ``intermediates``, and ``position[i]``: this process's pair i's place in the pool."""
+
+    runs: list[StepRecord]
+    intermediates: list[list[float] | None]
+    position: list[int]
+
+
+def _intermediates(pairs: Sequence[Pair]) -> list[list[float] | None]:
     """Per run of the donor pool (pair i's clean at 2i, corrupted at 2i+1): its ``intermediates``."""
     out: list[list[float] | None] = []
-    for pair in ctx.pairs:
+    for pair in pairs:
         for name in ("clean", "corrupted"):
             vals = pair.variant(name).extra.get("intermediates")
             out.append([float(v) for v in vals] if isinstance(vals, list) else None)
     return out
 
 
+def step_pool_runs(ctx: RunContext, all_pairs: Sequence[Pair]) -> StepPoolRuns:
+    """The step-level pool: this process's pairs, or for a shard every shard's used pairs (as
+    :func:`~latentpatch.pipeline.values.global_pool` does for the sites' values), so a shard's
+    mean, step_mean, resample and donor values equal the unsharded run's."""
+    model, config = ctx.model, ctx.config
+    if config.shard is None:
+        bases, pairs, position = list(ctx.bases), list(ctx.pairs), list(range(len(ctx.bases)))
+    else:
+        unsharded, _ = pairs_to_run(all_pairs, dataclasses.replace(config, shard=None))
+        bases, position = global_pool(model, ctx.cache, config, unsharded, ctx.indices)
+        by_id = {p.pair_id: p for _, p in unsharded}
+        pairs = [by_id[b.pair_id] for b in bases]
+    # thought and thought_pre were recorded with the baselines (record_run): no second rollout
+    runs = [recorded_chain(rec) for b in bases for rec in (b.clean, b.corrupted)]
+    return StepPoolRuns(runs, _intermediates(pairs), position)
+
+
 def _pair_inputs(
-    ctx: RunContext, runs: list[StepRecord], specs: list[PatchSpec], inter: list[list[float] | None], n_inter: int
+    ctx: RunContext, pooled: StepPoolRuns, specs: list[PatchSpec], n_inter: int
 ) -> Callable[[int], tuple[ValueFn, list[PatchSpec]]]:
     """``i -> (values, specs)`` of pair ``ctx.bases[i]``: its replacement values (pooled over the run's
     pairs, donors for the intermediate contrast) and the specs it runs (intermediate specs need a donor)."""
-    config = ctx.config
-    # runs: 2i = clean, 2i+1 = corrupted; target/source follow the direction
+    config, runs, inter = ctx.config, pooled.runs, pooled.intermediates
+    # runs: 2j = clean, 2j+1 = corrupted; target/source follow the direction
     tgt_off, src_off = (1, 0) if config.direction == "denoise" else (0, 1)
-    pool = step_pool([runs[2 * i + src_off] for i in range(len(ctx.bases))])
-    partner = resample_partner(len(ctx.bases), config.seed)
+    n_pool = len(runs) // 2
+    pool = step_pool([runs[2 * j + src_off] for j in range(n_pool)])
+    partner = resample_partner(n_pool, config.seed)
 
     def inputs(i: int) -> tuple[ValueFn, list[PatchSpec]]:
-        donors = pick_donors(inter, 2 * i + tgt_off, n_inter, config.seed)
+        j = pooled.position[i]
+        donors = pick_donors(inter, 2 * j + tgt_off, n_inter, config.seed)
         values = step_values(
-            runs[2 * i + tgt_off],
-            runs[2 * i + src_off],
+            runs[2 * j + tgt_off],
+            runs[2 * j + src_off],
             pool,
-            partner=runs[2 * partner[i] + src_off],
-            donors={rep: runs[j] for rep, j in donors.items()},
+            partner=runs[2 * partner[j] + src_off],
+            donors={rep: runs[d] for rep, d in donors.items()},
             seed=config.seed,
             pair_index=ctx.indices[i],
         )
@@ -93,52 +124,46 @@ def _pair_inputs(
     return inputs
 
 
-def sweep_steps(ctx: RunContext) -> None:
-    """Run the requested step-level experiments on every pair not yet committed (checked first:
-    fast engine vs one rollout per spec on a seeded sample of the first pair's specs)."""
-    names = requested(ctx.config.experiments)
-    if not names:
-        return
+def steps_stage(ctx: RunContext, all_pairs: Sequence[Pair]) -> Stage:
+    """The requested step-level experiments as a stage (``results/steps/NNNNN.json``), checked
+    first: fast engine vs one rollout per spec on a seeded sample of the first pair's specs (a
+    failure is fatal with ``--strict``, docs/method.md §8)."""
     model, config = ctx.model, ctx.config
-    t = time.perf_counter()
-    runs = [recorded_chain(rec) for b in ctx.bases for rec in (b.clean, b.corrupted)]  # recorded with the baselines
-    inter = _intermediates(ctx)
-    n_inter = max((len(v) for v in inter if v is not None), default=0)
-    specs = step_specs(model, names, n_inter)
-    inputs = _pair_inputs(ctx, runs, specs, inter, n_inter)
-    values, mine = inputs(0)
-    check = check_steps_engine_reference(
-        model, ctx.bases[0], mine, values, ctx.batch_size, config.check_cells, config.seed
-    )
-    ctx.checks = {**(ctx.checks or {}), "steps_engine_reference": check}
-    report_failed_checks(ctx, only=["steps_engine_reference"])  # fatal with --strict (docs/method.md §8)
-    paths = RunPaths(ctx.out)
-    (paths.results / STEPS_DIR).mkdir(parents=True, exist_ok=True)
-    ctx.progress.stage("step-level", len(ctx.bases) * len(specs))
-    todo = [i for i in range(len(ctx.bases)) if not _step_path(ctx, i).exists()]
-    ctx.progress.advance(len(specs) * (len(ctx.bases) - len(todo)))
-    run_items(
-        todo,
-        lambda i: _patch_steps(ctx, i, *inputs(i)),
-        ctx.workers.count if ctx.workers else 1,
-        lambda i: ctx.progress.advance(len(specs)),
-        threads=torch.get_num_threads(),
-    )
-    ctx.timings["steps_s"] = time.perf_counter() - t  # assembled with the rest by rundir.assemble
+
+    def prepare() -> Plan:
+        pooled = step_pool_runs(ctx, all_pairs)
+        n_inter = max((len(v) for v in pooled.intermediates if v is not None), default=0)
+        specs = step_specs(model, requested(config.experiments), n_inter)
+        inputs = _pair_inputs(ctx, pooled, specs, n_inter)
+
+        def check() -> dict:
+            values, mine = inputs(0)
+            return check_steps_engine_reference(
+                model, ctx.bases[0], mine, values, ctx.batch_size, config.check_cells, config.seed
+            )
+
+        return Plan(
+            work=lambda group: [Done(_patch_steps(ctx, i, *inputs(i))) for i in group],
+            units=len(specs),
+            checks={"steps_engine_reference": check},
+        )
+
+    return Stage("step-level", STEPS_DIR, "rows", "steps_s", prepare)
 
 
-def _step_path(ctx: RunContext, i: int) -> Path:
-    return RunPaths(ctx.out).results / STEPS_DIR / f"{ctx.indices[i]:05d}.json"
+def sweep_steps(ctx: RunContext, all_pairs: Sequence[Pair] | None = None) -> None:
+    """Run the requested step-level experiments on every pair not yet committed (``all_pairs``:
+    the run's pair file, needed by a shard for the pool)."""
+    if requested(ctx.config.experiments):
+        run_stage(ctx, steps_stage(ctx, ctx.pairs if all_pairs is None else all_pairs))
 
 
-def _patch_steps(ctx: RunContext, i: int, values: ValueFn, specs: list[PatchSpec]) -> None:
-    """Pair ``i``'s step-level cells, committed as one file (``results/steps/{k:05d}.json``)."""
+def _patch_steps(ctx: RunContext, i: int, values: ValueFn, specs: list[PatchSpec]) -> dict[str, Any]:
+    """Pair ``i``'s step-level cells: its file ``results/steps/{k:05d}.json``."""
     base = ctx.bases[i]
     if ctx.config.engine == "fast":
         cells = sweep_fast(ctx.model, base, specs, values, EngineOptions(ctx.batch_size))
     else:
         cells = sweep_reference(ctx.model, base, specs, values)
     rows, influence = step_rows(base, specs, cells)
-    write_json(
-        _step_path(ctx, i), {"pair_id": base.pair_id, "index": ctx.indices[i], "rows": rows, "influence": influence}
-    )
+    return {"pair_id": base.pair_id, "index": ctx.indices[i], "rows": rows, "influence": influence}

@@ -1,6 +1,7 @@
 """The patching step of a run: the built-in checks, then every pair patched and committed.
 
-:func:`checks_and_sweep` runs the four built-in checks (docs/method.md §8) and :func:`sweep`: each
+:func:`checks_and_sweep` runs :func:`patching_stage` through the one stage runner
+(:mod:`latentpatch.pipeline.stages`): the four built-in checks (docs/method.md §8), then each
 pair's cells (one row per ``PatchSpec``: labels, metrics, ``answer_ids``, pair flags) become one
 file ``results/pairs/{k:05d}.json``, written atomically, so an interrupted run resumes at the first
 pair without one. Pairs run in groups that share the engine's batches where that keeps each pair's
@@ -13,15 +14,12 @@ pool is every shard's).
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from latentpatch.data.pairs import Pair
-from latentpatch.errors import LatentPatchError
-from latentpatch.files import write_json
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import GLOBAL_REPLACEMENTS
 from latentpatch.patching.baselines import PairBaseline
@@ -33,11 +31,11 @@ from latentpatch.patching.checks import (
 )
 from latentpatch.patching.engine import EngineOptions, group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
 from latentpatch.patching.specs import PatchSpec
-from latentpatch.pipeline.manifest import RunContext, write_manifest
+from latentpatch.pipeline.manifest import RunContext
 from latentpatch.pipeline.selection import pairs_to_run
+from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
 from latentpatch.pipeline.values import global_pool, value_factory
-from latentpatch.pipeline.workers import run_items
-from latentpatch.rundir import read_pair_result
+from latentpatch.rundir import PAIRS_DIR
 
 
 def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[int], Callable]:
@@ -64,54 +62,28 @@ def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[s
     }
 
 
-def run_checks(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, dict]:
-    """The built-in checks, side by side like pairs (over the run's worker processes)."""
-    jobs = check_jobs(ctx, values_for)
-    names = list(jobs)
-    workers = ctx.workers.count if ctx.workers else 1
-    done = run_items(
-        list(range(len(names))), lambda i: jobs[names[i]](), workers, lambda i: None, torch.get_num_threads()
-    )
-    return {name: done[i] for i, name in enumerate(names)}
-
-
 def checks_and_sweep(ctx: RunContext, values_for: Callable[[int], Callable]) -> None:
-    """The built-in checks, then the sweep. With worker processes (and without ``strict``, which
-    must stop before the sweep) the checks go into the sweep's pool instead, so that no core waits
-    at a barrier between the two; ``checks_s`` is then the checks' own time inside ``sweep_s``."""
-    t = time.perf_counter()
-    pooled = ctx.workers is not None and ctx.workers.count > 1 and not ctx.config.strict
-    if not pooled:
-        ctx.checks = run_checks(ctx, values_for)
-        ctx.timings["checks_s"] = time.perf_counter() - t
-        write_manifest(ctx)
-        report_failed_checks(ctx)
-    timed = sweep(ctx, values_for, check_jobs(ctx, values_for) if pooled else None)
-    if pooled:
-        ctx.checks = {name: result for name, (result, _) in timed.items()}
-        ctx.timings["checks_s"] = sum(seconds for _, seconds in timed.values())
-        write_manifest(ctx)
-        report_failed_checks(ctx)
+    """The built-in checks, then the sweep, through :func:`~latentpatch.pipeline.stages.run_stage`.
+    With worker processes (and without ``strict``, which must stop before the sweep) the checks
+    go into the sweep's pool instead, so that no core waits at a barrier between the two;
+    ``checks_s`` is then the checks' own time inside ``sweep_s``."""
+    run_stage(ctx, patching_stage(ctx, values_for))
 
 
-def report_failed_checks(ctx: RunContext, only: Sequence[str] | None = None) -> None:
-    """Warn (through ``ctx.progress``) about every failed built-in check (of ``only``, when given);
-    fatal with ``strict``."""
-    checks = ctx.checks or {}
-    failed = [k for k, c in checks.items() if not c["passed"] and (only is None or k in only)]
-    if not failed:
-        return
-    ctx.progress.warn(
-        "CHECK FAILED: "
-        + "; ".join(
-            f"{k} (value {checks[k]['value']:.3g}, threshold {checks[k]['threshold']:.3g}): {checks[k]['detail']}"
-            for k in failed
+def patching_stage(ctx: RunContext, values_for: Callable[[int], Callable]) -> Stage:
+    """The patching sweep as a stage: ``results/pairs/NNNNN.json``, pairs grouped to share the
+    engine's batches, the four built-in checks."""
+
+    def prepare() -> Plan:
+        size = pairs_per_batch(ctx.specs, ctx.batch_size, ctx.shared_rows) if ctx.config.engine == "fast" else 1
+        return Plan(
+            work=lambda group: [Done(entry) for entry in patch_pairs(ctx, group, values_for)],
+            units=len(ctx.specs),
+            batch=lambda todo: group_pairs(ctx.bases, todo, size, ctx.model.config.eos_id),
+            checks=check_jobs(ctx, values_for),
         )
-    )
-    if ctx.config.strict:
-        raise LatentPatchError(
-            f"built-in check failed ({', '.join(failed)}); see {ctx.paths.manifest}; --strict makes this fatal"
-        )
+
+    return Stage("patching", PAIRS_DIR, "cells", "sweep_s", prepare, checks_timing="checks_s")
 
 
 def _cell_row(spec: PatchSpec, metrics: dict, base: PairBaseline) -> dict:
@@ -166,46 +138,3 @@ def patch_pairs(ctx: RunContext, group: Sequence[int], values_for: Callable[[int
             entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
         entries.append(entry)
     return entries
-
-
-def sweep(
-    ctx: RunContext, values_for: Callable[[int], Callable], jobs: dict[str, Callable[[], dict]] | None = None
-) -> dict[str, tuple[dict, float]]:
-    """Patch every pair not yet committed; a pair's cells are committed as one file
-    ``results/pairs/{k:05d}.json`` (k: its global index), so an interrupted run resumes there.
-
-    ``jobs`` (the built-in checks) run first in the same pool as the pairs; returns each one's
-    ``{name: (result, seconds)}``."""
-    ctx.paths.pair_results.mkdir(parents=True, exist_ok=True)
-    ctx.progress.stage("patching", len(ctx.bases) * len(ctx.specs))
-    t = time.perf_counter()
-    todo = []
-    for i, k in enumerate(ctx.indices):
-        path = ctx.paths.pair_result(k)
-        if not path.exists() or read_pair_result(path) is None:
-            if path.exists():  # a file damaged outside the run (writes are atomic): recompute it
-                ctx.progress.warn(f"note: {path} is damaged (truncated?); recomputing pair {ctx.bases[i].pair_id}")
-            todo.append(i)
-        else:
-            ctx.progress.advance(len(ctx.specs))
-    names = list(jobs or {})  # job j is item -1 - j, group g of pairs is item g
-    size = pairs_per_batch(ctx.specs, ctx.batch_size, ctx.shared_rows) if ctx.config.engine == "fast" else 1
-    groups = group_pairs(ctx.bases, todo, size, ctx.model.config.eos_id)
-
-    def work(g: int) -> tuple[dict, float] | None:
-        if g < 0:
-            start = time.perf_counter()
-            return (jobs or {})[names[-1 - g]](), time.perf_counter() - start
-        for i, entry in zip(groups[g], patch_pairs(ctx, groups[g], values_for)):
-            write_json(ctx.paths.pair_result(ctx.indices[i]), entry)
-        return None
-
-    done = run_items(
-        [-1 - j for j in range(len(names))] + list(range(len(groups))),
-        work,
-        ctx.workers.count if ctx.workers else 1,
-        lambda g: ctx.progress.advance(len(groups[g]) * len(ctx.specs)) if g >= 0 else None,
-        threads=torch.get_num_threads(),
-    )
-    ctx.timings["sweep_s"] = time.perf_counter() - t
-    return {name: done[-1 - j] for j, name in enumerate(names)}

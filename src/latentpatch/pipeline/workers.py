@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
@@ -41,10 +42,7 @@ def run_items(
 ) -> dict[int, Any]:
     """``{item: work(item)}`` for every item; ``done(item)`` is called in this process as each finishes.
 
-    With ``workers`` > 1 (and more than one item), item j goes to worker ``j % workers``: worker 0
-    is this process, the others are forked children (at ``threads`` torch threads: a forked
-    child does not inherit the count), whose results come back pickled. Blocks until every item
-    is done; a child's error (or Ctrl-C) stops the others and is raised here.
+    The results are collected by :func:`stream_items` (item j to worker ``j % workers``).
 
     >>> seen = []
     >>> run_items([3, 1, 2], lambda i: i * i, 1, seen.append)
@@ -52,43 +50,78 @@ def run_items(
     >>> seen
     [3, 1, 2]
     """
-    workers = min(workers, len(items)) if fork_available() else 1
     results: dict[int, Any] = {}
+
+    def got(item: int, result: Any) -> None:
+        results[item] = result
+        done(item)
+
+    stream_items(items, work, workers, got, threads)
+    return {item: results[item] for item in items}
+
+
+def stream_items(
+    items: Sequence[int],
+    work: Callable[[int], Any],
+    workers: int,
+    on_result: Callable[[int, Any], None],
+    threads: int | None = None,
+) -> None:
+    """Run ``work(item)`` for every item; ``on_result(item, result)`` is called in this process as
+    each finishes (so the caller commits a child's results one by one, not when the child ends).
+
+    With ``workers`` > 1 (and more than one item), item j goes to worker ``j % workers``: worker 0
+    is this process, the others are forked children (at ``threads`` torch threads: a forked
+    child does not inherit the count), which pickle each result to a file of their own before
+    reporting the item. Blocks until every item is done; a child's error (or Ctrl-C) stops the
+    others and is raised here.
+
+    >>> got = []
+    >>> stream_items([2, 5], lambda i: -i, 1, lambda i, r: got.append((i, r)))
+    >>> got
+    [(2, -2), (5, -5)]
+    """
+    workers = min(workers, len(items)) if fork_available() else 1
     children: dict[int, _Child] = {}  # read end of the child's pipe -> the child
     try:
         for w in range(1, workers):
             child = _fork_worker(items[w::workers], work, threads)
             children[child.read] = child
         for item in items[0::workers]:
-            results[item] = work(item)
-            done(item)
-            _drain(children, done, results, block=False)
+            on_result(item, work(item))
+            _drain(children, on_result, block=False)
         while children:
-            _drain(children, done, results, block=True)
+            _drain(children, on_result, block=True)
     finally:
         for child in children.values():  # only after an error here: stop the rest
             os.kill(child.pid, signal.SIGTERM)
             os.waitpid(child.pid, 0)
             child.close()
-    return {item: results[item] for item in items}
 
 
 @dataclass
 class _Child:
     pid: int
     read: int  # the pipe on which it reports finished items
-    results: str  # the file it pickles its results to
+    results: str  # the folder it pickles each result to (``<item>.pkl``)
 
     def close(self) -> None:
         os.close(self.read)
-        Path(self.results).unlink(missing_ok=True)
+        shutil.rmtree(self.results, ignore_errors=True)
+
+    def result(self, item: int) -> Any:
+        """The result of ``item`` (reported on the pipe), read once."""
+        path = Path(self.results) / f"{item}.pkl"
+        with open(path, "rb") as f:
+            out = pickle.load(f)
+        path.unlink()
+        return out
 
 
 def _fork_worker(items: Sequence[int], work: Callable[[int], Any], threads: int | None) -> _Child:
-    """Fork a child that runs ``work`` on ``items``, writes ``"<item>\n"`` per finished item
-    (``"!<message>\n"`` on failure) to its pipe, and pickles ``{item: result}`` to its file."""
-    handle, results = tempfile.mkstemp(prefix="latentpatch-worker-", suffix=".pkl")
-    os.close(handle)
+    """Fork a child that runs ``work`` on ``items``, pickles each result to ``<folder>/<item>.pkl``,
+    then writes ``"<item>\n"`` to its pipe (``"!<message>\n"`` on failure)."""
+    results = tempfile.mkdtemp(prefix="latentpatch-worker-")
     read, write = os.pipe()
     pid = os.fork()
     if pid:
@@ -102,12 +135,11 @@ def _fork_worker(items: Sequence[int], work: Callable[[int], Any], threads: int 
             import torch  # the caller's work already imported it
 
             torch.set_num_threads(threads)
-        out = {}
         for item in items:
-            out[item] = work(item)
+            result = work(item)
+            with open(Path(results) / f"{item}.pkl", "wb") as f:
+                pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.write(write, f"{item}\n".encode())
-        with open(results, "wb") as f:
-            pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         message = " ".join(str(err).split()) or type(err).__name__
         os.write(write, f"!{type(err).__name__}: {message}\n".encode())
@@ -116,8 +148,8 @@ def _fork_worker(items: Sequence[int], work: Callable[[int], Any], threads: int 
         os._exit(code)  # no atexit handlers, no flushing of the parent's buffers
 
 
-def _drain(children: dict[int, _Child], done: Callable[[int], None], results: dict[int, Any], block: bool) -> None:
-    """Report the items the children finished since the last call; collect the results of the
+def _drain(children: dict[int, _Child], on_result: Callable[[int, Any], None], block: bool) -> None:
+    """Hand over the results of the items the children finished since the last call; reap the
     children that ended."""
     ready, _, _ = select.select(list(children), [], [], None if block else 0)
     for read in ready:
@@ -130,8 +162,6 @@ def _drain(children: dict[int, _Child], done: Callable[[int], None], results: di
                     raise LatentPatchError(
                         f"a worker process stopped unexpectedly (status {status}); rerun with --resume"
                     )
-                with open(child.results, "rb") as f:
-                    results.update(pickle.load(f))
             finally:
                 child.close()
             continue
@@ -139,4 +169,5 @@ def _drain(children: dict[int, _Child], done: Callable[[int], None], results: di
         for line in chunk.splitlines():
             if line.startswith("!"):
                 raise LatentPatchError(f"in a worker process: {line[1:]}; rerun with --resume after fixing it")
-            done(int(line))
+            item = int(line)
+            on_result(item, children[read].result(item))
