@@ -344,7 +344,7 @@ class RunConfig(ModelOptions):
 
     def _check_shardable(self) -> None:
         """``merge`` joins every stage's per-pair files and every pooled value is computed over all
-        shards' pairs (sites: ``global_pool``; step-level: ``step_pool_runs``), except per-head
+        shards' pairs (the run's one value pool: ``pipeline.values.run_value_pool``), except per-head
         baselines, which are not in the shared activation cache."""
         if self.component == HEAD_COMPONENT and self.replacement in GLOBAL_REPLACEMENTS:
             raise LatentPatchError(

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from latentpatch.model.latent import LatentModel
     from latentpatch.patching.baselines import PairBaseline
     from latentpatch.patching.specs import PatchSpec
+    from latentpatch.patching.values import ValuePool
     from latentpatch.pipeline.cache import ActivationCache
     from latentpatch.pipeline.threads import ThreadChoice
 
@@ -50,6 +51,7 @@ class RunContext:
     workers: ThreadChoice | None = None  # processes for the per-pair loops (pipeline/workers.py)
     shared_rows: int | None = None  # rows per forward when pairs share the engine's batches (threads.py)
     bases: list[PairBaseline] = field(default_factory=list)
+    value_pool: ValuePool | None = None  # the run's one value pool (pipeline/values.py run_value_pool), built once
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
     answers_cut: dict[str, Any] | None = None  # pipeline/limits.py cut_answers, set when the run finishes

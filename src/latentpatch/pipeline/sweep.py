@@ -13,7 +13,6 @@ pool is every shard's).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +20,6 @@ import torch
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import GLOBAL_REPLACEMENTS
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -32,20 +30,16 @@ from latentpatch.patching.checks import (
 from latentpatch.patching.engine import EngineOptions, group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.manifest import RunContext
-from latentpatch.pipeline.selection import pairs_to_run
 from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
-from latentpatch.pipeline.values import global_pool, value_factory
+from latentpatch.pipeline.values import run_value_pool
 from latentpatch.rundir import PAIRS_DIR
 
 
 def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[int], Callable]:
-    """The patched-in values of each pair; a shard's ``mean``/``resample`` values use every shard's pairs."""
-    config = ctx.config
-    if config.replacement in GLOBAL_REPLACEMENTS and config.shard is not None:
-        ctx.replacement_pool = "all shards"
-        unsharded, _ = pairs_to_run(all_pairs, dataclasses.replace(config, shard=None))
-        return value_factory(ctx.bases, config, *global_pool(ctx.model, ctx.cache, config, unsharded, ctx.indices))
-    return value_factory(ctx.bases, config)
+    """``i -> ValueFn``: the patched-in values of this process's pair ``i``, from the run's one value
+    pool (a shard's ``mean``/``resample`` values use every shard's pairs)."""
+    pool = run_value_pool(ctx, all_pairs)
+    return lambda i: pool.values(i, ctx.bases[i])
 
 
 def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, Callable[[], dict]]:

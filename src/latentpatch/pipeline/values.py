@@ -1,44 +1,51 @@
-"""The values patched in at each pair: ``--replacement`` source, zero, mean or resample.
+"""The run's one value pool (:func:`run_value_pool`): the values patched in at each pair, for every
+kind of patch (:class:`latentpatch.patching.values.ValuePool`), built once per run.
 
-``mean`` and ``resample`` values depend on every pair of the run; a shard computes them over
-every shard's pairs (:func:`global_pool`), so merged shards equal the unsharded run.
+``mean``, ``step_mean`` and ``resample`` values depend on every pair of the run; a shard computes
+them over every shard's pairs (:func:`global_pool`), so merged shards equal the unsharded run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
-from latentpatch.patching.baselines import PairBaseline, mean_activations, replacement_values, resample_partner
+from latentpatch.names import GLOBAL_REPLACEMENTS, STEP_EXPERIMENTS
+from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.specs import EngineConfig
+from latentpatch.patching.values import ValuePool, pool_of
 from latentpatch.pipeline.cache import ActivationCache, recorded_run
 from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.selection import pairs_to_run
+
+if TYPE_CHECKING:
+    from latentpatch.pipeline.manifest import RunContext
 
 
-def value_factory(
-    bases: Sequence[PairBaseline],
-    config: RunConfig,
-    pool: Sequence[PairBaseline] | None = None,
-    pool_position: Sequence[int] | None = None,
-) -> Callable[[int], Callable]:
-    """``i -> ValueFn`` for this process's pair ``i``.
-
-    ``mean`` and ``resample`` values depend on every pair of the run. ``pool`` is that whole set
-    (all shards' used pairs, in global order; default: ``bases``) and ``pool_position[i]`` is pair
-    ``i``'s place in it, so a shard computes exactly the values the unsharded run would.
-    """
-    if pool is None or pool_position is None:
-        pool, pool_position = bases, range(len(bases))
+def run_value_pool(ctx: RunContext, all_pairs: Sequence[Pair]) -> ValuePool:
+    """The run's value pool, built on first use and kept on ``ctx`` (the patching sweep, the step
+    level and atp share it). A shard whose values depend on the whole run (``--replacement mean`` or
+    ``resample``, or any step-level experiment: their means, partners and donors) pools every
+    shard's used pairs (:func:`global_pool`; the manifest's ``replacement_pool`` says so)."""
+    if ctx.value_pool is not None:
+        return ctx.value_pool
+    config = ctx.config
     engine_cfg = EngineConfig(config.direction, config.replacement)
-    means = mean_activations(pool) if config.replacement == "mean" else None
-    partner = resample_partner(len(pool), config.seed)
-
-    def values_for(i: int) -> Callable:
-        source = pool[partner[pool_position[i]]] if config.replacement == "resample" else None
-        return replacement_values(bases[i], engine_cfg, means, source)
-
-    return values_for
+    whole_run = config.replacement in GLOBAL_REPLACEMENTS or any(e in STEP_EXPERIMENTS for e in config.experiments)
+    if config.shard is None or not whole_run:
+        pool = pool_of(ctx.bases, ctx.indices, engine_cfg, config.seed, ctx.pairs)
+    else:
+        unsharded, _ = pairs_to_run(all_pairs, dataclasses.replace(config, shard=None))
+        bases, position = global_pool(ctx.model, ctx.cache, config, unsharded, ctx.indices)
+        by_id = {p.pair_id: p for _, p in unsharded}
+        pairs = [by_id[b.pair_id] for b in bases]
+        pool = ValuePool(bases, position, list(ctx.indices), engine_cfg, config.seed, pairs, label="all shards")
+        ctx.replacement_pool = pool.label
+    ctx.value_pool = pool
+    return pool
 
 
 def global_pool(
