@@ -39,10 +39,10 @@ class TokenCounter:
         self._advance, self._prefill = LatentModel.advance, LatentModel.prefill
         fwd, pre = self._advance, self._prefill
 
-        def advance(model, state, *, input_ids=None, inputs_embeds=None, hooks=None):
+        def advance(model, state, *, input_ids=None, inputs_embeds=None, **options):
             x = input_ids if input_ids is not None else inputs_embeds
             self.n += x.shape[0] * x.shape[1]
-            return fwd(model, state, input_ids=input_ids, inputs_embeds=inputs_embeds, hooks=hooks)
+            return fwd(model, state, input_ids=input_ids, inputs_embeds=inputs_embeds, **options)
 
         def prefill(model, prompts, hooks=None):
             self.n += len(prompts) * max(len(p) for p in prompts)

@@ -43,3 +43,16 @@ def test_linear_flops_count_the_dense_products_of_a_forward():
 def test_matmul_peak_is_flops_per_second_of_one_product():
     peak, n = bench_sweep().matmul_peak(torch.device("cpu"), torch.float32, repeats=2)
     assert n == 1024 and 1e8 < peak < 1e14  # between 0.1 GFLOP/s and 100 TFLOP/s on any CPU
+
+
+def test_the_sweep_benchmark_runs_end_to_end(tmp_path):
+    """The benchmark instruments the engine by wrapping LatentModel methods: a change of their
+    signatures must not break it (a one-pair engine-only run, its token count against the engine)."""
+    import subprocess
+
+    out = tmp_path / "results.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_sweep.py"), "--model", "default", "--pairs", "1"]
+    cmd += ["--skip-reference", "--skip-nnsight", "--shared-rows", "none", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "token positions" in done.stdout and out.exists()
