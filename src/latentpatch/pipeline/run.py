@@ -261,40 +261,45 @@ def run_experiments(
     out = check_writable_dir(config.out)
     reporter = progress if isinstance(progress, RunProgress) else BarProgress() if progress else RunProgress()
     command = command or command_line(config)
-    holder: list[RunContext] = []  # the run's context once it exists (for the interrupted manifest)
+    ctx: RunContext | None = None  # the run's context once it exists (for the interrupted manifest)
     try:
         with run_lock(out, note=reporter.warn):
             previous = open_run(config, resume)
-            execute_run(config, model, pairs, previous, reporter, command, holder, report_process)
+            all_pairs = load_run_pairs(config) if pairs is None else list(pairs)  # before the model loads
+            t0 = time.perf_counter()
+            ctx = prepare_run(config, model, all_pairs, previous, reporter, command)
+            execute_run(ctx, all_pairs, t0, report_process)
     except KeyboardInterrupt:
-        raise interrupted(holder[0] if holder else None, command) from None
+        raise interrupted(ctx, command) from None
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before writing anything: leave no empty directory behind
     return out
 
 
-def execute_run(
+def prepare_run(
     config: RunConfig,
     model: LatentModel | None,
-    pairs: Sequence[Pair] | None,
+    all_pairs: Sequence[Pair],
     previous: dict[str, Any] | None,
     reporter: RunProgress,
     command: str,
-    holder: list[RunContext],
-    report_process: ReportProcess | None = None,
-) -> None:
-    """The steps of :func:`run_experiments` in the locked run directory; ``holder`` gets the context."""
-    all_pairs = load_run_pairs(config) if pairs is None else list(pairs)  # a bad pair file fails before the model loads
+) -> RunContext:
+    """The model (loaded unless given) and the run's context (:func:`start_run`), in the locked directory."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
     timings["load_model_s"] = time.perf_counter() - t0
-    ctx = start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
-    holder.append(ctx)
-    with reporter:
+    return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
+
+
+def execute_run(
+    ctx: RunContext, all_pairs: Sequence[Pair], t0: float, report_process: ReportProcess | None = None
+) -> None:
+    """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
+    with ctx.progress:
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         values_for = replacement_source(ctx, all_pairs)
