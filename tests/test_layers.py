@@ -28,6 +28,9 @@ from latentpatch.rundir import Manifest, RunPaths, read_manifest, read_pairs_jso
 LIGHT_MODULES = [
     "latentpatch.names",
     "latentpatch.rundir",
+    "latentpatch.assembly",
+    "latentpatch.pipeline.options",
+    "latentpatch.pipeline.selection",
     "latentpatch.files",
     "latentpatch.pipeline.config",
     "latentpatch.pipeline.manifest",

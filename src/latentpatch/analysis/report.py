@@ -39,6 +39,7 @@ from latentpatch.analysis.sections import (
 )
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.stats_section import statistics_section
+from latentpatch.analysis.step_stats import read_steps, step_stats
 from latentpatch.analysis.steps_section import steps_sections
 from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
@@ -159,7 +160,7 @@ def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tupl
     """``report.html`` of a run without cells (no layer/position maps): checks, baselines, the step-level
     and reading sections, configuration and the reproduce command."""
     checks_html, _ = checks_section(manifest)
-    steps = st.step_stats(*st.read_steps(run_dir), st.run_seed(manifest))
+    steps = step_stats(*read_steps(run_dir), st.run_seed(manifest))
     if steps is not None:  # stats.json of a run without cells: the step-level statistics only
         settings = {"seed": st.run_seed(manifest), "n_resamples": 9999}
         atomic_write_text(

@@ -3,7 +3,7 @@
 ``latentpatch run`` spends its first seconds importing torch and transformers on one core. A
 process forked before that imports the analysis stack (matplotlib, pandas, scipy, pyarrow: about a
 second and a half) on the other core and then waits. When the run's pairs are done it assembles
-``results/`` there (:func:`latentpatch.rundir.assemble`, whose parquet writer is then already
+``results/`` there (:func:`latentpatch.assembly.assemble`, whose parquet writer is then already
 imported) and builds the report, so the run's end waits for neither import. Anything that goes
 wrong in it (no fork, an error while assembling or building) makes :meth:`ReportProcess.assemble`
 or :meth:`ReportProcess.build` return False, and the caller does that step itself, so the files and
@@ -101,7 +101,7 @@ def _serve(request: int, reply: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
     try:
         from latentpatch.analysis.report import build_report
-        from latentpatch.rundir import assemble
+        from latentpatch.assembly import assemble
 
         steps: dict[str, Callable[[Path], object]] = {"assemble": assemble, "report": build_report}
         while line := _read_line(request):  # empty: the run ended (with or without a report)

@@ -3,7 +3,7 @@ the influence matrix, intermediate values. Each: a figure, a table with bootstra
 Holm-corrected Wilcoxon p-values (:mod:`latentpatch.analysis.inference`), and a one-sentence reading.
 
 Reads the summaries from ``stats.json``'s ``steps`` (computed from ``results/steps.parquet`` and
-``results/influence.parquet`` by :func:`latentpatch.analysis.stats.step_stats`; absent: each section
+``results/influence.parquet`` by :func:`latentpatch.analysis.step_stats.step_stats`; absent: each section
 says how to get it). :func:`steps_sections` returns the HTML of all four; :func:`build_steps_report` writes the
 page of a run made of step-level experiments only (it has no ``cells.parquet`` rows).
 """
@@ -22,7 +22,7 @@ from latentpatch.analysis.sections import (
     note,
     section,
 )
-from latentpatch.analysis.stats import (  # noqa: F401 - read_steps, summarize, thought_signature: re-exported
+from latentpatch.analysis.step_stats import (  # noqa: F401 - read_steps, summarize, thought_signature: re-exported
     STEP_SUMMARY_KEYS,
     SUMMARY_NUMBERS,
     influence_matrices,
@@ -175,7 +175,7 @@ def intermediate_section(steps: dict | None) -> str:
 
 def steps_sections(run_dir: Path, steps: dict | None, formats=("png", "svg")) -> str:
     """The HTML of the four step-level sections from ``stats.json``'s ``steps``
-    (:func:`~latentpatch.analysis.stats.step_stats`; figures drawn into ``figures/``)."""
+    (:func:`~latentpatch.analysis.step_stats.step_stats`; figures drawn into ``figures/``)."""
     fig_dir = RunPaths(run_dir).figures
     return (
         thought_section(steps, fig_dir, formats)

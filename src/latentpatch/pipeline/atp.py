@@ -7,7 +7,7 @@ head with ``--component head_out``) through both gradient paths
 from the engine on the exact check's pairs (``--atp-exact-pairs``, default all) and, with
 ``--refine K``, of the top-K sites and a seeded control sample elsewhere. One committed file per pair
 (``results/atp/NNNNN.json``; ``--resume`` skips it; a stage of :mod:`latentpatch.pipeline.stages`),
-assembled by ``rundir.assemble_atp`` into ``results/atp.parquet``
+assembled by ``assembly.assemble_atp`` into ``results/atp.parquet``
 (:data:`~latentpatch.names.ATP_COLUMNS`). A default run never calls it.
 """
 
@@ -85,6 +85,6 @@ def atp_stage(ctx: RunContext, values_for: Any) -> Stage:
 
 
 def sweep_atp(ctx: RunContext, values_for: Any) -> None:
-    """Attribution patching of every pair not yet committed (``rundir.assemble_atp`` assembles it)."""
+    """Attribution patching of every pair not yet committed (``assembly.assemble_atp`` assembles it)."""
     if ATP_EXPERIMENT in ctx.config.experiments:
         run_stage(ctx, atp_stage(ctx, values_for))

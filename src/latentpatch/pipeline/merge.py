@@ -4,7 +4,7 @@ Shard i of N runs pairs k with k mod N == i of the filtered, limited pair list a
 pair's result file by its global index (``results/pairs/{k:05d}.json``, and likewise under every
 other stage folder: ``steps/``, ``lens/``, ``attention/``, ``atp/``). Merging checks that the
 shards belong together, copies every stage folder's per-pair files, writes ``pairs.json`` in
-global order and a merged manifest, then runs the model-free :func:`latentpatch.rundir.assemble`
+global order and a merged manifest, then runs the model-free :func:`latentpatch.assembly.assemble`
 (every stage's tables): ``results/`` ends up as an unsharded run would write it. See ``docs/scaling.md``.
 """
 
@@ -17,12 +17,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from latentpatch.assembly import ASSEMBLERS, assemble
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.names import GLOBAL_REPLACEMENTS
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.options import parse_shard, parse_values
-from latentpatch.rundir import ASSEMBLERS, PAIRS_DIR, Manifest, RunPaths, assemble, read_manifest
+from latentpatch.rundir import PAIRS_DIR, Manifest, RunPaths, read_manifest
 
 #: Manifest config keys that may differ between shards of one run.
 FREE_KEYS = {f.name for f in dataclasses.fields(RunConfig) if not f.metadata["results"]} | {"shard"}
@@ -197,7 +198,7 @@ def _stage_files(
     dirs: Sequence[Path], n_shards: int, pair_files: dict[int, tuple[Path, dict]]
 ) -> dict[str, dict[int, Path]]:
     """Every stage folder's per-pair files (``results/pairs/`` and each other folder of
-    :data:`~latentpatch.rundir.ASSEMBLERS` the shards wrote) by global index: every shard has the
+    :data:`~latentpatch.assembly.ASSEMBLERS` the shards wrote) by global index: every shard has the
     same folders, and each folder one file per pair of the patching sweep."""
     folders = [sorted(f for f in ASSEMBLERS if (RunPaths(d).results / f).is_dir()) for d in dirs]
     if any(f != folders[0] for f in folders):

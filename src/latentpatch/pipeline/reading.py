@@ -5,7 +5,7 @@ per-head preparation of ``--component head_out``.
 pair and variant (clean, corrupted) one unpatched rollout each, committed as one file per pair and
 experiment (``results/lens/NNNNN.json``, ``results/attention/NNNNN.json``; ``--resume`` skips them),
 each experiment a stage of :mod:`latentpatch.pipeline.stages`, then assembled
-(``rundir.assemble_reading``) into ``results/lens.parquet``, ``results/lens_top.parquet`` and
+(``assembly.assemble_reading``) into ``results/lens.parquet``, ``results/lens_top.parquet`` and
 ``results/attention.parquet`` (columns in :mod:`latentpatch.names`). Attention maps are reduced per
 pair before the next pair starts (never a whole run's maps in memory). A default run never calls it.
 """

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from latentpatch.analysis.report_process import ReportProcess
+from latentpatch.assembly import assemble
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
@@ -50,7 +51,7 @@ from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
 from latentpatch.pipeline.threads import ThreadChoice, choose_threads, choose_workers, shared_rows
 from latentpatch.pipeline.workers import run_items
-from latentpatch.rundir import RunPaths, assemble, read_manifest
+from latentpatch.rundir import RunPaths, read_manifest
 from latentpatch.runlock import check_writable_dir, run_lock
 
 # ---- the steps -----------------------------------------------------------------------------------

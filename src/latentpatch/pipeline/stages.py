@@ -14,7 +14,7 @@ pool, the tasks run on an :class:`Executor` (serial, or forked workers: today's
 :func:`~latentpatch.pipeline.workers.stream_items`; the scale-out issue adds Ray), and the driver
 alone commits each result atomically as it arrives, moves the progress bar and adds timings to
 ``ctx.timings`` (never inside forked work). The tables of each folder are written by one model-free
-assembler (:data:`latentpatch.rundir.ASSEMBLERS`), which ``merge`` runs too.
+assembler (:data:`latentpatch.assembly.ASSEMBLERS`), which ``merge`` runs too.
 """
 
 from __future__ import annotations
