@@ -279,6 +279,19 @@ def test_run_with_atp_exact_check_and_refine(tmp_path):
     part = html[html.index('id="atp"') :]
     part = part[: part.index("</section>")]
     assert "Pearson" in part and "data:image/png;base64," in part and "--refine" in part
+    # the section's numbers are stats.json's: the agreement against a plain correlation of the checked rows
+    import json
+
+    import numpy as np
+
+    stats = json.loads((out / "stats.json").read_text())["atp"]
+    checked = atp[atp["checked"] & atp["exact"].notna()]
+    assert abs(stats["agreement"]["pearson"] - np.corrcoef(checked["atp"], checked["exact"])[0, 1]) < 1e-9
+    ranks = checked[["atp", "exact"]].rank()
+    assert abs(stats["agreement"]["spearman"] - np.corrcoef(ranks["atp"], ranks["exact"])[0, 1]) < 1e-9
+    refined = atp[(atp["selected"] == "top") & atp["exact"].notna()]  # every pair's top sites
+    assert abs(stats["refine"]["top"]["mean_abs_exact"] - refined["exact"].abs().mean()) < 1e-9
+    assert f"{stats['agreement']['n_sites']}</td>" in part
 
 
 def test_atp_options_need_the_experiment():

@@ -104,3 +104,18 @@ def test_run_of_reading_experiments_only_gets_a_report(tmp_path) -> None:
     assert 'id="checks"' in html and 'id="lens"' in html and 'id="layer"' not in html
     lens_part = html[html.index('id="lens"') :]
     assert "data:image/png;base64," in lens_part[: lens_part.index("</section>")]
+    # stats.json holds the lens statistics the section shows: checked against the parquet by hand
+    import json
+
+    import pandas as pd
+
+    best = json.loads((out / "stats.json").read_text())["lens"]["best"]
+    lens = pd.read_parquet(out / "results" / "lens.parquet")
+    answer = next(r for r in best if r["kind"] == "answer")
+    rows = lens[lens["kind"] == "answer"]
+    medians = {key: float(g["rank"].median()) for key, g in rows.groupby(["layer", "position"])}
+    assert answer["median_rank"] == min(medians.values())
+    assert medians[(answer["layer"], answer["position"])] == answer["median_rank"]
+    at = rows[(rows["layer"] == answer["layer"]) & (rows["position"] == answer["position"])]
+    assert answer["top1_rate"] == float((at["rank"] == 0).mean()) and answer["n"] == len(at)
+    assert f"{answer['n']}</td>" in lens_part[: lens_part.index("</section>")]

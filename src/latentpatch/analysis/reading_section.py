@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from latentpatch.analysis.html import escape, fmt, table
 from latentpatch.analysis.reading_figures import attention_pair, attention_roles, head_maps, lens_ranks, position_name
+from latentpatch.analysis.reading_stats import lens_stats
 from latentpatch.analysis.sections import figure, note, section
 from latentpatch.names import ATTENTION_DIR, ATTENTION_FILE, LENS_FILE, LENS_TOP_FILE, THOUGHT_LAYER, parse_head
 from latentpatch.rundir import RunPaths, read_manifest
@@ -39,15 +41,14 @@ def _layer(layer: int) -> str:
     return "thought" if layer == THOUGHT_LAYER else str(layer)
 
 
-def _lens_summary(lens: pd.DataFrame, K: int) -> str:
-    """Per known value: where (layer, position) its median rank is lowest, and the top-1 rate there."""
-    rows = []
-    for (kind, index), grp in lens.groupby(["kind", "index"], sort=True):
-        med = grp.groupby(["layer", "position"])["rank"].median()
-        layer, pos = med.idxmin()
-        at = grp[(grp["layer"] == layer) & (grp["position"] == pos)]
-        top1 = float((at["rank"] == 0).mean())
-        rows.append([f"{kind} {index}", _layer(layer), position_name(pos, K), fmt(med.min()), fmt(top1), str(len(at))])
+def _lens_summary(stats: dict[str, Any], K: int) -> str:
+    """Per known value: where (layer, position) its median rank is lowest, and the top-1 rate there
+    (``stats.json``'s ``lens``, :func:`latentpatch.analysis.reading_stats.lens_stats`)."""
+    rows = [
+        [f"{r['kind']} {r['index']}", _layer(r["layer"]), position_name(r["position"], K)]
+        + [fmt(r["median_rank"]), fmt(r["top1_rate"]), str(r["n"])]
+        for r in stats["best"]
+    ]
     return table(["value", "layer", "position", "median rank", "top-1 rate", "n runs"], rows, left={0})
 
 
@@ -65,7 +66,8 @@ def _pair_table(top: pd.DataFrame, K: int) -> str:
     return table(["layer"] + [position_name(p, K) for p in positions], [[escape(c) for c in r] for r in rows], left=0)
 
 
-def lens_section(run_dir: Path, formats: Sequence[str]) -> str:
+def lens_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any] | None = None) -> str:
+    """The ``lens`` section; ``stats``: ``stats.json``'s ``lens`` (computed here when not given)."""
     lens, top = _read(run_dir, LENS_FILE), _read(run_dir, LENS_TOP_FILE)
     if lens is None or top is None:
         return section("lens", note(f"This run has no logit lens; run with <code>--experiments lens</code> ({HOW})."))
@@ -78,8 +80,9 @@ def lens_section(run_dir: Path, formats: Sequence[str]) -> str:
     )
     if not lens.empty and lens_ranks(lens, K, fig_dir, formats):
         body += figure(fig_dir, "lens_ranks", "Median rank over pairs and variants (log scale; lower is better).")
-    if not lens.empty:
-        body += "<h3>Where each value is read best</h3>" + _lens_summary(lens, K)
+    stats = stats or lens_stats(lens)
+    if stats:
+        body += "<h3>Where each value is read best</h3>" + _lens_summary(stats, K)
     for pid in list(dict.fromkeys(top["pair_id"]))[:PAIRS_SHOWN]:
         body += f"<h3>{escape(str(pid))} (clean): top-3 tokens</h3>" + _pair_table(top[top["pair_id"] == pid], K)
     return section("lens", body)
@@ -135,7 +138,11 @@ def heads_section(run_dir: Path, formats: Sequence[str]) -> str:
     return section("heads", body)
 
 
-def reading_sections(run_dir: Path, formats: Sequence[str] = ("png", "svg")) -> str:
-    """The HTML of the lens, attention and heads sections (each a one-line note when its results are absent)."""
+def reading_sections(
+    run_dir: Path, formats: Sequence[str] = ("png", "svg"), stats: dict[str, Any] | None = None
+) -> str:
+    """The HTML of the lens, attention and heads sections (each a one-line note when its results are
+    absent); ``stats``: ``stats.json`` (its ``lens``)."""
     run_dir = Path(run_dir)
-    return lens_section(run_dir, formats) + attention_section(run_dir, formats) + heads_section(run_dir, formats)
+    lens = lens_section(run_dir, formats, (stats or {}).get("lens"))
+    return lens + attention_section(run_dir, formats) + heads_section(run_dir, formats)

@@ -39,7 +39,6 @@ from latentpatch.analysis.sections import (
 )
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.stats_section import statistics_section
-from latentpatch.analysis.step_stats import read_steps, step_stats
 from latentpatch.analysis.steps_section import steps_sections
 from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
@@ -108,8 +107,8 @@ def render_page(
 {position_section(stats, fig_dir, config)}
 {iterative_section(stats, fig_dir)}
 {steps_sections(run_dir, stats.get("steps"))}
-{reading_sections(run_dir)}
-{atp_section(run_dir)}
+{reading_sections(run_dir, stats=stats)}
+{atp_section(run_dir, stats=stats.get("atp"))}
 {statistics_section(stats)}
 {flagged_section(stats, all_cells)}
 {thoughts_section(thoughts, pairs, predictions=predictions)}
@@ -160,15 +159,16 @@ def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tupl
     """``report.html`` of a run without cells (no layer/position maps): checks, baselines, the step-level
     and reading sections, configuration and the reproduce command."""
     checks_html, _ = checks_section(manifest)
-    steps = step_stats(*read_steps(run_dir), st.run_seed(manifest))
-    if steps is not None:  # stats.json of a run without cells: the step-level statistics only
+    extra = st.add_stage_stats(run_dir, {})  # stats.json of a run without cells: the other stages' statistics
+    steps = extra.get("steps")
+    if extra:
         settings = {"seed": st.run_seed(manifest), "n_resamples": 9999}
         atomic_write_text(
-            RunPaths(run_dir).stats, json.dumps({"settings": settings, "steps": steps}, indent=1, allow_nan=False)
+            RunPaths(run_dir).stats, json.dumps({"settings": settings, **extra}, indent=1, allow_nan=False)
         )
     body = (
         f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, steps, formats)}"
-        f"{reading_sections(run_dir, formats)}{atp_section(run_dir, formats)}"
+        f"{reading_sections(run_dir, formats, extra)}{atp_section(run_dir, formats, extra.get('atp'))}"
         f"{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
     )
     ids = set(re.findall(r'<section id="([^"]+)"', body))
@@ -216,7 +216,7 @@ def build_report(
     cell_job = start_cell_figures(RunPaths(out_dir).figures, cells, trajectories, formats, run)
 
     stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
-    stats = st.add_step_stats(run_dir, stats, n_resamples)  # "steps": only with step-level experiments
+    stats = st.add_stage_stats(run_dir, stats, n_resamples)  # "steps": only with step-level experiments
     st.write_stats(out_dir, stats)
     summary_figures(RunPaths(out_dir).figures, pd.DataFrame(stats["cells"]), formats, run)
     cell_job.result()

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from latentpatch.analysis.atp_stats import atp_stats, read_atp
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
+from latentpatch.analysis.reading_stats import lens_stats, read_lens
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, used_pairs
 from latentpatch.analysis.step_stats import read_steps, step_stats
 from latentpatch.errors import LatentPatchError
@@ -260,11 +262,17 @@ def top_cells(summary: pd.DataFrame, k: int = 10, metrics: Iterable[str] = METRI
     return out
 
 
-def add_step_stats(run_dir: Path | str, result: dict[str, Any], n_resamples: int = 9999) -> dict[str, Any]:
-    """``result`` with ``steps`` (:func:`step_stats` of the run's step-level tables) when the run has them."""
+def add_stage_stats(run_dir: Path | str, result: dict[str, Any], n_resamples: int = 9999) -> dict[str, Any]:
+    """``result`` with the statistics of the run's other stages, where it has them: ``steps``
+    (:func:`step_stats` of the step-level tables) and ``atp`` (:func:`atp_stats`: the estimate's
+    agreement with the exact effects, its paths, the ``--refine`` rows) and ``lens`` (:func:`lens_stats`:
+    where each known value is read best)."""
     seed = run_seed(read_manifest(run_dir))
     steps = step_stats(*read_steps(Path(run_dir)), seed, n_resamples)
-    return result if steps is None else {**result, "steps": steps}
+    atp = atp_stats(read_atp(run_dir))
+    lens = lens_stats(read_lens(run_dir))
+    extra = {k: v for k, v in (("steps", steps), ("lens", lens), ("atp", atp)) if v is not None}
+    return {**result, **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +345,7 @@ def compute_stats(
     check_result_files(run_dir)
     cells = read_cells(run_dir)
     result = stats_from_cells(cells, run_seed(manifest), exclude_flagged, n_resamples, confidence, ci_method, top_k)
-    result = add_step_stats(run_dir, result, n_resamples)
+    result = add_stage_stats(run_dir, result, n_resamples)
     if write:
         write_stats(run_dir, result)
     return result
