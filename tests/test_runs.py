@@ -18,9 +18,10 @@ from helpers import tiny_text_model
 from latentpatch.data.pairs import load_pairs, save_pairs
 from latentpatch.data.synthetic import generate_pairs
 from latentpatch.errors import LatentPatchError
+from latentpatch.names import CELL_COLUMNS
 from latentpatch.pipeline.progress import RunProgress
 from latentpatch.pipeline.run import RunConfig, run_experiments
-from latentpatch.rundir import CELL_COLUMNS, Manifest, read_manifest
+from latentpatch.rundir import Manifest, read_manifest
 
 RESULT_FILES = ["results/layer.json", "results/position.json", "results/iterative.json", "results/thoughts.json"]
 

@@ -23,13 +23,8 @@ from latentpatch.names import (
     ALL_POSITIONS,
     INFLUENCE_FILE,
     STEPS_FILE,
-    SUMMARY_METRICS,
 )
 from latentpatch.rundir import RunPaths
-
-#: Metrics summarised per cell (``act_bias`` only exists for chained/frozen rows; NaN elsewhere).
-METRICS = SUMMARY_METRICS
-
 
 #: The group keys of each step-level summary.
 STEP_SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
