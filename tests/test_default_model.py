@@ -127,7 +127,7 @@ def test_answers_follow_the_thoughts(tmp_path):
     answer, a different-value donor flips the answer and a same-value one does not)."""
     import torch
 
-    from latentpatch.analysis.steps_section import read_steps, thought_signature
+    from latentpatch.analysis.step_stats import read_steps, thought_signature
     from latentpatch.data.pairs import save_pairs
     from latentpatch.data.synthetic import generate_pairs
     from latentpatch.pipeline.config import RunConfig

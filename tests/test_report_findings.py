@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from fake_run import write_fake_run
 
@@ -45,24 +46,27 @@ def test_findings_come_first_and_quote_stats_json(run):
     page = (run / "report.html").read_text()
     stats = json.loads((run / "stats.json").read_text())
     assert page.index('<section id="findings">') < page.index('<section id="checks">') < page.index('id="summary"')
-    text = section_text(page, "findings")
+    text = re.sub(r"</?span[^>]*>", "", section_text(page, "findings"))
     best = max(_cells(stats, "layer", "all"), key=lambda c: abs(c["mean"]))
     assert f"layer {best['layer']}</b>: recovery <b>{fmt(best['mean'])}</b> [95% CI {fmt(best['ci_low'])}, " in text
-    ceiling = max(_cells(stats, "layer", "all"), key=lambda c: c["mean"])
-    assert f"Ceiling: patching <i>all</i> thoughts restores at best <b>{fmt(ceiling['mean'])}</b>" in text
     cell = max(_cells(stats, "position", "single"), key=lambda c: abs(c["mean"]))
     assert f"layer {cell['layer']}, thought {cell['position']}</b>: recovery <b>{fmt(cell['mean'])}</b>" in text
     chained = max(_cells(stats, "iterative", "chained"), key=lambda c: abs(c["mean"]))
-    assert f"At layer {chained['layer']}, patching thought 0" in text and fmt(chained["mean"]) in text
-    comp = next(
-        c
-        for c in stats["comparisons"]
-        if c["comparison"] == "chained vs frozen" and c["layer"] == chained["layer"] and c["metric"] == "recovery"
+    assert f"At layer {chained['layer']}, where it restores most, patching the first thought" in text
+    # chained vs frozen at that layer: the paired difference over pairs, computed here from cells.parquet
+    cells = pd.read_parquet(run / "results" / "cells.parquet")
+    at = cells[(cells["layer"] == chained["layer"]) & (cells["component"] == "resid_out")]
+    per_mode = {
+        m: at[(at["experiment"] == "iterative") & (at["mode"] == m) & (at["position"] == 0)].set_index("pair_id")
+        for m in ("chained", "frozen")
+    }
+    diff = (per_mode["chained"]["recovery"] - per_mode["frozen"]["recovery"]).mean()
+    con = next(
+        c for c in stats["contrasts"] if c["name"] == "chained vs frozen" and c["where"]["layer"] == chained["layer"]
     )
-    assert "chained vs frozen: p (Wilcoxon, Holm across layers) " + fmt(comp["p_wilcoxon_holm"], 2) in re.sub(
-        r"</?span[^>]*>", "", text
-    )
-    assert "Reading:" in text
+    assert con["diff"] == pytest.approx(diff, abs=1e-9)
+    word = "more" if con["ci_low"] > 0 else "less" if con["ci_high"] < 0 else "no clear difference"
+    assert f"{word} (difference <b>{fmt(con['diff'])}</b> [95% CI {fmt(con['ci_low'])}" in text
     assert "5 of 5 pairs used" in text and "1 pair(s) flagged" in text and "<b>included</b> in the means" in text
 
 

@@ -191,7 +191,7 @@ def test_run_with_step_experiments_writes_tables_and_report(tmp_path):
         influence = pd.read_parquet(out / "results" / "influence.parquet")
         assert list(influence.columns) == INFLUENCE_COLUMNS
         page = (out / "report.html").read_text()
-        assert '<section id="early">' in page and "Reading." in page
+        assert '<section id="early">' in page and "Finding." in page
         assert (out / "figures" / "early_answers.png").is_file()
         check = json.loads((out / "manifest.json").read_text())["checks"]["steps_engine_reference"]
         assert check["passed"] and check["cells"] > 0 and check["value"] <= check["threshold"]

@@ -3,7 +3,7 @@
 Its numbers are ``stats.json``'s ``atp`` (:func:`latentpatch.analysis.atp_stats.atp_stats`: the
 agreement of the estimate with the exact effect, the attention and recurrent paths, the ``--refine``
 rows); the figure ``atp_scatter`` shows estimate vs exact effect, one panel per component, from
-``results/atp.parquet``. A run without ``atp`` gets one line that says how to get it.
+``results/atp.parquet``. A run without ``atp`` has no section.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from latentpatch.analysis.atp_stats import TOP_K, atp_stats, component_group, read_atp
+from latentpatch.analysis.atp_stats import TOP_K, component_group, read_atp
 from latentpatch.analysis.figures import DPI, save_figure
 from latentpatch.analysis.html import escape, fmt, table
-from latentpatch.analysis.sections import figure, note, section
+from latentpatch.analysis.sections import figure, note
+from latentpatch.analysis.skeleton import ExperimentSection, Quote
 from latentpatch.names import COMPONENTS
 from latentpatch.rundir import RunPaths, read_manifest
 
-HOW = "docs/method.md §15"
+METHOD = "docs/method.md §15"
 
 
 def atp_scatter(rows: pd.DataFrame, out_dir: Path, formats: Sequence[str]) -> list[Path]:
@@ -57,56 +58,76 @@ def _timing_note(run_dir: Path, n_pairs: int, n_exact: int) -> str:
     )
 
 
-def atp_section(run_dir: Path, formats: Sequence[str] = ("png",), stats: dict[str, Any] | None = None) -> str:
-    """The ``atp`` section: agreement table, scatter, worst misses, ``--refine`` summary. ``stats``:
-    ``stats.json``'s ``atp`` (computed here when not given: a run directory from before it was written)."""
+def _atp_finding(stats: dict[str, Any]) -> str:
+    q, a = Quote(stats), stats["atp"]["agreement"]
+    if not a.get("n_sites"):
+        return "No site was checked against exact patching, so the estimate's agreement is not known."
+    at = ("atp", "agreement")
+    return (
+        f"On the {q.num(*at, 'n_sites')} sites of {q.num(*at, 'n_pairs')} pair(s) checked exactly, the "
+        f"estimate ranks the effects with Spearman {q.num(*at, 'spearman')} (Pearson {q.num(*at, 'pearson')}, "
+        f"pooled over pairs); per pair, {q.num(*at, 'top_overlap')} of the exact top sites are among its own "
+        "top sites (the top-k overlap, k as in the table)."
+    )
+
+
+def atp_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -> ExperimentSection | None:
+    """The ``atp`` section: agreement table, scatter, worst misses and the paths folded, ``--refine`` summary.
+    ``stats``: ``stats.json`` (its ``atp``); None when the run has no attribution patching."""
     atp = read_atp(run_dir)
-    if atp is None:
-        return section(
-            "atp", note(f"This run has no attribution patching; run with <code>--experiments atp</code> ({HOW}).")
-        )
-    stats = stats or atp_stats(atp) or {}
-    a = stats["agreement"]
-    body = note(
+    if atp is None or not stats.get("atp"):
+        return None
+    a = stats["atp"]["agreement"]
+    notes = note(
         "Estimate = (patched-in value − target activation) · gradient of the answer logit difference at the target "
         "run, through the KV cache and the recurrence; 'attention path' stops the gradient at each fed thought. "
         + _timing_note(run_dir, int(atp["pair_id"].nunique()), int(atp["exact"].notna().sum()))
     )
     rows = [["all", str(a["n_sites"]), fmt(a["pearson"]), fmt(a["spearman"])]]
     rows += [[escape(g), str(v["n"]), fmt(v["pearson"]), fmt(v["spearman"])] for g, v in a["by_component"].items()]
-    body += (
-        f"<p>Exact check: {a['n_pairs']} pair(s); per pair (mean over pairs): Pearson {fmt(a['pair_pearson'])}, "
-        f"Spearman {fmt(a['pair_spearman'])}, top-{TOP_K} overlap {fmt(a['top_overlap'])}. Pooled over pairs:</p>"
+    compact = (
+        f"<p>Per pair (mean over pairs): Pearson {fmt(a['pair_pearson'])}, Spearman {fmt(a['pair_spearman'])}, "
+        f"top-{TOP_K} overlap {fmt(a['top_overlap'])}. "
+        "Pooled over pairs:</p>" + table(["component", "sites", "Pearson", "Spearman"], rows, left=1)
     )
-    body += table(["component", "sites", "Pearson", "Spearman"], rows, left=1)
     checked = atp[atp["checked"].astype(bool) & atp["exact"].notna()].copy()
     checked["group"] = checked["component"].map(component_group)
-    if atp_scatter(checked, RunPaths(run_dir).figures, formats):
-        body += figure(RunPaths(run_dir).figures, "atp_scatter", "One point per pair and site of the exact check.")
+    fig_dir = RunPaths(run_dir).figures
+    figures = (
+        figure(fig_dir, "atp_scatter", "One point per pair and site of the exact check.")
+        if atp_scatter(checked, fig_dir, formats)
+        else ""
+    )
+    folded = []
     if a["misses"]:
-        body += "<h3>Where the approximation fails (large exact effect, small estimate)</h3>"
         miss_rows = [
             [escape(str(r["pair_id"])), escape(r["component"]), str(r["layer"]), str(r["position"])]
             + [fmt(r["exact"]), fmt(r["atp"]), fmt(r["atp_attention"])]
             for r in a["misses"]
         ]
-        body += table(["pair", "component", "layer", "position", "exact", "AtP", "AtP attention path"], miss_rows, 2)
-    body += "<h3>Attention path and recurrent path (every pair and site)</h3>"
-    body += table(
+        folded.append(
+            (
+                "Where the approximation fails (large exact effect, small estimate)",
+                table(["pair", "component", "layer", "position", "exact", "AtP", "AtP attention path"], miss_rows, 2),
+            )
+        )
+    paths_table = table(
         ["component", "mean |AtP|", "mean |attention path|", "mean |recurrent path|", "recurrent fraction"],
         [
             [escape(r["group"])]
             + [fmt(r[k]) for k in ("mean_abs_atp", "mean_abs_attention", "mean_abs_recurrent", "recurrent_fraction")]
-            for r in stats["paths"]
+            for r in stats["atp"]["paths"]
         ],
         left=1,
     )
-    refined = stats["refine"]
+    folded.append(("Attention path and recurrent path (every pair and site)", paths_table))
+    refined = stats["atp"]["refine"]
     if refined:
-        body += "<h3>--refine: exact effects of the top sites and of a random control sample</h3>"
-        body += table(
+        compact += "<h3>--refine: exact effects of the top sites and of a random control sample</h3>" + table(
             ["sites", "n", "mean |exact|"],
             [[k, str(int(v["n"])), fmt(v["mean_abs_exact"])] for k, v in refined.items()],
             left=1,
         )
-    return section("atp", body)
+    return ExperimentSection(
+        "atp", _atp_finding(stats), notes=notes, figures=figures, table=compact, folded=tuple(folded), method=METHOD
+    )

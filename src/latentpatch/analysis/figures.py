@@ -216,7 +216,8 @@ def position_heatmaps(
             fontsize=9,
         )
         name = f"position_heatmap_{metric}"
-        paths += save_figure(fig, out_dir, name, formats)
+        # the layout as the PNG (the page's image) was saved: saving an SVG lays the figure out again
+        paths += save_figure(fig, out_dir, name, [f for f in formats if f == "png"])
         layout = {
             "axes": [round(float(v), 6) for v in ax.get_position().bounds],
             "layers": [int(x) for x in piv.index],
@@ -224,6 +225,7 @@ def position_heatmaps(
             "change_from_baseline": bool(metric == "answer_logit_diff" and run.baseline_ld is not None),
         }
         (out_dir / f"{name}.cells.json").write_text(json.dumps(layout) + "\n")
+        paths += save_figure(fig, out_dir, name, [f for f in formats if f != "png"])
     return paths
 
 

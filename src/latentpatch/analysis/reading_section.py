@@ -1,8 +1,9 @@
-"""The report's reading sections (docs/method.md §14): logit lens, attention to the question, per-head patching.
+"""The report's reading experiments (docs/method.md §14) in the one skeleton: logit lens, attention to
+the question, per-head patching.
 
-Reads ``results/lens.parquet``, ``results/lens_top.parquet``, ``results/attention.parquet``, the
-per-pair attention files and the ``head_out.<h>`` rows of ``results/cells.parquet``. A run without
-them gets each section as one line that says how to get it (as the step-level sections do).
+Findings quote ``stats.json`` (``lens``, ``attention``, the ``head_out.<h>`` cells); figures and pair
+views read ``results/lens.parquet``, ``results/lens_top.parquet``, ``results/attention.parquet`` and
+the per-pair attention files. An experiment the run lacks has no section (None).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import pandas as pd
 
 from latentpatch.analysis.html import escape, fmt, table
 from latentpatch.analysis.reading_figures import attention_pair, attention_roles, head_maps, lens_ranks, position_name
-from latentpatch.analysis.reading_stats import lens_stats
-from latentpatch.analysis.sections import figure, note, section
+from latentpatch.analysis.sections import figure, note
+from latentpatch.analysis.skeleton import ExperimentSection, Quote
 from latentpatch.names import ATTENTION_DIR, ATTENTION_FILE, LENS_FILE, LENS_TOP_FILE, THOUGHT_LAYER, parse_head
 from latentpatch.rundir import RunPaths, read_manifest
 
-HOW = "docs/method.md §14"
+METHOD = "docs/method.md §14"
 #: Pairs shown with their own tables / heatmaps.
 PAIRS_SHOWN = 3
 #: Heads listed in the top-heads table.
@@ -66,83 +67,181 @@ def _pair_table(top: pd.DataFrame, K: int) -> str:
     return table(["layer"] + [position_name(p, K) for p in positions], [[escape(c) for c in r] for r in rows], left=0)
 
 
-def lens_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any] | None = None) -> str:
-    """The ``lens`` section; ``stats``: ``stats.json``'s ``lens`` (computed here when not given)."""
+def _where(q: Quote, keys: tuple, K: int) -> str:
+    """``layer L, thought p`` (or the fed vector / the first answer position) of a record at ``keys``."""
+    record = q.stats
+    for k in keys:
+        record = record[k]
+    layer = "the fed thought vector" if record["layer"] == THOUGHT_LAYER else f"layer {q.num(*keys, 'layer')}"
+    position = "the first answer position" if record["position"] >= K else f"thought {q.num(*keys, 'position')}"
+    return f"{layer}, {position}"
+
+
+def _lens_finding(stats: dict[str, Any], K: int) -> str:
+    q, best = Quote(stats), stats["lens"]["best"]
+    parts = []
+    for i, r in enumerate(best):
+        if r["kind"] not in ("answer", "intermediate"):
+            continue
+        what = "the answer" if r["kind"] == "answer" else f"intermediate {q.num('lens', 'best', i, 'index')}"
+        parts.append(
+            f"{what} is read best at {_where(q, ('lens', 'best', i), K)} "
+            f"(median rank {q.num('lens', 'best', i, 'median_rank')}, "
+            f"the top token in {q.count(('lens', 'best', i, 'top1_rate'), ('lens', 'best', i, 'n'))} runs)"
+        )
+    if not parts:
+        return "The lens has no answer or intermediate value to read."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+def lens_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -> ExperimentSection | None:
+    """The ``lens`` section; ``stats``: ``stats.json`` (its ``lens``)."""
     lens, top = _read(run_dir, LENS_FILE), _read(run_dir, LENS_TOP_FILE)
-    if lens is None or top is None:
-        return section("lens", note(f"This run has no logit lens; run with <code>--experiments lens</code> ({HOW})."))
+    if lens is None or top is None or not stats.get("lens"):
+        return None
     K, fig_dir = _num_latent(run_dir), RunPaths(run_dir).figures
-    body = note(
-        "Each layer's residual stream at each thought (t0..) and the first answer position (ans), and the fed "
-        "vector itself (layer 'thought'), through the final norm and the LM head; ranks of the first number "
-        "token of each known value (0 = top token). Values: the answer, the pair's intermediates (if given), "
-        "the question's numbers (operands)."
-    )
+    figures = ""
     if not lens.empty and lens_ranks(lens, K, fig_dir, formats):
-        body += figure(fig_dir, "lens_ranks", "Median rank over pairs and variants (log scale; lower is better).")
-    stats = stats or lens_stats(lens)
-    if stats:
-        body += "<h3>Where each value is read best</h3>" + _lens_summary(stats, K)
-    for pid in list(dict.fromkeys(top["pair_id"]))[:PAIRS_SHOWN]:
-        body += f"<h3>{escape(str(pid))} (clean): top-3 tokens</h3>" + _pair_table(top[top["pair_id"] == pid], K)
-    return section("lens", body)
-
-
-def attention_section(run_dir: Path, formats: Sequence[str]) -> str:
-    att = _read(run_dir, ATTENTION_FILE)
-    if att is None:
-        return section("attention", note(f"This run has no attention maps; add <code>attention</code> ({HOW})."))
-    K, paths = _num_latent(run_dir), RunPaths(run_dir)
-    body = note(
-        "Attention (mean over heads) of each thought and of the first answer position on the prompt's tokens, "
-        "by role: the question's numbers in order, operator words, other words, special tokens; 'thoughts' is "
-        "the mass on the latent positions (earlier thoughts and itself)."
+        figures = figure(fig_dir, "lens_ranks", "Median rank over pairs and variants (log scale; lower is better).")
+    pairs = "".join(
+        f"<h3>{escape(str(pid))} (clean): top-3 tokens</h3>" + _pair_table(top[top["pair_id"] == pid], K)
+        for pid in list(dict.fromkeys(top["pair_id"]))[:PAIRS_SHOWN]
     )
+    return ExperimentSection(
+        "lens",
+        _lens_finding(stats, K),
+        notes=note(
+            "Each layer's residual stream at each thought (t0..) and the first answer position (ans), and the fed "
+            "vector itself (layer 'thought'), through the final norm and the LM head; ranks of the first number "
+            "token of each known value (0 = top token). Values: the answer, the pair's intermediates (if given), "
+            "the question's numbers (operands)."
+        ),
+        figures=figures,
+        table="<h3>Where each value is read best</h3>" + _lens_summary(stats["lens"], K),
+        folded=((f"Top tokens of the first {PAIRS_SHOWN} pairs", pairs),) if pairs else (),
+        method=METHOD,
+    )
+
+
+def _attention_finding(stats: dict[str, Any], K: int) -> str:
+    q, rows = Quote(stats), stats["attention"]["summary"]
+    at_answer = {r["role"]: i for i, r in enumerate(rows) if r["position"] >= K}
+    if not at_answer:
+        return "The run recorded no attention at the first answer position."
+    top = max(at_answer, key=lambda role: rows[at_answer[role]]["mean"] or 0)
+    parts = [f"the most on {escape(ROLE_WORDS.get(top, top))} ({q.ci('attention', 'summary', at_answer[top])})"]
+    parts += [
+        f"{q.ci('attention', 'summary', at_answer[role])} on {escape(ROLE_WORDS[role])}"
+        for role in ("thoughts", "numbers")
+        if role in at_answer and role != top
+    ]
+    return "At the first answer position, attention (mean over heads and layers) puts " + "; ".join(parts) + "."
+
+
+#: How the finding names each role group.
+ROLE_WORDS = {
+    "thoughts": "the latent thoughts",
+    "numbers": "the question's numbers",
+    "operator": "operator words",
+    "other": "the question's other words",
+    "special": "special tokens",
+}
+
+
+def attention_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -> ExperimentSection | None:
+    att = _read(run_dir, ATTENTION_FILE)
+    if att is None or not stats.get("attention"):
+        return None
+    K, paths = _num_latent(run_dir), RunPaths(run_dir)
+    figures = ""
     if attention_roles(att, K, paths.figures, formats):
-        body += figure(paths.figures, "attention_roles", "Mean attention mass per layer and role.")
+        figures = figure(paths.figures, "attention_roles", "Mean attention mass per layer and role.")
     mean = att.groupby(["position", "role"])["weight"].mean().unstack("role")
     roles = list(mean.columns)
     rows = [[position_name(int(p), K)] + [fmt(mean.loc[p, r]) for r in roles] for p in mean.index]
-    body += "<h3>Mean over layers and pairs</h3>" + table(["position"] + roles, rows, left={0})
-    for n, f in enumerate(sorted((paths.results / ATTENTION_DIR).glob("*.json"))[:PAIRS_SHOWN]):
-        if attention_pair(json.loads(f.read_text()), n, K, paths.figures, formats):
-            body += figure(paths.figures, f"attention_pair_{n}", "Attention over the prompt (one pair).")
-    return section("attention", body)
+    pairs = "".join(
+        figure(paths.figures, f"attention_pair_{n}", "Attention over the prompt (one pair).")
+        for n, f in enumerate(sorted((paths.results / ATTENTION_DIR).glob("*.json"))[:PAIRS_SHOWN])
+        if attention_pair(json.loads(f.read_text()), n, K, paths.figures, formats)
+    )
+    return ExperimentSection(
+        "attention",
+        _attention_finding(stats, K),
+        notes=note(
+            "Attention (mean over heads) of each thought and of the first answer position on the prompt's tokens, "
+            "by role: the question's numbers in order, operator words, other words, special tokens; 'thoughts' is "
+            "the mass on the latent positions (earlier thoughts and itself)."
+        ),
+        figures=figures,
+        table="<h3>Mean over layers and pairs</h3>" + table(["position"] + roles, rows, left={0}),
+        folded=((f"Attention over the prompt, first {PAIRS_SHOWN} pairs", pairs),) if pairs else (),
+        method=METHOD,
+    )
 
 
-def heads_section(run_dir: Path, formats: Sequence[str]) -> str:
+def _heads_finding(stats: dict[str, Any]) -> str:
+    q = Quote(stats)
+    heads = [
+        (i, c)
+        for i, c in enumerate(stats.get("cells", []))
+        if parse_head(c["component"]) is not None and c["metric"] == "recovery" and c.get("mean") is not None
+    ]
+    if not heads:
+        return "The run has no per-head recovery values."
+    i, best = max(heads, key=lambda ic: abs(ic[1]["mean"]))
+    position = "" if best["position"] < 0 else f", thought {q.num('cells', i, 'position')}"
+    return (
+        f"Patching one head alone restores the most at {q.num('cells', i, 'component')} of layer "
+        f"{q.num('cells', i, 'layer')}{position} ({escape(best['experiment'])} experiment): recovery "
+        f"{q.ci('cells', i)}, p (Holm) {q.p('cells', i, 'p_holm')}."
+    )
+
+
+def heads_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -> ExperimentSection | None:
     cells_path = RunPaths(run_dir).cells
     cells = pd.read_parquet(cells_path) if cells_path.is_file() else pd.DataFrame({"component": []})
     heads = cells["component"].map(parse_head)
     cells = cells[heads.notna()].assign(head=heads[heads.notna()].astype(int))
     if cells.empty:
-        return section("heads", note(f"This run patched no heads; run with <code>--component head_out</code> ({HOW})."))
+        return None
     fig_dir = RunPaths(run_dir).figures
-    body = note(
-        "--component head_out: head h's slice of the attention output projection's input patched alone "
-        "(component head_out.h); mean recovery per layer x head."
+    figures = "".join(
+        figure(fig_dir, f"heads_{exp}", f"{exp} experiment: layer x head, mean recovery.")
+        for exp, grp in cells.groupby("experiment", sort=True)
+        if exp in ("layer", "position") and head_maps(grp, str(exp), fig_dir, formats)
     )
-    for exp, grp in cells.groupby("experiment", sort=True):
-        if exp in ("layer", "position") and head_maps(grp, str(exp), fig_dir, formats):
-            body += figure(fig_dir, f"heads_{exp}", f"{exp} experiment: layer x head, mean recovery.")
     mean = cells.groupby(["experiment", "layer", "head", "position"])[["recovery", "kl"]].agg(["mean", "count"])
-    best = mean.sort_values(("recovery", "mean"), ascending=False).head(TOP_HEADS)
-    rows = [
-        [str(e), str(lay), str(h), "all" if p < 0 else f"t{p}", str(int(r[("recovery", "count")]))]
-        + [fmt(r[("recovery", "mean")]), fmt(r[("kl", "mean")])]
-        for (e, lay, h, p), r in best.iterrows()
-    ]
-    body += "<h3>Top heads by mean recovery</h3>" + table(
-        ["experiment", "layer", "head", "position", "n", "recovery", "KL"], rows, left={0}
+    ranked = mean.sort_values(("recovery", "mean"), ascending=False)
+
+    def rows(frame: pd.DataFrame) -> list[list[str]]:
+        return [
+            [str(e), str(lay), str(h), "all" if p < 0 else f"t{p}", str(int(r[("recovery", "count")]))]
+            + [fmt(r[("recovery", "mean")]), fmt(r[("kl", "mean")])]
+            for (e, lay, h, p), r in frame.iterrows()
+        ]
+
+    header = ["experiment", "layer", "head", "position", "n", "recovery", "KL"]
+    return ExperimentSection(
+        "heads",
+        _heads_finding(stats),
+        notes=note(
+            "--component head_out: head h's slice of the attention output projection's input patched alone "
+            "(component head_out.h); mean recovery per layer x head."
+        ),
+        figures=figures,
+        table="<h3>Top heads by mean recovery</h3>" + table(header, rows(ranked.head(TOP_HEADS)), left={0}),
+        folded=((f"Every head ({len(ranked)} rows)", table(header, rows(ranked), left={0})),),
+        method=METHOD,
     )
-    return section("heads", body)
 
 
-def reading_sections(
-    run_dir: Path, formats: Sequence[str] = ("png", "svg"), stats: dict[str, Any] | None = None
-) -> str:
-    """The HTML of the lens, attention and heads sections (each a one-line note when its results are
-    absent); ``stats``: ``stats.json`` (its ``lens``)."""
+def reading_sections(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -> list[ExperimentSection]:
+    """The lens, attention and heads sections the run has; ``stats``: ``stats.json``."""
     run_dir = Path(run_dir)
-    lens = lens_section(run_dir, formats, (stats or {}).get("lens"))
-    return lens + attention_section(run_dir, formats) + heads_section(run_dir, formats)
+    made = (
+        lens_section(run_dir, formats, stats),
+        attention_section(run_dir, formats, stats),
+        heads_section(run_dir, formats, stats),
+    )
+    return [s for s in made if s is not None]

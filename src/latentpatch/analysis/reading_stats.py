@@ -14,13 +14,19 @@ from typing import Any
 import pandas as pd
 
 from latentpatch.files import json_safe
-from latentpatch.names import LENS_FILE
+from latentpatch.names import ATTENTION_FILE, LENS_FILE
 from latentpatch.rundir import RunPaths
 
 
 def read_lens(run_dir: Path | str) -> pd.DataFrame | None:
     """``results/lens.parquet``, or None when the run has none."""
     path = RunPaths(run_dir).results / LENS_FILE
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def read_attention(run_dir: Path | str) -> pd.DataFrame | None:
+    """``results/attention.parquet``, or None when the run has none."""
+    path = RunPaths(run_dir).results / ATTENTION_FILE
     return pd.read_parquet(path) if path.is_file() else None
 
 
@@ -52,3 +58,29 @@ def lens_stats(lens: pd.DataFrame | None) -> dict[str, Any] | None:
             }
         )
     return json_safe({"best": best})
+
+
+def role_group(role: str) -> str:
+    """The group a prompt role is summarised in: every ``number k`` of the question is "numbers".
+
+    >>> role_group("number 3"), role_group("thoughts")
+    ('numbers', 'thoughts')
+    """
+    return "numbers" if role.startswith("number") else role
+
+
+def attention_stats(attention: pd.DataFrame | None, seed: int, n_resamples: int = 9999) -> dict[str, Any] | None:
+    """``{summary: [{position, role, n, mean, ci_low, ci_high, p, p_holm}, ...]}``: per query position
+    (thought p, or K = the first answer position) and role group (:func:`role_group`), the attention
+    mass (mean over heads, layers and the clean/corrupted runs of a pair) summarised over pairs with
+    a 95% bootstrap CI; None without attention results."""
+    if attention is None or attention.empty:
+        return None
+    from latentpatch.analysis.step_stats import summarize
+
+    grouped = attention.assign(role=attention["role"].map(role_group))
+    # per run and layer: the group's mass (a sum over its roles), then the mean over layers and runs
+    mass = grouped.groupby(["pair_id", "variant", "layer", "position", "role"], sort=True)["weight"].sum()
+    per_pair = mass.groupby(["pair_id", "position", "role"], sort=True).mean().reset_index()
+    summary = summarize(per_pair, ["position", "role"], ["weight"], seed, n_resamples)
+    return json_safe({"summary": summary.drop(columns="metric").to_dict(orient="records")})

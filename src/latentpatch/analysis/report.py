@@ -21,6 +21,7 @@ from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
 from latentpatch.analysis.atp_section import atp_section
 from latentpatch.analysis.figure_set import start_cell_figures, summary_figures
+from latentpatch.analysis.findings import what_was_run
 from latentpatch.analysis.html import CSS, escape
 from latentpatch.analysis.reading_section import reading_sections
 from latentpatch.analysis.sections import (
@@ -28,18 +29,17 @@ from latentpatch.analysis.sections import (
     baselines_section,
     checks_section,
     config_section,
-    findings_section,
     flagged_section,
-    iterative_section,
-    layer_section,
-    position_section,
     reproduce_section,
+    section,
     summary_section,
     thoughts_section,
 )
 from latentpatch.analysis.selection import used_pairs
+from latentpatch.analysis.skeleton import EXPERIMENT_SECTIONS, ExperimentSection, findings_list, not_run_line
 from latentpatch.analysis.stats_section import statistics_section
 from latentpatch.analysis.steps_section import steps_sections
+from latentpatch.analysis.sweep_sections import sweep_sections
 from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
     RunPaths,
@@ -68,53 +68,73 @@ def _banners(manifest: dict, n_fail: int) -> str:
     return banners
 
 
+def experiment_sections(
+    run_dir: Path, stats: dict[str, Any], fig_dir: Path, config: dict, formats: tuple[str, ...]
+) -> list[ExperimentSection]:
+    """The sections of the experiments this run has, in page order (:data:`EXPERIMENT_SECTIONS`)."""
+    made = [
+        *(sweep_sections(stats, fig_dir, config) if stats.get("cells") else []),
+        *steps_sections(run_dir, stats, formats),
+        *reading_sections(run_dir, formats, stats),
+        *([atp] if (atp := atp_section(run_dir, formats, stats)) is not None else []),
+    ]
+    order = [sid for sid, _, _ in EXPERIMENT_SECTIONS]
+    return sorted(made, key=lambda s: order.index(s.sid))
+
+
 def render_page(
     run_dir: Path,
     manifest: dict,
     stats: dict[str, Any],
-    all_cells: pd.DataFrame,
+    all_cells: pd.DataFrame | None,
     thoughts: dict | None,
     pairs: dict[str, dict[str, Any]],
     exclude_flagged: bool,
+    formats: tuple[str, ...] = ("png",),
 ) -> str:
-    """The HTML of ``report.html`` from the run's manifest, statistics and figures (already drawn).
+    """The HTML of ``report.html`` from the run's manifest and statistics; figures are drawn (or were).
 
-    ``all_cells``: every pair's rows of ``results/cells.parquet`` (flagged pairs listed even when
-    excluded from ``stats``).
+    The page: the findings of every experiment that ran (one sentence each, quoted from ``stats``),
+    the checks and baselines, one section per experiment that ran (:mod:`latentpatch.analysis.skeleton`),
+    the statistics, flagged pairs and decoded thoughts where the run has them, then model, configuration,
+    the reproduce command and a line naming what else the tool can run. ``all_cells``: every pair's rows of
+    ``results/cells.parquet`` (flagged pairs listed even when excluded from ``stats``; None: no cells).
     """
     fig_dir = RunPaths(page_dir(run_dir, exclude_flagged)).figures
-    checks_html, n_fail = checks_section(manifest)
     config = manifest.get("config") or {}
+    experiments = experiment_sections(run_dir, stats, fig_dir, config, formats)
+    checks_html, n_fail = checks_section(manifest)
     predictions = (manifest.get("baselines") or {}).get("per_pair")
+    parts = [
+        section("findings", what_was_run(manifest, stats) + findings_list(experiments)),
+        checks_html,
+        baselines_section(manifest),
+        *(s.html() for s in experiments),
+    ]
+    if stats.get("cells"):
+        parts.append(statistics_section(stats))
+    if stats.get("flagged_pairs") and all_cells is not None:
+        parts.append(flagged_section(stats, all_cells))
+    if thoughts:
+        parts.append(thoughts_section(thoughts, pairs, predictions=predictions))
+    parts += [summary_section(manifest, stats, run_dir), config_section(manifest)]
+    parts += [reproduce_section(manifest, run_dir, exclude_flagged), not_run_line(s.sid for s in experiments)]
+    body = "\n".join(parts)
+    ids = set(re.findall(r'<section id="([^"]+)"', body))
+    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS if sid in ids)
     model = manifest.get("model") or {}
     title = f"latentpatch report: {run_dir.name}"
-    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS)
     # the run's own date, not the page's: the same run gives the same page whenever it is rebuilt
     finished = f" · run finished {escape(manifest['finished'])}" if manifest.get("finished") else ""
-    sub = (
-        f"model {escape(model.get('name', '?'))} · {stats['n_pairs_used']} pairs · "
-        f"experiments: {escape(', '.join(stats['experiments']) or 'none')}{finished}"
-    )
+    n_pairs = stats.get("n_pairs_used", (manifest.get("baselines") or {}).get("n_pairs", "?"))
+    ran = ", ".join(s.sid for s in experiments) or "none"
+    sub = f"model {escape(model.get('name', '?'))} · {n_pairs} pairs · experiments: {escape(ran)}{finished}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title><style>{CSS}</style></head>
 <body><header><h1>{escape(title)}</h1><div class="sub">{sub}</div></header>
 <nav>{nav}</nav><main>{_banners(manifest, n_fail)}
-{findings_section(manifest, stats)}
-{checks_html}
-{baselines_section(manifest)}
-{layer_section(stats, fig_dir, config)}
-{position_section(stats, fig_dir, config)}
-{iterative_section(stats, fig_dir)}
-{steps_sections(run_dir, stats.get("steps"))}
-{reading_sections(run_dir, stats=stats)}
-{atp_section(run_dir, stats=stats.get("atp"))}
-{statistics_section(stats)}
-{flagged_section(stats, all_cells)}
-{thoughts_section(thoughts, pairs, predictions=predictions)}
-{summary_section(manifest, stats, run_dir)}
-{config_section(manifest)}
-{reproduce_section(manifest, run_dir, exclude_flagged)}
+{body}
 </main></body></html>
 """
 
@@ -156,28 +176,23 @@ def has_no_cells(run_dir: Path) -> bool:
 
 
 def build_sections_report(run_dir: Path, manifest: dict[str, Any], formats: tuple[str, ...]) -> Path:
-    """``report.html`` of a run without cells (no layer/position maps): checks, baselines, the step-level
-    and reading sections, configuration and the reproduce command."""
-    checks_html, _ = checks_section(manifest)
-    extra = st.add_stage_stats(run_dir, {})  # stats.json of a run without cells: the other stages' statistics
-    steps = extra.get("steps")
-    if extra:
-        settings = {"seed": st.run_seed(manifest), "n_resamples": 9999}
+    """``report.html`` of a run without cells (step-level, reading and ``atp`` experiments only): its
+    ``stats.json`` holds their statistics (no per-cell ones), the page the same skeleton."""
+    stats = st.add_stage_stats(run_dir, {})
+    settings = {"seed": st.run_seed(manifest), "n_resamples": 9999}
+    if stats:
         atomic_write_text(
-            RunPaths(run_dir).stats, json.dumps({"settings": settings, **extra}, indent=1, allow_nan=False)
+            RunPaths(run_dir).stats, json.dumps({"settings": settings, **stats}, indent=1, allow_nan=False)
         )
-    body = (
-        f"{checks_html}{baselines_section(manifest)}{steps_sections(run_dir, steps, formats)}"
-        f"{reading_sections(run_dir, formats, extra)}{atp_section(run_dir, formats, extra.get('atp'))}"
-        f"{config_section(manifest)}{reproduce_section(manifest, run_dir, False)}"
-    )
-    ids = set(re.findall(r'<section id="([^"]+)"', body))
-    nav = "".join(f'<a href="#{sid}">{escape(h.split(":")[0])}</a>' for sid, h in SECTIONS if sid in ids)
-    title = f"latentpatch report: {run_dir.name}"
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f"<style>{CSS}</style></head><body><header><h1>{escape(title)}</h1></header><nav>{nav}</nav>"
-        f"<main>{body}</main></body></html>\n"
+    page = render_page(
+        run_dir,
+        manifest,
+        {"settings": settings, **stats},
+        None,
+        read_thoughts(run_dir),
+        read_pairs_json(run_dir),
+        False,
+        formats,
     )
     out = RunPaths(run_dir).report
     atomic_write_text(out, page)
@@ -216,13 +231,20 @@ def build_report(
     cell_job = start_cell_figures(RunPaths(out_dir).figures, cells, trajectories, formats, run)
 
     stats = st.stats_from_cells(all_cells, st.run_seed(manifest), exclude_flagged, n_resamples, ci_method=ci_method)
-    stats = st.add_stage_stats(run_dir, stats, n_resamples)  # "steps": only with step-level experiments
+    stats = st.add_stage_stats(run_dir, stats, n_resamples, cells)  # "steps": only with step-level experiments
     st.write_stats(out_dir, stats)
     summary_figures(RunPaths(out_dir).figures, pd.DataFrame(stats["cells"]), formats, run)
     cell_job.result()
 
     page = render_page(
-        run_dir, manifest, stats, all_cells, read_thoughts(run_dir), read_pairs_json(run_dir), exclude_flagged
+        run_dir,
+        manifest,
+        stats,
+        all_cells,
+        read_thoughts(run_dir),
+        read_pairs_json(run_dir),
+        exclude_flagged,
+        formats,
     )
     out = RunPaths(out_dir).report
     atomic_write_text(out, page)

@@ -25,6 +25,18 @@ def all_positions_rows(table: pd.DataFrame, prefer: str = "layer") -> pd.DataFra
     return table.iloc[0:0] if cell is None else mode_rows(table, *cell)
 
 
+def mode_table(cells: pd.DataFrame, mode: str) -> pd.DataFrame | None:
+    """Per (pair_id, component, layer) rows of one iterative mode; parallel falls back to the layer sweep.
+
+    If a mode has several positions at a layer, the smallest is used (chained/frozen start at 0).
+    """
+    sel = all_positions_rows(cells, prefer="iterative") if mode == "parallel" else mode_rows(cells, "iterative", mode)
+    if sel.empty:
+        return None
+    sel = sel.sort_values("position", kind="stable").drop_duplicates(["pair_id", "component", "layer"], keep="first")
+    return sel.set_index(["pair_id", "component", "layer"])
+
+
 def primary_component_of(table: pd.DataFrame) -> str | None:
     """The component to show (:func:`latentpatch.names.primary_component` of the ``component`` column)."""
     return primary_component(table["component"])

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 
 from latentpatch.analysis.atp_stats import atp_stats, read_atp
+from latentpatch.analysis.contrasts import iterative_contrasts, step_contrasts
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
-from latentpatch.analysis.reading_stats import lens_stats, read_lens
-from latentpatch.analysis.selection import all_positions_rows, mode_rows, used_pairs
+from latentpatch.analysis.reading_stats import attention_stats, lens_stats, read_attention, read_lens
+from latentpatch.analysis.selection import all_positions_rows, mode_rows, mode_table, used_pairs
 from latentpatch.analysis.step_stats import read_steps, step_stats
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_text, json_safe
@@ -128,18 +129,6 @@ def summarize_cells(
     return pd.DataFrame(out_rows, columns=SUMMARY_COLUMNS)
 
 
-def _mode_table(cells: pd.DataFrame, mode: str) -> pd.DataFrame | None:
-    """Per (pair_id, component, layer) rows of one iterative mode; parallel falls back to the layer sweep.
-
-    If a mode has several positions at a layer, the smallest is used (chained/frozen start at 0).
-    """
-    sel = all_positions_rows(cells, prefer="iterative") if mode == "parallel" else mode_rows(cells, "iterative", mode)
-    if sel.empty:
-        return None
-    sel = sel.sort_values("position", kind="stable").drop_duplicates(["pair_id", "component", "layer"], keep="first")
-    return sel.set_index(["pair_id", "component", "layer"])
-
-
 def _all_positions_table(cells: pd.DataFrame) -> pd.DataFrame | None:
     """Per (pair_id, component, layer) all-latent-positions patch: the layer sweep, else iterative parallel."""
     sel = all_positions_rows(cells)
@@ -161,7 +150,7 @@ def compare_modes(
     lacks are skipped; an empty frame if none can be compared.
     """
     metrics = _present_metrics(cells, metrics)
-    tables = {m: _mode_table(cells, m) for m in {x for ab in comparisons for x in ab}}
+    tables = {m: mode_table(cells, m) for m in {x for ab in comparisons for x in ab}}
     rows: list[dict] = []
     for a, b in comparisons:
         ta, tb = tables.get(a), tables.get(b)
@@ -262,16 +251,28 @@ def top_cells(summary: pd.DataFrame, k: int = 10, metrics: Iterable[str] = METRI
     return out
 
 
-def add_stage_stats(run_dir: Path | str, result: dict[str, Any], n_resamples: int = 9999) -> dict[str, Any]:
+def add_stage_stats(
+    run_dir: Path | str, result: dict[str, Any], n_resamples: int = 9999, cells: pd.DataFrame | None = None
+) -> dict[str, Any]:
     """``result`` with the statistics of the run's other stages, where it has them: ``steps``
     (:func:`step_stats` of the step-level tables) and ``atp`` (:func:`atp_stats`: the estimate's
     agreement with the exact effects, its paths, the ``--refine`` rows) and ``lens`` (:func:`lens_stats`:
-    where each known value is read best)."""
+    where each known value is read best), ``attention`` (:func:`attention_stats`: the attention mass
+    per query position and role), and ``contrasts`` (:mod:`latentpatch.analysis.contrasts`: the paired
+    differences the findings state; the iterative ones from ``cells``, the pairs the statistics use)."""
     seed = run_seed(read_manifest(run_dir))
-    steps = step_stats(*read_steps(Path(run_dir)), seed, n_resamples)
+    steps_table, influence = read_steps(Path(run_dir))
+    steps = step_stats(steps_table, influence, seed, n_resamples)
     atp = atp_stats(read_atp(run_dir))
     lens = lens_stats(read_lens(run_dir))
-    extra = {k: v for k, v in (("steps", steps), ("lens", lens), ("atp", atp)) if v is not None}
+    attention = attention_stats(read_attention(run_dir), seed, n_resamples)
+    contrasts = iterative_contrasts(cells, seed, n_resamples) if cells is not None else []
+    contrasts += step_contrasts(steps_table, influence, seed, n_resamples)
+    extra = {
+        k: v for k, v in (("steps", steps), ("lens", lens), ("atp", atp), ("attention", attention)) if v is not None
+    }
+    if contrasts:
+        extra["contrasts"] = json_safe(contrasts)
     return {**result, **extra}
 
 
@@ -345,7 +346,7 @@ def compute_stats(
     check_result_files(run_dir)
     cells = read_cells(run_dir)
     result = stats_from_cells(cells, run_seed(manifest), exclude_flagged, n_resamples, confidence, ci_method, top_k)
-    result = add_stage_stats(run_dir, result, n_resamples)
+    result = add_stage_stats(run_dir, result, n_resamples, used_pairs(cells, exclude_flagged))
     if write:
         write_stats(run_dir, result)
     return result
