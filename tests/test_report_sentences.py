@@ -9,8 +9,10 @@ experiment on pairs with intermediates (plus a per-head run).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -227,3 +229,23 @@ def test_findings_are_unchanged_numbers_of_stats_json(runs):
     for c in stats["contrasts"]:
         if c["n"]:
             assert c["diff"] == pytest.approx(c["mean_a"] - c["mean_b"], abs=1e-9)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_pages_fit_1280_px_with_no_empty_section_in_chromium(runs, tmp_path):
+    """scripts/check_report_layout.py in headless Chromium: every folded block opened, nothing wider than
+    1,280 px and no section without text; and the check itself flags a page that overflows."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_report_layout.py"
+    spec = importlib.util.spec_from_file_location("check_report_layout", script)
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    for name, run in runs.items():
+        measured = layout.measure(run / "report.html", 1280)
+        assert layout.problems(measured) == [], (name, measured)
+        assert measured["sections"] == sections_of((run / "report.html").read_text())
+    wide = tmp_path / "report.html"
+    page = (runs["issue"] / "report.html").read_text()
+    extra = '<div style="width:2000px">wide</div><section id="x"><h2>x</h2></section>'
+    wide.write_text(page.replace("</main>", extra + "</main>"))
+    found = layout.problems(layout.measure(wide, 1280))
+    assert any("horizontal overflow" in p for p in found) and any("empty sections: x" in p for p in found)

@@ -27,6 +27,7 @@ from latentpatch.analysis.steps_figures import (
     thought_heatmap,
     thought_tips,
 )
+from latentpatch.names import ALL_POSITIONS
 from latentpatch.rundir import RunPaths
 
 METHOD = "docs/method.md §13"
@@ -45,7 +46,9 @@ def _table(summary: pd.DataFrame, keys: list[str], metrics: list[str], first_row
     first = wide[metrics[0]] if first_rows is None else wide[metrics[0]].loc[first_rows]
     rows = []
     for key, row in first.iterrows():
-        cells = [escape(str(k)) for k in (key if isinstance(key, tuple) else (key,))] + [str(int(row["n"]))]
+        named = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        cells = [escape("all" if k == "position" and v == ALL_POSITIONS else str(v)) for k, v in named.items()]
+        cells.append(str(int(row["n"])))
         cells += [_ci(wide[m].loc[key]) if key in wide[m].index else "–" for m in metrics]
         rows.append(cells + [fmt_p(row["p_holm"])])
     header = keys + ["n"] + [f"{m} mean [95% CI]" for m in metrics] + [f"p Holm ({metrics[0]} ≠ 0)"]
@@ -64,6 +67,17 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 def _full(summary: pd.DataFrame, keys: list[str], metrics: list[str]) -> tuple[str, str]:
     n = int((summary["metric"] == metrics[0]).sum())
     return f"Full table ({n} rows)", _table(summary, keys, metrics)
+
+
+#: What each thought replacement writes, for the findings (docs/method.md §13).
+WRITTEN = {
+    "source": "taken from the source run",
+    "zero": "set to zero",
+    "mean": "set to the mean over pairs and steps",
+    "step_mean": "set to its step's mean over pairs",
+    "noise": "with Gaussian noise added",
+    "resample": "taken from another pair's source run",
+}
 
 
 def _thought_finding(stats: dict[str, Any]) -> str:
@@ -88,8 +102,10 @@ def _thought_finding(stats: dict[str, Any]) -> str:
         at = ("summary", i)
         parts.append(
             f"the largest flip rate from replacing one thought is {q.ci('steps', 'thought', *at)}, at thought "
-            f"{q.num('steps', 'thought', *at, 'position')} ({escape(best['replacement'])} written at the "
-            f"{escape(best['site'])} site" + ("; other settings tie with it" if tied else "") + ")"
+            f"{q.num('steps', 'thought', *at, 'position')} ({escape(best['site'])} "
+            f"{escape(WRITTEN.get(best['replacement'], best['replacement']))}"
+            + ("; other settings tie with it" if tied else "")
+            + ")"
         )
     text = "; ".join(parts) or "the run has no thought interventions to summarise"
     return text[0].upper() + text[1:] + "."
