@@ -32,6 +32,10 @@ from latentpatch.names import (
     LENS_FILE,
     LENS_TOP_COLUMNS,
     LENS_TOP_FILE,
+    STEER_COLUMNS,
+    STEER_DIR,
+    STEER_FILE,
+    STEER_FLOAT_COLUMNS,
     STEP_COLUMNS,
     STEP_FLOAT_COLUMNS,
     STEPS_DIR,
@@ -113,6 +117,17 @@ def assemble(out: Path | str) -> None:
             assembler(out)
 
 
+def assemble_steer(out: Path | str) -> None:
+    """``results/steer/*.json`` (in global pair order) -> ``results/steer.parquet``."""
+    results = RunPaths(out).results
+    rows = [row for entry in _stage_entries(results / STEER_DIR, "rows") for row in entry["rows"]]
+    for row in rows:
+        for c in STEER_FLOAT_COLUMNS:
+            if row[c] is None:
+                row[c] = float("nan")
+    write_parquet(results / STEER_FILE, rows, STEER_COLUMNS)
+
+
 def assemble_steps(out: Path | str) -> None:
     """``results/steps/*.json`` (in global pair order) -> ``results/steps.parquet``, ``influence.parquet``."""
     results = RunPaths(out).results
@@ -165,6 +180,7 @@ def assemble_atp(out: Path | str) -> None:
 ASSEMBLERS: dict[str, tuple[str, Any]] = {
     PAIRS_DIR: ("cells", assemble),
     STEPS_DIR: ("rows", assemble_steps),
+    STEER_DIR: ("rows", assemble_steer),
     LENS_DIR: ("lens", assemble_reading),
     ATTENTION_DIR: ("rows", assemble_reading),
     ATP_DIR: ("rows", assemble_atp),

@@ -91,8 +91,16 @@ READING_EXPERIMENTS: tuple[str, ...] = ("lens", "attention")
 #: Attribution patching (docs/method.md §15): the first-order estimate of every position-sweep site's
 #: effect from one backward pass, checked against exact patching; rows go to ``results/atp.parquet``.
 ATP_EXPERIMENT = "atp"
+#: Trained readers (docs/method.md §16): linear probes per site on activations recorded once per
+#: question (``results/activations/``, ``results/questions.parquet``, ``results/probes.parquet``).
+PROBE_EXPERIMENT = "probe"
+#: Steering (docs/method.md §16): alpha x a direction added at one site, beside random directions of
+#: the same norm; rows go to ``results/steer.parquet``.
+STEER_EXPERIMENT = "steer"
 #: Every name ``--experiments`` accepts.
-ALL_EXPERIMENTS: tuple[str, ...] = EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT,)
+ALL_EXPERIMENTS: tuple[str, ...] = (
+    EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT, PROBE_EXPERIMENT, STEER_EXPERIMENT)
+)
 #: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
 #: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
 THOUGHT_SITES: tuple[str, ...] = ("thought", "thought_pre")
@@ -349,3 +357,49 @@ def primary_component(components: Iterable[str]) -> str | None:
         return (-counts[name], known, name)
 
     return min(counts, key=rank)
+
+
+# ---- trained readers (docs/method.md §16) --------------------------------------------------------------
+#: ``results/activations/NNNNN.safetensors``: one shard per :data:`ACTIVATION_SHARD` questions;
+#: ``results/questions.parquet``: the questions, their labels and the model's answers;
+#: ``results/probes.parquet``: one row per label x site (:data:`PROBE_COLUMNS`).
+ACTIVATIONS_DIR, QUESTIONS_FILE, PROBES_FILE = "activations", "questions.parquet", "probes.parquet"
+#: Questions per activation shard (fixed, so a resumed run cuts the same shards).
+ACTIVATION_SHARD = 64
+#: The thought sites a probe reads besides the components: the fed vector and the state it came from.
+PROBE_THOUGHT_SITES: tuple[str, ...] = THOUGHT_SITES
+#: Query positions of a component site after the K thoughts: the first answer position (the last
+#: token fed before the answer) and the question's last token (the "question" baseline).
+PROBE_EXTRA_POSITIONS: tuple[str, ...] = ("ans", "question")
+
+
+def probe_position_names(num_latent: int) -> list[str]:
+    """The position axis of a component in an activation shard: ``t0..t{K-1}``, ``ans``, ``question``.
+
+    >>> probe_position_names(2)
+    ['t0', 't1', 'ans', 'question']
+    """
+    return [f"t{p}" for p in range(num_latent)] + list(PROBE_EXTRA_POSITIONS)
+
+
+#: ``results/steer/NNNNN.json`` per pair, assembled into ``results/steer.parquet``: one row per pair x
+#: direction (the steering direction or ``random<k>``) x site x alpha.
+STEER_DIR, STEER_FILE = "steer", "steer.parquet"
+STEER_COLUMNS: list[str] = [
+    "pair_id",
+    "direction",
+    "control",
+    "component",
+    "layer",
+    "position",
+    "alpha",
+    "kl",
+    "answer_logit_diff",
+    "recovery",
+    "pred_answer",
+    "flipped",
+    "correct",
+    "to_source",
+    "flagged",
+]
+STEER_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "recovery", "pred_answer")

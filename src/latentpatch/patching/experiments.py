@@ -96,6 +96,8 @@ REGISTRY: dict[str, Experiment] = {
         Experiment("lens", "reading", "what does each layer at each thought decode to?"),
         Experiment("attention", "reading", "which question tokens does each thought read?"),
         Experiment("atp", "atp", "which sites matter, at the cost of one backward pass?"),
+        Experiment("probe", "probe", "which value can be read linearly from which site?"),
+        Experiment("steer", "steer", "does adding a direction at a site move the answer, more than a random one?"),
     )
 }
 assert tuple(REGISTRY) == ALL_EXPERIMENTS, "every experiment name has one registry entry, in names.py's order"

@@ -23,13 +23,16 @@ from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     ALL_EXPERIMENTS,
     ATP_EXPERIMENT,
+    COMPONENTS,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
     GLOBAL_REPLACEMENTS,
     HEAD_COMPONENT,
+    PROBE_EXPERIMENT,
     REPLACEMENTS,
     SITE_COMPONENTS,
+    STEER_EXPERIMENT,
 )
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
@@ -236,6 +239,58 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    questions: str | None = option(
+        None,
+        "With --experiments probe: the question set (pair file with intermediates, question JSON/JSONL, or "
+        "GSM8K-style worked solutions; docs/method.md §16); default: the run's pairs, both sides.",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    probe_components: str | None = option(
+        None,
+        "With --experiments probe: components recorded at every layer besides the thoughts (comma list; "
+        "default resid_out).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    probe_min_count: int | None = option(
+        None,
+        "With --experiments probe: a label value is a class only with at least N questions (default 10).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    activation_dtype: str | None = option(
+        None,
+        "With --experiments probe: dtype of the stored activations, float32 (default) or float16.",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    steer_alphas: str | None = option(
+        None,
+        "With --experiments steer: comma list of alphas, in units of the site's typical clean/corrupted "
+        "difference (default -2,-1,1,2).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    steer_layers: str | None = option(
+        None,
+        "With --experiments steer: comma list of layers steered (default: every layer).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    steer_controls: int | None = option(
+        None,
+        "With --experiments steer: random directions of the same norm per site (default 2).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    steer_vector: str | None = option(
+        None,
+        "With --experiments steer: the direction, a .npy/.pt file ([d] or [layers, thoughts, d]); default: "
+        "the mean source - target difference at each site.",
+        omit_if_unset=True,
+        concern="experiments",
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -328,6 +383,86 @@ class RunConfig(ModelOptions):
             parse_shard(self.shard)
             self._check_shardable()
         self._check_atp()
+        self._check_probe()
+        self._check_steer()
+
+    def _check_probe(self) -> None:
+        """The probe options: only with ``--experiments probe``, with valid values; no ``--shard`` (the
+        probes read every question's activations at once)."""
+        given = [
+            n.replace("_", "-")
+            for n in ("questions", "probe_components", "probe_min_count", "activation_dtype")
+            if getattr(self, n) is not None
+        ]
+        if PROBE_EXPERIMENT not in self.experiments:
+            if given:
+                raise LatentPatchError(
+                    f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
+                )
+            return
+        if self.shard is not None:
+            raise LatentPatchError(
+                "--shard with --experiments probe: probes read every question at once; fix: run it unsharded"
+            )
+        if self.probe_min_count is not None and self.probe_min_count < 2:
+            raise LatentPatchError(f"--probe-min-count must be >= 2 (got {self.probe_min_count})")
+        if self.activation_dtype not in (None, "float32", "float16"):
+            raise LatentPatchError(f"--activation-dtype {self.activation_dtype!r}: use float32 or float16")
+        bad = [c for c in self.probe_component_list if c not in COMPONENTS]
+        if bad:
+            raise LatentPatchError(
+                f"--probe-components: unknown {bad[0]!r}; use a comma list of {', '.join(COMPONENTS)}"
+            )
+
+    def _check_steer(self) -> None:
+        """The steering options: only with ``--experiments steer``, parseable, layers and counts in range."""
+        given = [
+            n.replace("_", "-")
+            for n in ("steer_alphas", "steer_layers", "steer_controls", "steer_vector")
+            if getattr(self, n) is not None
+        ]
+        if STEER_EXPERIMENT not in self.experiments:
+            if given:
+                raise LatentPatchError(
+                    f"--{given[0]} applies to the steer experiment only; fix: add steer to --experiments, or drop it"
+                )
+            return
+        if self.component == HEAD_COMPONENT:
+            raise LatentPatchError(
+                f"--experiments steer with --component {HEAD_COMPONENT}: fix: steer a block component"
+            )
+        for name, parse in (("steer-alphas", float), ("steer-layers", int)):
+            text = getattr(self, name.replace("-", "_"))
+            try:
+                [parse(x) for x in (text or "0").split(",")]
+            except ValueError:
+                raise LatentPatchError(f"--{name} {text!r}: use a comma list of numbers, e.g. -2,-1,1,2") from None
+        if self.steer_controls is not None and self.steer_controls < 1:
+            raise LatentPatchError(
+                f"--steer-controls must be >= 1 (got {self.steer_controls}): a direction needs a control"
+            )
+        if self.steer_vector is not None and not Path(self.steer_vector).is_file():
+            raise LatentPatchError(f"--steer-vector {self.steer_vector}: no such file; fix: give a .npy or .pt file")
+
+    @property
+    def steer_alpha_values(self) -> tuple[float, ...]:
+        """``--steer-alphas`` as numbers (default -2, -1, 1, 2)."""
+        return tuple(float(a) for a in (self.steer_alphas or "-2,-1,1,2").split(","))
+
+    @property
+    def steer_layer_values(self) -> tuple[int, ...] | None:
+        """``--steer-layers`` as numbers (None: every layer)."""
+        return None if self.steer_layers is None else tuple(int(x) for x in self.steer_layers.split(","))
+
+    @property
+    def steer_control_count(self) -> int:
+        """``--steer-controls`` (default 2)."""
+        return 2 if self.steer_controls is None else self.steer_controls
+
+    @property
+    def probe_component_list(self) -> tuple[str, ...]:
+        """The components the probe stage records (``--probe-components``, default ``resid_out``)."""
+        return tuple(c.strip() for c in (self.probe_components or "resid_out").split(",") if c.strip())
 
     def _check_atp(self) -> None:
         """The attribution patching options: positive counts, and only with ``--experiments atp``."""

@@ -44,9 +44,11 @@ from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.limits import check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
+from latentpatch.pipeline.probing import sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
+from latentpatch.pipeline.steering import sweep_steer
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
 from latentpatch.pipeline.threads import ThreadChoice, choose_threads, choose_workers, shared_rows
@@ -308,6 +310,8 @@ def execute_run(
         sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
         sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
+        sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
+        sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
     finish_run(ctx, t0, report_process)
 
 

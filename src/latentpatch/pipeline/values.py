@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
-from latentpatch.names import GLOBAL_REPLACEMENTS, STEP_EXPERIMENTS
+from latentpatch.names import GLOBAL_REPLACEMENTS, STEER_EXPERIMENT, STEP_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.specs import EngineConfig
 from latentpatch.patching.values import ValuePool, pool_of
@@ -34,7 +34,9 @@ def run_value_pool(ctx: RunContext, all_pairs: Sequence[Pair]) -> ValuePool:
         return ctx.value_pool
     config = ctx.config
     engine_cfg = EngineConfig(config.direction, config.replacement)
-    whole_run = config.replacement in GLOBAL_REPLACEMENTS or any(e in STEP_EXPERIMENTS for e in config.experiments)
+    whole_run = config.replacement in GLOBAL_REPLACEMENTS or any(
+        e in (*STEP_EXPERIMENTS, STEER_EXPERIMENT) for e in config.experiments
+    )
     if config.shard is None or not whole_run:
         pool = pool_of(ctx.bases, ctx.indices, engine_cfg, config.seed, ctx.pairs)
     else:

@@ -1,0 +1,195 @@
+"""The ``probe`` experiment of a run (docs/method.md §16): activations once, then a probe per label x site.
+
+1. The question set: ``--questions FILE`` (:func:`latentpatch.data.questions.load_questions`), or the
+   run's pairs, both sides (a pair is one group: its two questions never straddle a split).
+2. Activations: one batched rollout per shard of questions records every site
+   (:mod:`latentpatch.probing.activations`), committed as ``results/activations/NNNNN.safetensors``;
+   ``--resume`` skips the shards already written.
+3. ``results/questions.parquet``: per question its id, group, answer, intermediates, the user's label
+   columns and the model's greedy answer (``pred_answer``, ``correct``).
+4. ``results/probes.parquet``: per label (the answer, each intermediate, ``correct``, each user label
+   column) and site (component x layer x position, the thought before/after the feedback), the
+   grouped cross-validated probe of :func:`latentpatch.probing.probes.probe_site`: held-out accuracy
+   with a CI, the majority and random-vector baselines, the control task and the selectivity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from latentpatch.data.pairs import Pair
+from latentpatch.files import atomic_write_bytes
+from latentpatch.names import (
+    ACTIVATION_SHARD,
+    ACTIVATIONS_DIR,
+    PROBE_EXPERIMENT,
+    PROBES_FILE,
+    QUESTIONS_FILE,
+    probe_position_names,
+)
+from latentpatch.patching.metrics import same_number
+from latentpatch.pipeline.manifest import RunContext
+from latentpatch.probing.activations import read_shard_rows, read_sites, record_shard, write_shard
+
+if TYPE_CHECKING:
+    from latentpatch.data.questions import QuestionSet
+
+#: The default ``--probe-min-count``: a label value is a class with at least this many questions.
+MIN_COUNT = 10
+#: Labels a probe reads besides the user's columns: the answer, whether the model is right, each intermediate.
+BUILTIN_LABELS = ("answer", "correct")
+
+
+def question_set(ctx: RunContext, all_pairs: Sequence[Pair]) -> QuestionSet:
+    """``--questions`` (loaded strictly), else the run's pairs as questions."""
+    from latentpatch.data.questions import load_questions, questions_from_pairs
+
+    if ctx.config.questions:
+        return load_questions(ctx.config.questions)
+    return questions_from_pairs(list(all_pairs))
+
+
+def shard_path(ctx: RunContext, k: int):
+    return ctx.paths.results / ACTIVATIONS_DIR / f"{k:05d}.safetensors"
+
+
+def record_activations(ctx: RunContext, qs: QuestionSet) -> list[dict[str, Any]]:
+    """Record every shard not yet written; return every question's row (id, pred_answer, correct)."""
+    model, questions = ctx.model, qs.questions
+    components = ctx.config.probe_component_list
+    n_shards = math.ceil(len(questions) / ACTIVATION_SHARD)
+    (ctx.paths.results / ACTIVATIONS_DIR).mkdir(parents=True, exist_ok=True)
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for k in range(n_shards):
+        got = read_shard_rows(shard_path(ctx, k))
+        want = [q.question_id for q in questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]]
+        if got is not None and [r["question_id"] for r in got] == want:
+            rows[k] = got
+    todo = [k for k in range(n_shards) if k not in rows]
+    ctx.progress.stage("activations", len(questions) - sum(len(r) for r in rows.values()))
+    t = time.perf_counter()
+    batch = min(int(ctx.batch_size), ACTIVATION_SHARD)
+    for k in todo:
+        part = questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]
+        shard = record_shard(model, [model.prompt_ids(q.question) for q in part], components, batch)
+        rows[k] = [
+            {"question_id": q.question_id, "pred_answer": pred, "correct": bool(same_number(pred, q.answer))}
+            for q, pred in zip(part, shard.pred_answers)
+        ]
+        write_shard(
+            shard_path(ctx, k), shard, rows[k], model.num_latent, components, ctx.config.activation_dtype or "float32"
+        )
+        ctx.progress.advance(len(part))
+    ctx.timings["activations_s"] = ctx.timings.get("activations_s", 0.0) + time.perf_counter() - t
+    return [r for k in range(n_shards) for r in rows[k]]
+
+
+def questions_table(qs: QuestionSet, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``results/questions.parquet``: one row per question, its labels and the model's answer."""
+    n_inter = max((len(q.intermediates or ()) for q in qs.questions), default=0)
+    user = [name for name in qs.label_names() if name not in BUILTIN_LABELS and not name.startswith("intermediate_")]
+    records = []
+    for q, r in zip(qs.questions, rows):
+        rec: dict[str, Any] = {
+            "question_id": q.question_id,
+            "group": q.group,
+            "question": q.question,
+            "answer": float(q.answer),
+            "pred_answer": r["pred_answer"],
+            "correct": r["correct"],
+        }
+        for s in range(n_inter):
+            vals = q.intermediates or ()
+            rec[f"intermediate_{s}"] = float(vals[s]) if s < len(vals) else None
+        for name in user:
+            value = q.labels.get(name)
+            rec[f"label_{name}"] = None if value is None else str(value)
+        records.append(rec)
+    return pd.DataFrame(records)
+
+
+def probe_labels(table: pd.DataFrame) -> dict[str, list]:
+    """The labels probed: the answer, ``correct``, each intermediate, each user label column (values as
+    class keys: numbers as their exact value, strings as given; None where a question lacks it)."""
+    out: dict[str, list] = {}
+    for col in table.columns:
+        if col in ("answer", "correct") or col.startswith("intermediate_"):
+            out[col] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in table[col]]
+        elif col.startswith("label_"):
+            out[col[len("label_") :]] = [None if v is None else v for v in table[col]]
+    return out
+
+
+def probe_sites(sites: dict[str, Any], num_latent: int, components: Sequence[str]) -> dict[tuple[str, int, str], Any]:
+    """``(component, layer, position) -> X [n, d]`` (numpy float32) of every site in the shards;
+    the thoughts have layer -1."""
+    names = probe_position_names(num_latent)
+    out = {}
+    for c in components:
+        t = sites[c]  # [n, L, K+2, d]
+        for layer in range(t.shape[1]):
+            for j, pos in enumerate(names):
+                out[(c, layer, pos)] = t[:, layer, j].numpy()
+    for site in ("thought", "thought_pre"):
+        if site in sites:
+            for p in range(sites[site].shape[1]):
+                out[(site, -1, f"t{p}")] = sites[site][:, p].numpy()
+    return out
+
+
+def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
+    """Every label x site probe on the recorded shards (same grouped splits for every site)."""
+    # scikit-learn is imported here, not at the top: a run without probes never pays for it
+    from latentpatch.probing.probes import probe_site
+
+    paths = sorted((ctx.paths.results / ACTIVATIONS_DIR).glob("*.safetensors"))
+    sites = probe_sites(read_sites(paths), ctx.model.num_latent, ctx.config.probe_component_list)
+    groups = np.asarray(table["group"].astype(str))
+    labels = probe_labels(table)
+    min_count = ctx.config.probe_min_count or MIN_COUNT
+    ctx.progress.stage("probes", len(labels) * len(sites))
+    t = time.perf_counter()
+    records, skipped = [], {}
+    for label, values in labels.items():
+        for (component, layer, position), X in sites.items():
+            try:
+                result = probe_site(X, values, groups, seed=ctx.config.seed, min_count=min_count)
+            except ValueError as ex:  # fewer than 2 classes or groups: the label cannot be probed
+                skipped[label] = str(ex)
+                ctx.progress.advance(len(sites))
+                break
+            records.append(
+                {"label": label, "component": component, "layer": layer, "position": position, **result.to_record()}
+            )
+            ctx.progress.advance(1)
+    ctx.timings["probes_s"] = time.perf_counter() - t
+    ctx.probe_skipped = skipped
+    return pd.DataFrame(records)
+
+
+def sweep_probes(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
+    """The probe experiment, when ``--experiments`` names it (a default run never calls it)."""
+    if PROBE_EXPERIMENT not in ctx.config.experiments:
+        return
+    qs = question_set(ctx, all_pairs)
+    rows = record_activations(ctx, qs)
+    table = questions_table(qs, rows)
+    write_parquet(ctx.paths.results / QUESTIONS_FILE, table)
+    probes_path = ctx.paths.results / PROBES_FILE
+    if not probes_path.is_file():  # deterministic: a resumed run keeps a finished table
+        write_parquet(probes_path, run_probes(ctx, table))
+
+
+def write_parquet(path, frame: pd.DataFrame) -> None:
+    """``frame`` as parquet, atomically."""
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
