@@ -38,6 +38,7 @@ from latentpatch.analysis.sections import (
 from latentpatch.analysis.selection import used_pairs
 from latentpatch.analysis.skeleton import EXPERIMENT_SECTIONS, ExperimentSection, findings_list, not_run_line
 from latentpatch.analysis.stats_section import statistics_section
+from latentpatch.analysis.steer_section import steer_section
 from latentpatch.analysis.steps_section import steps_sections
 from latentpatch.analysis.sweep_sections import sweep_sections
 from latentpatch.files import atomic_write_text
@@ -77,6 +78,7 @@ def experiment_sections(
         *steps_sections(run_dir, stats, formats),
         *reading_sections(run_dir, formats, stats),
         *([atp] if (atp := atp_section(run_dir, formats, stats)) is not None else []),
+        *([steer] if (steer := steer_section(run_dir, formats, stats)) is not None else []),
     ]
     order = [sid for sid, _, _ in EXPERIMENT_SECTIONS]
     return sorted(made, key=lambda s: order.index(s.sid))

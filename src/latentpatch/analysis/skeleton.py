@@ -42,6 +42,8 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("attention", "Attention to the question", "What do the thoughts and the answer attend to?"),
     ("heads", "Per-head patching", "Which attention heads carry the effect?"),
     ("atp", "Attribution patching", "Does the one-backward-pass estimate agree with exact patching?"),
+    ("probe", "Probes", "Which value can be read linearly from which site, beyond what a control task allows?"),
+    ("steer", "Steering", "Does adding a direction at one site move the answer, more than a random direction?"),
 )
 #: How to run each experiment (the closing line of the page names the ones a run lacks).
 HOW_TO_RUN: dict[str, str] = {
@@ -111,15 +113,20 @@ class Quote:
             f"n = {self.num(*keys, 'n')}]"
         )
 
-    def compare(self, index: int, more: str = "more", less: str = "less") -> str:
-        """The contrast ``stats["contrasts"][index]`` in words: ``more`` (its CI above 0), ``less``
-        (below 0) or "no clear difference" (the CI holds 0, or is unknown), then the difference and its CI."""
+    def compare(self, index: int, more: str = "more", less: str = "less", same: str = "", than: str = "") -> str:
+        """The contrast ``stats["contrasts"][index]`` in words, then the difference and its CI: ``more``
+        (its CI above 0), ``less`` (below 0) or, when the CI holds 0 (or is unknown), ``same`` (default
+        "about as much as" with ``than``, else "no clear difference"). ``than``: what it is compared
+        with ("more than X", "about as much as X (no clear difference: ...)")."""
         c = self.stats["contrasts"][index]
         claim = contrast_claim(c)
-        word = {"more": more, "less": less}.get(claim, "no clear difference")
+        same = same or ("about as much as" if than else "no clear difference")
+        word = {"more": more, "less": less}.get(claim, same)
+        tail = (f" {than}" if claim == "none" else f" than {than}") if than else ""
+        note = "no clear difference: " if claim == "none" and than else ""
         return (
-            f'<span class="claim" data-claim="{claim}" data-contrast="{index}">{escape(word)}</span> '
-            f"(difference {self.ci('contrasts', index, mean='diff')})"
+            f'<span class="claim" data-claim="{claim}" data-contrast="{index}">{escape(word)}</span>{escape(tail)} '
+            f"({note}difference {self.ci('contrasts', index, mean='diff')})"
         )
 
 

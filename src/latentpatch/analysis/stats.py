@@ -29,6 +29,7 @@ from latentpatch.analysis.contrasts import iterative_contrasts, step_contrasts
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
 from latentpatch.analysis.reading_stats import attention_stats, lens_stats, read_attention, read_lens
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, mode_table, used_pairs
+from latentpatch.analysis.steer_stats import read_steer, steer_stats
 from latentpatch.analysis.step_stats import read_steps, step_stats
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_text, json_safe
@@ -266,11 +267,11 @@ def add_stage_stats(
     atp = atp_stats(read_atp(run_dir))
     lens = lens_stats(read_lens(run_dir))
     attention = attention_stats(read_attention(run_dir), seed, n_resamples)
+    steer, steer_contrasts = steer_stats(read_steer(run_dir), seed, n_resamples)
     contrasts = iterative_contrasts(cells, seed, n_resamples) if cells is not None else []
-    contrasts += step_contrasts(steps_table, influence, seed, n_resamples)
-    extra = {
-        k: v for k, v in (("steps", steps), ("lens", lens), ("atp", atp), ("attention", attention)) if v is not None
-    }
+    contrasts += step_contrasts(steps_table, influence, seed, n_resamples) + steer_contrasts
+    named = (("steps", steps), ("lens", lens), ("atp", atp), ("attention", attention), ("steer", steer))
+    extra = {k: v for k, v in named if v is not None}
     if contrasts:
         extra["contrasts"] = json_safe(contrasts)
     return {**result, **extra}

@@ -155,7 +155,9 @@ def early_section(stats: dict[str, Any], fig_dir: Path, formats) -> ExperimentSe
     )
     k = find_contrast(stats, "early", "all thoughts vs none")
     if k is not None:
-        finding += f"; accuracy with every thought is {q.compare(k, more='higher', less='lower')} than with none"
+        finding += "; accuracy with every thought is " + q.compare(
+            k, more="higher", less="lower", same="about the same as", than="with none"
+        )
     return ExperimentSection(
         "early",
         finding + ".",
@@ -187,8 +189,8 @@ def _influence_finding(stats: dict[str, Any]) -> str:
     indices = ",".join(str(k) for _, k in per)
     each = "; ".join(f"{escape(rep)}: {q.compare(k)}" for rep, k in per)
     return (
-        f"An intervention at step i changes the next thought {q.compare(pooled)} than the thoughts two steps later "
-        f"or after (relative L2, per pair the mean over steps, pooled over interventions); per intervention, "
+        "An intervention at step i changes the next thought (relative L2, per pair the mean over steps, pooled "
+        f"over interventions) {q.compare(pooled, than='the thoughts two steps later or after')}; per intervention, "
         f'{each}; so <span class="claim" data-claim="{verdict}" data-contrasts="{indices}">{word}</span>.'
     )
 
@@ -254,7 +256,11 @@ def _intermediate_finding(stats: dict[str, Any]) -> str:
     )
     return (
         f"At the thought where the donors differ most for each intermediate ({where}; chosen on these pairs), "
-        f"a donor with a different value flips {q.compare(k)} answers than a donor with the same value."
+        "a donor with a different value flips answers "
+        + q.compare(
+            k, more="more often", less="less often", same="about as often as", than="a donor with the same value"
+        )
+        + "."
     )
 
 

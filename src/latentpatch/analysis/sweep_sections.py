@@ -216,11 +216,15 @@ def _modes_finding(stats: dict) -> str:
         f"later thoughts follow (chained) restores {q.ci('cells', i)}"
     )
     parts = []
-    for other, words in (("parallel", "patching every thought (parallel)"), ("frozen", "frozen")):
+    for other in ("parallel", "frozen"):
         k = find_contrast(stats, "iterative", f"chained vs {other}", layer=layer, component=component)
         if k is not None:
-            label = words if other == "parallel" else "the same patch with the later thoughts' inputs held (frozen)"
-            parts.append(f"{q.compare(k)} than {label}")
+            label = (
+                "patching every thought (parallel)"
+                if other == "parallel"
+                else "the same patch with the later thoughts' inputs held (frozen)"
+            )
+            parts.append(q.compare(k, than=label))
     if parts:
         text += "; it restores " + ", and ".join(parts)
     return text + "."
