@@ -23,6 +23,7 @@ from latentpatch.analysis.atp_section import atp_section
 from latentpatch.analysis.figure_set import start_cell_figures, summary_figures
 from latentpatch.analysis.findings import what_was_run
 from latentpatch.analysis.html import CSS, escape
+from latentpatch.analysis.probe_section import probe_section
 from latentpatch.analysis.reading_section import reading_sections
 from latentpatch.analysis.sections import (
     SECTIONS,
@@ -78,6 +79,7 @@ def experiment_sections(
         *steps_sections(run_dir, stats, formats),
         *reading_sections(run_dir, formats, stats),
         *([atp] if (atp := atp_section(run_dir, formats, stats)) is not None else []),
+        *([probe] if (probe := probe_section(run_dir, formats, stats)) is not None else []),
         *([steer] if (steer := steer_section(run_dir, formats, stats)) is not None else []),
     ]
     order = [sid for sid, _, _ in EXPERIMENT_SECTIONS]

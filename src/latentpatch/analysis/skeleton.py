@@ -105,11 +105,11 @@ class Quote:
         text = count_text(float(lookup(self.stats, frac)), int(lookup(self.stats, n)))
         return f'<span class="q" data-count="{frac}|{n}">{text}</span>'
 
-    def ci(self, *keys: Any, mean: str = "mean") -> str:
+    def ci(self, *keys: Any, mean: str = "mean", low: str = "ci_low", high: str = "ci_high") -> str:
         """``mean [95% CI low, high; n = N]`` of the record at ``keys`` (its ``mean``/``ci_low``/
-        ``ci_high``/``n``), the mean in bold."""
+        ``ci_high``/``n``, or the names given), the mean in bold."""
         return (
-            f"<b>{self.num(*keys, mean)}</b> [95% CI {self.num(*keys, 'ci_low')}, {self.num(*keys, 'ci_high')}; "
+            f"<b>{self.num(*keys, mean)}</b> [95% CI {self.num(*keys, low)}, {self.num(*keys, high)}; "
             f"n = {self.num(*keys, 'n')}]"
         )
 

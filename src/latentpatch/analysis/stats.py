@@ -27,6 +27,7 @@ import pandas as pd
 from latentpatch.analysis.atp_stats import atp_stats, read_atp
 from latentpatch.analysis.contrasts import iterative_contrasts, step_contrasts
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
+from latentpatch.analysis.probe_stats import probe_stats, read_probes
 from latentpatch.analysis.reading_stats import attention_stats, lens_stats, read_attention, read_lens
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, mode_table, used_pairs
 from latentpatch.analysis.steer_stats import read_steer, steer_stats
@@ -270,7 +271,15 @@ def add_stage_stats(
     steer, steer_contrasts = steer_stats(read_steer(run_dir), seed, n_resamples)
     contrasts = iterative_contrasts(cells, seed, n_resamples) if cells is not None else []
     contrasts += step_contrasts(steps_table, influence, seed, n_resamples) + steer_contrasts
-    named = (("steps", steps), ("lens", lens), ("atp", atp), ("attention", attention), ("steer", steer))
+    probe = probe_stats(read_probes(run_dir), read_lens(run_dir), steps)
+    named = (
+        ("steps", steps),
+        ("lens", lens),
+        ("atp", atp),
+        ("attention", attention),
+        ("steer", steer),
+        ("probe", probe),
+    )
     extra = {k: v for k, v in named if v is not None}
     if contrasts:
         extra["contrasts"] = json_safe(contrasts)

@@ -143,33 +143,41 @@ def probe_sites(sites: dict[str, Any], num_latent: int, components: Sequence[str
     return out
 
 
+def site_name(component: str, layer: int, position: str) -> str:
+    """A site's key in :func:`~latentpatch.probing.probes.probe_all` (``component|layer|position``)."""
+    return f"{component}|{layer}|{position}"
+
+
 def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
-    """Every label x site probe on the recorded shards (same grouped splits for every site)."""
+    """Every label x site probe on the recorded shards; per label, the same grouped splits (and control
+    map) for every site, so the sites' scores are comparable."""
     # scikit-learn is imported here, not at the top: a run without probes never pays for it
-    from latentpatch.probing.probes import probe_site
+    from latentpatch.probing.probes import probe_all
 
     paths = sorted((ctx.paths.results / ACTIVATIONS_DIR).glob("*.safetensors"))
     sites = probe_sites(read_sites(paths), ctx.model.num_latent, ctx.config.probe_component_list)
+    named = {site_name(*key): X for key, X in sites.items()}
     groups = np.asarray(table["group"].astype(str))
     labels = probe_labels(table)
     min_count = ctx.config.probe_min_count or MIN_COUNT
-    ctx.progress.stage("probes", len(labels) * len(sites))
+    ctx.progress.stage("probes", len(labels))
     t = time.perf_counter()
     records, skipped = [], {}
     for label, values in labels.items():
-        for (component, layer, position), X in sites.items():
-            try:
-                result = probe_site(X, values, groups, seed=ctx.config.seed, min_count=min_count)
-            except ValueError as ex:  # fewer than 2 classes or groups: the label cannot be probed
-                skipped[label] = str(ex)
-                ctx.progress.advance(len(sites))
-                break
-            records.append(
-                {"label": label, "component": component, "layer": layer, "position": position, **result.to_record()}
-            )
-            ctx.progress.advance(1)
+        try:
+            found = probe_all(named, values, groups, seed=ctx.config.seed, min_count=min_count)
+        except ValueError as ex:  # fewer than 2 classes or 2 groups with enough questions: not probed
+            skipped[label] = str(ex)
+        else:
+            for rec in found:
+                component, layer, position = rec.pop("site").split("|")
+                records.append(
+                    {"label": label, "component": component, "layer": int(layer), "position": position, **rec}
+                )
+        ctx.progress.advance(1)
     ctx.timings["probes_s"] = time.perf_counter() - t
-    ctx.probe_skipped = skipped
+    for label, why in skipped.items():
+        ctx.progress.warn(f"probe: label {label!r} not probed: {why}")
     return pd.DataFrame(records)
 
 

@@ -1,0 +1,165 @@
+"""The probe experiment (docs/method.md §16) on the shipped model: activations recorded once per question
+equal a plain one-question rollout at every site; the probes read them; resume; the shipped model's
+intermediates are read best where its thoughts hold them; the report section."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from latentpatch.names import ACTIVATION_SHARD, probe_position_names
+
+N_PAIRS = 40  # 80 questions in 40 groups: two activation shards
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    from latentpatch.data.pairs import save_pairs
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    tmp = tmp_path_factory.mktemp("probe")
+    save_pairs(generate_pairs(N_PAIRS, seed=3, intermediates=True), tmp / "pairs.json")
+    cfg = RunConfig(
+        pairs=str(tmp / "pairs.json"),
+        experiments=("probe",),
+        out=str(tmp / "run"),
+        use_cache=False,
+        threads=1,
+        probe_min_count=4,
+    )
+    return run_experiments(cfg, progress=False, command="test"), cfg
+
+
+def test_shards_equal_a_plain_rollout_per_question(probe_run):
+    from safetensors import safe_open
+
+    from latentpatch.model.load import load_model
+
+    run, _ = probe_run
+    model = load_model("default")
+    questions = pd.read_parquet(run / "results" / "questions.parquet")
+    assert len(questions) == 2 * N_PAIRS and questions["group"].nunique() == N_PAIRS
+    shards = sorted((run / "results" / "activations").glob("*.safetensors"))
+    assert len(shards) == -(-len(questions) // ACTIVATION_SHARD)
+    K, L = model.num_latent, model.n_layers
+    names = probe_position_names(K)
+    with safe_open(str(shards[1]), framework="pt") as f:
+        meta = f.metadata()
+        resid, thought = f.get_tensor("resid_out"), f.get_tensor("thought")
+        pre = f.get_tensor("thought_pre")
+    assert json.loads(meta["positions"]) == names
+    rows = json.loads(meta["rows"])
+    for j in (0, len(rows) - 1):  # the first and last question of the second shard
+        q = questions.iloc[ACTIVATION_SHARD + j]
+        assert rows[j]["question_id"] == q["question_id"]
+        # the plain computation: this question alone, its own rollout, positions read off its length
+        prompt = model.prompt_ids(q["question"])
+        with torch.no_grad():
+            r = model.rollout([prompt], record=[("resid_out", layer) for layer in range(L)])
+            ids = model.generate(r.state, r.answer_logits)[0]
+        T = len(prompt)
+        where = [T + p for p in range(K)] + [r.state.length - 1, T - 1]
+        for layer in range(L):
+            plain = r.hooks.recorded("resid_out", layer)[0, where]
+            assert torch.allclose(resid[j, layer], plain, atol=1e-4), (j, layer)
+        assert torch.allclose(thought[j], r.thoughts[0], atol=1e-4)
+        assert torch.allclose(pre[j], r.thought_source_hidden()[0], atol=1e-4)
+        text = model.decode(ids)
+        assert rows[j]["pred_answer"] == pytest.approx(float(text.rsplit(":", 1)[-1]))
+
+
+def test_probes_read_the_recorded_sites(probe_run):
+    from latentpatch.probing.activations import read_sites
+    from latentpatch.probing.probes import probe_site
+
+    run, cfg = probe_run
+    probes = pd.read_parquet(run / "results" / "probes.parquet")
+    questions = pd.read_parquet(run / "results" / "questions.parquet")
+    assert {"answer", "correct", "intermediate_0"} <= set(probes["label"])
+    # one site recomputed here from the shards: resid_out, layer 2, thought 1, label intermediate_0
+    sites = read_sites(sorted((run / "results" / "activations").glob("*.safetensors")))
+    X = sites["resid_out"][:, 2, 1].numpy()
+    y = [None if v != v else v for v in questions["intermediate_0"]]
+    mine = probe_site(X, y, questions["group"].astype(str).to_numpy(), seed=cfg.seed, min_count=4)
+    row = probes[(probes["label"] == "intermediate_0") & (probes["component"] == "resid_out")]
+    row = row[(row["layer"] == 2) & (row["position"] == "t1")].iloc[0]
+    assert row["accuracy"] == mine.accuracy and row["selectivity"] == pytest.approx(mine.selectivity)
+    assert row["majority_accuracy"] == mine.majority_accuracy
+
+
+def test_resume_records_only_missing_shards_and_gives_the_same_bytes(probe_run, tmp_path):
+    import shutil
+
+    from latentpatch.pipeline.run import run_experiments
+
+    run, cfg = probe_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    first = sorted((copy / "results" / "activations").glob("*.safetensors"))[0]
+    kept = first.read_bytes()
+    first.write_bytes(kept[:100])  # damaged: recorded again
+    (copy / "results" / "probes.parquet").unlink()
+    cfg.out = str(copy)
+    run_experiments(cfg, resume=True, progress=False, command="test")
+    assert first.read_bytes() == kept
+    a = pd.read_parquet(run / "results" / "probes.parquet")
+    b = pd.read_parquet(copy / "results" / "probes.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_probe_report_section_quotes_stats_json(probe_run):
+    run, _ = probe_run
+    page = (run / "report.html").read_text()
+    stats = json.loads((run / "stats.json").read_text())
+    assert '<section id="probe">' in page and "probe_0_accuracy" in " ".join(p.name for p in (run / "figures").iterdir())
+    best = {b["label"]: stats["probe"]["rows"][b["row"]] for b in stats["probe"]["best"]}
+    rows = pd.DataFrame(stats["probe"]["rows"])
+    for label, r in best.items():  # the best site is the one with the highest held-out accuracy
+        assert r["accuracy"] == rows.loc[rows["label"] == label, "accuracy"].max()
+    from test_report_sentences import check_sentences
+
+    check_sentences(run)
+
+
+def test_probe_options_are_checked():
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.pipeline.config import RunConfig
+
+    with pytest.raises(LatentPatchError, match="--questions applies to the probe experiment only"):
+        RunConfig(questions="q.jsonl").validate()
+    with pytest.raises(LatentPatchError, match="--shard with --experiments probe"):
+        RunConfig(experiments=("probe",), shard="0/2").validate()
+    with pytest.raises(LatentPatchError, match="--probe-components: unknown 'nope'"):
+        RunConfig(experiments=("probe",), probe_components="resid_out,nope").validate()
+
+
+def test_the_shipped_model_holds_intermediate_s_at_thought_s_plus_1(tmp_path):
+    """On generated questions: the probe of intermediate s on the fed thought is most accurate at thought
+    s + 1 (docs/training.md: the shipped model stores intermediate s in thought s + 1)."""
+    from latentpatch.data.questions import questions_from_pairs
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.model.load import load_model
+    from latentpatch.probing.activations import record_shard
+    from latentpatch.probing.probes import probe_site
+
+    model = load_model("default")
+    torch.set_num_threads(1)
+    qs = questions_from_pairs(generate_pairs(100, seed=11, intermediates=True))
+    shard = record_shard(model, [model.prompt_ids(q.question) for q in qs.questions], ("resid_out",), 64)
+    groups = np.array(qs.groups())
+    found = {}
+    for s in range(3):
+        y = [q.intermediates[s] if q.intermediates and len(q.intermediates) > s else None for q in qs.questions]
+        acc = [
+            probe_site(shard.tensors["thought"][:, p].numpy(), y, groups, min_count=5, n_resamples=999).accuracy
+            for p in range(model.num_latent)
+        ]
+        found[s] = acc
+        assert int(np.argmax(acc)) == s + 1, (s, acc)
+    assert found == EXPECTED_ACCURACY
