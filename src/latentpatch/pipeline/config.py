@@ -246,6 +246,13 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    skip_unparsed: bool | None = option(
+        None,
+        "With --questions: leave out worked solutions that cannot be parsed (the manifest counts them).",
+        flags="--skip-unparsed/--no-skip-unparsed",
+        omit_if_unset=True,
+        concern="experiments",
+    )
     probe_components: str | None = option(
         None,
         "With --experiments probe: components recorded at every layer besides the thoughts (comma list; "
@@ -391,7 +398,7 @@ class RunConfig(ModelOptions):
         probes read every question's activations at once)."""
         given = [
             n.replace("_", "-")
-            for n in ("questions", "probe_components", "probe_min_count", "activation_dtype")
+            for n in ("questions", "skip_unparsed", "probe_components", "probe_min_count", "activation_dtype")
             if getattr(self, n) is not None
         ]
         if PROBE_EXPERIMENT not in self.experiments:

@@ -51,7 +51,10 @@ def question_set(ctx: RunContext, all_pairs: Sequence[Pair]) -> QuestionSet:
     from latentpatch.data.questions import load_questions, questions_from_pairs
 
     if ctx.config.questions:
-        return load_questions(ctx.config.questions)
+        qs = load_questions(ctx.config.questions, skip_unparsed=bool(ctx.config.skip_unparsed))
+        if qs.skipped:
+            ctx.progress.warn(qs.describe())
+        return qs
     return questions_from_pairs(list(all_pairs))
 
 
