@@ -107,7 +107,7 @@ def _finding(stats: dict[str, Any]) -> str:
             str(r["position"]), f"thought {q.num(*at, 'position')}"
         )
         parts.append(
-            f"{escape(r['label'])} is read best from {where}, {pos}: held-out accuracy "
+            f"{q.num(*at, 'label')} is read best from {where}, {pos}: held-out accuracy "
             f"{q.ci(*at, mean='accuracy', low='accuracy_ci_low', high='accuracy_ci_high')} "
             f"against {q.num(*at, 'majority_accuracy')} for the majority class and {q.num(*at, 'control_accuracy')} "
             f"on the control task (selectivity {q.num(*at, 'selectivity')})"

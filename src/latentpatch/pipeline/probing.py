@@ -16,8 +16,11 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -151,36 +154,66 @@ def site_name(component: str, layer: int, position: str) -> str:
     return f"{component}|{layer}|{position}"
 
 
-def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
-    """Every label x site probe on the recorded shards; per label, the same grouped splits (and control
-    map) for every site, so the sites' scores are comparable."""
-    # scikit-learn is imported here, not at the top: a run without probes never pays for it
+#: What the forked probe workers read (set in the parent before the pool starts: inherited, not pickled).
+_SHARED: dict[str, Any] = {}
+
+
+def _probe_label(label: str) -> tuple[str, list[dict[str, Any]] | str]:
+    """One label's records over every site (or why it cannot be probed), from :data:`_SHARED`."""
     from latentpatch.probing.probes import probe_all
 
+    try:
+        return label, probe_all(
+            _SHARED["sites"],
+            _SHARED["labels"][label],
+            _SHARED["groups"],
+            seed=_SHARED["seed"],
+            min_count=_SHARED["min_count"],
+        )
+    except ValueError as ex:  # fewer than 2 classes or 2 groups with enough questions: not probed
+        return label, str(ex)
+
+
+def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
+    """Every label x site probe on the recorded shards; per label, the same grouped splits (and control
+    map) for every site, so the sites' scores are comparable. Labels run side by side in forked
+    processes where cores allow (each label's numbers do not depend on where it runs)."""
     paths = sorted((ctx.paths.results / ACTIVATIONS_DIR).glob("*.safetensors"))
     sites = probe_sites(read_sites(paths), ctx.model.num_latent, ctx.config.probe_component_list)
-    named = {site_name(*key): X for key, X in sites.items()}
-    groups = np.asarray(table["group"].astype(str))
     labels = probe_labels(table)
-    min_count = ctx.config.probe_min_count or MIN_COUNT
+    _SHARED.update(
+        sites={site_name(*key): X for key, X in sites.items()},
+        labels=labels,
+        groups=np.asarray(table["group"].astype(str)),
+        seed=ctx.config.seed,
+        min_count=ctx.config.probe_min_count or MIN_COUNT,
+    )
     ctx.progress.stage("probes", len(labels))
     t = time.perf_counter()
-    records, skipped = [], {}
-    for label, values in labels.items():
-        try:
-            found = probe_all(named, values, groups, seed=ctx.config.seed, min_count=min_count)
-        except ValueError as ex:  # fewer than 2 classes or 2 groups with enough questions: not probed
-            skipped[label] = str(ex)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    found: dict[str, list[dict[str, Any]] | str] = {}
+    try:
+        if cores >= 2 and len(labels) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=min(cores, len(labels)), mp_context=context) as pool:
+                for label, result in pool.map(_probe_label, labels):
+                    found[label] = result
+                    ctx.progress.advance(1)
         else:
-            for rec in found:
-                component, layer, position = rec.pop("site").split("|")
-                records.append(
-                    {"label": label, "component": component, "layer": int(layer), "position": position, **rec}
-                )
-        ctx.progress.advance(1)
+            for label in labels:
+                found[label] = _probe_label(label)[1]
+                ctx.progress.advance(1)
+    finally:
+        _SHARED.clear()
     ctx.timings["probes_s"] = time.perf_counter() - t
-    for label, why in skipped.items():
-        ctx.progress.warn(f"probe: label {label!r} not probed: {why}")
+    records = []
+    for label, result in found.items():
+        if isinstance(result, str):
+            ctx.progress.warn(f"probe: label {label!r} not probed: {result}")
+            continue
+        for rec in result:
+            component, layer, position = rec.pop("site").split("|")
+            records.append({"label": label, "component": component, "layer": int(layer), "position": position, **rec})
     return pd.DataFrame(records)
 
 

@@ -11,8 +11,8 @@ ACTIVATION_SHARD` questions each, so a resumed run cuts the same shards), writte
 - ``<component>``: [n, L, K + 2, d], positions :func:`~latentpatch.names.probe_position_names`
   (``t0..t{K-1}``, ``ans``, ``question``);
 - ``thought``, ``thought_pre``: [n, K, d] (``thought_pre`` only where the feedback has one);
-- metadata ``rows``: JSON list of ``{question_id, pred_answer, correct}`` in row order, and
-  ``positions``, ``components``, ``dtype``.
+- metadata ``latentpatch``: JSON ``{rows, positions, components, dtype}``, ``rows`` the list of
+  ``{question_id, pred_answer, correct}`` in row order.
 
 >>> from latentpatch.model.load import load_model
 >>> model = load_model("default")
@@ -39,6 +39,8 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.names import probe_position_names
 from latentpatch.patching.reading import query_indices
 
+#: The one metadata entry of a shard: JSON ``{rows, positions, components, dtype}``.
+METADATA_KEY = "latentpatch"
 #: Activation dtypes a run may store (``--activation-dtype``).
 ACTIVATION_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -86,13 +88,14 @@ def write_shard(
 ) -> None:
     """Write ``shard`` (cast to ``dtype``) with its ``rows`` (one dict per question) atomically."""
     tensors = {name: t.to(ACTIVATION_DTYPES[dtype]).contiguous() for name, t in shard.tensors.items()}
-    metadata = {
-        "rows": json.dumps(rows),
-        "positions": json.dumps(probe_position_names(num_latent)),
-        "components": json.dumps(list(components)),
+    info = {
+        "rows": rows,
+        "positions": probe_position_names(num_latent),
+        "components": list(components),
         "dtype": dtype,
     }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    # one metadata key: safetensors keeps metadata in a hash map, whose key order varies between processes
+    atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: json.dumps(info)}))
 
 
 def read_shard_rows(path: Path) -> list[dict[str, Any]] | None:
@@ -100,7 +103,7 @@ def read_shard_rows(path: Path) -> list[dict[str, Any]] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return list(json.loads(meta["rows"]))
+        return list(json.loads(meta[METADATA_KEY])["rows"])
     except Exception:  # missing, truncated or foreign: the caller records the shard again
         return None
 
