@@ -191,3 +191,17 @@ def test_the_shipped_model_holds_intermediate_s_at_thought_s_plus_1(tmp_path):
         found[s] = acc
         assert int(np.argmax(acc)) == s + 1, (s, acc)
     assert found == EXPECTED_ACCURACY
+
+
+def test_a_bad_question_file_stops_the_run_before_any_work(tmp_path, capsys):
+    from latentpatch.cli import main
+
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"id": "a", "question": "Tom has 3 apples.", "answer": "x"}\n')
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as ex:
+        main(["run", "--experiments", "probe", "--questions", str(bad), "--out", str(out), "--limit", "2"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "record [0]" in err[0] and "fix:" in err[0]
+    assert not out.exists()

@@ -411,6 +411,10 @@ class RunConfig(ModelOptions):
             raise LatentPatchError(
                 "--shard with --experiments probe: probes read every question at once; fix: run it unsharded"
             )
+        if self.questions is not None and not Path(self.questions).is_file():
+            raise LatentPatchError(
+                f"--questions {self.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
+            )
         if self.probe_min_count is not None and self.probe_min_count < 2:
             raise LatentPatchError(f"--probe-min-count must be >= 2 (got {self.probe_min_count})")
         if self.activation_dtype not in (None, "float32", "float16"):

@@ -61,6 +61,14 @@ def question_set(ctx: RunContext, all_pairs: Sequence[Pair]) -> QuestionSet:
     return questions_from_pairs(list(all_pairs))
 
 
+def check_question_file(config) -> None:
+    """Load ``--questions`` once before the run starts, so a bad record is one line before any work."""
+    if PROBE_EXPERIMENT in config.experiments and config.questions:
+        from latentpatch.data.questions import load_questions
+
+        load_questions(config.questions, skip_unparsed=bool(config.skip_unparsed))
+
+
 def shard_path(ctx: RunContext, k: int):
     return ctx.paths.results / ACTIVATIONS_DIR / f"{k:05d}.safetensors"
 

@@ -44,7 +44,7 @@ from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.limits import check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
-from latentpatch.pipeline.probing import sweep_probes
+from latentpatch.pipeline.probing import check_question_file, sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
@@ -269,6 +269,7 @@ def run_experiments(
         with run_lock(out, note=reporter.warn):
             previous = open_run(config, resume)
             all_pairs = load_run_pairs(config) if pairs is None else list(pairs)  # before the model loads
+            check_question_file(config)  # --questions: a bad record stops the run before any work
             t0 = time.perf_counter()
             ctx = prepare_run(config, model, all_pairs, previous, reporter, command)
             execute_run(ctx, all_pairs, t0, report_process)
