@@ -321,7 +321,7 @@ def _probe_design(
     )
 
 
-@threadpool_limits.wrap(limits=1, user_api="blas")  # see the module docstring: threaded BLAS only slows these fits
+@threadpool_limits.wrap(limits=1)  # see the module docstring: threaded BLAS and OpenMP only slow these fits
 def _classify(
     X: np.ndarray, codes: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], C: float, max_iter: int
 ) -> tuple[np.ndarray, float, int]:
@@ -391,7 +391,7 @@ def _regress_design(
     )
 
 
-@threadpool_limits.wrap(limits=1, user_api="blas")
+@threadpool_limits.wrap(limits=1)
 def _regress(
     X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], alpha: float
 ) -> tuple[np.ndarray, float]:
