@@ -139,7 +139,21 @@ class Vocabulary:
 
     ``embeddings``: E [V, d] (the model's own matrix, not a copy); ``unit``: its rows scaled to norm 1,
     float32 [V, d], on the model's device; ``excluded``: ids the cosine search skips;
-    ``number_token``: value -> id of its first answer token (None: no tokenizer, no ``number`` kinds)."""
+    ``number_token``: value -> id of its first answer token (None: no tokenizer, no ``number`` kinds).
+
+    >>> from latentpatch.data.synthetic import generate_pairs
+    >>> from latentpatch.model.load import load_model
+    >>> model = load_model("default")
+    >>> vocab = Vocabulary.of(model)
+    >>> vocab.excluded  # <eos>, <pad>, <bot>, <eot>
+    (0, 853, 854, 855)
+    >>> q = generate_pairs(1, seed=0, intermediates=True)[0].clean  # steps 34-7=27, +1=28, -5=23, +9=32
+    >>> t = model.rollout([model.prompt_ids(q.question)]).thoughts[0]  # [K, d]
+    >>> [model.tokenizer.decode([i]) for i in nearest_tokens(t, vocab.unit, 1, vocab.excluded)[:, 0].tolist()]
+    ['=', '27', '28', '23', '32', '32']
+    >>> bool(torch.allclose(vocab.replace("vocab_proj", t).norm(dim=-1), t.norm(dim=-1)))
+    True
+    """
 
     embeddings: torch.Tensor
     unit: torch.Tensor
