@@ -112,6 +112,18 @@ NO_LAYER = -1
 #: per-step mean (over pairs), the target's own thought plus Gaussian noise scaled to its norm,
 #: another pair's source thought.
 STEP_REPLACEMENTS: tuple[str, ...] = ("source", "zero", "mean", "step_mean", "noise", "resample")
+#: Vocabulary-space replacements of site ``thought`` (docs/method.md §13, :mod:`latentpatch.patching.vocab`):
+#: the nearest token embedding by cosine (as is; rescaled to the thought's norm), the projection on the
+#: span of the top :data:`VOCAB_TOP_K` token embeddings (norm kept), the thought minus its top-1 token
+#: component. Specs after :data:`STEP_REPLACEMENTS`' (their rows unchanged).
+VOCAB_REPLACEMENTS: tuple[str, ...] = ("discretize", "discretize_norm", "vocab_proj", "remove_top1")
+#: Write the input embedding of the first token of the target's intermediate s (``number:s``) or of
+#: that value + 1 (``number_plus1:s``) as thought p; only for pairs whose target has intermediates.
+NUMBER_REPLACEMENTS: tuple[str, ...] = ("number", "number_plus1")
+#: Token embeddings spanning the subspace of ``vocab_proj``.
+VOCAB_TOP_K = 8
+#: The donor kinds of the ``intermediate`` experiment (``same:s``, ``diff:s``).
+DONOR_REPLACEMENTS: tuple[str, ...] = ("same", "diff")
 #: Interventions of the influence matrix.
 INFLUENCE_REPLACEMENTS: tuple[str, ...] = ("zero", "noise", "source")
 #: Files under ``results/`` of a run with step-level experiments: per-pair files (a folder), the tables.

@@ -6,7 +6,8 @@ to an :class:`Experiment`:
 - ``sweep`` (``layer``, ``position``, ``iterative``): activation patches at hook sites, one spec per
   cell (:mod:`latentpatch.patching.specs`), run by the engine over every pair;
 - ``steps`` (``thought``, ``early``, ``influence``, ``intermediate``): thought replacements and
-  early exits (:mod:`latentpatch.patching.steps`, docs/method.md §13), run by the same engine;
+  early exits (:mod:`latentpatch.patching.steps`, docs/method.md §13; ``thought`` ends with the
+  vocabulary-space specs of :mod:`latentpatch.patching.vocab`), run by the same engine;
 - ``reading`` (``lens``, ``attention``): read one unpatched rollout, no patch (§14);
 - ``atp``: one backward pass estimates every site; its exact check patches through the engine
   with specs it builds from the sites it ranks (§15), so it has no fixed spec list.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from latentpatch.names import ALL_EXPERIMENTS, DEFAULT_COMPONENT, THOUGHT_SITES
 from latentpatch.patching.specs import PatchSpec, iterative_specs, layer_specs, position_specs
 from latentpatch.patching.steps import early_specs, influence_specs, intermediate_specs, thought_specs
+from latentpatch.patching.vocab import vocab_specs
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ REGISTRY: dict[str, Experiment] = {
             "thought",
             "steps",
             "what does each thought carry?",
-            lambda s: thought_specs(s.num_latent, s.thought_sites),
+            lambda s: thought_specs(s.num_latent, s.thought_sites) + vocab_specs(s.num_latent, s.n_intermediates),
         ),
         Experiment("early", "steps", "when is the answer committed?", lambda s: early_specs(s.num_latent)),
         Experiment(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from latentpatch.names import EARLY_SITE, THOUGHT_SITES
+from latentpatch.names import DONOR_REPLACEMENTS, EARLY_SITE, THOUGHT_SITES
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ def intervention_of(component: str, layer: int, positions: tuple[int, ...]) -> I
 @dataclass(frozen=True)
 class Replacement:
     """What a step-level spec feeds: a ``kind`` (``source``, ``zero``, ``mean``, ``step_mean``,
-    ``noise``, ``resample``; "" = the run's ``--replacement``) or a donor question's thought, ``same``
-    or ``diff`` intermediate value ``intermediate`` (the ``intermediate`` experiment)."""
+    ``noise``, ``resample``, the vocabulary-space kinds; "" = the run's ``--replacement``) or a donor
+    question's thought, ``same`` or ``diff`` intermediate value ``intermediate`` (the ``intermediate``
+    experiment); ``number:s`` / ``number_plus1:s`` also name an intermediate (its token's embedding)."""
 
     kind: str
     intermediate: int | None = None
@@ -93,7 +94,7 @@ class Replacement:
     @property
     def is_donor(self) -> bool:
         """A donor question's thought (``same``/``diff``), not a value of the pair's own runs."""
-        return self.intermediate is not None
+        return self.intermediate is not None and self.kind in DONOR_REPLACEMENTS
 
     @property
     def label(self) -> str:

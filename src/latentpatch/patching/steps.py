@@ -5,7 +5,8 @@ Four experiments, each a list of :class:`~latentpatch.patching.specs.PatchSpec` 
 
 - ``thought``: replace continuous thought p (site ``thought``: the input embedding; site
   ``thought_pre``: the final hidden state ``prj`` maps to it, CODI only) by one of
-  :data:`~latentpatch.names.STEP_REPLACEMENTS`, per step p and at every step at once;
+  :data:`~latentpatch.names.STEP_REPLACEMENTS`, per step p and at every step at once; then (site
+  ``thought`` only) by a vocabulary-space value (:mod:`latentpatch.patching.vocab`);
 - ``early``: the early answer S(k): [EOT] after k = 0..K thoughts;
 - ``influence``: replace thought i (zero, noise, source) and measure every thought j and the answer;
 - ``intermediate``: patch thought p from a donor question that shares (or not) an intermediate value.
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import (
     ALL_POSITIONS,
+    DONOR_REPLACEMENTS,
     EARLY_SITE,
     INFLUENCE_REPLACEMENTS,
     NO_LAYER,
@@ -37,6 +40,7 @@ from latentpatch.patching.baselines import PairBaseline, RunRecord, ValueFn
 from latentpatch.patching.interventions import ThoughtReplacement
 from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
+from latentpatch.patching.vocab import Vocabulary, is_vocab, vocab_value
 
 
 @dataclass
@@ -102,7 +106,7 @@ def intermediate_specs(num_latent: int, n_intermediates: int) -> list[PatchSpec]
     return [
         PatchSpec("intermediate", "single", "thought", NO_LAYER, (p,), p, replacement=f"{kind}:{s}")
         for s in range(n_intermediates)
-        for kind in ("same", "diff")
+        for kind in DONOR_REPLACEMENTS
         for p in range(num_latent)
     ]
 
@@ -144,14 +148,19 @@ def step_values(
     seed: int = 0,
     pair_index: int = 0,
     noise_scale: float = NOISE_SCALE,
+    vocab: Vocabulary | None = None,
+    intermediates: Sequence[float] | None = None,
 ) -> ValueFn:
     """``spec -> [len(positions), d]``: the values a step-level spec feeds at its site.
 
     ``noise``: the target's own value plus Gaussian noise whose expected norm is ``noise_scale``
     times that value's norm (a fixed scale would mean nothing: Coconut thoughts are far larger
     than token embeddings). ``partner``: the resample pair's source run; ``donors``: the donor
-    runs of the intermediate contrast, by ``spec.replacement``.
+    runs of the intermediate contrast, by ``spec.replacement``. ``vocab``: the run's
+    :class:`~latentpatch.patching.vocab.Vocabulary` and ``intermediates``: the target run's
+    intermediate values, for the vocabulary-space kinds (:func:`~latentpatch.patching.vocab.vocab_value`).
     """
+    memo: dict[str, torch.Tensor] = {}  # vocabulary-space values of every target thought, per kind
 
     def values(spec: PatchSpec) -> torch.Tensor:
         iv, rep = spec.intervention, spec.replacement_value
@@ -159,6 +168,8 @@ def step_values(
             raise ValueError(f"step values are for thought replacements, not {iv}")
         pos, site = list(iv.positions), iv.site
         own = target.site(site)  # [K, d]
+        if is_vocab(rep):
+            return vocab_value(vocab, rep, site, own, pos, intermediates, memo)
         if rep.is_donor:
             if donors is None or rep.label not in donors:
                 raise ValueError(f"no donor for {rep.label!r}")
@@ -184,6 +195,17 @@ def step_values(
     return values
 
 
+def run_intermediates(pairs: Sequence[Pair]) -> list[list[float] | None]:
+    """Per run of a pool of pairs (pair i's clean at 2i, corrupted at 2i+1): its ``intermediates``
+    (the variant's extra field, docs/method.md §9.1), None where it has none."""
+    out: list[list[float] | None] = []
+    for pair in pairs:
+        for name in ("clean", "corrupted"):
+            vals = pair.variant(name).extra.get("intermediates")
+            out.append([float(v) for v in vals] if isinstance(vals, list) else None)
+    return out
+
+
 def pick_donors(
     intermediates: Sequence[Sequence[float] | None], target: int, n_intermediates: int, seed: int
 ) -> dict[str, int]:
@@ -196,7 +218,7 @@ def pick_donors(
         return out
     rng = random.Random(seed * 1_000_003 + target)
     for s in range(min(n_intermediates, len(mine))):
-        for kind in ("same", "diff"):
+        for kind in DONOR_REPLACEMENTS:
             cands = [
                 j
                 for j, other in enumerate(intermediates)
@@ -212,7 +234,10 @@ def pick_donors(
 
 # ---- result rows -----------------------------------------------------------------------------------
 def step_rows(base: PairBaseline, specs: Sequence[PatchSpec], cells: Sequence[dict]) -> tuple[list, list]:
-    """Rows of ``steps.parquet`` and ``influence.parquet`` (docs/ARCHITECTURE.md) for one pair."""
+    """Rows of ``steps.parquet`` and ``influence.parquet`` (docs/ARCHITECTURE.md) for one pair.
+
+    ``replacement``: the kind (``same``/``diff`` of the intermediate experiment) or the label
+    (``number:s``: the thought experiment groups rows by replacement); ``intermediate``: s or -1."""
     flags = {
         "clean_correct": base.clean_correct,
         "corrupted_correct": base.corrupted_correct,
@@ -246,7 +271,7 @@ def step_rows(base: PairBaseline, specs: Sequence[PatchSpec], cells: Sequence[di
                 "pair_id": base.pair_id,
                 "experiment": spec.experiment,
                 "site": spec.component,
-                "replacement": rep.kind,
+                "replacement": rep.kind if rep.is_donor else rep.label,  # number:s keeps s (one group per s)
                 "position": spec.index,
                 "intermediate": -1 if rep.intermediate is None else rep.intermediate,
                 "kl": m["kl"],

@@ -11,9 +11,12 @@ global order, so merged shards equal the unsharded run) and gives each pair one
   pool's source runs' activations);
 - a :class:`~latentpatch.patching.interventions.ThoughtReplacement` gets its own replacement
   (:func:`~latentpatch.patching.steps.step_values`: source, zero, mean, step_mean, noise, resample,
-  a donor's thought), from the chains recorded with the baselines (``thought``, ``thought_pre``).
+  a donor's thought, a vocabulary-space value), from the chains recorded with the baselines
+  (``thought``, ``thought_pre``).
 
-The pool's means and partners are computed once, on first use.
+The pool's means and partners are computed once, on first use; the model's vocabulary
+(:class:`~latentpatch.patching.vocab.Vocabulary`: E's unit rows, float32) is set once per run by the
+step-level stage when its specs need it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ from latentpatch.patching.baselines import (
 )
 from latentpatch.patching.interventions import ThoughtReplacement
 from latentpatch.patching.specs import EngineConfig, PatchSpec
-from latentpatch.patching.steps import StepPool, StepRecord, recorded_chain, step_pool, step_values
+from latentpatch.patching.steps import (
+    StepPool,
+    StepRecord,
+    recorded_chain,
+    run_intermediates,
+    step_pool,
+    step_values,
+)
+from latentpatch.patching.vocab import Vocabulary
 
 
 @dataclass
@@ -45,7 +56,9 @@ class ValuePool:
     :class:`PairBaseline` whose records hold activations and chains; for a shard, every shard's used
     pairs in global order). ``position[i]``: this process's pair ``i``'s place in ``pool``;
     ``indices[i]``: its global index (seeds the noise of pair ``i``). ``config``: the run's direction
-    and ``--replacement`` (for activation patches).
+    and ``--replacement`` (for activation patches). ``vocab``: the model's
+    :class:`~latentpatch.patching.vocab.Vocabulary` (vocabulary-space thought replacements; set once
+    per run by the step-level stage).
     """
 
     pool: list[PairBaseline]
@@ -55,6 +68,7 @@ class ValuePool:
     seed: int = 0
     pairs: list[Pair] | None = None  # the pool's pairs (their extra fields: intermediates), same order
     label: str | None = None  # "all shards" when the pool is every shard's (the manifest's replacement_pool)
+    vocab: Vocabulary | None = None
 
     @property
     def _source_offset(self) -> int:
@@ -76,6 +90,15 @@ class ValuePool:
         """The pool's chains (thought, thought_pre), recorded with the baselines: run 2j = pair j's
         clean, 2j+1 its corrupted."""
         return [recorded_chain(rec) for b in self.pool for rec in (b.clean, b.corrupted)]
+
+    @cached_property
+    def intermediates(self) -> list[list[float] | None]:
+        """Per pool run (2j = pair j's clean, 2j+1 its corrupted): its ``intermediates`` or None."""
+        return run_intermediates(self.pairs or [])
+
+    def target_run(self, i: int) -> int:
+        """The pool run index of this process's pair ``i``'s target run."""
+        return 2 * self.position[i] + 1 - self._source_offset
 
     @cached_property
     def step_means(self) -> StepPool:
@@ -108,15 +131,16 @@ class ValuePool:
 
     def _step_values(self, i: int, donors: dict[str, int] | None) -> ValueFn:
         j, src = self.position[i], self._source_offset
-        tgt = 1 - src
         return step_values(
-            self.chains[2 * j + tgt],
+            self.chains[self.target_run(i)],
             self.chains[2 * j + src],
             self.step_means,
             partner=self.chains[2 * self.partner[j] + src],
             donors={rep: self.chains[d] for rep, d in (donors or {}).items()},
             seed=self.seed,
             pair_index=self.indices[i],
+            vocab=self.vocab,
+            intermediates=self.intermediates[self.target_run(i)] if self.pairs else None,
         )
 
 

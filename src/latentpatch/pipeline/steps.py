@@ -22,7 +22,7 @@ from latentpatch.names import (
     STEP_EXPERIMENTS,
     STEPS_DIR,
 )
-from latentpatch.patching.baselines import ValueFn
+from latentpatch.patching.baselines import PairBaseline, ValueFn
 from latentpatch.patching.checks import check_steps_engine_reference
 from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
@@ -33,6 +33,7 @@ from latentpatch.patching.steps import (
     thought_sites,
 )
 from latentpatch.patching.values import ValuePool
+from latentpatch.patching.vocab import Vocabulary, is_vocab, runs_for
 from latentpatch.pipeline.manifest import RunContext
 from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
 from latentpatch.pipeline.values import run_value_pool
@@ -51,30 +52,21 @@ def step_specs(model: LatentModel, names: list[str], n_intermediates: int = 0) -
     return [s for name in stage_experiments(names, "steps") for s in experiment_specs(name, shape)]
 
 
-def _intermediates(pairs: Sequence[Pair]) -> list[list[float] | None]:
-    """Per run of the donor pool (pair i's clean at 2i, corrupted at 2i+1): its ``intermediates``."""
-    out: list[list[float] | None] = []
-    for pair in pairs:
-        for name in ("clean", "corrupted"):
-            vals = pair.variant(name).extra.get("intermediates")
-            out.append([float(v) for v in vals] if isinstance(vals, list) else None)
-    return out
-
-
 def _pair_inputs(
     ctx: RunContext, pool: ValuePool, specs: list[PatchSpec], n_inter: int
 ) -> Callable[[int], tuple[ValueFn, list[PatchSpec]]]:
     """``i -> (values, specs)`` of pair ``ctx.bases[i]``: its values from the run's pool (donors for
     the intermediate contrast picked among the pool's runs) and the specs it runs (intermediate
-    specs need a donor)."""
+    specs need a donor; ``number:s`` specs the target's intermediate s)."""
     config = ctx.config
-    inter = _intermediates(pool.pairs or [])
-    tgt_off = 1 if config.direction == "denoise" else 0  # pool run 2j = pair j's clean, 2j+1 its corrupted
+    inter = pool.intermediates  # pool run 2j = pair j's clean, 2j+1 its corrupted
 
     def inputs(i: int) -> tuple[ValueFn, list[PatchSpec]]:
-        donors = pick_donors(inter, 2 * pool.position[i] + tgt_off, n_inter, config.seed)
+        target = pool.target_run(i)
+        donors = pick_donors(inter, target, n_inter, config.seed)
         values = pool.values(i, ctx.bases[i], donors)
-        return values, [s for s in specs if s.experiment != "intermediate" or s.replacement in donors]
+        runs = [s for s in specs if s.experiment != "intermediate" or s.replacement in donors]
+        return values, [s for s in runs if runs_for(s, inter[target], pool.vocab)]
 
     return inputs
 
@@ -87,8 +79,10 @@ def steps_stage(ctx: RunContext, all_pairs: Sequence[Pair]) -> Stage:
 
     def prepare() -> Plan:
         pool = run_value_pool(ctx, all_pairs)
-        n_inter = max((len(v) for v in _intermediates(pool.pairs or []) if v is not None), default=0)
+        n_inter = max((len(v) for v in pool.intermediates if v is not None), default=0)
         specs = step_specs(model, requested(config.experiments), n_inter)
+        if pool.vocab is None and any(is_vocab(s.replacement_value) for s in specs):
+            pool.vocab = Vocabulary.of(model)  # once per run: E's unit rows (float32)
         inputs = _pair_inputs(ctx, pool, specs, n_inter)
 
         def check() -> dict:
@@ -116,9 +110,20 @@ def sweep_steps(ctx: RunContext, all_pairs: Sequence[Pair] | None = None) -> Non
 def _patch_steps(ctx: RunContext, i: int, values: ValueFn, specs: list[PatchSpec]) -> dict[str, Any]:
     """Pair ``i``'s step-level cells: its file ``results/steps/{k:05d}.json``."""
     base = ctx.bases[i]
-    if ctx.config.engine == "fast":
-        cells = sweep_fast(ctx.model, base, specs, values, EngineOptions(ctx.batch_size))
-    else:
-        cells = sweep_reference(ctx.model, base, specs, values)
+    # The vocabulary-space specs are a sweep of their own: the other specs are cut into the chunks a
+    # run without them has, so their rows keep their bits (a chunk's shared prefix sets the float sums).
+    vocab = [is_vocab(s.replacement_value) for s in specs]
+    parts = [[s for s, v in zip(specs, vocab) if v == flag] for flag in (False, True)]
+    swept = [iter(_sweep(ctx, base, part, values)) for part in parts]
+    cells = [next(swept[v]) for v in vocab]
     rows, influence = step_rows(base, specs, cells)
     return {"pair_id": base.pair_id, "index": ctx.indices[i], "rows": rows, "influence": influence}
+
+
+def _sweep(ctx: RunContext, base: PairBaseline, specs: list[PatchSpec], values: ValueFn) -> list[dict]:
+    """The cells of ``specs`` on one pair, by the run's engine (none for no specs)."""
+    if not specs:
+        return []
+    if ctx.config.engine == "fast":
+        return sweep_fast(ctx.model, base, specs, values, EngineOptions(ctx.batch_size))
+    return sweep_reference(ctx.model, base, specs, values)
