@@ -77,7 +77,25 @@ WRITTEN = {
     "step_mean": "set to its step's mean over pairs",
     "noise": "with Gaussian noise added",
     "resample": "taken from another pair's source run",
+    "discretize": "replaced by its nearest token embedding",
+    "discretize_norm": "replaced by its nearest token embedding at its own norm",
+    "vocab_proj": "projected on its nearest token embeddings",
+    "remove_top1": "without its nearest token's direction",
 }
+
+
+def written(replacement: str) -> str:
+    """What a thought replacement writes, in words (``number:s``: an intermediate's token).
+
+    >>> written("zero"), written("number_plus1:0")
+    ('set to zero', "replaced by the token of one more than an intermediate's value")
+    """
+    kind = replacement.partition(":")[0]
+    if kind == "number":
+        return "replaced by the token of an intermediate's value"
+    if kind == "number_plus1":
+        return "replaced by the token of one more than an intermediate's value"
+    return WRITTEN.get(kind, replacement)
 
 
 def _thought_finding(stats: dict[str, Any]) -> str:
@@ -103,9 +121,7 @@ def _thought_finding(stats: dict[str, Any]) -> str:
         parts.append(
             f"the largest flip rate from replacing one thought is {q.ci('steps', 'thought', *at)}, at thought "
             f"{q.num('steps', 'thought', *at, 'position')} ({escape(best['site'])} "
-            f"{escape(WRITTEN.get(best['replacement'], best['replacement']))}"
-            + ("; other settings tie with it" if tied else "")
-            + ")"
+            f"{escape(written(best['replacement']))}" + ("; other settings tie with it" if tied else "") + ")"
         )
     text = "; ".join(parts) or "the run has no thought interventions to summarise"
     return text[0].upper() + text[1:] + "."

@@ -413,7 +413,8 @@ class RunConfig(ModelOptions):
             )
         if self.questions is not None and not Path(self.questions).is_file():
             raise LatentPatchError(
-                f"--questions {self.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
+                f"--questions {self.questions}: no such file; "
+                "fix: give a pair, question or GSM8K file (docs/method.md §16)"
             )
         if self.probe_min_count is not None and self.probe_min_count < 2:
             raise LatentPatchError(f"--probe-min-count must be >= 2 (got {self.probe_min_count})")
