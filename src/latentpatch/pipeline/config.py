@@ -23,18 +23,16 @@ from latentpatch.errors import LatentPatchError
 from latentpatch.names import (
     ALL_EXPERIMENTS,
     ATP_EXPERIMENT,
-    COMPONENTS,
     DEFAULT_COMPONENT,
     DIRECTIONS,
     EXPERIMENTS,
     GLOBAL_REPLACEMENTS,
     HEAD_COMPONENT,
-    PROBE_EXPERIMENT,
     REPLACEMENTS,
     SITE_COMPONENTS,
-    STEER_EXPERIMENT,
 )
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
+from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
 
 if TYPE_CHECKING:
@@ -390,71 +388,26 @@ class RunConfig(ModelOptions):
             parse_shard(self.shard)
             self._check_shardable()
         self._check_atp()
-        self._check_probe()
-        self._check_steer()
+        check_probe_options(self)
+        check_steer_options(self)
 
-    def _check_probe(self) -> None:
-        """The probe options: only with ``--experiments probe``, with valid values; no ``--shard`` (the
-        probes read every question's activations at once)."""
-        given = [
-            n.replace("_", "-")
-            for n in ("questions", "skip_unparsed", "probe_components", "probe_min_count", "activation_dtype")
-            if getattr(self, n) is not None
-        ]
-        if PROBE_EXPERIMENT not in self.experiments:
-            if given:
-                raise LatentPatchError(
-                    f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
-                )
-            return
-        if self.shard is not None:
+    def _check_atp(self) -> None:
+        """The attribution patching options: positive counts, and only with ``--experiments atp``."""
+        for name, value in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)):
+            if value is not None and value < 1:
+                raise LatentPatchError(f"--{name} must be >= 1 (got {value})")
+        given = [n for n, v in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)) if v is not None]
+        if self.graddrop is not None:
+            given.append("graddrop")
+        if given and ATP_EXPERIMENT not in self.experiments:
             raise LatentPatchError(
-                "--shard with --experiments probe: probes read every question at once; fix: run it unsharded"
-            )
-        if self.questions is not None and not Path(self.questions).is_file():
-            raise LatentPatchError(
-                f"--questions {self.questions}: no such file; "
-                "fix: give a pair, question or GSM8K file (docs/method.md §16)"
-            )
-        if self.probe_min_count is not None and self.probe_min_count < 2:
-            raise LatentPatchError(f"--probe-min-count must be >= 2 (got {self.probe_min_count})")
-        if self.activation_dtype not in (None, "float32", "float16"):
-            raise LatentPatchError(f"--activation-dtype {self.activation_dtype!r}: use float32 or float16")
-        bad = [c for c in self.probe_component_list if c not in COMPONENTS]
-        if bad:
-            raise LatentPatchError(
-                f"--probe-components: unknown {bad[0]!r}; use a comma list of {', '.join(COMPONENTS)}"
+                f"--{given[0]} applies to attribution patching only; fix: add atp to --experiments, or drop the option"
             )
 
-    def _check_steer(self) -> None:
-        """The steering options: only with ``--experiments steer``, parseable, layers and counts in range."""
-        given = [
-            n.replace("_", "-")
-            for n in ("steer_alphas", "steer_layers", "steer_controls", "steer_vector")
-            if getattr(self, n) is not None
-        ]
-        if STEER_EXPERIMENT not in self.experiments:
-            if given:
-                raise LatentPatchError(
-                    f"--{given[0]} applies to the steer experiment only; fix: add steer to --experiments, or drop it"
-                )
-            return
-        if self.component == HEAD_COMPONENT:
-            raise LatentPatchError(
-                f"--experiments steer with --component {HEAD_COMPONENT}: fix: steer a block component"
-            )
-        for name, parse in (("steer-alphas", float), ("steer-layers", int)):
-            text = getattr(self, name.replace("-", "_"))
-            try:
-                [parse(x) for x in (text or "0").split(",")]
-            except ValueError:
-                raise LatentPatchError(f"--{name} {text!r}: use a comma list of numbers, e.g. -2,-1,1,2") from None
-        if self.steer_controls is not None and self.steer_controls < 1:
-            raise LatentPatchError(
-                f"--steer-controls must be >= 1 (got {self.steer_controls}): a direction needs a control"
-            )
-        if self.steer_vector is not None and not Path(self.steer_vector).is_file():
-            raise LatentPatchError(f"--steer-vector {self.steer_vector}: no such file; fix: give a .npy or .pt file")
+    @property
+    def probe_component_list(self) -> tuple[str, ...]:
+        """The components the probe stage records (``--probe-components``, default ``resid_out``)."""
+        return component_list(self.probe_components)
 
     @property
     def steer_alpha_values(self) -> tuple[float, ...]:
@@ -470,24 +423,6 @@ class RunConfig(ModelOptions):
     def steer_control_count(self) -> int:
         """``--steer-controls`` (default 2)."""
         return 2 if self.steer_controls is None else self.steer_controls
-
-    @property
-    def probe_component_list(self) -> tuple[str, ...]:
-        """The components the probe stage records (``--probe-components``, default ``resid_out``)."""
-        return tuple(c.strip() for c in (self.probe_components or "resid_out").split(",") if c.strip())
-
-    def _check_atp(self) -> None:
-        """The attribution patching options: positive counts, and only with ``--experiments atp``."""
-        for name, value in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)):
-            if value is not None and value < 1:
-                raise LatentPatchError(f"--{name} must be >= 1 (got {value})")
-        given = [n for n, v in (("atp-exact-pairs", self.atp_exact_pairs), ("refine", self.refine)) if v is not None]
-        if self.graddrop is not None:
-            given.append("graddrop")
-        if given and ATP_EXPERIMENT not in self.experiments:
-            raise LatentPatchError(
-                f"--{given[0]} applies to attribution patching only; fix: add atp to --experiments, or drop the option"
-            )
 
     def _check_shardable(self) -> None:
         """``merge`` joins every stage's per-pair files and every pooled value is computed over all

@@ -1,0 +1,81 @@
+"""The checks of the probe and steering options (docs/method.md §16), which :meth:`RunConfig.validate
+<latentpatch.pipeline.config.RunConfig.validate>` runs; the options themselves are defined once, in
+:class:`~latentpatch.pipeline.config.RunConfig`.
+
+>>> component_list("resid_out, attn_out"), component_list(None)
+(('resid_out', 'attn_out'), ('resid_out',))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latentpatch.errors import LatentPatchError
+from latentpatch.names import COMPONENTS, HEAD_COMPONENT, PROBE_EXPERIMENT, STEER_EXPERIMENT
+
+if TYPE_CHECKING:
+    from latentpatch.pipeline.config import RunConfig
+
+
+def component_list(text: str | None) -> tuple[str, ...]:
+    """``--probe-components`` as names (default ``resid_out``)."""
+    return tuple(c.strip() for c in (text or "resid_out").split(",") if c.strip())
+
+
+def check_probe_options(cfg: RunConfig) -> None:
+    """The probe options: only with ``--experiments probe``, with valid values; no ``--shard`` (the
+    probes read every question's activations at once)."""
+    given = [
+        n.replace("_", "-")
+        for n in ("questions", "skip_unparsed", "probe_components", "probe_min_count", "activation_dtype")
+        if getattr(cfg, n) is not None
+    ]
+    if PROBE_EXPERIMENT not in cfg.experiments:
+        if given:
+            raise LatentPatchError(
+                f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
+            )
+        return
+    if cfg.shard is not None:
+        raise LatentPatchError(
+            "--shard with --experiments probe: probes read every question at once; fix: run it unsharded"
+        )
+    if cfg.questions is not None and not Path(cfg.questions).is_file():
+        raise LatentPatchError(
+            f"--questions {cfg.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
+        )
+    if cfg.probe_min_count is not None and cfg.probe_min_count < 2:
+        raise LatentPatchError(f"--probe-min-count must be >= 2 (got {cfg.probe_min_count})")
+    if cfg.activation_dtype not in (None, "float32", "float16"):
+        raise LatentPatchError(f"--activation-dtype {cfg.activation_dtype!r}: use float32 or float16")
+    bad = [c for c in component_list(cfg.probe_components) if c not in COMPONENTS]
+    if bad:
+        raise LatentPatchError(f"--probe-components: unknown {bad[0]!r}; use a comma list of {', '.join(COMPONENTS)}")
+
+
+def check_steer_options(cfg: RunConfig) -> None:
+    """The steering options: only with ``--experiments steer``, parseable, layers and counts in range."""
+    given = [
+        n.replace("_", "-")
+        for n in ("steer_alphas", "steer_layers", "steer_controls", "steer_vector")
+        if getattr(cfg, n) is not None
+    ]
+    if STEER_EXPERIMENT not in cfg.experiments:
+        if given:
+            raise LatentPatchError(
+                f"--{given[0]} applies to the steer experiment only; fix: add steer to --experiments, or drop it"
+            )
+        return
+    if cfg.component == HEAD_COMPONENT:
+        raise LatentPatchError(f"--experiments steer with --component {HEAD_COMPONENT}: fix: steer a block component")
+    for name, parse in (("steer-alphas", float), ("steer-layers", int)):
+        text = getattr(cfg, name.replace("-", "_"))
+        try:
+            [parse(x) for x in (text or "0").split(",")]
+        except ValueError:
+            raise LatentPatchError(f"--{name} {text!r}: use a comma list of numbers, e.g. -2,-1,1,2") from None
+    if cfg.steer_controls is not None and cfg.steer_controls < 1:
+        raise LatentPatchError(f"--steer-controls must be >= 1 (got {cfg.steer_controls}): a direction needs a control")
+    if cfg.steer_vector is not None and not Path(cfg.steer_vector).is_file():
+        raise LatentPatchError(f"--steer-vector {cfg.steer_vector}: no such file; fix: give a .npy or .pt file")
