@@ -150,9 +150,10 @@ def test_probe_report_section_quotes_stats_json(probe_run):
     rows = pd.DataFrame(stats["probe"]["rows"])
     for label, r in best.items():  # the best site is the one with the highest held-out accuracy
         assert r["accuracy"] == rows.loc[rows["label"] == label, "accuracy"].max()
-    from test_report_sentences import check_sentences
+    from test_report_sentences import check_layout, check_sentences
 
     check_sentences(run)
+    check_layout(run)
 
 
 def test_probe_options_are_checked():

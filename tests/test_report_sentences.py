@@ -235,14 +235,29 @@ def test_findings_are_unchanged_numbers_of_stats_json(runs):
             assert c["diff"] == pytest.approx(c["mean_a"] - c["mean_b"], abs=1e-9)
 
 
+def layout_checker():
+    """scripts/check_report_layout.py as a module."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_report_layout.py"
+    spec = importlib.util.spec_from_file_location("check_report_layout", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_layout(run: Path) -> None:
+    """Where Chromium is installed: the page fits 1,280 px with every folded block open, no empty section."""
+    if shutil.which("chromium") is None:
+        return
+    layout = layout_checker()
+    measured = layout.measure(run / "report.html", 1280)
+    assert layout.problems(measured) == [], measured
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install -y chromium)")
 def test_pages_fit_1280_px_with_no_empty_section_in_chromium(runs, tmp_path):
     """scripts/check_report_layout.py in headless Chromium: every folded block opened, nothing wider than
     1,280 px and no section without text; and the check itself flags a page that overflows."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "check_report_layout.py"
-    spec = importlib.util.spec_from_file_location("check_report_layout", script)
-    layout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layout)
+    layout = layout_checker()
     for name, run in runs.items():
         measured = layout.measure(run / "report.html", 1280)
         assert layout.problems(measured) == [], (name, measured)

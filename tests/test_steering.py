@@ -128,6 +128,10 @@ def test_a_steer_run_writes_its_table_and_report(tmp_path):
     assert np.isfinite(table["kl"]).all()
     page = (out / "report.html").read_text()
     assert '<section id="steer">' in page
+    from test_report_sentences import check_layout, check_sentences
+
+    check_sentences(out)  # the finding's numbers are stats.json's, its "more"/"less" the contrast's CI
+    check_layout(out)
 
 
 def test_steer_options_are_checked():
