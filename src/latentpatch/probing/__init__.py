@@ -1,0 +1,1 @@
+"""Trained readers of the thoughts: probes, lenses, subspaces."""
