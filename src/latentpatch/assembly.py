@@ -27,6 +27,7 @@ from latentpatch.names import (
     CELL_COLUMNS,
     INFLUENCE_COLUMNS,
     INFLUENCE_FILE,
+    LENS_COLUMN,
     LENS_COLUMNS,
     LENS_DIR,
     LENS_FILE,
@@ -155,8 +156,11 @@ def assemble_reading(out: Path | str) -> None:
     """Per-pair reading files (global pair order) -> ``lens.parquet``, ``lens_top.parquet``, ``attention.parquet``."""
     results = RunPaths(out).results
     if (results / LENS_DIR).is_dir():
-        write_parquet(results / LENS_FILE, _rows(results / LENS_DIR, "lens"), LENS_COLUMNS)
-        write_parquet(results / LENS_TOP_FILE, _rows(results / LENS_DIR, "lens_top"), LENS_TOP_COLUMNS)
+        for key, name, columns in (("lens", LENS_FILE, LENS_COLUMNS), ("lens_top", LENS_TOP_FILE, LENS_TOP_COLUMNS)):
+            rows = _rows(results / LENS_DIR, key)
+            if rows and LENS_COLUMN in rows[0]:  # --lens tuned|both: the lens after pair_id
+                columns = [columns[0], LENS_COLUMN, *columns[1:]]
+            write_parquet(results / name, rows, columns)
     if (results / ATTENTION_DIR).is_dir():
         write_parquet(results / ATTENTION_FILE, _rows(results / ATTENTION_DIR, "rows"), ATTENTION_COLUMNS)
 

@@ -52,9 +52,16 @@ def inspect_cmd(
     ),
     top_k: int = typer.Option(5, "--top-k", help="Tokens shown per thought."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Answer length limit."),
-    lens: bool = typer.Option(False, "--lens", help="Also the logit lens per layer and position (method.md §14)."),
+    lens: str | None = typer.Option(
+        None,
+        "--lens",
+        help="Also a lens per layer and position: logit, or tuned (trained on the shipped pairs' questions, "
+        "or loaded from the cache; method.md §14, §14.1).",
+    ),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
+    if lens is not None and lens not in ("logit", "tuned"):
+        raise LatentPatchError(f"--lens {lens!r}: use logit or tuned")
     if (question is None) == (input_ids is None):
         raise LatentPatchError("pass exactly one of --question TEXT or --input-ids 5,6,7")
     if top_k < 1:
@@ -117,7 +124,16 @@ def inspect_cmd(
 
         answer = extract_number(m.decode(out)) if m.tokenizer is not None else None
         values = known_values(question or "", answer, None) if answer is not None else []
-        typer.echo("\n".join(lens_lines(m, prompt, values, k)))
+        reader = None
+        if lens == "tuned":
+            from latentpatch.pipeline.reading import shipped_pairs_lens
+
+            trained = shipped_pairs_lens(m)
+            kl = ", ".join(f"{r['layer']}: {r['logit']:.3g} -> {r['tuned']:.3g}" for r in trained.report["held_out_kl"])
+            how = "loaded from" if trained.loaded else "trained on the shipped pairs and stored in"
+            typer.echo(f"tuned lens {how} {trained.path}; held-out KL per layer (logit -> tuned): {kl}")
+            reader = trained.lens
+        typer.echo("\n".join(lens_lines(m, prompt, values, k, reader)))
 
 
 @app.command("models")

@@ -198,6 +198,17 @@ LENS_COLUMNS: list[str] = [
 ]
 #: ``results/lens_top.parquet``: one row per pair x variant x layer x position x top-k rank.
 LENS_TOP_COLUMNS: list[str] = ["pair_id", "variant", "layer", "position", "k", "token_id", "token", "prob"]
+#: ``--lens`` (docs/method.md §14.1): the logit lens (the default: lens files as before), the tuned lens
+#: (one trained affine translator per layer before the final norm and LM head), or both side by side.
+LENS_CHOICES: tuple[str, ...] = ("logit", "tuned", "both")
+DEFAULT_LENS = "logit"
+#: The lenses a ``--lens`` value reads with, in the order their rows are written.
+LENS_KINDS: dict[str, tuple[str, ...]] = {"logit": ("logit",), "tuned": ("tuned",), "both": ("logit", "tuned")}
+#: Column of ``lens.parquet`` / ``lens_top.parquet`` naming the lens of a row ("logit" / "tuned"), after
+#: ``pair_id``; present only when ``--lens`` is not the default, so default files are unchanged.
+LENS_COLUMN = "lens"
+#: Folder of trained tuned lenses inside a model's activation-cache folder (``<cache>/<model key>/``).
+TUNED_LENS_DIR = "tuned_lens"
 #: ``results/attention.parquet``: attention mass (mean over heads) per pair x variant x layer x query
 #: position (0..K-1 latent, K first answer) x token role (``number 1``.., ``operator``, ``other``,
 #: ``special``, ``thoughts``: earlier latent positions and the query itself).

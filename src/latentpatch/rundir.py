@@ -116,6 +116,7 @@ _STEP_KEYS = (
     "baselines",
     "replacement_pool",
     "checks",
+    "tuned_lens",
     "timings",
     "merged_from",
 )
@@ -152,6 +153,7 @@ class Manifest:
     baselines: dict[str, Any] | None = None
     replacement_pool: str | None = None  # "all shards" when a shard computed mean/resample over all
     checks: dict[str, dict[str, Any]] | None = None
+    tuned_lens: dict[str, Any] | None = None  # --lens tuned|both: {loaded, cache, settings, held_out_kl, ...}
     timings: dict[str, float] | None = None
     finished: str | None = None  # local time the run completed, "YYYY-MM-DD HH:MM" (the report's date)
     cells_per_second: float | None = None

@@ -2,7 +2,8 @@
 
 Files (``<name>.png`` and ``<name>.svg`` under ``figures/``):
 - ``lens_ranks``: layer x position heatmaps of the median lens rank (over pairs and variants) of the
-  final answer's first number token and of each intermediate result's.
+  final answer's first number token and of each intermediate result's; with a ``lens`` column
+  (``--lens both``) one row of panels per lens, on one colour scale per value.
 - ``attention_roles``: per query position (thoughts, answer), layer x token role mean attention mass.
 - ``attention_pair_<n>``: one pair's (clean) attention over its prompt tokens, mean over layers and heads.
 - ``heads_<experiment>``: layer x head maps of mean recovery, one panel per latent position
@@ -19,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from latentpatch.analysis.figures import DPI, save_figure
-from latentpatch.names import METRIC_LABELS, THOUGHT_LAYER
+from latentpatch.names import LENS_COLUMN, METRIC_LABELS, THOUGHT_LAYER
 
 #: Intermediate results drawn in ``lens_ranks`` (the first few; later ones are in the table).
 MAX_INTERMEDIATES = 3
@@ -34,25 +35,46 @@ def _layer_labels(layers: Sequence[int]) -> list[str]:
     return ["thought" if layer == THOUGHT_LAYER else str(layer) for layer in layers]
 
 
+def _median_ranks(lens: pd.DataFrame, name: str | None, kind: str, index: int) -> pd.DataFrame:
+    """[layers, positions] median rank of one value (of lens ``name``'s rows; None: every row)."""
+    sel = lens if name is None else lens[lens[LENS_COLUMN] == name]
+    sel = sel[(sel["kind"] == kind) & (sel["index"] == index)]
+    return sel.groupby(["layer", "position"])["rank"].median().unstack("position").sort_index()
+
+
 def lens_ranks(lens: pd.DataFrame, num_latent: int, out_dir: Path, formats: Sequence[str]) -> list[Path]:
-    """``lens``: rows of ``lens.parquet``. One panel per value (answer, intermediates)."""
+    """``lens``: rows of ``lens.parquet``. One panel per value (answer, intermediates); with a ``lens``
+    column one row of panels per lens (logit first), each value's panels on one colour scale."""
     groups = [("answer", 0)] + [("intermediate", i) for i in range(MAX_INTERMEDIATES)]
     groups = [g for g in groups if ((lens["kind"] == g[0]) & (lens["index"] == g[1])).any()]
     if not groups:
         return []
-    fig = Figure(figsize=(3.6 * len(groups) + 0.8, 4.2), dpi=DPI)
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    for ax, (kind, index) in zip(axes, groups):
-        sel = lens[(lens["kind"] == kind) & (lens["index"] == index)]
-        med = sel.groupby(["layer", "position"])["rank"].median().unstack("position").sort_index()
-        im = ax.imshow(np.log10(med.to_numpy(float) + 1), cmap="viridis_r", aspect="auto", origin="lower")
-        ax.set_xticks(range(med.shape[1]), [position_name(int(p), num_latent) for p in med.columns])
-        ax.set_yticks(range(med.shape[0]), _layer_labels(med.index))
-        ax.set_xlabel("position")
-        ax.set_ylabel("layer")
-        ax.set_title("final answer" if kind == "answer" else f"intermediate {index}")
-        fig.colorbar(im, ax=ax, label="log10(median rank + 1)")
-    fig.suptitle("Logit lens: rank of the value's first number token")
+    names: list[str | None] = [None]
+    if LENS_COLUMN in lens.columns:
+        names = sorted(set(lens[LENS_COLUMN]), key=lambda n: (n != "logit", n))
+    fig = Figure(figsize=(3.6 * len(groups) + 0.8, 4.2 * len(names)), dpi=DPI)
+    axes = fig.subplots(len(names), len(groups), squeeze=False)
+    medians = {(name, g): _median_ranks(lens, name, *g) for name in names for g in groups}
+    for row, name in enumerate(names):
+        for ax, (kind, index) in zip(axes[row], groups):
+            med = medians[(name, (kind, index))]
+            scale = {}
+            if len(names) > 1:  # the lenses of one value on one scale
+                top = max(float(np.nanmax(medians[(n, (kind, index))].to_numpy(float))) for n in names)
+                scale = {"vmin": 0.0, "vmax": float(np.log10(top + 1)) or 1.0}
+            im = ax.imshow(np.log10(med.to_numpy(float) + 1), cmap="viridis_r", aspect="auto", origin="lower", **scale)
+            ax.set_xticks(range(med.shape[1]), [position_name(int(p), num_latent) for p in med.columns])
+            ax.set_yticks(range(med.shape[0]), _layer_labels(med.index))
+            ax.set_xlabel("position")
+            ax.set_ylabel("layer")
+            title = "final answer" if kind == "answer" else f"intermediate {index}"
+            ax.set_title(title if name is None else f"{name} lens: {title}")
+            fig.colorbar(im, ax=ax, label="log10(median rank + 1)")
+    if names == [None]:
+        fig.suptitle("Logit lens: rank of the value's first number token")
+    else:
+        lenses = " and ".join(str(n) for n in names).capitalize()
+        fig.suptitle(f"{lenses} lens:\nrank of the value's first number token")
     fig.tight_layout()
     return save_figure(fig, out_dir, "lens_ranks", formats)
 

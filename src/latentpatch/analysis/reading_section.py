@@ -17,9 +17,18 @@ import pandas as pd
 
 from latentpatch.analysis.html import escape, fmt, table
 from latentpatch.analysis.reading_figures import attention_pair, attention_roles, head_maps, lens_ranks, position_name
+from latentpatch.analysis.reading_stats import tuned_lens_report
 from latentpatch.analysis.sections import figure, note
 from latentpatch.analysis.skeleton import ExperimentSection, Quote
-from latentpatch.names import ATTENTION_DIR, ATTENTION_FILE, LENS_FILE, LENS_TOP_FILE, THOUGHT_LAYER, parse_head
+from latentpatch.names import (
+    ATTENTION_DIR,
+    ATTENTION_FILE,
+    LENS_COLUMN,
+    LENS_FILE,
+    LENS_TOP_FILE,
+    THOUGHT_LAYER,
+    parse_head,
+)
 from latentpatch.rundir import RunPaths, read_manifest
 
 METHOD = "docs/method.md §14"
@@ -43,14 +52,46 @@ def _layer(layer: int) -> str:
 
 
 def _lens_summary(stats: dict[str, Any], K: int) -> str:
-    """Per known value: where (layer, position) its median rank is lowest, and the top-1 rate there
-    (``stats.json``'s ``lens``, :func:`latentpatch.analysis.reading_stats.lens_stats`)."""
+    """Per known value (and lens, with ``--lens tuned|both``): where (layer, position) its median rank is
+    lowest, and the top-1 rate there (``stats.json``'s ``lens``,
+    :func:`latentpatch.analysis.reading_stats.lens_stats`)."""
+    by_lens = stats.get("by_lens") or {"": stats["best"]}
     rows = [
-        [f"{r['kind']} {r['index']}", _layer(r["layer"]), position_name(r["position"], K)]
+        ([name] if name else [])
+        + [f"{r['kind']} {r['index']}", _layer(r["layer"]), position_name(r["position"], K)]
         + [fmt(r["median_rank"]), fmt(r["top1_rate"]), str(r["n"])]
-        for r in stats["best"]
+        for name, best in by_lens.items()
+        for r in best
     ]
-    return table(["value", "layer", "position", "median rank", "top-1 rate", "n runs"], rows, left={0})
+    header = ["value", "layer", "position", "median rank", "top-1 rate", "n runs"]
+    return table((["lens"] if "by_lens" in stats else []) + header, rows, left={0, 1} if "by_lens" in stats else {0})
+
+
+def _layer_ranks(lens: pd.DataFrame, K: int) -> str:
+    """The lenses side by side: per layer, the answer's lowest median rank over positions (and where)."""
+    answer = lens[lens["kind"] == "answer"]
+    names = sorted(set(answer[LENS_COLUMN]), key=lambda n: (n != "logit", n))
+    med = answer.groupby([LENS_COLUMN, "layer", "position"])["rank"].median()
+    rows = []
+    for layer in sorted(answer["layer"].unique()):
+        cells = [_layer(int(layer))]
+        for name in names:
+            at = med.loc[(name, layer)]
+            cells.append(f"{fmt(at.min())} ({position_name(int(at.idxmin()), K)})")
+        rows.append(cells)
+    return table(["layer"] + [f"{n} lens: median rank (position)" for n in names], rows, left={0})
+
+
+def _kl_table(report: dict[str, Any]) -> str:
+    """The tuned lens's held-out KL(final || lens) per layer beside the logit lens's (the manifest's ``tuned_lens``)."""
+    rows = [[_layer(r["layer"]), fmt(r["logit"]), fmt(r["tuned"])] for r in report["held_out_kl"]]
+    n, positions = report["n_questions"], report["n_positions"]
+    how = "loaded from the cache" if report.get("loaded") else "trained in this run"
+    return (
+        f"<h3>Held-out KL(final layer || lens), mean over {positions['held_out']} positions of "
+        f"{n['held_out']} held-out questions (lens {how} on {n['train']} questions)</h3>"
+        + table(["layer", "logit lens", "tuned lens"], rows, left={0})
+    )
 
 
 def _pair_table(top: pd.DataFrame, K: int) -> str:
@@ -77,21 +118,38 @@ def _where(q: Quote, keys: tuple, K: int) -> str:
     return f"{layer}, {position}"
 
 
-def _lens_finding(stats: dict[str, Any], K: int) -> str:
-    q, best = Quote(stats), stats["lens"]["best"]
+def _lens_clauses(q: Quote, keys: tuple, K: int) -> list[str]:
+    """``the answer is read best at ... (median rank r, the top token in k of n runs)`` per answer and
+    intermediate of the rows at ``keys`` (``("lens", "best")`` or ``("lens", "by_lens", name)``)."""
+    rows: Any = q.stats
+    for k in keys:
+        rows = rows[k]
     parts = []
-    for i, r in enumerate(best):
+    for i, r in enumerate(rows):
         if r["kind"] not in ("answer", "intermediate"):
             continue
-        what = "the answer" if r["kind"] == "answer" else f"intermediate {q.num('lens', 'best', i, 'index')}"
+        what = "the answer" if r["kind"] == "answer" else f"intermediate {q.num(*keys, i, 'index')}"
         parts.append(
-            f"{what} is read best at {_where(q, ('lens', 'best', i), K)} "
-            f"(median rank {q.num('lens', 'best', i, 'median_rank')}, "
-            f"the top token in {q.count(('lens', 'best', i, 'top1_rate'), ('lens', 'best', i, 'n'))} runs)"
+            f"{what} is read best at {_where(q, (*keys, i), K)} "
+            f"(median rank {q.num(*keys, i, 'median_rank')}, "
+            f"the top token in {q.count((*keys, i, 'top1_rate'), (*keys, i, 'n'))} runs)"
         )
-    if not parts:
+    return parts
+
+
+def _lens_finding(stats: dict[str, Any], K: int) -> str:
+    lens, q = stats["lens"], Quote(stats)
+    if "by_lens" in lens:  # --lens tuned|both: one clause per lens
+        clauses = [
+            f"with the {escape(name)} lens, " + ("; ".join(parts) or "no answer or intermediate value is read")
+            for name in lens["lenses"]
+            for parts in [_lens_clauses(q, ("lens", "by_lens", name), K)]
+        ]
+        text = "; ".join(clauses)
+    else:
+        text = "; ".join(_lens_clauses(q, ("lens", "best"), K))
+    if not text:
         return "The lens has no answer or intermediate value to read."
-    text = "; ".join(parts)
     return text[0].upper() + text[1:] + "."
 
 
@@ -104,10 +162,19 @@ def lens_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -
     figures = ""
     if not lens.empty and lens_ranks(lens, K, fig_dir, formats):
         figures = figure(fig_dir, "lens_ranks", "Median rank over pairs and variants (log scale; lower is better).")
+    tuned = LENS_COLUMN in lens.columns
     pairs = "".join(
-        f"<h3>{escape(str(pid))} (clean): top-3 tokens</h3>" + _pair_table(top[top["pair_id"] == pid], K)
+        f"<h3>{escape(str(pid))} (clean{'' if name is None else ', ' + escape(name) + ' lens'}): top-3 tokens</h3>"
+        + _pair_table(rows, K)
         for pid in list(dict.fromkeys(top["pair_id"]))[:PAIRS_SHOWN]
+        for name, rows in _by_lens(top[top["pair_id"] == pid])
     )
+    compact = "<h3>Where each value is read best</h3>" + _lens_summary(stats["lens"], K)
+    if tuned and (lens["kind"] == "answer").any():
+        compact += "<h3>The answer per layer, lenses side by side</h3>" + _layer_ranks(lens, K)
+    report = tuned_lens_report(run_dir) if tuned else None
+    if report is not None:
+        compact += _kl_table(report)
     return ExperimentSection(
         "lens",
         _lens_finding(stats, K),
@@ -115,13 +182,28 @@ def lens_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) -
             "Each layer's residual stream at each thought (t0..) and the first answer position (ans), and the fed "
             "vector itself (layer 'thought'), through the final norm and the LM head; ranks of the first number "
             "token of each known value (0 = top token). Values: the answer, the pair's intermediates (if given), "
-            "the question's numbers (operands)."
+            "the question's numbers (operands)." + (TUNED_NOTE if tuned else "")
         ),
         figures=figures,
-        table="<h3>Where each value is read best</h3>" + _lens_summary(stats["lens"], K),
+        table=compact,
         folded=((f"Top tokens of the first {PAIRS_SHOWN} pairs", pairs),) if pairs else (),
-        method=METHOD,
+        method=METHOD + (" and §14.1" if tuned else ""),
     )
+
+
+#: What the lens section says about the tuned lens (``--lens tuned|both``).
+TUNED_NOTE = (
+    " Tuned lens: each layer's vector first goes through that layer's affine translator, trained to give the "
+    "model's final-layer distribution (KL) on this run's questions; at the last layer it is the logit lens."
+)
+
+
+def _by_lens(rows: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """``rows`` per lens (logit first), or ``[(None, rows)]`` without a ``lens`` column."""
+    if LENS_COLUMN not in rows.columns:
+        return [(None, rows)]
+    names = sorted(set(rows[LENS_COLUMN]), key=lambda n: (n != "logit", n))
+    return [(n, rows[rows[LENS_COLUMN] == n]) for n in names]
 
 
 def _attention_finding(stats: dict[str, Any], K: int) -> str:

@@ -3,7 +3,9 @@
 From ``results/lens.parquet`` (one row per run x known value x layer x position with the rank of the
 value's first number token): :func:`lens_stats` gives, per known value, where (layer, position) its
 median rank over runs is lowest, that median, and the top-1 rate there; the report's lens section
-reads it from ``stats.json``.
+reads it from ``stats.json``. A run with ``--lens tuned|both`` has a ``lens`` column (docs/method.md
+§14.1): the same per lens under ``by_lens``, and :func:`tuned_lens_report` reads the lens's held-out KL
+from the manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any
 import pandas as pd
 
 from latentpatch.files import json_safe
-from latentpatch.names import ATTENTION_FILE, LENS_FILE
-from latentpatch.rundir import RunPaths
+from latentpatch.names import ATTENTION_FILE, LENS_COLUMN, LENS_FILE
+from latentpatch.rundir import RunPaths, read_manifest
 
 
 def read_lens(run_dir: Path | str) -> pd.DataFrame | None:
@@ -34,13 +36,29 @@ def lens_stats(lens: pd.DataFrame | None) -> dict[str, Any] | None:
     """``{best: [{kind, index, layer, position, median_rank, top1_rate, n}, ...]}``, one row per known
     value (``kind`` answer / intermediate / operand, its ``index``), sorted by value; None without a lens.
 
+    With a ``lens`` column (``--lens tuned|both``) also ``lenses`` (the lenses present, logit first) and
+    ``by_lens`` (lens -> the same rows over that lens's rows alone); ``best`` is then the first lens's.
+
     >>> rows = pd.DataFrame({"kind": ["answer"] * 4, "index": [0] * 4, "layer": [0, 0, 1, 1],
     ...     "position": [2, 2, 2, 2], "rank": [5, 7, 0, 1]})
     >>> lens_stats(rows)["best"]
     [{'kind': 'answer', 'index': 0, 'layer': 1, 'position': 2, 'median_rank': 0.5, 'top1_rate': 0.5, 'n': 2}]
+    >>> both = pd.concat([rows.assign(lens="logit"), rows.assign(lens="tuned", rank=[0, 0, 3, 3])])
+    >>> [(k, v[0]["layer"]) for k, v in lens_stats(both)["by_lens"].items()]
+    [('logit', 1), ('tuned', 0)]
     """
     if lens is None or lens.empty:
         return None
+    if LENS_COLUMN not in lens.columns:
+        return json_safe({"best": _best(lens)})
+    present = set(lens[LENS_COLUMN])
+    names = [n for n in ("logit", "tuned") if n in present] + sorted(present - {"logit", "tuned"})
+    by_lens = {n: _best(lens[lens[LENS_COLUMN] == n]) for n in names}
+    return json_safe({"best": by_lens[names[0]], "lenses": names, "by_lens": by_lens})
+
+
+def _best(lens: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per known value: the (layer, position) of the lowest median rank, that median, the top-1 rate there."""
     best = []
     for (kind, index), grp in lens.groupby(["kind", "index"], sort=True):
         med = grp.groupby(["layer", "position"])["rank"].median()
@@ -57,7 +75,14 @@ def lens_stats(lens: pd.DataFrame | None) -> dict[str, Any] | None:
                 "n": len(at),
             }
         )
-    return json_safe({"best": best})
+    return best
+
+
+def tuned_lens_report(run_dir: Path | str) -> dict[str, Any] | None:
+    """The manifest's ``tuned_lens`` (``--lens tuned|both``: loaded or trained, settings, held-out KL per
+    layer of the tuned and the logit lens), None without one."""
+    entry = read_manifest(run_dir).get("tuned_lens")
+    return entry if isinstance(entry, dict) else None
 
 
 def role_group(role: str) -> str:

@@ -38,7 +38,7 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("early", "Early answers S(k)", "After how many thoughts is the answer decided?"),
     ("influence", "Step influence matrix", "Does each thought depend on the one before it, or on earlier ones too?"),
     ("intermediate", "Intermediate values", "Which thought stores which intermediate value?"),
-    ("lens", "Logit lens", "Where can each known value be read out as a token?"),
+    ("lens", "Lens: logit and tuned", "Where can each known value be read out as a token?"),
     ("attention", "Attention to the question", "What do the thoughts and the answer attend to?"),
     ("heads", "Per-head patching", "Which attention heads carry the effect?"),
     ("atp", "Attribution patching", "Does the one-backward-pass estimate agree with exact patching?"),

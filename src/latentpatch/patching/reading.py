@@ -6,7 +6,10 @@ whose logits predict the first answer token).
 
 - :func:`lens_run`: every layer's residual stream (``resid_out``) and the fed vector itself (row 0,
   ``layer = -1``: the thought, or the answer-start token's embedding) through the final norm and the
-  LM head: top-k tokens and the rank and probability of given tokens.
+  LM head (the logit lens), or first through a tuned lens's translator of that layer
+  (:class:`latentpatch.probing.tuned_lens.TunedLens`, §14.1): top-k tokens and the rank and
+  probability of given tokens. :func:`lens_streams` and :func:`lens_read` are its two halves (one
+  rollout read with several lenses).
 - :func:`attention_run`: attention weights of every layer and head at the query positions
   (:func:`latentpatch.model.heads.attention_weights`); :func:`token_roles` and :func:`role_mass`
   aggregate them over the question's tokens.
@@ -22,6 +25,7 @@ import torch
 
 from latentpatch.model.heads import QueryRecorder, attention_weights, lens_logits
 from latentpatch.model.latent import LatentModel
+from latentpatch.probing.tuned_lens import TunedLens
 
 #: Words (lower case, stripped) that name an arithmetic step in GSM8K-style questions.
 OPERATOR_WORDS = frozenset(
@@ -70,18 +74,30 @@ def known_values(question: str, answer: float, intermediates: Sequence[float] | 
 
 
 @torch.no_grad()
-def lens_run(model: LatentModel, prompt: Sequence[int], tokens: Sequence[int], k: int = 5) -> LensResult:
-    """The logit lens of the unpatched rollout of ``prompt`` at every layer and query position."""
+def lens_streams(model: LatentModel, prompt: Sequence[int]) -> torch.Tensor:
+    """[L+1, Q, d] of ``prompt``'s unpatched rollout at the query positions: row 0 the fed vectors (the
+    thoughts, then the answer-start token's embedding), row l+1 block l's ``resid_out``."""
     L = model.n_layers
     r = model.rollout([list(prompt)], record=[("resid_out", layer) for layer in range(L)])
     assert r.hooks is not None
     idx = query_indices(r.prompt_len, model.num_latent, r.state.length)
     last = model.answer_start_ids()[-1]
     fed = torch.cat([r.thoughts[0], model.embed_ids([last], 1)[0]], dim=0)  # [Q, d]
+    return torch.stack([fed] + [r.hooks.recorded("resid_out", layer)[0, idx] for layer in range(L)])
+
+
+@torch.no_grad()
+def lens_read(
+    model: LatentModel, streams: torch.Tensor, tokens: Sequence[int], k: int = 5, lens: TunedLens | None = None
+) -> LensResult:
+    """The lens of ``streams`` (:func:`lens_streams`): the logit lens, or ``lens``'s translator of each
+    layer first (the tuned lens; at the last layer the two are the same)."""
     tok = torch.tensor(list(tokens), dtype=torch.long, device=model.device)
+    layers = [-1, *range(model.n_layers)]
     tops, top_p, ranks, probs = [], [], [], []
-    for row in [fed] + [r.hooks.recorded("resid_out", layer)[0, idx] for layer in range(L)]:  # [Q, d] each
-        logits = lens_logits(model.lm, row)  # [Q, V]; one layer at a time keeps memory at Q x V
+    for layer, row in zip(layers, streams):  # [Q, d] each
+        # one layer at a time keeps memory at Q x V
+        logits = lens_logits(model.lm, row) if lens is None else lens.logits(model.lm, row, layer)
         p = torch.softmax(logits, dim=-1)
         top = p.topk(k, dim=-1)
         tops.append(top.indices)
@@ -89,7 +105,15 @@ def lens_run(model: LatentModel, prompt: Sequence[int], tokens: Sequence[int], k
         own = logits[:, tok]  # [Q, n]
         ranks.append((logits[:, None, :] > own[:, :, None]).sum(-1))
         probs.append(p[:, tok])
-    return LensResult([-1, *range(L)], torch.stack(tops), torch.stack(top_p), torch.stack(ranks), torch.stack(probs))
+    return LensResult(layers, torch.stack(tops), torch.stack(top_p), torch.stack(ranks), torch.stack(probs))
+
+
+def lens_run(
+    model: LatentModel, prompt: Sequence[int], tokens: Sequence[int], k: int = 5, lens: TunedLens | None = None
+) -> LensResult:
+    """The logit lens (or, with ``lens``, the tuned lens) of the unpatched rollout of ``prompt`` at every
+    layer and query position."""
+    return lens_read(model, lens_streams(model, prompt), tokens, k, lens)
 
 
 @torch.no_grad()
@@ -142,15 +166,21 @@ def role_mass(weights: torch.Tensor, roles: Sequence[str]) -> dict[str, torch.Te
 
 
 def lens_lines(
-    model: LatentModel, prompt: Sequence[int], values: Sequence[tuple[str, int, float]], k: int
+    model: LatentModel,
+    prompt: Sequence[int],
+    values: Sequence[tuple[str, int, float]],
+    k: int,
+    lens: TunedLens | None = None,
 ) -> list[str]:
     """``latentpatch inspect --lens``: per layer and query position the top-k tokens, then per known
-    value (``(kind, index, value)``, see :func:`known_values`) its rank at every layer x position."""
+    value (``(kind, index, value)``, see :func:`known_values`) its rank at every layer x position;
+    with ``lens``, read through the tuned lens."""
     tokens = [value_token(model, v) for _, _, v in values] if model.tokenizer is not None else []
-    res = lens_run(model, prompt, tokens, k)
+    res = lens_run(model, prompt, tokens, k, lens)
     K = model.num_latent
     name = [f"thought {p}" for p in range(K)] + ["answer"]
-    out = ["logit lens (layer 'fed' = the thought / answer-start embedding itself; ranks: 0 = top token)"]
+    title = "logit lens" if lens is None else "tuned lens (docs/method.md §14.1)"
+    out = [f"{title} (layer 'fed' = the thought / answer-start embedding itself; ranks: 0 = top token)"]
     for li, layer in enumerate(res.layers):
         lab = "fed" if layer < 0 else f"L{layer}"
         for q in range(res.top_ids.shape[1]):

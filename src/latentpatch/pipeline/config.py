@@ -24,10 +24,12 @@ from latentpatch.names import (
     ALL_EXPERIMENTS,
     ATP_EXPERIMENT,
     DEFAULT_COMPONENT,
+    DEFAULT_LENS,
     DIRECTIONS,
     EXPERIMENTS,
     GLOBAL_REPLACEMENTS,
     HEAD_COMPONENT,
+    LENS_CHOICES,
     REPLACEMENTS,
     SITE_COMPONENTS,
 )
@@ -296,6 +298,13 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    lens: str = option(
+        DEFAULT_LENS,
+        "With --experiments lens: logit (each layer through the final norm and LM head), tuned (through a "
+        "per-layer affine translator first, trained on the run's questions; docs/method.md §14.1) or both.",
+        omit_if_unset=True,
+        concern="experiments",
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -358,6 +367,7 @@ class RunConfig(ModelOptions):
                 f"--experiments: unknown {','.join(bad) or '(empty)'}; use a comma list of {','.join(ALL_EXPERIMENTS)}"
             )
         for name, value, choices in (
+            ("lens", self.lens, LENS_CHOICES),
             ("component", self.component, SITE_COMPONENTS),
             ("direction", self.direction, DIRECTIONS),
             ("replacement", self.replacement, REPLACEMENTS),
@@ -390,6 +400,11 @@ class RunConfig(ModelOptions):
         self._check_atp()
         check_probe_options(self)
         check_steer_options(self)
+        if self.lens != DEFAULT_LENS and "lens" not in self.experiments:
+            raise LatentPatchError(
+                f"--lens {self.lens} applies to the lens experiment only; "
+                "fix: add lens to --experiments, or drop --lens"
+            )
 
     def _check_atp(self) -> None:
         """The attribution patching options: positive counts, and only with ``--experiments atp``."""
@@ -447,8 +462,8 @@ class RunConfig(ModelOptions):
         return f"{self.CONFIG_HASH_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's ``config``: every option, except unset ones marked ``omit_if_unset``,
-        in :attr:`CONFIG_KEY_ORDER`.
+        """The manifest's ``config``: every option, except those marked ``omit_if_unset`` while None or
+        at their default, in :attr:`CONFIG_KEY_ORDER`.
 
         >>> list(RunConfig(lora_r=8).to_dict())[:6]
         ['model', 'base', 'preset', 'lora_r', 'pairs', 'experiments']
@@ -456,7 +471,7 @@ class RunConfig(ModelOptions):
         d: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_if_unset"):
+            if f.metadata.get("omit_if_unset") and (value is None or value == f.default):
                 continue
             d[f.name] = list(value) if isinstance(value, tuple) else value
         head = self.CONFIG_KEY_ORDER[:3]  # model, base, preset

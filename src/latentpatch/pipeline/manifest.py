@@ -54,6 +54,7 @@ class RunContext:
     value_pool: ValuePool | None = None  # the run's one value pool (pipeline/values.py run_value_pool), built once
     replacement_pool: str | None = None  # "all shards" when a shard's mean/resample values use every shard
     checks: dict[str, dict] | None = None
+    tuned_lens: dict[str, Any] | None = None  # --lens tuned|both: the lens's training report (pipeline/reading.py)
     answers_cut: dict[str, Any] | None = None  # pipeline/limits.py cut_answers, set when the run finishes
     complete: bool = False
     finished: str | None = None  # set with ``complete``: the time the manifest and report state
@@ -99,6 +100,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         previous_timings=ctx.previous_timings or None,  # an empty record is left out too
         replacement_pool=ctx.replacement_pool,
         checks=ctx.checks,
+        tuned_lens=ctx.tuned_lens,
     )
     if ctx.bases:
         manifest.n_pairs = len(ctx.bases)

@@ -37,8 +37,8 @@ def option(
     ``help``: the option's help text. ``flags``: the option's declaration when it is not
     ``--field-name`` (``--name/--no-name`` for booleans). ``parse``: turns the text given on the
     command line (or a string in a config file) into the field's value. ``omit_if_unset``: left
-    out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None,
-    so adding such an option does not change the hash of existing run directories. ``concern``:
+    out of :meth:`RunConfig.to_dict` (the manifest's ``config`` and the config hash) while None or
+    equal to ``default``, so adding such an option does not change the hash of existing run directories. ``concern``:
     one of :data:`CONCERNS` (the help panel it is listed in; None: no panel). ``results``: False for
     an option that changes no number in ``results/`` (left out of the config hash, free to differ on
     ``--resume`` and between merged shards).

@@ -309,7 +309,7 @@ def execute_run(
         values_for = replacement_source(ctx, all_pairs)
         checks_and_sweep(ctx, values_for)
         sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
-        sweep_reading(ctx)  # only with lens/attention (docs/method.md §14)
+        sweep_reading(ctx, all_pairs)  # only with lens/attention (docs/method.md §14)
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
         sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
         sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
