@@ -65,8 +65,9 @@ def test_findings_come_first_and_quote_stats_json(run):
         c for c in stats["contrasts"] if c["name"] == "chained vs frozen" and c["where"]["layer"] == chained["layer"]
     )
     assert con["diff"] == pytest.approx(diff, abs=1e-9)
-    word = "more" if con["ci_low"] > 0 else "less" if con["ci_high"] < 0 else "no clear difference"
-    assert f"{word} (difference <b>{fmt(con['diff'])}</b> [95% CI {fmt(con['ci_low'])}" in text
+    word = "more than" if con["ci_low"] > 0 else "less than" if con["ci_high"] < 0 else "about as much as"
+    assert f"{word} the same patch with the later thoughts&#x27; inputs held (frozen) (" in text
+    assert f"difference <b>{fmt(con['diff'])}</b> [95% CI {fmt(con['ci_low'])}" in text
     assert "5 of 5 pairs used" in text and "1 pair(s) flagged" in text and "<b>included</b> in the means" in text
 
 
