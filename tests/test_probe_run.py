@@ -45,14 +45,23 @@ def probe_run(tmp_path_factory):
     from latentpatch.pipeline.run import run_experiments
 
     tmp = tmp_path_factory.mktemp("probe")
-    save_pairs(generate_pairs(N_PAIRS, seed=3, intermediates=True), tmp / "pairs.json")
+    pairs = generate_pairs(N_PAIRS, seed=3, intermediates=True)
+    save_pairs(pairs, tmp / "pairs.json")
+    # steer along the label difference of the two most common first intermediates (read from the probe's shards)
+    firsts = pd.Series([v.extra["intermediates"][0] for p in pairs for v in (p.clean, p.corrupted)])
+    a, b = firsts.value_counts().index[:2]
     cfg = RunConfig(
         pairs=str(tmp / "pairs.json"),
-        experiments=("probe",),
+        experiments=("probe", "steer"),
         out=str(tmp / "run"),
         use_cache=False,
         threads=1,
         probe_min_count=4,
+        limit=4,
+        steer_layers="2",
+        steer_alphas="2",
+        steer_controls=1,
+        steer_direction=f"label:intermediate_0={a:g},{b:g}",
     )
     return run_experiments(cfg, progress=False, command="test"), cfg
 
@@ -206,3 +215,40 @@ def test_a_bad_question_file_stops_the_run_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "record [0]" in err[0] and "fix:" in err[0]
     assert not out.exists()
+
+
+def test_steering_along_a_label_difference_of_the_probe_activations(probe_run):
+    run, cfg = probe_run
+    steer = pd.read_parquet(run / "results" / "steer.parquet")
+    assert set(steer["direction"]) == {cfg.steer_direction, "random0"}
+    assert len(steer) == 4 * 6 * 2  # 4 pairs x 6 thoughts x (direction + 1 control), one layer and alpha
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["steer"]["direction"] == cfg.steer_direction
+
+
+def test_label_and_probe_directions_equal_plain_computations():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.probing.directions import label_difference, probe_weights
+
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((30, 2, 3, 5)).astype(np.float32)  # [n, L, K, d]
+    values = [6.0, 8.0, 9.0] * 10
+    diff = label_difference(acts, values, "6", "8")
+    plain = acts[0::3].mean(0) - acts[1::3].mean(0)
+    assert np.allclose(diff, plain)
+    w = probe_weights(acts, values, "9", seed=0)
+    X = acts[:, 1, 2].astype(np.float64)
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(max_iter=1000, random_state=0).fit(scaler.transform(X), [str(v) for v in values])
+    row = list(clf.classes_).index("9.0")
+    assert np.allclose(w[1, 2], clf.coef_[row] / scaler.scale_, atol=1e-5)
+    # adding the direction raises the probe's score of the class
+    x = X[:1]
+    before = clf.decision_function(scaler.transform(x))[0, row]
+    after = clf.decision_function(scaler.transform(x + 0.5 * w[1, 2]))[0, row]
+    assert after > before
+    with pytest.raises(LatentPatchError, match="no question has label = 7"):
+        label_difference(acts, values, "7", "8")

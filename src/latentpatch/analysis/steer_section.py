@@ -102,7 +102,7 @@ def _finding(stats: dict[str, Any]) -> str:
     i, top = max(rows, key=lambda ir: (ir[1]["mean"] or 0, ir[1]["alpha"]))
     at = ("steer", "summary", i)
     text = (
-        f"Adding the {escape(steer['direction'])} direction at layer {q.num(*at, 'layer')}, thought "
+        f"Adding the {q.num('steer', 'direction')} direction at layer {q.num(*at, 'layer')}, thought "
         f"{q.num(*at, 'position')} (where it moves the most answers; alpha {q.num(*at, 'alpha')}) gives the source "
         f"run's answer in {q.count((*at, 'mean'), (*at, 'n'))} pairs"
     )

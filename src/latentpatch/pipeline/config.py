@@ -298,6 +298,14 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    steer_direction: str | None = option(
+        None,
+        "With --experiments steer: meandiff (default: the pairs' mean source - target difference), "
+        "label:NAME=A,B (mean activation of questions with label A minus B) or probe:NAME=V (a probe's weight "
+        "vector of value V); label and probe read the probe experiment's activations (add probe).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
     lens: str = option(
         DEFAULT_LENS,
         "With --experiments lens: logit (each layer through the final norm and LM head), tuned (through a "

@@ -58,7 +58,7 @@ def check_steer_options(cfg: RunConfig) -> None:
     """The steering options: only with ``--experiments steer``, parseable, layers and counts in range."""
     given = [
         n.replace("_", "-")
-        for n in ("steer_alphas", "steer_layers", "steer_controls", "steer_vector")
+        for n in ("steer_alphas", "steer_layers", "steer_controls", "steer_vector", "steer_direction")
         if getattr(cfg, n) is not None
     ]
     if STEER_EXPERIMENT not in cfg.experiments:
@@ -79,3 +79,19 @@ def check_steer_options(cfg: RunConfig) -> None:
         raise LatentPatchError(f"--steer-controls must be >= 1 (got {cfg.steer_controls}): a direction needs a control")
     if cfg.steer_vector is not None and not Path(cfg.steer_vector).is_file():
         raise LatentPatchError(f"--steer-vector {cfg.steer_vector}: no such file; fix: give a .npy or .pt file")
+    if cfg.steer_direction is not None:
+        from latentpatch.probing.directions import parse_direction
+
+        kind, _, _ = parse_direction(cfg.steer_direction)
+        if cfg.steer_vector is not None:
+            raise LatentPatchError("--steer-direction and --steer-vector both name the direction; fix: give one")
+        if kind != "meandiff" and PROBE_EXPERIMENT not in cfg.experiments:
+            raise LatentPatchError(
+                f"--steer-direction {cfg.steer_direction}: reads the probe experiment's activations; fix: add probe "
+                "to --experiments"
+            )
+        if kind != "meandiff" and cfg.component not in component_list(cfg.probe_components):
+            raise LatentPatchError(
+                f"--steer-direction {cfg.steer_direction}: --component {cfg.component} is not recorded by the "
+                "probes; fix: add it to --probe-components"
+            )

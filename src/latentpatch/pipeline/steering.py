@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from latentpatch.data.pairs import Pair
+from latentpatch.errors import LatentPatchError
 from latentpatch.names import STEER_DIR, STEER_EXPERIMENT
 from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_reference
 from latentpatch.patching.metrics import same_number
@@ -67,14 +68,19 @@ def steer_stage(ctx: RunContext, all_pairs: Sequence[Pair]) -> Stage:
     """Steering as a stage: directions and scales from the run's pool, then every pair's specs."""
     model, config = ctx.model, ctx.config
     component = config.component
-    direction = "file" if config.steer_vector else "meandiff"
+    direction = "file" if config.steer_vector else (config.steer_direction or "meandiff")
 
     def prepare() -> Plan:
         pool = run_value_pool(ctx, all_pairs)
         diffs = site_differences(pool.pool, component)  # [n, L, K, d]
         scale = diffs.norm(dim=-1).mean(0)  # [L, K]: the typical patch size at each site
         shape = tuple(diffs.shape[1:])
-        v = load_direction(config.steer_vector, shape) if config.steer_vector else diffs.mean(0)  # type: ignore[arg-type]
+        if config.steer_vector:
+            v = load_direction(config.steer_vector, shape)  # type: ignore[arg-type]
+        elif direction != "meandiff":
+            v = question_direction(ctx, direction)
+        else:
+            v = diffs.mean(0)
         directions = {direction: unit(v)}
         for k in range(config.steer_control_count):
             directions[f"{RANDOM}{k}"] = random_directions(shape, config.seed, k)  # type: ignore[arg-type]
@@ -94,6 +100,33 @@ def steer_stage(ctx: RunContext, all_pairs: Sequence[Pair]) -> Stage:
         return Plan(work=work, units=len(specs))
 
     return Stage("steering", STEER_DIR, "rows", "steer_s", prepare)
+
+
+def question_direction(ctx: RunContext, direction: str) -> torch.Tensor:
+    """[L, K, d] of a ``label:``/``probe:`` direction, from this run's probe activations and question labels
+    (the steered component at the thought positions)."""
+    import pandas as pd
+
+    from latentpatch.names import ACTIVATIONS_DIR, QUESTIONS_FILE
+    from latentpatch.probing.activations import read_sites
+    from latentpatch.probing.directions import label_difference, parse_direction, probe_weights
+
+    kind, label, values = parse_direction(direction)
+    table = pd.read_parquet(ctx.paths.results / QUESTIONS_FILE)
+    column = label if label in table.columns else f"label_{label}"
+    if column not in table.columns:
+        known = ", ".join(c for c in table.columns if c not in ("question_id", "group", "question"))
+        raise LatentPatchError(
+            f"--steer-direction {direction}: the questions have no label {label!r}; fix: use {known}"
+        )
+    labels = [None if v is None or v != v else v for v in table[column]]
+    sites = read_sites(sorted((ctx.paths.results / ACTIVATIONS_DIR).glob("*.safetensors")))
+    acts = sites[ctx.config.component][:, :, : ctx.model.num_latent].numpy()  # [n, L, K, d]: the thought positions
+    if kind == "label":
+        v = label_difference(acts, labels, values[0], values[1], label)
+    else:
+        v = probe_weights(acts, labels, values[0], ctx.config.seed, label)
+    return torch.as_tensor(v, dtype=torch.float32)
 
 
 def _steer_pair(
