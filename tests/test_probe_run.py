@@ -57,6 +57,7 @@ def probe_run(tmp_path_factory):
         use_cache=False,
         threads=1,
         probe_min_count=4,
+        probe_regression=True,
         limit=4,
         steer_layers="2",
         steer_alphas="2",
@@ -252,3 +253,33 @@ def test_label_and_probe_directions_equal_plain_computations():
     assert after > before
     with pytest.raises(LatentPatchError, match="no question has label = 7"):
         label_difference(acts, values, "7", "8")
+
+
+def test_regression_probes_equal_a_plain_ridge_loop(probe_run):
+    """--probe-regression: the held-out R^2 of a magnitude, recomputed here with sklearn on the probe's folds."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from latentpatch.probing.activations import read_sites
+    from latentpatch.probing.probes import probe_regression
+
+    run, cfg = probe_run
+    probes = pd.read_parquet(run / "results" / "probes.parquet")
+    reg = probes[probes["kind"] == "regression"]
+    assert set(reg["label"]) == {"answer", "intermediate_0", "intermediate_1", "intermediate_2"}  # the numeric labels
+    questions = pd.read_parquet(run / "results" / "questions.parquet")
+    sites = read_sites(sorted((run / "results" / "activations").glob("*.safetensors")))
+    X = sites["thought"][:, 1].numpy().astype(np.float64)
+    y = questions["intermediate_0"].to_numpy(float)
+    groups = questions["group"].astype(str).to_numpy()
+    result = probe_regression(X, y, groups, seed=cfg.seed)
+    pred = np.empty_like(y)
+    for test in result.folds:  # held-out rows of each fold; the rest trains
+        train = np.setdiff1d(np.arange(len(y)), test)
+        pred[test] = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(X[train], y[train]).predict(X[test])
+    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    row = reg[(reg["label"] == "intermediate_0") & (reg["component"] == "thought") & (reg["position"] == "t1")]
+    assert row["r2"].iloc[0] == pytest.approx(r2, abs=1e-9) == pytest.approx(result.r2, abs=1e-9)
+    stats = json.loads((run / "stats.json").read_text())
+    assert {b["label"] for b in stats["probe"]["regression"]["best"]} == set(reg["label"])

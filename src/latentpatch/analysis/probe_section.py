@@ -132,6 +132,23 @@ def _best_table(stats: dict[str, Any]) -> str:
     return table(header, rows, left=3)
 
 
+def _regression_table(stats: dict[str, Any]) -> str:
+    """``--probe-regression``: per numeric label, the site with the highest held-out R^2 and its baselines."""
+    reg = stats["probe"].get("regression")
+    if not reg:
+        return ""
+    rows = []
+    for b in reg["best"]:
+        r = reg["rows"][b["row"]]
+        rows.append(
+            [escape(r["label"]), escape(site_label(r["component"], r["layer"])), escape(r["position"]), str(r["n"])]
+            + [f"{fmt(r['r2'])} [{fmt(r['r2_ci_low'])}, {fmt(r['r2_ci_high'])}]"]
+            + [fmt(r[k]) for k in ("mean_baseline_r2", "random_r2", "train_r2")]
+        )
+    header = ["label", "site", "position", "n", "held-out R² [95% CI]", "training-mean R²", "random vector R²"]
+    return "<h3>Magnitudes: ridge regression, best site per label</h3>" + table(header + ["train R²"], rows, left=3)
+
+
 def _readings_table(stats: dict[str, Any]) -> str:
     readings = stats["probe"].get("readings") or []
     if not any(r["lens_median_rank"] is not None or r["donor_gap"] is not None for r in readings):
@@ -181,7 +198,7 @@ def probe_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) 
             "selectivity = accuracy − control accuracy. Values with too few questions are left out."
         ),
         figures=maps,
-        table="<h3>Best site per label</h3>" + _best_table(stats) + _readings_table(stats),
+        table="<h3>Best site per label</h3>" + _best_table(stats) + _regression_table(stats) + _readings_table(stats),
         folded=((f"Every label and site ({len(rows)} rows)", full),),
         method=METHOD,
     )

@@ -42,6 +42,10 @@ PROBE_KEEP = (
     "train_accuracy",
 )
 
+#: The columns of a regression probe row kept in ``stats.json`` (``--probe-regression``).
+REGRESSION_KEEP: tuple[str, ...] = ("label", "component", "layer", "position", "n", "r2", "r2_ci_low", "r2_ci_high")
+REGRESSION_KEEP += ("mean_baseline_r2", "random_r2", "train_r2")
+
 
 def read_probes(run_dir: Path | str) -> pd.DataFrame | None:
     """``results/probes.parquet``, or None when the run has none."""
@@ -56,6 +60,9 @@ def probe_stats(
     is the index in ``rows`` of label i's site with the highest held-out accuracy."""
     if probes is None or probes.empty:
         return None
+    kind = probes["kind"] if "kind" in probes.columns else pd.Series("classification", index=probes.index)
+    regression = probes[kind == "regression"]
+    probes = probes[kind == "classification"]
     rows = probes[[c for c in PROBE_KEEP if c in probes.columns]].reset_index(drop=True)
     best = []
     for label, g in rows.groupby("label", sort=False):
@@ -63,6 +70,15 @@ def probe_stats(
         best.append({"label": str(label), "row": int(ranked.index[0])})
     out: dict[str, Any] = {"rows": rows.to_dict(orient="records"), "best": best}
     out["readings"] = three_readings(rows, lens, steps)
+    if not regression.empty:
+        reg = regression[[c for c in REGRESSION_KEEP if c in regression.columns]].reset_index(drop=True)
+        out["regression"] = {
+            "rows": reg.to_dict(orient="records"),
+            "best": [
+                {"label": str(label), "row": int(g.sort_values("r2", ascending=False, kind="stable").index[0])}
+                for label, g in reg.groupby("label", sort=False)
+            ],
+        }
     return json_safe(out)
 
 

@@ -266,6 +266,13 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    probe_regression: bool | None = option(
+        None,
+        "With --experiments probe: also a ridge regression per numeric label and site (held-out R^2 for magnitudes).",
+        flags="--probe-regression/--no-probe-regression",
+        omit_if_unset=True,
+        concern="experiments",
+    )
     activation_dtype: str | None = option(
         None,
         "With --experiments probe: dtype of the stored activations, float32 (default) or float16.",

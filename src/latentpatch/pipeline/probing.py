@@ -170,16 +170,25 @@ def _probe_label(label: str) -> tuple[str, list[dict[str, Any]] | str]:
     """One label's records over every site (or why it cannot be probed), from :data:`_SHARED`."""
     from latentpatch.probing.probes import probe_all
 
+    values = _SHARED["labels"][label]
+    sites, groups, seed = _SHARED["sites"], _SHARED["groups"], _SHARED["seed"]
     try:
-        return label, probe_all(
-            _SHARED["sites"],
-            _SHARED["labels"][label],
-            _SHARED["groups"],
-            seed=_SHARED["seed"],
-            min_count=_SHARED["min_count"],
-        )
+        records = probe_all(sites, values, groups, seed=seed, min_count=_SHARED["min_count"])
     except ValueError as ex:  # fewer than 2 classes or 2 groups with enough questions: not probed
         return label, str(ex)
+    if _SHARED["regression"] and numeric(values):
+        records += probe_all(sites, values, groups, kind="regression", seed=seed)
+    return label, records
+
+
+def numeric(values: list) -> bool:
+    """Whether a label is a magnitude (every known value a number, not a bool): regression applies.
+
+    >>> numeric([1.0, None, 3]), numeric([True, False]), numeric(["mul", 2.0])
+    (True, False, False)
+    """
+    known = [v for v in values if v is not None]
+    return bool(known) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in known)
 
 
 def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
@@ -195,6 +204,7 @@ def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
         groups=np.asarray(table["group"].astype(str)),
         seed=ctx.config.seed,
         min_count=ctx.config.probe_min_count or MIN_COUNT,
+        regression=bool(ctx.config.probe_regression),
     )
     ctx.progress.stage("probes", len(labels))
     t = time.perf_counter()

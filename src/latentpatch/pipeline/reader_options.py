@@ -28,7 +28,14 @@ def check_probe_options(cfg: RunConfig) -> None:
     probes read every question's activations at once)."""
     given = [
         n.replace("_", "-")
-        for n in ("questions", "skip_unparsed", "probe_components", "probe_min_count", "activation_dtype")
+        for n in (
+            "questions",
+            "skip_unparsed",
+            "probe_components",
+            "probe_min_count",
+            "probe_regression",
+            "activation_dtype",
+        )
         if getattr(cfg, n) is not None
     ]
     if PROBE_EXPERIMENT not in cfg.experiments:
