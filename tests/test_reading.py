@@ -119,3 +119,65 @@ def test_run_of_reading_experiments_only_gets_a_report(tmp_path) -> None:
     at = rows[(rows["layer"] == answer["layer"]) & (rows["position"] == answer["position"])]
     assert answer["top1_rate"] == float((at["rank"] == 0).mean()) and answer["n"] == len(at)
     assert f"{answer['n']}</td>" in lens_part[: lens_part.index("</section>")]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_thought_to_thought_maps_equal_eager_attention(family: str) -> None:
+    """The K+1 x (K+3) maps per head: the eager implementation's weights at the latent queries, summed over
+    the question's keys and the answer-start keys here, each thought and [BOT] kept; rows sum to 1."""
+    from latentpatch.patching.reading import thought_attention, thought_keys
+
+    model = random_model(family, num_latent=3)
+    model.lm.config._attn_implementation = "sdpa"
+    weights, T_q = attention_run(model, PROMPT)
+    maps = thought_attention(weights, T_q, model.num_latent)  # [L, H, Q, K + 3]
+    K = model.num_latent
+    assert maps.shape[-1] == len(thought_keys(K)) == K + 3
+    torch.testing.assert_close(maps.sum(-1), torch.ones(maps.shape[:-1]), atol=1e-5, rtol=0)
+    eager, idx = _eager_attentions(model, PROMPT)
+    for layer, att in enumerate(eager):
+        a = att[0][:, idx].float()  # [H, Q, T]
+        plain = torch.cat(
+            [
+                a[..., : T_q - 1].sum(-1, keepdim=True),  # the question (every prompt token before [BOT])
+                a[..., T_q - 1 : T_q],  # [BOT]
+                a[..., T_q : T_q + K],  # each thought
+                a[..., T_q + K :].sum(-1, keepdim=True),  # the answer-start tokens
+            ],
+            dim=-1,
+        )
+        torch.testing.assert_close(maps[layer], plain, atol=1e-5, rtol=1e-4)
+        # a thought cannot see a later thought: the causal mask leaves those keys at 0
+        for q in range(K - 1):
+            assert float(maps[layer, :, q, 2 + q + 1 : 2 + K].abs().max()) == 0.0
+
+
+def test_a_run_writes_the_thought_maps_and_their_statistics(tmp_path) -> None:
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    cfg = RunConfig(experiments=("attention",), out=str(tmp_path / "r"), use_cache=False)
+    out = run_experiments(cfg, pairs=generate_pairs(3, seed=1), progress=False, command="test")
+    maps = pd.read_parquet(out / "results" / "attention_thoughts.parquet")
+    sums = maps.groupby(["pair_id", "variant", "layer", "head", "query"])["weight"].sum()
+    assert np.allclose(sums, 1.0, atol=1e-4)
+    stats = json.loads((out / "stats.json").read_text())["attention"]["thoughts"]
+    # "previous": per pair, the mean over thoughts p >= 1, layers, heads and runs of the weight on thought p - 1
+    K = 6
+    rows = maps[(maps["query"] >= 1) & (maps["query"] < K)]
+    prev = rows[rows["key"] == "t" + (rows["query"] - 1).astype(str)]
+    plain = prev.groupby("pair_id")["weight"].mean().mean()
+    got = next(r for r in stats["summary"] if r["key"] == "previous")
+    assert got["mean"] == pytest.approx(plain, abs=1e-9) and got["n"] == 3
+    page = (out / "report.html").read_text()
+    assert "thought_attention_L0" in " ".join(p.name for p in (out / "figures").iterdir())
+    assert "the thought before it" in page
+    from test_report_sentences import check_sentences
+
+    check_sentences(out)

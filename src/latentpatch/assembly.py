@@ -24,6 +24,8 @@ from latentpatch.names import (
     ATTENTION_COLUMNS,
     ATTENTION_DIR,
     ATTENTION_FILE,
+    ATTENTION_THOUGHT_COLUMNS,
+    ATTENTION_THOUGHTS_FILE,
     CELL_COLUMNS,
     INFLUENCE_COLUMNS,
     INFLUENCE_FILE,
@@ -163,6 +165,10 @@ def assemble_reading(out: Path | str) -> None:
             write_parquet(results / name, rows, columns)
     if (results / ATTENTION_DIR).is_dir():
         write_parquet(results / ATTENTION_FILE, _rows(results / ATTENTION_DIR, "rows"), ATTENTION_COLUMNS)
+        entries = _stage_entries(results / ATTENTION_DIR, "rows")
+        if entries and all("thoughts" in e for e in entries):  # files written before the maps have none
+            rows = [{"pair_id": e["pair_id"], **row} for e in entries for row in e["thoughts"]]
+            write_parquet(results / ATTENTION_THOUGHTS_FILE, rows, ATTENTION_THOUGHT_COLUMNS)
 
 
 def assemble_atp(out: Path | str) -> None:

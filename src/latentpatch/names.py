@@ -179,6 +179,11 @@ INFLUENCE_COLUMNS: list[str] = [
 #: Folders of per-pair files and the tables under ``results/`` of a run with reading experiments.
 LENS_DIR, ATTENTION_DIR = "lens", "attention"
 LENS_FILE, LENS_TOP_FILE, ATTENTION_FILE = "lens.parquet", "lens_top.parquet", "attention.parquet"
+#: ``results/attention_thoughts.parquet``: per pair x variant x layer x head x query (thought p, or K = the
+#: first answer position) x key group (``question``, ``bot``, ``t0..t{K-1}``, ``answer_start``), the
+#: attention weight (the key groups of a row sum to 1).
+ATTENTION_THOUGHTS_FILE = "attention_thoughts.parquet"
+ATTENTION_THOUGHT_COLUMNS: list[str] = ["pair_id", "variant", "layer", "head", "query", "key", "weight"]
 #: ``layer`` of a lens row that reads the thought vector itself (the input embedding at the position).
 THOUGHT_LAYER = -1
 #: ``results/lens.parquet``: one row per pair x variant x layer x position x known value. ``position``

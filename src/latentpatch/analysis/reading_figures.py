@@ -140,3 +140,40 @@ def head_maps(cells: pd.DataFrame, experiment: str, out_dir: Path, formats: Sequ
     if im is not None:
         fig.colorbar(im, ax=list(axes), label=METRIC_LABELS[metric])
     return save_figure(fig, out_dir, f"heads_{experiment}", formats)
+
+
+def thought_maps(heads: pd.DataFrame, K: int, out_dir: Path, formats: Sequence[str]) -> list[int]:
+    """``thought_attention_L<layer>``: per layer, one small K+1 x (K+3) map per head (queries: the thoughts
+    and the first answer position; keys: question, [BOT], the thoughts, the answer-start tokens), mean
+    over pairs and runs. Returns the layers drawn."""
+    if heads.empty:
+        return []
+    keys = ["question", "bot"] + [f"t{p}" for p in range(K)] + ["answer_start"]
+    drawn = []
+    for layer, g in heads.groupby("layer", sort=True):
+        n_heads = int(g["head"].max()) + 1
+        cols = min(4, n_heads)
+        rows = -(-n_heads // cols)
+        fig = Figure(figsize=(2.9 * cols + 0.8, 2.6 * rows + 0.5), dpi=DPI)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        im = None
+        for h in range(rows * cols):
+            ax = axes[h // cols][h % cols]
+            if h >= n_heads:
+                ax.axis("off")
+                continue
+            grid = g[g["head"] == h].pivot_table(index="query", columns="key", values="mean").reindex(columns=keys)
+            im = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_title(f"head {h}", fontsize=8)
+            ax.set_xticks(range(len(keys)), ["Q", "B", *[str(p) for p in range(K)], "A"], fontsize=6)
+            ax.set_yticks(range(len(grid.index)), [position_name(int(q), K) for q in grid.index], fontsize=6)
+        if im is not None:
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        fig.suptitle(
+            f"Layer {layer}: attention of each thought (rows) on the question (Q), [BOT] (B), each thought, "
+            "and the answer start (A)",
+            fontsize=8,
+        )
+        save_figure(fig, out_dir, f"thought_attention_L{layer}", formats)
+        drawn.append(int(layer))
+    return drawn

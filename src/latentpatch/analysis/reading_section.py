@@ -16,7 +16,14 @@ from typing import Any
 import pandas as pd
 
 from latentpatch.analysis.html import escape, fmt, table
-from latentpatch.analysis.reading_figures import attention_pair, attention_roles, head_maps, lens_ranks, position_name
+from latentpatch.analysis.reading_figures import (
+    attention_pair,
+    attention_roles,
+    head_maps,
+    lens_ranks,
+    position_name,
+    thought_maps,
+)
 from latentpatch.analysis.reading_stats import tuned_lens_report
 from latentpatch.analysis.sections import figure, note
 from latentpatch.analysis.skeleton import ExperimentSection, Quote
@@ -218,7 +225,23 @@ def _attention_finding(stats: dict[str, Any], K: int) -> str:
         for role in ("thoughts", "numbers")
         if role in at_answer and role != top
     ]
-    return "At the first answer position, attention (mean over heads and layers) puts " + "; ".join(parts) + "."
+    text = "At the first answer position, attention (mean over heads and layers) puts " + "; ".join(parts)
+    maps = stats["attention"].get("thoughts")
+    if maps:
+        where = {r["key"]: i for i, r in enumerate(maps["summary"])}
+        relations = (
+            ("previous", "the thought before it"),
+            ("earlier", "earlier thoughts"),
+            ("question", "the question"),
+        )
+        said = [
+            f"{q.ci('attention', 'thoughts', 'summary', where[key])} on {words}"
+            for key, words in relations
+            if key in where
+        ]
+        if said:
+            text += ". A thought (from the second on) puts " + ", ".join(said) + " (mean over layers and heads)"
+    return text + "."
 
 
 #: How the finding names each role group.
@@ -239,6 +262,16 @@ def attention_section(run_dir: Path, formats: Sequence[str], stats: dict[str, An
     figures = ""
     if attention_roles(att, K, paths.figures, formats):
         figures = figure(paths.figures, "attention_roles", "Mean attention mass per layer and role.")
+    thought_figs = ""
+    maps = stats["attention"].get("thoughts")
+    if maps:
+        layers = thought_maps(pd.DataFrame(maps["heads"]), K, paths.figures, formats)
+        thought_figs = "".join(
+            figure(
+                paths.figures, f"thought_attention_L{layer}", f"Layer {layer}: thought-to-thought attention per head."
+            )
+            for layer in layers
+        )
     mean = att.groupby(["position", "role"])["weight"].mean().unstack("role")
     roles = list(mean.columns)
     rows = [[position_name(int(p), K)] + [fmt(mean.loc[p, r]) for r in roles] for p in mean.index]
@@ -257,7 +290,8 @@ def attention_section(run_dir: Path, formats: Sequence[str], stats: dict[str, An
         ),
         figures=figures,
         table="<h3>Mean over layers and pairs</h3>" + table(["position"] + roles, rows, left={0}),
-        folded=((f"Attention over the prompt, first {PAIRS_SHOWN} pairs", pairs),) if pairs else (),
+        folded=(((f"Attention over the prompt, first {PAIRS_SHOWN} pairs", pairs),) if pairs else ())
+        + ((("Thought-to-thought attention per head, every layer", thought_figs),) if thought_figs else ()),
         method=METHOD,
     )
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from latentpatch.files import json_safe
-from latentpatch.names import ATTENTION_FILE, LENS_COLUMN, LENS_FILE
+from latentpatch.names import ATTENTION_FILE, ATTENTION_THOUGHTS_FILE, LENS_COLUMN, LENS_FILE
 from latentpatch.rundir import RunPaths, read_manifest
 
 
@@ -109,3 +110,47 @@ def attention_stats(attention: pd.DataFrame | None, seed: int, n_resamples: int 
     per_pair = mass.groupby(["pair_id", "position", "role"], sort=True).mean().reset_index()
     summary = summarize(per_pair, ["position", "role"], ["weight"], seed, n_resamples)
     return json_safe({"summary": summary.drop(columns="metric").to_dict(orient="records")})
+
+
+def read_thought_attention(run_dir: Path | str) -> pd.DataFrame | None:
+    """``results/attention_thoughts.parquet``, or None when the run has none."""
+    path = RunPaths(run_dir).results / ATTENTION_THOUGHTS_FILE
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def thought_attention_stats(maps: pd.DataFrame | None, seed: int, n_resamples: int = 9999) -> dict[str, Any] | None:
+    """How the thoughts read each other: ``{summary: [{key, n, mean, ci_low, ...}], heads: [{layer, head, query,
+    key, mean}]}``. ``summary``: per pair, the mean over thoughts p >= 1, layers, heads and both runs of the
+    attention on the thought before (``previous``), on earlier thoughts (``earlier``), on the question
+    (``question``), on [BOT] (``bot``) and on itself (``self``), summarised over pairs with a 95% CI;
+    ``heads``: the mean over pairs and runs per layer, head, query and key group (the maps)."""
+    if maps is None or maps.empty:
+        return None
+    from latentpatch.analysis.step_stats import summarize
+
+    thoughts = maps[maps["key"].str.match(r"t\d+$")]
+    position = thoughts["key"].str[1:].astype(int)
+    relation = np.select(
+        [position == thoughts["query"] - 1, position < thoughts["query"] - 1, position == thoughts["query"]],
+        ["previous", "earlier", "self"],
+        "later",
+    )
+    grouped = pd.concat(
+        [
+            thoughts.assign(relation=relation)[lambda t: t["relation"] != "later"],
+            maps[maps["key"].isin(["question", "bot"])].assign(relation=lambda t: t["key"]),
+        ]
+    )
+    K = int(maps.loc[maps["key"].str.match(r"t\d+$"), "key"].str[1:].astype(int).max()) + 1
+    grouped = grouped[(grouped["query"] >= 1) & (grouped["query"] < K)]  # thoughts that have a thought before
+    # per run, layer, head and query: the mass of each relation (earlier sums over its thoughts)
+    mass = grouped.groupby(["pair_id", "variant", "layer", "head", "query", "relation"], sort=True)["weight"].sum()
+    per_pair = mass.groupby(["pair_id", "relation"], sort=True).mean().reset_index()
+    summary = summarize(per_pair.rename(columns={"relation": "key"}), ["key"], ["weight"], seed, n_resamples)
+    heads = maps.groupby(["layer", "head", "query", "key"], sort=True)["weight"].mean().reset_index()
+    return json_safe(
+        {
+            "summary": summary.drop(columns="metric").to_dict(orient="records"),
+            "heads": heads.rename(columns={"weight": "mean"}).to_dict(orient="records"),
+        }
+    )

@@ -28,7 +28,14 @@ from latentpatch.analysis.atp_stats import atp_stats, read_atp
 from latentpatch.analysis.contrasts import iterative_contrasts, step_contrasts
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
 from latentpatch.analysis.probe_stats import probe_stats, read_probes
-from latentpatch.analysis.reading_stats import attention_stats, lens_stats, read_attention, read_lens
+from latentpatch.analysis.reading_stats import (
+    attention_stats,
+    lens_stats,
+    read_attention,
+    read_lens,
+    read_thought_attention,
+    thought_attention_stats,
+)
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, mode_table, used_pairs
 from latentpatch.analysis.steer_stats import read_steer, steer_stats
 from latentpatch.analysis.step_stats import read_steps, step_stats
@@ -268,6 +275,9 @@ def add_stage_stats(
     atp = atp_stats(read_atp(run_dir))
     lens = lens_stats(read_lens(run_dir))
     attention = attention_stats(read_attention(run_dir), seed, n_resamples)
+    thought_maps = thought_attention_stats(read_thought_attention(run_dir), seed, n_resamples)
+    if attention is not None and thought_maps is not None:
+        attention["thoughts"] = thought_maps
     steer, steer_contrasts = steer_stats(read_steer(run_dir), seed, n_resamples)
     contrasts = iterative_contrasts(cells, seed, n_resamples) if cells is not None else []
     contrasts += step_contrasts(steps_table, influence, seed, n_resamples) + steer_contrasts

@@ -154,6 +154,29 @@ def token_roles(model: LatentModel, prompt: Sequence[int], n_question: int) -> l
     return roles
 
 
+def thought_keys(num_latent: int) -> list[str]:
+    """The key groups of a thought-to-thought map: the question, [BOT] (the prompt's last token), each
+    thought, and the answer-start tokens fed after the thoughts.
+
+    >>> thought_keys(2)
+    ['question', 'bot', 't0', 't1', 'answer_start']
+    """
+    return ["question", "bot"] + [f"t{p}" for p in range(num_latent)] + ["answer_start"]
+
+
+def thought_attention(weights: torch.Tensor, prompt_len: int, num_latent: int) -> torch.Tensor:
+    """[L, H, Q, K + 3]: ``weights`` [L, H, Q, T] (queries: the thoughts and the first answer position)
+    summed over the key groups of :func:`thought_keys` (each row still sums to 1)."""
+    T_q, K = prompt_len, num_latent
+    parts = [
+        weights[..., : T_q - 1].sum(-1, keepdim=True),
+        weights[..., T_q - 1 : T_q],
+        weights[..., T_q : T_q + K],
+        weights[..., T_q + K :].sum(-1, keepdim=True),
+    ]
+    return torch.cat(parts, dim=-1)
+
+
 def role_mass(weights: torch.Tensor, roles: Sequence[str]) -> dict[str, torch.Tensor]:
     """Attention mass per role: ``weights`` [..., T] (keys), ``roles`` for the first T_q keys; every
     later key (the thoughts, the query itself) counts as ``thoughts``. Returns role -> [...]."""

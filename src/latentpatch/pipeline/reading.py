@@ -44,6 +44,8 @@ from latentpatch.patching.reading import (
     lens_read,
     lens_streams,
     role_mass,
+    thought_attention,
+    thought_keys,
     token_roles,
     value_token,
 )
@@ -165,11 +167,21 @@ def attention_entry(model: LatentModel, pair: Pair) -> dict[str, Any]:
     """Role masses (mean over heads) of both variants and each variant's map over the prompt tokens,
     ``maps[variant]`` = ``{tokens, roles, weights: [L][Q][T_q]}`` (mean over heads)."""
     rows: list[dict] = []
+    thoughts: list[dict] = []
     maps: dict[str, dict] = {}
+    keys = thought_keys(model.num_latent)
     for name in VARIANTS:
         question = pair.variant(name).question
         prompt = model.prompt_ids(question)
         weights, T_q = attention_run(model, prompt)  # [L, H, Q, T]
+        per_head = thought_attention(weights, T_q, model.num_latent)  # [L, H, Q, K + 3]
+        thoughts += [
+            dict(variant=name, layer=layer, head=h, query=q, key=key, weight=round(float(per_head[layer, h, q, j]), 6))
+            for layer in range(per_head.shape[0])
+            for h in range(per_head.shape[1])
+            for q in range(per_head.shape[2])
+            for j, key in enumerate(keys)
+        ]
         mean = weights.mean(1)  # [L, Q, T]
         roles = token_roles(model, prompt, len(model.question_ids(question)))
         for role, mass in role_mass(mean, roles).items():  # [L, Q]
@@ -184,7 +196,7 @@ def attention_entry(model: LatentModel, pair: Pair) -> dict[str, Any]:
             "roles": roles,
             "weights": [[[round(float(x), 6) for x in row[:T_q]] for row in layer] for layer in mean],
         }
-    return {"rows": rows, "maps": maps}
+    return {"rows": rows, "maps": maps, "thoughts": thoughts}
 
 
 def reading_stage(ctx: RunContext, name: str, all_pairs: Sequence[Pair] = ()) -> Stage:
