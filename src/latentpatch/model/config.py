@@ -39,6 +39,11 @@ class LatentConfig:
       ``"codi"`` strips and replaces each double space by one (CODI's evaluation); ``"raw"``
       leaves it as given (Coconut's dataset code).
 
+    ``prompt_end`` / ``answer_start`` (None: CODI's layout): the ids that end the prompt instead of
+    ([EOS]) [BOT], and the ids fed after the thoughts instead of [EOT] ([EOS]); the mixture
+    families (:mod:`latentpatch.model.mixture`) end the prompt with the chat template and start
+    the answer with the ids of ``</think>``.
+
     Fields at their defaults are left out of :meth:`to_dict` (so manifests and cache keys of
     models that existed before these fields are unchanged).
     """
@@ -55,9 +60,16 @@ class LatentConfig:
     max_answer_tokens: int = 32
     decoding: str = "latentpatch"
     question_text: str = "collapse"
+    prompt_end: tuple[int, ...] | None = None
+    answer_start: tuple[int, ...] | None = None
 
     #: fields added after the format was fixed: written only when not at their default
-    OPTIONAL_DEFAULTS: ClassVar[dict[str, Any]] = {"decoding": "latentpatch", "question_text": "collapse"}
+    OPTIONAL_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "decoding": "latentpatch",
+        "question_text": "collapse",
+        "prompt_end": None,
+        "answer_start": None,
+    }
 
     def __post_init__(self) -> None:
         if self.decoding not in DECODING_RULES:

@@ -27,6 +27,7 @@ only call the object, never look inside it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -52,6 +53,23 @@ class Feedback(nn.Module):
         """Does a ``thought_pre`` site exist, i.e. is the state before the feedback (the final
         hidden state ``h``) a different value from the thought fed back?"""
         return True
+
+    def feed(self, h: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
+        """The thought fed at latent ``step`` made from ``h`` [B, d] (the final hidden state before
+        it): what the latent loop calls. ``step`` is one int for every row or one per row of ``h``.
+        Deterministic feedback ignores it (this default is ``forward(h)``); a random one
+        (:mod:`latentpatch.model.mixture`) takes the draws of that step from its seeded stream,
+        so a run restarted at step p (the engine's shared prefix) draws what a full run draws.
+
+        >>> h = torch.ones(2, 4)
+        >>> bool(torch.equal(IdentityFeedback().feed(h, 3), h))
+        True
+        """
+        return self(h)
+
+    def reseed(self, seed: int) -> None:
+        """Start the feedback's random stream from ``seed`` (``--seed``); deterministic feedback
+        has none, so this default does nothing."""
 
 
 class ProjectionFeedback(Feedback, nn.Sequential):

@@ -148,10 +148,14 @@ class LatentModel(AnswerPhase, nn.Module):
     def prompt_ids(self, question: str | Sequence[int]) -> list[int]:
         """Question ids + separators: ``[BOT]`` (``[EOS] [BOT]`` when ``remove_eos`` is False)."""
         ids = self.question_ids(question) if isinstance(question, str) else list(question)
+        if self.config.prompt_end is not None:  # a family whose prompt ends in other tokens (mixtures)
+            return ids + list(self.config.prompt_end)
         return ids + ([] if self.config.remove_eos else [self.config.eos_id]) + [self.config.bot_id]
 
     def answer_start_ids(self) -> list[int]:
         """Tokens fed after the thoughts: ``[EOT]`` (+ ``[EOS]`` when ``remove_eos`` is False)."""
+        if self.config.answer_start is not None:  # e.g. the ids of "</think>" (mixtures)
+            return list(self.config.answer_start)
         return [self.config.eot_id] + ([] if self.config.remove_eos else [self.config.eos_id])
 
     def answer_ids(self, answer: Number | str) -> tuple[list[int], int]:
@@ -295,7 +299,7 @@ class LatentModel(AnswerPhase, nn.Module):
             hidden.append(h)
             if p == end - 1 and not next_thought:
                 break
-            thought = self.feedback(h)
+            thought = self.feedback.feed(h, p + 1)
             if cut_recurrence and torch.is_grad_enabled():
                 thought = thought.detach().requires_grad_(True)
         if not thoughts:  # no step (an early answer after 0 thoughts)
@@ -310,7 +314,7 @@ class LatentModel(AnswerPhase, nn.Module):
         loop (:meth:`run_thoughts` with ``stop=k``), [EOT]. Returns the state and [B, V] answer
         logits."""
         state, h = self.prefill(prompts, hooks=hooks)
-        self.run_thoughts(state, self.feedback(h), 0, hooks=hooks, stop=k)
+        self.run_thoughts(state, self.feedback.feed(h, 0), 0, hooks=hooks, stop=k)
         end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
         return state, self.logits(end[:, -1])
 
@@ -385,7 +389,7 @@ class LatentModel(AnswerPhase, nn.Module):
             with torch.no_grad():
                 state, h = self.prefill(prompt_ids, hooks=hooks)
             prompt_len = state.length
-            first = self.feedback(h)
+            first = self.feedback.feed(h, 0)
             if grad:
                 first = first.detach().requires_grad_(True)
             thoughts, hidden, next_thought = self.run_thoughts(

@@ -20,6 +20,7 @@ from latentpatch.model.hub import resolve_repo, split_hub_name
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
 from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
+from latentpatch.model.mixture import MIXTURE_KINDS, mixture_model
 
 #: the shipped default model (a latentpatch model directory); the one definition of its path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
@@ -36,7 +37,8 @@ CODI_ONLY_OPTIONS = (
     "answer_prefix",
 )
 SPEC_KINDS = (
-    "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH or config:llama|gpt2"
+    "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH, config:llama|gpt2, "
+    "soft:BASE or multiplex:BASE"
 )
 #: ``coconut:ORG/NAME[:FILE][@REV]`` (a hub repository, the checkpoint file in it, a revision)
 COCONUT_HUB = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[^@:]+))?(?:@(?P<rev>[\w./-]+))?$")
@@ -111,6 +113,8 @@ def load_model(
     - ``dir:PATH`` or a plain path to a directory with ``latentpatch.json``
     - ``gguf:PATH`` (or a plain ``*.gguf`` path): a GGUF LM with identity projection
     - ``config:llama`` / ``config:gpt2``: a small random model (demo)
+    - ``soft:BASE`` / ``multiplex:BASE`` (BASE a ``gguf:`` or ``config:`` spec): Soft Thinking or
+      Multiplex Thinking on that LM (:mod:`latentpatch.model.mixture`)
 
     ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
     ``prj_dim``, ``prj_ln``, ``remove_eos``, ``eos_id``, ``answer_prefix`` for ``codi:``. None
@@ -167,4 +171,8 @@ def load_model(
         return load_gguf(rest, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "config":
         return random_model(rest or "llama", num_latent=num_latent, dtype=dtype, device=device)
+    if kind in MIXTURE_KINDS:  # soft:BASE / multiplex:BASE, BASE a plain LM (gguf:, config:)
+        if not rest or rest.partition(":")[0] in MIXTURE_KINDS:
+            raise LatentPatchError(f"--model {spec}: needs a plain LM after {kind}:; fix: e.g. --model {kind}:gguf:PATH")
+        return mixture_model(load_model(rest, dtype=dtype, device=device, num_latent=num_latent), kind)
     raise LatentPatchError(f"--model {spec}: unknown kind {kind!r}; fix: use {SPEC_KINDS}")

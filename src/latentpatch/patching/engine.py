@@ -99,7 +99,7 @@ def _overrides(
             pos = list(iv.positions)
             vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
             if iv.through_feedback:
-                vals = model.feedback(vals)
+                vals = model.feedback.feed(vals, pos)
             override[row, pos] = vals.to(override.dtype)
             mask[row, pos] = True
     return override, mask
