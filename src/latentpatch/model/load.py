@@ -173,6 +173,8 @@ def load_model(
         return random_model(rest or "llama", num_latent=num_latent, dtype=dtype, device=device)
     if kind in MIXTURE_KINDS:  # soft:BASE / multiplex:BASE, BASE a plain LM (gguf:, config:)
         if not rest or rest.partition(":")[0] in MIXTURE_KINDS:
-            raise LatentPatchError(f"--model {spec}: needs a plain LM after {kind}:; fix: e.g. --model {kind}:gguf:PATH")
+            raise LatentPatchError(
+                f"--model {spec}: needs a plain LM after {kind}:; fix: e.g. --model {kind}:gguf:PATH"
+            )
         return mixture_model(load_model(rest, dtype=dtype, device=device, num_latent=num_latent), kind)
     raise LatentPatchError(f"--model {spec}: unknown kind {kind!r}; fix: use {SPEC_KINDS}")

@@ -82,9 +82,7 @@ class MixtureSettings:
 #: the Soft Thinking paper's settings (README of eric-ai-lab/Soft-Thinking)
 SOFT_THINKING_PAPER = MixtureSettings()
 #: J1mL1's Multiplex defaults (``MultiplexThinkingConfig``): T 1, no filter, width 3
-MULTIPLEX_DEFAULT = MixtureSettings(
-    temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_topk=0, width=3, rule="j1ml1"
-)
+MULTIPLEX_DEFAULT = MixtureSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_topk=0, width=3, rule="j1ml1")
 
 
 def filtered_probs(logits: torch.Tensor, s: MixtureSettings) -> torch.Tensor:
@@ -188,6 +186,7 @@ class MixtureFeedback(Feedback):
         """``sum_i w_i E[idx_i]`` [B, d] (weights renormalised over the picked ids)."""
         assert self._bound is not None
         E = self._bound[1].weight  # [V + extra, d]
+        assert isinstance(E, torch.Tensor)
         w = w / w.sum(-1, keepdim=True)
         return (w.to(E.dtype)[..., None] * E[idx]).sum(-2)
 
@@ -274,7 +273,9 @@ def mixture_model(base: Any, kind: str, settings: MixtureSettings | None = None,
         raise LatentPatchError(f"--model {kind}: unknown mixture kind; fix: use {' or '.join(MIXTURE_KINDS)}")
     tok = base.tokenizer
     if tok is None:
-        raise LatentPatchError(f"--model {kind}:{base.name}: the base has no tokenizer; fix: use a gguf: or config: base")
+        raise LatentPatchError(
+            f"--model {kind}:{base.name}: the base has no tokenizer; fix: use a gguf: or config: base"
+        )
     vocab = int(base.config.pad_id)  # the loaders append pad/bot/eot after the released vocabulary
     chosen = settings or (SOFT_THINKING_PAPER if kind == "soft" else MULTIPLEX_DEFAULT)
     feedback: MixtureFeedback = (SoftThinkingFeedback if kind == "soft" else MultiplexFeedback)(chosen, vocab, seed)

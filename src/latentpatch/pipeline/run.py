@@ -295,6 +295,7 @@ def prepare_run(
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
+    model.feedback.reseed(config.seed)  # a random feedback's draws (mixtures): one stream per --seed
     timings["load_model_s"] = time.perf_counter() - t0
     return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
 
