@@ -38,7 +38,7 @@ CODI_ONLY_OPTIONS = (
 )
 SPEC_KINDS = (
     "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH, config:llama|gpt2, "
-    "soft:BASE or multiplex:BASE"
+    "soft:BASE, multiplex:BASE or colar:FILE.ckpt"
 )
 #: ``coconut:ORG/NAME[:FILE][@REV]`` (a hub repository, the checkpoint file in it, a revision)
 COCONUT_HUB = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[^@:]+))?(?:@(?P<rev>[\w./-]+))?$")
@@ -115,6 +115,7 @@ def load_model(
     - ``config:llama`` / ``config:gpt2``: a small random model (demo)
     - ``soft:BASE`` / ``multiplex:BASE`` (BASE a ``gguf:`` or ``config:`` spec): Soft Thinking or
       Multiplex Thinking on that LM (:mod:`latentpatch.model.mixture`)
+    - ``colar:FILE.ckpt`` (with ``base``): a CoLaR Lightning checkpoint (:mod:`latentpatch.model.colar`)
 
     ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
     ``prj_dim``, ``prj_ln``, ``remove_eos``, ``eos_id``, ``answer_prefix`` for ``codi:``. None
@@ -146,7 +147,7 @@ def load_model(
         if preset is not None:
             raise LatentPatchError(f"--preset only applies to codi: checkpoints, not to --model {spec}; fix: drop it")
         _reject(spec, overrides, ("num_latent",))
-        if base is not None and kind not in ("coconut",):
+        if base is not None and kind not in ("coconut", "colar"):
             raise LatentPatchError(f"--base only applies to codi: and coconut: checkpoints, not to --model {spec}")
     if kind == "default":
         if not (DEFAULT_MODEL_DIR / LATENT_JSON).is_file():
@@ -171,6 +172,10 @@ def load_model(
         return load_gguf(rest, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "config":
         return random_model(rest or "llama", num_latent=num_latent, dtype=dtype, device=device)
+    if kind == "colar":
+        from latentpatch.model.colar import load_colar_checkpoint
+
+        return load_colar_checkpoint(rest, base, num_latent=num_latent, dtype=dtype, device=device)
     if kind in MIXTURE_KINDS:  # soft:BASE / multiplex:BASE, BASE a plain LM (gguf:, config:)
         if not rest or rest.partition(":")[0] in MIXTURE_KINDS:
             raise LatentPatchError(

@@ -131,24 +131,37 @@ def _j1ml1_filter(p: torch.Tensor, s: MixtureSettings) -> torch.Tensor:
 
 
 class DrawStream:
-    """The seeded random stream of a random feedback: ``noise(step)`` [V] fp32 ``Exp(1)`` draws,
-    drawn step after step from one generator and kept, so every run reads the same draws at the
-    same step (common random numbers).
+    """The seeded random stream of a random feedback: ``draws(step)``, the step's fp32 draws in the
+    order of ``plan`` (per step, ``("exponential" | "normal", size)`` each), drawn step after step
+    from one generator and kept, so every run reads the same draws at the same step (common random
+    numbers). ``noise(step)``: the first of them.
 
     >>> a, b = DrawStream(7, 5), DrawStream(7, 5)
     >>> bool(torch.equal(a.noise(2), b.noise(2))) and not torch.equal(a.noise(0), a.noise(1))
     True
     """
 
-    def __init__(self, seed: int, size: int) -> None:
-        self.seed, self.size = int(seed), int(size)
+    def __init__(self, seed: int, size: int, plan: Sequence[tuple[str, int]] | None = None) -> None:
+        self.seed = int(seed)
+        self.plan = list(plan) if plan is not None else [("exponential", int(size))]
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._drawn: list[torch.Tensor] = []
+        self._drawn: list[list[torch.Tensor]] = []
+
+    def draws(self, step: int) -> list[torch.Tensor]:
+        while len(self._drawn) <= step:  # the official order: step 0's draws, then step 1's, ...
+            out = []
+            for kind, n in self.plan:  # [1, n] as the official calls draw them for a batch of one
+                t = torch.empty(1, n)
+                out.append(
+                    (t.exponential_(generator=self._gen) if kind == "exponential" else t.normal_(generator=self._gen))[
+                        0
+                    ]
+                )
+            self._drawn.append(out)
+        return self._drawn[step]
 
     def noise(self, step: int) -> torch.Tensor:
-        while len(self._drawn) <= step:  # the official order: step 0's draw, then step 1's, ...
-            self._drawn.append(torch.empty(1, self.size).exponential_(generator=self._gen)[0])
-        return self._drawn[step]
+        return self.draws(step)[0]
 
 
 class MixtureFeedback(Feedback):
