@@ -151,6 +151,12 @@ def models_cmd() -> None:
         )
         typer.echo(f"  latentpatch run --model codi:{p['repo']} --preset {name}")
     typer.echo("Coconut checkpoints: --model coconut:FILE or coconut:ORG/NAME:FILE (--base gpt2). docs/checkpoints.md")
+    from latentpatch.model.colar import PRESETS as COLAR_PRESETS
+    from latentpatch.model.mixture import PRESETS as MIXTURE_PRESETS
+
+    for name, (about, command) in {**MIXTURE_PRESETS, **COLAR_PRESETS}.items():  # other families (#31)
+        typer.echo(f"{name}: {about}")
+        typer.echo(f"  {command}")
 
 
 # ---- end section: model -------------------------------------------------------------------

