@@ -300,6 +300,13 @@ def run_cmd(
     try:
         from latentpatch.pipeline.run import run_experiments
 
+        if cfg.seeds > 1:  # --seeds N: one run per seed, then the spread (pipeline/seeds.py)
+            from latentpatch.pipeline.seeds import run_seeds
+
+            cfg.validate()
+            page = run_seeds(cfg, lambda c: run_experiments(c, resume=resume, progress=not quiet))
+            print(f"spread over {cfg.seeds} seeds: {page}")
+            return
         path = run_experiments(cfg, resume=resume, progress=not quiet, report_process=report_process)
     finally:
         if report_process is not None:

@@ -320,6 +320,14 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    seeds: int = option(
+        1,
+        "Repeat the run over N seeds (--seed, --seed + 1, ...; a random feedback's draws, docs/method.md §17): "
+        "OUT/seed-S/ each, then OUT/seeds.json and OUT/seeds.html with each cell's spread over the seeds.",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -400,6 +408,8 @@ class RunConfig(ModelOptions):
             raise LatentPatchError("--workers must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise LatentPatchError("--limit must be >= 1")
+        if self.seeds < 1:
+            raise LatentPatchError(f"--seeds {self.seeds}: must be at least 1; fix: pass --seeds 1 or more")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
             raise LatentPatchError(f"--batch-size {self.batch_size!r}: use a positive integer or auto")
         bad_formats = [
