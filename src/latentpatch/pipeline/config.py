@@ -326,7 +326,6 @@ class RunConfig(ModelOptions):
         "OUT/seed-S/ each, then OUT/seeds.json and OUT/seeds.html with each cell's spread over the seeds.",
         omit_if_unset=True,
         concern="execution",
-        results=False,
     )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
