@@ -90,7 +90,7 @@ def official(tmp_path_factory):
     V = cfg.vocab_size
     with torch.no_grad():
         mean = lm.get_input_embeddings().weight.mean(0)
-        lm.resize_token_embeddings(len(tok))
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)  # the row is set just below
         lm.get_input_embeddings().weight[V] = mean  # the unsaved row: the loader's rule, copied here
     tree = nn.Module()
     tree.llm = get_peft_model(lm, LoraConfig(r=128, lora_alpha=32))
