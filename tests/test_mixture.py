@@ -159,6 +159,11 @@ def test_same_seed_same_bits_other_seed_other_draws(base):
     assert torch.equal(ra.thoughts, rb.thoughts) and torch.equal(ra.answer_logits, rb.answer_logits)
     b.feedback.reseed(6)
     assert not torch.equal(ra.thoughts[:, 1:], b.rollout(QUESTIONS).thoughts[:, 1:])
+    soft = mixture_model(base, "soft", seed=5)
+    first = soft.rollout(QUESTIONS)
+    soft.feedback.reseed(6)  # deterministic: another seed, the same bits
+    again = soft.rollout(QUESTIONS)
+    assert torch.equal(first.thoughts, again.thoughts) and torch.equal(first.answer_logits, again.answer_logits)
 
 
 def test_a_patch_of_a_site_with_its_own_value_changes_nothing(multiplex):
