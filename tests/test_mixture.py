@@ -185,3 +185,17 @@ def test_engine_equals_reference(family, soft, multiplex):
     specs = position_specs(m.n_layers, m.num_latent)
     result = check_engine_reference(m, bases, specs, lambda i: replacement_values(bases[i], EngineConfig()), 4, 6)
     assert result["passed"], result
+
+
+def test_bad_mixture_specs_are_one_line_errors(tmp_path):
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.model.load import load_model
+
+    for spec, words in (
+        ("soft:", "needs a plain LM after soft:"),
+        ("multiplex:soft:config:llama", "needs a plain LM"),
+        (f"colar:{tmp_path / 'none.ckpt'}", "no such CoLaR checkpoint"),
+    ):
+        with pytest.raises(LatentPatchError, match=words) as err:
+            load_model(spec)
+        assert "fix:" in str(err.value) and "\n" not in str(err.value)

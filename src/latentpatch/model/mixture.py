@@ -90,15 +90,14 @@ MULTIPLEX_DEFAULT = MixtureSettings(temperature=1.0, top_k=0, top_p=1.0, min_p=0
 PRESETS: dict[str, tuple[str, str]] = {
     "soft-smollm2": (
         "Soft Thinking (paper settings: T 0.6, top-k 30, top-p 0.95, min-p 0.001, max_topk 10) on "
-        "SmolLM2-135M-Instruct; source eric-ai-lab/Soft-Thinking (sampler.py), fixed K as J1mL1's loop",
-        "latentpatch run --model soft:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2 "
-        "--pairs examples/smollm2_copy_pairs.json",
+        "SmolLM2-135M-Instruct; source eric-ai-lab/Soft-Thinking (sampler.py), fixed K as J1mL1's loop; "
+        "pairs it can answer: examples/smollm2_copy_pairs.json",
+        "latentpatch run --model soft:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2",
     ),
     "multiplex-smollm2": (
         "Multiplex Thinking (T 1, width 3, no filter) on SmolLM2-135M-Instruct; source "
-        "J1mL1/causal-latent-cot common/models/multiplex_model.py; draws seeded by --seed",
-        "latentpatch run --model multiplex:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2 "
-        "--pairs examples/smollm2_copy_pairs.json",
+        "J1mL1/causal-latent-cot common/models/multiplex_model.py; draws seeded by the run's seed",
+        "latentpatch run --model multiplex:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2",
     ),
 }
 
