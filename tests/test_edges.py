@@ -124,7 +124,7 @@ def plain_sender_kv(model, base, i):
     """Keys/values at latent i of the target run with the source's thought i fed there."""
     state, h = model.prefill([base.target.prompt])
     thought = model.feedback(h)
-    for p in range(i):
+    for _ in range(i):
         thought = model.feedback(_forward(model, state, thought[:, None], None)[:, -1])
     _forward(model, state, base.source.thoughts[i][None, None], None)
     col = len(base.target.prompt) + i

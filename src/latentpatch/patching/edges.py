@@ -103,7 +103,9 @@ def key_columns(key: str, prompt_len: int, roles: Sequence[str] | None = None) -
     return [c for c, r in enumerate(roles or []) if r == key and c < prompt_len - 1]
 
 
-def edge_columns(edge: Edge, prompt_len: int, num_latent: int, n_heads: int, roles: Sequence[str] | None = None) -> list[int]:
+def edge_columns(
+    edge: Edge, prompt_len: int, num_latent: int, n_heads: int, roles: Sequence[str] | None = None
+) -> list[int]:
     """The key columns of ``edge``, or :class:`EdgeRefused` when it cannot change anything (no such
     key, a key at or after its earliest query) or is not defined (a path from a non-thought, a
     per-head path, a query outside 0..K, a head outside 0..H-1)."""
@@ -310,7 +312,7 @@ def edge_sweep(
     base: PairBaseline,
     edges: Sequence[Edge],
     roles: Sequence[str] | None = None,
-    options: EngineOptions = EngineOptions(),
+    options: EngineOptions | None = None,
 ) -> list[dict]:
     """One metric dict per edge (keys: :func:`~latentpatch.patching.metrics.answer_metrics`,
     ``answer_ids``), in order, on the pair's target run; ``roles``: the target prompt's token roles
@@ -326,10 +328,10 @@ def edge_sweep(
     >>> cells = edge_sweep(model, base, [Edge("knockout", "t0", (1,)), Edge("path", "t5", (6,))])
     >>> [sorted(c)[:3] for c in cells][0]
     ['answer_ids', 'answer_logit_diff', 'answer_logprob_diff']
-    >>> edge_sweep(model, base, [Edge("knockout", "t3", (2,))])
+    >>> edge_sweep(model, base, [Edge("knockout", "t3", (2,))])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    latentpatch.patching.edges.EdgeRefused: knockout t3 -> [2]: query 2 cannot see key 't3' (a causal mask hides it already)
+    latentpatch.patching.edges.EdgeRefused: knockout t3 -> [2]: query 2 cannot see key 't3' (a causal mask ...)
     """
     target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
     T_q, K = target.prompt_len, model.num_latent
@@ -342,6 +344,7 @@ def edge_sweep(
             memo[i] = sender_kv(model, target, base.source.thoughts[i], i)
         return memo[i]
 
+    options = options or EngineOptions()
     order = sorted(range(len(edges)), key=lambda r: edges[r].start)
     out: dict[int, dict] = {}
     for lo in range(0, len(order), options.batch_size):

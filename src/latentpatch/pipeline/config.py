@@ -320,6 +320,13 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    edge_heads: bool | None = option(
+        None,
+        "With --experiments edges: also knock out each attention edge in each head alone (docs/method.md §17).",
+        flags="--edge-heads/--no-edge-heads",
+        omit_if_unset=True,
+        concern="experiments",
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -420,6 +427,8 @@ class RunConfig(ModelOptions):
                 f"--lens {self.lens} applies to the lens experiment only; "
                 "fix: add lens to --experiments, or drop --lens"
             )
+        if self.edge_heads is not None and "edges" not in self.experiments:
+            raise LatentPatchError("--edge-heads applies to the edges experiment only; fix: add edges to --experiments")
 
     def _check_atp(self) -> None:
         """The attribution patching options: positive counts, and only with ``--experiments atp``."""
