@@ -213,3 +213,14 @@ def test_path_to_every_later_position_held_is_the_frozen_patch(setup):
     assert_same_cell(cells[K], total[K - 1])
     # not vacuous: some sender moves the answer through the attention path
     assert max(c["kl"] for c in frozen) > 1e-3
+
+
+def test_edge_heads_without_the_edges_experiment_is_one_line(tmp_path, capsys):
+    from latentpatch import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--experiments", "layer", "--edge-heads", "--out", str(tmp_path / "r"), "--quiet"])
+    _, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "--edge-heads applies to the edges experiment only; fix: add edges to --experiments" in err
