@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from latentpatch.data.pairs import Pair
-from latentpatch.errors import LatentPatchError
 from latentpatch.model.heads import head_shape
 from latentpatch.names import EDGES_DIR, EDGES_EXPERIMENT
 from latentpatch.patching.baselines import PairBaseline
@@ -32,12 +31,6 @@ from latentpatch.patching.metrics import same_number
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.manifest import RunContext
 from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
-
-
-def check_edge_options(config: Any) -> None:
-    """``--edge-heads`` only with ``--experiments edges`` (one line naming the fix)."""
-    if config.edge_heads is not None and EDGES_EXPERIMENT not in config.experiments:
-        raise LatentPatchError("--edge-heads applies to the edges experiment only; fix: add edges to --experiments")
 
 
 def edge_row(base: PairBaseline, kind: str, query: int, key: str, sender: int, head: int, m: dict) -> dict[str, Any]:
