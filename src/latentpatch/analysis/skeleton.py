@@ -203,5 +203,5 @@ def not_run_line(ran: Iterable[str]) -> str:
     if not rest:
         return ""
     return (
-        f'<p class="note closing">Also available, not in this run: {", ".join(rest)}; docs/method.md §5, §13-§16.</p>'
+        f'<p class="note closing">Also available, not in this run: {", ".join(rest)}; docs/method.md §5, §13-§17.</p>'
     )
