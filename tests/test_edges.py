@@ -215,12 +215,10 @@ def test_path_to_every_later_position_held_is_the_frozen_patch(setup):
     assert max(c["kl"] for c in frozen) > 1e-3
 
 
-def test_edge_heads_without_the_edges_experiment_is_one_line(tmp_path, capsys):
-    from latentpatch import cli
+def test_edge_heads_without_the_edges_experiment_is_refused():
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.pipeline.config import RunConfig
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["run", "--experiments", "layer", "--edge-heads", "--out", str(tmp_path / "r"), "--quiet"])
-    _, err = capsys.readouterr()
-    assert exit_.value.code == 2 and "Traceback" not in err
-    assert "--edge-heads applies to the edges experiment only; fix: add edges to --experiments" in err
+    with pytest.raises(LatentPatchError, match="--edge-heads applies to the edges experiment only; fix: add edges"):
+        RunConfig(experiments=("layer",), edge_heads=True).validate()
+    RunConfig(experiments=("edges",), edge_heads=True).validate()

@@ -142,6 +142,9 @@ class HeadMask:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if self.drop is None:
             return None
+        if str(getattr(self.lm.config, "_attn_implementation", "")).startswith("flash"):
+            # flash attention takes no 4-D mask: a per-head knockout would silently do nothing
+            raise ValueError("per-head knockouts need sdpa or eager attention, not flash attention")
         hidden = args[0] if args else kwargs["hidden_states"]
         B, Q, T = hidden.shape[0], hidden.shape[1], self.length
         mask = kwargs.get("attention_mask")
