@@ -148,14 +148,17 @@ def test_knockout_equals_plain_rollout_with_a_4d_mask(setup):
         Edge("knockout", "bot", (K,)),
         Edge("knockout", "t1", (3,), head=1),
         Edge("knockout", "question", (K,), head=0),
+        Edge("knockout", "bot", (K,), head=0),
     ]
     cells = edge_sweep(model, base, edges, options=EngineOptions(batch_size=3))  # several chunks, mixed starts
     for edge, cell in zip(edges, cells):
         cols = key_columns(edge.key, T_q)
         ref = plain(model, base, drop=(edge.queries[0], cols, None if edge.head < 0 else edge.head))
         assert_same_cell(cell, ref)
-    # not vacuous: cutting the question out of thought 0 moves the answer distribution
+    # not vacuous: cutting the question out of thought 0 moves the answer distribution, and so does a
+    # one-head knockout (its change of the logit difference is well above the comparison's tolerance)
     assert cells[1]["kl"] > 1e-3
+    assert max(abs(c["answer_logit_diff"] - base.ld_target) for c in cells[3:]) > 1e-2
 
 
 def test_knocking_out_nothing_equals_the_baseline(setup):
