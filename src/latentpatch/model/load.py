@@ -20,6 +20,7 @@ from latentpatch.model.hub import resolve_repo, split_hub_name
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
 from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
+from latentpatch.model.simcot import get_coconut_preset
 
 #: the shipped default model (a latentpatch model directory); the one definition of its path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
@@ -138,8 +139,9 @@ def load_model(
     num_latent = overrides.get("num_latent")
     if num_latent is not None and int(num_latent) < 1:
         raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
+    coconut_preset = preset is not None and kind == "coconut"  # an unknown one: get_coconut_preset says so
     if kind != "codi":
-        if preset is not None:
+        if preset is not None and not coconut_preset:
             raise LatentPatchError(f"--preset only applies to codi: checkpoints, not to --model {spec}; fix: drop it")
         _reject(spec, overrides, ("num_latent",))
         if base is not None and kind not in ("coconut",):
@@ -157,9 +159,16 @@ def load_model(
         where, name = codi_location(rest, preset)
         return load_codi_checkpoint(where, base, preset=preset, dtype=dtype, device=device, name=name, **overrides)
     if kind == "coconut":
-        where, name = coconut_location(rest)
+        cp = get_coconut_preset(preset) if coconut_preset and preset is not None else {}
+        where, name = coconut_location(rest or cp.get("repo", ""))
         return load_coconut_checkpoint(
-            where, base or "gpt2", num_latent=num_latent, dtype=dtype, device=device, name=name
+            where,
+            base or cp.get("base", "gpt2"),
+            num_latent=num_latent if num_latent is not None else cp.get("num_latent"),
+            dtype=dtype,
+            device=device,
+            name=name + (f" ({preset})" if cp else ""),
+            known_unused=cp.get("known_unused", ()),
         )
     if kind == "dir":
         return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)
