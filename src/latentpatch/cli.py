@@ -161,6 +161,12 @@ def models_cmd() -> None:
             f"known unused: {', '.join(k + '*' for k in p['known_unused'])}"
         )
         typer.echo(f"  latentpatch run --model coconut:{p['repo']} --preset {name}")
+    from latentpatch.model.pccot_loader import PCCOT_PRESETS
+
+    for name, p in PCCOT_PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']} (weights fetched too)")
+        typer.echo(f"  latentpatch inspect --model pccot:{p['repo']}")
 
 
 # ---- end section: model -------------------------------------------------------------------

@@ -38,6 +38,7 @@ CODI_ONLY_OPTIONS = (
 )
 SPEC_KINDS = (
     "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH or config:llama|gpt2"
+    ", pccot:DIR|ORG/NAME[@REV]"
 )
 #: ``coconut:ORG/NAME[:FILE][@REV]`` (a hub repository, the checkpoint file in it, a revision)
 COCONUT_HUB = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[^@:]+))?(?:@(?P<rev>[\w./-]+))?$")
@@ -67,6 +68,15 @@ def coconut_location(rest: str) -> tuple[str, str]:
     file = m.group("file")
     snap = resolve_repo(m.group("repo"), m.group("rev"), what=f"--model coconut:{rest}", allow_patterns=file and [file])
     return str(snap / file if file else snap), f"coconut:{rest}"
+
+
+def pccot_location(rest: str) -> tuple[str, str]:
+    """(local adapter directory, model name) of ``pccot:REST``: a local path, else a hub name
+    ``ORG/NAME[@REV]`` (from the cache or downloaded)."""
+    hub = None if Path(rest).exists() else split_hub_name(rest)
+    if hub is None:
+        return rest, f"pccot:{rest}"
+    return str(resolve_repo(hub[0], hub[1], what=f"--model pccot:{rest}")), f"pccot:{rest}"
 
 
 def _reject(spec: str, overrides: dict[str, Any], allowed: Iterable[str]) -> None:
@@ -112,6 +122,8 @@ def load_model(
     - ``dir:PATH`` or a plain path to a directory with ``latentpatch.json``
     - ``gguf:PATH`` (or a plain ``*.gguf`` path): a GGUF LM with identity projection
     - ``config:llama`` / ``config:gpt2``: a small random model (demo)
+    - ``pccot:DIR`` or ``pccot:ORG/NAME[@REV]``: a PCCoT adapter (:mod:`latentpatch.model.pccot_loader`;
+      ``base``: the base with weights, default the adapter's; ``pccot:`` alone: whynlp/pccot-gpt2)
 
     ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
     ``prj_dim``, ``prj_ln``, ``remove_eos``, ``eos_id``, ``answer_prefix`` for ``codi:``. None
@@ -144,7 +156,7 @@ def load_model(
         if preset is not None and not coconut_preset:
             raise LatentPatchError(f"--preset only applies to codi: checkpoints, not to --model {spec}; fix: drop it")
         _reject(spec, overrides, ("num_latent",))
-        if base is not None and kind not in ("coconut",):
+        if base is not None and kind not in ("coconut", "pccot"):
             raise LatentPatchError(f"--base only applies to codi: and coconut: checkpoints, not to --model {spec}")
     if kind == "default":
         if not (DEFAULT_MODEL_DIR / LATENT_JSON).is_file():
@@ -170,6 +182,11 @@ def load_model(
             name=name + (f" ({preset})" if cp else ""),
             known_unused=cp.get("known_unused", ()),
         )
+    if kind == "pccot":
+        from latentpatch.model.pccot_loader import PCCOT_PRESETS, load_pccot
+
+        where, name = pccot_location(rest or PCCOT_PRESETS["pccot-gpt2"]["repo"])
+        return load_pccot(where, base, num_latent=num_latent, dtype=dtype, device=device, name=name)
     if kind == "dir":
         return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "gguf":
