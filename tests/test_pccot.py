@@ -31,6 +31,8 @@ from latentpatch.model.loaders import random_model
 from latentpatch.model.pccot import PCCoTModel, check_sequential, slot_writes
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.checks import check_engine_reference
+from latentpatch.patching.metrics import answer_logprob
+from latentpatch.patching.pccot_rounds import round_thought_sweep
 from latentpatch.patching.specs import EngineConfig, layer_specs, position_specs
 
 BOT, EOT, LATENT, PAD, EOS = V, V + 1, V + 2, V + 3, 2
@@ -228,3 +230,37 @@ def test_run_refuses_unconverged_rounds_and_the_engine_check_passes(released):
     values = [replacement_values(b, EngineConfig()) for b in bases]
     out = check_engine_reference(m2, bases, specs, values.__getitem__, 16, 6)
     assert out["passed"] and out["cells"] == 6, out
+
+
+def test_round_thought_sweep_cells_equal_single_runs(projected):
+    """Each (round, slot) cell of the batched sweep equals one plain run of that patch alone, and a
+    source equal to the target changes nothing."""
+    m = projected
+    bot = m.config.bot_id
+    target, source = [49, 50, 43, bot], [51, 50, 43, bot]
+    cells = round_thought_sweep(m, target, source, 3, 4, rounds=[1, 3])
+    assert [(c["round"], c["slot"]) for c in cells] == [(r, s) for r in (1, 3) for s in range(N)]
+    clean, corr = m.answer_ids(3), m.answer_ids(4)
+    src = m.parallel_rollout([source])
+
+    def ld_of(r):
+        s = m.score(r.state, r.answer_logits, [[clean[0], corr[0]]])[0]
+        return answer_logprob(s[0], *clean) - answer_logprob(s[1], *corr)
+
+    for c in cells[::3]:
+        rnd, slot = c["round"], c["slot"]
+
+        def hook(at, slots, rnd=rnd, slot=slot):
+            if at != rnd:
+                return slots
+            out = slots.clone()
+            out[:, slot] = src.thoughts[:, rnd - 1, slot]
+            return out
+
+        assert abs(ld_of(m.parallel_rollout([target], round_hook=hook)) - c["answer_logprob_diff"]) <= 1e-5
+    own = round_thought_sweep(m, target, target, 3, 4, rounds=[2])
+    base = ld_of(m.parallel_rollout([target]))
+    assert all(abs(c["answer_logprob_diff"] - base) <= 1e-5 for c in own)
+    assert any(abs(c["answer_logprob_diff"] - base) > 1e-4 for c in cells)  # the patches do something
+    with pytest.raises(LatentPatchError, match="rounds 1..4"):
+        round_thought_sweep(m, target, source, 3, 4, rounds=[0])
