@@ -16,6 +16,7 @@ documented keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -26,9 +27,10 @@ from test_loading import ALPHA, R, V, base_lm
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import build_prj
+from latentpatch.model.latent import LatentModel
 from latentpatch.model.load import load_model
 from latentpatch.model.loaders import random_model
-from latentpatch.model.pccot import PCCoTModel, check_sequential, slot_writes
+from latentpatch.model.pccot import PCCoTModel, check_pccot_run, slot_writes
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.checks import check_engine_reference
 from latentpatch.patching.metrics import answer_logprob
@@ -38,6 +40,7 @@ from latentpatch.patching.specs import EngineConfig, layer_specs, position_specs
 BOT, EOT, LATENT, PAD, EOS = V, V + 1, V + 2, V + 3, 2
 N, T_FILE, N_NEW = 4, 2, 6
 ANSWER_PROMPT = "the answer is"
+PAIRS = [("tom has 12 eggs", "tom has 13 eggs", 12, 13), ("ann 4 cats", "ann 7 cats", 4, 7)]
 
 
 def write_checkpoint(root, *, extra: dict | None = None, use_projection: bool = False):
@@ -162,7 +165,7 @@ def projected():
 def test_rounds_at_least_slots_equal_the_sequential_loop(projected):
     m = projected
     prompts = [[72, 105, 33, m.config.bot_id], [80, m.config.bot_id]]
-    seq = m.rollout(prompts)
+    seq = LatentModel(m.lm, m.prj, m.config, m.tokenizer).rollout(prompts)  # the sequential loop
     for T in (N, N + 2):
         r = m.parallel_rollout(prompts, rounds=T)
         assert (r.answer_logits - seq.answer_logits).abs().max() <= 1e-5
@@ -214,21 +217,38 @@ def test_checkpoint_errors(tmp_path):
         load_model(f"pccot:{adapter}")
 
 
-def test_run_refuses_unconverged_rounds_and_the_engine_check_passes(released):
+def test_the_engines_loop_is_the_parallel_rollout_at_the_site_round(released):
+    """``rollout`` (what the engine runs) = PCCoT's rounds with the sites of ``site_round``: its
+    thoughts are that round's slots, its recordings that round's, its answer PCCoT's; T = 2 < N = 4."""
     m, _, _, root = released
-    with pytest.raises(LatentPatchError, match="rounds >= slots; fix: pass --num-latent 2"):
-        check_sequential(m)
-    m2 = load_model(f"pccot:{root / 'adapter'}", num_latent=2)  # T = 2 >= N = 2: the engine's loop is PCCoT's
-    check_sequential(m2)
-    r, seq = m2.parallel_rollout([[5, 6, 7, BOT]]), m2.rollout([[5, 6, 7, BOT]])
-    assert (r.answer_logits - seq.answer_logits).abs().max() <= 1e-5
+    prompt = [5, 6, 7, BOT]
+    for site in (1, 2):
+        ms = load_model(f"pccot:{root / 'adapter'}", pccot_round=site)
+        par = ms.parallel_rollout([prompt], record=[("resid_out", 1)])
+        r = ms.rollout([prompt], record=[("resid_out", 1)])
+        assert (r.thoughts[0] - par.thoughts[0, site - 1]).abs().max() <= 1e-6
+        assert (r.answer_logits - par.answer_logits).abs().max() <= 1e-5
+        acts = r.hooks.recorded("resid_out", 1)[0]  # prompt, the site round's slots, the answer start
+        assert acts.shape[0] == len(prompt) + N + len(ms.answer_start_ids())
+        assert (acts[len(prompt) : len(prompt) + N] - par.hooks[site].recorded("resid_out", 1)[0]).abs().max() <= 1e-5
+    with pytest.raises(LatentPatchError, match="--pccot-round 3: the model runs rounds 1..2"):
+        load_model(f"pccot:{root / 'adapter'}", pccot_round=3)
+    with pytest.raises(LatentPatchError, match="--pccot-round only applies to pccot:"):
+        load_model("config:gpt2", pccot_round=1)
+
+
+def test_engine_check_passes_and_run_refuses_undefined_experiments(released):
+    m, _, _, _ = released
+    with pytest.raises(LatentPatchError, match="--experiments early,atp: not defined on PCCoT"):
+        check_pccot_run(m, ["layer", "early", "atp"])
+    check_pccot_run(m, ["layer", "position", "thought"])
     bases = []
-    for i, (qc, qr, ac, ar) in enumerate([("tom has 12 eggs", "tom has 13 eggs", 12, 13), ("ann 4", "ann 7", 4, 7)]):
-        clean, corr = (record_run(m2, m2.prompt_ids(q)) for q in (qc, qr))
-        bases.append(prepare_pair(m2, str(i), clean, corr, ac, ar))
-    specs = layer_specs(m2.n_layers, m2.num_latent) + position_specs(m2.n_layers, m2.num_latent)
+    for i, (qc, qr, ac, ar) in enumerate(PAIRS):
+        clean, corr = (record_run(m, m.prompt_ids(q)) for q in (qc, qr))
+        bases.append(prepare_pair(m, str(i), clean, corr, ac, ar))
+    specs = layer_specs(m.n_layers, m.num_latent) + position_specs(m.n_layers, m.num_latent)
     values = [replacement_values(b, EngineConfig()) for b in bases]
-    out = check_engine_reference(m2, bases, specs, values.__getitem__, 16, 6)
+    out = check_engine_reference(m, bases, specs, values.__getitem__, 16, 6)
     assert out["passed"] and out["cells"] == 6, out
 
 
@@ -264,3 +284,34 @@ def test_round_thought_sweep_cells_equal_single_runs(projected):
     assert any(abs(c["answer_logprob_diff"] - base) > 1e-4 for c in cells)  # the patches do something
     with pytest.raises(LatentPatchError, match="rounds 1..4"):
         round_thought_sweep(m, target, source, 3, 4, rounds=[0])
+
+
+def test_latentpatch_run_on_pccot(released, tmp_path):
+    """``run`` on a PCCoT model (T = 2 < N = 4, sites of the last round): the sweep and the thought
+    experiment through the engine, with every built-in check passing; undefined experiments refuse."""
+    import pandas as pd
+
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    _, _, _, root = released
+    entries = []
+    for i, (qc, qr, ac, ar) in enumerate(
+        [("tom has 12 eggs", "tom has 13 eggs", 12, 13), ("ann 4 cats", "ann 7 cats", 4, 7)]
+    ):
+        entries += [
+            {"pair_id": f"p{i}", "variant": "clean", "question": qc, "answer": ac},
+            {"pair_id": f"p{i}", "variant": "corrupted", "question": qr, "answer": ar},
+        ]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps(entries))
+    model = f"pccot:{root / 'adapter'}"
+    cfg = RunConfig(model=model, pairs=str(pairs), experiments=("layer", "thought"), out=str(tmp_path / "run"))
+    out = run_experiments(dataclasses.replace(cfg, use_cache=False), progress=False, command="test")
+    checks = json.loads((out / "manifest.json").read_text())["checks"]
+    assert all(c["passed"] for c in checks.values()), checks
+    steps = pd.read_parquet(out / "results" / "steps.parquet")
+    assert set(steps["experiment"]) == {"thought"} and len(steps) > 0
+    early = dataclasses.replace(cfg, experiments=("early",), out=str(tmp_path / "early"))
+    with pytest.raises(LatentPatchError, match="--experiments early: not defined on PCCoT"):
+        run_experiments(early, progress=False, command="test")

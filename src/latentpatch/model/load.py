@@ -139,7 +139,7 @@ def load_model(
     [8.0]
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = [k for k in overrides if k not in CODI_ONLY_OPTIONS + ("num_latent",)]
+    unknown = [k for k in overrides if k not in CODI_ONLY_OPTIONS + ("num_latent", "pccot_round")]
     if unknown:
         raise TypeError(f"load_model got unexpected override(s) {unknown}")
     spec = str(spec).strip()
@@ -149,6 +149,9 @@ def load_model(
     elif not sep or len(kind) == 1:  # a plain path (or a Windows drive letter): guess its kind
         kind, rest = _guess_kind(Path(spec), spec), spec
     num_latent = overrides.get("num_latent")
+    pccot_round = overrides.pop("pccot_round", None)
+    if pccot_round is not None and kind != "pccot":
+        raise LatentPatchError(f"--pccot-round only applies to pccot: models, not to --model {spec}; fix: drop it")
     if num_latent is not None and int(num_latent) < 1:
         raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
     coconut_preset = preset is not None and kind == "coconut"  # an unknown one: get_coconut_preset says so
@@ -186,7 +189,9 @@ def load_model(
         from latentpatch.model.pccot_loader import PCCOT_PRESETS, load_pccot
 
         where, name = pccot_location(rest or PCCOT_PRESETS["pccot-gpt2"]["repo"])
-        return load_pccot(where, base, num_latent=num_latent, dtype=dtype, device=device, name=name)
+        return load_pccot(
+            where, base, num_latent=num_latent, site_round=pccot_round, dtype=dtype, device=device, name=name
+        )
     if kind == "dir":
         return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)
     if kind == "gguf":

@@ -34,7 +34,8 @@ ones that do not depend on the batch); position ids come from the mask as in the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +45,32 @@ from transformers import PreTrainedModel
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.answering import label_prompt
 from latentpatch.model.config import LatentConfig
-from latentpatch.model.latent import LatentModel
+from latentpatch.model.latent import LatentModel, StepHook, override_hook
 from latentpatch.model.sites import ActivationHooks, Edit, Write
 from latentpatch.model.state import RolloutState
+
+#: what the engine's loop cannot do on PCCoT's rounds (checked up front by :func:`check_pccot_run`)
+UNSUPPORTED = (
+    "PCCoT: early answers (fewer slots), attribution patching (gradients) and training are not defined "
+    "on the parallel rounds; fix: leave out early, influence, intermediate, attention and atp"
+)
+#: the experiments ``latentpatch run`` runs on a PCCoT model (sites of the chosen round)
+PCCOT_EXPERIMENTS = ("layer", "position", "iterative", "thought", "lens", "probe", "steer")
+
+
+@contextmanager
+def _paused(hooks: ActivationHooks | None) -> Iterator[ActivationHooks | None]:
+    """The caller's entered ``hooks`` taken off the model meanwhile (a round that is not the site
+    round: nothing written there, nothing recorded), then put back."""
+    if hooks is None:
+        yield None
+        return
+    hooks.__exit__()
+    try:
+        yield None
+    finally:
+        hooks.__enter__()
+
 
 #: ``(round, slots [B, N, d]) -> slots [B, N, d]``: the inputs fed in round ``round`` (1..T)
 #: replaced (a thought-level patch of that round)
@@ -86,8 +110,10 @@ class PCCoTModel(LatentModel):
     round 0, ``answer_prompt_ids`` the tokens fed after ``[EOT]`` (PCCoT's ``answer_prompt``,
     "The answer is:"), so answers are read after them.
 
-    :meth:`rollout` (what the patching engine runs) is the sequential loop; it equals PCCoT when
-    ``rounds >= num_latent`` (:attr:`equals_sequential`). :meth:`parallel_rollout` is PCCoT's own.
+    :meth:`parallel_rollout` runs PCCoT with writes and records for any round. What the patching
+    engine and :meth:`rollout` run is :meth:`run_thoughts`: the same rounds, whose sites are those
+    of round ``site_round`` (default T, ``--pccot-round``); with ``rounds >= num_latent``
+    (:attr:`equals_sequential`) the result equals the sequential loop.
     """
 
     def __init__(
@@ -101,11 +127,17 @@ class PCCoTModel(LatentModel):
         rounds: int,
         latent_id: int,
         answer_prompt_ids: Sequence[int] = (),
+        site_round: int | None = None,
     ) -> None:
         super().__init__(lm, prj, config, tokenizer, name)
         if rounds < 1:
             raise LatentPatchError(f"PCCoT rounds {rounds}: must be at least 1 (num_iterations in config.json)")
         self.rounds = int(rounds)
+        self.site_round = self.rounds if site_round is None else int(site_round)
+        if not 1 <= self.site_round <= self.rounds:
+            raise LatentPatchError(
+                f"--pccot-round {self.site_round}: the model runs rounds 1..{self.rounds}; fix: choose one of them"
+            )
         self.latent_id = int(latent_id)
         self.answer_prompt_ids = [int(i) for i in answer_prompt_ids]
 
@@ -155,33 +187,17 @@ class PCCoTModel(LatentModel):
             )
         prompt_ids = [self.prompt_ids(p) if isinstance(p, str) else list(p) for p in prompts]
         self.check_fits(prompt_ids, [label_prompt(p) for p in prompts])
-        B, N = len(prompt_ids), self.num_latent
         hooks = {r: ActivationHooks(self.lm, writes=writes.get(r, ()), record=record) for r in range(T + 2)}
         with torch.no_grad():
-            base, h_bot = self.prefill(prompt_ids)  # question + [BOT]: the cache every round starts from
-            prompt_len = base.length
-            with hooks[0]:  # round 0: the [LATENT] placeholders after [BOT] (the official first pass)
-                placeholders = torch.full((B, N), self.latent_id, dtype=torch.long, device=self.device)
-                h0 = self.advance(base.fork(), input_ids=placeholders, hooks=hooks[0])  # [B, N, d]
-            slots = self.feedback(torch.cat([h_bot[:, None], h0[:, :-1]], 1))  # [B, N, d]
-            guesses = slots
-            thoughts, hidden = [], []
-            state = base
-            for r in range(1, T + 1):
-                if round_hook is not None:
-                    slots = round_hook(r, slots)
-                thoughts.append(slots)
-                state = base.fork()
-                with hooks[r]:
-                    h = self.advance(state, inputs_embeds=slots, hooks=hooks[r])  # [B, N, d]
-                hidden.append(h)
-                # the update: slot 0 kept, slot i = f(h of slot i - 1); round T's is discarded
-                slots = torch.cat([slots[:, :1], self.feedback(h[:, :-1])], 1)
-            with hooks[T + 1]:
-                end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), B), hooks=hooks[T + 1])
+            base, _ = self.prefill(prompt_ids)  # question + [BOT]: the cache every round starts from
+            state, guesses, thoughts, hidden = self._rounds(base, T, hooks.__getitem__, round_hook)
+            with hooks[T + 1] as hk:
+                end = self.advance(
+                    state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompt_ids)), hooks=hk
+                )
             answer_logits = self.logits(end[:, -1])
         return ParallelRollout(
-            prompt_len=prompt_len,
+            prompt_len=base.length,
             guesses=guesses,
             thoughts=torch.stack(thoughts, 1),
             hidden=torch.stack(hidden, 1),
@@ -189,6 +205,105 @@ class PCCoTModel(LatentModel):
             state=state,
             hooks=hooks,
         )
+
+    def _rounds(
+        self,
+        prompt: RolloutState,
+        T: int,
+        scope: Callable[[int], AbstractContextManager[ActivationHooks | None]],
+        round_hook: RoundHook | None = None,
+        site: int = 0,
+        start: int = 0,
+    ) -> tuple[RolloutState, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The one PCCoT loop on ``prompt`` (question + [BOT], not modified): round 0, then T rounds.
+
+        ``scope(r)``: the hooks context of round r's forward (``-1``: round ``site``'s slots before
+        ``start``, which the engine's continuation leaves unhooked). Round 0 runs [BOT] and the N
+        placeholders in one pass on the question's cache (so h at [BOT] comes from the same pass
+        for every caller). Returns the state after round T's run (its slots in the cache), the
+        guesses [B, N, d], the slots fed per round and their final hidden states ([B, N, d] each).
+        """
+        B, N, T_q = prompt.batch_size, self.num_latent, prompt.length
+        ids = torch.full((B, N + 1), self.latent_id, dtype=torch.long, device=self.device)
+        ids[:, 0] = self.config.bot_id
+        with scope(0) as hk:
+            h0 = self.advance(prompt.fork(length=T_q - 1), input_ids=ids, hooks=hk)  # [B, N + 1, d]
+        slots = self.feedback(h0[:, :-1])  # slot 0 = f(h at [BOT]), slot i = f(h at [LATENT] i-1)
+        guesses, thoughts, hidden = slots, [], []
+        state = prompt
+        for r in range(1, T + 1):
+            if round_hook is not None:
+                slots = round_hook(r, slots)
+            thoughts.append(slots)
+            state = prompt.fork()
+            parts = []
+            if r == site and start:
+                with scope(-1) as hk:
+                    parts.append(self.advance(state, inputs_embeds=slots[:, :start], hooks=hk))
+            with scope(r) as hk:
+                parts.append(self.advance(state, inputs_embeds=slots[:, start if r == site else 0 :], hooks=hk))
+            h = torch.cat(parts, 1)  # [B, N, d]
+            hidden.append(h)
+            # the update: slot 0 kept, slot i = f(h of slot i - 1); round T's is discarded
+            slots = torch.cat([slots[:, :1], self.feedback(h[:, :-1])], 1)
+        return state, guesses, thoughts, hidden
+
+    def run_thoughts(
+        self,
+        state: RolloutState,
+        first_thought: torch.Tensor,
+        start: int = 0,
+        *,
+        hooks: ActivationHooks | None = None,
+        step_hook: StepHook | None = None,
+        thought_override: torch.Tensor | None = None,
+        override_mask: torch.Tensor | None = None,
+        cut_recurrence: bool = False,
+        stop: int | None = None,
+        latent_hide: torch.Tensor | None = None,
+        next_thought: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The latent phase as the engine and :meth:`rollout` run it: PCCoT's rounds, whose sites
+        are those of round :attr:`site_round` (slot p at ``T_q + p``, as latent p of the sequential
+        loop). ``hooks`` act in that round only (and in what the caller runs after: the answer);
+        the step hooks and overrides replace that round's slots. ``state`` (question + [BOT], plus
+        ``start`` slots of a baseline for the engine's continuation, which are recomputed) ends as
+        round T's sequence. ``first_thought`` is not needed (slot 0 comes from round 0's pass).
+        Early answers, attribution patching and training refuse (one line).
+        Returns the site round's slots from ``start`` on [B, N - start, d], their final hidden
+        states, and the feedback of the last one.
+        """
+        N = self.num_latent
+        if (stop is not None and stop != N) or cut_recurrence or latent_hide is not None or not next_thought:
+            raise LatentPatchError(UNSUPPORTED)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in [first_thought]):
+            raise LatentPatchError(UNSUPPORTED)
+        fns: list[StepHook] = []
+        if thought_override is not None and override_mask is not None:
+            fns.append(override_hook(thought_override, override_mask))
+        if step_hook is not None:
+            fns.append(step_hook)
+
+        def site_hook(r: int, slots: torch.Tensor) -> torch.Tensor:
+            if r != self.site_round or not fns:
+                return slots
+            cols = []
+            for p in range(N):
+                col = slots[:, p]
+                for fn in fns:
+                    col = fn(p, col)
+                cols.append(col)
+            return torch.stack(cols, 1)
+
+        def scope(r: int) -> AbstractContextManager[ActivationHooks | None]:
+            return nullcontext(hooks) if r == self.site_round else _paused(hooks)
+
+        prompt = state.fork(length=state.length - start)
+        final, _, thoughts, hidden = self._rounds(prompt, self.rounds, scope, site_hook, self.site_round, start)
+        state.cache, state.attention_mask = final.cache, final.attention_mask
+        state.next_position, state.length = final.next_position, final.length
+        fed, h = thoughts[self.site_round - 1], hidden[self.site_round - 1]
+        return fed[:, start:], h[:, start:], self.feedback(h[:, -1])
 
     @torch.no_grad()
     def parallel_answer(self, prompts: Sequence[str] | Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:
@@ -212,14 +327,16 @@ def slot_writes(
     return Write(component, layer, torch.full((B,), index_base + slot, dtype=torch.long), rows, values)
 
 
-def check_sequential(model: LatentModel) -> None:
-    """Refuse, in one line, a run of the patching engine on a PCCoT model whose parallel rollout
-    differs from the sequential loop the engine patches (T rounds < N slots). Other models pass.
+def check_pccot_run(model: LatentModel, experiments: Sequence[str]) -> None:
+    """Refuse, in one line before anything runs, the experiments that are not defined on PCCoT's
+    rounds (:data:`PCCOT_EXPERIMENTS` run, with the sites of round ``site_round``). Other models pass.
     """
-    if isinstance(model, PCCoTModel) and not model.equals_sequential:
+    if not isinstance(model, PCCoTModel):
+        return
+    bad = [e for e in experiments if e not in PCCOT_EXPERIMENTS]
+    if bad:
         raise LatentPatchError(
-            f"--model {model.name}: PCCoT with {model.rounds} Jacobi rounds < {model.num_latent} slots; the "
-            "experiments patch the sequential loop, which equals PCCoT only when rounds >= slots; fix: pass "
-            f"--num-latent {model.rounds} or fewer, or patch rounds from Python with "
-            "latentpatch.model.pccot.PCCoTModel.parallel_rollout (docs/method.md §24)"
+            f"--experiments {','.join(bad)}: not defined on PCCoT's parallel rounds (early answers stop "
+            "the sequential loop, atp needs gradients through it, attention reads a cache of another round); "
+            f"fix: choose among {','.join(PCCOT_EXPERIMENTS)} (sites of round --pccot-round, default the last)"
         )

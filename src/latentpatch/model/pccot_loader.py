@@ -116,6 +116,7 @@ def load_pccot(
     *,
     rounds: int | None = None,
     num_latent: int | None = None,
+    site_round: int | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     name: str | None = None,
@@ -124,7 +125,8 @@ def load_pccot(
     token rows merged into the base). ``base``: the base model directory (config and *weights*;
     default: the adapter's ``base_model_name_or_path``, resolved by :func:`resolve_base`).
     ``rounds`` / ``num_latent`` override config.json's ``num_iterations`` and pccot_args.json's
-    ``num_latent_tokens``.
+    ``num_latent_tokens``; ``site_round``: the round whose slots are the sites the engine patches
+    (default the last; ``--pccot-round``).
     """
     from transformers import GPT2LMHeadModel
 
@@ -230,6 +232,7 @@ def load_pccot(
         rounds=int(rounds if rounds is not None else rounds_file),
         latent_id=int(args["latent_token_id"]),
         answer_prompt_ids=prompt_ids,
+        site_round=site_round,
     )
 
 

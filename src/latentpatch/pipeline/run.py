@@ -35,7 +35,7 @@ from latentpatch.assembly import assemble
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
-from latentpatch.model.pccot import check_sequential
+from latentpatch.model.pccot import check_pccot_run
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
 from latentpatch.patching.specs import PatchSpec
@@ -296,7 +296,7 @@ def prepare_run(
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
-    check_sequential(model)  # PCCoT with T < N: the engine's loop is not the model's (one line, exit 2)
+    check_pccot_run(model, config.experiments)  # PCCoT: the experiments defined on its rounds (one line)
     timings["load_model_s"] = time.perf_counter() - t0
     return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
 
