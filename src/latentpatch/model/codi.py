@@ -87,7 +87,7 @@ PRESETS["codi-llama1b-instruct"] = {
 #: SIM-CoT's CODI side (github InternLM/SIM-CoT CODI/src/model.py): the training-only step decoder
 #: (``decoder.*``, a copy of the base) and its optional width adapters (``pj_in.*``, ``pj_out.*``)
 #: are saved with the model and never used at inference; the official test.py drops them silently
-#: with ``strict=False``; here they are named as known and unused (docs/method.md §24)
+#: with ``strict=False``; here they are named as known and unused (docs/method.md "SIM-CoT and PCCoT")
 SIMCOT_CODI_UNUSED = ("decoder.", "pj_in.", "pj_out.")
 #: the released SIM-CoT CODI checkpoints (huggingface.co/internlm; test scripts of CODI/scripts:
 #: test_gpt2.sh, test_llama1b-copy.sh, test_llama8b-copy.sh): CODI's settings, prj_dim per base,

@@ -1,5 +1,5 @@
 """PCCoT's parallel-slots rollout (github whyNLP/PCCoT at 2e32e3e, ``models/modeling_gpt2.py``
-``PCCoTGPT2LMHeadModel.forward``; docs/method.md §24).
+``PCCoTGPT2LMHeadModel.forward``; docs/method.md "SIM-CoT and PCCoT").
 
 PCCoT feeds N latent *slots* at once and refines them by Jacobi iteration instead of one thought
 per step::

@@ -1,5 +1,5 @@
 """PCCoT checkpoints (``pccot:DIR`` or ``pccot:ORG/NAME``; github whyNLP/PCCoT at 2e32e3e,
-``test_ccot.py`` and ``models/``; docs/method.md §24).
+``test_ccot.py`` and ``models/``; docs/method.md "SIM-CoT and PCCoT").
 
 A released PCCoT model (``whynlp/pccot-gpt2``) is a peft adapter directory written by
 ``trainer.save_model()`` plus ``config.json`` and ``pccot_args.json``:

@@ -1,4 +1,4 @@
-"""SIM-CoT checkpoints (github InternLM/SIM-CoT at f3ae967; docs/method.md §24).
+"""SIM-CoT checkpoints (github InternLM/SIM-CoT at f3ae967; docs/method.md "SIM-CoT and PCCoT").
 
 SIM-CoT trains CODI or Coconut with an auxiliary decoder that reads each latent step; inference is
 CODI's or Coconut's own loop, unchanged, and the decoder is discarded. So a SIM-CoT checkpoint is a

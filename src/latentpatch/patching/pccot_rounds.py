@@ -1,4 +1,4 @@
-"""Thought-level patching of PCCoT with the round chosen (docs/method.md §24).
+"""Thought-level patching of PCCoT with the round chosen (docs/method.md "SIM-CoT and PCCoT").
 
 A PCCoT thought is a slot's input in one Jacobi round, so a thought site is (round, slot). For
 one pair and the rounds asked, every cell replaces the target run's slot input at (round, slot)

@@ -123,7 +123,7 @@ class ModelOptions:
     dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
     pccot_round: int | None = option(
         None,
-        "The Jacobi round whose slots are the sites of a pccot: model (default: the last; docs/method.md §24).",
+        "The Jacobi round whose slots are the sites of a pccot: model (default: the last).",
         omit_if_unset=True,
         concern="model",
     )
