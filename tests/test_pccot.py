@@ -30,12 +30,13 @@ from latentpatch.model.config import build_prj
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.load import load_model
 from latentpatch.model.loaders import random_model
-from latentpatch.model.pccot import PCCoTModel, check_pccot_run, slot_writes
+from latentpatch.model.pccot import PCCoTModel, slot_writes
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.checks import check_engine_reference
 from latentpatch.patching.metrics import answer_logprob
 from latentpatch.patching.pccot_rounds import round_thought_sweep
 from latentpatch.patching.specs import EngineConfig, layer_specs, position_specs
+from latentpatch.pipeline.limits import check_pccot_run
 
 BOT, EOT, LATENT, PAD, EOS = V, V + 1, V + 2, V + 3, 2
 N, T_FILE, N_NEW = 4, 2, 6

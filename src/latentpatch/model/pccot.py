@@ -325,18 +325,3 @@ def slot_writes(
     B = values.shape[0]
     rows = torch.ones(B, dtype=torch.bool) if rows is None else rows
     return Write(component, layer, torch.full((B,), index_base + slot, dtype=torch.long), rows, values)
-
-
-def check_pccot_run(model: LatentModel, experiments: Sequence[str]) -> None:
-    """Refuse, in one line before anything runs, the experiments that are not defined on PCCoT's
-    rounds (:data:`PCCOT_EXPERIMENTS` run, with the sites of round ``site_round``). Other models pass.
-    """
-    if not isinstance(model, PCCoTModel):
-        return
-    bad = [e for e in experiments if e not in PCCOT_EXPERIMENTS]
-    if bad:
-        raise LatentPatchError(
-            f"--experiments {','.join(bad)}: not defined on PCCoT's parallel rounds (early answers stop "
-            "the sequential loop, atp needs gradients through it, attention reads a cache of another round); "
-            f"fix: choose among {','.join(PCCOT_EXPERIMENTS)} (sites of round --pccot-round, default the last)"
-        )

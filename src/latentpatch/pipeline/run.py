@@ -35,14 +35,13 @@ from latentpatch.assembly import assemble
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
-from latentpatch.model.pccot import check_pccot_run
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
 from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig
-from latentpatch.pipeline.limits import check_question_lengths, check_tokenizer, cut_answers
+from latentpatch.pipeline.limits import check_pccot_run, check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.probing import check_question_file, sweep_probes
