@@ -23,7 +23,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from test_hub import base_tokenizer
-from test_loading import ALPHA, R, V, base_lm
+from test_loading import ALPHA, R, V, base_lm, run_cli
 
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import build_prj
@@ -316,3 +316,31 @@ def test_latentpatch_run_on_pccot(released, tmp_path):
     early = dataclasses.replace(cfg, experiments=("early",), out=str(tmp_path / "early"))
     with pytest.raises(LatentPatchError, match="--experiments early: not defined on PCCoT"):
         run_experiments(early, progress=False, command="test")
+
+
+def test_pccot_from_the_hub_cache(released, tmp_path, monkeypatch, capsys):
+    """``pccot:ORG/NAME`` and the adapter's base (its weights) both from a hub cache built here,
+    offline; ``latentpatch models`` lists the preset with its command."""
+    import shutil
+
+    from test_hub import cache_repo
+
+    m, _, _, root = released
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(home / "hub", "testorg/tiny-gpt2", lambda d: base_lm("gpt2").save_pretrained(d))
+
+    def adapter_files(d):
+        for f in (root / "adapter").iterdir():
+            shutil.copy(f, d / f.name)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "testorg/tiny-gpt2"}))
+
+    cache_repo(home / "hub", "testorg/tiny-pccot", adapter_files)
+    hub = load_model("pccot:testorg/tiny-pccot")
+    assert hub.name == "pccot:testorg/tiny-pccot" and hub.rounds == T_FILE
+    assert torch.equal(hub.rollout([[5, 6, BOT]]).answer_logits, m.rollout([[5, 6, BOT]]).answer_logits)
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "pccot-gpt2: " in out and "--model pccot:whynlp/pccot-gpt2" in out
