@@ -36,6 +36,7 @@ from latentpatch.patching.checks import check_engine_reference
 from latentpatch.patching.metrics import answer_logprob
 from latentpatch.patching.pccot_rounds import round_thought_sweep
 from latentpatch.patching.specs import EngineConfig, layer_specs, position_specs
+from latentpatch.pipeline.cache import model_key
 from latentpatch.pipeline.limits import check_pccot_run
 
 BOT, EOT, LATENT, PAD, EOS = V, V + 1, V + 2, V + 3, 2
@@ -232,6 +233,8 @@ def test_the_engines_loop_is_the_parallel_rollout_at_the_site_round(released):
         acts = r.hooks.recorded("resid_out", 1)[0]  # prompt, the site round's slots, the answer start
         assert acts.shape[0] == len(prompt) + N + len(ms.answer_start_ids())
         assert (acts[len(prompt) : len(prompt) + N] - par.hooks[site].recorded("resid_out", 1)[0]).abs().max() <= 1e-5
+    keys = {model_key(load_model(f"pccot:{root / 'adapter'}", pccot_round=s)) for s in (1, 2)}
+    assert len(keys) == 2  # the activation cache keeps each site round's baselines apart
     with pytest.raises(LatentPatchError, match="--pccot-round 3: the model runs rounds 1..2"):
         load_model(f"pccot:{root / 'adapter'}", pccot_round=3)
     with pytest.raises(LatentPatchError, match="--pccot-round only applies to pccot:"):

@@ -142,6 +142,12 @@ class PCCoTModel(LatentModel):
         self.answer_prompt_ids = [int(i) for i in answer_prompt_ids]
 
     @property
+    def cache_identity(self) -> str:
+        """What the activation cache's model key adds for PCCoT (``pipeline/cache.py``): the rounds,
+        the site round, the placeholder and the answer prompt change every recorded run."""
+        return f"pccot|{self.rounds}|{self.site_round}|{self.latent_id}|{self.answer_prompt_ids}"
+
+    @property
     def equals_sequential(self) -> bool:
         """Does the parallel rollout equal the sequential loop (T >= N: every slot converged)?"""
         return self.rounds >= self.num_latent
