@@ -268,6 +268,7 @@ class PCCoTModel(LatentModel):
         stop: int | None = None,
         latent_hide: torch.Tensor | None = None,
         next_thought: bool = True,
+        **extra: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The latent phase as the engine and :meth:`rollout` run it: PCCoT's rounds, whose sites
         are those of round :attr:`site_round` (slot p at ``T_q + p``, as latent p of the sequential
@@ -280,6 +281,9 @@ class PCCoTModel(LatentModel):
         states, and the feedback of the last one.
         """
         N = self.num_latent
+        given = sorted(k for k, v in extra.items() if v is not None)
+        if given:  # an argument the sequential loop gained later: not defined here until written for the rounds
+            raise LatentPatchError(f"PCCoT: {', '.join(given)} not defined on the parallel rounds; fix: leave it unset")
         if (stop is not None and stop != N) or cut_recurrence or latent_hide is not None or not next_thought:
             raise LatentPatchError(UNSUPPORTED)
         if torch.is_grad_enabled() and any(p.requires_grad for p in [first_thought]):
