@@ -121,6 +121,12 @@ class ModelOptions:
     )
     device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...", concern="model")
     dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
+    pccot_round: int | None = option(
+        None,
+        "The Jacobi round whose slots are the sites of a pccot: model (default: the last).",
+        omit_if_unset=True,
+        concern="model",
+    )
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
