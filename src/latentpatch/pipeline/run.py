@@ -120,6 +120,8 @@ def start_run(
     workers = choose_workers(
         model.d_model, model.n_layers, len(selected), config.workers, on_cpu=model.device.type == "cpu"
     )
+    if config.executor == "ray":  # --workers counts Ray replicas; the driver forks none (pipeline/ray_executor.py)
+        workers = ThreadChoice(1, "--executor ray: the pairs run on Ray replicas")
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     shape = SpecShape(model.n_layers, model.num_latent, config.component)
@@ -304,15 +306,21 @@ def execute_run(
 ) -> None:
     """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
     with ctx.progress:
-        record_baselines(ctx)
-        prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
-        values_for = replacement_source(ctx, all_pairs)
-        checks_and_sweep(ctx, values_for)
-        sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
-        sweep_reading(ctx, all_pairs)  # only with lens/attention (docs/method.md §14)
-        sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
-        sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
-        sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
+        try:
+            record_baselines(ctx)
+            prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
+            values_for = replacement_source(ctx, all_pairs)
+            checks_and_sweep(ctx, values_for)
+            sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
+            sweep_reading(ctx, all_pairs)  # only with lens/attention (docs/method.md §14)
+            sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
+            sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
+            sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
+        finally:
+            if ctx.config.executor == "ray":  # --executor ray: stop the replicas (pipeline/ray_executor.py)
+                from latentpatch.pipeline.ray_executor import close_executor
+
+                close_executor(ctx)
     finish_run(ctx, t0, report_process)
 
 

@@ -101,8 +101,14 @@ class ForkExecutor:
 
 
 def run_executor(ctx: RunContext) -> Executor:
-    """The run's executor: forked workers when it has more than one, else serial."""
+    """The run's executor: Ray replicas with ``--executor ray``; else forked workers when it has more
+    than one, else serial."""
     import torch
+
+    if ctx.config.executor == "ray":
+        from latentpatch.pipeline.ray_executor import ray_executor
+
+        return ray_executor(ctx)
 
     workers = ctx.workers.count if ctx.workers else 1
     return ForkExecutor(workers, torch.get_num_threads()) if workers > 1 else SerialExecutor()
