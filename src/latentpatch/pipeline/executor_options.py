@@ -51,3 +51,7 @@ def check_executor_options(cfg: RunConfig) -> None:
         )
     if cfg.gpus_per_worker is not None and cfg.gpus_per_worker <= 0:
         raise LatentPatchError(f"--gpus-per-worker must be > 0 (got {cfg.gpus_per_worker})")
+    if cfg.ray_address is not None:  # before any work: an address that does not answer is one line
+        from latentpatch.pipeline.ray_executor import check_reachable
+
+        check_reachable(cfg.ray_address)

@@ -22,15 +22,18 @@ one-process run on the same device type (tested on a local cluster).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import pickle
 import socket
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from latentpatch.errors import LatentPatchError
+from latentpatch.pipeline.config import ModelOptions
 from latentpatch.pipeline.progress import RunProgress
 
 if TYPE_CHECKING:
@@ -43,6 +46,10 @@ MAX_TRIES = 3
 
 #: The open executors (at most one per run in this process), so tests and notebooks can reach the replicas.
 LIVE: list[RayExecutor] = []
+
+#: Idle replicas kept for the next run of the same model in a Ray session this module did not start
+#: (a notebook's, a test's): loading a model is most of a replica's start. :func:`release` stops them.
+IDLE: dict[tuple, list[Any]] = {}
 
 
 def _ray() -> Any:
@@ -82,10 +89,10 @@ def connect(address: str | None) -> bool:
     """Join ``address`` (or start a local cluster); True if this call started Ray (and so stops it).
     A Ray session already open in this process (a notebook's, a test's) is used as it is."""
     ray = _ray()
-    if ray.is_initialized():
-        return False
     if address:
         check_reachable(address)
+    if ray.is_initialized():
+        return False
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -150,14 +157,14 @@ class Replica:
         torch.set_num_threads(threads)
         torch.manual_seed(config.seed)  # as prepare_run does before loading
         self.model = config.load()
-        self.stage: tuple[int, Callable[[Any], Any]] | None = None
+        self.stage: tuple[str, Callable[[Any], Any]] | None = None
 
     def fingerprint(self) -> str:
         from latentpatch.pipeline.cache import model_key
 
         return model_key(self.model)
 
-    def run(self, stage: int, work: list[Any], job: Any) -> Any:
+    def run(self, stage: str, work: list[Any], job: Any) -> Any:
         """``work[0]``: the stage's pickled work (an object ref in a list, so Ray fetches it only
         here, once per stage); the job's result."""
         if self.stage is None or self.stage[0] != stage:
@@ -189,11 +196,14 @@ class RayExecutor:
         self.count = max(1, min(count, len(ctx.bases) or 1))
         self.actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(Replica)
         self.threads = threads
-        self.replicas = [self._start() for _ in range(self.count)]
+        self.kind = (tuple(getattr(config, f.name) for f in dataclasses.fields(ModelOptions)), threads, gpus)
+        kept = IDLE.pop(self.kind, [])
+        self.replicas = kept[: self.count] + [self._start() for _ in range(self.count - len(kept))]
+        for replica in kept[self.count :]:
+            ray.kill(replica)
         self.key = model_key(ctx.model)
         keys = ray.get([r.fingerprint.remote() for r in self.replicas])
         self.send_model = any(k != self.key for k in keys)  # a model the replicas cannot load: send it
-        self.stages = 0
         self.retried: list[str] = []  # "pair (replica died)" notes, for the tests and the manifest
         LIVE.append(self)
 
@@ -212,7 +222,7 @@ class RayExecutor:
 
         if not jobs:
             return
-        self.stages += 1
+        stage = uuid.uuid4().hex  # a replica kept from an earlier run never mistakes its old work for this
         shipped = [ray.put(dumps_work(work, None if self.send_model else self.ctx.model))]
         queue: deque[int] = deque(range(len(jobs)))
         tries = [0] * len(jobs)
@@ -222,7 +232,7 @@ class RayExecutor:
             while queue and free:
                 replica, j = free.pop(0), queue.popleft()
                 tries[j] += 1
-                running[replica.run.remote(self.stages, shipped, jobs[j])] = (replica, j)
+                running[replica.run.remote(stage, shipped, jobs[j])] = (replica, j)
             ready, _ = ray.wait(list(running), num_returns=1)
             replica, j = running.pop(ready[0])
             try:
@@ -248,15 +258,15 @@ class RayExecutor:
             done(jobs[j], result)
 
     def close(self) -> None:
-        """Stop the replicas (and Ray, if this executor started it)."""
+        """Stop Ray if this executor started it; else keep the replicas for the next run (:data:`IDLE`)."""
         ray = _ray()
         if self in LIVE:
             LIVE.remove(self)
-        for replica in self.replicas:
-            ray.kill(replica)
-        self.replicas = []
         if self.started_ray:
             ray.shutdown()
+        else:
+            IDLE.setdefault(self.kind, []).extend(self.replicas)
+        self.replicas = []
 
 
 def ray_executor(ctx: RunContext) -> RayExecutor:
@@ -271,3 +281,12 @@ def close_executor(ctx: RunContext) -> None:
     """Stop the run's replicas, if it started any."""
     for executor in [e for e in LIVE if e.ctx is ctx]:
         executor.close()
+
+
+def release() -> None:
+    """Stop the idle replicas kept in this process's Ray session (:data:`IDLE`)."""
+    ray = _ray()
+    for replicas in IDLE.values():
+        for replica in replicas:
+            ray.kill(replica)
+    IDLE.clear()

@@ -1,0 +1,101 @@
+"""``--executor ray`` (pipeline/ray_executor.py) on a local Ray cluster: the bytes of a one-process run,
+a replica killed mid-run (its pair retried), ``--resume`` of an interrupted Ray run, and bad input.
+
+One Ray session (``ray.init(num_cpus=2)``) is shared by the module, and its runs reuse the replicas
+the first one started (``ray_executor.IDLE``): Ray's and a replica's start-up are the slow parts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from latentpatch.errors import LatentPatchError, RunInterrupted  # noqa: E402
+from latentpatch.pipeline import ray_executor  # noqa: E402
+from latentpatch.pipeline.progress import RunProgress  # noqa: E402
+from latentpatch.pipeline.run import RunConfig, run_experiments  # noqa: E402
+
+EXPERIMENTS = ("position", "thought")  # the patching sweep (with its checks) and a step-level stage
+
+
+def files(run: Path) -> dict[str, bytes]:
+    """Every file under ``results/`` by its relative path."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted((run / "results").rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """A local two-CPU Ray cluster and the one-process reference run (default model, 4 pairs)."""
+    root = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ref = run_experiments(config(root, "one", workers=1, executor=None), progress=False)
+    yield root, files(ref)
+    ray_executor.release()  # the replicas kept between the module's runs
+    ray.shutdown()
+
+
+def config(root: Path, out: str, **kw) -> RunConfig:
+    options = dict(experiments=EXPERIMENTS, limit=4, report=False, cache_dir=str(root / "cache"), executor="ray")
+    return RunConfig(out=str(root / out), **{**options, **kw})
+
+
+class Hook(RunProgress):
+    """Calls ``act`` at the first committed pair of a stage run on Ray replicas."""
+
+    def __init__(self, act):
+        self.act, self.fired = act, False
+
+    def advance(self, steps: int = 1) -> None:
+        if ray_executor.LIVE and not self.fired:
+            self.fired = True
+            self.act(ray_executor.LIVE[0])
+
+    def warn(self, message: str) -> None:
+        self.warnings = [*getattr(self, "warnings", []), message]
+
+
+def test_ray_replicas_write_the_bytes_of_one_process(session):
+    root, reference = session
+    run = run_experiments(config(root, "ray", workers=2), progress=False)
+    assert files(run) == reference
+    assert not ray_executor.LIVE  # the replicas are stopped with the run
+
+
+def test_a_killed_replica_is_replaced_and_its_pair_retried(session):
+    root, reference = session
+    hook = Hook(lambda ex: ray.kill(ex.replicas[0]))
+    run = run_experiments(config(root, "killed", workers=2), progress=hook)
+    assert hook.fired and any("replica died" in w for w in hook.warnings)
+    assert files(run) == reference
+
+
+def test_an_interrupted_ray_run_resumes_to_the_same_bytes(session):
+    root, reference = session
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        run_experiments(config(root, "resumed", workers=2), progress=Hook(interrupt))
+    done = files(root / "resumed")
+    assert 0 < sum(k.startswith("results/pairs/") for k in done) < 4  # some pairs committed, not all
+    run = run_experiments(config(root, "resumed", workers=2), progress=False, resume=True)
+    assert files(run) == reference
+
+
+def test_bad_ray_input_is_one_line(session, tmp_path, monkeypatch, capsys):
+    from latentpatch.cli import main
+
+    with pytest.raises(LatentPatchError, match="--ray-address 127.0.0.1:9: no Ray cluster answers there"):
+        RunConfig(executor="ray", ray_address="127.0.0.1:9").validate()
+    with pytest.raises(LatentPatchError, match="applies to --executor ray only"):
+        RunConfig(ray_address="auto").validate()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(SystemExit) as err:
+        main(["run", "--executor", "ray", "--limit", "1", "--out", str(tmp_path / "r"), "--no-report"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and "pip install 'latentpatch[ray]'" in lines[0]
