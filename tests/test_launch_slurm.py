@@ -15,7 +15,7 @@ pytest.importorskip("submitit")
 from latentpatch.cli import main  # noqa: E402
 from latentpatch.pipeline.run import RunConfig, run_experiments  # noqa: E402
 
-OPTIONS = ["--limit", "4", "--experiments", "position,thought", "--no-report", "--threads", "1"]
+OPTIONS = ["--limit", "4", "--experiments", "position", "--no-report", "--threads", "1"]
 
 
 def files(run: Path) -> dict[str, bytes]:
@@ -28,7 +28,7 @@ def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     cache = ["--cache-dir", str(root / "cache")]
     config = RunConfig(
-        limit=4, experiments=("position", "thought"), report=False, threads=1, out=str(root / "one"), cache_dir=cache[1]
+        limit=4, experiments=("position",), report=False, threads=1, out=str(root / "one"), cache_dir=cache[1]
     )
     one = run_experiments(config, progress=False)
     main(["launch", "slurm", "--cluster", "local", "--shards", "2", "--out", str(root / "big"), *OPTIONS, *cache])

@@ -40,7 +40,9 @@ def check_executor_options(cfg: RunConfig) -> None:
         raise LatentPatchError(
             f"--executor {cfg.executor!r}: use {' or '.join(EXECUTORS)} (SLURM arrays: latentpatch launch slurm)"
         )
-    given = [n for n, v in (("ray-address", cfg.ray_address), ("gpus-per-worker", cfg.gpus_per_worker)) if v is not None]
+    given = [
+        n for n, v in (("ray-address", cfg.ray_address), ("gpus-per-worker", cfg.gpus_per_worker)) if v is not None
+    ]
     if cfg.executor != "ray":
         if given:
             raise LatentPatchError(f"--{given[0]} applies to --executor ray only; fix: add --executor ray, or drop it")

@@ -19,9 +19,9 @@ import math
 import multiprocessing
 import os
 import time
-from pathlib import Path
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,7 +108,9 @@ def record_activations(ctx: RunContext, qs: QuestionSet) -> list[dict[str, Any]]
         if got is not None and [r["question_id"] for r in got] == want:
             rows[k] = got
     todo = [k for k in chunks_of(ctx.config.shard, n_shards) if k not in rows]
-    ctx.progress.stage("activations", sum(len(questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]) for k in todo))
+    ctx.progress.stage(
+        "activations", sum(len(questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]) for k in todo)
+    )
     t = time.perf_counter()
     batch = min(int(ctx.batch_size), ACTIVATION_SHARD)
     for k in todo:
@@ -274,7 +276,9 @@ def sweep_probes(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
     write_parquet(ctx.paths.results / QUESTIONS_FILE, table)
     probes_path = ctx.paths.results / PROBES_FILE
     if not probes_path.is_file():  # deterministic: a resumed run keeps a finished table
-        frame, ctx.timings["probes_s"] = run_probes(ctx.paths.results, ctx.config, ctx.model.num_latent, table, ctx.progress)
+        frame, ctx.timings["probes_s"] = run_probes(
+            ctx.paths.results, ctx.config, ctx.model.num_latent, table, ctx.progress
+        )
         write_parquet(probes_path, frame)
 
 

@@ -45,7 +45,9 @@ class LaunchConfig(RunConfig):
     slurm_arg: str | None = option(
         None, "Other #SBATCH settings: comma list of key=value (e.g. account=lab,qos=high).", concern="execution"
     )
-    cluster: str = option("slurm", "slurm, or local: the jobs as subprocesses here (try a launch).", concern="execution")
+    cluster: str = option(
+        "slurm", "slurm, or local: the jobs as subprocesses here (try a launch).", concern="execution"
+    )
 
     def run_config(self, shard: int | None) -> RunConfig:
         """The run options of shard ``shard`` (None: the merged run's)."""
@@ -112,12 +114,14 @@ def _executor(cfg: LaunchConfig, logs: Path) -> Any:
     try:
         import submitit
     except ImportError:
-        raise LatentPatchError(
-            "launch slurm needs submitit; fix: pip install 'latentpatch[slurm]'"
-        ) from None
+        raise LatentPatchError("launch slurm needs submitit; fix: pip install 'latentpatch[slurm]'") from None
     executor = submitit.AutoExecutor(folder=logs, cluster=cfg.cluster)
     params: dict[str, Any] = {"timeout_min": cfg.time, "name": "latentpatch"}
-    for key, value in (("gpus_per_node", cfg.gpus_per_node), ("cpus_per_task", cfg.cpus_per_task), ("mem_gb", cfg.mem_gb)):
+    for key, value in (
+        ("gpus_per_node", cfg.gpus_per_node),
+        ("cpus_per_task", cfg.cpus_per_task),
+        ("mem_gb", cfg.mem_gb),
+    ):
         if value is not None:
             params[key] = value
     if cfg.cluster == "slurm":
