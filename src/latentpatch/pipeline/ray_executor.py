@@ -27,6 +27,7 @@ import io
 import logging
 import pickle
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -179,6 +180,7 @@ class RayExecutor:
     (the :class:`~latentpatch.pipeline.stages.Executor` protocol)."""
 
     def __init__(self, ctx: RunContext):
+        t = time.perf_counter()
         self.ctx = ctx
         self.started_ray = connect(ctx.config.ray_address)
         ray = _ray()
@@ -206,6 +208,9 @@ class RayExecutor:
         self.send_model = any(k != self.key for k in keys)  # a model the replicas cannot load: send it
         self.retried: list[str] = []  # "pair (replica died)" notes, for the tests and the manifest
         LIVE.append(self)
+        # what Ray costs besides the work (manifest timings, bench/bench_scale.py): joining or starting the
+        # cluster and the replicas (model loads), pickling and putting each stage's work, the driver's loop
+        self.add_time("ray_start_s", time.perf_counter() - t)
 
     def _start(self) -> Any:
         return self.actor.remote(self.ctx.config, self.threads)
@@ -223,7 +228,10 @@ class RayExecutor:
         if not jobs:
             return
         stage = uuid.uuid4().hex  # a replica kept from an earlier run never mistakes its old work for this
+        t = time.perf_counter()
         shipped = [ray.put(dumps_work(work, None if self.send_model else self.ctx.model))]
+        self.add_time("ray_ship_s", time.perf_counter() - t)
+        waited, t = 0.0, time.perf_counter()
         queue: deque[int] = deque(range(len(jobs)))
         tries = [0] * len(jobs)
         free = list(self.replicas)
@@ -233,7 +241,9 @@ class RayExecutor:
                 replica, j = free.pop(0), queue.popleft()
                 tries[j] += 1
                 running[replica.run.remote(stage, shipped, jobs[j])] = (replica, j)
+            tw = time.perf_counter()
             ready, _ = ray.wait(list(running), num_returns=1)
+            waited += time.perf_counter() - tw
             replica, j = running.pop(ready[0])
             try:
                 result = ray.get(ready[0])
@@ -256,6 +266,10 @@ class RayExecutor:
                 continue
             free.append(replica)
             done(jobs[j], result)
+        self.add_time("ray_driver_s", time.perf_counter() - t - waited)  # scheduling, results, commits
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.ctx.timings[key] = self.ctx.timings.get(key, 0.0) + seconds
 
     def close(self) -> None:
         """Stop Ray if this executor started it; else keep the replicas for the next run (:data:`IDLE`)."""
