@@ -94,6 +94,10 @@ def test_bad_ray_input_is_one_line(session, tmp_path, monkeypatch, capsys):
         RunConfig(executor="ray", ray_address="127.0.0.1:9").validate()
     with pytest.raises(LatentPatchError, match="applies to --executor ray only"):
         RunConfig(ray_address="auto").validate()
+    with pytest.raises(SystemExit) as err:  # refused before the model loads
+        main(["run", "--executor", "ray", "--ray-address", "127.0.0.1:9", "--out", str(tmp_path / "a")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and "no Ray cluster answers there" in lines[0]
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(SystemExit) as err:
         main(["run", "--executor", "ray", "--limit", "1", "--out", str(tmp_path / "r"), "--no-report"])

@@ -180,21 +180,34 @@ class RayExecutor:
     (the :class:`~latentpatch.pipeline.stages.Executor` protocol)."""
 
     def __init__(self, ctx: RunContext):
-        t = time.perf_counter()
         self.ctx = ctx
-        self.started_ray = connect(ctx.config.ray_address)
+        self.replicas: list[Any] = []  # started by the first stage with work (a resumed, finished run starts none)
+        self.retried: list[str] = []  # "pair ..." of every job run again after its replica died
+        self.started_ray = False
+        LIVE.append(self)
+
+    def _open(self) -> None:
+        """Join or start the cluster and the replicas (kept ones first, see :data:`IDLE`)."""
+        t = time.perf_counter()
+        ctx, config = self.ctx, self.ctx.config
+        self.started_ray = connect(config.ray_address)
         ray = _ray()
         from latentpatch.pipeline.cache import model_key
 
-        config, threads = ctx.config, ctx.threads.count if ctx.threads else 1
+        threads = ctx.threads.count if ctx.threads else 1
         resources = ray.cluster_resources()
         gpus = config.gpus_per_worker or 0.0
-        if config.workers is not None:
-            count = config.workers
-        elif gpus:
-            count = int(resources.get("GPU", 0) // gpus)
-        else:
-            count = int(resources.get("CPU", 1) // threads)
+        room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 0) // threads)
+        if room < 1:
+            need = f"{gpus:g} GPU(s)" if gpus else f"{threads} CPU(s) (--threads)"
+            raise LatentPatchError(
+                f"--executor ray: the Ray cluster has no room for one replica of {need} (it has "
+                f"{resources.get('GPU', 0):g} GPUs, {resources.get('CPU', 0):g} CPUs); fix: lower --gpus-per-worker "
+                "or --threads, or join a bigger cluster with --ray-address"
+            )
+        if config.workers is not None and config.workers > room:  # more would wait forever for resources
+            ctx.progress.warn(f"note: --workers {config.workers}: the Ray cluster has room for {room} replicas")
+        count = min(config.workers or room, room)
         self.count = max(1, min(count, len(ctx.bases) or 1))
         self.actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(Replica)
         self.threads = threads
@@ -203,11 +216,8 @@ class RayExecutor:
         self.replicas = kept[: self.count] + [self._start() for _ in range(self.count - len(kept))]
         for replica in kept[self.count :]:
             ray.kill(replica)
-        self.key = model_key(ctx.model)
         keys = ray.get([r.fingerprint.remote() for r in self.replicas])
-        self.send_model = any(k != self.key for k in keys)  # a model the replicas cannot load: send it
-        self.retried: list[str] = []  # "pair (replica died)" notes, for the tests and the manifest
-        LIVE.append(self)
+        self.send_model = any(k != model_key(ctx.model) for k in keys)  # a model they cannot load: send it
         # what Ray costs besides the work (manifest timings, bench/bench_scale.py): joining or starting the
         # cluster and the replicas (model loads), pickling and putting each stage's work, the driver's loop
         self.add_time("ray_start_s", time.perf_counter() - t)
@@ -227,6 +237,8 @@ class RayExecutor:
 
         if not jobs:
             return
+        if not self.replicas:
+            self._open()
         stage = uuid.uuid4().hex  # a replica kept from an earlier run never mistakes its old work for this
         t = time.perf_counter()
         shipped = [ray.put(dumps_work(work, None if self.send_model else self.ctx.model))]
@@ -278,7 +290,7 @@ class RayExecutor:
             LIVE.remove(self)
         if self.started_ray:
             ray.shutdown()
-        else:
+        elif self.replicas:
             IDLE.setdefault(self.kind, []).extend(self.replicas)
         self.replicas = []
 
