@@ -103,3 +103,39 @@ def test_bad_ray_input_is_one_line(session, tmp_path, monkeypatch, capsys):
         main(["run", "--executor", "ray", "--limit", "1", "--out", str(tmp_path / "r"), "--no-report"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert err.value.code == 2 and len(lines) == 1 and "pip install 'latentpatch[ray]'" in lines[0]
+
+
+def test_a_pair_whose_replica_keeps_dying_stops_the_run_with_one_line(session):
+    """Bounded retries: a job that kills its replica each time is tried MAX_TRIES times, on a fresh
+    replica each time, then the run stops naming the pair (light replicas here: no model)."""
+    from types import SimpleNamespace
+
+    class Light(ray_executor.Replica):
+        def __init__(self, config, threads):
+            self.model, self.stage = None, None
+
+    def work(job):
+        if job == "bad":
+            import os
+
+            os._exit(1)  # the replica's process dies, as on a lost node or an out-of-memory kill
+        return job
+
+    ctx = SimpleNamespace(
+        config=RunConfig(executor="ray"), model=object(), progress=Hook(lambda ex: None), timings={},
+        bases=[SimpleNamespace(pair_id="p0"), SimpleNamespace(pair_id="p7")],
+    )  # fmt: skip
+    ex = ray_executor.RayExecutor(ctx)
+    ex.actor, ex.threads, ex.send_model = ray.remote(num_cpus=0)(Light), 1, False
+    ex.replicas, ex.kind = [ex._start()], ("light",)
+    got = []
+    with pytest.raises(LatentPatchError, match=r"pair p7 failed 3 times \(its replica died each time\)"):
+        ex.run(
+            [SimpleNamespace(pairs=(0,)), SimpleNamespace(pairs=(1,))],
+            lambda job: work("bad" if job.pairs == (1,) else "ok"),
+            lambda job, result: got.append(result),
+        )
+    assert got == ["ok"] and ex.retried == ["pair p7", "pair p7"]
+    ray_executor.LIVE.remove(ex)
+    for replica in ex.replicas:
+        ray.kill(replica)

@@ -48,6 +48,7 @@ from latentpatch.pipeline.probing import check_question_file, sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
+from latentpatch.pipeline.stages import executor_scope
 from latentpatch.pipeline.steering import sweep_steer
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
@@ -305,22 +306,16 @@ def execute_run(
     ctx: RunContext, all_pairs: Sequence[Pair], t0: float, report_process: ReportProcess | None = None
 ) -> None:
     """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
-    with ctx.progress:
-        try:
-            record_baselines(ctx)
-            prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
-            values_for = replacement_source(ctx, all_pairs)
-            checks_and_sweep(ctx, values_for)
-            sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
-            sweep_reading(ctx, all_pairs)  # only with lens/attention (docs/method.md §14)
-            sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
-            sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
-            sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
-        finally:
-            if ctx.config.executor == "ray":  # --executor ray: stop the replicas (pipeline/ray_executor.py)
-                from latentpatch.pipeline.ray_executor import close_executor
-
-                close_executor(ctx)
+    with ctx.progress, executor_scope(ctx):  # --executor ray: its replicas stop with the run
+        record_baselines(ctx)
+        prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
+        values_for = replacement_source(ctx, all_pairs)
+        checks_and_sweep(ctx, values_for)
+        sweep_steps(ctx, all_pairs)  # only with step-level experiments (docs/method.md §13)
+        sweep_reading(ctx, all_pairs)  # only with lens/attention (docs/method.md §14)
+        sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
+        sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
+        sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
     finish_run(ctx, t0, report_process)
 
 
