@@ -197,7 +197,10 @@ class RayExecutor:
         threads = ctx.threads.count if ctx.threads else 1
         resources = ray.cluster_resources()
         gpus = config.gpus_per_worker or 0.0
-        room = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 0) // threads)
+        cpus = 1 if gpus else threads  # a GPU replica's CPU threads only feed the device
+        room = int(resources.get("CPU", 0) // cpus)
+        if gpus:
+            room = min(room, int(resources.get("GPU", 0) // gpus))
         if room < 1:
             need = f"{gpus:g} GPU(s)" if gpus else f"{threads} CPU(s) (--threads)"
             raise LatentPatchError(
@@ -209,7 +212,7 @@ class RayExecutor:
             ctx.progress.warn(f"note: --workers {config.workers}: the Ray cluster has room for {room} replicas")
         count = min(config.workers or room, room)
         self.count = max(1, min(count, len(ctx.bases) or 1))
-        self.actor = ray.remote(num_cpus=threads, num_gpus=gpus, max_restarts=0)(Replica)
+        self.actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(Replica)
         self.threads = threads
         self.kind = (tuple(getattr(config, f.name) for f in dataclasses.fields(ModelOptions)), threads, gpus)
         kept = IDLE.pop(self.kind, [])
