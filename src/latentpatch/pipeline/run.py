@@ -49,6 +49,7 @@ from latentpatch.pipeline.probing import check_question_file, sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
+from latentpatch.pipeline.stages import executor_scope
 from latentpatch.pipeline.steering import sweep_steer
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
@@ -121,6 +122,8 @@ def start_run(
     workers = choose_workers(
         model.d_model, model.n_layers, len(selected), config.workers, on_cpu=model.device.type == "cpu"
     )
+    if config.executor == "ray":  # --workers counts Ray replicas; the driver forks none (pipeline/ray_executor.py)
+        workers = ThreadChoice(1, "--executor ray: the pairs run on Ray replicas")
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     shape = SpecShape(model.n_layers, model.num_latent, config.component)
@@ -305,7 +308,7 @@ def execute_run(
     ctx: RunContext, all_pairs: Sequence[Pair], t0: float, report_process: ReportProcess | None = None
 ) -> None:
     """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
-    with ctx.progress:
+    with ctx.progress, executor_scope(ctx):  # --executor ray: its replicas stop with the run
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         values_for = replacement_source(ctx, all_pairs)
