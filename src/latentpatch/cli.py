@@ -16,6 +16,7 @@ import typer
 from latentpatch.cli_options import with_options
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import ModelOptions, RunConfig  # no torch: --help stays fast
+from latentpatch.pipeline.slurm import LaunchConfig  # no torch, no submitit until a launch
 from latentpatch.pipeline.threads import CpuSample  # noqa: F401 - its import starts the start-up CPU sample
 from latentpatch.training.config import TrainConfig
 
@@ -151,6 +152,22 @@ def models_cmd() -> None:
         )
         typer.echo(f"  latentpatch run --model codi:{p['repo']} --preset {name}")
     typer.echo("Coconut checkpoints: --model coconut:FILE or coconut:ORG/NAME:FILE (--base gpt2). docs/checkpoints.md")
+    from latentpatch.model.simcot import COCONUT_PRESETS
+
+    for name, p in COCONUT_PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']}")
+        typer.echo(
+            f"  K {p['num_latent']} (the shipped eval config: {p['eval_config_latents']}), identity feedback, "
+            f"known unused: {', '.join(k + '*' for k in p['known_unused'])}"
+        )
+        typer.echo(f"  latentpatch run --model coconut:{p['repo']} --preset {name}")
+    from latentpatch.model.pccot_loader import PCCOT_PRESETS
+
+    for name, p in PCCOT_PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']} (weights fetched too)")
+        typer.echo(f"  latentpatch inspect --model pccot:{p['repo']}")
     from latentpatch.model.colar import PRESETS as COLAR_PRESETS
     from latentpatch.model.mixture import PRESETS as MIXTURE_PRESETS
 
@@ -384,6 +401,27 @@ def merge_cmd(
 
 
 # ---- end section: bench / merge -----------------------------------------------------------
+
+
+# ---- section: launch ----------------------------------------------------------------------
+launch_app = typer.Typer(no_args_is_help=True, help="Run on a cluster: a SLURM job array of shards plus a merge.")
+app.add_typer(launch_app, name="launch")
+
+
+@launch_app.command("slurm")
+@with_options(LaunchConfig)
+def launch_slurm_cmd(options: dict[str, Any]) -> None:
+    """Submit --shards run shards as a SLURM job array and a merge job after it (submitit; docs/scaling.md)."""
+    from latentpatch.pipeline.slurm import launch_slurm
+
+    done = launch_slurm(LaunchConfig(**options))
+    print(
+        f"shard jobs {', '.join(done.shard_jobs)} -> {done.shards[0].parent}/shard*; merge job {done.merge_job} -> "
+        f"{done.merged}; logs: {done.logs}"
+    )
+
+
+# ---- end section: launch ------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -431,3 +431,38 @@ STEER_COLUMNS: list[str] = [
     "flagged",
 ]
 STEER_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "recovery", "pred_answer")
+
+
+# ---- edges between thoughts (docs/method.md §17) ----------------------------------------------------
+#: Attention-edge knockouts and path patching from thought i to thought j; rows go to ``results/edges.parquet``.
+EDGES_EXPERIMENT = "edges"
+ALL_EXPERIMENTS = ALL_EXPERIMENTS + (EDGES_EXPERIMENT,)  # appended here, after the others (merge-friendly)
+#: Edge kinds: ``knockout`` (query j does not attend to key i), ``path`` (j reads thought i patched),
+#: and per sender i the whole-thought comparisons ``total`` (thought i patched, later thoughts
+#: regenerated) and ``frozen`` (later inputs held at the target's).
+EDGE_KNOCKOUT, EDGE_PATH = "knockout", "path"
+EDGE_KINDS: tuple[str, ...] = (EDGE_KNOCKOUT, EDGE_PATH, "total", "frozen")
+#: ``head`` of an edge that applies to every attention head.
+ALL_HEADS = -1
+#: ``results/edges/NNNNN.json`` per pair, assembled into ``results/edges.parquet``: one row per pair x edge.
+#: ``query``: latent position j (K = the answer start; for total/frozen: -1); ``key``: ``question``,
+#: ``bot``, ``t<i>``; ``sender``: i of a ``t<i>`` key or of total/frozen (-1 otherwise); ``ld_change``:
+#: the answer logit difference minus the target's.
+EDGES_DIR, EDGES_FILE = "edges", "edges.parquet"
+EDGE_COLUMNS: list[str] = [
+    "pair_id",
+    "kind",
+    "query",
+    "key",
+    "sender",
+    "head",
+    "kl",
+    "answer_logit_diff",
+    "ld_change",
+    "recovery",
+    "pred_answer",
+    "flipped",
+    "to_source",
+    "flagged",
+]
+EDGE_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "ld_change", "recovery", "pred_answer")

@@ -33,6 +33,7 @@ from latentpatch.names import (
     REPLACEMENTS,
     SITE_COMPONENTS,
 )
+from latentpatch.pipeline.executor_options import check_executor_options
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
@@ -121,6 +122,12 @@ class ModelOptions:
     )
     device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...", concern="model")
     dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
+    pccot_round: int | None = option(
+        None,
+        "The Jacobi round whose slots are the sites of a pccot: model (default: the last).",
+        omit_if_unset=True,
+        concern="model",
+    )
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
@@ -320,9 +327,38 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    edge_heads: bool | None = option(
+        None,
+        "With --experiments edges: also knock out each attention edge in each head alone (docs/method.md §17).",
+        flags="--edge-heads/--no-edge-heads",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    executor: str | None = option(
+        None,
+        "Where the per-pair work runs: fork (this machine: this process and forked workers, the default) or "
+        "ray (one actor per model replica on a Ray cluster; pip install 'latentpatch[ray]'; docs/scaling.md).",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
+    ray_address: str | None = option(
+        None,
+        "With --executor ray: the address of an existing Ray cluster (host:port or auto); default: start a local one.",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
+    gpus_per_worker: float | None = option(
+        None,
+        "With --executor ray: GPUs per model replica (default 0: CPU replicas, one per --threads CPUs).",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
     seeds: int = option(
         1,
-        "Repeat the run over N seeds (--seed, --seed + 1, ...; a random feedback's draws, docs/method.md §17): "
+        "Repeat the run over N seeds (--seed, --seed + 1, ...; a random feedback's draws, docs/method.md §20): "
         "OUT/seed-S/ each, then OUT/seeds.json and OUT/seeds.html with each cell's spread over the seeds.",
         omit_if_unset=True,
         concern="execution",
@@ -424,11 +460,14 @@ class RunConfig(ModelOptions):
         self._check_atp()
         check_probe_options(self)
         check_steer_options(self)
+        check_executor_options(self)
         if self.lens != DEFAULT_LENS and "lens" not in self.experiments:
             raise LatentPatchError(
                 f"--lens {self.lens} applies to the lens experiment only; "
                 "fix: add lens to --experiments, or drop --lens"
             )
+        if self.edge_heads is not None and "edges" not in self.experiments:
+            raise LatentPatchError("--edge-heads applies to the edges experiment only; fix: add edges to --experiments")
 
     def _check_atp(self) -> None:
         """The attribution patching options: positive counts, and only with ``--experiments atp``."""

@@ -41,13 +41,15 @@ from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig
-from latentpatch.pipeline.limits import check_question_lengths, check_tokenizer, cut_answers
+from latentpatch.pipeline.edges import sweep_edges
+from latentpatch.pipeline.limits import check_pccot_run, check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.probing import check_question_file, sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
+from latentpatch.pipeline.stages import executor_scope
 from latentpatch.pipeline.steering import sweep_steer
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
@@ -120,6 +122,8 @@ def start_run(
     workers = choose_workers(
         model.d_model, model.n_layers, len(selected), config.workers, on_cpu=model.device.type == "cpu"
     )
+    if config.executor == "ray":  # --workers counts Ray replicas; the driver forks none (pipeline/ray_executor.py)
+        workers = ThreadChoice(1, "--executor ray: the pairs run on Ray replicas")
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     shape = SpecShape(model.n_layers, model.num_latent, config.component)
@@ -295,6 +299,7 @@ def prepare_run(
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
+    check_pccot_run(model, config.experiments)  # PCCoT: the experiments defined on its rounds (one line)
     model.feedback.reseed(config.seed)  # a random feedback's draws (mixtures): one stream per --seed
     timings["load_model_s"] = time.perf_counter() - t0
     return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
@@ -304,7 +309,7 @@ def execute_run(
     ctx: RunContext, all_pairs: Sequence[Pair], t0: float, report_process: ReportProcess | None = None
 ) -> None:
     """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
-    with ctx.progress:
+    with ctx.progress, executor_scope(ctx):  # --executor ray: its replicas stop with the run
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         values_for = replacement_source(ctx, all_pairs)
@@ -314,6 +319,7 @@ def execute_run(
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
         sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
         sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
+        sweep_edges(ctx, all_pairs)  # only with edges (docs/method.md §17)
     finish_run(ctx, t0, report_process)
 
 
