@@ -97,9 +97,16 @@ PROBE_EXPERIMENT = "probe"
 #: Steering (docs/method.md §16): alpha x a direction added at one site, beside random directions of
 #: the same norm; rows go to ``results/steer.parquet``.
 STEER_EXPERIMENT = "steer"
+#: Distributed alignment search (docs/method.md §17): a learned k-dim subspace of a site interchanged
+#: between a base and a source run, scored against a high-level model's counterfactual answer;
+#: rows go to ``results/das.parquet``.
+DAS_EXPERIMENT = "das"
 #: Every name ``--experiments`` accepts.
 ALL_EXPERIMENTS: tuple[str, ...] = (
-    EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT, PROBE_EXPERIMENT, STEER_EXPERIMENT)
+    EXPERIMENTS
+    + STEP_EXPERIMENTS
+    + READING_EXPERIMENTS
+    + (ATP_EXPERIMENT, PROBE_EXPERIMENT, STEER_EXPERIMENT, DAS_EXPERIMENT)
 )
 #: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
 #: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
@@ -431,3 +438,27 @@ STEER_COLUMNS: list[str] = [
     "flagged",
 ]
 STEER_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "recovery", "pred_answer")
+
+
+#: ``results/das/<site>.k<k>.json`` (rows) and ``.safetensors`` (the learned basis) per site x k, and
+#: ``<site>.full.json`` (full interchange and base run), assembled into ``results/das.parquet``: one row
+#: per site x k x method x held-out example (:data:`DAS_COLUMNS`).
+DAS_DIR, DAS_FILE = "das", "das.parquet"
+#: The methods of a DAS row: the trained subspace, a random (untrained) one of the same k, one trained on
+#: shuffled counterfactuals, the whole site interchanged (k = d), no intervention (k = 0).
+DAS_METHODS: tuple[str, ...] = ("das", "random", "shuffled", "full", "base")
+DAS_COLUMNS: list[str] = [
+    "site",
+    "component",
+    "layer",
+    "position",
+    "k",
+    "method",
+    "variable",
+    "example",
+    "group",
+    "counterfactual",
+    "pred_answer",
+    "hit",
+    "train_loss",
+]

@@ -34,6 +34,7 @@ from latentpatch.names import (
     SITE_COMPONENTS,
 )
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
+from latentpatch.pipeline.das_options import check_das_options
 from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
 
@@ -320,6 +321,40 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    das_sites: str | None = option(
+        None,
+        "With --experiments das: comma list of sites, thought.tP, thought_pre.tP or COMPONENT.LN.tP (P, N may "
+        "be *; default thought.t*).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_k: str | None = option(
+        None,
+        "With --experiments das: comma list of subspace sizes k (default 1,2,4,8,16; k = d, the full "
+        "interchange, is always run).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_variable: str | None = option(
+        None,
+        "With --experiments das: the high-level variable, intermediate:S (default intermediate:0: the base "
+        "problem recomputed with step S forced to the source's value), answer (the source's answer) or "
+        "column:NAME (each pair's clean side names the counterfactual answer of clean <- corrupted).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_steps: int | None = option(
+        None,
+        "With --experiments das: training steps per site and k (default 100, batches of 16 pairs).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_pairs: int | None = option(
+        None,
+        "With --experiments das: training interchange pairs (default 256; held-out pairs: half as many).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
 
     #: Key order of the manifest's ``config`` (the order from before the model options moved into
     #: :class:`ModelOptions`, so a default run's manifest is unchanged); model options added since
@@ -415,6 +450,7 @@ class RunConfig(ModelOptions):
         self._check_atp()
         check_probe_options(self)
         check_steer_options(self)
+        check_das_options(self)
         if self.lens != DEFAULT_LENS and "lens" not in self.experiments:
             raise LatentPatchError(
                 f"--lens {self.lens} applies to the lens experiment only; "

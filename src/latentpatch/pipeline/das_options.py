@@ -1,0 +1,69 @@
+"""The checks and readings of the ``das`` options (docs/method.md §17), which :meth:`RunConfig.validate
+<latentpatch.pipeline.config.RunConfig.validate>` runs; the options themselves are defined once, in
+:class:`~latentpatch.pipeline.config.RunConfig`. No torch.
+
+>>> das_ks(None), das_variable("answer"), das_variable(None)
+((1, 2, 4, 8, 16), ('answer', ''), ('intermediate', '0'))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from latentpatch.errors import LatentPatchError
+from latentpatch.names import DAS_EXPERIMENT
+
+if TYPE_CHECKING:
+    from latentpatch.pipeline.config import RunConfig
+
+#: The defaults of the das options.
+DEFAULT_SITES, DEFAULT_KS, DEFAULT_VARIABLE = "thought.t*", (1, 2, 4, 8, 16), "intermediate:0"
+DEFAULT_STEPS, DEFAULT_PAIRS = 100, 256
+#: The variables ``--das-variable`` accepts (``kind`` or ``kind:arg``).
+VARIABLE_KINDS = ("intermediate", "answer", "column")
+
+
+def das_ks(text: str | None) -> tuple[int, ...]:
+    """``--das-k`` as sorted distinct sizes (LatentPatchError naming the option on a bad one)."""
+    if text is None:
+        return DEFAULT_KS
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise LatentPatchError(f"--das-k {text!r}: use a comma list of sizes >= 1, e.g. 1,2,4,8,16")
+    return tuple(ks)
+
+
+def das_variable(text: str | None) -> tuple[str, str]:
+    """``--das-variable`` as (kind, argument)."""
+    kind, _, arg = (text or DEFAULT_VARIABLE).partition(":")
+    ok = (kind == "intermediate" and arg.isdigit()) or (kind == "answer" and not arg) or (kind == "column" and arg)
+    if not ok:
+        raise LatentPatchError(f"--das-variable {text!r}: use intermediate:S (S a step index), answer, or column:NAME")
+    return kind, arg
+
+
+def check_das_options(cfg: RunConfig) -> None:
+    """The das options: only with ``--experiments das``, parseable, positive counts; no ``--shard`` (the
+    subspace is trained on every pair at once)."""
+    names = ("das_sites", "das_k", "das_variable", "das_steps", "das_pairs")
+    given = [n.replace("_", "-") for n in names if getattr(cfg, n) is not None]
+    if DAS_EXPERIMENT not in cfg.experiments:
+        if given:
+            raise LatentPatchError(
+                f"--{given[0]} applies to the das experiment only; fix: add das to --experiments, or drop it"
+            )
+        return
+    if cfg.shard is not None:
+        raise LatentPatchError(
+            "--shard with --experiments das: DAS trains on every pair at once; fix: run it unsharded"
+        )
+    das_ks(cfg.das_k)
+    das_variable(cfg.das_variable)
+    for name in ("das_steps", "das_pairs"):
+        value = getattr(cfg, name)
+        if value is not None and value < (1 if name == "das_steps" else 4):
+            least = 1 if name == "das_steps" else 4
+            raise LatentPatchError(f"--{name.replace('_', '-')} must be >= {least} (got {value})")
