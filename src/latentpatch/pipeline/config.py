@@ -33,8 +33,8 @@ from latentpatch.names import (
     REPLACEMENTS,
     SITE_COMPONENTS,
 )
-from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.das_options import check_das_options
+from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
 

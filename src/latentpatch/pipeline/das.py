@@ -172,7 +172,7 @@ def make_examples(ctx: RunContext, pairs: Sequence[Pair]) -> tuple[list[Example]
     held = split_groups([p.group for p in problems], config.seed)
     n = config.das_pairs or DEFAULT_PAIRS
     if kind == "column":
-        if not any(name in p.extra for p in problems):
+        if not any(arg in p.extra for p in problems):
             raise LatentPatchError(
                 f"--das-variable column:{arg}: no pair has a field {arg!r}; fix: add it to the clean side"
             )
