@@ -44,6 +44,7 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("atp", "Attribution patching", "Does the one-backward-pass estimate agree with exact patching?"),
     ("probe", "Probes", "Which value can be read linearly from which site, beyond what a control task allows?"),
     ("steer", "Steering", "Does adding a direction at one site move the answer, more than a random direction?"),
+    ("das", "Distributed alignment search", "Which subspace of which thought does the model use as a given value?"),
 )
 #: How to run each experiment (the closing line of the page names the ones a run lacks).
 HOW_TO_RUN: dict[str, str] = {

@@ -118,7 +118,7 @@ def counterfactual(kind: str, arg: str, base: Problem, source: Problem) -> float
     (24.0, 9.0)
     """
     if kind == "answer":
-        return None if same_number(base.answer, source.answer) else source.answer
+        return None if same_number(base.answer, source.answer) else float(source.answer)
     step = int(arg)
     if base.results is None or source.results is None or step >= min(len(base.results), len(source.results)):
         return None
