@@ -266,30 +266,48 @@ class Training:
     seed: int = 0
 
 
+#: ``loss(fn, rows [n], targets or None) -> 0-dim tensor``: the objective :func:`fit_subspace` minimises.
+Objective = Callable[[Interchange, torch.Tensor, "list[int] | None"], torch.Tensor]
+
+
+def fit_subspace(
+    d: int, k: int, n: int, loss: Objective, settings: Training, shuffle_labels: bool = False
+) -> tuple[Subspace, list[float]]:
+    """Fit ``R`` [k, d] with Adam on seeded minibatches of ``n`` examples of ``loss``; ``shuffle_labels``:
+    each row is asked for a seeded permutation's target instead (the control). Returns the subspace and
+    the loss per step; ``k`` 0 or ``d`` is returned untrained (the identity; every rotation gives
+    ``R^T R = I``)."""
+    sub = Subspace(d, k, seed=settings.seed, dtype=torch.float32)
+    losses: list[float] = []
+    if k in (0, d):
+        return sub, losses
+    g = torch.Generator().manual_seed(settings.seed)
+    perm = torch.randperm(n, generator=g).tolist() if shuffle_labels else None
+    opt = torch.optim.Adam(sub.parameters(), lr=settings.lr)
+    for _ in range(settings.steps):
+        rows = torch.randperm(n, generator=g)[: settings.batch]
+        targets = None if perm is None else [perm[i] for i in rows.tolist()]
+        with torch.enable_grad():
+            value = loss(sub, rows, targets)
+            opt.zero_grad()
+            value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+    return sub, losses
+
+
 def train_subspace(
     data: DasSet, site: DasSite, k: int, settings: Training, shuffle_labels: bool = False
 ) -> tuple[Subspace, list[float]]:
-    """Fit ``R`` [k, d] at ``site`` with Adam on seeded minibatches of ``data``; ``shuffle_labels``:
-    each row learns a seeded permutation's counterfactual instead (the control). Returns the subspace
-    and the loss per step."""
+    """:func:`fit_subspace` of :func:`das_loss` at ``site`` of the model's latent loop (the model's own
+    parameters frozen meanwhile: ``grad_mode``)."""
     model = data.model
-    sub = Subspace(model.d_model, k, seed=settings.seed, dtype=torch.float32)
-    losses: list[float] = []
-    if k in (0, model.d_model):  # nothing to learn: the identity, or every rotation gives R^T R = I
-        return sub, losses
-    g = torch.Generator().manual_seed(settings.seed)
-    perm = torch.randperm(len(data), generator=g).tolist() if shuffle_labels else None
-    opt = torch.optim.Adam(sub.parameters(), lr=settings.lr)
-    for _ in range(settings.steps):
-        rows = torch.randperm(len(data), generator=g)[: settings.batch]
-        targets = None if perm is None else [perm[i] for i in rows.tolist()]
+
+    def loss(fn: Interchange, rows: torch.Tensor, targets: list[int] | None) -> torch.Tensor:
         with model.grad_mode(True):
-            loss = das_loss(data, site, rows, sub, targets)
-            opt.zero_grad()
-            loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return sub, losses
+            return das_loss(data, site, rows, fn, targets)
+
+    return fit_subspace(model.d_model, k, len(data), loss, settings, shuffle_labels)
 
 
 @torch.no_grad()
