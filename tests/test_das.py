@@ -245,7 +245,7 @@ def test_shipped_model_regression(shipped):
 
 
 #: The exact held-out hit counts (of 32) of :func:`test_shipped_model_regression`'s seeded run.
-STORED = {"das": 10, "random": 0, "shuffled": 0}
+STORED = {"das": 19, "random": 0, "shuffled": 2}
 
 
 # ---- the run stage ----------------------------------------------------------------------------------

@@ -131,11 +131,15 @@ class Subspace(nn.Module):
         if not 0 <= k <= d:
             raise ValueError(f"k must be in 0..{d}, got {k}")
         self.d, self.k = d, k
-        self.rotation = nn.Linear(d, max(k, 1), bias=False, dtype=dtype)
-        if k:
-            parametrizations.orthogonal(self.rotation)
-            with torch.no_grad():
-                self.rotation.weight = orthonormal_rows(d, k, seed, dtype)
+        # torch's parametrization completes the basis to a d x d start with its global RNG: seeded here,
+        # and torch's own RNG state left as it was, so the fit depends on ``seed`` only
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.rotation = nn.Linear(d, max(k, 1), bias=False, dtype=dtype)
+            if k:
+                with torch.no_grad():
+                    self.rotation.weight.copy_(orthonormal_rows(d, k, seed, dtype))
+                parametrizations.orthogonal(self.rotation)
 
     @property
     def basis(self) -> torch.Tensor:
