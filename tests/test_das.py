@@ -289,3 +289,18 @@ def test_bad_options_are_one_line():
         RunConfig(experiments=("das",), das_variable="step:2").validate()
     with pytest.raises(LatentPatchError, match="add das to --experiments"):
         RunConfig(das_steps=3).validate()
+
+
+def test_saved_subspace_as_steering_direction(tmp_path):
+    from latentpatch.errors import LatentPatchError
+    from latentpatch.patching.steering import load_direction
+    from latentpatch.probing.das import save_subspace
+
+    one, two = Subspace(16, 1, seed=3), Subspace(16, 2, seed=3)
+    save_subspace(tmp_path / "a.k1.safetensors", one, {"site": "resid_out.L1.t2", "k": 1})
+    save_subspace(tmp_path / "a.k2.safetensors", two, {"site": "resid_out.L1.t2", "k": 2})
+    v = load_direction(tmp_path / "a.k1.safetensors", (3, 4, 16))
+    assert tuple(v.shape) == (3, 4, 16)
+    assert torch.equal(v[2, 3], one.basis.detach()[0]) and torch.equal(v[0, 0], v[2, 1])
+    with pytest.raises(LatentPatchError, match="--das-k 1"):
+        load_direction(tmp_path / "a.k2.safetensors", (3, 4, 16))

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from latentpatch.data.pairs import VARIANTS, Pair
 from latentpatch.data.synthetic import program_results
 from latentpatch.errors import LatentPatchError
-from latentpatch.files import atomic_write_bytes, write_json, write_parquet
+from latentpatch.files import write_json, write_parquet
 from latentpatch.model.latent import LatentModel
 from latentpatch.names import DAS_COLUMNS, DAS_DIR, DAS_EXPERIMENT, DAS_FILE
 from latentpatch.patching.metrics import same_number
@@ -56,6 +55,7 @@ from latentpatch.probing.das import (
     full_interchange,
     interchange_answers,
     parse_das_sites,
+    save_subspace,
 )
 
 #: The share of groups held out, and the batch of a training step (fixed: they change the numbers).
@@ -216,12 +216,6 @@ def _rows(
         }
         for i, (e, pred) in enumerate(zip(test.examples, preds))
     ]
-
-
-def save_subspace(path: Path, sub: Subspace, info: dict[str, Any]) -> None:
-    """The basis ``R`` [k, d] as ``basis`` with its settings in the metadata key ``latentpatch`` (JSON)."""
-    tensors = {"basis": sub.basis.detach().float().contiguous()}
-    atomic_write_bytes(path, save(tensors, metadata={"latentpatch": json.dumps(info, sort_keys=True)}))
 
 
 def run_site(ctx: RunContext, site: DasSite, train: DasSet, test: DasSet, ks: Sequence[int], variable: str) -> None:

@@ -29,14 +29,17 @@ Contract:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import ActivationHooks, Edit
@@ -349,3 +352,75 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mean_or_nan(xs: Sequence[float | bool]) -> float:
     """The mean of ``xs`` as a float (NaN when empty)."""
     return float(sum(float(x) for x in xs) / len(xs)) if xs else math.nan
+
+
+def read_subspace(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """(the basis ``R`` [k, d], its settings) of a saved DAS subspace (``results/das/<site>.k<k>.safetensors``);
+    a file that is not one is a LatentPatchError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {})["latentpatch"])
+            return f.get_tensor("basis"), info
+    except Exception as ex:
+        raise LatentPatchError(
+            f"{path}: not a DAS subspace ({type(ex).__name__}); fix: give a results/das/<site>.k<k>.safetensors file"
+        ) from None
+
+
+def subspace_direction(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """[L, K, d] a one-dimensional DAS subspace's basis vector at every site, as a steering direction (its
+    sign is arbitrary: steering's negative alphas cover the other one)."""
+    basis, info = read_subspace(path)
+    L, K, d = shape
+    if basis.shape[0] != 1 or basis.shape[1] != d:
+        raise LatentPatchError(
+            f"--steer-vector {path}: a {basis.shape[0]}-dimensional subspace of d = {basis.shape[1]} is not one "
+            f"direction of d = {d}; fix: use a k = 1 subspace of this model (--das-k 1)"
+        )
+    return basis[0].float().expand(L, K, d).clone()
+
+
+def subspace_lines(model: LatentModel, prompt: Sequence[int], path: str | Path) -> list[str]:
+    """``inspect --das FILE``: one line per thought p with the question's coordinates ``R a`` [k] in the
+    saved subspace, ``a`` the activation of the subspace's component and layer at thought p (the
+    subspace was learned at one of them: the file's site).
+
+    >>> import tempfile, torch
+    >>> from latentpatch.model.load import load_model
+    >>> m = load_model("default")
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     f = Path(tmp) / "thought.t1.k2.safetensors"
+    ...     save_subspace(f, Subspace(m.d_model, 2), {"site": "thought.t1", "k": 2, "variable": "answer"})
+    ...     lines = subspace_lines(m, m.prompt_ids([5, 6, 7]), f)
+    >>> len(lines) == 1 + m.num_latent, lines[1].startswith("  thought 0: [")
+    (True, True)
+    """
+    basis, info = read_subspace(path)
+    if basis.shape[1] != model.d_model:
+        raise LatentPatchError(f"--das {path}: a subspace of d = {basis.shape[1]}, not this model's {model.d_model}")
+    name = str(info.get("site", ""))
+    parts = name.split(".")
+    component = parts[0]
+    layer = int(parts[1][1:]) if len(parts) == 3 else -1
+    site = DasSite(component, layer, 0)
+    record = [] if site.is_thought else [(component, layer)]
+    r = model.rollout([list(prompt)], record=record)
+    lines = [f"DAS subspace {name} (k {basis.shape[0]}, variable {info.get('variable')}): coordinates R a per thought"]
+    for p in range(model.num_latent):
+        a = _site_values(r, DasSite(component, layer, p))[0].float()
+        coords = (basis.float() @ a).tolist()
+        lines.append(f"  thought {p}: [" + ", ".join(f"{c:.3g}" for c in coords) + "]")
+    return lines
+
+
+def save_subspace(path: str | Path, sub: Subspace, info: dict) -> None:
+    """The basis ``R`` [k, d] as tensor ``basis``, ``info`` (site, k, variable, training settings) as JSON
+    under the metadata key ``latentpatch``; atomic. :func:`read_subspace` reads it back."""
+    from safetensors.torch import save
+
+    from latentpatch.files import atomic_write_bytes
+
+    tensors = {"basis": sub.basis.detach().float().contiguous()}
+    atomic_write_bytes(path, save(tensors, metadata={"latentpatch": json.dumps(info, sort_keys=True)}))
