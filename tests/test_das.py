@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from latentpatch.analysis.html import fmt
+from latentpatch.analysis.skeleton import lookup
 from latentpatch.model.load import load_model
 from latentpatch.model.sites import Write
 from latentpatch.probing.das import (
@@ -266,7 +269,13 @@ def test_run_stage(tmp_path):
     das = table[(table["method"] == "das")]
     row = next(r for r in stats["das"]["summary"] if r["method"] == "das")
     assert row["mean"] == pytest.approx(das["hit"].mean()) and row["n"] == len(das)
-    assert 'id="das"' in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    section = html[html.index('<section id="das"') :]
+    section = section[: section.index("</section>")]
+    quoted = re.findall(r'data-stat="([^"]+)"[^>]*>([^<]*)<', section)
+    assert quoted  # the finding quotes its numbers, each from stats.json
+    for path, text in quoted:
+        assert text == fmt(lookup(stats, path)), (path, text)
     from safetensors import safe_open
 
     with safe_open(str(out / "results" / "das" / "thought.t1.k2.safetensors"), "pt") as f:
@@ -304,3 +313,25 @@ def test_saved_subspace_as_steering_direction(tmp_path):
     assert torch.equal(v[2, 3], one.basis.detach()[0]) and torch.equal(v[0, 0], v[2, 1])
     with pytest.raises(LatentPatchError, match="--das-k 1"):
         load_direction(tmp_path / "a.k2.safetensors", (3, 4, 16))
+
+
+def test_examples_by_variable():
+    """Examples are drawn across problems, with the high-level model's counterfactual (recomputed here)."""
+    from latentpatch.data.synthetic import program_results
+    from latentpatch.pipeline.das import Problem, column_examples, draw_examples
+
+    programs = [[("add", a, 2), ("mul", "#0", 3)] for a in range(1, 9)]
+    problems = [
+        Problem((i,), float(program_results(p)[-1]), p, tuple(program_results(p)), f"g{i // 2}", {"cf": 100 + i})
+        for i, p in enumerate(programs)
+    ]
+    examples = draw_examples(problems, ("intermediate", "0"), 10, 0)
+    assert len(examples) == 10
+    for e in examples:
+        b, src = problems[e.base[0]], problems[e.source[0]]
+        assert b.group != src.group and e.group == b.group
+        assert e.counterfactual == (src.results[0]) * 3 != b.answer  # step 0 forced, step 1 recomputed
+    answers = draw_examples(problems, ("answer", ""), 5, 0)
+    assert all(e.counterfactual == problems[e.source[0]].answer for e in answers)
+    column = column_examples(problems, "cf")  # clean = even index, corrupted = the next one
+    assert [(e.base[0], e.source[0], e.counterfactual) for e in column] == [(i, i + 1, 100 + i) for i in range(0, 8, 2)]
