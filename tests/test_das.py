@@ -282,6 +282,12 @@ def test_run_stage(tmp_path):
         info = json.loads(f.metadata()["latentpatch"])
         assert tuple(f.get_tensor("basis").shape) == (2, shipped_d())
     assert info["site"] == "thought.t1" and info["k"] == 2 and info["variable"] == "intermediate:0"
+    # --resume: the committed (site, k) files are kept, das.parquet is assembled to the same bytes
+    before = (out / "results" / "das.parquet").read_bytes()
+    (out / "results" / "das.parquet").unlink()
+    again = RunConfig(out=str(out), threads=1, **options)
+    run_experiments(again, resume=True, progress=False, command="test")
+    assert (out / "results" / "das.parquet").read_bytes() == before
 
 
 def shipped_d() -> int:

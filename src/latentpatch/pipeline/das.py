@@ -281,11 +281,15 @@ def sweep_das(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
     ks = [k for k in das_ks(config.das_k) if k < model.d_model]
     variable = config.das_variable or "intermediate:0"
     t = time.perf_counter()
+    todo = [s for s in sites if not all(site_file(ctx, s, tag).is_file() for tag in [*(f"k{k}" for k in ks), "full"])]
+    if not todo:  # a resumed run whose every (site, k) is committed
+        assemble_das(ctx.paths.results)
+        return
     train_examples, test_examples = make_examples(ctx, all_pairs)
     train, test = DasSet(model, train_examples, sites), DasSet(model, test_examples, sites)
-    ctx.progress.stage("das", len(sites) * len(ks))
-    with torch.random.fork_rng():
-        for site in sites:
+    ctx.progress.stage("das", sum(not site_file(ctx, s, f"k{k}").is_file() for s in sites for k in ks))
+    with torch.random.fork_rng(devices=[]):
+        for site in todo:
             run_site(ctx, site, train, test, ks, variable)
     assemble_das(ctx.paths.results)
     ctx.timings["das_s"] = time.perf_counter() - t
