@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def unbatched_loss(data: DasSet, site: DasSite, sub: Subspace, rows: torch.Tenso
                 at = torch.tensor([state.length + site.position])
                 edit = Edit(site.component, site.layer, at, torch.tensor([True]), lambda a, b: sub(a, src[b]))  # noqa: B023
                 hooks = ActivationHooks(model.lm, writes=[edit])
-            with hooks if hooks is not None else _Null():
+            with hooks if hooks is not None else nullcontext():
                 model.run_thoughts(state, model.feedback(h), 0, hooks=hooks, step_hook=step_hook)
                 end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1), hooks=hooks)
             ids, start = data.targets[i]
@@ -74,14 +75,6 @@ def unbatched_loss(data: DasSet, site: DasSite, sub: Subspace, rows: torch.Tenso
         loss.backward()
         total += float(loss.detach())
     return total
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

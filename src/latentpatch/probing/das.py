@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import ActivationHooks, Edit
-from latentpatch.model.state import Rollout
+from latentpatch.model.state import Rollout, RolloutState
 from latentpatch.names import COMPONENTS, THOUGHT_SITES
 from latentpatch.patching.metrics import same_number
 
@@ -211,7 +212,7 @@ def _site_values(r: Rollout, site: DasSite) -> torch.Tensor:
 
 def intervened(
     data: DasSet, site: DasSite, rows: torch.Tensor, fn: Interchange, source: torch.Tensor | None = None
-) -> tuple[object, torch.Tensor]:
+) -> tuple[RolloutState, torch.Tensor]:
     """(state after the answer start, answer logits [n, V]) of base rows ``rows`` [n] with ``fn(base
     value, source value)`` written at ``site``; ``source`` [n, d] overrides the source values. The
     prefix (prompt + thoughts 0..p-1) is the base run's cache; thought p on runs through the one
@@ -231,18 +232,10 @@ def intervened(
         index = torch.full((n,), base.latent_index(p), dtype=torch.long)
         edit = Edit(site.component, site.layer, index, torch.ones(n, dtype=torch.bool), lambda a, b: fn(a, src[b]))
         hooks = ActivationHooks(model.lm, writes=[edit])
-    with hooks if hooks is not None else _nothing():
+    with hooks if hooks is not None else nullcontext():
         model.run_thoughts(state, first, p, hooks=hooks)
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), n), hooks=hooks)
     return state, model.logits(end[:, -1])
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def das_loss(
@@ -255,7 +248,7 @@ def das_loss(
     which = rows.tolist() if targets is None else list(targets)
     answers = [data.targets[i] for i in which]
     state, logits = intervened(data, site, rows, fn)
-    scored = model.score(state, logits, [[ids] for ids, _ in answers], grad=torch.is_grad_enabled())  # type: ignore[arg-type]
+    scored = model.score(state, logits, [[ids] for ids, _ in answers], grad=torch.is_grad_enabled())
     losses = []
     for (ids, start), out in zip(answers, scored):
         tok = torch.tensor(ids[start:], device=out[0].device)
@@ -325,7 +318,7 @@ def interchange_answers(data: DasSet, site: DasSite, fn: Interchange, batch: int
     for start in range(0, len(data), batch):
         rows = torch.arange(start, min(start + batch, len(data)))
         state, logits = intervened(data, site, rows, fn)
-        out += [extract_number(model.decode(ids)) for ids in model.generate(state, logits)]  # type: ignore[arg-type]
+        out += [extract_number(model.decode(ids)) for ids in model.generate(state, logits)]
     return out
 
 
