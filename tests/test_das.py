@@ -302,6 +302,8 @@ def test_bad_options_are_one_line():
         RunConfig(experiments=("das",), das_k="0,2").validate()
     with pytest.raises(LatentPatchError, match="--das-variable"):
         RunConfig(experiments=("das",), das_variable="step:2").validate()
+    with pytest.raises(LatentPatchError, match="--das-sites: site 'foo.t1'"):
+        RunConfig(experiments=("das",), das_sites="thought.t1,foo.t1").validate()
     with pytest.raises(LatentPatchError, match="add das to --experiments"):
         RunConfig(das_steps=3).validate()
 

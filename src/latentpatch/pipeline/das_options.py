@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.names import DAS_EXPERIMENT
+from latentpatch.names import COMPONENTS, DAS_EXPERIMENT, THOUGHT_SITES
 
 if TYPE_CHECKING:
     from latentpatch.pipeline.config import RunConfig
@@ -45,6 +46,23 @@ def das_variable(text: str | None) -> tuple[str, str]:
     return kind, arg
 
 
+def check_das_sites(text: str) -> None:
+    """The form of ``--das-sites`` (the ranges need the model: the stage checks them).
+
+    >>> check_das_sites("thought.t*,resid_out.L2.t1")
+    """
+    thought = "|".join(THOUGHT_SITES)
+    block = "|".join(COMPONENTS)
+    form = re.compile(rf"(?:{thought})\.t(?:\d+|\*)|(?:{block})\.L(?:\d+|\*)\.t(?:\d+|\*)")
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if not form.fullmatch(x)] or ([] if items else [text])
+    if bad:
+        raise LatentPatchError(
+            f"--das-sites: site {bad[0]!r}: use thought.tP, thought_pre.tP or COMPONENT.LN.tP (COMPONENT one of "
+            f"{', '.join(COMPONENTS)}; P or N may be *)"
+        )
+
+
 def check_das_options(cfg: RunConfig) -> None:
     """The das options: only with ``--experiments das``, parseable, positive counts; no ``--shard`` (the
     subspace is trained on every pair at once)."""
@@ -61,6 +79,7 @@ def check_das_options(cfg: RunConfig) -> None:
             "--shard with --experiments das: DAS trains on every pair at once; fix: run it unsharded"
         )
     das_ks(cfg.das_k)
+    check_das_sites(cfg.das_sites or DEFAULT_SITES)
     das_variable(cfg.das_variable)
     for name in ("das_steps", "das_pairs"):
         value = getattr(cfg, name)
