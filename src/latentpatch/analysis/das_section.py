@@ -135,7 +135,7 @@ def das_section(run_dir: Path, formats: Sequence[str], stats: dict[str, Any]) ->
             "IIA = the share of held-out pairs (problems split 70/30 by group) whose greedy answer is the "
             "high-level model's counterfactual; controls: a random rotation of the same k, the same k trained "
             "on shuffled counterfactuals, the whole site (k = d) and no intervention (k = 0). CIs: bootstrap "
-            f"over the {stats['das']['n_test']} held-out pairs."
+            f"over the base problems of the {stats['das']['n_test']} held-out pairs."
         ),
         figures=figures,
         table="<h3>IIA per site and k</h3>" + table(header, compact, left=1),

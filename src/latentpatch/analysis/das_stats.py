@@ -2,14 +2,14 @@
 
 From ``results/das.parquet`` (one row per site x k x method x held-out example): the
 interchange-intervention accuracy (IIA: the share of held-out examples whose intervened answer is the
-counterfactual) per site, k and method with its 95% bootstrap CI over examples
-(:func:`~latentpatch.analysis.step_stats.summarize`); per site the full interchange's IIA and the
+counterfactual) per site, k and method with its 95% CI from a bootstrap over base problems
+(:func:`group_ci`: examples that share a base problem are not independent); per site the full interchange's IIA and the
 smallest k whose trained subspace reaches :data:`REACH` of it; the *best* (site, k), where the trained
 subspace's IIA is highest (ties: the smaller k); and there the paired contrasts trained - random
 rotation and trained - shuffled-label control over the same held-out examples
 (:func:`~latentpatch.analysis.contrasts.paired_contrast`).
 
->>> rows = [dict(site="thought.t1", k=k, method=m, example=i, hit=h) for i in range(4)
+>>> rows = [dict(site="thought.t1", k=k, method=m, example=i, hit=h, group=str(i)) for i in range(4)
 ...         for k, m, h in ((2, "das", i < 3), (2, "random", False), (2, "shuffled", False), (8, "full", i < 3))]
 >>> das, contrasts = das_stats(pd.DataFrame(rows).assign(variable="intermediate:0"), seed=0, n_resamples=99)
 >>> das["best"], das["sites"][0]["smallest_k"], [c["name"] for c in contrasts]
@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from latentpatch.analysis.contrasts import paired_contrast
@@ -54,6 +55,12 @@ def das_stats(das: pd.DataFrame | None, seed: int, n_resamples: int = 9999) -> t
         return None, []
     table = das.assign(hit=das["hit"].astype(float))
     summary = summarize(table, DAS_KEYS, ["hit"], seed, n_resamples).drop(columns="metric")
+    # held-out examples that share a base problem are not independent: the CI resamples problems
+    cis = [
+        group_ci(g["hit"].to_numpy(float), g["group"].astype(str).to_numpy(), seed, n_resamples)
+        for _, g in table.groupby(DAS_KEYS, sort=True)
+    ]
+    summary["ci_low"], summary["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
     trained = summary[summary["method"] == "das"]
     sites = []
     for site in dict.fromkeys(table["site"]):
@@ -92,3 +99,21 @@ def das_stats(das: pd.DataFrame | None, seed: int, n_resamples: int = 9999) -> t
         "summary": summary.to_dict(orient="records"),
     }
     return json_safe(out), contrasts
+
+
+def group_ci(hits: np.ndarray, groups: np.ndarray, seed: int, n_resamples: int = 9999) -> tuple[float, float]:
+    """95% percentile CI of the pooled rate ``hits.sum() / n`` resampling *groups* with replacement
+    (a cluster bootstrap, seeded); NaN with fewer than 2 groups.
+
+    >>> lo, hi = group_ci(np.array([1.0, 1, 0, 0]), np.array(["a", "a", "b", "b"]), 0, 999)
+    >>> 0.0 <= lo <= 0.5 <= hi <= 1.0
+    True
+    """
+    names, index = np.unique(groups, return_inverse=True)
+    if len(names) < 2:
+        return math.nan, math.nan
+    sums = np.bincount(index, weights=hits, minlength=len(names))
+    counts = np.bincount(index, minlength=len(names)).astype(float)
+    draw = np.random.default_rng(seed).integers(0, len(names), size=(n_resamples, len(names)))
+    rates = sums[draw].sum(1) / counts[draw].sum(1)
+    return float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))
