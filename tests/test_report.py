@@ -116,6 +116,7 @@ def test_report_sections_self_contained(built):
     # every section of a run of the sweeps, flagged pairs and decoded thoughts; none for what did not run
     ran = {"layer", "position", "iterative"}
     never = {"thought", "early", "influence", "intermediate", "lens", "attention", "heads", "atp", "probe", "steer"}
+    never |= {"edges"}
     never |= {"das"}
     for sid, heading in SECTIONS:
         assert (f'<section id="{sid}"><h2>' in page) == (sid not in never), sid

@@ -268,3 +268,35 @@ def test_pages_fit_1280_px_with_no_empty_section_in_chromium(runs, tmp_path):
     wide.write_text(page.replace("</main>", extra + "</main>"))
     found = layout.problems(layout.measure(wide, 1280))
     assert any("horizontal overflow" in p for p in found) and any("empty sections: x" in p for p in found)
+
+
+@pytest.fixture(scope="module")
+def edges_run(tmp_path_factory) -> Path:
+    """A run of the edges experiment (docs/method.md §17) on 2 pairs of the shipped model."""
+    return _run(tmp_path_factory.mktemp("edges"), "edges", limit=2, experiments=("edges",))
+
+
+def test_the_edges_sentence_reads_right(edges_run):
+    """The edges finding: every number from stats.json, its claim from the path-vs-frozen CI; the quoted
+    knockout count and the path's mean recomputed here from edges.parquet with plain pandas."""
+    items = check_sentences(edges_run)
+    _, stats, page = findings_of(edges_run)
+    assert "edges" in sections_of(page)
+    sentence = next(i for i in items if i["html_tag"] == "p" and "attention edge" in i["plain"])
+    edges = pd.read_parquet(edges_run / "results" / "edges.parquet")
+    every = edges[(edges["kind"] == "knockout") & (edges["head"] == -1)]
+    rate = every.groupby(["query", "key"])["flipped"].mean()
+    k, n = int(round(rate.max() * 2)), every["pair_id"].nunique()
+    count = next(q["text"] for q in sentence["quotes"] if "data-count" in q)
+    assert count == f"{k} of {n} ({100 * k / n:.0f}%)" and n == 2
+    # the strongest path (senders before the last thought) by |mean ld_change|, recomputed
+    K = int(edges.loc[edges["kind"] == "path", "query"].max())
+    paths = edges[(edges["kind"] == "path") & (edges["sender"] < K - 1)]
+    change = paths.groupby(["sender", "query"])["ld_change"].mean()
+    assert fmt(change.loc[change.abs().idxmax()]) in [q["text"] for q in sentence["quotes"]]
+    claim = sentence["claims"][0]
+    con = stats["contrasts"][int(claim["data-contrast"])]
+    assert con["experiment"] == "edges" and con["diff"] == pytest.approx(con["mean_a"] - con["mean_b"], abs=1e-9)
+    # ld_change is the edge's logit difference minus the same pair's unpatched one
+    spread = (edges["answer_logit_diff"] - edges["ld_change"]).groupby(edges["pair_id"]).agg(np.ptp)
+    assert spread.max() < 1e-4

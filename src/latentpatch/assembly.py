@@ -27,6 +27,10 @@ from latentpatch.names import (
     ATTENTION_THOUGHT_COLUMNS,
     ATTENTION_THOUGHTS_FILE,
     CELL_COLUMNS,
+    EDGE_COLUMNS,
+    EDGE_FLOAT_COLUMNS,
+    EDGES_DIR,
+    EDGES_FILE,
     INFLUENCE_COLUMNS,
     INFLUENCE_FILE,
     LENS_COLUMN,
@@ -131,6 +135,17 @@ def assemble_steer(out: Path | str) -> None:
     write_parquet(results / STEER_FILE, rows, STEER_COLUMNS)
 
 
+def assemble_edges(out: Path | str) -> None:
+    """``results/edges/*.json`` (in global pair order) -> ``results/edges.parquet``."""
+    results = RunPaths(out).results
+    rows = [row for entry in _stage_entries(results / EDGES_DIR, "rows") for row in entry["rows"]]
+    for row in rows:
+        for c in EDGE_FLOAT_COLUMNS:
+            if row[c] is None:
+                row[c] = float("nan")
+    write_parquet(results / EDGES_FILE, rows, EDGE_COLUMNS)
+
+
 def assemble_steps(out: Path | str) -> None:
     """``results/steps/*.json`` (in global pair order) -> ``results/steps.parquet``, ``influence.parquet``."""
     results = RunPaths(out).results
@@ -194,4 +209,5 @@ ASSEMBLERS: dict[str, tuple[str, Any]] = {
     LENS_DIR: ("lens", assemble_reading),
     ATTENTION_DIR: ("rows", assemble_reading),
     ATP_DIR: ("rows", assemble_atp),
+    EDGES_DIR: ("rows", assemble_edges),
 }

@@ -62,7 +62,7 @@ def inspect_cmd(
         None,
         "--das",
         help="Also the question's coordinates in a saved DAS subspace (results/das/<site>.k<k>.safetensors) "
-        "at its site's component and layer, at every thought (method.md §17).",
+        "at its site's component and layer, at every thought (method.md §19).",
     ),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
@@ -162,6 +162,22 @@ def models_cmd() -> None:
         )
         typer.echo(f"  latentpatch run --model codi:{p['repo']} --preset {name}")
     typer.echo("Coconut checkpoints: --model coconut:FILE or coconut:ORG/NAME:FILE (--base gpt2). docs/checkpoints.md")
+    from latentpatch.model.simcot import COCONUT_PRESETS
+
+    for name, p in COCONUT_PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']}")
+        typer.echo(
+            f"  K {p['num_latent']} (the shipped eval config: {p['eval_config_latents']}), identity feedback, "
+            f"known unused: {', '.join(k + '*' for k in p['known_unused'])}"
+        )
+        typer.echo(f"  latentpatch run --model coconut:{p['repo']} --preset {name}")
+    from latentpatch.model.pccot_loader import PCCOT_PRESETS
+
+    for name, p in PCCOT_PRESETS.items():
+        typer.echo(f"{name}: {p['about']}")
+        typer.echo(f"  checkpoint {p['repo']} on base {p['base']} (weights fetched too)")
+        typer.echo(f"  latentpatch inspect --model pccot:{p['repo']}")
 
 
 # ---- end section: model -------------------------------------------------------------------

@@ -97,16 +97,9 @@ PROBE_EXPERIMENT = "probe"
 #: Steering (docs/method.md §16): alpha x a direction added at one site, beside random directions of
 #: the same norm; rows go to ``results/steer.parquet``.
 STEER_EXPERIMENT = "steer"
-#: Distributed alignment search (docs/method.md §17): a learned k-dim subspace of a site interchanged
-#: between a base and a source run, scored against a high-level model's counterfactual answer;
-#: rows go to ``results/das.parquet``.
-DAS_EXPERIMENT = "das"
 #: Every name ``--experiments`` accepts.
 ALL_EXPERIMENTS: tuple[str, ...] = (
-    EXPERIMENTS
-    + STEP_EXPERIMENTS
-    + READING_EXPERIMENTS
-    + (ATP_EXPERIMENT, PROBE_EXPERIMENT, STEER_EXPERIMENT, DAS_EXPERIMENT)
+    EXPERIMENTS + STEP_EXPERIMENTS + READING_EXPERIMENTS + (ATP_EXPERIMENT, PROBE_EXPERIMENT, STEER_EXPERIMENT)
 )
 #: ``component`` of a spec that replaces a continuous thought: ``thought`` = the input embedding of
 #: latent position p (after ``prj``); ``thought_pre`` = the final hidden state that ``prj`` maps to it.
@@ -440,6 +433,46 @@ STEER_COLUMNS: list[str] = [
 STEER_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "recovery", "pred_answer")
 
 
+# ---- edges between thoughts (docs/method.md §17) ----------------------------------------------------
+#: Attention-edge knockouts and path patching from thought i to thought j; rows go to ``results/edges.parquet``.
+EDGES_EXPERIMENT = "edges"
+ALL_EXPERIMENTS = ALL_EXPERIMENTS + (EDGES_EXPERIMENT,)  # appended here, after the others (merge-friendly)
+#: Edge kinds: ``knockout`` (query j does not attend to key i), ``path`` (j reads thought i patched),
+#: and per sender i the whole-thought comparisons ``total`` (thought i patched, later thoughts
+#: regenerated) and ``frozen`` (later inputs held at the target's).
+EDGE_KNOCKOUT, EDGE_PATH = "knockout", "path"
+EDGE_KINDS: tuple[str, ...] = (EDGE_KNOCKOUT, EDGE_PATH, "total", "frozen")
+#: ``head`` of an edge that applies to every attention head.
+ALL_HEADS = -1
+#: ``results/edges/NNNNN.json`` per pair, assembled into ``results/edges.parquet``: one row per pair x edge.
+#: ``query``: latent position j (K = the answer start; for total/frozen: -1); ``key``: ``question``,
+#: ``bot``, ``t<i>``; ``sender``: i of a ``t<i>`` key or of total/frozen (-1 otherwise); ``ld_change``:
+#: the answer logit difference minus the target's.
+EDGES_DIR, EDGES_FILE = "edges", "edges.parquet"
+EDGE_COLUMNS: list[str] = [
+    "pair_id",
+    "kind",
+    "query",
+    "key",
+    "sender",
+    "head",
+    "kl",
+    "answer_logit_diff",
+    "ld_change",
+    "recovery",
+    "pred_answer",
+    "flipped",
+    "to_source",
+    "flagged",
+]
+EDGE_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "ld_change", "recovery", "pred_answer")
+
+
+# ---- distributed alignment search (docs/method.md §19) ------------------------------------------
+#: A learned k-dim subspace of a site interchanged between a base and a source run, scored against a
+#: high-level model's counterfactual answer; rows go to ``results/das.parquet``.
+DAS_EXPERIMENT = "das"
+ALL_EXPERIMENTS = ALL_EXPERIMENTS + (DAS_EXPERIMENT,)  # appended here, after the others (merge-friendly)
 #: ``results/das/<site>.k<k>.json`` (rows) and ``.safetensors`` (the learned basis) per site x k, and
 #: ``<site>.full.json`` (full interchange and base run), assembled into ``results/das.parquet``: one row
 #: per site x k x method x held-out example (:data:`DAS_COLUMNS`).

@@ -44,6 +44,11 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
     ("atp", "Attribution patching", "Does the one-backward-pass estimate agree with exact patching?"),
     ("probe", "Probes", "Which value can be read linearly from which site, beyond what a control task allows?"),
     ("steer", "Steering", "Does adding a direction at one site move the answer, more than a random direction?"),
+    (
+        "edges",
+        "Edges between thoughts",
+        "Which earlier position does each thought read, and does cutting that edge matter?",
+    ),
     ("das", "Distributed alignment search", "Which subspace of which thought does the model use as a given value?"),
 )
 #: How to run each experiment (the closing line of the page names the ones a run lacks).
@@ -199,5 +204,5 @@ def not_run_line(ran: Iterable[str]) -> str:
     if not rest:
         return ""
     return (
-        f'<p class="note closing">Also available, not in this run: {", ".join(rest)}; docs/method.md §5, §13-§16.</p>'
+        f'<p class="note closing">Also available, not in this run: {", ".join(rest)}; docs/method.md §5, §13-§17.</p>'
     )

@@ -375,3 +375,31 @@ def _shape_hint(bad: list[tuple[str, tuple[int, ...], _Expected]], lora: LoraSpe
                 f"special tokens: [PAD]/[BOT]/[EOT]); wrong --base? (a base of {s[0] - 3} tokens fits)"
             )
     return hint
+
+
+def split_known_unused(
+    sd: dict[str, torch.Tensor], prefixes: Sequence[str], *, file: Path | str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``sd`` without the keys under ``prefixes`` (parts of a checkpoint that inference never uses,
+    e.g. SIM-CoT's training-only decoder), and those keys, sorted. Never a blanket ``strict=False``:
+    only the named prefixes leave; every other key still meets the strict check. One log line
+    names what was left out.
+
+    >>> sd = {"codi.w": torch.zeros(1), "decoder.a": torch.zeros(1), "decoder.b": torch.zeros(1)}
+    >>> kept, unused = split_known_unused(sd, ("decoder.",), file="f")
+    >>> sorted(kept), unused
+    (['codi.w'], ['decoder.a', 'decoder.b'])
+    """
+    if not prefixes:
+        return sd, []
+    unused = sorted(k for k in sd if k.startswith(tuple(prefixes)))
+    if unused:
+        log.info(
+            "%s: %d key(s) under %s are known and unused at inference (training-only parts): %s",
+            file,
+            len(unused),
+            ", ".join(f"{p}*" for p in prefixes),
+            preview(unused),
+        )
+    gone = set(unused)
+    return {k: v for k, v in sd.items() if k not in gone}, unused

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.checkpoint import LORA_KEY, LoraSpec, load_weights_strict, preview, read_state_dict
+from latentpatch.model.checkpoint import (
+    LORA_KEY,
+    LoraSpec,
+    load_weights_strict,
+    preview,
+    read_state_dict,
+    split_known_unused,
+)
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.hf import (
     base_config_and_tokenizer,
@@ -75,6 +82,39 @@ PRESETS["codi-llama1b-instruct"] = {
     "eos_id": 128009,
     "about": "the same checkpoint, stopping at the Instruct tokenizer's eos <|eot_id|> 128009 "
     "(the token its training appended)",
+}
+
+#: SIM-CoT's CODI side (github InternLM/SIM-CoT CODI/src/model.py): the training-only step decoder
+#: (``decoder.*``, a copy of the base) and its optional width adapters (``pj_in.*``, ``pj_out.*``)
+#: are saved with the model and never used at inference; the official test.py drops them silently
+#: with ``strict=False``; here they are named as known and unused (docs/method.md "SIM-CoT and PCCoT")
+SIMCOT_CODI_UNUSED = ("decoder.", "pj_in.", "pj_out.")
+#: the released SIM-CoT CODI checkpoints (huggingface.co/internlm; test scripts of CODI/scripts:
+#: test_gpt2.sh, test_llama1b-copy.sh, test_llama8b-copy.sh): CODI's settings, prj_dim per base,
+#: eos = the Instruct tokenizer's eos (test.py stops at ``tokenizer.eos_token_id``)
+PRESETS["simcot-codi-gpt2"] = {
+    **PRESETS["codi-gpt2"],
+    "repo": "internlm/SIM_COT-GPT2-CODI",
+    "known_unused": SIMCOT_CODI_UNUSED,
+    "about": "SIM-CoT (CODI variant) GPT-2; as CODI/scripts/test_gpt2.sh (repository name unverified)",
+}
+PRESETS["simcot-codi-llama1b"] = {
+    **PRESETS["codi-llama1b"],
+    "repo": "internlm/SIM_COT-LLaMA3-CODI-1B",
+    "eos_id": 128009,
+    "known_unused": SIMCOT_CODI_UNUSED,
+    "about": "SIM-CoT (CODI variant) LLaMA-3.2-1B-Instruct; as CODI/scripts/test_llama1b-copy.sh, "
+    "stopping at the Instruct tokenizer's eos <|eot_id|> 128009",
+}
+PRESETS["simcot-codi-llama8b"] = {
+    **PRESETS["codi-llama1b"],
+    "repo": "internlm/SIM_COT-LLaMA3-CODI-8B",
+    "base": "meta-llama/Llama-3.1-8B-Instruct",
+    "prj_dim": 4096,
+    "eos_id": 128009,
+    "known_unused": SIMCOT_CODI_UNUSED,
+    "about": "SIM-CoT (CODI variant) LLaMA-3.1-8B-Instruct; as CODI/scripts/test_llama8b-copy.sh "
+    "(prj_dim 4096), stopping at <|eot_id|> 128009",
 }
 
 #: preset keys that are not load_codi_checkpoint settings
@@ -193,6 +233,7 @@ def load_codi_checkpoint(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     name: str | None = None,
+    known_unused: Sequence[str] | None = None,
 ) -> LatentModel:
     """Load an official CODI checkpoint (``pytorch_model.bin`` or ``model.safetensors``) strictly.
 
@@ -202,7 +243,9 @@ def load_codi_checkpoint(
     read from the file where possible (targets and rank; ``lora_alpha`` must be given or come from a
     preset); ``lora_r=0`` asserts a checkpoint without LoRA. ``prj_dim``/``prj_ln`` unset: read
     from the file. LoRA is merged into the base weights. ``name``: the model's name (default
-    ``codi:<ckpt_dir>``).
+    ``codi:<ckpt_dir>``). ``known_unused``: key prefixes the file may hold that inference never
+    uses (SIM-CoT's training-only decoder, :data:`SIMCOT_CODI_UNUSED`; from the preset): they are
+    named in a log line and left out; any other key outside the layout is still an error.
     """
     p = get_preset(preset)
     dtype = parse_dtype(dtype)
@@ -214,6 +257,13 @@ def load_codi_checkpoint(
             f"(a local dir or hub name) or --preset ({', '.join(PRESETS)})"
         )
     sd, file = read_state_dict(ckpt_dir)
+    unused_prefixes = tuple(_resolve(known_unused, p, "known_unused", ()))
+    if not unused_prefixes and any(k.startswith("decoder.") for k in sd):
+        raise LatentPatchError(
+            f"{file}: decoder.* keys (SIM-CoT's training-only step decoder) in a CODI checkpoint; fix: "
+            "pass its SIM-CoT preset (--preset simcot-codi-gpt2, simcot-codi-llama1b or simcot-codi-llama8b)"
+        )
+    sd, _ = split_known_unused(sd, unused_prefixes, file=file)
     peft_prefix, plain_prefix = "codi.base_model.model.", "codi."  # with LoRA (peft-wrapped) / plain
     if any(k.startswith(peft_prefix) for k in sd):
         prefix = peft_prefix

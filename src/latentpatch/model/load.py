@@ -20,6 +20,7 @@ from latentpatch.model.hub import resolve_repo, split_hub_name
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
 from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
+from latentpatch.model.simcot import get_coconut_preset
 
 #: the shipped default model (a latentpatch model directory); the one definition of its path
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
@@ -37,6 +38,7 @@ CODI_ONLY_OPTIONS = (
 )
 SPEC_KINDS = (
     "default, codi:DIR|ORG/NAME[@REV], coconut:FILE|ORG/NAME[:FILE][@REV], dir:PATH, gguf:PATH or config:llama|gpt2"
+    ", pccot:DIR|ORG/NAME[@REV]"
 )
 #: ``coconut:ORG/NAME[:FILE][@REV]`` (a hub repository, the checkpoint file in it, a revision)
 COCONUT_HUB = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[^@:]+))?(?:@(?P<rev>[\w./-]+))?$")
@@ -66,6 +68,15 @@ def coconut_location(rest: str) -> tuple[str, str]:
     file = m.group("file")
     snap = resolve_repo(m.group("repo"), m.group("rev"), what=f"--model coconut:{rest}", allow_patterns=file and [file])
     return str(snap / file if file else snap), f"coconut:{rest}"
+
+
+def pccot_location(rest: str) -> tuple[str, str]:
+    """(local adapter directory, model name) of ``pccot:REST``: a local path, else a hub name
+    ``ORG/NAME[@REV]`` (from the cache or downloaded)."""
+    hub = None if Path(rest).exists() else split_hub_name(rest)
+    if hub is None:
+        return rest, f"pccot:{rest}"
+    return str(resolve_repo(hub[0], hub[1], what=f"--model pccot:{rest}")), f"pccot:{rest}"
 
 
 def _reject(spec: str, overrides: dict[str, Any], allowed: Iterable[str]) -> None:
@@ -111,6 +122,8 @@ def load_model(
     - ``dir:PATH`` or a plain path to a directory with ``latentpatch.json``
     - ``gguf:PATH`` (or a plain ``*.gguf`` path): a GGUF LM with identity projection
     - ``config:llama`` / ``config:gpt2``: a small random model (demo)
+    - ``pccot:DIR`` or ``pccot:ORG/NAME[@REV]``: a PCCoT adapter (:mod:`latentpatch.model.pccot_loader`;
+      ``base``: the base with weights, default the adapter's; ``pccot:`` alone: whynlp/pccot-gpt2)
 
     ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
     ``prj_dim``, ``prj_ln``, ``remove_eos``, ``eos_id``, ``answer_prefix`` for ``codi:``. None
@@ -126,7 +139,7 @@ def load_model(
     [8.0]
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = [k for k in overrides if k not in CODI_ONLY_OPTIONS + ("num_latent",)]
+    unknown = [k for k in overrides if k not in CODI_ONLY_OPTIONS + ("num_latent", "pccot_round")]
     if unknown:
         raise TypeError(f"load_model got unexpected override(s) {unknown}")
     spec = str(spec).strip()
@@ -136,13 +149,17 @@ def load_model(
     elif not sep or len(kind) == 1:  # a plain path (or a Windows drive letter): guess its kind
         kind, rest = _guess_kind(Path(spec), spec), spec
     num_latent = overrides.get("num_latent")
+    pccot_round = overrides.pop("pccot_round", None)
+    if pccot_round is not None and kind != "pccot":
+        raise LatentPatchError(f"--pccot-round only applies to pccot: models, not to --model {spec}; fix: drop it")
     if num_latent is not None and int(num_latent) < 1:
         raise LatentPatchError(f"--num-latent {num_latent}: must be at least 1")
+    coconut_preset = preset is not None and kind == "coconut"  # an unknown one: get_coconut_preset says so
     if kind != "codi":
-        if preset is not None:
+        if preset is not None and not coconut_preset:
             raise LatentPatchError(f"--preset only applies to codi: checkpoints, not to --model {spec}; fix: drop it")
         _reject(spec, overrides, ("num_latent",))
-        if base is not None and kind not in ("coconut",):
+        if base is not None and kind not in ("coconut", "pccot"):
             raise LatentPatchError(f"--base only applies to codi: and coconut: checkpoints, not to --model {spec}")
     if kind == "default":
         if not (DEFAULT_MODEL_DIR / LATENT_JSON).is_file():
@@ -157,9 +174,23 @@ def load_model(
         where, name = codi_location(rest, preset)
         return load_codi_checkpoint(where, base, preset=preset, dtype=dtype, device=device, name=name, **overrides)
     if kind == "coconut":
-        where, name = coconut_location(rest)
+        cp = get_coconut_preset(preset) if coconut_preset and preset is not None else {}
+        where, name = coconut_location(rest or cp.get("repo", ""))
         return load_coconut_checkpoint(
-            where, base or "gpt2", num_latent=num_latent, dtype=dtype, device=device, name=name
+            where,
+            base or cp.get("base", "gpt2"),
+            num_latent=num_latent if num_latent is not None else cp.get("num_latent"),
+            dtype=dtype,
+            device=device,
+            name=name + (f" ({preset})" if cp else ""),
+            known_unused=cp.get("known_unused", ()),
+        )
+    if kind == "pccot":
+        from latentpatch.model.pccot_loader import PCCOT_PRESETS, load_pccot
+
+        where, name = pccot_location(rest or PCCOT_PRESETS["pccot-gpt2"]["repo"])
+        return load_pccot(
+            where, base, num_latent=num_latent, site_round=pccot_round, dtype=dtype, device=device, name=name
         )
     if kind == "dir":
         return load_latent_dir(rest, num_latent=num_latent, dtype=dtype, device=device)

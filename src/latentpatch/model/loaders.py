@@ -11,13 +11,14 @@ Every weight file goes through the strict core of :mod:`latentpatch.model.checkp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.model.checkpoint import load_weights_strict, preview, read_state_dict
+from latentpatch.model.checkpoint import load_weights_strict, preview, read_state_dict, split_known_unused
 from latentpatch.model.config import LatentConfig, build_prj
 from latentpatch.model.feedback import IdentityFeedback
 from latentpatch.model.hf import (
@@ -44,18 +45,27 @@ def load_coconut_checkpoint(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     name: str | None = None,
+    known_unused: Sequence[str] = (),
 ) -> LatentModel:
     """Load a Coconut checkpoint (facebookresearch/coconut): ``torch.save`` of the full state dict,
     keys ``base_causallm.<hf keys>`` + ``embedding.weight`` (three tied copies of the embedding),
     identity projection. Tokens ``<|start-latent|>`` = V, ``<|end-latent|>`` = V+1, ``<|latent|>`` =
     V+2 (V = base vocabulary); bot = start-latent, eot = end-latent, pad = eos (as in Coconut).
-    Prompt ``question\\n`` + start-latent, answer ``### N``.
+    Prompt ``question\\n`` + start-latent, answer ``### N``. ``known_unused``: key prefixes the
+    file may hold that inference never uses (SIM-CoT's ``expainable_llm.*``,
+    :mod:`latentpatch.model.simcot`): named in a log line and left out.
     """
     dtype = parse_dtype(dtype)
     dev = check_device(device)
     if base is None:
         raise LatentPatchError(f"{path}: which base model? fix: pass --base (Coconut's released code uses gpt2)")
     sd, file = read_state_dict(path)
+    if not known_unused and any(k.startswith("expainable_llm.") for k in sd):
+        raise LatentPatchError(
+            f"{file}: expainable_llm.* keys (SIM-CoT's training-only step decoder) in a Coconut checkpoint; "
+            "fix: pass --preset simcot-coconut-gpt2"
+        )
+    sd, _ = split_known_unused(sd, known_unused, file=file)
     if not any(k.startswith("base_causallm.") for k in sd):
         raise LatentPatchError(
             f"{file}: no base_causallm.* keys (keys look like {preview(sorted(sd), 3)}): not a "

@@ -100,6 +100,9 @@ REGISTRY: dict[str, Experiment] = {
         Experiment("atp", "atp", "which sites matter, at the cost of one backward pass?"),
         Experiment("probe", "probe", "which value can be read linearly from which site?"),
         Experiment("steer", "steer", "does adding a direction at a site move the answer, more than a random one?"),
+        Experiment(
+            "edges", "edges", "which earlier position does each thought read, and does cutting that edge matter?"
+        ),
         Experiment("das", "das", "which subspace of which site does the model use as a given value?"),
     )
 }

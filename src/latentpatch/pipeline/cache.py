@@ -34,6 +34,9 @@ def model_key(model: LatentModel) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     h.update(f"{model.dtype}|{model.device.type}|{model.num_latent}".encode())
+    # what a model family adds to its rollout beyond config and weights (PCCoT: rounds, site round);
+    # "" for the others, which leaves their keys as they were
+    h.update(str(getattr(model, "cache_identity", "")).encode())
     for name, p in list(model.lm.named_parameters()) + list(model.prj.named_parameters()):
         x = p.detach().float()
         h.update(f"{name}|{tuple(p.shape)}|{float(x.sum()):.6e}|{float(x.abs().sum()):.6e}".encode())

@@ -122,6 +122,12 @@ class ModelOptions:
     )
     device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...", concern="model")
     dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
+    pccot_round: int | None = option(
+        None,
+        "The Jacobi round whose slots are the sites of a pccot: model (default: the last).",
+        omit_if_unset=True,
+        concern="model",
+    )
 
     def load(self) -> LatentModel:
         """The model these options name (``load_model`` checks dtype, device and the overrides)."""
@@ -321,6 +327,13 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    edge_heads: bool | None = option(
+        None,
+        "With --experiments edges: also knock out each attention edge in each head alone (docs/method.md §17).",
+        flags="--edge-heads/--no-edge-heads",
+        omit_if_unset=True,
+        concern="experiments",
+    )
     das_sites: str | None = option(
         None,
         "With --experiments das: comma list of sites, thought.tP, thought_pre.tP or COMPONENT.LN.tP (P, N may "
@@ -456,6 +469,8 @@ class RunConfig(ModelOptions):
                 f"--lens {self.lens} applies to the lens experiment only; "
                 "fix: add lens to --experiments, or drop --lens"
             )
+        if self.edge_heads is not None and "edges" not in self.experiments:
+            raise LatentPatchError("--edge-heads applies to the edges experiment only; fix: add edges to --experiments")
 
     def _check_atp(self) -> None:
         """The attribution patching options: positive counts, and only with ``--experiments atp``."""

@@ -79,3 +79,20 @@ def cut_answers(model: LatentModel, bases: Sequence[PairBaseline], indices: Sequ
             result = read_pair_result(paths.pair_result(index)) or {}
             patched += sum(len(row.get("answer_ids") or []) >= room for row in result.get("cells", []))
     return {"max_positions": model.max_positions, "baselines": int(baselines), "patched": int(patched)}
+
+
+def check_pccot_run(model: LatentModel, experiments: Sequence[str]) -> None:
+    """Refuse, in one line before anything runs, the experiments that are not defined on PCCoT's
+    rounds (:data:`~latentpatch.model.pccot.PCCOT_EXPERIMENTS` run, with the sites of round
+    ``site_round``). Other models pass."""
+    from latentpatch.model.pccot import PCCOT_EXPERIMENTS, PCCoTModel
+
+    if not isinstance(model, PCCoTModel):
+        return
+    bad = [e for e in experiments if e not in PCCOT_EXPERIMENTS]
+    if bad:
+        raise LatentPatchError(
+            f"--experiments {','.join(bad)}: not defined on PCCoT's parallel rounds (early answers stop "
+            "the sequential loop, atp needs gradients through it, attention reads a cache of another round); "
+            f"fix: choose among {','.join(PCCOT_EXPERIMENTS)} (sites of round --pccot-round, default the last)"
+        )

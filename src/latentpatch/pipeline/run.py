@@ -42,7 +42,8 @@ from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.das import sweep_das
-from latentpatch.pipeline.limits import check_question_lengths, check_tokenizer, cut_answers
+from latentpatch.pipeline.edges import sweep_edges
+from latentpatch.pipeline.limits import check_pccot_run, check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
 from latentpatch.pipeline.probing import check_question_file, sweep_probes
@@ -296,6 +297,7 @@ def prepare_run(
     torch.manual_seed(config.seed)
     if model is None:
         model = config.load()
+    check_pccot_run(model, config.experiments)  # PCCoT: the experiments defined on its rounds (one line)
     timings["load_model_s"] = time.perf_counter() - t0
     return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)
 
@@ -314,7 +316,8 @@ def execute_run(
         sweep_atp(ctx, values_for)  # only with atp (docs/method.md §15)
         sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
         sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
-        sweep_das(ctx, all_pairs)  # only with das (docs/method.md §17)
+        sweep_edges(ctx, all_pairs)  # only with edges (docs/method.md §17)
+        sweep_das(ctx, all_pairs)  # only with das (docs/method.md §19)
     finish_run(ctx, t0, report_process)
 
 
