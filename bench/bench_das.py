@@ -1,4 +1,4 @@
-"""DAS benchmark (docs/method.md §19): a training step batched over pairs with the base run's prefix
+"""DAS benchmark (docs/method.md §20): a training step batched over pairs with the base run's prefix
 reused, vs an unbatched loop that recomputes each pair's prefix, side by side in one process.
 
 - **batched**: :func:`latentpatch.probing.das.train_subspace`: each step forks the base runs' cache up

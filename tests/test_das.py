@@ -1,4 +1,4 @@
-"""Distributed alignment search (docs/method.md §19, issue #30), each part against a plain computation.
+"""Distributed alignment search (docs/method.md §20, issue #30), each part against a plain computation.
 
 - a planted model built here (a value carried in a known 2-D subspace of one vector, noise elsewhere):
   k = 2 reaches IIA ~1 and its subspace's principal angles to the planted one are ~0; k = 1 at a vector

@@ -172,8 +172,7 @@ def test_probe_options_are_checked():
 
     with pytest.raises(LatentPatchError, match="--questions applies to the probe experiment only"):
         RunConfig(questions="q.jsonl").validate()
-    with pytest.raises(LatentPatchError, match="--shard with --experiments probe"):
-        RunConfig(experiments=("probe",), shard="0/2").validate()
+    RunConfig(experiments=("probe",), shard="0/2").validate()  # shards record, merge fits (test_shard_every_experiment)
     with pytest.raises(LatentPatchError, match="--probe-components: unknown 'nope'"):
         RunConfig(experiments=("probe",), probe_components="resid_out,nope").validate()
 

@@ -16,6 +16,7 @@ import typer
 from latentpatch.cli_options import with_options
 from latentpatch.errors import LatentPatchError
 from latentpatch.pipeline.config import ModelOptions, RunConfig  # no torch: --help stays fast
+from latentpatch.pipeline.slurm import LaunchConfig  # no torch, no submitit until a launch
 from latentpatch.pipeline.threads import CpuSample  # noqa: F401 - its import starts the start-up CPU sample
 from latentpatch.training.config import TrainConfig
 
@@ -62,7 +63,7 @@ def inspect_cmd(
         None,
         "--das",
         help="Also the question's coordinates in a saved DAS subspace (results/das/<site>.k<k>.safetensors) "
-        "at its site's component and layer, at every thought (method.md §19).",
+        "at its site's component and layer, at every thought (method.md §20).",
     ),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
@@ -398,6 +399,27 @@ def merge_cmd(
 
 
 # ---- end section: bench / merge -----------------------------------------------------------
+
+
+# ---- section: launch ----------------------------------------------------------------------
+launch_app = typer.Typer(no_args_is_help=True, help="Run on a cluster: a SLURM job array of shards plus a merge.")
+app.add_typer(launch_app, name="launch")
+
+
+@launch_app.command("slurm")
+@with_options(LaunchConfig)
+def launch_slurm_cmd(options: dict[str, Any]) -> None:
+    """Submit --shards run shards as a SLURM job array and a merge job after it (submitit; docs/scaling.md)."""
+    from latentpatch.pipeline.slurm import launch_slurm
+
+    done = launch_slurm(LaunchConfig(**options))
+    print(
+        f"shard jobs {', '.join(done.shard_jobs)} -> {done.shards[0].parent}/shard*; merge job {done.merge_job} -> "
+        f"{done.merged}; logs: {done.logs}"
+    )
+
+
+# ---- end section: launch ------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:

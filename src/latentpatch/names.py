@@ -468,7 +468,7 @@ EDGE_COLUMNS: list[str] = [
 EDGE_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "ld_change", "recovery", "pred_answer")
 
 
-# ---- distributed alignment search (docs/method.md §19) ------------------------------------------
+# ---- distributed alignment search (docs/method.md §20) ------------------------------------------
 #: A learned k-dim subspace of a site interchanged between a base and a source run, scored against a
 #: high-level model's counterfactual answer; rows go to ``results/das.parquet``.
 DAS_EXPERIMENT = "das"

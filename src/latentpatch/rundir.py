@@ -119,6 +119,7 @@ _STEP_KEYS = (
     "tuned_lens",
     "timings",
     "merged_from",
+    "probe_fit",
 )
 #: Keys the finish step writes together with ``timings`` (each may be null).
 _FINISH_KEYS = ("finished", "cells_per_second", "activation_cache", "answers_cut")
@@ -160,6 +161,7 @@ class Manifest:
     activation_cache: dict[str, int] | None = None  # {hits, misses}; null without the cache
     answers_cut: dict[str, Any] | None = None  # {max_positions, baselines, patched}: answers cut at the last position
     merged_from: list[dict[str, Any]] | None = None
+    probe_fit: str | None = None  # "merge": a shard that recorded its probe activations; merge fits the probes
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in field order, the keys of steps not yet run left out."""

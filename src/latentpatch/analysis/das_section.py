@@ -1,4 +1,4 @@
-"""The report's DAS section (docs/method.md §19) in the one skeleton.
+"""The report's DAS section (docs/method.md §20) in the one skeleton.
 
 Finding and tables from ``stats.json``'s ``das`` and its ``contrasts`` (trained subspace - random
 rotation, trained - shuffled-label control, paired over the held-out examples at the best (site, k));
@@ -24,7 +24,7 @@ from latentpatch.analysis.skeleton import ExperimentSection, Quote
 from latentpatch.analysis.steps_figures import save_map
 from latentpatch.rundir import RunPaths
 
-METHOD = "docs/method.md §19"
+METHOD = "docs/method.md §20"
 
 
 def _frame(stats: dict[str, Any]) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""DAS statistics (docs/method.md §19): ``stats.json``'s ``das`` and its contrasts (no torch).
+"""DAS statistics (docs/method.md §20): ``stats.json``'s ``das`` and its contrasts (no torch).
 
 From ``results/das.parquet`` (one row per site x k x method x held-out example): the
 interchange-intervention accuracy (IIA: the share of held-out examples whose intervened answer is the

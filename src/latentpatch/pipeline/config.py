@@ -34,6 +34,7 @@ from latentpatch.names import (
     SITE_COMPONENTS,
 )
 from latentpatch.pipeline.das_options import check_das_options
+from latentpatch.pipeline.executor_options import check_executor_options
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
@@ -334,6 +335,28 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    executor: str | None = option(
+        None,
+        "Where the per-pair work runs: fork (this machine: this process and forked workers, the default) or "
+        "ray (one actor per model replica on a Ray cluster; pip install 'latentpatch[ray]'; docs/scaling.md).",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
+    ray_address: str | None = option(
+        None,
+        "With --executor ray: the address of an existing Ray cluster (host:port or auto); default: start a local one.",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
+    gpus_per_worker: float | None = option(
+        None,
+        "With --executor ray: GPUs per model replica (default 0: CPU replicas, one per --threads CPUs).",
+        omit_if_unset=True,
+        concern="execution",
+        results=False,
+    )
     das_sites: str | None = option(
         None,
         "With --experiments das: comma list of sites, thought.tP, thought_pre.tP or COMPONENT.LN.tP (P, N may "
@@ -463,6 +486,7 @@ class RunConfig(ModelOptions):
         self._check_atp()
         check_probe_options(self)
         check_steer_options(self)
+        check_executor_options(self)
         check_das_options(self)
         if self.lens != DEFAULT_LENS and "lens" not in self.experiments:
             raise LatentPatchError(

@@ -1,4 +1,4 @@
-"""The ``das`` experiment of a run (docs/method.md §19): distributed alignment search per site and k.
+"""The ``das`` experiment of a run (docs/method.md §20): distributed alignment search per site and k.
 
 1. Problems: both questions of every pair the run keeps (a pair is one group), each with its
    synthetic program (``extra["program"]``) where it has one; only the problems the model answers

@@ -1,4 +1,4 @@
-"""The checks and readings of the ``das`` options (docs/method.md §19), which :meth:`RunConfig.validate
+"""The checks and readings of the ``das`` options (docs/method.md §20), which :meth:`RunConfig.validate
 <latentpatch.pipeline.config.RunConfig.validate>` runs; the options themselves are defined once, in
 :class:`~latentpatch.pipeline.config.RunConfig`. No torch.
 

@@ -59,6 +59,7 @@ class RunContext:
     complete: bool = False
     finished: str | None = None  # set with ``complete``: the time the manifest and report state
     interrupted: bool = False  # stopped by Ctrl-C: the manifest says "interrupted"
+    probe_fit: str | None = None  # "merge" when a shard recorded its probe activations and merge fits the probes
 
     @property
     def out(self) -> Path:
@@ -99,6 +100,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         pairs_removed=[{"pair_id": p, "reason": r} for p, r in ctx.removed],
         previous_timings=ctx.previous_timings or None,  # an empty record is left out too
         replacement_pool=ctx.replacement_pool,
+        probe_fit=ctx.probe_fit,
         checks=ctx.checks,
         tuned_lens=ctx.tuned_lens,
     )

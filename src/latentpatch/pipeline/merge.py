@@ -20,7 +20,7 @@ from pathlib import Path
 from latentpatch.assembly import ASSEMBLERS, assemble
 from latentpatch.data.pairs import Pair, load_pairs, save_pairs
 from latentpatch.errors import LatentPatchError
-from latentpatch.names import GLOBAL_REPLACEMENTS
+from latentpatch.names import ACTIVATIONS_DIR, GLOBAL_REPLACEMENTS
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.options import parse_shard, parse_values
 from latentpatch.rundir import PAIRS_DIR, Manifest, RunPaths, read_manifest
@@ -150,18 +150,46 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
         target.mkdir(parents=True, exist_ok=True)
         for k in sorted(found):
             shutil.copyfile(found[k], target / found[k].name)
+    probe_s = _probe_tables(dirs, manifests, n_shards, out)
     ordered = [files[k][1] for k in sorted(files)]
     save_pairs([pairs[data["pair_id"]] for data in ordered], RunPaths(out).pairs)
     t = time.perf_counter()
     assemble(out)
     timings = _sum_numbers([m.timings for m in manifests])
     timings.update(assemble_s=time.perf_counter() - t, merge_s=time.perf_counter() - t0)
+    if probe_s is not None:
+        timings["probes_s"] = probe_s
     _merged_manifest(dirs, manifests, ordered, out, timings).write(out)
     if report:
         from latentpatch.analysis.report import build_report
 
         build_report(out)
     return out
+
+
+def _probe_tables(dirs: Sequence[Path], manifests: Sequence[Manifest], n_shards: int, out: Path) -> float | None:
+    """A sharded probe run (docs/method.md §16): every shard's activation files (file k from shard
+    k mod N) copied, then the probes fitted over all of them (``pipeline/probing.py`` ``fit_probes``:
+    no model, but torch to read the files); their seconds, or None without probe shards."""
+    fits = [m.probe_fit for m in manifests]
+    if not any(fits):
+        return None
+    if fits.count("merge") != len(fits):
+        raise LatentPatchError("the shards disagree on where the probes are fitted; fix: rerun them with one version")
+    target = RunPaths(out).results / ACTIVATIONS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(dirs):
+        for f in sorted((RunPaths(d).results / ACTIVATIONS_DIR).glob("[0-9]*.safetensors")):
+            if int(f.stem) % n_shards != i:
+                raise LatentPatchError(f"{f} does not belong to shard {i}/{n_shards}; fix: merge the unchanged shards")
+            shutil.copyfile(f, target / f.name)
+    from latentpatch.pipeline.probing import SHARD_QUESTIONS, fit_probes
+    from latentpatch.pipeline.progress import RunProgress
+
+    shutil.copyfile(RunPaths(dirs[0]).results / ACTIVATIONS_DIR / SHARD_QUESTIONS, target / SHARD_QUESTIONS)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    config = RunConfig(**parse_values(RunConfig, {k: v for k, v in manifests[0].config.items() if k in fields}))
+    return fit_probes(RunPaths(out).results, config, int(manifests[0].model["num_latent"]), RunProgress())
 
 
 def _pair_files(
@@ -254,6 +282,7 @@ def _merged_manifest(
         cells_per_second=n_cells / timings["sweep_s"] if timings.get("sweep_s") else None,
         activation_cache=cache or None,
         answers_cut=_merged_cuts(manifests),
+        probe_fit=None,  # the merged run is an unsharded one
         merged_from=[
             {
                 "run_dir": str(d),

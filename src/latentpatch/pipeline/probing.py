@@ -21,12 +21,15 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from latentpatch.data.pairs import Pair
+from latentpatch.data.questions import load_questions, save_questions
+from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_bytes
 from latentpatch.names import (
     ACTIVATION_SHARD,
@@ -37,7 +40,10 @@ from latentpatch.names import (
     probe_position_names,
 )
 from latentpatch.patching.metrics import same_number
+from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.manifest import RunContext
+from latentpatch.pipeline.options import parse_shard
+from latentpatch.pipeline.progress import RunProgress
 from latentpatch.probing.activations import read_shard_rows, read_sites, record_shard, write_shard
 
 if TYPE_CHECKING:
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 
 #: The default ``--probe-min-count``: a label value is a class with at least this many questions.
 MIN_COUNT = 10
+#: A shard's copy of the run's question set (under ``results/activations/``), from which ``merge`` fits the probes.
+SHARD_QUESTIONS = "questions.jsonl"
 #: Labels a probe reads besides the user's columns: the answer, whether the model is right, each intermediate.
 BUILTIN_LABELS = ("answer", "correct")
 
@@ -73,20 +81,36 @@ def shard_path(ctx: RunContext, k: int):
     return ctx.paths.results / ACTIVATIONS_DIR / f"{k:05d}.safetensors"
 
 
+def chunks_of(shard: str | None, n_chunks: int) -> list[int]:
+    """The activation files a run records: every one, or with ``--shard i/N`` those k with k mod N == i
+    (the questions are the same in every shard: the file's, not the shard's pairs).
+
+    >>> chunks_of(None, 3), chunks_of("1/2", 5)
+    ([0, 1, 2], [1, 3])
+    """
+    if shard is None:
+        return list(range(n_chunks))
+    i, n = parse_shard(shard)
+    return [k for k in range(n_chunks) if k % n == i]
+
+
 def record_activations(ctx: RunContext, qs: QuestionSet) -> list[dict[str, Any]]:
-    """Record every shard not yet written; return every question's row (id, pred_answer, correct)."""
+    """Record every activation file of this run (:func:`chunks_of`) not yet written; return their
+    questions' rows (id, pred_answer, correct) in question order."""
     model, questions = ctx.model, qs.questions
     components = ctx.config.probe_component_list
     n_shards = math.ceil(len(questions) / ACTIVATION_SHARD)
     (ctx.paths.results / ACTIVATIONS_DIR).mkdir(parents=True, exist_ok=True)
     rows: dict[int, list[dict[str, Any]]] = {}
-    for k in range(n_shards):
+    for k in chunks_of(ctx.config.shard, n_shards):
         got = read_shard_rows(shard_path(ctx, k))
         want = [q.question_id for q in questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]]
         if got is not None and [r["question_id"] for r in got] == want:
             rows[k] = got
-    todo = [k for k in range(n_shards) if k not in rows]
-    ctx.progress.stage("activations", len(questions) - sum(len(r) for r in rows.values()))
+    todo = [k for k in chunks_of(ctx.config.shard, n_shards) if k not in rows]
+    ctx.progress.stage(
+        "activations", sum(len(questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]) for k in todo)
+    )
     t = time.perf_counter()
     batch = min(int(ctx.batch_size), ACTIVATION_SHARD)
     for k in todo:
@@ -101,7 +125,7 @@ def record_activations(ctx: RunContext, qs: QuestionSet) -> list[dict[str, Any]]
         )
         ctx.progress.advance(len(part))
     ctx.timings["activations_s"] = ctx.timings.get("activations_s", 0.0) + time.perf_counter() - t
-    return [r for k in range(n_shards) for r in rows[k]]
+    return [r for k in sorted(rows) for r in rows[k]]
 
 
 def questions_table(qs: QuestionSet, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -191,22 +215,25 @@ def numeric(values: list) -> bool:
     return bool(known) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in known)
 
 
-def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
-    """Every label x site probe on the recorded shards; per label, the same grouped splits (and control
-    map) for every site, so the sites' scores are comparable. Labels run side by side in forked
-    processes where cores allow (each label's numbers do not depend on where it runs)."""
-    paths = sorted((ctx.paths.results / ACTIVATIONS_DIR).glob("*.safetensors"))
-    sites = probe_sites(read_sites(paths), ctx.model.num_latent, ctx.config.probe_component_list)
+def run_probes(
+    results: Path, config: RunConfig, num_latent: int, table: pd.DataFrame, progress: RunProgress
+) -> tuple[pd.DataFrame, float]:
+    """Every label x site probe on the recorded activation files under ``results`` (and its seconds);
+    per label, the same grouped splits (and control map) for every site, so the sites' scores are
+    comparable. Labels run side by side in forked processes where cores allow (each label's numbers
+    do not depend on where it runs). No model: ``merge`` runs it for a sharded probe run."""
+    paths = sorted((results / ACTIVATIONS_DIR).glob("*.safetensors"))
+    sites = probe_sites(read_sites(paths), num_latent, config.probe_component_list)
     labels = probe_labels(table)
     _SHARED.update(
         sites={site_name(*key): X for key, X in sites.items()},
         labels=labels,
         groups=np.asarray(table["group"].astype(str)),
-        seed=ctx.config.seed,
-        min_count=ctx.config.probe_min_count or MIN_COUNT,
-        regression=bool(ctx.config.probe_regression),
+        seed=config.seed,
+        min_count=config.probe_min_count or MIN_COUNT,
+        regression=bool(config.probe_regression),
     )
-    ctx.progress.stage("probes", len(labels))
+    progress.stage("probes", len(labels))
     t = time.perf_counter()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     found: dict[str, list[dict[str, Any]] | str] = {}
@@ -216,23 +243,23 @@ def run_probes(ctx: RunContext, table: pd.DataFrame) -> pd.DataFrame:
             with ProcessPoolExecutor(max_workers=min(cores, len(labels)), mp_context=context) as pool:
                 for label, result in pool.map(_probe_label, labels):
                     found[label] = result
-                    ctx.progress.advance(1)
+                    progress.advance(1)
         else:
             for label in labels:
                 found[label] = _probe_label(label)[1]
-                ctx.progress.advance(1)
+                progress.advance(1)
     finally:
         _SHARED.clear()
-    ctx.timings["probes_s"] = time.perf_counter() - t
+    seconds = time.perf_counter() - t
     records = []
     for label, result in found.items():
         if isinstance(result, str):
-            ctx.progress.warn(f"probe: label {label!r} not probed: {result}")
+            progress.warn(f"probe: label {label!r} not probed: {result}")
             continue
         for rec in result:
             component, layer, position = rec.pop("site").split("|")
             records.append({"label": label, "component": component, "layer": int(layer), "position": position, **rec})
-    return pd.DataFrame(records)
+    return pd.DataFrame(records), seconds
 
 
 def sweep_probes(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
@@ -241,11 +268,41 @@ def sweep_probes(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
         return
     qs = question_set(ctx, all_pairs)
     rows = record_activations(ctx, qs)
+    if ctx.config.shard is not None:  # the probes read every question: ``merge`` fits them (fit_probes)
+        save_questions(qs, ctx.paths.results / ACTIVATIONS_DIR / SHARD_QUESTIONS)
+        ctx.probe_fit = "merge"
+        return
     table = questions_table(qs, rows)
     write_parquet(ctx.paths.results / QUESTIONS_FILE, table)
     probes_path = ctx.paths.results / PROBES_FILE
     if not probes_path.is_file():  # deterministic: a resumed run keeps a finished table
-        write_parquet(probes_path, run_probes(ctx, table))
+        frame, ctx.timings["probes_s"] = run_probes(
+            ctx.paths.results, ctx.config, ctx.model.num_latent, table, ctx.progress
+        )
+        write_parquet(probes_path, frame)
+
+
+def fit_probes(results: Path, config: RunConfig, num_latent: int, progress: RunProgress) -> float:
+    """The probe tables of a merged sharded run (``results``: its folder, holding every shard's
+    activation files and one shard's question set): ``questions.parquet`` and ``probes.parquet``,
+    the bytes an unsharded run writes; returns the probes' seconds."""
+    qs = load_questions(results / ACTIVATIONS_DIR / SHARD_QUESTIONS)
+    rows = []
+    for k in range(math.ceil(len(qs.questions) / ACTIVATION_SHARD)):
+        got = read_shard_rows(results / ACTIVATIONS_DIR / f"{k:05d}.safetensors")
+        want = [q.question_id for q in qs.questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]]
+        if got is None or [r["question_id"] for r in got] != want:
+            raise LatentPatchError(
+                f"results/{ACTIVATIONS_DIR}/{k:05d}.safetensors is missing or holds other questions; "
+                "fix: rerun its shard with --resume, then merge again"
+            )
+        rows += got
+    (results / ACTIVATIONS_DIR / SHARD_QUESTIONS).unlink()  # a shard's file: the merged run is an unsharded one
+    table = questions_table(qs, rows)
+    write_parquet(results / QUESTIONS_FILE, table)
+    frame, seconds = run_probes(results, config, num_latent, table, progress)
+    write_parquet(results / PROBES_FILE, frame)
+    return seconds
 
 
 def write_parquet(path, frame: pd.DataFrame) -> None:

@@ -24,8 +24,8 @@ def component_list(text: str | None) -> tuple[str, ...]:
 
 
 def check_probe_options(cfg: RunConfig) -> None:
-    """The probe options: only with ``--experiments probe``, with valid values; no ``--shard`` (the
-    probes read every question's activations at once)."""
+    """The probe options: only with ``--experiments probe``, with valid values (with ``--shard`` each
+    shard records its activation files and ``merge`` fits the probes: ``pipeline/probing.py``)."""
     given = [
         n.replace("_", "-")
         for n in (
@@ -44,10 +44,6 @@ def check_probe_options(cfg: RunConfig) -> None:
                 f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
             )
         return
-    if cfg.shard is not None:
-        raise LatentPatchError(
-            "--shard with --experiments probe: probes read every question at once; fix: run it unsharded"
-        )
     if cfg.questions is not None and not Path(cfg.questions).is_file():
         raise LatentPatchError(
             f"--questions {cfg.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
@@ -96,6 +92,12 @@ def check_steer_options(cfg: RunConfig) -> None:
             raise LatentPatchError(
                 f"--steer-direction {cfg.steer_direction}: reads the probe experiment's activations; fix: add probe "
                 "to --experiments"
+            )
+        if kind != "meandiff" and cfg.shard is not None:
+            raise LatentPatchError(
+                f"--shard with --steer-direction {cfg.steer_direction}: the direction reads every question's probe "
+                "activations, which a shard records only its part of; fix: run it unsharded, or pass the direction "
+                "as --steer-vector (a file)"
             )
         if kind != "meandiff" and cfg.component not in component_list(cfg.probe_components):
             raise LatentPatchError(

@@ -50,6 +50,7 @@ from latentpatch.pipeline.probing import check_question_file, sweep_probes
 from latentpatch.pipeline.progress import BarProgress, RunProgress
 from latentpatch.pipeline.reading import prepare_heads, sweep_reading
 from latentpatch.pipeline.selection import load_run_pairs, pairs_to_run
+from latentpatch.pipeline.stages import executor_scope
 from latentpatch.pipeline.steering import sweep_steer
 from latentpatch.pipeline.steps import sweep_steps
 from latentpatch.pipeline.sweep import checks_and_sweep, replacement_source
@@ -122,6 +123,8 @@ def start_run(
     workers = choose_workers(
         model.d_model, model.n_layers, len(selected), config.workers, on_cpu=model.device.type == "cpu"
     )
+    if config.executor == "ray":  # --workers counts Ray replicas; the driver forks none (pipeline/ray_executor.py)
+        workers = ThreadChoice(1, "--executor ray: the pairs run on Ray replicas")
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
     shape = SpecShape(model.n_layers, model.num_latent, config.component)
@@ -306,7 +309,7 @@ def execute_run(
     ctx: RunContext, all_pairs: Sequence[Pair], t0: float, report_process: ReportProcess | None = None
 ) -> None:
     """The steps of :func:`run_experiments` on a prepared context (``t0``: when the run started)."""
-    with ctx.progress:
+    with ctx.progress, executor_scope(ctx):  # --executor ray: its replicas stop with the run
         record_baselines(ctx)
         prepare_heads(ctx)  # only with --component head_out (docs/method.md §14)
         values_for = replacement_source(ctx, all_pairs)
@@ -317,7 +320,7 @@ def execute_run(
         sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
         sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
         sweep_edges(ctx, all_pairs)  # only with edges (docs/method.md §17)
-        sweep_das(ctx, all_pairs)  # only with das (docs/method.md §19)
+        sweep_das(ctx, all_pairs)  # only with das (docs/method.md §20)
     finish_run(ctx, t0, report_process)
 
 

@@ -20,7 +20,8 @@ assembler (:data:`latentpatch.assembly.ASSEMBLERS`), which ``merge`` runs too.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -101,11 +102,30 @@ class ForkExecutor:
 
 
 def run_executor(ctx: RunContext) -> Executor:
-    """The run's executor: forked workers when it has more than one, else serial."""
+    """The run's executor: Ray replicas with ``--executor ray``; else forked workers when it has more
+    than one, else serial."""
     import torch
+
+    if ctx.config.executor == "ray":
+        from latentpatch.pipeline.ray_executor import ray_executor
+
+        return ray_executor(ctx)
 
     workers = ctx.workers.count if ctx.workers else 1
     return ForkExecutor(workers, torch.get_num_threads()) if workers > 1 else SerialExecutor()
+
+
+@contextmanager
+def executor_scope(ctx: RunContext) -> Iterator[None]:
+    """The run's steps inside: an executor that holds resources across stages (Ray's replicas) is
+    closed when they end, normally or not."""
+    try:
+        yield
+    finally:
+        if ctx.config.executor == "ray":
+            from latentpatch.pipeline.ray_executor import close_executor
+
+            close_executor(ctx)
 
 
 @dataclass(frozen=True)

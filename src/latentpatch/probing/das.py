@@ -1,4 +1,4 @@
-"""Distributed alignment search through the latent loop (docs/method.md §19).
+"""Distributed alignment search through the latent loop (docs/method.md §20).
 
 DAS (Geiger et al. 2023/2024) asks whether a k-dimensional subspace of one site *is used* as a
 high-level value: learn an orthonormal basis ``R`` [k, d] (rows orthonormal: ``R R^T = I_k``), write
