@@ -4,7 +4,8 @@ From ``results/das.parquet`` (one row per site x k x method x held-out example):
 interchange-intervention accuracy (IIA: the share of held-out examples whose intervened answer is the
 counterfactual) per site, k and method with its 95% CI from a bootstrap over base problems
 (:func:`group_ci`: examples that share a base problem are not independent); per site the full interchange's IIA and the
-smallest k whose trained subspace reaches :data:`REACH` of it; the *best* (site, k), where the trained
+smallest k whose trained subspace reaches :data:`REACH` of it (where the full interchange reaches
+:data:`MIN_FULL` with a CI above 0); the *best* (site, k), where the trained
 subspace's IIA is highest (ties: the smaller k); and there the paired contrasts trained - random
 rotation and trained - shuffled-label control over the same held-out examples
 (:func:`~latentpatch.analysis.contrasts.paired_contrast`).
@@ -33,6 +34,9 @@ from latentpatch.rundir import RunPaths
 
 #: "Most of the full interchange's IIA": the share of it the smallest k must reach.
 REACH = 0.8
+#: A site carries the variable (and a smallest k is stated) only where the full interchange's IIA is at
+#: least this, with a CI above 0.
+MIN_FULL = 0.2
 #: The keys of a DAS summary row.
 DAS_KEYS = ["site", "k", "method"]
 #: The controls each trained subspace is contrasted with: (method, the contrast's name, its label).
@@ -67,7 +71,9 @@ def das_stats(das: pd.DataFrame | None, seed: int, n_resamples: int = 9999) -> t
         full = summary[(summary["site"] == site) & (summary["method"] == "full")]
         full_iia = float(full["mean"].iloc[0]) if len(full) else math.nan
         mine = trained[trained["site"] == site].sort_values("k")
-        reached = mine[mine["mean"] >= REACH * full_iia] if full_iia > 0 else mine.iloc[:0]
+        full_low = float(full["ci_low"].iloc[0]) if len(full) else math.nan
+        carries = full_iia >= MIN_FULL and full_low > 0  # else 80% of next to nothing sizes nothing
+        reached = mine[mine["mean"] >= REACH * full_iia] if carries else mine.iloc[:0]
         smallest = int(reached["k"].iloc[0]) if len(reached) else None
         sites.append({"site": site, "full": full_iia, "smallest_k": smallest})
     best_row = trained.sort_values(["mean", "k"], ascending=[False, True], kind="stable").iloc[0]
