@@ -117,6 +117,7 @@ def test_report_sections_self_contained(built):
     ran = {"layer", "position", "iterative"}
     never = {"thought", "early", "influence", "intermediate", "lens", "attention", "heads", "atp", "probe", "steer"}
     never |= {"edges"}
+    never |= {"das"}
     for sid, heading in SECTIONS:
         assert (f'<section id="{sid}"><h2>' in page) == (sid not in never), sid
         assert (heading in page) == (sid not in never) or sid in ran

@@ -348,11 +348,12 @@ def test_options_are_grouped_by_concern_and_the_hash_is_versioned(tmp_path):
     grouped = [n for c in CONCERNS for n in RunConfig.options_of(c)]
     assert sorted(grouped) == sorted(names)  # each option in exactly one concern
     free = {"out", "strict", "report", "figure_formats", "wandb", "wandb_project", "cache_dir", "use_cache", "workers"}
+    free |= {"executor", "ray_address", "gpus_per_worker"}  # where the work runs, not what it computes
     assert set(names) - set(RunConfig.result_keys()) == free
     base = RunConfig(limit=2)
     assert base.result_hash().startswith(f"{RunConfig.CONFIG_HASH_VERSION}-")
     assert all(base.result_hash() == dataclasses.replace(base, **{k: v}).result_hash() for k, v in
-               {"out": "x", "strict": True, "workers": 3, "report": False}.items())  # fmt: skip
+               {"out": "x", "strict": True, "workers": 3, "report": False, "executor": "ray"}.items())  # fmt: skip
     assert base.result_hash() != dataclasses.replace(base, seed=1).result_hash()
 
     out = tmp_path / "old"

@@ -59,6 +59,12 @@ def inspect_cmd(
         help="Also a lens per layer and position: logit, or tuned (trained on the shipped pairs' questions, "
         "or loaded from the cache; method.md §14, §14.1).",
     ),
+    das: str | None = typer.Option(
+        None,
+        "--das",
+        help="Also the question's coordinates in a saved DAS subspace (results/das/<site>.k<k>.safetensors) "
+        "at its site's component and layer, at every thought (method.md §20).",
+    ),
 ) -> None:
     """Show what a model thinks: the top-k tokens of each continuous thought, then its answer."""
     if lens is not None and lens not in ("logit", "tuned"):
@@ -120,6 +126,11 @@ def inspect_cmd(
         num = extract_number(text)
         typer.echo(f"answer: {text!r} (ids {out})")
         typer.echo(f"number: {'none' if num is None else format(num, 'g')}")
+    if das:
+        from latentpatch.probing.das import subspace_lines
+
+        for line in subspace_lines(m, prompt, das):
+            typer.echo(line)
     if lens:
         from latentpatch.patching.reading import known_values, lens_lines
 

@@ -466,3 +466,32 @@ EDGE_COLUMNS: list[str] = [
     "flagged",
 ]
 EDGE_FLOAT_COLUMNS: tuple[str, ...] = ("kl", "answer_logit_diff", "ld_change", "recovery", "pred_answer")
+
+
+# ---- distributed alignment search (docs/method.md §20) ------------------------------------------
+#: A learned k-dim subspace of a site interchanged between a base and a source run, scored against a
+#: high-level model's counterfactual answer; rows go to ``results/das.parquet``.
+DAS_EXPERIMENT = "das"
+ALL_EXPERIMENTS = ALL_EXPERIMENTS + (DAS_EXPERIMENT,)  # appended here, after the others (merge-friendly)
+#: ``results/das/<site>.k<k>.json`` (rows) and ``.safetensors`` (the learned basis) per site x k, and
+#: ``<site>.full.json`` (full interchange and base run), assembled into ``results/das.parquet``: one row
+#: per site x k x method x held-out example (:data:`DAS_COLUMNS`).
+DAS_DIR, DAS_FILE = "das", "das.parquet"
+#: The methods of a DAS row: the trained subspace, a random (untrained) one of the same k, one trained on
+#: shuffled counterfactuals, the whole site interchanged (k = d), no intervention (k = 0).
+DAS_METHODS: tuple[str, ...] = ("das", "random", "shuffled", "full", "base")
+DAS_COLUMNS: list[str] = [
+    "site",
+    "component",
+    "layer",
+    "position",
+    "k",
+    "method",
+    "variable",
+    "example",
+    "group",
+    "counterfactual",
+    "pred_answer",
+    "hit",
+    "train_loss",
+]

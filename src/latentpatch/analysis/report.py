@@ -20,6 +20,7 @@ import pandas as pd
 from latentpatch.analysis import figures as figs
 from latentpatch.analysis import stats as st
 from latentpatch.analysis.atp_section import atp_section
+from latentpatch.analysis.das_section import das_section
 from latentpatch.analysis.edges_section import edges_section
 from latentpatch.analysis.figure_set import start_cell_figures, summary_figures
 from latentpatch.analysis.findings import what_was_run
@@ -83,6 +84,7 @@ def experiment_sections(
         *([probe] if (probe := probe_section(run_dir, formats, stats)) is not None else []),
         *([steer] if (steer := steer_section(run_dir, formats, stats)) is not None else []),
         *([edges] if (edges := edges_section(run_dir, formats, stats)) is not None else []),
+        *([das] if (das := das_section(run_dir, formats, stats)) is not None else []),
     ]
     order = [sid for sid, _, _ in EXPERIMENT_SECTIONS]
     return sorted(made, key=lambda s: order.index(s.sid))

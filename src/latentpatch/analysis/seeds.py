@@ -1,4 +1,4 @@
-"""``--seeds N``: the spread of a run's numbers over the seeds of a random feedback (docs/method.md §20).
+"""``--seeds N``: the spread of a run's numbers over the seeds of a random feedback (docs/method.md §21).
 
 A run with ``--seeds N`` is N ordinary runs (``OUT/seed-S/``, S = ``--seed`` .. ``--seed`` + N - 1;
 :func:`latentpatch.pipeline.seeds.run_seeds`); this module reads their ``stats.json`` files and

@@ -49,6 +49,7 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
         "Edges between thoughts",
         "Which earlier position does each thought read, and does cutting that edge matter?",
     ),
+    ("das", "Distributed alignment search", "Which subspace of which thought does the model use as a given value?"),
 )
 #: How to run each experiment (the closing line of the page names the ones a run lacks).
 HOW_TO_RUN: dict[str, str] = {

@@ -26,6 +26,7 @@ import pandas as pd
 
 from latentpatch.analysis.atp_stats import atp_stats, read_atp
 from latentpatch.analysis.contrasts import iterative_contrasts, step_contrasts
+from latentpatch.analysis.das_stats import das_stats, read_das
 from latentpatch.analysis.edge_stats import edge_stats, read_edges
 from latentpatch.analysis.inference import benjamini_hochberg, bootstrap_mean_ci, holm, paired_test, wilcoxon_p
 from latentpatch.analysis.probe_stats import probe_stats, read_probes
@@ -285,6 +286,8 @@ def add_stage_stats(
     probe = probe_stats(read_probes(run_dir), read_lens(run_dir), steps)
     edges, edge_contrasts = edge_stats(read_edges(run_dir), seed, n_resamples)
     contrasts += edge_contrasts
+    das, das_contrasts = das_stats(read_das(run_dir), seed, n_resamples)
+    contrasts += das_contrasts
     named = (
         ("steps", steps),
         ("lens", lens),
@@ -293,6 +296,7 @@ def add_stage_stats(
         ("steer", steer),
         ("probe", probe),
         ("edges", edges),
+        ("das", das),
     )
     extra = {k: v for k, v in named if v is not None}
     if contrasts:

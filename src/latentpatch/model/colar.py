@@ -1,4 +1,4 @@
-"""CoLaR (xiaomi-research/colar at 4b6ae9a): a Gaussian latent head fed back (docs/method.md §20).
+"""CoLaR (xiaomi-research/colar at 4b6ae9a): a Gaussian latent head fed back (docs/method.md §21).
 
 After latent step p the final hidden state ``h`` [B, d] goes through the latent policy
 (``src/modules/projector.py`` ``LatentPolicy``): ``z = LayerNorm(Linear(GELU(Linear(h))))``
@@ -11,7 +11,7 @@ After each latent a stop token is *sampled* from ``softmax(logits)`` over the wh
 Randomness order per step (the official one for a batch of one): ``d`` normals, then ``V`` Exp(1)
 draws (``torch.multinomial``'s), from :class:`~latentpatch.model.mixture.DrawStream`. Runs use a
 fixed latent count (``--num-latent``); :func:`colar_latent_count` gives a question's own count by
-the official stop rule (docs/method.md §20: per-pair counts are not in the engine yet).
+the official stop rule (docs/method.md §21: per-pair counts are not in the engine yet).
 
 The checkpoint (:func:`load_colar_checkpoint`): a Lightning ``.ckpt`` whose ``state_dict`` holds
 only the trainable parameters: LoRA (q_proj, v_proj; r 128, alpha 32) under

@@ -1,4 +1,4 @@
-"""The training-free mixture families: Soft Thinking and Multiplex Thinking (docs/method.md §20).
+"""The training-free mixture families: Soft Thinking and Multiplex Thinking (docs/method.md §21).
 
 Both run on any released LM: after latent step p the LM head's distribution over the vocabulary
 at the final hidden state ``h`` [B, d] is filtered, and the thought fed at step p + 1 is a
@@ -24,7 +24,7 @@ whatever ``p`` is. :class:`DrawStream` draws ``q`` for step 0, 1, 2, ... in that
 generator seeded by ``--seed`` and keeps them, so step s's noise is the same in the clean,
 corrupted and every patched run (a patch changes what ``p`` is, never which noise it meets), and a
 run restarted at step p by the engine reads the same noise a full run does. The stream is one per
-run, shared by every pair and row (docs/method.md §20 says what that means for the statistics).
+run, shared by every pair and row (docs/method.md §21 says what that means for the statistics).
 """
 
 from __future__ import annotations

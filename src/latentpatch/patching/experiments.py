@@ -103,6 +103,7 @@ REGISTRY: dict[str, Experiment] = {
         Experiment(
             "edges", "edges", "which earlier position does each thought read, and does cutting that edge matter?"
         ),
+        Experiment("das", "das", "which subspace of which site does the model use as a given value?"),
     )
 }
 assert tuple(REGISTRY) == ALL_EXPERIMENTS, "every experiment name has one registry entry, in names.py's order"

@@ -96,8 +96,13 @@ def random_directions(shape: tuple[int, int, int], seed: int, k: int) -> torch.T
 
 
 def load_direction(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """``--steer-vector FILE`` (.npy or .pt: [d] for every site, or [L, K, d]) as [L, K, d] fp32."""
+    """``--steer-vector FILE`` (.npy or .pt: [d] for every site, or [L, K, d]; or a one-dimensional DAS
+    subspace, ``results/das/<site>.k1.safetensors``: its basis vector) as [L, K, d] fp32."""
     p = Path(path)
+    if p.suffix == ".safetensors":
+        from latentpatch.probing.das import subspace_direction
+
+        return subspace_direction(p, shape)
     try:
         raw = np.load(p) if p.suffix == ".npy" else torch.load(p, map_location="cpu", weights_only=True)
     except Exception as ex:

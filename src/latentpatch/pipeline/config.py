@@ -33,6 +33,7 @@ from latentpatch.names import (
     REPLACEMENTS,
     SITE_COMPONENTS,
 )
+from latentpatch.pipeline.das_options import check_das_options
 from latentpatch.pipeline.executor_options import check_executor_options
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
 from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
@@ -356,9 +357,43 @@ class RunConfig(ModelOptions):
         concern="execution",
         results=False,
     )
+    das_sites: str | None = option(
+        None,
+        "With --experiments das: comma list of sites, thought.tP, thought_pre.tP or COMPONENT.LN.tP (P, N may "
+        "be *; default thought.t*).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_k: str | None = option(
+        None,
+        "With --experiments das: comma list of subspace sizes k (default 1,2,4,8,16; k = d, the full "
+        "interchange, is always run).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_variable: str | None = option(
+        None,
+        "With --experiments das: the high-level variable, intermediate:S (default intermediate:0: the base "
+        "problem recomputed with step S forced to the source's value), answer (the source's answer) or "
+        "column:NAME (each pair's clean side names the counterfactual answer of clean <- corrupted).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_steps: int | None = option(
+        None,
+        "With --experiments das: training steps per site and k (default 100, batches of 16 pairs).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    das_pairs: int | None = option(
+        None,
+        "With --experiments das: training interchange pairs (default 256; held-out pairs: half as many).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
     seeds: int = option(
         1,
-        "Repeat the run over N seeds (--seed, --seed + 1, ...; a random feedback's draws, docs/method.md §20): "
+        "Repeat the run over N seeds (--seed, --seed + 1, ...; a random feedback's draws, docs/method.md §21): "
         "OUT/seed-S/ each, then OUT/seeds.json and OUT/seeds.html with each cell's spread over the seeds.",
         omit_if_unset=True,
         concern="execution",
@@ -461,6 +496,7 @@ class RunConfig(ModelOptions):
         check_probe_options(self)
         check_steer_options(self)
         check_executor_options(self)
+        check_das_options(self)
         if self.lens != DEFAULT_LENS and "lens" not in self.experiments:
             raise LatentPatchError(
                 f"--lens {self.lens} applies to the lens experiment only; "

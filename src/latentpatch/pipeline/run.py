@@ -41,6 +41,7 @@ from latentpatch.patching.specs import PatchSpec
 from latentpatch.pipeline.atp import sweep_atp
 from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model_key, recorded_run
 from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.das import sweep_das
 from latentpatch.pipeline.edges import sweep_edges
 from latentpatch.pipeline.limits import check_pccot_run, check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
@@ -320,6 +321,7 @@ def execute_run(
         sweep_probes(ctx, all_pairs)  # only with probe (docs/method.md §16)
         sweep_steer(ctx, all_pairs)  # only with steer (docs/method.md §16)
         sweep_edges(ctx, all_pairs)  # only with edges (docs/method.md §17)
+        sweep_das(ctx, all_pairs)  # only with das (docs/method.md §20)
     finish_run(ctx, t0, report_process)
 
 

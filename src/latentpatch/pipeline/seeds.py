@@ -1,4 +1,4 @@
-"""``--seeds N``: one run per seed, then the spread over them (docs/method.md §20).
+"""``--seeds N``: one run per seed, then the spread over them (docs/method.md §21).
 
 The runs are ordinary runs, each in ``OUT/seed-S/`` with ``--seed S`` (S = ``--seed`` ..
 ``--seed`` + N - 1), so each is resumable and reportable alone; the summary is
