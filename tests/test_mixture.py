@@ -199,3 +199,13 @@ def test_bad_mixture_specs_are_one_line_errors(tmp_path):
         with pytest.raises(LatentPatchError, match=words) as err:
             load_model(spec)
         assert "fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_activation_cache_keys_tell_families_and_seeds_apart(base):
+    """The mixtures have no weights of their own: the cache key must still tell a soft run from a
+    multiplex run on the same LM, and one seed's draws from another's."""
+    from latentpatch.pipeline.cache import model_key
+
+    a, b = mixture_model(base, "multiplex", seed=1), mixture_model(base, "multiplex", seed=1)
+    keys = {model_key(mixture_model(base, "soft")), model_key(a), model_key(mixture_model(base, "multiplex", seed=2))}
+    assert len(keys) == 3 and model_key(a) == model_key(b)

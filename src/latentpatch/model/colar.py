@@ -109,6 +109,9 @@ class CoLaRFeedback(Feedback):
         d = self.latent_policy.mean.out_features
         self.stream = DrawStream(seed, d, plan=[("normal", d), ("exponential", self.vocab)])
 
+    def cache_identity(self) -> str:
+        return f"colar|T={self.temperature}|emb_std={self.emb_std}|vocab={self.vocab}|seed={self.stream.seed}"
+
     def feed(self, h: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
         steps = [int(step)] * h.shape[0] if isinstance(step, int) else [int(s) for s in step]
         mu, std = self.latent_policy(h, self.temperature)

@@ -71,6 +71,12 @@ class Feedback(nn.Module):
         """Start the feedback's random stream from ``seed`` (``--seed``); deterministic feedback
         has none, so this default does nothing."""
 
+    def cache_identity(self) -> str:
+        """What, beyond the LM's weights and config, decides this feedback's outputs (its kind,
+        settings and seed): part of the activation cache's model key. "" (this default) for
+        feedback whose parameters say it all, so the keys of existing models stay as they were."""
+        return ""
+
 
 class ProjectionFeedback(Feedback, nn.Sequential):
     """CODI's feedback: ``prj(h)``. Wraps the ``nn.Sequential`` of

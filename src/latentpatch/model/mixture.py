@@ -201,6 +201,9 @@ class MixtureFeedback(Feedback):
     def reseed(self, seed: int) -> None:
         self.stream = DrawStream(seed, self.vocab)
 
+    def cache_identity(self) -> str:
+        return f"{self.name}|{self.settings}|vocab={self.vocab}|seed={self.stream.seed}"
+
     def probs(self, h: torch.Tensor) -> torch.Tensor:
         """[B, vocab] filtered distribution at final hidden states ``h`` [B, d]."""
         if self._bound is None:

@@ -37,6 +37,7 @@ def model_key(model: LatentModel) -> str:
     # what a model family adds to its rollout beyond config and weights (PCCoT: rounds, site round);
     # "" for the others, which leaves their keys as they were
     h.update(str(getattr(model, "cache_identity", "")).encode())
+    h.update(model.feedback.cache_identity().encode())  # a mixture's kind, settings and seed ("" else)
     for name, p in list(model.lm.named_parameters()) + list(model.prj.named_parameters()):
         x = p.detach().float()
         h.update(f"{name}|{tuple(p.shape)}|{float(x.sum()):.6e}|{float(x.abs().sum()):.6e}".encode())
