@@ -419,7 +419,7 @@ def test_ctrl_c_then_resume(tmp_path):
     """SIGINT: one line with the resume command, manifest ``interrupted``, exit 130; the command it
     names finishes the run with the bytes of an uninterrupted one; a second process is refused by the lock."""
     path = tmp_path / "pairs.json"
-    save_pairs(generate_pairs(200, seed=2), path)  # enough pairs that the victim still runs when the second starts
+    save_pairs(generate_pairs(120, seed=2), path)  # enough pairs that the victim still runs when the second starts
     n_pairs = len(load_pairs(path))
     # one worker process, so that the victim is still running when the second process starts
     common = ["run", "--model", "config:llama", "--pairs", str(path), "--no-report", "--quiet", "--batch-size", "8"]

@@ -290,6 +290,29 @@ def test_run_stage(tmp_path):
     assert (out / "results" / "das.parquet").read_bytes() == before
 
 
+def test_shards_split_the_sites_and_merge_to_the_unsharded_bytes(tmp_path):
+    """--shard i/2 fits the sites j with j mod 2 == i on every pair's examples; merge joins the files
+    into the unsharded run's das.parquet and stats (byte for byte)."""
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.merge import merge_runs
+    from latentpatch.pipeline.run import run_experiments
+
+    options = dict(limit=10, experiments=("das",), das_sites="thought.t1,thought.t2", das_k="1", das_steps=2)
+    options |= dict(das_pairs=8, use_cache=False, threads=1)
+    full = run_experiments(RunConfig(out=str(tmp_path / "full"), **options), progress=False, command="test")
+    shards = [
+        run_experiments(RunConfig(out=str(tmp_path / f"s{i}"), shard=f"{i}/2", **options), progress=False, command="t")
+        for i in range(2)
+    ]
+    assert [sorted(p.name for p in (s / "results" / "das").glob("*.json")) for s in shards] == [
+        ["thought.t1.full.json", "thought.t1.k1.json"],
+        ["thought.t2.full.json", "thought.t2.k1.json"],
+    ]
+    merged = merge_runs(shards, tmp_path / "merged")  # with its stats and report
+    for name in ("results/das.parquet", "stats.json", "results/das/thought.t2.k1.safetensors"):
+        assert (merged / name).read_bytes() == (full / name).read_bytes(), name
+
+
 def shipped_d() -> int:
     return 128
 

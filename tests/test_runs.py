@@ -56,7 +56,13 @@ def test_run_directory_contents(tmp_path, model, pairs):
     assert man["config"]["experiments"] == ["layer", "position", "iterative"] and man["seed"] == 0
     assert [p.pair_id for p in load_pairs(out / "pairs.json")] == [p.pair_id for p in pairs]
     assert Manifest.from_dict(read_manifest(out)).to_dict() == man  # the typed manifest, key for key
-    absent = ("previous_timings", "replacement_pool", "tuned_lens", "merged_from")  # resume, shards, --lens, merge
+    absent = (
+        "previous_timings",
+        "replacement_pool",
+        "tuned_lens",
+        "merged_from",
+        "probe_fit",
+    )  # resume, shards, --lens, merge
     assert list(man) == [k for k in Manifest.__dataclass_fields__ if k not in absent]
     assert list(man["config"]) == DEFAULT_CONFIG_KEYS
 

@@ -24,6 +24,10 @@ from latentpatch.pipeline import probing
 from latentpatch.pipeline.merge import merge_runs
 from latentpatch.pipeline.run import RunConfig, run_experiments
 
+#: every experiment but das, which needs problems the model answers right (this tiny model answers none):
+#: its sites are split across shards, tested in tests/test_das.py on the shipped model
+SHARDED = tuple(e for e in ALL_EXPERIMENTS if e != "das")
+
 
 def files(run: Path) -> dict[str, bytes]:
     """Every result and statistics file by its relative path."""
@@ -43,7 +47,7 @@ def runs(tmp_path_factory):
         cfg = RunConfig(
             out=str(root / out),
             shard=shard,
-            experiments=ALL_EXPERIMENTS,
+            experiments=SHARDED,
             replacement="mean",  # a pooled value: every shard's pool is all pairs'
             report=False,
             cache_dir=str(root / "cache"),
@@ -71,7 +75,7 @@ def runs(tmp_path_factory):
 def test_merged_shards_equal_the_unsharded_run(runs):
     """Every file of the merged shards equals the unsharded run's, and the run holds every experiment."""
     full, shards, merged = runs
-    assert tuple(json.loads((shards[0] / "manifest.json").read_text())["config"]["experiments"]) == ALL_EXPERIMENTS
+    assert tuple(json.loads((shards[0] / "manifest.json").read_text())["config"]["experiments"]) == SHARDED
     stats = json.loads((full / "stats.json").read_text())
     assert {"steps", "lens", "attention", "atp", "steer"} <= set(stats)
     assert len(pd.read_parquet(full / "results" / "probes.parquet")) > 0

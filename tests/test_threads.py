@@ -61,14 +61,14 @@ def test_cores_busy_elsewhere_count_other_processes_not_this_one():
     if CpuSample.now().ticks is None:
         pytest.skip("no /proc/stat")
     sample = CpuSample.now()
-    t = time.monotonic()
-    while time.monotonic() - t < 0.6:  # this process busy: not counted
+    t = time.process_time()
+    while time.process_time() - t < 0.5:  # 0.5 s of our CPU however busy the machine: not counted
         pass
     others, end = sample.others_busy(), CpuSample.now()
     assert end.ticks is not None and sample.ticks is not None
     machine = (end.ticks[0] - sample.ticks[0]) / (end.ticks[1] - sample.ticks[1]) * end.ticks[2]  # all busy cores
     own = (end.own - sample.own) / (end.wall - sample.wall)  # this process's cores, from os.times()
-    assert own > 0.3 and others is not None
+    assert end.own - sample.own >= 0.45 and others is not None  # our own work is there to be left out
     assert abs(others - max(0.0, machine - own)) < 0.15  # the machine's busy cores less ours
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
     try:

@@ -45,6 +45,7 @@ from latentpatch.pipeline.das_options import (
     das_variable,
 )
 from latentpatch.pipeline.manifest import RunContext
+from latentpatch.pipeline.options import parse_shard
 from latentpatch.probing.das import (
     DasSet,
     DasSite,
@@ -278,11 +279,14 @@ def sweep_das(ctx: RunContext, all_pairs: Sequence[Pair]) -> None:
         raise LatentPatchError(f"--das-sites: {err}") from None
     if any(s.component == "thought_pre" for s in sites) and not model.feedback.has_pre_site:
         raise LatentPatchError("--das-sites thought_pre: this model feeds its states back unchanged; fix: use thought")
+    if config.shard:  # a shard fits its share of the sites on every pair's examples (merge joins the files)
+        index, n_shards = parse_shard(config.shard)
+        sites = [s for j, s in enumerate(sites) if j % n_shards == index]
     ks = [k for k in das_ks(config.das_k) if k < model.d_model]
     variable = config.das_variable or "intermediate:0"
     t = time.perf_counter()
     todo = [s for s in sites if not all(site_file(ctx, s, tag).is_file() for tag in [*(f"k{k}" for k in ks), "full"])]
-    if not todo:  # a resumed run whose every (site, k) is committed
+    if not todo:  # a resumed run whose every (site, k) is committed, or a shard without a site
         assemble_das(ctx.paths.results)
         return
     train_examples, test_examples = make_examples(ctx, all_pairs)

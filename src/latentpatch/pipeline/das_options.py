@@ -74,10 +74,6 @@ def check_das_options(cfg: RunConfig) -> None:
                 f"--{given[0]} applies to the das experiment only; fix: add das to --experiments, or drop it"
             )
         return
-    if cfg.shard is not None:
-        raise LatentPatchError(
-            "--shard with --experiments das: DAS trains on every pair at once; fix: run it unsharded"
-        )
     das_ks(cfg.das_k)
     check_das_sites(cfg.das_sites or DEFAULT_SITES)
     das_variable(cfg.das_variable)

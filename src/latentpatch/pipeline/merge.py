@@ -151,6 +151,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out: str | Path, report: bool = T
         for k in sorted(found):
             shutil.copyfile(found[k], target / found[k].name)
     probe_s = _probe_tables(dirs, manifests, n_shards, out)
+    _das_files(dirs, out)
     ordered = [files[k][1] for k in sorted(files)]
     save_pairs([pairs[data["pair_id"]] for data in ordered], RunPaths(out).pairs)
     t = time.perf_counter()
@@ -190,6 +191,29 @@ def _probe_tables(dirs: Sequence[Path], manifests: Sequence[Manifest], n_shards:
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     config = RunConfig(**parse_values(RunConfig, {k: v for k, v in manifests[0].config.items() if k in fields}))
     return fit_probes(RunPaths(out).results, config, int(manifests[0].model["num_latent"]), RunProgress())
+
+
+def _das_files(dirs: Sequence[Path], out: Path) -> None:
+    """A sharded das run (docs/method.md §20): shard i fitted the sites j with j mod N == i on every
+    pair's examples; their files are copied (a name in two shards is refused) and ``das.parquet``
+    assembled from all of them."""
+    from latentpatch.names import DAS_DIR
+
+    found: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted((RunPaths(d).results / DAS_DIR).glob("*")):
+            if f.name in found:
+                raise LatentPatchError(f"{f} is also in {found[f.name].parent}; fix: merge the unchanged shards")
+            found[f.name] = f
+    if not found:
+        return
+    target = RunPaths(out).results / DAS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name in sorted(found):
+        shutil.copyfile(found[name], target / name)
+    from latentpatch.pipeline.das import assemble_das
+
+    assemble_das(RunPaths(out).results)
 
 
 def _pair_files(
