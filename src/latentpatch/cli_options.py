@@ -46,7 +46,8 @@ def option_parameters(cls: type) -> list[inspect.Parameter]:
     applies; the help shows the field's default."""
     hints = typing.get_type_hints(cls)
     params = []
-    for f in dataclasses.fields(cls):
+    option_fields = getattr(cls, "option_fields", None)  # RunConfig's display order
+    for f in option_fields() if option_fields else dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         value_type = str if f.metadata.get("parse") else cli_type(hints[f.name])
         flags = f.metadata.get("flags") or (f"{flag}/--no-{flag[2:]}" if value_type is bool else flag)

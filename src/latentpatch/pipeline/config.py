@@ -1,7 +1,10 @@
-"""The options of a run and of model loading, each declared once with its help text (no torch).
+"""The options of a run, each declared once with its help text (no torch).
 
-:class:`ModelOptions` are the options of :func:`latentpatch.model.load.load_model`, shared by
-``latentpatch run``, ``eval`` and ``inspect``; :class:`RunConfig` adds the options of a run. The
+:class:`RunConfig` is every option of ``latentpatch run``: the model options
+(:class:`~latentpatch.pipeline.model_options.ModelOptions`, shared with ``eval`` and ``inspect``),
+the options of the experiments beyond the sweeps
+(:class:`~latentpatch.pipeline.experiment_options.ExperimentOptions`: probe, steer, edges, das) and
+the run's own. The
 command line builds its ``--options`` from these fields (name, type, default, help; see
 :func:`latentpatch.pipeline.options.option`), and a ``--config`` file (JSON or TOML) takes the same
 names as keys. Declaring an option and parsing its text live in :mod:`latentpatch.pipeline.options`;
@@ -35,16 +38,17 @@ from latentpatch.names import (
 )
 from latentpatch.pipeline.das_options import check_das_options
 from latentpatch.pipeline.executor_options import check_executor_options
+from latentpatch.pipeline.experiment_options import ExperimentOptions
+from latentpatch.pipeline.model_options import DTYPE_ALIASES as DTYPE_ALIASES
+from latentpatch.pipeline.model_options import DTYPES as DTYPES
+from latentpatch.pipeline.model_options import MODEL_HELP as MODEL_HELP
+from latentpatch.pipeline.model_options import ModelOptions as ModelOptions
 from latentpatch.pipeline.options import option, parse_batch_size, parse_experiments, parse_shard, parse_values
-from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options, component_list
+from latentpatch.pipeline.reader_options import check_probe_options, check_steer_options
 from latentpatch.pipeline.selection import default_pairs_path as default_pairs_path  # tests and bench import it here
 
 if TYPE_CHECKING:
-    from latentpatch.model.latent import LatentModel
-
-#: ``--dtype`` values (``load_model`` also takes the aliases fp32, bf16, fp16, half).
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-DTYPE_ALIASES: tuple[str, ...] = ("fp32", "float", "bf16", "fp16", "half")
+    pass
 
 #: ``--figure-formats``: figure files matplotlib writes besides the PNG the report embeds.
 FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
@@ -53,104 +57,11 @@ FIGURE_FORMATS: tuple[str, ...] = ("svg", "pdf", "png")
 ENGINES: tuple[str, ...] = ("fast", "reference")
 
 
-MODEL_HELP = (
-    "Model spec: default (the shipped model), codi:DIR or codi:ORG/NAME[@REV] (official CODI checkpoint, "
-    "local or on the hub; with --base or --preset), coconut:FILE or coconut:ORG/NAME[:FILE][@REV], "
-    "dir:PATH (latentpatch model dir), gguf:PATH, or config:llama|gpt2 (a small random model, for a demo). "
-    "`latentpatch models` lists the released checkpoints."
-)
-
-
 @dataclass
-class ModelOptions:
-    """The options of :func:`latentpatch.model.load.load_model` (``run``, ``eval``, ``inspect``)."""
-
-    model: str = option("default", MODEL_HELP, concern="model")
-    base: str | None = option(
-        None,
-        "Base model of a codi:/coconut: checkpoint: a local dir or a hub name ORG/NAME[@REV] (config and tokenizer).",
-        concern="model",
-    )
-    preset: str | None = option(
-        None,
-        "Settings of a released CODI checkpoint: codi-gpt2, codi-llama1b or codi-llama1b-instruct "
-        "(see `latentpatch models`).",
-        concern="model",
-    )
-    lora_r: int | None = option(
-        None,
-        "LoRA rank of a codi: checkpoint (0 = checkpoint without LoRA; default: read from the file).",
-        omit_if_unset=True,
-        concern="model",
-    )
-    lora_alpha: float | None = option(
-        None, "LoRA alpha of a codi: checkpoint (scaling = alpha / r).", omit_if_unset=True, concern="model"
-    )
-    lora_targets: str | None = option(
-        None, "Comma-separated LoRA target modules of a codi: checkpoint.", omit_if_unset=True, concern="model"
-    )
-    prj_dim: int | None = option(
-        None,
-        "Projection width of a codi: checkpoint (default: read from the file).",
-        omit_if_unset=True,
-        concern="model",
-    )
-    prj_ln: bool | None = option(
-        None,
-        "The projection of a codi: checkpoint ends with a LayerNorm (default: read from the file).",
-        flags="--prj-ln/--no-prj-ln",
-        omit_if_unset=True,
-        concern="model",
-    )
-    num_latent: int | None = option(
-        None, "Number of continuous thoughts (default: the model's).", omit_if_unset=True, concern="model"
-    )
-    remove_eos: bool | None = option(
-        None,
-        "No [EOS] around the thoughts of a codi: checkpoint (CODI's --remove_eos).",
-        flags="--remove-eos/--keep-eos",
-        omit_if_unset=True,
-        concern="model",
-    )
-    eos_id: int | None = option(
-        None, "End-of-sequence token id of a codi: checkpoint.", omit_if_unset=True, concern="model"
-    )
-    answer_prefix: str | None = option(
-        None,
-        "Text a codi: checkpoint emits before the number (default: 'The answer is: ').",
-        omit_if_unset=True,
-        concern="model",
-    )
-    device: str = option("cpu", "Device: cpu, cuda, cuda:1, ...", concern="model")
-    dtype: str = option("float32", "Weights and activations: " + ", ".join(DTYPES) + ".", concern="model")
-    pccot_round: int | None = option(
-        None,
-        "The Jacobi round whose slots are the sites of a pccot: model (default: the last).",
-        omit_if_unset=True,
-        concern="model",
-    )
-
-    def load(self) -> LatentModel:
-        """The model these options name (``load_model`` checks dtype, device and the overrides)."""
-        from latentpatch.model.load import load_model
-
-        overrides = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions) if f.metadata["omit_if_unset"]
-        }
-        # an empty --base/--preset (e.g. from a config file) means "not given"
-        return load_model(
-            self.model,
-            base=self.base or None,
-            preset=self.preset or None,
-            dtype=self.dtype,
-            device=self.device,
-            **overrides,
-        )
-
-
-@dataclass
-class RunConfig(ModelOptions):
-    """Every option of ``latentpatch run``: the model options plus those of the run itself.
+class RunConfig(ExperimentOptions):
+    """Every option of ``latentpatch run``: the model options, the options of the experiments beyond
+    the sweeps (:class:`~latentpatch.pipeline.experiment_options.ExperimentOptions`), and those of the
+    run itself.
 
     >>> RunConfig(limit=5).result_hash() == RunConfig(limit=5, out="elsewhere").result_hash()
     True
@@ -247,91 +158,10 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
-    questions: str | None = option(
-        None,
-        "With --experiments probe: the question set (pair file with intermediates, question JSON/JSONL, or "
-        "GSM8K-style worked solutions; docs/method.md §16); default: the run's pairs, both sides.",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    skip_unparsed: bool | None = option(
-        None,
-        "With --questions: leave out worked solutions that cannot be parsed (the manifest counts them).",
-        flags="--skip-unparsed/--no-skip-unparsed",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    probe_components: str | None = option(
-        None,
-        "With --experiments probe: components recorded at every layer besides the thoughts (comma list; "
-        "default resid_out).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    probe_min_count: int | None = option(
-        None,
-        "With --experiments probe: a label value is a class only with at least N questions (default 10).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    probe_regression: bool | None = option(
-        None,
-        "With --experiments probe: also a ridge regression per numeric label and site (held-out R^2 for magnitudes).",
-        flags="--probe-regression/--no-probe-regression",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    activation_dtype: str | None = option(
-        None,
-        "With --experiments probe: dtype of the stored activations, float32 (default) or float16.",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    steer_alphas: str | None = option(
-        None,
-        "With --experiments steer: comma list of alphas, in units of the site's typical clean/corrupted "
-        "difference (default -2,-1,1,2).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    steer_layers: str | None = option(
-        None,
-        "With --experiments steer: comma list of layers steered (default: every layer).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    steer_controls: int | None = option(
-        None,
-        "With --experiments steer: random directions of the same norm per site (default 2).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    steer_vector: str | None = option(
-        None,
-        "With --experiments steer: the direction, a .npy/.pt file ([d] or [layers, thoughts, d]); default: "
-        "the mean source - target difference at each site.",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    steer_direction: str | None = option(
-        None,
-        "With --experiments steer: meandiff (default: the pairs' mean source - target difference), "
-        "label:NAME=A,B (mean activation of questions with label A minus B) or probe:NAME=V (a probe's weight "
-        "vector of value V); label and probe read the probe experiment's activations (add probe).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
     lens: str = option(
         DEFAULT_LENS,
         "With --experiments lens: logit (each layer through the final norm and LM head), tuned (through a "
         "per-layer affine translator first, trained on the run's questions; docs/method.md §14.1) or both.",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    edge_heads: bool | None = option(
-        None,
-        "With --experiments edges: also knock out each attention edge in each head alone (docs/method.md §17).",
-        flags="--edge-heads/--no-edge-heads",
         omit_if_unset=True,
         concern="experiments",
     )
@@ -356,40 +186,6 @@ class RunConfig(ModelOptions):
         omit_if_unset=True,
         concern="execution",
         results=False,
-    )
-    das_sites: str | None = option(
-        None,
-        "With --experiments das: comma list of sites, thought.tP, thought_pre.tP or COMPONENT.LN.tP (P, N may "
-        "be *; default thought.t*).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    das_k: str | None = option(
-        None,
-        "With --experiments das: comma list of subspace sizes k (default 1,2,4,8,16; k = d, the full "
-        "interchange, is always run).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    das_variable: str | None = option(
-        None,
-        "With --experiments das: the high-level variable, intermediate:S (default intermediate:0: the base "
-        "problem recomputed with step S forced to the source's value), answer (the source's answer) or "
-        "column:NAME (each pair's clean side names the counterfactual answer of clean <- corrupted).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    das_steps: int | None = option(
-        None,
-        "With --experiments das: training steps per site and k (default 100, batches of 16 pairs).",
-        omit_if_unset=True,
-        concern="experiments",
-    )
-    das_pairs: int | None = option(
-        None,
-        "With --experiments das: training interchange pairs (default 256; held-out pairs: half as many).",
-        omit_if_unset=True,
-        concern="experiments",
     )
     seeds: int = option(
         1,
@@ -438,6 +234,16 @@ class RunConfig(ModelOptions):
     CONFIG_HASH_VERSION: ClassVar[int] = 2
 
     @classmethod
+    def option_fields(cls) -> list[dataclasses.Field]:
+        """The options in the order ``--help`` and the manifest show them: the model's, the run's own,
+        then the experiments' (:class:`ExperimentOptions`, declared in their own module)."""
+        experiment = {f.name for f in dataclasses.fields(ExperimentOptions)} - {
+            f.name for f in dataclasses.fields(ModelOptions)
+        }
+        fields = dataclasses.fields(cls)
+        return [f for f in fields if f.name not in experiment] + [f for f in fields if f.name in experiment]
+
+    @classmethod
     def result_keys(cls) -> tuple[str, ...]:
         """The options that change numbers in ``results/`` (declared with ``results=True``)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["results"])
@@ -449,7 +255,7 @@ class RunConfig(ModelOptions):
         >>> RunConfig.options_of("output")
         ('out', 'report', 'figure_formats', 'wandb', 'wandb_project')
         """
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["concern"] == concern)
+        return tuple(f.name for f in cls.option_fields() if f.metadata["concern"] == concern)
 
     def validate(self) -> None:
         """Raise a :class:`LatentPatchError` naming the option for the first bad value (dtype and
@@ -518,26 +324,6 @@ class RunConfig(ModelOptions):
                 f"--{given[0]} applies to attribution patching only; fix: add atp to --experiments, or drop the option"
             )
 
-    @property
-    def probe_component_list(self) -> tuple[str, ...]:
-        """The components the probe stage records (``--probe-components``, default ``resid_out``)."""
-        return component_list(self.probe_components)
-
-    @property
-    def steer_alpha_values(self) -> tuple[float, ...]:
-        """``--steer-alphas`` as numbers (default -2, -1, 1, 2)."""
-        return tuple(float(a) for a in (self.steer_alphas or "-2,-1,1,2").split(","))
-
-    @property
-    def steer_layer_values(self) -> tuple[int, ...] | None:
-        """``--steer-layers`` as numbers (None: every layer)."""
-        return None if self.steer_layers is None else tuple(int(x) for x in self.steer_layers.split(","))
-
-    @property
-    def steer_control_count(self) -> int:
-        """``--steer-controls`` (default 2)."""
-        return 2 if self.steer_controls is None else self.steer_controls
-
     def _check_shardable(self) -> None:
         """``merge`` joins every stage's per-pair files and every pooled value is computed over all
         shards' pairs (the run's one value pool: ``pipeline.values.run_value_pool``), except per-head
@@ -568,7 +354,7 @@ class RunConfig(ModelOptions):
         ['model', 'base', 'preset', 'lora_r', 'pairs', 'experiments']
         """
         d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
+        for f in self.option_fields():
             value = getattr(self, f.name)
             if f.metadata.get("omit_if_unset") and (value is None or value == f.default):
                 continue
