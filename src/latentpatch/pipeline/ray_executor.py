@@ -98,7 +98,10 @@ def connect(address: str | None) -> bool:
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         where = f"--ray-address {address}" if address else "a local Ray cluster"
-        raise LatentPatchError(f"{where}: Ray did not start ({' '.join(str(err).split())[:200]})") from None
+        fix = "check the head's address (ray status on it)" if address else "check `ray start --head` runs here"
+        reason = " ".join(str(err).split())[:200]
+        message = f"{where}: Ray did not start ({reason}); fix: {fix}, or run without --executor ray"
+        raise LatentPatchError(message) from None
     return True
 
 
