@@ -73,7 +73,7 @@ def test_the_check_passes_on_the_real_sweep(setup):
 
 
 def broken(metric=None, shift=0.0, answer=None):
-    """The real sweep with every cell's ``metric`` moved by ``shift`` (NaN: set to NaN) and/or its answer ids replaced."""
+    """The real sweep, every cell's ``metric`` moved by ``shift`` (NaN: set to NaN), its answer ids replaced."""
     real = edge_check.edge_sweep
 
     def sweep(*args, **kwargs):

@@ -138,6 +138,6 @@ def check_edges_engine_reference(
         "threshold": threshold,
         "cells": len(picked),
         "answers_differ": other_answers,
-        "detail": f"max |sweep - plain rollout| / max(1, |plain|) over {len(picked)} random edges of pair {base.pair_id}, metrics "
-        f"{', '.join(COMPARED)}; greedy answers differ in {other_answers} of them",
+        "detail": f"max |sweep - plain rollout| / max(1, |plain|) over {len(picked)} random edges of pair "
+        f"{base.pair_id}, metrics {', '.join(COMPARED)}; greedy answers differ in {other_answers} of them",
     }
