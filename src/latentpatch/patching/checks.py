@@ -15,6 +15,8 @@ Each check returns ``{"passed": bool, "value": float, "threshold": float, "detai
 5. ``steps_engine_reference`` (runs with step-level experiments): the same for a seeded sample of
    the first pair's step-level specs, relative to max(1, |reference|) (noise interventions make
    the answer logits large).
+6. ``edges_engine_reference`` (runs with ``edges``): the edge sweep of one pair vs one plain rollout
+   per edge on seeded edges (:mod:`latentpatch.patching.edge_check`).
 
 A check cannot pass on broken output: a metric that is NaN (or missing) on one side only counts as
 an infinite difference (:func:`mismatch`), and a NaN KL in the identity check fails it.

@@ -18,6 +18,7 @@ from latentpatch.data.pairs import Pair
 from latentpatch.model.heads import head_shape
 from latentpatch.names import EDGES_DIR, EDGES_EXPERIMENT
 from latentpatch.patching.baselines import PairBaseline
+from latentpatch.patching.edge_check import check_edges_engine_reference
 from latentpatch.patching.edges import (
     Edge,
     edge_sweep,
@@ -82,15 +83,26 @@ def pair_edges(ctx: RunContext, i: int, edges: Sequence[Edge], specs: Sequence[P
 
 
 def edges_stage(ctx: RunContext) -> Stage:
-    """The edges experiment as a stage (``results/edges/NNNNN.json``)."""
+    """The edges experiment as a stage (``results/edges/NNNNN.json``), checked first: the sweep of the
+    first pair vs one plain rollout per edge on a seeded sample of ``--check-cells`` edges
+    (``edges_engine_reference``, fatal with ``--strict``; docs/method.md §8)."""
     model = ctx.model
     K = model.num_latent
     n_heads = head_shape(model.lm)[0] if ctx.config.edge_heads else 0
     edges = knockout_edges(K, n_heads) + path_edges(K)
     specs = sender_specs(K)
 
+    def check() -> dict:
+        # the run's sweep of the first pair (its batch size) vs one plain rollout per sampled edge
+        batch = ctx.batch_size if ctx.config.engine == "fast" else 1
+        return check_edges_engine_reference(model, ctx.bases[0], edges, batch, ctx.config.check_cells, ctx.config.seed)
+
     def prepare() -> Plan:
-        return Plan(work=lambda group: [Done(pair_edges(ctx, i, edges, specs)) for i in group], units=len(edges))
+        return Plan(
+            work=lambda group: [Done(pair_edges(ctx, i, edges, specs)) for i in group],
+            units=len(edges),
+            checks={"edges_engine_reference": check},
+        )
 
     return Stage("edges", EDGES_DIR, "rows", "edges_s", prepare)
 
