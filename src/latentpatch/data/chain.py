@@ -67,7 +67,7 @@ def _tree(expression: str) -> ast.expr:
 
 def _literals(node: ast.expr) -> list[Fraction]:
     """The number literals of ``node`` in evaluation order (ValueError for anything else)."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return [exact(node.value)]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         return _literals(node.operand)
@@ -150,7 +150,8 @@ def parse_chain(annotations: Sequence[tuple[str, str]], answer: int | float, que
 
     >>> parse_chain([("3*4", "12"), ("12+12", "24")], 24).refs  # both 12s reference step 0
     ((), ((0, 0), (1, 0)))
-    >>> parse_chain([("2*3", "6"), ("3+3", "6"), ("6+1", "7")], 7), parse_chain([("2*3", "6"), ("6+1", "7")], 7, "6 boxes")
+    >>> two_sixes = parse_chain([("2*3", "6"), ("3+3", "6"), ("6+1", "7")], 7)
+    >>> two_sixes, parse_chain([("2*3", "6"), ("6+1", "7")], 7, "6 boxes")
     ('ambiguous', 'ambiguous')
     >>> parse_chain([("10/3", "3.33")], 3.33), parse_chain([("2^3", "8")], 8), parse_chain([("2*3", "6")], 7)
     ('inconsistent', 'unparsed', 'no_answer_step')
@@ -170,9 +171,9 @@ def parse_chain(annotations: Sequence[tuple[str, str]], answer: int | float, que
         return "unparsed"
     given = question_numbers(question)
     refs = []
-    for i, found in enumerate(literals):
+    for i, operands in enumerate(literals):
         step_refs = []
-        for at, v in enumerate(found):
+        for at, v in enumerate(operands):
             earlier = [j for j in range(i) if results[j] == v]
             if len(earlier) > 1 or (earlier and v in given):
                 return "ambiguous"

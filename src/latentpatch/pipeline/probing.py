@@ -34,6 +34,7 @@ from latentpatch.files import atomic_write_bytes
 from latentpatch.names import (
     ACTIVATION_SHARD,
     ACTIVATIONS_DIR,
+    DAS_EXPERIMENT,
     PROBE_EXPERIMENT,
     PROBES_FILE,
     QUESTIONS_FILE,
@@ -71,7 +72,7 @@ def question_set(ctx: RunContext, all_pairs: Sequence[Pair]) -> QuestionSet:
 
 def check_question_file(config) -> None:
     """Load ``--questions`` once before the run starts, so a bad record is one line before any work."""
-    if PROBE_EXPERIMENT in config.experiments and config.questions:
+    if (PROBE_EXPERIMENT in config.experiments or DAS_EXPERIMENT in config.experiments) and config.questions:
         from latentpatch.data.questions import load_questions
 
         load_questions(config.questions, skip_unparsed=bool(config.skip_unparsed))
