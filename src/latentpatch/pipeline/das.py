@@ -130,8 +130,9 @@ def counterfactual(kind: str, arg: str, base: Problem, source: Problem) -> float
     if base.results[step] == source.results[step]:
         return None
     if isinstance(base.program, Chain):  # a GSM8K worked solution (data/chain.py)
-        value = base.program.forced(step, source.results[step])
-        return None if value is None else float(value)
+        values = base.program.recompute(step, source.results[step])
+        valid = values is not None and min(values) >= 0  # as program_results: no negative count
+        return float(values[base.program.answer_step]) if valid and values is not None else None
     forced = program_results(base.program, forced={step: int(source.results[step])})
     return None if forced is None else float(forced[-1])
 

@@ -72,10 +72,14 @@ def question_set(ctx: RunContext, all_pairs: Sequence[Pair]) -> QuestionSet:
 
 def check_question_file(config) -> None:
     """Load ``--questions`` once before the run starts, so a bad record is one line before any work."""
-    if (PROBE_EXPERIMENT in config.experiments or DAS_EXPERIMENT in config.experiments) and config.questions:
+    if PROBE_EXPERIMENT in config.experiments and config.questions:
         from latentpatch.data.questions import load_questions
 
         load_questions(config.questions, skip_unparsed=bool(config.skip_unparsed))
+    if DAS_EXPERIMENT in config.experiments and config.questions:  # the das variable on this set
+        from latentpatch.pipeline.das_questions import check_das_questions
+
+        check_das_questions(config)
 
 
 def shard_path(ctx: RunContext, k: int):
