@@ -59,8 +59,7 @@ JAMES = (
     {0: lambda v: v * 2 * 52, 1: lambda v: v * 52, 2: lambda v: v},
 )
 WENG = (
-    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did "
-    "she earn?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
     "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
     "$<<0.2x50=10>>10.\n#### 10",
     {0: lambda v: v * 50, 1: lambda v: v},
@@ -109,13 +108,19 @@ def test_ambiguous_and_unusable_chains_are_named():
 # ---- the real GSM8K pairs (read-only, when the shared data is present) ----------------------------
 #: Hand-written worked solutions of three pairs of the shared file, from the number that varies.
 REAL_SOLUTIONS = {
-    r"ducks lay (\d+) eggs": lambda n: f"She sells {n}-3-4=<<{n}-3-4={n - 7}>>{n - 7} eggs.\n"
-    f"She makes {n - 7}*2=<<{n - 7}*2={2 * (n - 7)}>>{2 * (n - 7)} dollars.\n#### {2 * (n - 7)}",
-    r"Charleston has (\d+) times": lambda n: f"Charleston has {n}*20=<<{n}*20={20 * n}>>{20 * n}.\n"
-    f"Toulouse has 2*{20 * n}=<<2*{20 * n}={40 * n}>>{40 * n}.\n"
-    f"Together 20+{40 * n}+{20 * n}=<<20+{40 * n}+{20 * n}={60 * n + 20}>>{60 * n + 20}.\n#### {60 * n + 20}",
-    r"during his (\d+)-mile": lambda n: f"The second stop is at {n}-15=<<{n}-15={n - 15}>>{n - 15} miles.\n"
-    f"He travelled {n - 15}-20=<<{n - 15}-20={n - 35}>>{n - 35} miles.\n#### {n - 35}",
+    r"ducks lay (\d+) eggs": lambda n: (
+        f"She sells {n}-3-4=<<{n}-3-4={n - 7}>>{n - 7} eggs.\n"
+        f"She makes {n - 7}*2=<<{n - 7}*2={2 * (n - 7)}>>{2 * (n - 7)} dollars.\n#### {2 * (n - 7)}"
+    ),
+    r"Charleston has (\d+) times": lambda n: (
+        f"Charleston has {n}*20=<<{n}*20={20 * n}>>{20 * n}.\n"
+        f"Toulouse has 2*{20 * n}=<<2*{20 * n}={40 * n}>>{40 * n}.\n"
+        f"Together 20+{40 * n}+{20 * n}=<<20+{40 * n}+{20 * n}={60 * n + 20}>>{60 * n + 20}.\n#### {60 * n + 20}"
+    ),
+    r"during his (\d+)-mile": lambda n: (
+        f"The second stop is at {n}-15=<<{n}-15={n - 15}>>{n - 15} miles.\n"
+        f"He travelled {n - 15}-20=<<{n - 15}-20={n - 35}>>{n - 35} miles.\n#### {n - 35}"
+    ),
 }
 
 
@@ -240,7 +245,8 @@ def test_bad_question_sets_are_one_line(tmp_path):
     from latentpatch.pipeline.run import run_experiments
 
     path = tmp_path / "q.jsonl"
-    path.write_text(json.dumps({"question": "2 times 3, and 6 more?", "answer": "<<2*3=6>>6 <<6+6=12>>12\n#### 12"}) + "\n")
+    record = {"question": "2 times 3, and 6 more?", "answer": "<<2*3=6>>6 <<6+6=12>>12\n#### 12"}
+    path.write_text(json.dumps(record) + "\n")
     options = dict(experiments=("das",), das_sites="thought.t1", das_k="1", das_steps=1, threads=1)
     with pytest.raises(LatentPatchError, match=r"--questions .*none of its 1 questions has a usable .*1 ambiguous"):
         run_experiments(RunConfig(out=str(tmp_path / "a"), questions=str(path), **options), progress=False)

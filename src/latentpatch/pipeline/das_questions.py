@@ -22,8 +22,8 @@ from latentpatch.data.questions import LabelledQuestion, QuestionSet, load_quest
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import write_json
 from latentpatch.names import DAS_CHAINS_FILE, DAS_EXPERIMENT
-from latentpatch.pipeline.das_options import das_variable
 from latentpatch.pipeline.config import RunConfig
+from latentpatch.pipeline.das_options import das_variable
 from latentpatch.pipeline.manifest import RunContext
 
 
