@@ -43,8 +43,10 @@ def check_probe_options(cfg: RunConfig) -> None:
         check_question_path(cfg)
     if PROBE_EXPERIMENT not in cfg.experiments:
         if given:
+            both = given[0] in ("questions", "skip-unparsed")  # das reads --questions too
+            which, add = ("probe and das experiments", "probe or das") if both else ("probe experiment", "probe")
             raise LatentPatchError(
-                f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
+                f"--{given[0]} applies to the {which} only; fix: add {add} to --experiments, or drop it"
             )
         return
     check_question_path(cfg)
