@@ -255,3 +255,26 @@ def test_bad_question_sets_are_one_line(tmp_path):
         run_experiments(config, progress=False)
     with pytest.raises(LatentPatchError, match="--questions .*no such file"):
         RunConfig(questions=str(tmp_path / "none.json"), **options).validate()
+
+
+def test_pair_file_keeps_the_program_path(tmp_path):
+    """A pair file given as --questions: both sides with their synthetic programs (the run's path) and the
+    synthetic counterfactual (the model is a stand-in: only its prompt ids are read)."""
+    from types import SimpleNamespace
+
+    from latentpatch.data.synthetic import program_results
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.das import counterfactual
+    from latentpatch.pipeline.das_questions import question_problems
+    from latentpatch.pipeline.progress import RunProgress
+    from latentpatch.pipeline.selection import default_pairs_path
+
+    model = SimpleNamespace(prompt_ids=lambda text: [len(text)])
+    ctx = SimpleNamespace(model=model, paths=SimpleNamespace(results=tmp_path), progress=RunProgress())
+    ctx.config = RunConfig(experiments=("das",), questions=str(default_pairs_path()))
+    problems = question_problems(ctx)
+    assert all(p.program is not None for p in problems) and len({p.group for p in problems}) * 2 == len(problems)
+    b, s = problems[0], problems[3]
+    expected = program_results(b.program, forced={0: program_results(s.program)[0]})
+    assert counterfactual("intermediate", "0", b, s) == (None if expected is None else float(expected[-1]))
+    assert not (tmp_path / "das_chains.json").exists()  # only worked solutions are counted
