@@ -25,6 +25,7 @@ import pytest
 
 from latentpatch.data.chain import Chain, parse_chain
 from latentpatch.data.gsm8k import parse_worked_solution, record_annotations
+from latentpatch.data.synthetic import program_results
 from latentpatch.errors import LatentPatchError
 
 REAL_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_clean_corrupted_pairs.json"
@@ -182,18 +183,14 @@ def plain_forced(program, step: int, value: int) -> Fraction | None:
     return results[-1]
 
 
-@pytest.fixture(scope="module")
-def question_run(tmp_path_factory):
-    """A GSM8K-layout question file of the shipped pairs (each side's ``cot`` as its worked solution,
-    its pair as group), plus one unparseable solution; one short das run on it."""
+def solution_file(root: Path, n_pairs: int) -> tuple[Path, list]:
+    """A GSM8K-layout file of the shipped pairs' first ``n_pairs`` (each side's ``cot`` as its worked
+    solution, its pair as group) and one unparseable record; the (group, question, program, answer) list."""
     from latentpatch.data.pairs import load_pairs
-    from latentpatch.pipeline.config import RunConfig
-    from latentpatch.pipeline.run import run_experiments
     from latentpatch.pipeline.selection import default_pairs_path
 
-    root = tmp_path_factory.mktemp("dasq")
     problems, records = [], []
-    for pair in load_pairs(default_pairs_path())[:24]:
+    for pair in load_pairs(default_pairs_path())[:n_pairs]:
         for name in ("clean", "corrupted"):
             v = pair.variant(name)
             solution = v.extra["cot"].replace("> <", ">\n<") + f"\n#### {v.answer}"
@@ -203,6 +200,42 @@ def question_run(tmp_path_factory):
     records.append({"id": "odd", "question": "What is 2 to the 3?", "answer": "<<2**3=8>>8\n#### 8"})
     path = root / "solutions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, problems
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_drawn_examples_are_the_programs_counterfactuals(tmp_path, step):
+    """Every example drawn from a GSM8K set (all 57 pairs, the model a stand-in whose prompt ids name the
+    question) has the counterfactual of the synthetic program with that step forced, computed here."""
+    from types import SimpleNamespace
+
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.das import draw_examples
+    from latentpatch.pipeline.das_questions import question_problems
+    from latentpatch.pipeline.progress import RunProgress
+
+    path, problems = solution_file(tmp_path, 57)
+    index = {q: i for i, (_, q, _, _) in enumerate(problems)}
+    model = SimpleNamespace(prompt_ids=lambda text: [index.get(text, -1)])
+    ctx = SimpleNamespace(model=model, paths=SimpleNamespace(results=tmp_path), progress=RunProgress())
+    ctx.config = RunConfig(experiments=("das",), questions=str(path))
+    examples = draw_examples(question_problems(ctx), ("intermediate", str(step)), 200, 0)
+    assert len(examples) >= 50
+    for e in examples:
+        (group, question, program, answer), source = problems[e.base[0]], problems[e.source[0]]
+        assert plain_issue(question, program) is None and plain_issue(source[1], source[2]) is None
+        forced = plain_forced(program, step, program_results(source[2])[step])
+        assert forced is not None and e.counterfactual == float(forced) != answer and e.group == group != source[0]
+
+
+@pytest.fixture(scope="module")
+def question_run(tmp_path_factory):
+    """One short das run on :func:`solution_file` of 24 pairs."""
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.run import run_experiments
+
+    root = tmp_path_factory.mktemp("dasq")
+    path, problems = solution_file(root, 24)
     options = dict(experiments=("das",), das_sites="thought.t1", das_k="1", das_steps=2, das_pairs=8)
     out = run_experiments(
         RunConfig(out=str(root / "r"), questions=str(path), threads=1, use_cache=False, **options),
