@@ -170,7 +170,7 @@ def test_probe_options_are_checked():
     from latentpatch.errors import LatentPatchError
     from latentpatch.pipeline.config import RunConfig
 
-    with pytest.raises(LatentPatchError, match="--questions applies to the probe experiment only"):
+    with pytest.raises(LatentPatchError, match="--questions applies to the probe and das experiments only"):
         RunConfig(questions="q.jsonl").validate()
     RunConfig(experiments=("probe",), shard="0/2").validate()  # shards record, merge fits (test_shard_every_experiment)
     with pytest.raises(LatentPatchError, match="--probe-components: unknown 'nope'"):

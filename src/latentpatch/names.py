@@ -495,3 +495,6 @@ DAS_COLUMNS: list[str] = [
     "hit",
     "train_loss",
 ]
+#: With ``--questions`` of GSM8K worked solutions: how many chains were usable and why the others were
+#: skipped (``data/chain.py`` ISSUES), in ``results/`` (docs/method.md §20.1).
+DAS_CHAINS_FILE = "das_chains.json"

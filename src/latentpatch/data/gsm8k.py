@@ -154,3 +154,16 @@ def record_solution(record: dict, layout: str) -> tuple[int | float, list[int | 
         return to_number(answer), intermediates
     except ValueError:
         raise UnparsedSolution(f"field 'answer' is {answer!r:.40}, not a number", 'give "answer": "<number>"') from None
+
+
+def record_annotations(record: dict, layout: str) -> list[tuple[str, str]]:
+    """The ``(expression, result)`` annotations of a record :func:`record_solution` reads (the worked
+    solution before ``####``, or the ``cot``), for recomputing its chain (:mod:`latentpatch.data.chain`).
+
+    >>> record_annotations({"answer": "2*3 = <<2*3=6>>6 and <<6+1=7>>7\\n#### 7"}, "gsm8k")
+    [('2*3', '6'), ('6+1', '7')]
+    """
+    text = record.get("answer") if layout == "gsm8k" else record.get("cot")
+    if not isinstance(text, str):
+        raise UnparsedSolution(f"no solution text in {layout} record", "give the worked solution as a string")
+    return find_annotations(text.rpartition("####")[0] if layout == "gsm8k" else text)

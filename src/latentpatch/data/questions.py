@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from latentpatch.data.answers import parse_answer
-from latentpatch.data.gsm8k import UnparsedSolution, record_solution, to_number
+from latentpatch.data.gsm8k import UnparsedSolution, record_annotations, record_solution, to_number
 from latentpatch.data.pairs import VARIANTS, Pair, PathLike, scan_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_text
@@ -87,7 +87,8 @@ def read_intermediates(value: Any) -> tuple[int | float, ...] | None:
 class LabelledQuestion:
     """One question with its labels. ``group``: the problem it belongs to (a split keeps a group on
     one side); ``intermediates``: every reasoning step's result in order, or None when unknown;
-    ``labels``: the user's scalar columns; ``source``: ``"pairs"``, ``"questions"`` or ``"gsm8k"``."""
+    ``labels``: the user's scalar columns; ``source``: ``"pairs"``, ``"questions"`` or ``"gsm8k"``;
+    ``annotations``: a GSM8K record's ``(expression, result)`` annotations (None otherwise; not saved)."""
 
     question_id: str
     group: str
@@ -96,6 +97,7 @@ class LabelledQuestion:
     intermediates: tuple[float, ...] | None = None
     labels: dict[str, LabelValue] = field(default_factory=dict, hash=False)
     source: str = "questions"
+    annotations: tuple[tuple[str, str], ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.answer, bool) or not isinstance(self.answer, (int, float)):
@@ -389,6 +391,7 @@ def _from_records(
             raise file.error(where, "missing field 'question'", 'add "question": "<text>"')
         group = _read_text_field(file, record, "group", where, "use a non-empty string or an integer as group") or qid
         labels = _read_labels(file, record, where)
+        annotations: tuple[tuple[str, str], ...] = ()
         if layout == "questions":
             answer = _read_answer(file, record, where)
             try:
@@ -402,11 +405,14 @@ def _from_records(
         else:
             try:
                 answer, steps = record_solution(record, layout)
+                annotations = tuple(record_annotations(record, layout))
             except UnparsedSolution as err:
                 unparsed.append((where, err))
                 continue
             intermediates = tuple(steps)
-        questions.append(LabelledQuestion(qid, group, question, answer, intermediates, labels, source))
+        questions.append(
+            LabelledQuestion(qid, group, question, answer, intermediates, labels, source, annotations or None)
+        )
     if unparsed and not skip_unparsed:
         where, first = unparsed[0]
         more = f" ({len(unparsed) - 1} more unparseable record(s))" if len(unparsed) > 1 else ""

@@ -1,12 +1,15 @@
 """The ``das`` experiment of a run (docs/method.md §20): distributed alignment search per site and k.
 
 1. Problems: both questions of every pair the run keeps (a pair is one group), each with its
-   synthetic program (``extra["program"]``) where it has one; only the problems the model answers
+   synthetic program (``extra["program"]``) where it has one; with ``--questions``, the question
+   set's (:mod:`~latentpatch.pipeline.das_questions`: GSM8K worked solutions bring their parsed
+   ``<<...>>`` chain as program); only the problems the model answers
    right (an interchange of a value the model does not compute says nothing).
 2. Groups are split once (seeded): 30% held out. Interchange examples (base, source, counterfactual)
    are drawn within each side by the high-level variable (``--das-variable``):
    ``intermediate:S``: the base program recomputed with step S forced to the source's value
-   (:func:`~latentpatch.data.synthetic.program_results`); ``answer``: the source's answer;
+   (:func:`~latentpatch.data.synthetic.program_results`; for a worked solution
+   :meth:`Chain.forced <latentpatch.data.chain.Chain.forced>`); ``answer``: the source's answer;
    ``column:NAME``: each pair's clean side (base) and corrupted side (source), the counterfactual in the
    clean variant's field NAME. Only examples whose counterfactual differs from the base answer are kept.
 3. Per site (``--das-sites``) and k (``--das-k``): a subspace trained on the training examples
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from latentpatch.data.chain import Chain
 from latentpatch.data.pairs import VARIANTS, Pair
 from latentpatch.data.synthetic import program_results
 from latentpatch.errors import LatentPatchError
@@ -72,7 +76,7 @@ class Problem:
     prompt: tuple[int, ...]
     answer: float
     program: Any
-    results: tuple[int, ...] | None
+    results: tuple[int | float, ...] | None
     group: str
     extra: dict
 
@@ -125,7 +129,11 @@ def counterfactual(kind: str, arg: str, base: Problem, source: Problem) -> float
         return None
     if base.results[step] == source.results[step]:
         return None
-    forced = program_results(base.program, forced={step: source.results[step]})
+    if isinstance(base.program, Chain):  # a GSM8K worked solution (data/chain.py)
+        values = base.program.recompute(step, source.results[step])
+        valid = values is not None and min(values) >= 0  # as program_results: no negative count
+        return float(values[base.program.answer_step]) if valid and values is not None else None
+    forced = program_results(base.program, forced={step: int(source.results[step])})
     return None if forced is None else float(forced[-1])
 
 
@@ -165,7 +173,12 @@ def make_examples(ctx: RunContext, pairs: Sequence[Pair]) -> tuple[list[Example]
     """(training, held-out) examples of the run's pairs (module docstring, steps 1-2)."""
     model, config = ctx.model, ctx.config
     kind, arg = das_variable(config.das_variable)
-    problems = problems_of(model, pairs)
+    if config.questions:  # the question set's problems (pipeline/das_questions.py)
+        from latentpatch.pipeline.das_questions import question_problems
+
+        problems = question_problems(ctx)
+    else:
+        problems = problems_of(model, pairs)
     preds: list[float | None] = []
     for start in range(0, len(problems), 64):
         preds += model.answer([list(p.prompt) for p in problems[start : start + 64]])

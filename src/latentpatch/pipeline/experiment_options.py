@@ -28,7 +28,8 @@ class ExperimentOptions(ModelOptions):
     questions: str | None = option(
         None,
         "With --experiments probe: the question set (pair file with intermediates, question JSON/JSONL, or "
-        "GSM8K-style worked solutions; docs/method.md §16); default: the run's pairs, both sides.",
+        "GSM8K-style worked solutions; docs/method.md §16); default: the run's pairs, both sides. "
+        "With --experiments das: the problems (§20.1).",
         omit_if_unset=True,
         concern="experiments",
     )

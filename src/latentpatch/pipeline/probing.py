@@ -34,6 +34,7 @@ from latentpatch.files import atomic_write_bytes
 from latentpatch.names import (
     ACTIVATION_SHARD,
     ACTIVATIONS_DIR,
+    DAS_EXPERIMENT,
     PROBE_EXPERIMENT,
     PROBES_FILE,
     QUESTIONS_FILE,
@@ -75,6 +76,10 @@ def check_question_file(config) -> None:
         from latentpatch.data.questions import load_questions
 
         load_questions(config.questions, skip_unparsed=bool(config.skip_unparsed))
+    if DAS_EXPERIMENT in config.experiments and config.questions:  # the das variable on this set
+        from latentpatch.pipeline.das_questions import check_das_questions
+
+        check_das_questions(config)
 
 
 def shard_path(ctx: RunContext, k: int):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latentpatch.errors import LatentPatchError
-from latentpatch.names import COMPONENTS, HEAD_COMPONENT, PROBE_EXPERIMENT, STEER_EXPERIMENT
+from latentpatch.names import COMPONENTS, DAS_EXPERIMENT, HEAD_COMPONENT, PROBE_EXPERIMENT, STEER_EXPERIMENT
 
 if TYPE_CHECKING:
     from latentpatch.pipeline.config import RunConfig
@@ -38,16 +38,18 @@ def check_probe_options(cfg: RunConfig) -> None:
         )
         if getattr(cfg, n) is not None
     ]
+    if DAS_EXPERIMENT in cfg.experiments:  # das reads --questions too (docs/method.md §20.1)
+        given = [g for g in given if g not in ("questions", "skip-unparsed")]
+        check_question_path(cfg)
     if PROBE_EXPERIMENT not in cfg.experiments:
         if given:
+            both = given[0] in ("questions", "skip-unparsed")  # das reads --questions too
+            which, add = ("probe and das experiments", "probe or das") if both else ("probe experiment", "probe")
             raise LatentPatchError(
-                f"--{given[0]} applies to the probe experiment only; fix: add probe to --experiments, or drop it"
+                f"--{given[0]} applies to the {which} only; fix: add {add} to --experiments, or drop it"
             )
         return
-    if cfg.questions is not None and not Path(cfg.questions).is_file():
-        raise LatentPatchError(
-            f"--questions {cfg.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
-        )
+    check_question_path(cfg)
     if cfg.probe_min_count is not None and cfg.probe_min_count < 2:
         raise LatentPatchError(f"--probe-min-count must be >= 2 (got {cfg.probe_min_count})")
     if cfg.activation_dtype not in (None, "float32", "float16"):
@@ -104,3 +106,11 @@ def check_steer_options(cfg: RunConfig) -> None:
                 f"--steer-direction {cfg.steer_direction}: --component {cfg.component} is not recorded by the "
                 "probes; fix: add it to --probe-components"
             )
+
+
+def check_question_path(cfg: RunConfig) -> None:
+    """``--questions`` names a file (probe and das read it)."""
+    if cfg.questions is not None and not Path(cfg.questions).is_file():
+        raise LatentPatchError(
+            f"--questions {cfg.questions}: no such file; fix: give a pair, question or GSM8K file (docs/method.md §16)"
+        )
