@@ -245,6 +245,31 @@ def question_run(tmp_path_factory):
     return out, problems
 
 
+def test_sharded_question_run_merges_to_the_unsharded_files(question_run, tmp_path):
+    """A shard with sites counts every question's chain and fits its share of the sites (shard 0 the
+    one site here, shard 1 none); merge copies the chain counts and joins the sites into the
+    unsharded run's das.parquet."""
+    from latentpatch.pipeline.config import RunConfig
+    from latentpatch.pipeline.merge import merge_runs
+    from latentpatch.pipeline.run import run_experiments
+
+    full, _ = question_run
+    config = json.loads((full / "manifest.json").read_text())["config"]
+    options = dict(experiments=("das",), das_sites="thought.t1", das_k="1", das_steps=2, das_pairs=8, report=False)
+    shards = [
+        run_experiments(
+            RunConfig(out=str(tmp_path / f"s{i}"), questions=config["questions"], shard=f"{i}/2", threads=1,
+                      use_cache=False, **options),
+            progress=False,
+            command="test",
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    merged = merge_runs(shards, tmp_path / "merged", report=False)
+    for name in ("results/das_chains.json", "results/das.parquet", "results/das/thought.t1.k1.json"):
+        assert (merged / name).read_bytes() == (full / name).read_bytes(), name
+
+
 def test_run_with_questions_counts_chains(question_run):
     out, problems = question_run
     chains = json.loads((out / "results" / "das_chains.json").read_text())

@@ -197,7 +197,7 @@ def _das_files(dirs: Sequence[Path], out: Path) -> None:
     """A sharded das run (docs/method.md §20): shard i fitted the sites j with j mod N == i on every
     pair's examples; their files are copied (a name in two shards is refused) and ``das.parquet``
     assembled from all of them."""
-    from latentpatch.names import DAS_DIR
+    from latentpatch.names import DAS_CHAINS_FILE, DAS_DIR
 
     found: dict[str, Path] = {}
     for d in dirs:
@@ -205,6 +205,13 @@ def _das_files(dirs: Sequence[Path], out: Path) -> None:
             if f.name in found:
                 raise LatentPatchError(f"{f} is also in {found[f.name].parent}; fix: merge the unchanged shards")
             found[f.name] = f
+    # a shard with sites counts every question's chain (one without a site writes none)
+    chains = [f for f in (RunPaths(d).results / DAS_CHAINS_FILE for d in dirs) if f.is_file()]
+    if chains:
+        if any(f.read_bytes() != chains[0].read_bytes() for f in chains):
+            raise LatentPatchError(f"the shards' {DAS_CHAINS_FILE} differ; fix: merge the shards of one question set")
+        (RunPaths(out).results).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chains[0], RunPaths(out).results / DAS_CHAINS_FILE)
     if not found:
         return
     target = RunPaths(out).results / DAS_DIR
