@@ -35,7 +35,8 @@ TABLE_METRICS: tuple[str, ...] = ("recovery", "kl", "answer_logit_diff")
 CHECKS_NOTE = (
     '<p class="note">identity: KL of a self-patch; full_restoration: max |Δlogit| of a layer-0 full patch; '
     "live_thoughts: thoughts differ and ablating them changes answers; "
-    "engine_reference: fast engine vs one rollout per patch (docs/method.md §8).</p>"
+    "engine_reference: fast engine vs one rollout per patch; steps_engine_reference, edges_engine_reference: "
+    "the same for the step-level and edge experiments, when they run (docs/method.md §8).</p>"
 )
 
 
