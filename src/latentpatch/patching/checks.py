@@ -60,7 +60,7 @@ def mismatch(fast: float | None, reference: float | None) -> float:
     return abs(fast - reference)
 
 
-def _tolerance(model: LatentModel, fp32: float) -> float:
+def tolerance(model: LatentModel, fp32: float) -> float:
     """``fp32`` (float noise of reordered fp32 matmuls) for fp32 models, else a bf16/fp16 tolerance."""
     # bf16 has ~3 significant digits: batched vs unbatched matmuls legitimately differ more.
     return fp32 if model.dtype == torch.float32 else 5e-2
@@ -77,7 +77,7 @@ def check_identity(
         cells = sweep_fast(model, base, specs, own_values(base))
         nans += sum(math.isnan(c["kl"]) for c in cells)
         worst = max([worst] + [c["kl"] for c in cells if not math.isnan(c["kl"])])
-    threshold = _tolerance(model, 1e-6)
+    threshold = tolerance(model, 1e-6)
     if nans:
         worst = math.inf
     return {
@@ -113,7 +113,7 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
         ]
         r = model.rollout([tgt], writes=writes)
         worst = max(worst, float((r.answer_logits - s.answer_logits).abs().max()))
-    threshold = _tolerance(model, 1e-4)
+    threshold = tolerance(model, 1e-4)
     return {
         "passed": covered == 0 or worst <= threshold,
         "value": worst,
@@ -186,7 +186,7 @@ def check_engine_reference(
             worst = max([worst] + [mismatch(f.get(k), r.get(k)) for k in COMPARED])
             other_answers += list(f["answer_ids"]) != list(r["answer_ids"])
             compared += 1
-    threshold = _tolerance(model, 1e-4)
+    threshold = tolerance(model, 1e-4)
     return {
         "passed": worst <= threshold and other_answers == 0,
         "value": worst,
@@ -222,7 +222,7 @@ def check_steps_engine_reference(
             a, b = f.get(k), r.get(k)
             scale = 1.0 if b is None or math.isnan(b) else max(1.0, abs(b))
             worst = max(worst, mismatch(a, b) / scale)
-    threshold = _tolerance(model, 1e-4)
+    threshold = tolerance(model, 1e-4)
     return {
         "passed": worst <= threshold,
         "value": worst,

@@ -25,8 +25,8 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.names import ALL_HEADS, EDGE_PATH
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.cells import cell_results, reference_answers
-from latentpatch.patching.checks import COMPARED, _tolerance, mismatch
-from latentpatch.patching.edges import Edge, HeadMask, SenderKV, _Swaps, edge_columns, edge_sweep
+from latentpatch.patching.checks import COMPARED, mismatch, tolerance
+from latentpatch.patching.edges import CacheSwaps, Edge, HeadMask, SenderKV, edge_columns, edge_sweep
 from latentpatch.patching.engine import EngineOptions
 from latentpatch.patching.specs import PatchSpec
 
@@ -43,6 +43,19 @@ def plain_sender_kv(model: LatentModel, prompt: Sequence[int], thought: torch.Te
 
 
 @torch.no_grad()
+def _dropped_keys(
+    model: LatentModel, edge: Edge, T_q: int, roles: Sequence[str] | None
+) -> tuple[list[int], torch.Tensor]:
+    """The edge's key columns and the knockout mask ``[1, H, T_q + K + n_answer]`` (True: dropped)."""
+    n_heads = head_shape(model.lm)[0]
+    cols = edge_columns(edge, T_q, model.num_latent, n_heads, roles)
+    width = T_q + model.num_latent + len(model.answer_start_ids())
+    drop = torch.zeros(1, n_heads, width, dtype=torch.bool, device=model.device)
+    heads = slice(None) if edge.head == ALL_HEADS else slice(edge.head, edge.head + 1)
+    drop[0, heads, cols] = True
+    return cols, drop
+
+
 def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Sequence[str] | None = None) -> dict:
     """The metric dict of one edge on the pair's target run by one plain rollout (module docstring);
     the same keys as :func:`~latentpatch.patching.edges.edge_sweep`'s cells. Refused edges raise
@@ -61,14 +74,8 @@ def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Se
     True
     """
     prompt = list(base.target.prompt)  # batch of one: no padding, columns are absolute
-    T_q, K = len(prompt), model.num_latent
-    n_heads = head_shape(model.lm)[0]
-    cols = edge_columns(edge, T_q, K, n_heads, roles)
-    n_answer = len(model.answer_start_ids())
-    width = T_q + K + n_answer
-    drop = torch.zeros(1, n_heads, width, dtype=torch.bool, device=model.device)  # [1, H, T]: the knocked-out keys
-    heads = slice(None) if edge.head == ALL_HEADS else slice(edge.head, edge.head + 1)
-    drop[0, heads, cols] = True
+    K, n_answer = model.num_latent, len(model.answer_start_ids())
+    cols, drop = _dropped_keys(model, edge, len(prompt), roles)
     is_path = edge.kind == EDGE_PATH
     kv: SenderKV = []
     if is_path:
@@ -80,7 +87,7 @@ def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Se
         mask = torch.zeros(1, K, dtype=torch.bool, device=model.device)
         mask[0, edge.start :] = True
     state, h = model.prefill([prompt])  # the full prompt pass: nothing shared with the sweep
-    swaps = _Swaps(state)
+    swaps = CacheSwaps(state)
     with HeadMask(model.lm) as masks:
 
         def apply(p: int, length: int) -> None:
@@ -131,7 +138,7 @@ def check_edges_engine_reference(
             scale = 1.0 if b is None or math.isnan(b) else max(1.0, abs(b))
             worst = max(worst, mismatch(cells[r].get(k), b) / scale)
         other_answers += list(cells[r]["answer_ids"]) != list(ref["answer_ids"])
-    threshold = _tolerance(model, 1e-4)
+    threshold = tolerance(model, 1e-4)
     return {
         "passed": worst <= threshold and other_answers == 0,
         "value": worst,

@@ -191,7 +191,7 @@ def sender_kv(model: LatentModel, target: Rollout, thought: torch.Tensor, i: int
     return [(k[0, :, col].clone(), v[0, :, col].clone()) for k, v in layers_of(state.cache)]
 
 
-class _Swaps:
+class CacheSwaps:
     """In-place writes of senders' keys/values into a batch's cache (rows, column), undone later."""
 
     def __init__(self, state: RolloutState):
@@ -273,7 +273,7 @@ def _edge_chunk(
         mask = torch.zeros(B, K, dtype=torch.bool, device=model.device)
         mask[plan.hold, start:] = True
         override = targets
-    swaps = _Swaps(state)
+    swaps = CacheSwaps(state)
     with HeadMask(model.lm) as heads:
 
         def step(p: int, thought: torch.Tensor) -> torch.Tensor:
