@@ -36,6 +36,7 @@ from torch import nn
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.feedback import Feedback
 from latentpatch.model.mixture import DrawStream
+from latentpatch.model.stops import StopRule, rule_latent_counts
 
 #: ``src/utils/constants.py`` ``MODEL_EMB_STD``: the per-model scale of the fed latents
 EMB_STD = {
@@ -130,20 +131,36 @@ class CoLaRFeedback(Feedback):
 
     separator_id: int = -1
 
+    @property
+    def stop_rule(self) -> StopRule:
+        """CoLaR's stop (:class:`SeparatorStop`): a token sampled after each latent is ``###``."""
+        return SeparatorStop(self)
 
-@torch.no_grad()
+
+class SeparatorStop(StopRule):
+    """CoLaR's rule (``latent_generate``): after each latent a token is sampled from
+    ``softmax(logits)`` over the whole vocabulary with the step's draws of the feedback's stream;
+    the row stops when it is ``###`` (that latent counted)."""
+
+    name: ClassVar[str] = "colar_separator"
+
+    def __init__(self, feedback: CoLaRFeedback) -> None:
+        self.feedback = feedback
+
+    def fires(
+        self, logits: torch.Tensor, step: int, memory: dict[str, Any], streams: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        return self.feedback.stops(logits, step)
+
+    def describe(self) -> str:
+        return f"{self.name}(sampled '###' id {self.feedback.separator_id})"
+
+
 def colar_latent_count(model: Any, question: str, max_latent: int = 64) -> int:
     """The latent count of ``question`` by CoLaR's stop rule (1..``max_latent``): the first latent
     after which the sampled token is ``###`` (that latent counted), as the official loop does for
-    a batch of one with the same stream."""
-    state, h = model.prefill([model.prompt_ids(question)])
-    thought = model.feedback.feed(h, 0)
-    for p in range(max_latent):
-        h = model.advance(state, inputs_embeds=thought[:, None])[:, -1]
-        if bool(model.feedback.stops(model.logits(h), p)[0]):
-            return p + 1
-        thought = model.feedback.feed(h, p + 1)
-    return max_latent
+    a batch of one with the same stream (:func:`~latentpatch.model.stops.rule_latent_counts`)."""
+    return rule_latent_counts(model, [model.prompt_ids(question)], max_latent)[0]
 
 
 def _hparams(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:

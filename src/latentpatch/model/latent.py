@@ -261,6 +261,7 @@ class LatentModel(AnswerPhase, nn.Module):
         stop: int | None = None,
         latent_hide: torch.Tensor | None = None,
         next_thought: bool = True,
+        observe: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The latent loop: steps ``start..stop-1`` on ``state`` (which must end just before latent
         ``start``); ``stop`` defaults to K = ``num_latent`` (fewer: an early answer, §13).
@@ -280,7 +281,8 @@ class LatentModel(AnswerPhase, nn.Module):
         hidden states) and the next thought [B, d] (produced by the last step, not fed); with
         ``next_thought`` False the last hidden state is not fed back and None takes its place
         (training: CODI's loop calls ``prj`` once per fed thought, so a projection with dropout
-        draws the same random numbers).
+        draws the same random numbers). ``observe(step, h [B, d])`` is called with each step's final
+        hidden state (a family's stop rule reads it there: :class:`~latentpatch.model.stops.StopObserver`).
         """
         hook_fns: list[StepHook] = []
         if thought_override is not None and override_mask is not None:
@@ -297,6 +299,8 @@ class LatentModel(AnswerPhase, nn.Module):
             hide = None if latent_hide is None else latent_hide[:, p]
             h = self.advance(state, inputs_embeds=thought[:, None], hooks=hooks, hide=hide)[:, -1]
             hidden.append(h)
+            if observe is not None:
+                observe(p, h)
             if p == end - 1 and not next_thought:
                 break
             thought = self.feedback.feed(h, p + 1)
