@@ -9,7 +9,8 @@ After each latent a stop token is *sampled* from ``softmax(logits)`` over the wh
 (``[PAD]`` included); ``###`` ends the row's latent phase, the latent just fed counted.
 
 Randomness order per step (the official one for a batch of one): ``d`` normals, then ``V`` Exp(1)
-draws (``torch.multinomial``'s), from :class:`~latentpatch.model.mixture.DrawStream`. Runs use a
+draws (``torch.multinomial``'s), from :class:`~latentpatch.model.mixture.DrawStream`: each row's
+pair's own stream (:mod:`latentpatch.model.streams`), the run's one stream for a row without a key. Runs use a
 fixed latent count (``--num-latent``); :func:`colar_latent_count` gives a question's own count by
 the official stop rule (docs/method.md §21: per-pair counts are not in the engine yet).
 
@@ -90,8 +91,9 @@ class LatentPolicy(nn.Module):
 
 
 class CoLaRFeedback(Feedback):
-    """``feed(h, step) = (mu + std * eps_step) * emb_std`` with the step's normals from the stream
-    (the same ``eps`` for every row of a batch: common random numbers). ``thought_pre`` is ``h``.
+    """``feed(h, step) = (mu + std * eps_step) * emb_std`` with the step's normals from the row's
+    stream (its pair's: the same ``eps`` in the pair's every run, common random numbers).
+    ``thought_pre`` is ``h``.
 
     >>> f = CoLaRFeedback(LatentPolicy(8, 4), emb_std=0.12, vocab=10)
     >>> f.name, tuple(f.feed(torch.zeros(2, 8), 3).shape)
@@ -113,20 +115,23 @@ class CoLaRFeedback(Feedback):
     def cache_identity(self) -> str:
         return f"colar|T={self.temperature}|emb_std={self.emb_std}|vocab={self.vocab}|seed={self.stream.seed}"
 
-    def feed(self, h: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
+    def feed(
+        self, h: torch.Tensor, step: int | Sequence[int], streams: Sequence[int | None] | None = None
+    ) -> torch.Tensor:
         steps = [int(step)] * h.shape[0] if isinstance(step, int) else [int(s) for s in step]
         mu, std = self.latent_policy(h, self.temperature)
-        eps = torch.stack([self.stream.draws(s)[0] for s in steps]).to(mu)  # [B, d]
+        eps = self.stream.rows(steps, streams, 0).to(mu)  # [B, d]: each row's stream (its pair's)
         return (mu + eps * std) * self.emb_std
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.feed(h, 0)
 
-    def stops(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+    def stops(self, logits: torch.Tensor, step: int, streams: Sequence[int | None] | None = None) -> torch.Tensor:
         """[B] bool: does the stop token sampled after latent ``step`` (logits [B, V]) equal ``###``?
-        Needs :attr:`separator_id` set (the loader sets it)."""
+        Row b draws from stream ``streams[b]`` (None: the run's). Needs :attr:`separator_id` set
+        (the loader sets it)."""
         p = torch.softmax(logits.float(), -1)
-        q = self.stream.draws(step)[1].to(p.device)  # torch.multinomial(p, 1) is argmax(p / q)
+        q = self.stream.rows([step] * p.shape[0], streams, 1).to(p.device)  # multinomial(p, 1) = argmax(p / q)
         return (p / q).argmax(-1) == self.separator_id
 
     separator_id: int = -1
@@ -150,17 +155,18 @@ class SeparatorStop(StopRule):
     def fires(
         self, logits: torch.Tensor, step: int, memory: dict[str, Any], streams: Sequence[int] | None = None
     ) -> torch.Tensor:
-        return self.feedback.stops(logits, step)
+        return self.feedback.stops(logits, step, streams)
 
     def describe(self) -> str:
         return f"{self.name}(sampled '###' id {self.feedback.separator_id})"
 
 
-def colar_latent_count(model: Any, question: str, max_latent: int = 64) -> int:
+def colar_latent_count(model: Any, question: str, max_latent: int = 64, stream: int | None = None) -> int:
     """The latent count of ``question`` by CoLaR's stop rule (1..``max_latent``): the first latent
     after which the sampled token is ``###`` (that latent counted), as the official loop does for
-    a batch of one with the same stream (:func:`~latentpatch.model.stops.rule_latent_counts`)."""
-    return rule_latent_counts(model, [model.prompt_ids(question)], max_latent)[0]
+    a batch of one with the same stream (:func:`~latentpatch.model.stops.rule_latent_counts`;
+    ``stream``: a pair's key, None: the run's stream)."""
+    return rule_latent_counts(model, [model.prompt_ids(question)], max_latent, [stream])[0]
 
 
 def _hparams(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:

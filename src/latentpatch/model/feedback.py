@@ -54,12 +54,16 @@ class Feedback(nn.Module):
         hidden state ``h``) a different value from the thought fed back?"""
         return True
 
-    def feed(self, h: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
+    def feed(
+        self, h: torch.Tensor, step: int | Sequence[int], streams: Sequence[int | None] | None = None
+    ) -> torch.Tensor:
         """The thought fed at latent ``step`` made from ``h`` [B, d] (the final hidden state before
         it): what the latent loop calls. ``step`` is one int for every row or one per row of ``h``.
         Deterministic feedback ignores it (this default is ``forward(h)``); a random one
         (:mod:`latentpatch.model.mixture`) takes the draws of that step from its seeded stream,
         so a run restarted at step p (the engine's shared prefix) draws what a full run draws.
+        ``streams``: each row's draw-stream key (its pair's, :mod:`latentpatch.model.streams`;
+        None, or None for a row: the run's one stream); deterministic feedback ignores them too.
 
         >>> h = torch.ones(2, 4)
         >>> bool(torch.equal(IdentityFeedback().feed(h, 3), h))

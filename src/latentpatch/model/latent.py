@@ -44,6 +44,7 @@ from latentpatch.model.sites import (
     transformer_blocks,
 )
 from latentpatch.model.state import Rollout, RolloutState
+from latentpatch.model.streams import StreamKeys, as_streams
 
 #: a step hook of :meth:`LatentModel.run_thoughts`: ``(step, thought [B, d]) -> thought [B, d]``,
 #: the input embedding fed at latent ``step`` (overrides, ablations, interchange swaps)
@@ -228,9 +229,10 @@ class LatentModel(AnswerPhase, nn.Module):
 
     # -- rollout ---------------------------------------------------------------------------------
     def prefill(
-        self, prompts: Sequence[Sequence[int]], hooks: ActivationHooks | None = None
+        self, prompts: Sequence[Sequence[int]], hooks: ActivationHooks | None = None, streams: StreamKeys = None
     ) -> tuple[RolloutState, torch.Tensor]:
-        """Left-pad and run the prompts. Returns the state and [B, d] last-position final hidden."""
+        """Left-pad and run the prompts. Returns the state and [B, d] last-position final hidden.
+        ``streams``: each row's draw-stream key (a random feedback's; docs/method.md §21), kept on the state."""
         T = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), T), self.config.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), T), dtype=torch.long)
@@ -244,7 +246,7 @@ class LatentModel(AnswerPhase, nn.Module):
             hooks.offset = 0
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
         cache = getattr(out, self.cache_keyword)
-        state = RolloutState(cache=cache, attention_mask=mask, next_position=mask.sum(1), length=T)
+        state = RolloutState(cache, mask, mask.sum(1), T, as_streams(streams, len(prompts)))
         return state, out.last_hidden_state[:, -1]
 
     def run_thoughts(
@@ -303,7 +305,7 @@ class LatentModel(AnswerPhase, nn.Module):
                 observe(p, h)
             if p == end - 1 and not next_thought:
                 break
-            thought = self.feedback.feed(h, p + 1)
+            thought = self.feedback.feed(h, p + 1, state.streams)  # the rows' own draw streams (§21)
             if cut_recurrence and torch.is_grad_enabled():
                 thought = thought.detach().requires_grad_(True)
         if not thoughts:  # no step (an early answer after 0 thoughts)
@@ -312,13 +314,13 @@ class LatentModel(AnswerPhase, nn.Module):
         return torch.stack(thoughts, 1), torch.stack(hidden, 1), thought if next_thought else None
 
     def early_answer(
-        self, prompts: Sequence[Sequence[int]], k: int, hooks: ActivationHooks | None = None
+        self, prompts: Sequence[Sequence[int]], k: int, hooks: ActivationHooks | None = None, streams: StreamKeys = None
     ) -> tuple[RolloutState, torch.Tensor]:
         """The plain early answer S(k) (docs/method.md §13): prompt, k thoughts of the one latent
         loop (:meth:`run_thoughts` with ``stop=k``), [EOT]. Returns the state and [B, V] answer
         logits."""
-        state, h = self.prefill(prompts, hooks=hooks)
-        self.run_thoughts(state, self.feedback.feed(h, 0), 0, hooks=hooks, stop=k)
+        state, h = self.prefill(prompts, hooks=hooks, streams=streams)
+        self.run_thoughts(state, self.feedback.feed(h, 0, state.streams), 0, hooks=hooks, stop=k)
         end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
         return state, self.logits(end[:, -1])
 
@@ -362,6 +364,7 @@ class LatentModel(AnswerPhase, nn.Module):
         override_mask: torch.Tensor | None = None,
         grad: bool = False,
         cut_recurrence: bool = False,
+        streams: StreamKeys = None,
     ) -> Rollout:
         """The real latent rollout of a batch of questions (text) or prompt ids (with separators).
 
@@ -373,6 +376,7 @@ class LatentModel(AnswerPhase, nn.Module):
         later thought is ``prj`` of the previous step inside the graph, and recordings stay in the
         graph (:meth:`ActivationHooks.recorded_parts`). ``cut_recurrence``: stop the gradient at each
         fed thought (:meth:`run_thoughts`). Attribution patching (docs/method.md §15) uses both.
+        ``streams``: each row's draw-stream key (:mod:`latentpatch.model.streams`; None: the run's stream).
 
         >>> from latentpatch.model.load import load_model
         >>> model = load_model("default")
@@ -391,9 +395,9 @@ class LatentModel(AnswerPhase, nn.Module):
         hooks = ActivationHooks(self.lm, writes=writes, record=record, keep_graph=grad)
         with hooks, self.grad_mode(grad):
             with torch.no_grad():
-                state, h = self.prefill(prompt_ids, hooks=hooks)
+                state, h = self.prefill(prompt_ids, hooks=hooks, streams=streams)
             prompt_len = state.length
-            first = self.feedback.feed(h, 0)
+            first = self.feedback.feed(h, 0, state.streams)
             if grad:
                 first = first.detach().requires_grad_(True)
             thoughts, hidden, next_thought = self.run_thoughts(

@@ -21,15 +21,18 @@ appends for pad/bot/eot are not tokens the official code has).
 Common random numbers: CPU ``torch.multinomial(p, n, replacement=False)`` is ``topk(p / q, n)``
 with ``q ~ Exp(1)`` drawn as ``empty_like(p).exponential_()``: one fixed-size draw per row and step
 whatever ``p`` is. :class:`DrawStream` draws ``q`` for step 0, 1, 2, ... in that order from one
-generator seeded by ``--seed`` and keeps them, so step s's noise is the same in the clean,
-corrupted and every patched run (a patch changes what ``p`` is, never which noise it meets), and a
-run restarted at step p by the engine reads the same noise a full run does. The stream is one per
-run, shared by every pair and row (docs/method.md §21 says what that means for the statistics).
+generator per stream and keeps them. A row's stream is its pair's (its key, carried by the rollout
+state: :mod:`latentpatch.model.streams`, seeded by ``--seed`` and the pair id), so step s's noise
+is the same in the pair's clean, corrupted and every patched run (a patch changes what ``p`` is,
+never which noise it meets), a run restarted at step p by the engine reads the same noise a full
+run does, and different pairs meet independent draws. A row without a key (a plain
+``model.rollout``) reads the run's one stream, seeded by ``--seed`` (docs/method.md §21).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +43,7 @@ from torch import nn
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import LatentConfig
 from latentpatch.model.feedback import Feedback
+from latentpatch.model.streams import row_streams, stream_seed
 
 #: model spec prefixes of :func:`mixture_model` (``soft:BASE``, ``multiplex:BASE``)
 MIXTURE_KINDS = ("soft", "multiplex")
@@ -148,37 +152,60 @@ def _j1ml1_filter(p: torch.Tensor, s: MixtureSettings) -> torch.Tensor:
 
 
 class DrawStream:
-    """The seeded random stream of a random feedback: ``draws(step)``, the step's fp32 draws in the
-    order of ``plan`` (per step, ``("exponential" | "normal", size)`` each), drawn step after step
-    from one generator and kept, so every run reads the same draws at the same step (common random
-    numbers). ``noise(step)``: the first of them.
+    """The seeded random streams of a random feedback: ``draws(step, key)``, the step's fp32 draws
+    in the order of ``plan`` (per step, ``("exponential" | "normal", size)`` each), drawn step after
+    step from one generator per stream and kept, so every run of a stream reads the same draws at
+    the same step (common random numbers). ``noise(step, key)``: the first of them.
+
+    ``key`` None is the run's one stream (the generator seeded by ``seed``: a notebook's plain
+    rollout); a key (a pair's, :func:`~latentpatch.model.streams.pair_stream`) is that pair's own
+    stream, seeded by :func:`~latentpatch.model.streams.stream_seed` ``(seed, key)``: its draws do
+    not depend on which other streams were read, or in what order. The last ``keep`` keyed streams
+    are kept (memory stays bounded); an older one is drawn again from its seed (the same values).
 
     >>> a, b = DrawStream(7, 5), DrawStream(7, 5)
     >>> bool(torch.equal(a.noise(2), b.noise(2))) and not torch.equal(a.noise(0), a.noise(1))
     True
+    >>> bool(torch.equal(a.noise(1, key=3), b.noise(1, key=3))) and not torch.equal(a.noise(1, 3), a.noise(1, 4))
+    True
     """
 
-    def __init__(self, seed: int, size: int, plan: Sequence[tuple[str, int]] | None = None) -> None:
+    def __init__(self, seed: int, size: int, plan: Sequence[tuple[str, int]] | None = None, keep: int = 32) -> None:
         self.seed = int(seed)
         self.plan = list(plan) if plan is not None else [("exponential", int(size))]
         self._gen = torch.Generator().manual_seed(self.seed)
         self._drawn: list[list[torch.Tensor]] = []
+        self.keep = int(keep)
+        self._keyed: OrderedDict[int, tuple[torch.Generator, list[list[torch.Tensor]]]] = OrderedDict()
 
-    def draws(self, step: int) -> list[torch.Tensor]:
-        while len(self._drawn) <= step:  # the official order: step 0's draws, then step 1's, ...
+    def _draw_until(self, gen: torch.Generator, drawn: list[list[torch.Tensor]], step: int) -> None:
+        while len(drawn) <= step:  # the official order: step 0's draws, then step 1's, ...
             out = []
             for kind, n in self.plan:  # [1, n] as the official calls draw them for a batch of one
                 t = torch.empty(1, n)
-                out.append(
-                    (t.exponential_(generator=self._gen) if kind == "exponential" else t.normal_(generator=self._gen))[
-                        0
-                    ]
-                )
-            self._drawn.append(out)
-        return self._drawn[step]
+                out.append((t.exponential_(generator=gen) if kind == "exponential" else t.normal_(generator=gen))[0])
+            drawn.append(out)
 
-    def noise(self, step: int) -> torch.Tensor:
-        return self.draws(step)[0]
+    def draws(self, step: int, key: int | None = None) -> list[torch.Tensor]:
+        if key is None:
+            self._draw_until(self._gen, self._drawn, step)
+            return self._drawn[step]
+        entry = self._keyed.pop(int(key), None)
+        if entry is None:
+            entry = (torch.Generator().manual_seed(stream_seed(self.seed, int(key))), [])
+        self._keyed[int(key)] = entry  # the most recently used last
+        while len(self._keyed) > self.keep:
+            self._keyed.popitem(last=False)
+        self._draw_until(entry[0], entry[1], step)
+        return entry[1][step]
+
+    def noise(self, step: int, key: int | None = None) -> torch.Tensor:
+        return self.draws(step, key)[0]
+
+    def rows(self, steps: Sequence[int], streams: Sequence[int | None] | None, index: int = 0) -> torch.Tensor:
+        """[B, n]: row b's draw ``index`` of step ``steps[b]`` from its stream ``streams[b]``."""
+        keys = row_streams(streams, len(steps))
+        return torch.stack([self.draws(s, k)[index] for s, k in zip(steps, keys)])
 
 
 class MixtureFeedback(Feedback):
@@ -211,8 +238,11 @@ class MixtureFeedback(Feedback):
         logits = self._bound[0](h).float()[..., : self.vocab]
         return filtered_probs(logits, self.settings)
 
-    def pick(self, p: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [B, n], ids [B, n]) of the mixture from the filtered ``p`` [B, vocab]."""
+    def pick(
+        self, p: torch.Tensor, steps: list[int], streams: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [B, n], ids [B, n]) of the mixture from the filtered ``p`` [B, vocab]; a random
+        pick draws row b's from stream ``streams[b]`` (None: the run's)."""
         raise NotImplementedError
 
     def mix(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -223,9 +253,11 @@ class MixtureFeedback(Feedback):
         w = w / w.sum(-1, keepdim=True)
         return (w.to(E.dtype)[..., None] * E[idx]).sum(-2)
 
-    def feed(self, h: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
+    def feed(
+        self, h: torch.Tensor, step: int | Sequence[int], streams: Sequence[int | None] | None = None
+    ) -> torch.Tensor:
         steps = [int(step)] * h.shape[0] if isinstance(step, int) else [int(s) for s in step]
-        w, idx = self.pick(self.probs(h), steps)
+        w, idx = self.pick(self.probs(h), steps, streams)
         return self.mix(w, idx)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -243,7 +275,9 @@ class SoftThinkingFeedback(MixtureFeedback):
 
     name: ClassVar[str] = "soft_thinking"
 
-    def pick(self, p: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(
+        self, p: torch.Tensor, steps: list[int], streams: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(max(self.settings.max_topk, 1), p.shape[-1])
         if self.settings.top_k == 1:
             n = 1
@@ -265,8 +299,10 @@ class MultiplexFeedback(MixtureFeedback):
 
     name: ClassVar[str] = "multiplex"
 
-    def pick(self, p: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        q = torch.stack([self.stream.noise(s) for s in steps]).to(p.device)  # [B, vocab]
+    def pick(
+        self, p: torch.Tensor, steps: list[int], streams: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.stream.rows(steps, streams).to(p.device)  # [B, vocab]: each row's stream at its step
         width = min(max(self.settings.width, 1), p.shape[-1])
         idx = (p / q).topk(width, dim=-1).indices
         return p.gather(-1, idx), idx

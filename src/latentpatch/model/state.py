@@ -16,6 +16,7 @@ import torch
 
 from latentpatch.model.kv_cache import cache_from, layers_of
 from latentpatch.model.sites import ActivationHooks
+from latentpatch.model.streams import Streams, repeat_streams
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -52,10 +53,16 @@ def _gathered(
             )
         )
     masks = [s.attention_mask[:, :length] for s in states]
+    keys = [(s.streams, s.batch_size, r) for s, r in zip(states, repeats)]
     if rows is not None:
         masks = [masks[0][rows]]
+        picked = states[0].streams
+        picked = None if picked is None else tuple(picked[i] for i in rows.tolist())
+        keys = [(picked, len(masks[0]), repeats[0])]
     mask = torch.cat([m.repeat_interleave(r, 0) for m, r in zip(masks, repeats)])
-    return RolloutState(cache=cache_from(layers), attention_mask=mask, next_position=mask.sum(1), length=length)
+    # each row keeps its pair's draw stream (docs/method.md §21), whatever batch it is moved into
+    streams = repeat_streams(keys)
+    return RolloutState(cache_from(layers), mask, mask.sum(1), length, streams)
 
 
 @dataclass
@@ -63,13 +70,16 @@ class RolloutState:
     """A KV-cached sequence in progress. ``length`` = tokens so far (incl. left padding).
 
     Shapes: ``attention_mask`` [B, length] long; ``next_position`` [B] long = position id of the
-    next token of each row (padding is not counted).
+    next token of each row (padding is not counted). ``streams``: each row's draw-stream key for a
+    random feedback (:mod:`latentpatch.model.streams`; None: the run's one stream), kept by every
+    fork and stack.
     """
 
     cache: DynamicCache
     attention_mask: torch.Tensor
     next_position: torch.Tensor
     length: int
+    streams: Streams = None
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +103,7 @@ class RolloutState:
                 attention_mask=mask,
                 next_position=mask.sum(1),
                 length=length,
+                streams=self.streams,
             )
         return _gathered([self], length, [repeats], rows)
 

@@ -37,7 +37,8 @@ class StopRule:
 
     ``begin(batch)`` gives the rule's per-run memory (a stateful rule, e.g. the cold stop's count
     of low-entropy steps, keeps it there); ``fires(logits [B, V], step, memory, streams)`` gives
-    [B] bool. ``streams``: the rows' draw-stream keys for a random rule (None: the run's stream).
+    [B] bool. ``streams``: the rows' draw-stream keys for a random rule (their pairs',
+    :mod:`latentpatch.model.streams`; None: the run's stream).
     """
 
     #: what the manifest records
@@ -113,7 +114,8 @@ def rule_latent_counts(
     """Each prompt's latent count by the model's stop rule (1..``max_latent``): the unpatched
     loop run to ``max_latent`` steps, the rule asked after each. A fixed-count family (no rule)
     gives ``max_latent`` for every prompt. Rows are independent (masks and position ids skip the
-    padding), so a batch gives each prompt's count alone.
+    padding; ``streams[b]``: row b's draw-stream key, its pair's), so a batch gives each prompt's
+    count alone.
 
     >>> from latentpatch.model.loaders import random_model
     >>> rule_latent_counts(random_model("gpt2", num_latent=3), [[5, 6, 7]], 3)
@@ -122,7 +124,7 @@ def rule_latent_counts(
     rule = stop_rule_of(model)
     if rule is None:
         return [int(max_latent)] * len(prompts)
-    observer = StopObserver(model, rule, len(prompts), streams)
-    state, h = model.prefill(prompts)
-    model.run_thoughts(state, model.feedback.feed(h, 0), 0, stop=max_latent, observe=observer, next_thought=False)
+    state, h = model.prefill(prompts, streams=streams)
+    observer = StopObserver(model, rule, len(prompts), state.streams)
+    model.run_thoughts(state, model.feedback.feed(h, 0, state.streams), 0, stop=max_latent, observe=observer, next_thought=False)
     return observer.counts(max_latent)
