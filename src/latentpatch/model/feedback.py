@@ -47,6 +47,8 @@ class Feedback(nn.Module):
 
     #: what ``latentpatch.json`` records ("projection" | "identity")
     name: ClassVar[str] = ""
+    #: does :meth:`feed` draw random numbers (so a row's draw stream decides its thoughts)?
+    random: ClassVar[bool] = False
 
     @property
     def has_pre_site(self) -> bool:

@@ -298,6 +298,7 @@ class MultiplexFeedback(MixtureFeedback):
     """
 
     name: ClassVar[str] = "multiplex"
+    random: ClassVar[bool] = True
 
     def pick(
         self, p: torch.Tensor, steps: list[int], streams: Sequence[int | None] | None = None

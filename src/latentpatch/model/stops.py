@@ -21,7 +21,7 @@ row's latent phase has ``p + 1`` latents. A rule that never fires gives ``max_la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -91,7 +91,7 @@ class StopObserver:
         model: Any,
         rule: StopRule,
         batch: int,
-        streams: Sequence[int] | None = None,
+        streams: Sequence[int | None] | None = None,
         memory: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.rule, self.streams = model, rule, streams
@@ -99,7 +99,8 @@ class StopObserver:
         self.first = torch.full((batch,), -1, dtype=torch.long)
 
     def __call__(self, step: int, h: torch.Tensor) -> None:
-        fired = self.rule.fires(self.model.logits(h), step, self.memory, self.streams).cpu()
+        keys = cast("Sequence[int] | None", self.streams)  # a None key: that row reads the run's stream
+        fired = self.rule.fires(self.model.logits(h), step, self.memory, keys).cpu()
         self.first = torch.where((self.first < 0) & fired, torch.full_like(self.first, step), self.first)
 
     def counts(self, max_latent: int) -> list[int]:
@@ -109,7 +110,7 @@ class StopObserver:
 
 @torch.no_grad()
 def rule_latent_counts(
-    model: Any, prompts: Sequence[Sequence[int]], max_latent: int, streams: Sequence[int] | None = None
+    model: Any, prompts: Sequence[Sequence[int]], max_latent: int, streams: Sequence[int | None] | None = None
 ) -> list[int]:
     """Each prompt's latent count by the model's stop rule (1..``max_latent``): the unpatched
     loop run to ``max_latent`` steps, the rule asked after each. A fixed-count family (no rule)
@@ -126,5 +127,7 @@ def rule_latent_counts(
         return [int(max_latent)] * len(prompts)
     state, h = model.prefill(prompts, streams=streams)
     observer = StopObserver(model, rule, len(prompts), state.streams)
-    model.run_thoughts(state, model.feedback.feed(h, 0, state.streams), 0, stop=max_latent, observe=observer, next_thought=False)
+    model.run_thoughts(
+        state, model.feedback.feed(h, 0, state.streams), 0, stop=max_latent, observe=observer, next_thought=False
+    )
     return observer.counts(max_latent)

@@ -151,7 +151,9 @@ def site_gradients(
     keys = recorded_keys(model, components)
     K = model.num_latent
     with GradDrop(model) if graddrop else nullcontext() as gate:
-        r = model.rollout([base.target.prompt], record=keys, grad=True, cut_recurrence=cut_recurrence)
+        r = model.rollout(
+            [base.target.prompt], record=keys, grad=True, cut_recurrence=cut_recurrence, streams=[base.stream]
+        )
         m = metric_tensor(model, base, r, metric)
     assert r.hooks is not None  # rollout always returns its hooks
     # parts[0] is the prompt pass, parts[1..K] the latent steps (one forward each), then [EOT]

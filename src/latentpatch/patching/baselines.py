@@ -56,6 +56,9 @@ class RunRecord:
     #: [K, d] the state each thought was made from (the final hidden state before the feedback; p = 0:
     #: the last prompt position): the ``thought_pre`` site, recorded with the other activations
     thought_pre: torch.Tensor | None = None
+    #: the draw-stream key the run was made with (its pair's, :mod:`latentpatch.model.streams`; None:
+    #: the run's one stream): a random feedback's draws, which every later run of the pair reuses
+    stream: int | None = None
 
 
 @dataclass
@@ -75,6 +78,9 @@ class PairBaseline:
     #: the target's unpatched rollout (batch of one), kept by :func:`prepare_pair` so the sweep
     #: continues from it instead of rolling the target out again (the same computation, the same bits)
     target_rollout: Rollout | None = field(default=None, repr=False, compare=False)
+    #: the pair's draw-stream key (its records', :mod:`latentpatch.model.streams`): every run of the
+    #: pair, clean, corrupted and patched, draws from it (common random numbers, docs/method.md §21)
+    stream: int | None = None
 
     @property
     def target(self) -> RunRecord:
@@ -103,15 +109,17 @@ def record_run(
     components: Sequence[str] = COMPONENTS,
     keep_rollout: bool = False,
     guess: float | int | None = None,
+    stream: int | None = None,
 ) -> RunRecord:
     """Unpatched rollout of one prompt: its latent activations for ``components`` and answer.
 
     ``keep_rollout``: keep the rollout itself on the record, for :func:`prepare_pair` to reuse.
     ``guess``: the expected answer (the pair file's): ``answer_prefix + guess`` is checked with one
     forward and taken if greedy decoding would emit it (:mod:`latentpatch.patching.greedy`; the
-    same ids), else the answer is decoded step by step."""
+    same ids), else the answer is decoded step by step. ``stream``: the pair's draw-stream key
+    (:func:`~latentpatch.model.streams.pair_stream`; None: the run's one stream)."""
     keys = [(c, layer) for c in components for layer in range(model.n_layers)]
-    r = model.rollout([list(prompt)], record=keys)
+    r = model.rollout([list(prompt)], record=keys, streams=[stream])
     assert r.hooks is not None  # rollout always returns the hooks it ran with
     lat = slice(r.prompt_len, r.prompt_len + model.num_latent)
     acts = {c: torch.stack([r.hooks.recorded(c, layer)[0, lat] for layer in range(model.n_layers)]) for c in components}
@@ -123,7 +131,8 @@ def record_run(
     # The recording hooks only copy activations, so this rollout is the one prepare_pair would
     # compute again: keep it (without the recordings) for that.
     kept = dataclasses.replace(r, hooks=None) if keep_rollout else None
-    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred, kept, thought_pre=r.thought_source_hidden()[0])
+    pre = r.thought_source_hidden()[0]
+    return RunRecord(list(prompt), r.thoughts[0], acts, ids, pred, kept, thought_pre=pre, stream=stream)
 
 
 def answer_strings(model: LatentModel, base: PairBaseline) -> AnswerStrings:
@@ -185,12 +194,16 @@ def prepare_pair(
     """Baseline metrics of a pair: the target's unpatched answer logits, LD_target, LD_source.
 
     Reuses the records' rollouts where :func:`record_run` kept them (else rolls out again) and
-    keeps the target's as ``target_rollout`` for the sweep; the records let go of theirs."""
+    keeps the target's as ``target_rollout`` for the sweep; the records let go of theirs. The pair's
+    draw stream is its records' (both recorded with the same key)."""
+    if clean.stream != corrupted.stream:
+        raise ValueError(f"pair {pair_id}: clean and corrupted runs recorded with different draw streams")
     base = PairBaseline(pair_id, float(clean_answer), float(corrupted_answer), clean, corrupted, direction)
+    base.stream = clean.stream
     base.answers = answer_strings(model, base)
     logits = {}
     for role, rec in (("target", base.target), ("source", base.source)):
-        r = rec.rollout if rec.rollout is not None else model.rollout([rec.prompt])
+        r = rec.rollout if rec.rollout is not None else model.rollout([rec.prompt], streams=[base.stream])
         logits[role] = score_answer_strings(model, r.state, r.answer_logits, base.answers, [rec.pred])[0]
         if role == "target":
             base.target_rollout = r

@@ -98,7 +98,7 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
         if len(src) != len(tgt):
             continue
         covered += 1
-        s = model.rollout([src], record=[("resid_pre", 0)])
+        s = model.rollout([src], record=[("resid_pre", 0)], streams=[base.stream])  # the pair's draws (§21)
         assert s.hooks is not None  # rollout always returns the hooks it ran with
         act = s.hooks.recorded("resid_pre", 0)[0]  # [T_total, d]: prompt, thoughts, [EOT]
         writes = [
@@ -111,7 +111,7 @@ def check_full_restoration(model: LatentModel, bases: Sequence[PairBaseline]) ->
             )
             for pos in range(act.shape[0])
         ]
-        r = model.rollout([tgt], writes=writes)
+        r = model.rollout([tgt], writes=writes, streams=[base.stream])
         worst = max(worst, float((r.answer_logits - s.answer_logits).abs().max()))
     threshold = tolerance(model, 1e-4)
     return {
@@ -136,7 +136,8 @@ def check_live_thoughts(model: LatentModel, bases: Sequence[PairBaseline], batch
     for i in range(0, len(runs), batch):
         chunk = runs[i : i + batch]
         zeros = torch.zeros(1, model.num_latent, model.d_model)
-        r = model.rollout([rec.prompt for rec, _ in chunk], **model.thought_ablation(zeros, len(chunk)))
+        ablated = model.thought_ablation(zeros, len(chunk))
+        r = model.rollout([rec.prompt for rec, _ in chunk], **ablated, streams=[rec.stream for rec, _ in chunk])
         for (rec, answer), ids in zip(chunk, model.generate(r.state, r.answer_logits)):
             changed += ids != rec.answer_ids
             pred = extract_number(model.decode(ids)) if model.tokenizer is not None else None

@@ -32,11 +32,13 @@ from latentpatch.patching.specs import PatchSpec
 
 
 @torch.no_grad()
-def plain_sender_kv(model: LatentModel, prompt: Sequence[int], thought: torch.Tensor, i: int) -> SenderKV:
-    """Keys/values at latent i of a fresh run of ``prompt`` (thoughts 0..i-1 its own) with ``thought``
-    [d] fed as thought i, per layer: ([kv_heads, d_head], [kv_heads, d_head])."""
-    state, h = model.prefill([list(prompt)])
-    model.run_thoughts(state, model.feedback.feed(h, 0), 0, stop=i, next_thought=False)
+def plain_sender_kv(
+    model: LatentModel, prompt: Sequence[int], thought: torch.Tensor, i: int, stream: int | None = None
+) -> SenderKV:
+    """Keys/values at latent i of a fresh run of ``prompt`` (thoughts 0..i-1 its own; ``stream``: the
+    pair's draw-stream key) with ``thought`` [d] fed as thought i, per layer: ([kv_heads, d_head], [kv_heads, d_head])."""
+    state, h = model.prefill([list(prompt)], streams=[stream])
+    model.run_thoughts(state, model.feedback.feed(h, 0, state.streams), 0, stop=i, next_thought=False)
     model.advance(state, inputs_embeds=thought.to(device=model.device, dtype=model.dtype)[None, None])
     col = len(prompt) + i
     return [(k[0, :, col].clone(), v[0, :, col].clone()) for k, v in layers_of(state.cache)]
@@ -80,13 +82,13 @@ def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Se
     kv: SenderKV = []
     if is_path:
         assert edge.sender is not None  # checked by edge_columns
-        kv = plain_sender_kv(model, prompt, base.source.thoughts[edge.sender], edge.sender)
+        kv = plain_sender_kv(model, prompt, base.source.thoughts[edge.sender], edge.sender, base.stream)
     override = mask = None
     if is_path and edge.hold:  # every input from the first receiver on is the target's thought
         override = base.target.thoughts[None].to(device=model.device, dtype=model.dtype)  # [1, K, d]
         mask = torch.zeros(1, K, dtype=torch.bool, device=model.device)
         mask[0, edge.start :] = True
-    state, h = model.prefill([prompt])  # the full prompt pass: nothing shared with the sweep
+    state, h = model.prefill([prompt], streams=[base.stream])  # the full prompt pass: nothing shared with the sweep
     swaps = CacheSwaps(state)
     with HeadMask(model.lm) as masks:
 
@@ -104,7 +106,12 @@ def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Se
             return thought
 
         model.run_thoughts(
-            state, model.feedback.feed(h, 0), 0, step_hook=step, thought_override=override, override_mask=mask
+            state,
+            model.feedback.feed(h, 0, state.streams),
+            0,
+            step_hook=step,
+            thought_override=override,
+            override_mask=mask,
         )
         apply(K, state.length + n_answer)
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))

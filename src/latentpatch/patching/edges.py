@@ -336,7 +336,9 @@ def edge_sweep(
     ...
     latentpatch.patching.edges.EdgeRefused: knockout t3 -> [2]: query 2 cannot see key 't3' (a causal mask ...)
     """
-    target = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
+    target = base.target_rollout
+    if target is None:  # the pair's draw stream, as its baselines (docs/method.md §21)
+        target = model.rollout([base.target.prompt], streams=[base.stream])
     T_q, K = target.prompt_len, model.num_latent
     n_heads = head_shape(model.lm)[0]
     cols = [edge_columns(e, T_q, K, n_heads, roles) for e in edges]

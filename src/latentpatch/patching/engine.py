@@ -32,6 +32,7 @@ from latentpatch.model.answering import shared_prefix_length
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
+from latentpatch.model.streams import row_streams
 from latentpatch.patching.baselines import PairBaseline, ValueFn
 from latentpatch.patching.cells import cell_results, reference_answers, score_and_generate, thought_similarity
 from latentpatch.patching.interventions import ActivationPatch, EarlyExit, ThoughtReplacement
@@ -80,11 +81,16 @@ def _freeze(
 
 
 def _overrides(
-    model: LatentModel, specs: Sequence[PatchSpec], row_values: Sequence[ValueFn], target_thoughts: torch.Tensor
+    model: LatentModel,
+    specs: Sequence[PatchSpec],
+    row_values: Sequence[ValueFn],
+    target_thoughts: torch.Tensor,
+    streams: Sequence[int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Thought overrides of a chunk (``[B, K, d]``, ``[B, K]``): frozen specs (:func:`_freeze`) and
     thought-site specs (docs/method.md §13): ``thought`` feeds the value as thought p,
-    ``thought_pre`` feeds the feedback of the value (``prj(value)``). ``target_thoughts``: [B, K, d], row b's pair's."""
+    ``thought_pre`` feeds the feedback of the value (``prj(value)``). ``target_thoughts``: [B, K, d], row b's pair's;
+    ``streams``: row b's draw-stream key (its pair's: a random feedback draws from it, §21)."""
     frozen = _freeze(specs, target_thoughts)
     if not any(isinstance(s.intervention, ThoughtReplacement) for s in specs):
         return frozen
@@ -99,7 +105,7 @@ def _overrides(
             pos = list(iv.positions)
             vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
             if iv.through_feedback:
-                vals = model.feedback.feed(vals, pos)
+                vals = model.feedback.feed(vals, pos, [row_streams(streams, len(specs))[row]] * len(pos))
             override[row, pos] = vals.to(override.dtype)
             mask[row, pos] = True
     return override, mask
@@ -154,7 +160,7 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     state = stack_states([p.target.state for p in parts], T_q + start, [len(p.specs) for p in parts])
     writes = _writes_for(specs, row_values, T_q, model.device)
     record = sorted({(s.component, s.layer) for s in specs if s.track})
-    override, mask = _overrides(model, specs, row_values, targets)  # [B, K, d], [B, K] or None
+    override, mask = _overrides(model, specs, row_values, targets, state.streams)  # [B, K, d], [B, K] or None
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
         first = targets[:, start]  # [B, d]: each target's thought at start
         fed, _, _ = model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
@@ -196,10 +202,12 @@ def _early_chunk(
     return cell_results(model, [base] * B, chunk, answers, {})
 
 
-def _early_rollout(model: LatentModel, prompt: list[int], k: int) -> tuple[RolloutState, torch.Tensor]:
+def _early_rollout(
+    model: LatentModel, prompt: list[int], k: int, stream: int | None = None
+) -> tuple[RolloutState, torch.Tensor]:
     """The plain early answer: prompt, k thoughts, [EOT] (:meth:`LatentModel.early_answer`, the one
-    latent loop). Returns the state and [1, V] answer logits."""
-    return model.early_answer([prompt], k)
+    latent loop; ``stream``: the pair's draw-stream key). Returns the state and [1, V] answer logits."""
+    return model.early_answer([prompt], k, streams=[stream])
 
 
 def shared_batch_key(base: PairBaseline, eos_id: int) -> tuple[int, ...]:
@@ -281,7 +289,10 @@ def sweep_pairs(
     True
     """
     # The baselines' own target rollout when prepare_pair kept it: the same batch-1 computation.
-    targets = [b.target_rollout if b.target_rollout is not None else model.rollout([b.target.prompt]) for b in bases]
+    targets = [
+        b.target_rollout if b.target_rollout is not None else model.rollout([b.target.prompt], streams=[b.stream])
+        for b in bases
+    ]
     # Chunks of batch_size specs in order of their first patched position; a chunk continues from
     # the prefix before its earliest start (rows starting later rerun a few unpatched thoughts,
     # which equal the target's), so small start groups share one batch (fewer, fuller passes).
@@ -343,14 +354,19 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
     for spec in specs:
         T_q = len(base.target.prompt)  # batch of one: no padding
         if isinstance(spec.intervention, EarlyExit):
-            state, logits = _early_rollout(model, base.target.prompt, spec.start)
+            state, logits = _early_rollout(model, base.target.prompt, spec.start, base.stream)
             out.extend(cell_results(model, [base], [spec], reference_answers(model, [base], state, logits), {}))
             continue
         writes = _writes_for([spec], [values], T_q, model.device)
-        override, mask = _overrides(model, [spec], [values], base.target.thoughts[None])
+        override, mask = _overrides(model, [spec], [values], base.target.thoughts[None], [base.stream])
         record = [(spec.component, spec.layer)] if spec.track else []
         r = model.rollout(
-            [base.target.prompt], writes=writes, record=record, thought_override=override, override_mask=mask
+            [base.target.prompt],
+            writes=writes,
+            record=record,
+            thought_override=override,
+            override_mask=mask,
+            streams=[base.stream],  # the pair's draw stream, as its baselines and the fast engine's rows
         )
         tracked = {}
         if spec.track:

@@ -34,11 +34,12 @@ def expand_heads(specs: Sequence[PatchSpec], n_heads: int) -> list[PatchSpec]:
 
 
 @torch.no_grad()
-def head_acts(model: LatentModel, prompt: Sequence[int]) -> dict[str, torch.Tensor]:
+def head_acts(model: LatentModel, prompt: Sequence[int], stream: int | None = None) -> dict[str, torch.Tensor]:
     """``{"head_out.<h>": [n_layers, K, d_head]}``: each head's output at the latent positions of the
-    unpatched rollout of ``prompt``."""
+    unpatched rollout of ``prompt`` (``stream``: its pair's draw-stream key, docs/method.md §21)."""
     n_heads, _, d_head = head_shape(model.lm)
-    r = model.rollout([list(prompt)], record=[(HEAD_COMPONENT, layer) for layer in range(model.n_layers)])
+    record = [(HEAD_COMPONENT, layer) for layer in range(model.n_layers)]
+    r = model.rollout([list(prompt)], record=record, streams=[stream])
     assert r.hooks is not None
     lat = slice(r.prompt_len, r.prompt_len + model.num_latent)
     full = torch.stack([r.hooks.recorded(HEAD_COMPONENT, layer)[0, lat] for layer in range(model.n_layers)])
@@ -49,4 +50,4 @@ def add_head_acts(model: LatentModel, records: Sequence[RunRecord]) -> None:
     """Add :func:`head_acts` to each record's ``acts`` (in place; records that have them are skipped)."""
     for rec in records:
         if head_component(0) not in rec.acts:
-            rec.acts.update(head_acts(model, rec.prompt))
+            rec.acts.update(head_acts(model, rec.prompt, rec.stream))

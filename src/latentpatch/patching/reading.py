@@ -74,11 +74,12 @@ def known_values(question: str, answer: float, intermediates: Sequence[float] | 
 
 
 @torch.no_grad()
-def lens_streams(model: LatentModel, prompt: Sequence[int]) -> torch.Tensor:
+def lens_streams(model: LatentModel, prompt: Sequence[int], stream: int | None = None) -> torch.Tensor:
     """[L+1, Q, d] of ``prompt``'s unpatched rollout at the query positions: row 0 the fed vectors (the
-    thoughts, then the answer-start token's embedding), row l+1 block l's ``resid_out``."""
+    thoughts, then the answer-start token's embedding), row l+1 block l's ``resid_out``. ``stream``:
+    the pair's draw-stream key (a random feedback's draws, docs/method.md §21)."""
     L = model.n_layers
-    r = model.rollout([list(prompt)], record=[("resid_out", layer) for layer in range(L)])
+    r = model.rollout([list(prompt)], record=[("resid_out", layer) for layer in range(L)], streams=[stream])
     assert r.hooks is not None
     idx = query_indices(r.prompt_len, model.num_latent, r.state.length)
     last = model.answer_start_ids()[-1]
@@ -117,13 +118,14 @@ def lens_run(
 
 
 @torch.no_grad()
-def attention_run(model: LatentModel, prompt: Sequence[int]) -> tuple[torch.Tensor, int]:
+def attention_run(model: LatentModel, prompt: Sequence[int], stream: int | None = None) -> tuple[torch.Tensor, int]:
     """``([L, H, Q, T] fp32 attention weights at the query positions, T_q)`` of ``prompt``'s rollout.
 
     The rollout runs with the model's own attention kernel; weights are recomputed from queries
-    and cached keys per layer (:func:`latentpatch.model.heads.attention_weights`)."""
+    and cached keys per layer (:func:`latentpatch.model.heads.attention_weights`). ``stream``: the
+    pair's draw-stream key."""
     with QueryRecorder(model.lm) as rec:
-        r = model.rollout([list(prompt)])
+        r = model.rollout([list(prompt)], streams=[stream])
     idx = query_indices(r.prompt_len, model.num_latent, r.state.length)
     w = [attention_weights(model.lm, rec, r.state, layer, idx)[0] for layer in range(model.n_layers)]
     return torch.stack(w), r.prompt_len

@@ -28,6 +28,7 @@ from latentpatch.data.pairs import Pair
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.heads import head_shape
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.streams import pair_stream
 from latentpatch.names import (
     ATTENTION_DIR,
     DEFAULT_LENS,
@@ -85,7 +86,8 @@ def lens_entry(
         inter = v.extra.get("intermediates")
         values = known_values(v.question, float(v.answer), inter if isinstance(inter, list) else None)
         tokens = [value_token(model, x) for _, _, x in values] if model.tokenizer is not None else []
-        streams = lens_streams(model, model.prompt_ids(v.question))  # one rollout, read with every lens
+        # one rollout, read with every lens; the pair's draw stream (docs/method.md §21)
+        streams = lens_streams(model, model.prompt_ids(v.question), pair_stream(pair.pair_id))
         for lens_name, reader in (lenses or {DEFAULT_LENS: None}).items():
             tag = {LENS_COLUMN: lens_name} if lenses is not None else {}
             res = lens_read(model, streams, tokens, k, reader)
@@ -173,7 +175,7 @@ def attention_entry(model: LatentModel, pair: Pair) -> dict[str, Any]:
     for name in VARIANTS:
         question = pair.variant(name).question
         prompt = model.prompt_ids(question)
-        weights, T_q = attention_run(model, prompt)  # [L, H, Q, T]
+        weights, T_q = attention_run(model, prompt, pair_stream(pair.pair_id))  # [L, H, Q, T]
         per_head = thought_attention(weights, T_q, model.num_latent)  # [L, H, Q, K + 3]
         thoughts += [
             dict(variant=name, layer=layer, head=h, query=q, key=key, weight=round(float(per_head[layer, h, q, j]), 6))

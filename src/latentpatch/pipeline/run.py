@@ -35,6 +35,7 @@ from latentpatch.assembly import assemble
 from latentpatch.data.pairs import Pair, save_pairs
 from latentpatch.errors import LatentPatchError, RunInterrupted
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.streams import pair_stream
 from latentpatch.patching.baselines import PairBaseline, prepare_pair
 from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
 from latentpatch.patching.specs import PatchSpec
@@ -172,7 +173,8 @@ def record_baselines(ctx: RunContext) -> None:
     def baseline(i: int) -> tuple[PairBaseline, int, int]:
         pair, before = ctx.pairs[i], (cache.hits, cache.misses) if cache else (0, 0)
         clean, corrupted = (
-            recorded_run(model, cache, v.question, True, v.answer) for v in (pair.clean, pair.corrupted)
+            recorded_run(model, cache, v.question, True, v.answer, pair_stream(pair.pair_id))  # the pair's draws (§21)
+            for v in (pair.clean, pair.corrupted)
         )
         answers = float(pair.clean.answer), float(pair.corrupted.answer)
         base = prepare_pair(model, pair.pair_id, clean, corrupted, *answers, config.direction)

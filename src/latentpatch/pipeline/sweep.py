@@ -20,6 +20,7 @@ import torch
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.streams import pair_stream
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -105,7 +106,7 @@ def decoded_thoughts(model: LatentModel, pair: Pair, k: int = 5) -> dict[str, li
     """Top-k tokens of each thought of the clean and the corrupted run (the CODI probe)."""
     entry = {}
     for variant in ("clean", "corrupted"):
-        r = model.rollout([model.prompt_ids(pair.variant(variant).question)])
+        r = model.rollout([model.prompt_ids(pair.variant(variant).question)], streams=[pair_stream(pair.pair_id)])
         entry[variant] = [[tok for tok, _ in top] for top in model.decode_thoughts(r, k)[0]]
     return entry
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.streams import pair_stream
 from latentpatch.names import GLOBAL_REPLACEMENTS, STEER_EXPERIMENT, STEP_EXPERIMENTS
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.specs import EngineConfig
@@ -64,10 +65,12 @@ def global_pool(
     pool: list[PairBaseline] = []
     pool_index: dict[int, int] = {}
     for k, pair in all_selected:
-        clean, corrupted = (recorded_run(model, cache, v.question) for v in (pair.clean, pair.corrupted))
+        stream = pair_stream(pair.pair_id)  # the pair's own draws, as in the shard that runs it (§21)
+        clean, corrupted = (recorded_run(model, cache, v.question, stream=stream) for v in (pair.clean, pair.corrupted))
         b = PairBaseline(
             pair.pair_id, float(pair.clean.answer), float(pair.corrupted.answer), clean, corrupted, config.direction
         )
+        b.stream = stream
         if config.only_correct and not (b.clean_correct and b.corrupted_correct):
             continue
         pool_index[k] = len(pool)
