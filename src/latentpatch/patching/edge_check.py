@@ -36,7 +36,8 @@ def plain_sender_kv(
     model: LatentModel, prompt: Sequence[int], thought: torch.Tensor, i: int, stream: int | None = None
 ) -> SenderKV:
     """Keys/values at latent i of a fresh run of ``prompt`` (thoughts 0..i-1 its own; ``stream``: the
-    pair's draw-stream key) with ``thought`` [d] fed as thought i, per layer: ([kv_heads, d_head], [kv_heads, d_head])."""
+    pair's draw-stream key) with ``thought`` [d] fed as thought i, per layer: ([kv_heads, d_head],
+    [kv_heads, d_head])."""
     state, h = model.prefill([list(prompt)], streams=[stream])
     model.run_thoughts(state, model.feedback.feed(h, 0, state.streams), 0, stop=i, next_thought=False)
     model.advance(state, inputs_embeds=thought.to(device=model.device, dtype=model.dtype)[None, None])
