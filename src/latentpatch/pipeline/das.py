@@ -39,6 +39,7 @@ from latentpatch.data.synthetic import program_results
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import write_json, write_parquet
 from latentpatch.model.latent import LatentModel
+from latentpatch.model.streams import pair_stream
 from latentpatch.names import DAS_COLUMNS, DAS_DIR, DAS_EXPERIMENT, DAS_FILE
 from latentpatch.patching.metrics import same_number
 from latentpatch.pipeline.das_options import (
@@ -154,7 +155,7 @@ def draw_examples(problems: Sequence[Problem], variable: tuple[str, str], n: int
         seen.add((i, j))
         cf = counterfactual(kind, arg, b, s)
         if cf is not None and not same_number(cf, b.answer):
-            out.append(Example(b.prompt, s.prompt, cf, b.group))
+            out.append(Example(b.prompt, s.prompt, cf, b.group, s.group))
     return out
 
 
@@ -181,7 +182,8 @@ def make_examples(ctx: RunContext, pairs: Sequence[Pair]) -> tuple[list[Example]
         problems = problems_of(model, pairs)
     preds: list[float | None] = []
     for start in range(0, len(problems), 64):
-        preds += model.answer([list(p.prompt) for p in problems[start : start + 64]])
+        chunk = problems[start : start + 64]  # each problem's own draw stream (docs/method.md §21)
+        preds += model.answer([list(p.prompt) for p in chunk], streams=[pair_stream(p.group) for p in chunk])
     right = [p for p, pred in zip(problems, preds) if same_number(pred, p.answer)]
     held = split_groups([p.group for p in problems], config.seed)
     n = config.das_pairs or DEFAULT_PAIRS

@@ -31,6 +31,7 @@ from latentpatch.data.pairs import Pair
 from latentpatch.data.questions import load_questions, save_questions
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_bytes
+from latentpatch.model.streams import pair_stream
 from latentpatch.names import (
     ACTIVATION_SHARD,
     ACTIVATIONS_DIR,
@@ -120,7 +121,8 @@ def record_activations(ctx: RunContext, qs: QuestionSet) -> list[dict[str, Any]]
     batch = min(int(ctx.batch_size), ACTIVATION_SHARD)
     for k in todo:
         part = questions[k * ACTIVATION_SHARD : (k + 1) * ACTIVATION_SHARD]
-        shard = record_shard(model, [model.prompt_ids(q.question) for q in part], components, batch)
+        prompts, keys = [model.prompt_ids(q.question) for q in part], [pair_stream(q.group) for q in part]
+        shard = record_shard(model, prompts, components, batch, keys)  # each question's group's draws (§21)
         rows[k] = [
             {"question_id": q.question_id, "pred_answer": pred, "correct": bool(same_number(pred, q.answer))}
             for q, pred in zip(part, shard.pred_answers)

@@ -55,15 +55,22 @@ class Shard:
 
 @torch.no_grad()
 def record_shard(
-    model: LatentModel, prompts: Sequence[Sequence[int]], components: Sequence[str], batch_size: int = 64
+    model: LatentModel,
+    prompts: Sequence[Sequence[int]],
+    components: Sequence[str],
+    batch_size: int = 64,
+    streams: Sequence[int | None] | None = None,
 ) -> Shard:
-    """One batched rollout per ``batch_size`` prompts: every site of every question (fp32; see the module)."""
+    """One batched rollout per ``batch_size`` prompts: every site of every question (fp32; see the module).
+    ``streams``: each question's draw-stream key (its group's, docs/method.md §21; None: the run's)."""
+    keys = [None] * len(prompts) if streams is None else list(streams)
     L, K = model.n_layers, model.num_latent
     parts: dict[str, list[torch.Tensor]] = {}
     preds: list[float | None] = []
     for start in range(0, len(prompts), batch_size):
         batch = [list(p) for p in prompts[start : start + batch_size]]
-        r = model.rollout(batch, record=[(c, layer) for c in components for layer in range(L)])
+        record = [(c, layer) for c in components for layer in range(L)]
+        r = model.rollout(batch, record=record, streams=keys[start : start + batch_size])
         assert r.hooks is not None
         # latent positions and the first answer position (as the lens reads them), then the question's last token
         idx = query_indices(r.prompt_len, K, r.state.length) + [r.prompt_len - 1]

@@ -45,6 +45,7 @@ from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import ActivationHooks, Edit
 from latentpatch.model.state import Rollout, RolloutState
+from latentpatch.model.streams import pair_stream
 from latentpatch.names import COMPONENTS, THOUGHT_SITES
 from latentpatch.patching.metrics import same_number
 
@@ -168,12 +169,15 @@ def full_interchange(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Example:
     """One interchange: the base and source prompts (ids with separators), the counterfactual answer
-    the high-level model predicts, and the base problem's group (splits keep a group on one side)."""
+    the high-level model predicts, and the base problem's group (splits keep a group on one side).
+    A random feedback's runs draw from their group's stream (base: ``group``, source:
+    ``source_group``, "" for the base's; :func:`~latentpatch.model.streams.pair_stream`, §21)."""
 
     base: tuple[int, ...]
     source: tuple[int, ...]
     counterfactual: float
     group: str
+    source_group: str = ""
 
 
 class DasSet:
@@ -186,8 +190,10 @@ class DasSet:
     def __init__(self, model: LatentModel, examples: Sequence[Example], sites: Sequence[DasSite]) -> None:
         self.model, self.examples = model, list(examples)
         record = sorted({(s.component, s.layer) for s in sites if not s.is_thought})
-        self.base: Rollout = model.rollout([list(e.base) for e in examples], record=record)
-        src = model.rollout([list(e.source) for e in examples], record=record)
+        base_keys = [pair_stream(e.group) for e in examples]  # each problem's own draw stream (§21)
+        src_keys = [pair_stream(e.source_group or e.group) for e in examples]
+        self.base: Rollout = model.rollout([list(e.base) for e in examples], record=record, streams=base_keys)
+        src = model.rollout([list(e.source) for e in examples], record=record, streams=src_keys)
         self.source_values: dict[DasSite, torch.Tensor] = {}  # site -> [n, d]
         for s in sites:
             self.source_values[s] = _site_values(src, s)
@@ -224,7 +230,7 @@ def intervened(
     state = base.state.fork(length=base.latent_index(p), rows=rows)
     hooks = None
     if site.component == "thought_pre":
-        first = model.feedback.feed(fn(base.thought_source_hidden()[rows, p], src), p)  # thought p (§21: its draws)
+        first = model.feedback.feed(fn(base.thought_source_hidden()[rows, p], src), p, state.streams)  # (§21)
     elif site.component == "thought":
         first = fn(base.thoughts[rows, p], src)
     else:
