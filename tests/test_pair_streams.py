@@ -150,15 +150,18 @@ def test_colar_stop_counts_follow_each_pairs_stream(colar):
 @pytest.mark.parametrize("family", ["multiplex", "colar"])
 def test_engine_equals_reference_with_pair_streams(family, multiplex, colar):
     m = multiplex if family == "multiplex" else colar
+    pair = generate_pairs(1, seed=1)[0]
     bases = []
-    for pair in generate_pairs(2, seed=1):
-        stream = pair_stream(pair.pair_id)
+    for pair_id in (pair.pair_id, pair.pair_id + "-twin"):  # the same questions under two pairs' streams
+        stream = pair_stream(pair_id)
         clean, corr = (record_run(m, m.prompt_ids(v.question), stream=stream) for v in (pair.clean, pair.corrupted))
-        bases.append(prepare_pair(m, pair.pair_id, clean, corr, pair.clean.answer, pair.corrupted.answer))
+        bases.append(prepare_pair(m, pair_id, clean, corr, pair.clean.answer, pair.corrupted.answer))
         assert bases[-1].stream == stream
+    assert not torch.equal(bases[0].target.thoughts, bases[1].target.thoughts)  # other noise
     specs = position_specs(m.n_layers, m.num_latent)
     values = lambda i: replacement_values(bases[i], EngineConfig())  # noqa: E731
-    result = check_engine_reference(m, bases, specs, values, 4, 6, shared_rows=256)  # both pairs in one batch
+    # one shared batch key: both pairs' rows run in one batch, each row with its own pair's stream
+    result = check_engine_reference(m, bases, specs, values, 4, 6, shared_rows=256)
     assert result["passed"], result
 
 
