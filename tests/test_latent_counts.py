@@ -186,3 +186,25 @@ def test_what_per_pair_counts_cannot_run_is_refused_in_one_line(tmp_path, pairs)
     config = RunConfig(out=str(tmp_path / "y"), report=False, use_cache=False, patched_stop="rule")
     with pytest.raises(LatentPatchError, match="--patched-stop rule: .* has no stop rule"):
         run_experiments(config, model=fixed, pairs=pairs, progress=False)
+
+
+def test_the_report_says_how_often_patched_runs_stop_elsewhere(runs):
+    """stats.json's latent_stops recomputed here from cells.parquet with plain pandas (each pair's
+    share of patched runs whose rule fires elsewhere, averaged over pairs), and the report's sentence
+    quotes it (tests/test_report_sentences.py's checker)."""
+    from test_report_sentences import check_sentences, findings_of, sections_of
+
+    from latentpatch.analysis.report import build_report
+
+    build_report(runs["keep"])
+    _, stats, page = findings_of(runs["keep"])
+    assert "stops" in sections_of(page)
+    check_sentences(runs["keep"])
+    cells = pd.read_parquet(runs["keep"] / "results" / "cells.parquet")
+    for e in stats["latent_stops"]["experiments"]:
+        rows = cells[cells.experiment == e["experiment"]]
+        shares = [g.stops_elsewhere.sum() / len(g) for _, g in rows.groupby("pair_id")]
+        assert e["mean"] == pytest.approx(sum(shares) / len(shares), abs=1e-12)
+        assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["cells"] == len(rows)
+    sentence = next(s for s in page.split('<p class="finding">') if "stop rule" in s)
+    assert "would have stopped" in sentence
