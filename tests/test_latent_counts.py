@@ -208,3 +208,26 @@ def test_the_report_says_how_often_patched_runs_stop_elsewhere(runs):
         assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["cells"] == len(rows)
     sentence = next(s for s in page.split('<p class="finding">') if "stop rule" in s)
     assert "would have stopped" in sentence
+
+
+def test_shards_with_per_pair_counts_merge_to_the_unsharded_run(runs, pairs, tmp_path):
+    """--shard 0/2 + 1/2 + merge == the unsharded keep run: every file of results/, and the manifest's
+    latent_stops."""
+    from latentpatch.pipeline.merge import merge_runs
+
+    shards = []
+    for i in range(2):
+        config = RunConfig(
+            experiments=("layer", "position"),
+            out=str(tmp_path / f"s{i}"),
+            report=False,
+            use_cache=False,
+            shard=f"{i}/2",
+        )
+        shards.append(run_experiments(config, model=stopping_model(), pairs=pairs, progress=False, command="test"))
+    merged = merge_runs(shards, tmp_path / "merged", report=False)
+    want = {p.relative_to(runs["keep"]): p.read_bytes() for p in (runs["keep"] / "results").rglob("*") if p.is_file()}
+    got = {p.relative_to(merged): p.read_bytes() for p in (merged / "results").rglob("*") if p.is_file()}
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
+    full_stops = json.loads((runs["keep"] / "manifest.json").read_text())["latent_stops"]
+    assert json.loads((merged / "manifest.json").read_text())["latent_stops"] == full_stops
