@@ -25,7 +25,7 @@ from typing import Any
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.stops import rule_latent_counts, stop_rule_of
-from latentpatch.names import HEAD_COMPONENT
+from latentpatch.names import GLOBAL_REPLACEMENTS, HEAD_COMPONENT
 from latentpatch.patching.engine import group_pairs
 from latentpatch.patching.experiments import SpecShape, experiment_specs, stage_experiments
 from latentpatch.patching.specs import PatchSpec
@@ -58,8 +58,12 @@ def check_latent_stops(model: LatentModel, config: RunConfig) -> None:
             f"--experiments {','.join(other)}: with per-pair latent counts (--latent-count target on a family "
             f"with a stop rule) only layer, position and iterative run; {fix}, or leave them out"
         )
-    if config.replacement != "source" or config.component == HEAD_COMPONENT:
-        flag = f"--replacement {config.replacement}" if config.replacement != "source" else "--component head_out"
+    if config.replacement in GLOBAL_REPLACEMENTS or config.component == HEAD_COMPONENT:
+        flag = (
+            f"--replacement {config.replacement}"
+            if config.replacement in GLOBAL_REPLACEMENTS
+            else "--component head_out"
+        )
         raise LatentPatchError(f"{flag}: pools values over pairs of one latent count; {fix}")
 
 
