@@ -76,9 +76,10 @@ def test_stream_draws_depend_on_the_key_only():
         b.draws(step, kb)  # other streams read in between, another order
     got = [torch.cat(b.draws(s, ka)) for s in (2, 0, 1)]
     gen = torch.Generator().manual_seed(stream_seed(SEED, ka))  # the documented procedure
-    plain = [torch.cat([torch.empty(1, 6).normal_(generator=gen)[0], torch.empty(1, 9).exponential_(generator=gen)[0]])]
-    plain += [torch.cat([torch.empty(1, 6).normal_(generator=gen)[0], torch.empty(1, 9).exponential_(generator=gen)[0]])]
-    plain += [torch.cat([torch.empty(1, 6).normal_(generator=gen)[0], torch.empty(1, 9).exponential_(generator=gen)[0]])]
+    plain = []
+    for _ in range(3):  # per step: the normals, then the exponentials, each as [1, n]
+        normals = torch.empty(1, 6).normal_(generator=gen)[0]
+        plain.append(torch.cat([normals, torch.empty(1, 9).exponential_(generator=gen)[0]]))
     assert all(torch.equal(g, plain[s]) for g, s in zip(got, (2, 0, 1)))
     assert all(torch.equal(torch.cat(a.draws(s, ka)), plain[s]) for s in range(3))
     assert not torch.equal(torch.cat(a.draws(0, kb)), plain[0])  # another pair, another stream

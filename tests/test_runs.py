@@ -62,7 +62,8 @@ def test_run_directory_contents(tmp_path, model, pairs):
         "tuned_lens",
         "merged_from",
         "probe_fit",
-    )  # resume, shards, --lens, merge
+        "latent_stops",
+    )  # resume, shards, --lens, merge, a family with a stop rule
     assert list(man) == [k for k in Manifest.__dataclass_fields__ if k not in absent]
     assert list(man["config"]) == DEFAULT_CONFIG_KEYS
 

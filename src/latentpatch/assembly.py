@@ -33,6 +33,7 @@ from latentpatch.names import (
     EDGES_FILE,
     INFLUENCE_COLUMNS,
     INFLUENCE_FILE,
+    LATENT_COUNT,
     LENS_COLUMN,
     LENS_COLUMNS,
     LENS_DIR,
@@ -47,6 +48,7 @@ from latentpatch.names import (
     STEP_FLOAT_COLUMNS,
     STEPS_DIR,
     STEPS_FILE,
+    STOP_COLUMNS,
     TRACKED_MODES,
     TRAJECTORY_COLUMNS,
 )
@@ -90,7 +92,7 @@ def assemble(out: Path | str) -> None:
             metrics = {k: v for k, v in row.items() if k not in _NOT_NESTED}
             by_layer = nested.setdefault(row["experiment"], {}).setdefault(pid, {})
             by_layer.setdefault(str(row["layer"]), {})[row["key"]] = metrics
-            cell = {c: row.get(c) for c in CELL_COLUMNS}
+            cell = {c: row.get(c) for c in CELL_COLUMNS + [c for c in STOP_COLUMNS if c in row]}
             cell["pair_id"] = pid
             for c in _NAN_IF_MISSING:
                 if cell[c] is None:
@@ -114,7 +116,9 @@ def assemble(out: Path | str) -> None:
                     )
     for name, data in nested.items():
         write_json(paths.experiment_result(name), data)
-    write_parquet(paths.cells, cell_rows, CELL_COLUMNS)
+    # a family with a stop rule adds its columns (docs/method.md §22); other runs' tables stay as they were
+    stops = STOP_COLUMNS if any(LATENT_COUNT in row for row in cell_rows) else []
+    write_parquet(paths.cells, cell_rows, CELL_COLUMNS + stops)
     write_parquet(paths.trajectories, traj_rows, TRAJECTORY_COLUMNS)
     write_json(paths.thoughts, thoughts)
     done = {assemble}

@@ -498,3 +498,16 @@ DAS_COLUMNS: list[str] = [
 #: With ``--questions`` of GSM8K worked solutions: how many chains were usable and why the others were
 #: skipped (``data/chain.py`` ISSUES), in ``results/`` (docs/method.md §20.1).
 DAS_CHAINS_FILE = "das_chains.json"
+
+# ---- latent counts by a family's stop rule (docs/method.md §22) -----------------------------------
+#: Cell columns a run on a family with a stop rule adds (``results/cells.parquet`` and the experiment
+#: JSON): the pair's latent count (its target run's own, or ``--num-latent`` with ``--latent-count
+#: fixed``), the count the rule gives the patched run (-1: it did not fire within the run's latents),
+#: and whether that differs from the pair's count (the patched run would stop elsewhere).
+LATENT_COUNT, RULE_LATENTS, STOPS_ELSEWHERE = "latent_count", "rule_latents", "stops_elsewhere"
+STOP_COLUMNS: list[str] = [LATENT_COUNT, RULE_LATENTS, STOPS_ELSEWHERE]
+#: what ``--latent-count`` takes: each pair's target run's own count by the family's rule, or
+#: ``--num-latent`` for every pair
+LATENT_COUNTS: tuple[str, ...] = ("target", "fixed")
+#: what ``--patched-stop`` takes: patched runs keep their pair's count, or stop by the rule
+PATCHED_STOPS: tuple[str, ...] = ("keep", "rule")

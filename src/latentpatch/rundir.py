@@ -120,6 +120,7 @@ _STEP_KEYS = (
     "timings",
     "merged_from",
     "probe_fit",
+    "latent_stops",
 )
 #: Keys the finish step writes together with ``timings`` (each may be null).
 _FINISH_KEYS = ("finished", "cells_per_second", "activation_cache", "answers_cut")
@@ -162,6 +163,7 @@ class Manifest:
     answers_cut: dict[str, Any] | None = None  # {max_positions, baselines, patched}: answers cut at the last position
     merged_from: list[dict[str, Any]] | None = None
     probe_fit: str | None = None  # "merge": a shard that recorded its probe activations; merge fits the probes
+    latent_stops: dict[str, Any] | None = None  # a family with a stop rule: the rule, modes, counts (§22)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, keys in field order, the keys of steps not yet run left out."""

@@ -68,7 +68,7 @@ class RunLabels:
         labels = {"recovery": f"recovery (1 = {terms['source']} restored)"}
         cos = [v.get("cos_clean_corrupted") for p, v in per_pair.items() if (pair_ids is None or p in pair_ids)]
         cos = [c for c in cos if c]
-        reference = {i: row for i, row in enumerate(np.mean(np.array(cos, float), axis=0).tolist())} if cos else {}
+        reference = {i: row for i, row in enumerate(_ragged_mean(cos).tolist())} if cos else {}
         return cls(
             terms["component"],
             terms["values"],
@@ -112,3 +112,18 @@ def what_was_run(manifest: dict, stats: dict) -> str:
             f"{escape(terms['recovery'])}."
         )
     return text + "</p>"
+
+
+def _ragged_mean(per_pair: list[list[list[float]]]) -> np.ndarray:
+    """[L, K] mean over pairs of per-pair [L, K_i] tables, each position over the pairs that have it
+    (pairs of a family with a stop rule run their own latent counts K_i, docs/method.md §22).
+
+    >>> _ragged_mean([[[1.0, 2.0]], [[3.0]]]).tolist()
+    [[2.0, 2.0]]
+    """
+    L, K = len(per_pair[0]), max(len(row) for table in per_pair for row in table)
+    x = np.full((len(per_pair), L, K), np.nan)
+    for i, table in enumerate(per_pair):
+        for layer, row in enumerate(table):
+            x[i, layer, : len(row)] = row
+    return np.nanmean(x, axis=0)

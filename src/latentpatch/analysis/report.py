@@ -43,6 +43,7 @@ from latentpatch.analysis.skeleton import EXPERIMENT_SECTIONS, ExperimentSection
 from latentpatch.analysis.stats_section import statistics_section
 from latentpatch.analysis.steer_section import steer_section
 from latentpatch.analysis.steps_section import steps_sections
+from latentpatch.analysis.stop_stats import stops_section
 from latentpatch.analysis.sweep_sections import sweep_sections
 from latentpatch.files import atomic_write_text
 from latentpatch.rundir import (
@@ -85,6 +86,7 @@ def experiment_sections(
         *([steer] if (steer := steer_section(run_dir, formats, stats)) is not None else []),
         *([edges] if (edges := edges_section(run_dir, formats, stats)) is not None else []),
         *([das] if (das := das_section(run_dir, formats, stats)) is not None else []),
+        *([stops] if (stops := stops_section(stats)) is not None else []),
     ]
     order = [sid for sid, _, _ in EXPERIMENT_SECTIONS]
     return sorted(made, key=lambda s: order.index(s.sid))

@@ -50,7 +50,10 @@ EXPERIMENT_SECTIONS: tuple[tuple[str, str, str], ...] = (
         "Which earlier position does each thought read, and does cutting that edge matter?",
     ),
     ("das", "Distributed alignment search", "Which subspace of which thought does the model use as a given value?"),
+    ("stops", "Latent stops", "Where would the family's stop rule end each patched run?"),
 )
+#: Sections a run has by its model, not by a flag (a family with a stop rule): never listed as not run.
+NOT_FLAGGED = ("stops",)
 #: How to run each experiment (the closing line of the page names the ones a run lacks).
 HOW_TO_RUN: dict[str, str] = {
     **{sid: f"--experiments {sid}" for sid, _, _ in EXPERIMENT_SECTIONS},
@@ -200,7 +203,11 @@ def findings_list(sections: Iterable[ExperimentSection]) -> str:
 def not_run_line(ran: Iterable[str]) -> str:
     """One closing line naming the experiments this run did not include and how to add each."""
     done = set(ran)
-    rest = [f"{sid} (<code>{escape(HOW_TO_RUN[sid])}</code>)" for sid, _, _ in EXPERIMENT_SECTIONS if sid not in done]
+    rest = [
+        f"{sid} (<code>{escape(HOW_TO_RUN[sid])}</code>)"
+        for sid, _, _ in EXPERIMENT_SECTIONS
+        if sid not in done and sid not in NOT_FLAGGED
+    ]
     if not rest:
         return ""
     return (

@@ -41,6 +41,7 @@ from latentpatch.analysis.reading_stats import (
 from latentpatch.analysis.selection import all_positions_rows, mode_rows, mode_table, used_pairs
 from latentpatch.analysis.steer_stats import read_steer, steer_stats
 from latentpatch.analysis.step_stats import read_steps, step_stats
+from latentpatch.analysis.stop_stats import latent_stop_stats
 from latentpatch.errors import LatentPatchError
 from latentpatch.files import atomic_write_text, json_safe
 from latentpatch.names import (
@@ -288,6 +289,7 @@ def add_stage_stats(
     contrasts += edge_contrasts
     das, das_contrasts = das_stats(read_das(run_dir), seed, n_resamples)
     contrasts += das_contrasts
+    latent_stops = latent_stop_stats(cells, read_manifest(run_dir), seed, n_resamples)
     named = (
         ("steps", steps),
         ("lens", lens),
@@ -297,6 +299,7 @@ def add_stage_stats(
         ("probe", probe),
         ("edges", edges),
         ("das", das),
+        ("latent_stops", latent_stops),
     )
     extra = {k: v for k, v in named if v is not None}
     if contrasts:

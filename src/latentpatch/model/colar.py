@@ -10,9 +10,11 @@ After each latent a stop token is *sampled* from ``softmax(logits)`` over the wh
 
 Randomness order per step (the official one for a batch of one): ``d`` normals, then ``V`` Exp(1)
 draws (``torch.multinomial``'s), from :class:`~latentpatch.model.mixture.DrawStream`: each row's
-pair's own stream (:mod:`latentpatch.model.streams`), the run's one stream for a row without a key. Runs use a
-fixed latent count (``--num-latent``); :func:`colar_latent_count` gives a question's own count by
-the official stop rule (docs/method.md §21: per-pair counts are not in the engine yet).
+pair's own stream (:mod:`latentpatch.model.streams`), the run's one stream for a row without a key.
+The rule is :class:`SeparatorStop` (``feedback.stop_rule``): a run gives each pair its target run's
+own count by it, at most ``--num-latent`` (default: the checkpoint's ``max_n_latent_forward``, 64),
+and records where it would stop each patched run (docs/method.md §22); :func:`colar_latent_count`
+gives one question's count.
 
 The checkpoint (:func:`load_colar_checkpoint`): a Lightning ``.ckpt`` whose ``state_dict`` holds
 only the trainable parameters: LoRA (q_proj, v_proj; r 128, alpha 32) under
@@ -52,7 +54,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "colar-llama1b": (
         "CoLaR on Llama-3.2-1B-Instruct (xiaomi-research/colar; Lightning .ckpt, LoRA q/v r 128 alpha 32, "
         "scale 0.018, compression 5); weights: AlbertTan/CoLaR (unverified path)",
-        "latentpatch run --model colar:PATH/last.ckpt --base meta-llama/Llama-3.2-1B-Instruct --num-latent 8",
+        "latentpatch run --model colar:PATH/last.ckpt --base meta-llama/Llama-3.2-1B-Instruct",
     ),
 }
 QUESTION_TEMPLATE = "Question: {question} Let's think step by step:(Thinking speed: {speed})###"
@@ -257,7 +259,9 @@ def load_colar_checkpoint(
     load_weights_strict(lm, policy, full, file=path, prefix=LORA_PREFIX, lora=lora, hint="wrong --base?")
     speed = gen_kw.get("compression_factor", 5)
     cfg = LatentConfig(
-        num_latent=int(num_latent) if num_latent is not None else 8,
+        # the cap of the sampled stop (max_n_latent_forward, official default 64): each pair runs its own
+        # count below it (--latent-count target, docs/method.md §22)
+        num_latent=int(num_latent) if num_latent is not None else int(gen_kw.get("max_n_latent_forward", 64)),
         pad_id=V,
         bot_id=V,
         eot_id=V,

@@ -22,6 +22,7 @@ position ids skip the padding, so a row's numbers do not depend on the rest of t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypedDict
@@ -125,6 +126,35 @@ class LatentModel(AnswerPhase, nn.Module):
     @property
     def num_latent(self) -> int:
         return self.config.num_latent
+
+    @contextmanager
+    def latent_count(self, k: int) -> Iterator[None]:
+        """Run with ``k`` latents inside the block (a pair's own count by its family's stop rule,
+        :mod:`latentpatch.model.stops`); every loop, site list and answer position reads
+        :attr:`num_latent`, so nothing else changes.
+
+        >>> from latentpatch.model.loaders import random_model
+        >>> m = random_model("gpt2", num_latent=4)
+        >>> with m.latent_count(2):
+        ...     m.num_latent
+        2
+        >>> m.num_latent
+        4
+        """
+        old, cap = self.config, self.__dict__.get("_latent_cap")
+        self.config = dataclasses.replace(old, num_latent=int(k))
+        self._latent_cap = cap if cap is not None else old.num_latent
+        try:
+            yield
+        finally:
+            self.config, self._latent_cap = old, cap
+
+    @property
+    def latent_cap(self) -> int:
+        """The most latents a run of this model takes: its configured :attr:`num_latent`, also
+        inside :meth:`latent_count` (where a family's stop rule is cut off)."""
+        cap = self.__dict__.get("_latent_cap")
+        return int(cap) if cap is not None else self.num_latent
 
     @property
     def device(self) -> torch.device:

@@ -25,12 +25,6 @@ from typing import Any, ClassVar, cast
 
 import torch
 
-#: what ``--latent-count`` takes: each pair's target run's own count by the family's rule, or
-#: ``--num-latent`` for every pair
-LATENT_COUNTS = ("target", "fixed")
-#: what ``--patched-stop`` takes: patched runs keep their pair's count, or stop by the rule
-PATCHED_STOPS = ("keep", "rule")
-
 
 class StopRule:
     """Decides after each latent step whether a row's latent phase ends there.

@@ -33,7 +33,7 @@ import torch
 from latentpatch.model.config import extract_number
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.sites import Write
-from latentpatch.names import LOGIT_METRICS
+from latentpatch.names import LOGIT_METRICS, RULE_LATENTS
 from latentpatch.patching.baselines import PairBaseline, ValueFn, own_values
 from latentpatch.patching.engine import EngineOptions, sweep_fast, sweep_pairs, sweep_reference
 from latentpatch.patching.metrics import same_number
@@ -172,7 +172,8 @@ def check_engine_reference(
     """Check 4: ``n_cells`` seeded random specs on two seeded pairs, the run's engine path
     (:func:`sweep_pairs` with ``shared_rows``, as the run calls it) vs :func:`sweep_reference`: the
     metrics of :data:`COMPARED` within the threshold (:func:`mismatch`: NaN on one side fails) and
-    the same greedy ``answer_ids`` in every cell.
+    the same greedy ``answer_ids`` in every cell (and, on a family with a stop rule, the same
+    ``rule_latents``: where the rule fires in the patched run).
 
     ``values_for(i)``: the replacement values of pair ``bases[i]`` (as the run uses them).
     """
@@ -186,6 +187,7 @@ def check_engine_reference(
         for f, r in zip(fast_cells, sweep_reference(model, bases[i], subset, v)):
             worst = max([worst] + [mismatch(f.get(k), r.get(k)) for k in COMPARED])
             other_answers += list(f["answer_ids"]) != list(r["answer_ids"])
+            other_answers += f.get(RULE_LATENTS) != r.get(RULE_LATENTS)  # where a stop rule fires (§22)
             compared += 1
     threshold = tolerance(model, 1e-4)
     return {

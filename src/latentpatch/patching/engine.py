@@ -32,11 +32,14 @@ from latentpatch.model.answering import shared_prefix_length
 from latentpatch.model.latent import LatentModel, Rollout, RolloutState
 from latentpatch.model.sites import ActivationHooks, Write
 from latentpatch.model.state import stack_states
+from latentpatch.model.stops import StopObserver, stop_rule_of
 from latentpatch.model.streams import row_streams
+from latentpatch.names import LATENT_COUNT, RULE_LATENTS, STOPS_ELSEWHERE
 from latentpatch.patching.baselines import PairBaseline, ValueFn
 from latentpatch.patching.cells import cell_results, reference_answers, score_and_generate, thought_similarity
 from latentpatch.patching.interventions import ActivationPatch, EarlyExit, ThoughtReplacement
 from latentpatch.patching.specs import PatchSpec
+from latentpatch.patching.stop_cells import primed_observer, stop_columns
 
 
 # ---- the patch as hooks ----------------------------------------------------------------------
@@ -161,9 +164,12 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     writes = _writes_for(specs, row_values, T_q, model.device)
     record = sorted({(s.component, s.layer) for s in specs if s.track})
     override, mask = _overrides(model, specs, row_values, targets, state.streams)  # [B, K, d], [B, K] or None
+    observer = primed_observer(model, row_bases, start)  # a family's stop rule, read in the patched runs (§22)
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
         first = targets[:, start]  # [B, d]: each target's thought at start
-        fed, _, _ = model.run_thoughts(state, first, start, hooks=hooks, thought_override=override, override_mask=mask)
+        fed, _, _ = model.run_thoughts(
+            state, first, start, hooks=hooks, thought_override=override, override_mask=mask, observe=observer
+        )
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
     tracked = {}
     for row, s in enumerate(specs):
@@ -177,6 +183,9 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     for row, s in enumerate(specs):
         if isinstance(s.intervention, ThoughtReplacement):
             cells[row].update(thought_similarity(targets[row], fed[row], start))
+    if observer is not None:
+        for row, columns in enumerate(stop_columns(observer, K, model.latent_cap)):
+            cells[row].update(columns)
     out, i = [], 0
     for p in parts:
         out.append(cells[i : i + len(p.specs)])
@@ -377,5 +386,51 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         cells = cell_results(model, [base], [spec], answers, tracked)
         if isinstance(spec.intervention, ThoughtReplacement):
             cells[0].update(thought_similarity(base.target.thoughts, r.thoughts[0], 0))
+        observer = primed_observer(model, [base], 0)  # the rule asked at each step of this rollout (§22)
+        if observer is not None:
+            for step in range(K):
+                observer(step, r.latent_hidden[:, step])
+            cells[0].update(stop_columns(observer, K, model.latent_cap)[0])
         out.extend(cells)
+    return out
+
+
+@torch.no_grad()
+def rule_stopped_cells(
+    model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], values: ValueFn, cap: int
+) -> list[dict]:
+    """The cells of ``specs`` with each patched run stopped by the family's stop rule
+    (``--patched-stop rule``, docs/method.md §22): per spec one plain hooked rollout to ``cap``
+    latents, cut after the rule's count r (``cap`` where it never fires) and answered there with
+    plain greedy decoding. A patch at a position >= r never takes effect (the run stopped before
+    it). Cells carry ``rule_latents`` r; ``latent_count`` is the pair's K (``model.num_latent``)."""
+    rule = stop_rule_of(model)
+    if rule is None:
+        raise ValueError("rule_stopped_cells: the model's family has no stop rule")
+    K, T_q = model.num_latent, len(base.target.prompt)
+    out = []
+    for spec in specs:
+        writes = _writes_for([spec], [values], T_q, model.device)
+        override, mask = _overrides(model, [spec], [values], base.target.thoughts[None], [base.stream])  # [1, K, d]
+        if override is not None and mask is not None:  # run past K: nothing is overridden there
+            override = torch.cat([override, override.new_zeros(1, max(cap - K, 0), override.shape[-1])], 1)
+            mask = torch.cat([mask, mask.new_zeros(1, max(cap - K, 0))], 1)
+        observer = StopObserver(model, rule, 1, [base.stream])  # the pair's draw stream (§21)
+        with ActivationHooks(model.lm, writes=writes) as hooks, model.latent_count(cap):
+            state, h = model.prefill([base.target.prompt], hooks=hooks, streams=[base.stream])
+            model.run_thoughts(
+                state,
+                model.feedback.feed(h, 0, state.streams),
+                hooks=hooks,
+                thought_override=override,
+                override_mask=mask,
+                observe=observer,
+                next_thought=False,
+            )
+        r = observer.counts(cap)[0]
+        state = state.fork(length=T_q + r)  # the latents after the rule's stop are not part of this run
+        logits = model.logits(model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))[:, -1])
+        cell = cell_results(model, [base], [spec], reference_answers(model, [base], state, logits), {})[0]
+        cell.update({LATENT_COUNT: K, RULE_LATENTS: r, STOPS_ELSEWHERE: r != K})
+        out.append(cell)
     return out

@@ -32,7 +32,9 @@ from latentpatch.names import (
     EXPERIMENTS,
     GLOBAL_REPLACEMENTS,
     HEAD_COMPONENT,
+    LATENT_COUNTS,
     LENS_CHOICES,
+    PATCHED_STOPS,
     REPLACEMENTS,
     SITE_COMPONENTS,
 )
@@ -271,6 +273,8 @@ class RunConfig(ExperimentOptions):
             ("direction", self.direction, DIRECTIONS),
             ("replacement", self.replacement, REPLACEMENTS),
             ("engine", self.engine, ENGINES),
+            ("latent-count", self.latent_count, LATENT_COUNTS),
+            ("patched-stop", self.patched_stop, PATCHED_STOPS),
         ):
             if value not in choices:
                 raise LatentPatchError(f"--{name} {value!r}: use one of {', '.join(choices)}")

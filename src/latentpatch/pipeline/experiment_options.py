@@ -141,6 +141,22 @@ class ExperimentOptions(ModelOptions):
         omit_if_unset=True,
         concern="experiments",
     )
+    latent_count: str = option(
+        "target",
+        "On a family whose latent phase ends by a rule (CoLaR's sampled ###, Soft Thinking's </think>): "
+        "target (each pair runs its target run's own count by the rule, at most --num-latent) | fixed "
+        "(--num-latent for every pair). Fixed-count families (CODI, Coconut): --num-latent either way.",
+        omit_if_unset=True,
+        concern="experiments",
+    )
+    patched_stop: str = option(
+        "keep",
+        "On a family with a stop rule: keep (patched runs keep their pair's latent count, so sites stay "
+        "comparable; results record where the rule would stop them) | rule (patched runs stop by the rule, "
+        "up to --num-latent, and are answered there).",
+        omit_if_unset=True,
+        concern="experiments",
+    )
 
     @property
     def probe_component_list(self) -> tuple[str, ...]:

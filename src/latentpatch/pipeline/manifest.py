@@ -60,6 +60,10 @@ class RunContext:
     finished: str | None = None  # set with ``complete``: the time the manifest and report state
     interrupted: bool = False  # stopped by Ctrl-C: the manifest says "interrupted"
     probe_fit: str | None = None  # "merge" when a shard recorded its probe activations and merge fits the probes
+    #: a family with a stop rule (pipeline/latent_counts.py): each pair's latent count (this process's
+    #: numbering; the target run's own with --latent-count target) and the manifest's summary of them
+    latent_counts: list[int] | None = None
+    latent_stops: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -103,6 +107,7 @@ def build_manifest(ctx: RunContext) -> Manifest:
         probe_fit=ctx.probe_fit,
         checks=ctx.checks,
         tuned_lens=ctx.tuned_lens,
+        latent_stops=ctx.latent_stops,
     )
     if ctx.bases:
         manifest.n_pairs = len(ctx.bases)

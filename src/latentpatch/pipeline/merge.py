@@ -289,6 +289,25 @@ def _stage_files(
     return out
 
 
+def _merged_stops(manifests: Sequence[Manifest], order: Sequence[str]) -> dict | None:
+    """The shards' ``latent_stops`` (a family with a stop rule, docs/method.md §22) as one run's: the
+    pairs' counts summed, the pairs whose source count differs joined in ``order`` (pair ids)."""
+    stops = [m.latent_stops for m in manifests if m.latent_stops]
+    if not stops:
+        return None
+    counts: dict[str, int] = {}
+    for s in stops:
+        for k, n in (s.get("target_counts") or {}).items():
+            counts[k] = counts.get(k, 0) + int(n)
+    merged = dict(stops[0])
+    if "target_counts" in merged:
+        merged["target_counts"] = {k: counts[k] for k in sorted(counts, key=int)}
+        rank = {p: i for i, p in enumerate(order)}
+        differs = [p for s in stops for p in s.get("source_differs") or []]
+        merged["source_differs"] = sorted(differs, key=lambda p: rank.get(p, len(rank)))
+    return merged
+
+
 def _merged_manifest(
     dirs: Sequence[Path], manifests: Sequence[Manifest], ordered: Sequence[dict], out: Path, timings: dict
 ) -> Manifest:
@@ -314,6 +333,7 @@ def _merged_manifest(
         activation_cache=cache or None,
         answers_cut=_merged_cuts(manifests),
         probe_fit=None,  # the merged run is an unsharded one
+        latent_stops=_merged_stops(manifests, [d["pair_id"] for d in ordered]),
         merged_from=[
             {
                 "run_dir": str(d),

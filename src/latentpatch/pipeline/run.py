@@ -44,6 +44,7 @@ from latentpatch.pipeline.cache import ActivationCache, default_cache_dir, model
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.das import sweep_das
 from latentpatch.pipeline.edges import sweep_edges
+from latentpatch.pipeline.latent_counts import at_count, check_latent_stops, pair_count, record_latent_counts
 from latentpatch.pipeline.limits import check_pccot_run, check_question_lengths, check_tokenizer, cut_answers
 from latentpatch.pipeline.manifest import RunContext, command_line, environment, write_manifest
 from latentpatch.pipeline.memory import auto_batch_size
@@ -169,15 +170,19 @@ def record_baselines(ctx: RunContext) -> None:
     t = time.perf_counter()
     cache = ctx.cache
     counts = (cache.hits, cache.misses) if cache else (0, 0)
+    record_latent_counts(ctx)  # a family with a stop rule: each pair's own latent count (§22)
 
     def baseline(i: int) -> tuple[PairBaseline, int, int]:
         pair, before = ctx.pairs[i], (cache.hits, cache.misses) if cache else (0, 0)
-        clean, corrupted = (
-            recorded_run(model, cache, v.question, True, v.answer, pair_stream(pair.pair_id))  # the pair's draws (§21)
-            for v in (pair.clean, pair.corrupted)
-        )
-        answers = float(pair.clean.answer), float(pair.corrupted.answer)
-        base = prepare_pair(model, pair.pair_id, clean, corrupted, *answers, config.direction)
+        k = pair_count(ctx, i)
+        stream = pair_stream(pair.pair_id)  # the pair's own draws (docs/method.md §21)
+        with at_count(ctx, k):  # the cache holds runs of the model's own count only
+            runs = [
+                recorded_run(model, cache if k == model.latent_cap else None, v.question, True, v.answer, stream)
+                for v in (pair.clean, pair.corrupted)
+            ]
+            answers = float(pair.clean.answer), float(pair.corrupted.answer)
+            base = prepare_pair(model, pair.pair_id, runs[0], runs[1], *answers, config.direction)
         after = (cache.hits, cache.misses) if cache else (0, 0)
         return base, after[0] - before[0], after[1] - before[1]  # a worker's cache counts come back
 
@@ -199,6 +204,8 @@ def record_baselines(ctx: RunContext) -> None:
             raise LatentPatchError("--only-correct: the model gets no pair fully right; fix: drop --only-correct")
         ctx.pairs, ctx.indices = [ctx.pairs[i] for i in keep], [ctx.indices[i] for i in keep]
         bases = [bases[i] for i in keep]
+        if ctx.latent_counts is not None:
+            ctx.latent_counts = [ctx.latent_counts[i] for i in keep]
     ctx.bases = bases
     ctx.out.mkdir(parents=True, exist_ok=True)
     save_pairs(ctx.pairs, ctx.paths.pairs)
@@ -303,6 +310,7 @@ def prepare_run(
     if model is None:
         model = config.load()
     check_pccot_run(model, config.experiments)  # PCCoT: the experiments defined on its rounds (one line)
+    check_latent_stops(model, config)  # a family with a stop rule: what per-pair latent counts run (one line)
     model.feedback.reseed(config.seed)  # a random feedback's draws (mixtures): one stream per --seed
     timings["load_model_s"] = time.perf_counter() - t0
     return start_run(config, model, all_pairs, previous=previous, progress=reporter, command=command, timings=timings)

@@ -21,6 +21,7 @@ import torch
 from latentpatch.data.pairs import Pair
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.streams import pair_stream
+from latentpatch.names import STOPS_ELSEWHERE
 from latentpatch.patching.baselines import PairBaseline
 from latentpatch.patching.checks import (
     check_engine_reference,
@@ -28,8 +29,15 @@ from latentpatch.patching.checks import (
     check_identity,
     check_live_thoughts,
 )
-from latentpatch.patching.engine import EngineOptions, group_pairs, pairs_per_batch, sweep_pairs, sweep_reference
+from latentpatch.patching.engine import (
+    EngineOptions,
+    pairs_per_batch,
+    rule_stopped_cells,
+    sweep_pairs,
+    sweep_reference,
+)
 from latentpatch.patching.specs import PatchSpec
+from latentpatch.pipeline.latent_counts import at_count, count_groups, first_count_pairs, pair_count
 from latentpatch.pipeline.manifest import RunContext
 from latentpatch.pipeline.stages import Done, Plan, Stage, run_stage
 from latentpatch.pipeline.values import run_value_pool
@@ -46,13 +54,28 @@ def replacement_source(ctx: RunContext, all_pairs: Sequence[Pair]) -> Callable[[
 def check_jobs(ctx: RunContext, values_for: Callable[[int], Callable]) -> dict[str, Callable[[], dict]]:
     """The built-in checks (docs/method.md §8) as independent jobs, each giving ``{passed, value,
     threshold, detail}``."""
-    model, bases, config = ctx.model, ctx.bases, ctx.config
+    model, config = ctx.model, ctx.config
+    k, same = first_count_pairs(ctx)  # per-pair latent counts (§22): the pairs of the first pair's count
+    bases = [ctx.bases[i] for i in same]
+
+    def values_of(j: int) -> Callable:
+        return values_for(same[j])
+
+    def at_k(check: Callable[[list[PatchSpec]], dict]) -> Callable[[], dict]:
+        def job() -> dict:
+            with at_count(ctx, k) as specs:
+                return check(specs)
+
+        return job
+
     return {
-        "identity": lambda: check_identity(model, bases, ctx.specs, n_pairs=1),
-        "full_restoration": lambda: check_full_restoration(model, bases[: min(len(bases), 8)]),
-        "live_thoughts": lambda: check_live_thoughts(model, bases, ctx.batch_size),  # rows of the sweep's size
-        "engine_reference": lambda: check_engine_reference(
-            model, bases, ctx.specs, values_for, ctx.batch_size, config.check_cells, config.seed, ctx.shared_rows
+        "identity": at_k(lambda specs: check_identity(model, bases, specs, n_pairs=1)),
+        "full_restoration": at_k(lambda specs: check_full_restoration(model, bases[: min(len(bases), 8)])),
+        "live_thoughts": at_k(lambda specs: check_live_thoughts(model, bases, ctx.batch_size)),  # the sweep's rows
+        "engine_reference": at_k(
+            lambda specs: check_engine_reference(
+                model, bases, specs, values_of, ctx.batch_size, config.check_cells, config.seed, ctx.shared_rows
+            )
         ),
     }
 
@@ -74,7 +97,7 @@ def patching_stage(ctx: RunContext, values_for: Callable[[int], Callable]) -> St
         return Plan(
             work=lambda group: [Done(entry) for entry in patch_pairs(ctx, group, values_for)],
             units=len(ctx.specs),
-            batch=lambda todo: group_pairs(ctx.bases, todo, size, ctx.model.config.eos_id),
+            batch=lambda todo: count_groups(ctx, todo, size),  # one latent count per group (§22)
             checks=check_jobs(ctx, values_for),
         )
 
@@ -117,19 +140,35 @@ def patch_pairs(ctx: RunContext, group: Sequence[int], values_for: Callable[[int
     pair's result file content."""
     model, config = ctx.model, ctx.config
     bases, values = [ctx.bases[i] for i in group], [values_for(i) for i in group]
-    if config.engine == "fast":
-        cells = sweep_pairs(model, bases, ctx.specs, values, EngineOptions(ctx.batch_size, ctx.shared_rows))
-    else:
-        cells = [sweep_reference(model, base, ctx.specs, v) for base, v in zip(bases, values)]
-    entries = []
-    for i, pair_cells in zip(group, cells):
-        k = ctx.indices[i]
-        entry: dict[str, Any] = {
-            "pair_id": ctx.bases[i].pair_id,
-            "index": k,
-            "cells": [_cell_row(s, c, ctx.bases[i]) for s, c in zip(ctx.specs, pair_cells)],
-        }
-        if k < config.thoughts_pairs and model.tokenizer is not None:
-            entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
-        entries.append(entry)
+    with at_count(ctx, pair_count(ctx, group[0])) as specs:  # a group shares one latent count (§22)
+        if config.engine == "fast":
+            cells = sweep_pairs(model, bases, specs, values, EngineOptions(ctx.batch_size, ctx.shared_rows))
+        else:
+            cells = [sweep_reference(model, base, specs, v) for base, v in zip(bases, values)]
+        if config.patched_stop == "rule":
+            cells = [stop_by_rule(model, b, specs, v, c) for b, v, c in zip(bases, values, cells)]
+        entries = []
+        for i, pair_cells in zip(group, cells):
+            k = ctx.indices[i]
+            entry: dict[str, Any] = {
+                "pair_id": ctx.bases[i].pair_id,
+                "index": k,
+                "cells": [_cell_row(s, c, ctx.bases[i]) for s, c in zip(specs, pair_cells)],
+            }
+            if k < config.thoughts_pairs and model.tokenizer is not None:
+                entry["thoughts"] = decoded_thoughts(model, ctx.pairs[i])
+            entries.append(entry)
     return entries
+
+
+def stop_by_rule(model: LatentModel, base: PairBaseline, specs: Sequence[PatchSpec], values: Any, cells: list) -> list:
+    """``--patched-stop rule`` (docs/method.md §22): the cells whose rule fires elsewhere than the
+    pair's latent count, computed again with the run stopped where the rule fires."""
+    redo = [j for j, c in enumerate(cells) if c.get(STOPS_ELSEWHERE)]
+    if not redo:
+        return cells
+    again = rule_stopped_cells(model, base, [specs[j] for j in redo], values, model.latent_cap)
+    out = list(cells)
+    for j, cell in zip(redo, again):
+        out[j] = cell
+    return out
