@@ -70,7 +70,7 @@ def keys(n: int) -> list[int]:
 
 def test_stream_draws_depend_on_the_key_only():
     plan = [("normal", 6), ("exponential", 9)]
-    a, b = DrawStream(SEED, 9, plan), DrawStream(SEED, 9, plan, keep=1)  # b forgets and draws again
+    a, b = DrawStream(SEED, 9, plan), DrawStream(SEED, 9, plan, budget=1, keys=1)  # b forgets and draws again
     ka, kb = keys(2)
     for step in (0, 1, 2):
         b.draws(step, kb)  # other streams read in between, another order

@@ -154,14 +154,16 @@ def _j1ml1_filter(p: torch.Tensor, s: MixtureSettings) -> torch.Tensor:
 class DrawStream:
     """The seeded random streams of a random feedback: ``draws(step, key)``, the step's fp32 draws
     in the order of ``plan`` (per step, ``("exponential" | "normal", size)`` each), drawn step after
-    step from one generator per stream and kept, so every run of a stream reads the same draws at
-    the same step (common random numbers). ``noise(step, key)``: the first of them.
+    step from one generator per stream, so every run of a stream reads the same draws at the same
+    step (common random numbers). ``noise(step, key)``: the first of them.
 
-    ``key`` None is the run's one stream (the generator seeded by ``seed``: a notebook's plain
-    rollout); a key (a pair's, :func:`~latentpatch.model.streams.pair_stream`) is that pair's own
-    stream, seeded by :func:`~latentpatch.model.streams.stream_seed` ``(seed, key)``: its draws do
-    not depend on which other streams were read, or in what order. The last ``keep`` keyed streams
-    are kept (memory stays bounded); an older one is drawn again from its seed (the same values).
+    ``key`` None is the run's one stream (the generator seeded by ``seed``, its draws kept: a
+    notebook's plain rollout); a key (a pair's, :func:`~latentpatch.model.streams.pair_stream`) is
+    that pair's own stream, seeded by :func:`~latentpatch.model.streams.stream_seed` ``(seed, key)``:
+    its draws do not depend on which other streams were read, or in what order. Memory stays
+    bounded: the generator's state at the start of each step is kept per key (a few KB; the last
+    ``keys`` keys), the draws themselves for the last ``budget`` bytes of (key, step)s; an evicted
+    step is drawn again from its state (the same values).
 
     >>> a, b = DrawStream(7, 5), DrawStream(7, 5)
     >>> bool(torch.equal(a.noise(2), b.noise(2))) and not torch.equal(a.noise(0), a.noise(1))
@@ -170,34 +172,59 @@ class DrawStream:
     True
     """
 
-    def __init__(self, seed: int, size: int, plan: Sequence[tuple[str, int]] | None = None, keep: int = 32) -> None:
+    def __init__(
+        self,
+        seed: int,
+        size: int,
+        plan: Sequence[tuple[str, int]] | None = None,
+        budget: int = 64 << 20,
+        keys: int = 256,
+    ) -> None:
         self.seed = int(seed)
         self.plan = list(plan) if plan is not None else [("exponential", int(size))]
         self._gen = torch.Generator().manual_seed(self.seed)
         self._drawn: list[list[torch.Tensor]] = []
-        self.keep = int(keep)
-        self._keyed: OrderedDict[int, tuple[torch.Generator, list[list[torch.Tensor]]]] = OrderedDict()
+        self._max_draws = max(1, int(budget) // (4 * sum(n for _, n in self.plan)))  # (key, step)s kept
+        self._max_keys = max(1, int(keys))
+        self._states: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # key -> state at step 0, 1, ...
+        self._cached: OrderedDict[tuple[int, int], list[torch.Tensor]] = OrderedDict()
 
-    def _draw_until(self, gen: torch.Generator, drawn: list[list[torch.Tensor]], step: int) -> None:
-        while len(drawn) <= step:  # the official order: step 0's draws, then step 1's, ...
-            out = []
-            for kind, n in self.plan:  # [1, n] as the official calls draw them for a batch of one
-                t = torch.empty(1, n)
-                out.append((t.exponential_(generator=gen) if kind == "exponential" else t.normal_(generator=gen))[0])
-            drawn.append(out)
+    def _step(self, gen: torch.Generator) -> list[torch.Tensor]:
+        """One step's draws in the official order, each [1, n] as the official calls draw them."""
+        return [
+            (
+                torch.empty(1, n).exponential_(generator=gen)
+                if kind == "exponential"
+                else torch.empty(1, n).normal_(generator=gen)
+            )[0]
+            for kind, n in self.plan
+        ]
 
     def draws(self, step: int, key: int | None = None) -> list[torch.Tensor]:
         if key is None:
-            self._draw_until(self._gen, self._drawn, step)
+            while len(self._drawn) <= step:  # the official order: step 0's draws, then step 1's, ...
+                self._drawn.append(self._step(self._gen))
             return self._drawn[step]
-        entry = self._keyed.pop(int(key), None)
-        if entry is None:
-            entry = (torch.Generator().manual_seed(stream_seed(self.seed, int(key))), [])
-        self._keyed[int(key)] = entry  # the most recently used last
-        while len(self._keyed) > self.keep:
-            self._keyed.popitem(last=False)
-        self._draw_until(entry[0], entry[1], step)
-        return entry[1][step]
+        k = (int(key), int(step))
+        out = self._cached.pop(k, None)
+        if out is None:
+            states = self._states.pop(k[0], None) or [
+                torch.Generator().manual_seed(stream_seed(self.seed, k[0])).get_state()
+            ]
+            self._states[k[0]] = states  # the most recently used last
+            if len(self._states) > self._max_keys:
+                self._states.popitem(last=False)
+            gen = torch.Generator()
+            gen.set_state(states[min(step, len(states) - 1)])
+            for s in range(min(step, len(states) - 1), step + 1):  # from the latest known state to step
+                out = self._step(gen)
+                if s + 1 == len(states):
+                    states.append(gen.get_state())
+        assert out is not None
+        self._cached[k] = out
+        if len(self._cached) > self._max_draws:
+            self._cached.popitem(last=False)
+        return out
 
     def noise(self, step: int, key: int | None = None) -> torch.Tensor:
         return self.draws(step, key)[0]
