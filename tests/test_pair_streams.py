@@ -204,3 +204,31 @@ def test_sharded_run_draws_each_pairs_stream(multiplex, tmp_path):
     assert files
     for f in files:
         assert f.read_bytes() == (full / "results" / "pairs" / f.name).read_bytes()
+
+
+def test_thought_replacements_through_the_feedback_keep_the_pairs_stream(multiplex):
+    """A ``thought_pre`` replacement feeds its value through the feedback at the row's step, with the
+    row's pair's draws: the target's own ``thought_pre`` value gives back the target's own thoughts,
+    and the fast engine equals one rollout per spec (check 5)."""
+    from latentpatch.patching.checks import check_steps_engine_reference
+    from latentpatch.patching.engine import sweep_fast
+    from latentpatch.patching.steps import thought_specs
+
+    pair = generate_pairs(1, seed=4)[0]
+    stream = pair_stream(pair.pair_id)
+    runs = [
+        record_run(multiplex, multiplex.prompt_ids(v.question), stream=stream) for v in (pair.clean, pair.corrupted)
+    ]
+    base = prepare_pair(multiplex, pair.pair_id, *runs, pair.clean.answer, pair.corrupted.answer)
+    specs = [s for s in thought_specs(K) if getattr(s.intervention, "through_feedback", False)][:K]
+    assert specs and base.target.thought_pre is not None
+    pre = base.target.thought_pre
+
+    def own(spec):  # [len(positions), d]: the target's own states before the feedback
+        return pre[list(spec.intervention.positions)]
+
+    cells = sweep_fast(multiplex, base, specs, own)
+    assert max(max(c["thought_rel_l2"]) for c in cells) < 1e-5, [c["thought_rel_l2"] for c in cells]
+    assert max(abs(c["kl"]) for c in cells) < 1e-6, [c["kl"] for c in cells]
+    result = check_steps_engine_reference(multiplex, base, specs, own, 64, n_cells=len(specs))
+    assert result["passed"], result

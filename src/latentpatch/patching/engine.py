@@ -102,13 +102,14 @@ def _overrides(
         override = target_thoughts
         mask = torch.zeros(target_thoughts.shape[:2], dtype=torch.bool, device=target_thoughts.device)
     override = override.clone()
+    keys = row_streams(streams, len(specs))
     for row, spec in enumerate(specs):
         iv = spec.intervention
         if isinstance(iv, ThoughtReplacement):
             pos = list(iv.positions)
             vals = row_values[row](spec).to(device=model.device, dtype=model.dtype)  # [len(positions), d]
             if iv.through_feedback:
-                vals = model.feedback.feed(vals, pos, [row_streams(streams, len(specs))[row]] * len(pos))
+                vals = model.feedback.feed(vals, pos, [keys[row]] * len(pos))  # the row's pair's draws
             override[row, pos] = vals.to(override.dtype)
             mask[row, pos] = True
     return override, mask
