@@ -28,7 +28,7 @@ import torch
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.loaders import random_model
-from latentpatch.model.mixture import SOFT_THINKING_PAPER, MixtureSettings, mixture_model
+from latentpatch.model.mixture import SOFT_THINKING_PAPER, MixtureSettings, mixture_model, settings_json
 from latentpatch.model.mixture_stops import GAMMA_TRIES, gamma_from_draws
 from latentpatch.model.stops import rule_latent_counts
 
@@ -210,7 +210,9 @@ def test_gamma_sampler_matches_scipys_gamma():
     )
     for row, shape in zip(x, shapes.tolist(), strict=True):
         assert stats.kstest(row.double().numpy(), stats.gamma(shape).cdf).pvalue > 1e-3, shape
-    zero = gamma_from_draws(torch.zeros(1, 3), torch.randn(GAMMA_TRIES, 1, 3), torch.ones(GAMMA_TRIES, 1, 3), torch.ones(1, 3))
+    zero = gamma_from_draws(
+        torch.zeros(1, 3), torch.randn(GAMMA_TRIES, 1, 3), torch.ones(GAMMA_TRIES, 1, 3), torch.ones(1, 3)
+    )
     assert torch.equal(zero, torch.zeros(1, 3))  # a zero probability stays zero
 
 
@@ -225,9 +227,7 @@ def test_default_soft_keeps_a_fixed_count_and_settings_are_recorded():
     spec = "soft,think_stop=official,cold_stop_threshold=0.01,noise=gumbel:config:llama"
     loaded = load_model(spec, num_latent=2)
     assert loaded.name == spec and loaded.feedback.settings.noise == "gumbel"
-    assert '"think_stop": "official"' in __import__("latentpatch.model.mixture").model.mixture.settings_json(
-        loaded.feedback
-    )
+    assert '"think_stop": "official"' in settings_json(loaded.feedback)
     for bad, words in (
         ("soft,nope=1:config:llama", "known key"),
         ("soft,think_stop=late:config:llama", "think_stop 'late'"),

@@ -148,7 +148,9 @@ def noise_plan(settings: MixtureSettings, vocab: int) -> list[tuple[str, int]] |
     return plan
 
 
-def gamma_from_draws(shape: torch.Tensor, normals: torch.Tensor, exps: torch.Tensor, boost: torch.Tensor) -> torch.Tensor:
+def gamma_from_draws(
+    shape: torch.Tensor, normals: torch.Tensor, exps: torch.Tensor, boost: torch.Tensor
+) -> torch.Tensor:
     """Gamma(``shape``, 1) samples [B, V] from fixed-size draws (Marsaglia & Tsang 2000): for
     ``a = shape + 1`` if shape < 1 else shape, ``d = a - 1/3``, ``c = 1/sqrt(9d)``, the first try
     ``r`` with ``v = (1 + c x_r)^3 > 0`` and ``log u_r < x_r^2/2 + d - d v + d log v`` gives ``d v``
