@@ -236,3 +236,23 @@ def test_default_soft_keeps_a_fixed_count_and_settings_are_recorded():
         with pytest.raises(LatentPatchError, match=words) as err:
             load_model(bad)
         assert "fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_multiplex_cold_stop_reads_the_filtered_entropy():
+    """J1mL1's multiplex_model.py (lines 399-410): ``_entropy`` (clamped at 1e-12) of the filtered
+    p, the count reset by a step at or above the threshold, firing at ``cold_stop_len``."""
+    s = MixtureSettings(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, max_topk=0, width=2, rule="j1ml1")
+    m = mixture_model(_base(1.0), "multiplex", replace(s, cold_stop_threshold=0.5, cold_stop_steps=2))
+    rule = m.feedback.stop_rule
+    V = m.feedback.vocab
+    peaked, flat = torch.zeros(V), torch.zeros(V)
+    peaked[:2] = torch.tensor([6.0, 0.0])  # top-2 of a flat tail: filtered entropy ~0.02, unfiltered ~2.8
+    flat[:2] = 1.0
+    memory, fired = rule.begin(1), []
+    for logits in (peaked, flat, peaked, peaked):
+        probs = torch.softmax(logits, -1)
+        top = torch.zeros_like(probs).scatter(0, probs.topk(2).indices, probs.topk(2).values)
+        p = (top / top.sum()).clamp(min=1e-12)
+        assert (float(-(p * p.log()).sum()) < 0.5) == (logits is peaked)
+        fired.append(bool(rule.fires(logits[None], len(fired), memory)[0]))
+    assert fired == [False, False, False, True]
