@@ -74,12 +74,17 @@ def official_step(logits: torch.Tensor, s: MixtureSettings) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def official_run(m, question: str, s: MixtureSettings):
+def official_run(m, question: str, s: MixtureSettings, j1ml1: bool = False):
     """The decode loop until thinking ends (or MAX mixtures): (count, thoughts [c, d], answer
-    logits after the think-end id, greedy answer ids, the prompt position's output id)."""
+    logits after the think-end id, greedy answer ids, the prompt position's output id).
+
+    ``j1ml1``: J1mL1's loop instead (softthinking_model.py ``rollout_from_step`` lines 277-324):
+    the first mixture is fed unchecked (the stops are read from the first latent's logits on), the
+    entropy clamps both sides, ``</think>`` stops only if it is one id, and all its ids are fed."""
     lm, V = m.lm, m.feedback.vocab
     E = lm.get_input_embeddings().weight
-    last = m.tokenizer.encode("</think>", add_special_tokens=False)[-1]
+    think = m.tokenizer.encode("</think>", add_special_tokens=False)
+    last = think[-1] if not j1ml1 else (think[0] if len(think) == 1 else -1)
     torch.manual_seed(SEED)
     seq = E[torch.tensor(m.question_ids(question))][None]
     logits = lm(inputs_embeds=seq).logits[0, -1, :V]
@@ -87,17 +92,21 @@ def official_run(m, question: str, s: MixtureSettings):
     while True:
         w, ids, entropy = official_step(logits, s)
         out = int(ids[0])
-        if s.cold_stop_threshold > 0:
+        if j1ml1:
+            pc = torch.softmax(logits / s.temperature, -1).clamp(min=1e-12)
+            entropy = float(-(pc * pc.log()).sum())
+        if s.cold_stop_threshold > 0 and (thoughts or not j1ml1):
             low = low + 1 if entropy < s.cold_stop_threshold else 0
             out = last if low >= s.cold_stop_steps else out
         first_out = out if first_out is None else first_out
-        if out == last or len(thoughts) == MAX:
+        if (out == last and (thoughts or not j1ml1)) or len(thoughts) == MAX:
             break
         t = (w[:, None] * E[ids]).sum(0)
         thoughts.append(t)
         seq = torch.cat([seq, t[None, None]], 1)
         logits = lm(inputs_embeds=seq).logits[0, -1, :V]
-    seq = torch.cat([seq, E[last][None, None]], 1)  # the think-end id, one-hot
+    fed = think if j1ml1 else [last]  # the official: the think-end id one-hot; J1mL1: every id
+    seq = torch.cat([seq, E[torch.tensor(fed)][None]], 1)
     first = lm(inputs_embeds=seq).logits[0, -1]
     banned = m.config.banned_ids(first.shape[-1])
     answer, nxt_logits = [], first.clone()
@@ -116,10 +125,10 @@ def _with_count(m, count: int) -> LatentModel:
     return LatentModel(m.lm, m.feedback, replace(m.config, num_latent=count), m.tokenizer, name=m.name)
 
 
-def _compare(m, s: MixtureSettings, questions: list[str] = QUESTIONS) -> list[int]:
+def _compare(m, s: MixtureSettings, questions: list[str] = QUESTIONS, j1ml1: bool = False) -> list[int]:
     """The tool (rule_latent_counts, then a KV-cached rollout of that many latents) equals the
-    official loop per question: counts, thoughts, answer logits, greedy answers."""
-    plain = [official_run(m, q, s) for q in questions]
+    official (or J1mL1's) loop per question: counts, thoughts, answer logits, greedy answers."""
+    plain = [official_run(m, q, s, j1ml1) for q in questions]
     last = m.tokenizer.encode("</think>", add_special_tokens=False)[-1]
     # the tool's latent phase has >= 1 latent: the setups never end at the prompt's own position
     assert all(p[4] != last for p in plain)
@@ -256,3 +265,15 @@ def test_multiplex_cold_stop_reads_the_filtered_entropy():
         assert (float(-(p * p.log()).sum()) < 0.5) == (logits is peaked)
         fired.append(bool(rule.fires(logits[None], len(fired), memory)[0]))
     assert fired == [False, False, False, True]
+
+
+def test_cold_stop_equals_j1ml1s_loop_and_the_official_counts_the_prompt_too():
+    """Every position low: J1mL1's loop (and the tool) count from the first latent, the official
+    loop from the prompt's last position, so it stops one latent earlier (docs/method.md §21.1)."""
+    base = _base(4.0)
+    s = replace(SOFT_THINKING_PAPER, max_topk=1, cold_stop_threshold=5.0, cold_stop_steps=3)  # think_stop j1ml1
+    m = mixture_model(base, "soft", s)
+    assert len(m.config.answer_start) == 8 and m.feedback.stop_rule is not None
+    assert _compare(m, s, j1ml1=True) == [3, 3]
+    official = replace(s, think_stop="official")
+    assert [official_run(mixture_model(base, "soft", official), q, official)[0] for q in QUESTIONS] == [2, 2]
