@@ -277,3 +277,22 @@ def test_cold_stop_equals_j1ml1s_loop_and_the_official_counts_the_prompt_too():
     assert _compare(m, s, j1ml1=True) == [3, 3]
     official = replace(s, think_stop="official")
     assert [official_run(mixture_model(base, "soft", official), q, official)[0] for q in QUESTIONS] == [2, 2]
+
+
+def test_engine_equals_reference_with_noise():
+    """The noise is random feedback: the engine's shared prefixes and restarts read the same draws
+    as one rollout per spec (the built-in check, answer ids compared)."""
+    from latentpatch.data.synthetic import generate_pairs
+    from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
+    from latentpatch.patching.checks import check_engine_reference
+    from latentpatch.patching.specs import EngineConfig, position_specs
+
+    s = replace(SOFT_THINKING_PAPER, noise="dirichlet+gumbel", gumbel_temperature=0.5)
+    m = mixture_model(_base(4.0), "soft", s, seed=SEED)
+    bases = []
+    for pair in generate_pairs(2, seed=1):
+        clean, corr = (record_run(m, m.prompt_ids(v.question)) for v in (pair.clean, pair.corrupted))
+        bases.append(prepare_pair(m, pair.pair_id, clean, corr, pair.clean.answer, pair.corrupted.answer))
+    specs = position_specs(m.n_layers, m.num_latent)
+    result = check_engine_reference(m, bases, specs, lambda i: replacement_values(bases[i], EngineConfig()), 4, 6)
+    assert result["passed"], result
