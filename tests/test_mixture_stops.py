@@ -74,7 +74,7 @@ def official_step(logits: torch.Tensor, s: MixtureSettings) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def official_run(m, question: str, s: MixtureSettings, j1ml1: bool = False):
+def official_run(m, question: str, s: MixtureSettings, j1ml1: bool = False, seed: int = SEED):
     """The decode loop until thinking ends (or MAX mixtures): (count, thoughts [c, d], answer
     logits after the think-end id, greedy answer ids, the prompt position's output id).
 
@@ -85,7 +85,7 @@ def official_run(m, question: str, s: MixtureSettings, j1ml1: bool = False):
     E = lm.get_input_embeddings().weight
     think = m.tokenizer.encode("</think>", add_special_tokens=False)
     last = think[-1] if not j1ml1 else (think[0] if len(think) == 1 else -1)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     seq = E[torch.tensor(m.question_ids(question))][None]
     logits = lm(inputs_embeds=seq).logits[0, -1, :V]
     low, thoughts, first_out = 0, [], None
@@ -128,7 +128,7 @@ def _with_count(m, count: int) -> LatentModel:
 def _compare(m, s: MixtureSettings, questions: list[str] = QUESTIONS, j1ml1: bool = False) -> list[int]:
     """The tool (rule_latent_counts, then a KV-cached rollout of that many latents) equals the
     official (or J1mL1's) loop per question: counts, thoughts, answer logits, greedy answers."""
-    plain = [official_run(m, q, s, j1ml1) for q in questions]
+    plain = [official_run(m, q, s, j1ml1, m.feedback.stream.seed) for q in questions]
     last = m.tokenizer.encode("</think>", add_special_tokens=False)[-1]
     # the tool's latent phase has >= 1 latent: the setups never end at the prompt's own position
     assert all(p[4] != last for p in plain)
@@ -155,20 +155,25 @@ def _base(scale: float, swap: tuple[int, int] | None = None):
     return m
 
 
-def test_official_think_end_rule_feeds_the_last_id_and_equals_the_official_loop():
-    s = replace(SOFT_THINKING_PAPER, think_stop="official")
+@pytest.mark.parametrize("noise", ["none", "gumbel"])
+def test_official_think_end_rule_feeds_the_last_id_and_equals_the_official_loop(noise):
+    s = replace(SOFT_THINKING_PAPER, think_stop="official", noise=noise)
     questions = ["What do 4 men get?", "Add 2 and 7?"]
-    m0 = mixture_model(_base(1.5), "soft", replace(s, think_stop="none"))
+    m0 = mixture_model(_base(1.5), "soft", replace(s, think_stop="none", noise="none"))
     last = m0.tokenizer.encode("</think>", add_special_tokens=False)[-1]
     with torch.no_grad():  # question 0's argmax moves from '?' to 's' at latent 2
         tops = m0.logits(m0.rollout(questions).latent_hidden)[..., : m0.feedback.vocab].argmax(-1)
     later = int(tops[0, 2])
     prompt_ids = {i for q in questions for i in m0.question_ids(q)}
     assert later not in tops[0, :2].tolist() and {later, last}.isdisjoint(prompt_ids), tops
-    m = mixture_model(_base(1.5, swap=(later, last)), "soft", s)  # 's' is now '>'
+    seed = 7  # a seed whose noised top-1 is '>' at some latent
+    m = mixture_model(_base(1.5, swap=(later, last)), "soft", s, seed=seed)  # 's' is now '>'
     assert m.config.answer_start == (last,) and m.feedback.stop_rule is not None
     counts = _compare(m, s, questions)
-    assert counts[0] == 3 and counts != [3, 3], counts
+    if noise == "none":
+        assert counts[0] == 3 and counts != [3, 3], counts
+    else:  # the noised top-1 decides (the stop reads the mixture's own draws)
+        assert min(counts) < MAX, counts
 
 
 def test_cold_stop_equals_the_official_loop():
@@ -241,6 +246,7 @@ def test_default_soft_keeps_a_fixed_count_and_settings_are_recorded():
         ("soft,nope=1:config:llama", "known key"),
         ("soft,think_stop=late:config:llama", "think_stop 'late'"),
         ("multiplex,width=x:config:llama", "not a int"),
+        ("multiplex,noise=gumbel:config:llama", "Soft Thinking's"),
     ):
         with pytest.raises(LatentPatchError, match=words) as err:
             load_model(bad)

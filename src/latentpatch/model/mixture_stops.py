@@ -190,11 +190,17 @@ def noisy_pick(fb: MixtureFeedback, p: torch.Tensor, steps: list[int]) -> tuple[
     draws = [fb.stream.draws(step) for step in steps]
     at = 0
     if "dirichlet" in s.noise:
-        normals = torch.stack([d[0].view(GAMMA_TRIES, -1) for d in draws], 1).to(p.device)  # [R, B, V]
-        exps = torch.stack([d[1].view(GAMMA_TRIES, -1) for d in draws], 1).to(p.device)
-        boost = torch.stack([d[2] for d in draws]).to(p.device)
-        g = gamma_from_draws(p * s.dirichlet_alpha, normals, exps, boost)
-        p = g / g.sum(-1, keepdim=True)
+        # only the entries the filters kept (Gamma(0) = 0): [B, m] instead of [B, V] per candidate,
+        # each entry with its own vocabulary position's draws (the same values as the full [B, V])
+        m = int((p > 0).sum(-1).max())
+        kept, ids = p.topk(m, dim=-1)  # [B, m]
+        at_ids = ids.cpu()
+        normals = torch.stack([d[0].view(GAMMA_TRIES, -1)[:, i] for d, i in zip(draws, at_ids, strict=True)], 1)
+        exps = torch.stack([d[1].view(GAMMA_TRIES, -1)[:, i] for d, i in zip(draws, at_ids, strict=True)], 1)
+        boost = torch.stack([d[2][i] for d, i in zip(draws, at_ids, strict=True)])
+        g = gamma_from_draws(kept * s.dirichlet_alpha, normals.to(p.device), exps.to(p.device), boost.to(p.device))
+        p = torch.zeros_like(p).scatter(-1, ids, g)
+        p = p / p.sum(-1, keepdim=True)
         at = 3
     n = min(max(s.max_topk, 1), p.shape[-1])
     w, idx = p.topk(n, dim=-1)
@@ -225,6 +231,8 @@ def parse_mixture_kind(text: str, spec: str | None = None) -> tuple[str, Mixture
         raise LatentPatchError(f"{where}: unknown mixture kind {kind!r}; fix: use {' or '.join(MIXTURE_KINDS)}")
     if not items:
         return kind, None
+    if kind == "multiplex" and any(i.partition("=")[0].strip() == "noise" for i in items):
+        raise LatentPatchError(f"{where}: noise is Soft Thinking's (its sampler's); fix: use soft,noise=... or drop it")
     types = {f.name: type(getattr(SOFT_THINKING_PAPER, f.name)) for f in fields(MixtureSettings)}
     values: dict[str, Any] = {}
     for item in items:
