@@ -329,7 +329,8 @@ def mixture_model(base: Any, kind: str, settings: MixtureSettings | None = None,
     the prompt's last position; after the K thoughts the ids of ``</think>`` are fed (all of them,
     as J1mL1's loop does when it is several tokens) and the answer is decoded greedily. K is fixed
     (``--num-latent``): J1mL1's ``max_think_steps`` rule, since a ``</think>`` of several tokens
-    never stops it.
+    never stops it. Other stops (the official last-id rule, then only that id is fed; the cold
+    stop) and Soft Thinking's noise are ``settings`` (:mod:`latentpatch.model.mixture_stops`).
 
     >>> from latentpatch.model.loaders import random_model
     >>> m = mixture_model(random_model("llama", num_latent=3), "multiplex")
