@@ -136,3 +136,33 @@ def test_batch_invariance(smol):
     assert (both.thoughts[1] - alone.thoughts[0]).abs().max() <= 1e-4
     assert (both.answer_logits[1] - alone.answer_logits[0]).abs().max() <= 1e-4
     assert m.generate(both.state, both.answer_logits, 3)[1] == m.generate(alone.state, alone.answer_logits, 3)[0]
+
+
+@torch.no_grad()
+def test_soft_thinking_think_end_rules_on_smollm2(smol):
+    """`</think>` is three ids for SmolLM2 ('</', 'think', '>'): the official rule
+    (Soft-Thinking schedule_batch.py: the last id of encode("</think>")) fires whenever the
+    step's top-1 is '>' and feeds '>' alone; J1mL1's never fires (no rule) and feeds all three."""
+    from dataclasses import replace
+
+    from latentpatch.model.mixture import SOFT_THINKING_PAPER, mixture_model
+    from latentpatch.model.stops import rule_latent_counts
+
+    ids = smol.tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    assert [smol.tokenizer.decode([i]) for i in ids] == ["</", "think", ">"]
+    j1ml1 = mixture_model(smol, "soft")
+    assert j1ml1.feedback.stop_rule is None and j1ml1.config.answer_start == tuple(ids)
+    official = mixture_model(smol, "soft", replace(SOFT_THINKING_PAPER, think_stop="official"))
+    rule = official.feedback.stop_rule
+    assert rule is not None and official.config.answer_start == (ids[-1],)
+    V = official.feedback.vocab
+    logits = torch.zeros(3, smol.vocab_size)
+    for row, token in enumerate(ids):  # each row's top-1 one of the three ids
+        logits[row, token] = 10.0
+    assert rule.fires(logits, 0, rule.begin(3)).tolist() == [False, False, True]
+    # on a real rollout: the count is the first latent whose top-1 (the filtered p's) is '>'
+    prompt = official.prompt_ids(Q_A)
+    r = mixture_model(smol, "soft").rollout([prompt])
+    tops = official.logits(r.latent_hidden[0])[:, :V].argmax(-1).tolist()
+    expected = tops.index(ids[-1]) + 1 if ids[-1] in tops else smol.num_latent
+    assert rule_latent_counts(official, [prompt], smol.num_latent) == [expected]

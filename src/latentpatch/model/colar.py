@@ -103,7 +103,10 @@ class CoLaRFeedback(Feedback):
     """
 
     name: ClassVar[str] = "colar"
-    random: ClassVar[bool] = True
+
+    @property
+    def random(self) -> bool:
+        return True
 
     def __init__(self, policy: LatentPolicy, emb_std: float, vocab: int, temperature: float = 1.0, seed: int = 0):
         super().__init__()

@@ -47,8 +47,6 @@ class Feedback(nn.Module):
 
     #: what ``latentpatch.json`` records ("projection" | "identity")
     name: ClassVar[str] = ""
-    #: does :meth:`feed` draw random numbers (so a row's draw stream decides its thoughts)?
-    random: ClassVar[bool] = False
 
     @property
     def has_pre_site(self) -> bool:
@@ -72,6 +70,11 @@ class Feedback(nn.Module):
         True
         """
         return self(h)
+
+    @property
+    def random(self) -> bool:
+        """Does :meth:`feed` draw random numbers (so a row's draw stream decides its thoughts)?"""
+        return False
 
     def reseed(self, seed: int) -> None:
         """Start the feedback's random stream from ``seed`` (``--seed``); deterministic feedback

@@ -21,6 +21,7 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.model.latent_dir import LATENT_JSON, load_latent_dir
 from latentpatch.model.loaders import load_coconut_checkpoint, load_gguf, random_model
 from latentpatch.model.mixture import MIXTURE_KINDS, mixture_model
+from latentpatch.model.mixture_stops import parse_mixture_kind
 from latentpatch.model.simcot import get_coconut_preset
 
 #: the shipped default model (a latentpatch model directory); the one definition of its path
@@ -126,7 +127,8 @@ def load_model(
     - ``pccot:DIR`` or ``pccot:ORG/NAME[@REV]``: a PCCoT adapter (:mod:`latentpatch.model.pccot_loader`;
       ``base``: the base with weights, default the adapter's; ``pccot:`` alone: whynlp/pccot-gpt2)
     - ``soft:BASE`` / ``multiplex:BASE`` (BASE a ``gguf:`` or ``config:`` spec): Soft Thinking or
-      Multiplex Thinking on that LM (:mod:`latentpatch.model.mixture`)
+      Multiplex Thinking on that LM (:mod:`latentpatch.model.mixture`); ``soft,KEY=VALUE,...:BASE``
+      sets fields of ``MixtureSettings`` (stops, noise, filters: :mod:`latentpatch.model.mixture_stops`)
     - ``colar:FILE.ckpt`` (with ``base``): a CoLaR Lightning checkpoint (:mod:`latentpatch.model.colar`)
 
     ``overrides``: ``num_latent`` for every kind; ``lora_r``, ``lora_alpha``, ``lora_targets``,
@@ -206,10 +208,11 @@ def load_model(
         from latentpatch.model.colar import load_colar_checkpoint
 
         return load_colar_checkpoint(rest, base, num_latent=num_latent, dtype=dtype, device=device)
-    if kind in MIXTURE_KINDS:  # soft:BASE / multiplex:BASE, BASE a plain LM (gguf:, config:)
-        if not rest or rest.partition(":")[0] in MIXTURE_KINDS:
+    if kind.partition(",")[0] in MIXTURE_KINDS:  # soft[,KEY=VALUE...]:BASE, BASE a plain LM (gguf:, config:)
+        if not rest or rest.partition(":")[0].partition(",")[0] in MIXTURE_KINDS:
             raise LatentPatchError(
                 f"--model {spec}: needs a plain LM after {kind}:; fix: e.g. --model {kind}:gguf:PATH"
             )
-        return mixture_model(load_model(rest, dtype=dtype, device=device, num_latent=num_latent), kind)
+        kind, settings = parse_mixture_kind(kind, spec)  # the settings are read before the LM loads
+        return mixture_model(load_model(rest, dtype=dtype, device=device, num_latent=num_latent), kind, settings)
     raise LatentPatchError(f"--model {spec}: unknown kind {kind!r}; fix: use {SPEC_KINDS}")

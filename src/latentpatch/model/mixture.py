@@ -43,6 +43,7 @@ from torch import nn
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.config import LatentConfig
 from latentpatch.model.feedback import Feedback
+from latentpatch.model.stops import StopRule
 from latentpatch.model.streams import row_streams, stream_seed
 
 #: model spec prefixes of :func:`mixture_model` (``soft:BASE``, ``multiplex:BASE``)
@@ -77,10 +78,25 @@ class MixtureSettings:
     max_topk: int = 10
     width: int = 0
     rule: str = "soft_thinking"
+    #: the stops and the noise (model/mixture_stops.py): ``</think>`` rule ("j1ml1", "official",
+    #: "none"), the cold stop (threshold <= 0: off), Soft Thinking's noise and its parameters
+    think_stop: str = "j1ml1"
+    cold_stop_threshold: float = 0.0
+    cold_stop_steps: int = 256
+    noise: str = "none"
+    dirichlet_alpha: float = 1.0
+    gumbel_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        from latentpatch.model.mixture_stops import NOISES, THINK_STOPS
+
         if self.rule not in FILTER_RULES:
             raise ValueError(f"rule {self.rule!r}: expected one of {', '.join(FILTER_RULES)}")
+        for key, allowed in (("think_stop", THINK_STOPS), ("noise", NOISES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} {getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        if self.cold_stop_steps < 1 or self.dirichlet_alpha <= 0 or self.gumbel_temperature <= 0:
+            raise ValueError("cold_stop_steps must be >= 1, dirichlet_alpha and gumbel_temperature > 0")
 
 
 #: the Soft Thinking paper's settings (README of eric-ai-lab/Soft-Thinking)
@@ -102,6 +118,14 @@ PRESETS: dict[str, tuple[str, str]] = {
         "Multiplex Thinking (T 1, width 3, no filter) on SmolLM2-135M-Instruct; source "
         "J1mL1/causal-latent-cot common/models/multiplex_model.py; draws seeded by the run's seed",
         "latentpatch run --model multiplex:gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 2",
+    ),
+    "soft-smollm2-official-stop": (
+        "Soft Thinking (paper settings) on SmolLM2-135M-Instruct with the official stops "
+        "(eric-ai-lab/Soft-Thinking schedule_batch.py): top-1 id the last id of </think> ('>' for "
+        "SmolLM2, then only '>' fed), or entropy < 0.01 for 256 steps (the paper's scripts); "
+        "--num-latent is the most latents a row may take",
+        "latentpatch run --model soft,think_stop=official,cold_stop_threshold=0.01,cold_stop_steps=256:"
+        "gguf:PATH/SmolLM2-135M-Instruct.Q4_1.gguf --num-latent 16",
     ),
 }
 
@@ -240,6 +264,9 @@ class MixtureFeedback(Feedback):
     the LM head's filtered distribution at ``h``. Bind it to an LM before use (:meth:`bind`)."""
 
     name: ClassVar[str] = ""
+    #: the rule that ends the latent phase (model/mixture_stops.py; None: a fixed count), set by
+    #: :func:`mixture_model` from the settings and ``</think>``'s ids
+    stop_rule: StopRule | None = None
 
     def __init__(self, settings: MixtureSettings, vocab: int, seed: int = 0) -> None:
         super().__init__()
@@ -308,8 +335,21 @@ class SoftThinkingFeedback(MixtureFeedback):
         n = min(max(self.settings.max_topk, 1), p.shape[-1])
         if self.settings.top_k == 1:
             n = 1
+        elif self.settings.noise != "none":  # the official greedy branch (top_k 1) has no noise
+            from latentpatch.model.mixture_stops import noisy_pick
+
+            return noisy_pick(self, p, steps, streams)
         w, idx = p.topk(n, dim=-1)
         return w, idx
+
+    @property
+    def random(self) -> bool:
+        return self.settings.noise != "none" and self.settings.top_k != 1  # the noise draws
+
+    def reseed(self, seed: int) -> None:
+        from latentpatch.model.mixture_stops import noise_plan
+
+        self.stream = DrawStream(seed, self.vocab, noise_plan(self.settings, self.vocab))
 
 
 class MultiplexFeedback(MixtureFeedback):
@@ -325,7 +365,10 @@ class MultiplexFeedback(MixtureFeedback):
     """
 
     name: ClassVar[str] = "multiplex"
-    random: ClassVar[bool] = True
+
+    @property
+    def random(self) -> bool:
+        return True
 
     def pick(
         self, p: torch.Tensor, steps: list[int], streams: Sequence[int | None] | None = None
@@ -357,7 +400,8 @@ def mixture_model(base: Any, kind: str, settings: MixtureSettings | None = None,
     the prompt's last position; after the K thoughts the ids of ``</think>`` are fed (all of them,
     as J1mL1's loop does when it is several tokens) and the answer is decoded greedily. K is fixed
     (``--num-latent``): J1mL1's ``max_think_steps`` rule, since a ``</think>`` of several tokens
-    never stops it.
+    never stops it. Other stops (the official last-id rule, then only that id is fed; the cold
+    stop) and Soft Thinking's noise are ``settings`` (:mod:`latentpatch.model.mixture_stops`).
 
     >>> from latentpatch.model.loaders import random_model
     >>> m = mixture_model(random_model("llama", num_latent=3), "multiplex")
@@ -377,17 +421,23 @@ def mixture_model(base: Any, kind: str, settings: MixtureSettings | None = None,
     chosen = settings or (SOFT_THINKING_PAPER if kind == "soft" else MULTIPLEX_DEFAULT)
     feedback: MixtureFeedback = (SoftThinkingFeedback if kind == "soft" else MultiplexFeedback)(chosen, vocab, seed)
     template = _chat_template(tok)
+    think_ids = tuple(tok("</think>", add_special_tokens=False)["input_ids"])
+    from latentpatch.model.mixture_stops import answer_start_ids, mixture_stop, settings_suffix
+
+    feedback.stop_rule = mixture_stop(feedback, think_ids)  # None: a fixed count (the default on SmolLM2)
     cfg = LatentConfig(
         **{
             **base.config.__dict__,
             "question_template": template or "{question}",
             "add_special_tokens": template is None and base.config.add_special_tokens,
             "prompt_end": (),
-            "answer_start": tuple(tok("</think>", add_special_tokens=False)["input_ids"]),
+            "answer_start": answer_start_ids(think_ids, chosen.think_stop),
             "answer_prefix": "",
         }
     )
-    model = LatentModel(base.lm, feedback.bind(base.lm), cfg, tok, name=f"{kind}:{base.name}")
+    default = SOFT_THINKING_PAPER if kind == "soft" else MULTIPLEX_DEFAULT
+    name = f"{kind}{settings_suffix(chosen, default)}:{base.name}"  # the settings, as --model spells them
+    model = LatentModel(base.lm, feedback.bind(base.lm), cfg, tok, name=name)
     return model
 
 
