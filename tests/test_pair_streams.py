@@ -17,7 +17,13 @@ from latentpatch.data.synthetic import generate_pairs
 from latentpatch.model.colar import CoLaRFeedback, LatentPolicy
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.loaders import random_model
-from latentpatch.model.mixture import MULTIPLEX_DEFAULT, DrawStream, MixtureSettings, mixture_model
+from latentpatch.model.mixture import (
+    MULTIPLEX_DEFAULT,
+    SOFT_THINKING_PAPER,
+    DrawStream,
+    MixtureSettings,
+    mixture_model,
+)
 from latentpatch.model.sites import Write
 from latentpatch.model.stops import rule_latent_counts
 from latentpatch.model.streams import pair_stream, stream_seed
@@ -62,6 +68,13 @@ def colar():
         if min(rule_latent_counts(m, prompts, K, keys(3))) < K:
             break
     return m
+
+
+@pytest.fixture(scope="module")
+def soft_noise(base):
+    # Soft Thinking with the official Gumbel noise: random, so its rows read their pairs' streams too
+    settings = MixtureSettings(**{**SOFT_THINKING_PAPER.__dict__, "noise": "gumbel", "gumbel_temperature": 0.5})
+    return mixture_model(base, "soft", settings, seed=SEED)
 
 
 def keys(n: int) -> list[int]:
@@ -120,9 +133,10 @@ def test_a_pairs_thoughts_are_its_own_stream_in_any_batch(multiplex):
     assert not torch.equal(twice[0, 1:], twice[1, 1:])
 
 
-@pytest.mark.parametrize("family", ["multiplex", "colar"])
-def test_own_value_patch_changes_nothing(family, multiplex, colar):
-    m = multiplex if family == "multiplex" else colar
+@pytest.mark.parametrize("family", ["multiplex", "colar", "soft_noise"])
+def test_own_value_patch_changes_nothing(family, multiplex, colar, soft_noise):
+    m = {"multiplex": multiplex, "colar": colar, "soft_noise": soft_noise}[family]
+    assert m.feedback.random
     r = m.rollout(QUESTIONS[:2], record=[("resid_out", 1)], streams=keys(2))
     at = r.prompt_len + 1  # latent 1: every later step must meet its row's own draws again
     own = r.hooks.recorded("resid_out", 1)[:, at].clone()
@@ -232,3 +246,15 @@ def test_thought_replacements_through_the_feedback_keep_the_pairs_stream(multipl
     assert max(abs(c["kl"]) for c in cells) < 1e-6, [c["kl"] for c in cells]
     result = check_steps_engine_reference(multiplex, base, specs, own, 64, n_cells=len(specs))
     assert result["passed"], result
+
+
+def test_noisy_soft_thinking_rows_draw_their_pairs_streams(soft_noise, base):
+    """Soft Thinking's noise (model/mixture_stops.py) reads each row's pair's stream: a pair's
+    thoughts are the same alone and in a batch, and two pairs on one question differ."""
+    together = soft_noise.rollout(QUESTIONS[:2], streams=keys(2)).thoughts
+    for b in range(2):
+        alone = soft_noise.rollout([QUESTIONS[b]], streams=[keys(2)[b]]).thoughts[0]
+        torch.testing.assert_close(alone, together[b], atol=1e-6, rtol=0)
+    twice = soft_noise.rollout([QUESTIONS[0]] * 2, streams=keys(2)).thoughts
+    assert not torch.equal(twice[0], twice[1])
+    assert not mixture_model(base, "soft").feedback.random  # no noise: deterministic, keys ignored
