@@ -402,6 +402,7 @@ def rule_stopped_cells(
         observer = StopObserver(model, rule, 1)
         with ActivationHooks(model.lm, writes=writes) as hooks, model.latent_count(cap):
             state, h = model.prefill([base.target.prompt], hooks=hooks)
+            observer.prompt(h)
             model.run_thoughts(
                 state,
                 model.feedback.feed(h, 0),
