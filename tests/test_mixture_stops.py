@@ -118,7 +118,8 @@ def official_run(m, question: str, s: MixtureSettings, j1ml1: bool = False, seed
         answer.append(nxt)
         seq = torch.cat([seq, E[nxt][None, None]], 1)
         nxt_logits = lm(inputs_embeds=seq).logits[0, -1].clone()
-    return len(thoughts), torch.stack(thoughts), first, answer, first_out
+    stacked = torch.stack(thoughts) if thoughts else E.new_zeros(0, E.shape[1])
+    return len(thoughts), stacked, first, answer, first_out
 
 
 def _with_count(m, count: int) -> LatentModel:
@@ -274,8 +275,9 @@ def test_multiplex_cold_stop_reads_the_filtered_entropy():
 
 
 def test_cold_stop_equals_j1ml1s_loop_and_the_official_counts_the_prompt_too():
-    """Every position low: J1mL1's loop (and the tool) count from the first latent, the official
-    loop from the prompt's last position, so it stops one latent earlier (docs/method.md §21.1)."""
+    """Every position low: J1mL1's loop counts from the first latent, the official loop from the
+    prompt's last position, so it stops one latent earlier; the tool equals each with its settings
+    (the official rule asks the prompt position too: StopRule.checks_prompt, docs/method.md §22)."""
     base = _base(4.0)
     s = replace(SOFT_THINKING_PAPER, max_topk=1, cold_stop_threshold=5.0, cold_stop_steps=3)  # think_stop j1ml1
     m = mixture_model(base, "soft", s)
@@ -283,6 +285,28 @@ def test_cold_stop_equals_j1ml1s_loop_and_the_official_counts_the_prompt_too():
     assert _compare(m, s, j1ml1=True) == [3, 3]
     official = replace(s, think_stop="official")
     assert [official_run(mixture_model(base, "soft", official), q, official)[0] for q in QUESTIONS] == [2, 2]
+    assert _compare(mixture_model(base, "soft", official), official) == [2, 2]
+
+
+def test_the_official_rule_can_end_thinking_at_the_prompt():
+    """The official loop's first output token (at the prompt's last position) may be the think-end
+    id: no mixture is fed. The tool's count is 0 there, and a run gives that pair one latent."""
+    s = replace(SOFT_THINKING_PAPER, think_stop="official")
+    m0 = mixture_model(_base(1.5), "soft", replace(s, think_stop="none"))
+    last = m0.tokenizer.encode("</think>", add_special_tokens=False)[-1]
+
+    q = QUESTIONS[0]
+    assert last not in m0.question_ids(q)
+    base = _base(1.5)
+    with torch.no_grad():  # the think-end id's (tied) row along the prompt's last state: its top-1 there
+        h = mixture_model(base, "soft", s).prefill([m0.prompt_ids(q)])[1][0]
+        base.lm.get_input_embeddings().weight[last] = h / h.norm() ** 2 * 50.0
+    m = mixture_model(base, "soft", s)
+    count, _, logits, answer, _ = official_run(m, q, s)
+    assert count == 0 and rule_latent_counts(m, [m.prompt_ids(q)], MAX) == [0]
+    r = _with_count(m, 0).rollout([q])  # the think-end id right after the prompt
+    torch.testing.assert_close(r.answer_logits[0], logits, atol=1e-5, rtol=0)
+    assert list(m.generate(r.state, r.answer_logits)[0]) == answer
 
 
 def test_engine_equals_reference_with_noise():

@@ -84,6 +84,9 @@ class MixtureStop(StopRule):
     def __init__(self, feedback: MixtureFeedback, think_id: int | None, threshold: float, steps: int) -> None:
         self.feedback, self.think_id = feedback, think_id
         self.threshold, self.steps = float(threshold), int(steps)
+        # the official loop reads its stops from the prompt's last position on (its first output token),
+        # J1mL1's from the first latent's (docs/method.md §21.1, §22)
+        self.checks_prompt = feedback.settings.think_stop == "official"
 
     def begin(self, batch: int) -> dict[str, Any]:
         return {"low": torch.zeros(batch, dtype=torch.long)}

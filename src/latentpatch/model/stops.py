@@ -37,6 +37,10 @@ class StopRule:
 
     #: what the manifest records
     name: ClassVar[str] = ""
+    #: is the rule also asked at the prompt's last position (``step`` -1; firing there: 0 latents)?
+    #: Soft Thinking's official loop checks it (the first output token may be ``</think>``); CoLaR's
+    #: and J1mL1's loops check only after a latent.
+    checks_prompt: bool = False
 
     def begin(self, batch: int) -> dict[str, Any]:
         return {}
@@ -77,8 +81,9 @@ def stop_rule_of(model: Any) -> StopRule | None:
 
 class StopObserver:
     """The ``observe(step, h [B, d])`` callback of :meth:`~latentpatch.model.latent.LatentModel.run_thoughts`
-    that asks ``rule`` after each step and keeps each row's first firing step (``first`` [B], -1:
-    not yet). Steps before ``start`` (a run restarted at a patch) are given as ``fired_before``."""
+    that asks ``rule`` after each step and keeps each row's latent count at the first firing
+    (``first`` [B]: step + 1, 0 at the prompt position ``step`` -1; -1: not fired yet). A run
+    restarted at a patch is given the steps before it first (:mod:`latentpatch.patching.stop_cells`)."""
 
     def __init__(
         self,
@@ -95,18 +100,24 @@ class StopObserver:
     def __call__(self, step: int, h: torch.Tensor) -> None:
         keys = cast("Sequence[int] | None", self.streams)  # a None key: that row reads the run's stream
         fired = self.rule.fires(self.model.logits(h), step, self.memory, keys).cpu()
-        self.first = torch.where((self.first < 0) & fired, torch.full_like(self.first, step), self.first)
+        self.first = torch.where((self.first < 0) & fired, torch.full_like(self.first, step + 1), self.first)
+
+    def prompt(self, h: torch.Tensor) -> None:
+        """Ask a rule that :attr:`StopRule.checks_prompt` at the prompt's last position (``h`` [B, d])."""
+        if self.rule.checks_prompt:
+            self(-1, h)
 
     def counts(self, max_latent: int) -> list[int]:
-        """Each row's latent count: first firing step + 1, ``max_latent`` where it never fired."""
-        return [int(f) + 1 if f >= 0 else int(max_latent) for f in self.first.tolist()]
+        """Each row's latent count: where the rule first fired, ``max_latent`` where it never did."""
+        return [int(f) if f >= 0 else int(max_latent) for f in self.first.tolist()]
 
 
 @torch.no_grad()
 def rule_latent_counts(
     model: Any, prompts: Sequence[Sequence[int]], max_latent: int, streams: Sequence[int | None] | None = None
 ) -> list[int]:
-    """Each prompt's latent count by the model's stop rule (1..``max_latent``): the unpatched
+    """Each prompt's latent count by the model's stop rule (0..``max_latent``; 0 only for a rule
+    that checks the prompt position): the unpatched
     loop run to ``max_latent`` steps, the rule asked after each. A fixed-count family (no rule)
     gives ``max_latent`` for every prompt. Rows are independent (masks and position ids skip the
     padding; ``streams[b]``: row b's draw-stream key, its pair's), so a batch gives each prompt's
@@ -121,6 +132,7 @@ def rule_latent_counts(
         return [int(max_latent)] * len(prompts)
     state, h = model.prefill(prompts, streams=streams)
     observer = StopObserver(model, rule, len(prompts), state.streams)
+    observer.prompt(h)
     model.run_thoughts(
         state, model.feedback.feed(h, 0, state.streams), 0, stop=max_latent, observe=observer, next_thought=False
     )

@@ -419,6 +419,7 @@ def rule_stopped_cells(
         observer = StopObserver(model, rule, 1, [base.stream])  # the pair's draw stream (§21)
         with ActivationHooks(model.lm, writes=writes) as hooks, model.latent_count(cap):
             state, h = model.prefill([base.target.prompt], hooks=hooks, streams=[base.stream])
+            observer.prompt(h)
             model.run_thoughts(
                 state,
                 model.feedback.feed(h, 0, state.streams),

@@ -36,6 +36,7 @@ def primed_observer(model: LatentModel, rows: Sequence[PairBaseline], start: int
     if rule is None:
         return None
     observer = StopObserver(model, rule, len(rows), [b.stream for b in rows])  # each row's pair's draws (§21)
+    observer.prompt(torch.stack([_thought_pre(b)[0] for b in rows]).to(model.device))  # the prompt's last h
     for step in range(start):  # h of step j is what thought j + 1 was made from (RunRecord.thought_pre)
         h = torch.stack([_thought_pre(b)[step + 1] for b in rows]).to(model.device)  # [B, d]
         observer(step, h)
@@ -54,8 +55,7 @@ def stop_columns(observer: StopObserver, K: int, cap: int | None = None) -> list
     it did not fire by latent K - 1) and ``stops_elsewhere`` (the rule's count is not K; a run at
     the cap ``cap`` that never fired stops where it is)."""
     out = []
-    for first in observer.first.tolist():
-        count = first + 1 if first >= 0 else -1
+    for count in observer.first.tolist():
         same = count == K or (count == -1 and cap is not None and K >= cap)
         out.append({LATENT_COUNT: K, RULE_LATENTS: count, STOPS_ELSEWHERE: not same})
     return out

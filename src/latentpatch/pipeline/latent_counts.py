@@ -87,6 +87,14 @@ def record_latent_counts(ctx: RunContext) -> None:
         keys = [pair_stream(p.pair_id) for p in ctx.pairs]  # each pair's own draws (docs/method.md §21)
         target = _counts(model, [model.prompt_ids(p.variant(_target(config)).question) for p in ctx.pairs], cap, keys)
         source = _counts(model, [model.prompt_ids(p.variant(_source(config)).question) for p in ctx.pairs], cap, keys)
+        zero = [p.pair_id for p, t in zip(ctx.pairs, target) if t == 0]
+        if zero:  # thinking ended at the prompt: no thought to patch, so the pair runs one (stated)
+            summary["zero_latent_pairs"] = zero
+            ctx.progress.warn(
+                f"{len(zero)} pair(s) whose target run ends thinking at the prompt (0 latents) run 1 latent: "
+                f"{', '.join(zero[:5])}{' ...' if len(zero) > 5 else ''}; manifest.json: latent_stops"
+            )
+        target = [max(t, 1) for t in target]
         ctx.latent_counts = target
         summary["target_counts"] = {str(k): n for k, n in sorted(Counter(target).items())}
         summary["source_differs"] = [p.pair_id for p, t, s in zip(ctx.pairs, target, source) if t != s]
