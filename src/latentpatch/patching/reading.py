@@ -121,7 +121,13 @@ def attention_run(model: LatentModel, prompt: Sequence[int]) -> tuple[torch.Tens
     """``([L, H, Q, T] fp32 attention weights at the query positions, T_q)`` of ``prompt``'s rollout.
 
     The rollout runs with the model's own attention kernel; weights are recomputed from queries
-    and cached keys per layer (:func:`latentpatch.model.heads.attention_weights`)."""
+    and cached keys per layer (:func:`latentpatch.model.heads.attention_weights`). PCCoT: the
+    queries of its site round's pass, and the answer's over round T
+    (:meth:`~latentpatch.model.pccot.PCCoTModel.round_attention`)."""
+    from latentpatch.model.pccot import PCCoTModel
+
+    if isinstance(model, PCCoTModel):
+        return model.round_attention(prompt)
     with QueryRecorder(model.lm) as rec:
         r = model.rollout([list(prompt)])
     idx = query_indices(r.prompt_len, model.num_latent, r.state.length)
