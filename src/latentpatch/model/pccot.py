@@ -71,6 +71,7 @@ PCCOT_EXPERIMENTS = (
     "attention",
     "probe",
     "steer",
+    "das",
 )
 #: the experiments refused on PCCoT, with the reason (docs/method.md "SIM-CoT and PCCoT")
 PCCOT_REFUSED = {
@@ -392,22 +393,33 @@ class PCCoTModel(LatentModel):
         then the first answer position over round T's (what the answer reads). T: the finished
         rollout's length; weights from recorded queries and cached keys
         (:func:`~latentpatch.model.heads.attention_weights`)."""
-        N, rows = self.num_latent, []
-        for rounds, index in ((self.site_round, list(range(N))), (self.rounds, None)):
-            recorder = QueryRecorder(self.lm)
-            with torch.no_grad():
-                with recorder:
-                    state, _ = self.prefill([list(prompt)])
-                T_q = state.length
-                state, *_ = self._rounds(state, rounds, lambda r, n=rounds: _recording(recorder, r == n))
-                if index is None:  # the answer start, recorded after round T's slots: indices line up
-                    with recorder:
-                        self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), 1))
-            at = [T_q + p for p in index] if index is not None else [state.length - 1]
+        N, T_q = self.num_latent, len(prompt)
+        rows = []
+        for rounds, answer in ((self.site_round, False), (self.rounds, True)):
+            recorder, state = self._recorded_rounds(prompt, rounds, answer)
+            at = [state.length - 1] if answer else [T_q + p for p in range(N)]
             rows.append([attention_weights(self.lm, recorder, state, layer, at)[0] for layer in range(self.n_layers)])
         length = rows[1][0].shape[-1]
         slots = [torch.nn.functional.pad(w, (0, length - w.shape[-1])) for w in rows[0]]
         return torch.stack([torch.cat([s, a], 1) for s, a in zip(slots, rows[1])]), T_q
+
+    @torch.no_grad()
+    def _recorded_rounds(self, prompt: Sequence[int], rounds: int, answer: bool) -> tuple[QueryRecorder, RolloutState]:
+        """``prompt``'s rollout up to round ``rounds`` (and the answer start with ``answer``), the
+        attention inputs of the prompt, that round's slots (and the answer start) recorded: they
+        line up with the absolute indices of the returned state."""
+        recorder = QueryRecorder(self.lm)
+        with recorder:
+            state, _ = self.prefill([list(prompt)])
+
+        def scope(r: int) -> AbstractContextManager[None]:
+            return _recording(recorder, r == rounds)
+
+        state, *_ = self._rounds(state, rounds, scope)
+        if answer:
+            with recorder:
+                self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), 1))
+        return recorder, state
 
     @torch.no_grad()
     def parallel_answer(self, prompts: Sequence[str] | Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:
