@@ -48,7 +48,7 @@ from latentpatch.model.config import LatentConfig
 from latentpatch.model.heads import QueryRecorder, attention_weights
 from latentpatch.model.latent import LatentModel, StepHook, override_hook
 from latentpatch.model.sites import ActivationHooks, Edit, Write
-from latentpatch.model.state import RolloutState, stack_states
+from latentpatch.model.state import Rollout, RolloutState, stack_states
 
 #: what the engine's loop cannot do on PCCoT's rounds (a stop inside the loop, a per-step attention
 #: mask, gradients from a fed first thought; the experiments needing them refuse up front)
@@ -372,7 +372,7 @@ class PCCoTModel(LatentModel):
         end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
         return state, self.logits(end[:, -1])
 
-    def early_states(self, prompt: Sequence[int], target: Any, ks: Sequence[int]) -> RolloutState:
+    def early_states(self, prompt: Sequence[int], target: Rollout, ks: Sequence[int]) -> RolloutState:
         """Row b: the state after round ``ks[b]`` of ``prompt``'s rollout (one run of the rounds up
         to the largest k, every round's state kept; ``target`` is not needed)."""
         keep: list[RolloutState] = []
