@@ -220,6 +220,10 @@ def test_every_experiment_runs_on_pccot(adapter, tmp_path):
     assert set(steps["experiment"]) == {"early", "intermediate"}
     assert len(pd.read_parquet(out / "results" / "influence.parquet")) == 3 * 3 * N * N  # pairs x kinds x i x j
     assert any((out / "results" / "attention").iterdir())
+    html = (out / "report.html").read_text()
+    section = html[html.index('<section id="early"') :]
+    section = section[: section.index("</section>")]
+    assert "Jacobi rounds the accuracy" in section  # the report's k is the round here
     das = dataclasses.replace(
         cfg,
         limit=None,
