@@ -237,6 +237,10 @@ def test_every_experiment_runs_on_pccot(adapter, tmp_path):
     )
     table = pd.read_parquet(run_experiments(das, progress=False, command="test") / "results" / "das.parquet")
     assert set(table["method"]) >= {"das", "random", "full", "base"}
+    # the iterative sweep without its frozen control (PCCoTModel.frozen_path: it would equal chained)
+    it = dataclasses.replace(cfg, limit=2, experiments=("iterative",), out=str(tmp_path / "iterative"))
+    cells = pd.read_parquet(run_experiments(it, progress=False, command="test") / "results" / "cells.parquet")
+    assert set(cells["mode"]) == {"parallel", "cumulative", "chained"}
     for name in ("edges", "atp"):
         bad = dataclasses.replace(cfg, experiments=(name,), out=str(tmp_path / name))
         with pytest.raises(LatentPatchError, match=f"--experiments {name}: not defined on PCCoT.*{name}: "):

@@ -126,6 +126,10 @@ class LatentModel(AnswerPhase, nn.Module):
     def num_latent(self) -> int:
         return self.config.num_latent
 
+    #: Does holding the thoughts after a patched one at the target's values leave the attention path
+    #: alone (the iterative experiment's ``frozen`` control)? True for the sequential loop.
+    frozen_path: bool = True
+
     @contextmanager
     def latent_count(self, k: int) -> Iterator[None]:
         """Run with ``k`` latents inside the block (a pair's own count by its family's stop rule,

@@ -147,6 +147,10 @@ class PCCoTModel(LatentModel):
     (:attr:`equals_sequential`) the result equals the sequential loop.
     """
 
+    #: no iterative ``frozen`` control: a site round's later slots come from the round before, so
+    #: holding them changes nothing (frozen would equal chained); holding later rounds cuts every path
+    frozen_path = False
+
     def __init__(
         self,
         lm: PreTrainedModel,

@@ -43,6 +43,7 @@ class SpecShape:
     thought_sites: tuple[str, ...] = THOUGHT_SITES
     n_intermediates: int = 0
     early_exits: int | None = None  # the early answers' last k (None: num_latent; PCCoT: its rounds)
+    frozen: bool = True  # the iterative frozen control exists (not on PCCoT: LatentModel.frozen_path)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ REGISTRY: dict[str, Experiment] = {
             "iterative",
             "sweep",
             "do the thoughts depend on each other in sequence, and through which path?",
-            lambda s: iterative_specs(s.n_layers, s.num_latent, s.component),
+            lambda s: iterative_specs(s.n_layers, s.num_latent, s.component, s.frozen),
         ),
         Experiment(
             "thought",
