@@ -27,7 +27,15 @@ from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.engine import sweep_fast
 from latentpatch.patching.specs import EngineConfig, PatchSpec
-from latentpatch.probing.das import DasSet, DasSite, Example, Subspace, full_interchange, interchange_answers, intervened
+from latentpatch.probing.das import (
+    DasSet,
+    DasSite,
+    Example,
+    Subspace,
+    full_interchange,
+    interchange_answers,
+    intervened,
+)
 
 QUESTIONS = [
     "A shop has 5 boxes with 4 pens in each box. It sells 6 pens. How many pens are left?",
@@ -92,7 +100,11 @@ def test_full_interchange_is_the_whole_site_patch(model, data, site):
     src = model.rollout([list(e.source) for e in data.examples], record=[("resid_out", 1)])
     plain = model.rollout(bases)
     if site.is_thought:  # the thought fed at p: the source's (thought_pre: its state, through the feedback at p)
-        fed = src.thoughts[:, p] if site.component == "thought" else model.feedback.feed(src.thought_source_hidden()[:, p], p)
+        fed = (
+            src.thoughts[:, p]
+            if site.component == "thought"
+            else model.feedback.feed(src.thought_source_hidden()[:, p], p)
+        )
         over = torch.zeros(len(bases), model.num_latent, model.d_model)
         mask = torch.zeros(len(bases), model.num_latent, dtype=torch.bool)
         over[:, p], mask[:, p] = fed, True

@@ -56,7 +56,7 @@ from latentpatch.pipeline.run import run_experiments
 from latentpatch.pipeline.selection import default_pairs_path
 
 FAMILIES = ("codi", "coconut", "soft", "multiplex", "colar", "pccot")
-N_PAIRS = 3
+N_PAIRS = 4  # das holds out ceil(30 %) of the pairs and draws its test interchanges across two of them
 #: thoughts per run (the shipped model's 6 halved: every step-level experiment's cells scale with K)
 K = 3
 #: the ridge of the CoLaR head's fit (large enough that its weights stay small: fp32 noise is not amplified)
@@ -180,12 +180,18 @@ def base() -> LatentModel:
 def runs(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
     """family -> {model, pairs, out (run directory), refused (the refusal's message or None)}, each
     family's run made once on first use."""
-    made: dict[str, dict[str, Any]] = {}
+    made: dict[str, dict[str, Any] | BaseException] = {}
 
     def get(family: str) -> dict[str, Any]:
-        if family not in made:
-            made[family] = _run_family(family, base, tmp_path_factory.mktemp(family))
-        return made[family]
+        if family not in made:  # a failed run is kept too: its experiments fail without running it again
+            try:
+                made[family] = _run_family(family, base, tmp_path_factory.mktemp(family))
+            except Exception as err:
+                made[family] = err
+        run = made[family]
+        if isinstance(run, BaseException):
+            raise run
+        return run
 
     return get  # type: ignore[return-value]
 
