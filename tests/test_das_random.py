@@ -2,8 +2,9 @@
 step, so an interchange's base, source and intervened runs must meet the same draws (common random
 numbers), else an IIA measures sampling noise.
 
-On Multiplex over the shipped model's LM (width 3, temperature 1: the draws change the thoughts), each
-against a plain computation written here:
+On Multiplex over the shipped model's LM (width 3, temperature 4: which ids are drawn depends on the
+draws; 4 thoughts, sites at thought 1, so two later steps draw), each against a plain computation
+written here:
 
 - the DasSet's base and source runs equal plain ``model.rollout`` runs of the same prompts (bitwise);
 - k = 0 equals the base run, and an interchange that writes the base's own value changes nothing
@@ -22,7 +23,7 @@ import torch
 
 from latentpatch.model.latent import LatentModel
 from latentpatch.model.load import load_model
-from latentpatch.model.mixture import MULTIPLEX_DEFAULT, MultiplexFeedback
+from latentpatch.model.mixture import MULTIPLEX_DEFAULT, MixtureSettings, MultiplexFeedback
 from latentpatch.model.sites import Write
 from latentpatch.patching.baselines import prepare_pair, record_run, replacement_values
 from latentpatch.patching.engine import sweep_fast
@@ -42,16 +43,19 @@ QUESTIONS = [
     "Tom has 7 apples and buys 5 more. He gives 3 to Ann. How many apples does Tom have?",
     "A bus leaves with 34 passengers. At the first stop 7 people get off and 1 get on. How many are on it?",
 ]
-SITES = [DasSite("resid_out", 1, 1), DasSite("thought", -1, 1), DasSite("thought_pre", -1, 2)]
+SITES = [DasSite("resid_out", 1, 1), DasSite("thought", -1, 1), DasSite("thought_pre", -1, 1)]
+#: Multiplex at temperature 4 (width 3, no filter): flat enough that which ids are drawn depends on the draws
+#: (at J1mL1's T 1 this LM is peaked enough that another stream often draws the same ids)
+FLAT = MixtureSettings(**{**MULTIPLEX_DEFAULT.__dict__, "temperature": 4.0})
 
 
 def multiplex(seed: int) -> LatentModel:
-    """Multiplex (J1mL1's defaults: T 1, no filter, width 3) over the shipped LM, CODI's prompt framing
-    (it answers with numbers there), the draws seeded by ``seed``."""
-    base = load_model("default", num_latent=3)
+    """Multiplex (:data:`FLAT`) over the shipped LM with 4 thoughts, CODI's prompt framing, the draws
+    seeded by ``seed``."""
+    base = load_model("default", num_latent=4)
     cfg, lm = base.config, base.lm
     vocab = min(cfg.pad_id, cfg.bot_id, cfg.eot_id)  # the real tokens (the specials follow them)
-    return LatentModel(lm, MultiplexFeedback(MULTIPLEX_DEFAULT, vocab, seed).bind(lm), cfg, base.tokenizer)
+    return LatentModel(lm, MultiplexFeedback(FLAT, vocab, seed).bind(lm), cfg, base.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,8 @@ def test_the_set_runs_are_plain_runs(model, data):
     assert torch.equal(data.source_values[SITES[1]], src.thoughts[:, 1])
     # the draws matter: another seed's stream gives other thoughts after the first
     other = multiplex(seed=4).rollout(_bases(data))
-    assert not torch.equal(other.thoughts[:, 1:], plain.thoughts[:, 1:])
+    for step in (2, 3):  # the steps after the sites: every row's thought differs under other draws
+        assert ((other.thoughts[:, step] - plain.thoughts[:, step]).abs().amax(-1) > 1e-3).all()
 
 
 @pytest.mark.parametrize("site", SITES, ids=str)
