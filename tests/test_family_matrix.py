@@ -5,10 +5,12 @@ One ``run_experiments`` per family with every experiment of :data:`~latentpatch.
 it runs today (module-scoped: the whole file is a handful of runs), then one assertion per family x
 experiment: the run finished, every built-in check passed, and the experiment's result table exists
 and holds finite numbers in its metric columns. Where a family refuses an experiment today (PCCoT:
-:func:`~latentpatch.pipeline.limits.check_pccot_run`), the matrix asserts the one-line refusal, so
-the table documents it.
+:func:`~latentpatch.pipeline.limits.check_pccot_run`; a family with a stop rule under the default
+``--latent-count target``: :func:`~latentpatch.pipeline.latent_counts.check_latent_stops`, so CoLaR's
+run uses ``--latent-count fixed``), the matrix asserts the one-line refusal, so the table documents it.
 
-The families are built on the shipped model's trained 4-layer LM (d = 128, K = 6, ``load_model("default")``):
+The families are built on the shipped model's trained 4-layer LM (d = 128, ``load_model("default")``),
+with K = 3 thoughts (the shipped 6 halved: the step-level experiments' cells scale with K):
 
 - ``codi``: the shipped model itself (CODI's projection);
 - ``coconut``: the same LM feeding its last hidden state back (Coconut's identity feedback);
@@ -16,7 +18,7 @@ The families are built on the shipped model's trained 4-layer LM (d = 128, K = 6
   over the LM's head and embeddings;
 - ``colar``: CoLaR's Gaussian latent head (:func:`colar_feedback`: its mean fitted to CODI's projection,
   std exp(-3), seeded normals);
-- ``pccot``: PCCoT's parallel slots (N = 6 slots, T = 3 Jacobi rounds < N: really parallel), the
+- ``pccot``: PCCoT's parallel slots (N = 3 slots, T = 2 Jacobi rounds < N: really parallel), the
   sites of the last round.
 
 SIM-CoT's presets run CODI's and Coconut's loops (model/simcot.py: only the loaders differ), so their
@@ -32,6 +34,7 @@ every example is one the model "gets right" by construction, the flags are all F
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -51,6 +54,7 @@ from latentpatch.model.latent import LatentModel
 from latentpatch.model.load import load_model
 from latentpatch.model.mixture import MULTIPLEX_DEFAULT, SOFT_THINKING_PAPER, MultiplexFeedback, SoftThinkingFeedback
 from latentpatch.model.pccot import PCCOT_EXPERIMENTS, PCCoTModel
+from latentpatch.model.stops import stop_rule_of
 from latentpatch.pipeline.config import RunConfig
 from latentpatch.pipeline.run import run_experiments
 from latentpatch.pipeline.selection import default_pairs_path
@@ -213,6 +217,12 @@ def _run_family(family: str, base: LatentModel, tmp: Path) -> dict[str, Any]:
         thoughts_pairs=1,
         **options,
     )
+    counts_refused = None
+    if stop_rule_of(model) is not None:  # CoLaR: per-pair latent counts run the sweeps only (method §22)
+        with pytest.raises(LatentPatchError) as err:
+            run_experiments(config, model=model, pairs=pairs, progress=False, command="test")
+        counts_refused = str(err.value)
+        config = dataclasses.replace(config, latent_count="fixed")
     out = run_experiments(config, model=model, pairs=pairs, progress=False, command="test")
     refused = None
     left = tuple(e for e in names.ALL_EXPERIMENTS if e not in experiments)
@@ -226,7 +236,7 @@ def _run_family(family: str, base: LatentModel, tmp: Path) -> dict[str, Any]:
                 command="test",
             )
         refused = str(err.value)
-    return {"model": model, "pairs": pairs, "out": out, "refused": refused}
+    return {"model": model, "pairs": pairs, "out": out, "refused": refused, "counts_refused": counts_refused}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -238,6 +248,11 @@ def test_run_finishes_with_every_check_passing(runs, family):
     assert checks and all(c["passed"] for c in checks.values()), checks
     cells = pd.read_parquet(run["out"] / "results" / "cells.parquet")
     assert not cells["flagged"].any()  # own-answer pairs: the model "gets" every side
+    if run["counts_refused"] is not None:  # a family with a stop rule: every experiment but the sweeps refused
+        message = run["counts_refused"]
+        assert "\n" not in message and "fix: add --latent-count fixed" in message
+        named = message.split(":")[0].removeprefix("--experiments ").split(",")
+        assert set(named) == set(names.ALL_EXPERIMENTS) - {"layer", "position", "iterative"}
 
 
 @pytest.mark.parametrize("experiment", names.ALL_EXPERIMENTS)
