@@ -137,7 +137,8 @@ def colar_feedback(base: LatentModel) -> CoLaRFeedback:
         policy.mean.bias.copy_(w[-1])
         policy.log_std.weight.zero_()
         policy.log_std.bias.fill_(-3.0)
-    return CoLaRFeedback(policy, 1.0, base.config.pad_id + 1)
+    # vocab: the head's every row (CoLaR's stop token is drawn over the resized vocabulary, [PAD] included)
+    return CoLaRFeedback(policy, 1.0, int(base.lm.get_output_embeddings().weight.shape[0]))
 
 
 def own_answer_pairs(model: LatentModel, n: int) -> list[Pair]:
