@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,15 @@ N_PAIRS = 4  # das holds out ceil(30 %) of the pairs and draws its test intercha
 K = 3
 #: the ridge of the CoLaR head's fit (large enough that its weights stay small: fp32 noise is not amplified)
 RIDGE = 10.0
-#: experiment -> (result file under results/, the rows' experiment column value or None, metric columns
-#: that must be finite in every row)
-OUTPUTS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
-    "layer": ("cells.parquet", "layer", ("kl", "answer_logit_diff")),
-    "position": ("cells.parquet", "position", ("kl", "answer_logit_diff")),
-    "iterative": ("cells.parquet", "iterative", ("kl", "answer_logit_diff")),
-    "thought": (names.STEPS_FILE, "thought", ("kl", "answer_logit_diff")),
-    "early": (names.STEPS_FILE, "early", ("kl", "answer_logit_diff")),
-    "intermediate": (names.STEPS_FILE, "intermediate", ("kl", "answer_logit_diff")),
+#: experiment -> (result file under results/, (column, value) selecting its rows or None, metric columns
+#: that must be finite in every selected row)
+OUTPUTS: dict[str, tuple[str, tuple[str, str] | None, tuple[str, ...]]] = {
+    "layer": ("cells.parquet", ("experiment", "layer"), ("kl", "answer_logit_diff")),
+    "position": ("cells.parquet", ("experiment", "position"), ("kl", "answer_logit_diff")),
+    "iterative": ("cells.parquet", ("experiment", "iterative"), ("kl", "answer_logit_diff")),
+    "thought": (names.STEPS_FILE, ("experiment", "thought"), ("kl", "answer_logit_diff")),
+    "early": (names.STEPS_FILE, ("experiment", "early"), ("kl", "answer_logit_diff")),
+    "intermediate": (names.STEPS_FILE, ("experiment", "intermediate"), ("kl", "answer_logit_diff")),
     "influence": (names.INFLUENCE_FILE, None, ("kl", "thought_cos")),
     "lens": (names.LENS_FILE, None, ("prob",)),
     "attention": (names.ATTENTION_FILE, None, ("weight",)),
@@ -81,7 +82,7 @@ OUTPUTS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "probe": (names.PROBES_FILE, None, ("accuracy",)),
     "steer": (names.STEER_FILE, None, ("kl", "answer_logit_diff")),
     "edges": (names.EDGES_FILE, None, ("kl", "answer_logit_diff")),
-    "das": (names.DAS_FILE, None, ("k", "counterfactual")),
+    "das": (names.DAS_FILE, ("method", "das"), ("train_loss", "counterfactual")),  # the trained subspace's rows
 }
 
 #: the smallest settings of the experiments that have their own options (one site, one k, a few steps)
@@ -182,7 +183,7 @@ def base() -> LatentModel:
 
 
 @pytest.fixture(scope="module")
-def runs(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
+def runs(base, tmp_path_factory) -> Callable[[str], dict[str, Any]]:
     """family -> {model, pairs, out (run directory), refused (the refusal's message or None)}, each
     family's run made once on first use."""
     made: dict[str, dict[str, Any] | BaseException] = {}
@@ -198,7 +199,7 @@ def runs(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
             raise run
         return run
 
-    return get  # type: ignore[return-value]
+    return get
 
 
 def _run_family(family: str, base: LatentModel, tmp: Path) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def test_experiment_output(runs, family, experiment):
     assert path.is_file(), path
     table = pd.read_parquet(path)
     if tag is not None:
-        table = table[table["experiment"] == tag]
+        table = table[table[tag[0]] == tag[1]]
     assert len(table) > 0, f"{family}/{experiment}: no rows in {file}"
     for column in columns:
         values = table[column].astype(float)
