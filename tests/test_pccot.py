@@ -243,9 +243,9 @@ def test_the_engines_loop_is_the_parallel_rollout_at_the_site_round(released):
 
 def test_engine_check_passes_and_run_refuses_undefined_experiments(released):
     m, _, _, _ = released
-    with pytest.raises(LatentPatchError, match="--experiments early,atp: not defined on PCCoT"):
-        check_pccot_run(m, ["layer", "early", "atp"])
-    check_pccot_run(m, ["layer", "position", "thought"])
+    with pytest.raises(LatentPatchError, match="--experiments edges,atp: not defined on PCCoT"):
+        check_pccot_run(m, ["layer", "edges", "early", "atp"])
+    check_pccot_run(m, ["layer", "position", "thought", "early", "influence", "intermediate", "attention"])
     bases = []
     for i, (qc, qr, ac, ar) in enumerate(PAIRS):
         clean, corr = (record_run(m, m.prompt_ids(q)) for q in (qc, qr))
@@ -292,7 +292,8 @@ def test_round_thought_sweep_cells_equal_single_runs(projected):
 
 def test_latentpatch_run_on_pccot(released, tmp_path):
     """``run`` on a PCCoT model (T = 2 < N = 4, sites of the last round): the sweep and the thought
-    experiment through the engine, with every built-in check passing; undefined experiments refuse."""
+    experiment through the engine, with every built-in check passing; undefined experiments refuse
+    (the other experiments: tests/test_pccot_experiments.py)."""
     import pandas as pd
 
     from latentpatch.pipeline.config import RunConfig
@@ -316,9 +317,9 @@ def test_latentpatch_run_on_pccot(released, tmp_path):
     assert all(c["passed"] for c in checks.values()), checks
     steps = pd.read_parquet(out / "results" / "steps.parquet")
     assert set(steps["experiment"]) == {"thought"} and len(steps) > 0
-    early = dataclasses.replace(cfg, experiments=("early",), out=str(tmp_path / "early"))
-    with pytest.raises(LatentPatchError, match="--experiments early: not defined on PCCoT"):
-        run_experiments(early, progress=False, command="test")
+    edges = dataclasses.replace(cfg, experiments=("edges",), out=str(tmp_path / "edges"))
+    with pytest.raises(LatentPatchError, match="--experiments edges: not defined on PCCoT"):
+        run_experiments(edges, progress=False, command="test")
 
 
 def test_pccot_from_the_hub_cache(released, tmp_path, monkeypatch, capsys):

@@ -45,8 +45,9 @@ def _errbar(ax, x: np.ndarray, tab: pd.DataFrame, label: str, **kw) -> None:
     ax.errorbar(x, mean, yerr=np.nan_to_num(np.abs(err)), marker="o", capsize=3, label=label, **kw)
 
 
-def early_figure(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str]) -> list[Path]:
-    """``summary``: :func:`latentpatch.analysis.steps_section.early_summary` rows (metric, k, mean, CI)."""
+def early_figure(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str], unit: str = "thoughts") -> list[Path]:
+    """``summary``: :func:`latentpatch.analysis.steps_section.early_summary` rows (metric, k, mean, CI);
+    ``unit``: what k counts (PCCoT: Jacobi rounds)."""
     if summary.empty:
         return []
     fig = Figure(figsize=(6, 3.6), dpi=DPI)
@@ -54,7 +55,7 @@ def early_figure(summary: pd.DataFrame, out_dir: Path, formats: Sequence[str]) -
     for metric, label in (("correct", "accuracy"), ("p_final", "P(final answer)")):
         tab = summary[summary["metric"] == metric].sort_values("k")
         _errbar(ax, tab["k"].to_numpy(), tab, label)
-    ax.set_xlabel("k thoughts before [EOT]")
+    ax.set_xlabel(f"k {unit} before [EOT]")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Early answers S(k): mean over pairs, 95% CI")
     ax.legend(frameon=False)

@@ -27,8 +27,9 @@ from latentpatch.analysis.steps_figures import (
     thought_heatmap,
     thought_tips,
 )
+from latentpatch.errors import LatentPatchError
 from latentpatch.names import ALL_POSITIONS
-from latentpatch.rundir import RunPaths
+from latentpatch.rundir import RunPaths, read_manifest
 
 METHOD = "docs/method.md §13"
 #: Rows of a compact table (the full table is folded under it).
@@ -153,31 +154,33 @@ def thought_section(stats: dict[str, Any], fig_dir: Path, formats) -> Experiment
     )
 
 
-def early_section(stats: dict[str, Any], fig_dir: Path, formats) -> ExperimentSection | None:
-    """S(k): accuracy, answer logit difference and P(final answer) per k."""
+def early_section(stats: dict[str, Any], fig_dir: Path, formats, unit: str = "thoughts") -> ExperimentSection | None:
+    """S(k): accuracy, answer logit difference and P(final answer) per k; ``unit``: what k counts
+    (:func:`early_unit`)."""
     steps = (stats.get("steps") or {}).get("early")
     if not steps:
         return None
     q, summary = Quote(stats), _frame(steps["summary"])
-    early_figure(summary, fig_dir, formats)
+    early_figure(summary, fig_dir, formats, unit)
     acc = [(i, r) for i, r in enumerate(steps["summary"]) if r["metric"] == "correct"]
     acc.sort(key=lambda ir: ir[1]["k"])
     (last, final) = acc[-1]
     first_full = next(i for i, r in acc if r["mean"] is not None and r["mean"] >= final["mean"] - 1e-9)
     at = ("steps", "early", "summary")
     finding = (
-        f"After all {q.num(*at, last, 'k')} thoughts the accuracy is {q.ci(*at, last)}, and it first reaches "
-        f"that value after k = {q.num(*at, first_full, 'k')} thoughts"
+        f"After all {q.num(*at, last, 'k')} {unit} the accuracy is {q.ci(*at, last)}, and it first reaches "
+        f"that value after k = {q.num(*at, first_full, 'k')} {unit}"
     )
     k = find_contrast(stats, "early", "all thoughts vs none")
     if k is not None:
-        finding += "; accuracy with every thought is " + q.compare(
+        every = "every thought" if unit == "thoughts" else f"all {unit}"
+        finding += f"; accuracy with {every} is " + q.compare(
             k, more="higher", less="lower", same="about the same as", than="with none"
         )
     return ExperimentSection(
         "early",
         finding + ".",
-        figures=figure(fig_dir, "early_answers", "Accuracy and P(final answer) after k thoughts, mean and 95% CI."),
+        figures=figure(fig_dir, "early_answers", f"Accuracy and P(final answer) after k {unit}, mean and 95% CI."),
         table=_table(summary, ["k"], ["correct", "p_final", "answer_logit_diff"]),
         method=METHOD,
     )
@@ -315,8 +318,22 @@ def steps_sections(run_dir: Path, stats: dict[str, Any], formats=("png", "svg"))
     fig_dir = RunPaths(run_dir).figures
     made = (
         thought_section(stats, fig_dir, formats),
-        early_section(stats, fig_dir, formats),
+        early_section(stats, fig_dir, formats, early_unit(run_dir)),
         influence_section(stats, fig_dir, formats),
         intermediate_section(stats),
     )
     return [s for s in made if s is not None]
+
+
+def early_unit(run_dir: Path) -> str:
+    """What the early answers' k counts: ``thoughts``, or on a PCCoT model (``--model pccot:...``)
+    ``Jacobi rounds`` (docs/method.md "Every experiment on the rounds").
+
+    >>> early_unit(Path("/nonexistent"))
+    'thoughts'
+    """
+    try:
+        model = str(read_manifest(run_dir).get("config", {}).get("model", ""))
+    except LatentPatchError:
+        return "thoughts"
+    return "Jacobi rounds" if model.startswith("pccot:") else "thoughts"

@@ -127,6 +127,10 @@ class LatentModel(AnswerPhase, nn.Module):
     def num_latent(self) -> int:
         return self.config.num_latent
 
+    #: Does holding the thoughts after a patched one at the target's values leave the attention path
+    #: alone (the iterative experiment's ``frozen`` control)? True for the sequential loop.
+    frozen_path: bool = True
+
     @contextmanager
     def latent_count(self, k: int) -> Iterator[None]:
         """Run with ``k`` latents inside the block (a pair's own count by its family's stop rule,
@@ -353,6 +357,31 @@ class LatentModel(AnswerPhase, nn.Module):
         self.run_thoughts(state, self.feedback.feed(h, 0, state.streams), 0, hooks=hooks, stop=k)
         end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
         return state, self.logits(end[:, -1])
+
+    # The three hooks below are what the step-level experiments ask of a family whose latent phase is
+    # not the sequential loop (PCCoT's rounds override them; docs/method.md "SIM-CoT and PCCoT").
+    @property
+    def early_exits(self) -> int:
+        """The last k of the early answers S(k), k = 0..``early_exits``: K thoughts here."""
+        return self.num_latent
+
+    def early_states(self, prompt: Sequence[int], target: Rollout, ks: Sequence[int]) -> RolloutState:
+        """The caches the early answers S(k) read before [EOT], one row per k of ``ks``, on the
+        ``target`` rollout of ``prompt`` (the engine's batched early answers, docs/method.md §13):
+        row b keeps the cache of all K thoughts but masks thoughts k..K-1 out of attention (as left
+        padding is), so its [EOT] sits right after thought k-1 with position id ``T_q + k``."""
+        T_q, K = target.prompt_len, self.num_latent
+        state = target.state.fork(length=T_q + K, repeats=len(ks))
+        mask = state.attention_mask.clone()  # [B, T_q + K]
+        for row, k in enumerate(ks):
+            mask[row, T_q + k : T_q + K] = 0
+        state.attention_mask, state.next_position = mask, mask.sum(1)
+        return state
+
+    def thought_chain(self, thoughts: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., n, d]``: the chain the influence experiment compares with the target's, from a run's
+        fed thoughts and their final hidden states (both ``[..., n, d]``): here the thoughts fed."""
+        return thoughts
 
     def thought_ablation(self, values: torch.Tensor, batch: int) -> ThoughtOverride:
         """Keyword arguments for :meth:`rollout` / :meth:`answer` that feed ``values`` at every latent

@@ -45,17 +45,41 @@ from transformers import PreTrainedModel
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.answering import label_prompt
 from latentpatch.model.config import LatentConfig
+from latentpatch.model.heads import QueryRecorder, attention_weights
 from latentpatch.model.latent import LatentModel, StepHook, override_hook
 from latentpatch.model.sites import ActivationHooks, Edit, Write
-from latentpatch.model.state import RolloutState
+from latentpatch.model.state import Rollout, RolloutState, stack_states
 
-#: what the engine's loop cannot do on PCCoT's rounds (checked up front by :func:`check_pccot_run`)
+#: what the engine's loop cannot do on PCCoT's rounds (a stop inside the loop, a per-step attention
+#: mask, gradients from a fed first thought; the experiments needing them refuse up front)
 UNSUPPORTED = (
-    "PCCoT: early answers (fewer slots), attribution patching (gradients) and training are not defined "
-    "on the parallel rounds; fix: leave out early, influence, intermediate, attention and atp"
+    "PCCoT: a stop after fewer slots, per-step attention masks (edges), gradients from the first "
+    "thought (atp) and training are not defined on the parallel rounds; fix: leave out edges and atp "
+    "(early answers on PCCoT are over the rounds)"
 )
-#: the experiments ``latentpatch run`` runs on a PCCoT model (sites of the chosen round)
-PCCOT_EXPERIMENTS = ("layer", "position", "iterative", "thought", "lens", "probe", "steer")
+#: the experiments ``latentpatch run`` runs on a PCCoT model (sites of the chosen round;
+#: early over the rounds 0..T)
+PCCOT_EXPERIMENTS = (
+    "layer",
+    "position",
+    "iterative",
+    "thought",
+    "early",
+    "influence",
+    "intermediate",
+    "lens",
+    "attention",
+    "probe",
+    "steer",
+    "das",
+)
+#: the experiments refused on PCCoT, with the reason (docs/method.md "SIM-CoT and PCCoT")
+PCCOT_REFUSED = {
+    "atp": "its one backward reads the gradient at the sequential loop's K one-token steps and cuts the "
+    "recurrence between them, while a PCCoT round is one N-slot pass (not implemented)",
+    "edges": "its knockouts mask one query step's attention in the sequential loop, while a PCCoT round "
+    "runs its N slots in one pass (a per-slot 4-D mask there is not implemented)",
+}
 
 
 @contextmanager
@@ -70,6 +94,13 @@ def _paused(hooks: ActivationHooks | None) -> Iterator[ActivationHooks | None]:
         yield None
     finally:
         hooks.__enter__()
+
+
+@contextmanager
+def _recording(recorder: QueryRecorder, on: bool) -> Iterator[None]:
+    """A round's hooks scope that records its attention inputs (``on``) and writes nothing."""
+    with recorder if on else nullcontext():
+        yield None
 
 
 #: ``(round, slots [B, N, d]) -> slots [B, N, d]``: the inputs fed in round ``round`` (1..T)
@@ -115,6 +146,10 @@ class PCCoTModel(LatentModel):
     of round ``site_round`` (default T, ``--pccot-round``); with ``rounds >= num_latent``
     (:attr:`equals_sequential`) the result equals the sequential loop.
     """
+
+    #: no iterative ``frozen`` control: a site round's later slots come from the round before, so
+    #: holding them changes nothing (frozen would equal chained); holding later rounds cuts every path
+    frozen_path = False
 
     def __init__(
         self,
@@ -220,23 +255,28 @@ class PCCoTModel(LatentModel):
         round_hook: RoundHook | None = None,
         site: int = 0,
         start: int = 0,
+        keep: list[RolloutState] | None = None,
     ) -> tuple[RolloutState, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The one PCCoT loop on ``prompt`` (question + [BOT], not modified): round 0, then T rounds.
 
         ``scope(r)``: the hooks context of round r's forward (``-1``: round ``site``'s slots before
         ``start``, which the engine's continuation leaves unhooked). Round 0 runs [BOT] and the N
         placeholders in one pass on the question's cache (so h at [BOT] comes from the same pass
-        for every caller). Returns the state after round T's run (its slots in the cache), the
-        guesses [B, N, d], the slots fed per round and their final hidden states ([B, N, d] each).
+        for every caller). ``keep``: the state after each round 0..T is appended to it (each of
+        length ``T_q + N``). Returns the state after round T's run (its slots in the cache; T = 0:
+        round 0's, the placeholders, as the official code with ``num_iterations`` 0), the guesses
+        [B, N, d], the slots fed per round and their final hidden states ([B, N, d] each).
         """
         B, N, T_q = prompt.batch_size, self.num_latent, prompt.length
         ids = torch.full((B, N + 1), self.latent_id, dtype=torch.long, device=self.device)
         ids[:, 0] = self.config.bot_id
+        state = prompt.fork(length=T_q - 1)
         with scope(0) as hk:
-            h0 = self.advance(prompt.fork(length=T_q - 1), input_ids=ids, hooks=hk)  # [B, N + 1, d]
+            h0 = self.advance(state, input_ids=ids, hooks=hk)  # [B, N + 1, d]
         slots = self.feedback(h0[:, :-1])  # slot 0 = f(h at [BOT]), slot i = f(h at [LATENT] i-1)
         guesses, thoughts, hidden = slots, [], []
-        state = prompt
+        if keep is not None:
+            keep.append(state)
         for r in range(1, T + 1):
             if round_hook is not None:
                 slots = round_hook(r, slots)
@@ -250,6 +290,8 @@ class PCCoTModel(LatentModel):
                 parts.append(self.advance(state, inputs_embeds=slots[:, start if r == site else 0 :], hooks=hk))
             h = torch.cat(parts, 1)  # [B, N, d]
             hidden.append(h)
+            if keep is not None:
+                keep.append(state)
             # the update: slot 0 kept, slot i = f(h of slot i - 1); round T's is discarded
             slots = torch.cat([slots[:, :1], self.feedback(h[:, :-1])], 1)
         return state, guesses, thoughts, hidden
@@ -275,8 +317,10 @@ class PCCoTModel(LatentModel):
         loop). ``hooks`` act in that round only (and in what the caller runs after: the answer);
         the step hooks and overrides replace that round's slots. ``state`` (question + [BOT], plus
         ``start`` slots of a baseline for the engine's continuation, which are recomputed) ends as
-        round T's sequence. ``first_thought`` is not needed (slot 0 comes from round 0's pass).
-        Early answers, attribution patching and training refuse (one line).
+        round T's sequence. ``first_thought`` [B, d] is fed as the site round's slot ``start`` (as
+        latent ``start`` of the sequential loop; unpatched it equals the computed slot), so a
+        caller that edits it (DAS) edits that slot, with gradients through the later rounds.
+        A stop before N slots, per-step masks, a cut recurrence and training refuse (one line).
         Returns the site round's slots from ``start`` on [B, N - start, d], their final hidden
         states, and the feedback of the last one.
         """
@@ -286,8 +330,6 @@ class PCCoTModel(LatentModel):
             raise LatentPatchError(f"PCCoT: {', '.join(given)} not defined on the parallel rounds; fix: leave it unset")
         if (stop is not None and stop != N) or cut_recurrence or latent_hide is not None or not next_thought:
             raise LatentPatchError(UNSUPPORTED)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in [first_thought]):
-            raise LatentPatchError(UNSUPPORTED)
         fns: list[StepHook] = []
         if thought_override is not None and override_mask is not None:
             fns.append(override_hook(thought_override, override_mask))
@@ -295,11 +337,11 @@ class PCCoTModel(LatentModel):
             fns.append(step_hook)
 
         def site_hook(r: int, slots: torch.Tensor) -> torch.Tensor:
-            if r != self.site_round or not fns:
+            if r != self.site_round:
                 return slots
             cols = []
             for p in range(N):
-                col = slots[:, p]
+                col = first_thought.to(slots.dtype) if p == start else slots[:, p]
                 for fn in fns:
                     col = fn(p, col)
                 cols.append(col)
@@ -314,6 +356,78 @@ class PCCoTModel(LatentModel):
         state.next_position, state.length = final.next_position, final.length
         fed, h = thoughts[self.site_round - 1], hidden[self.site_round - 1]
         return fed[:, start:], h[:, start:], self.feedback(h[:, -1])
+
+    # -- the step-level experiments on the rounds (docs/method.md "SIM-CoT and PCCoT") --------------
+    @property
+    def early_exits(self) -> int:
+        """PCCoT's early answers are over the rounds: S(r), r = 0..T."""
+        return self.rounds
+
+    def early_answer(
+        self,
+        prompts: Sequence[Sequence[int]],
+        k: int,
+        hooks: ActivationHooks | None = None,
+        streams: Sequence[int | None] | None = None,
+    ) -> tuple[RolloutState, torch.Tensor]:
+        """The plain early answer S(k) on PCCoT: the answer after round k, i.e. the official procedure
+        with ``num_iterations`` = k (k = 0: read the placeholders' pass). Returns the state and
+        [B, V] answer logits. ``streams`` (draw-stream keys): PCCoT draws nothing, so unused."""
+        if not 0 <= k <= self.rounds:
+            raise LatentPatchError(f"PCCoT early answer after round {k}: the model runs rounds 0..{self.rounds}")
+        state, _ = self.prefill(prompts, hooks=hooks)
+        state, *_ = self._rounds(state, k, lambda r: nullcontext(hooks))
+        end = self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), len(prompts)), hooks=hooks)
+        return state, self.logits(end[:, -1])
+
+    def early_states(self, prompt: Sequence[int], target: Rollout, ks: Sequence[int]) -> RolloutState:
+        """Row b: the state after round ``ks[b]`` of ``prompt``'s rollout (one run of the rounds up
+        to the largest k, every round's state kept; ``target`` is not needed)."""
+        keep: list[RolloutState] = []
+        state, _ = self.prefill([list(prompt)])
+        self._rounds(state, max(ks), lambda r: nullcontext(None), keep=keep)
+        return stack_states([keep[k] for k in ks])
+
+    def thought_chain(self, thoughts: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What each slot of the site round hands on, f(h of slot j) (slot j+1's next input; the
+        last slot's is discarded), ``[..., n, d]``: a patch of slot i in that round changes it for
+        every j >= i through the round's attention. (The round's fed slots j != i cannot change:
+        they come from the round before.)"""
+        return self.feedback(hidden)
+
+    def round_attention(self, prompt: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """``([L, H, N + 1, T] fp32 weights, T_q)``: the queries of slot 0..N-1 in the pass of round
+        :attr:`site_round` over its keys (question, [BOT], that round's slots; zero on the rest),
+        then the first answer position over round T's (what the answer reads). T: the finished
+        rollout's length; weights from recorded queries and cached keys
+        (:func:`~latentpatch.model.heads.attention_weights`)."""
+        N, T_q = self.num_latent, len(prompt)
+        rows = []
+        for rounds, answer in ((self.site_round, False), (self.rounds, True)):
+            recorder, state = self._recorded_rounds(prompt, rounds, answer)
+            at = [state.length - 1] if answer else [T_q + p for p in range(N)]
+            rows.append([attention_weights(self.lm, recorder, state, layer, at)[0] for layer in range(self.n_layers)])
+        length = rows[1][0].shape[-1]
+        slots = [torch.nn.functional.pad(w, (0, length - w.shape[-1])) for w in rows[0]]
+        return torch.stack([torch.cat([s, a], 1) for s, a in zip(slots, rows[1])]), T_q
+
+    @torch.no_grad()
+    def _recorded_rounds(self, prompt: Sequence[int], rounds: int, answer: bool) -> tuple[QueryRecorder, RolloutState]:
+        """``prompt``'s rollout up to round ``rounds`` (and the answer start with ``answer``), the
+        attention inputs of the prompt, that round's slots (and the answer start) recorded: they
+        line up with the absolute indices of the returned state."""
+        recorder = QueryRecorder(self.lm)
+        with recorder:
+            state, _ = self.prefill([list(prompt)])
+
+        def scope(r: int) -> AbstractContextManager[None]:
+            return _recording(recorder, r == rounds)
+
+        state, *_ = self._rounds(state, rounds, scope)
+        if answer:
+            with recorder:
+                self.advance(state, inputs_embeds=self.embed_ids(self.answer_start_ids(), 1))
+        return recorder, state
 
     @torch.no_grad()
     def parallel_answer(self, prompts: Sequence[str] | Sequence[Sequence[int]], **kwargs: Any) -> list[list[int]]:

@@ -168,7 +168,7 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     observer = primed_observer(model, row_bases, start)  # a family's stop rule, read in the patched runs (§22)
     with ActivationHooks(model.lm, writes=writes, record=record) as hooks:
         first = targets[:, start]  # [B, d]: each target's thought at start
-        fed, _, _ = model.run_thoughts(
+        fed, hidden, _ = model.run_thoughts(
             state, first, start, hooks=hooks, thought_override=override, override_mask=mask, observe=observer
         )
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B), hooks=hooks)
@@ -181,9 +181,13 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
     logits = model.logits(end[:, -1])  # [B, V]
     answers = score_and_generate(model, row_bases, state, logits, options.shared_prefix)
     cells = cell_results(model, row_bases, specs, answers, tracked)
-    for row, s in enumerate(specs):
-        if isinstance(s.intervention, ThoughtReplacement):
-            cells[row].update(thought_similarity(targets[row], fed[row], start))
+    if any(isinstance(s.intervention, ThoughtReplacement) for s in specs):
+        # the chain influence compares (the fed thoughts; PCCoT: what the site round hands on)
+        target_hidden = torch.cat([p.target.latent_hidden[0][None].expand(len(p.specs), -1, -1) for p in parts])
+        target_chain, chain = model.thought_chain(targets, target_hidden), model.thought_chain(fed, hidden)
+        for row, s in enumerate(specs):
+            if isinstance(s.intervention, ThoughtReplacement):
+                cells[row].update(thought_similarity(target_chain[row], chain[row], start))
     if observer is not None:
         for row, columns in enumerate(stop_columns(observer, K, model.latent_cap)):
             cells[row].update(columns)
@@ -197,15 +201,12 @@ def _sweep_chunk(model: LatentModel, parts: Sequence[_Part], options: EngineOpti
 def _early_chunk(
     model: LatentModel, base: PairBaseline, target: Rollout, chunk: Sequence[PatchSpec], options: EngineOptions
 ) -> list[dict]:
-    """Early answers S(k), k = ``spec.start``, as one batch on the target's cache (docs/method.md §13):
-    row b keeps the cache of all K thoughts but masks thoughts k..K-1 out of attention (as left
-    padding is), so its [EOT] sits right after thought k-1 with position id ``T_q + k``."""
-    T_q, K, B = target.prompt_len, model.num_latent, len(chunk)
-    state = target.state.fork(length=T_q + K, repeats=B)
-    mask = state.attention_mask.clone()  # [B, T_q + K]
-    for row, s in enumerate(chunk):
-        mask[row, T_q + s.start : T_q + K] = 0
-    state.attention_mask, state.next_position = mask, mask.sum(1)
+    """Early answers S(k), k = ``spec.start``, as one batch on the caches of
+    :meth:`LatentModel.early_states` (docs/method.md §13): the target's, with thoughts k..K-1
+    masked out of attention (as left padding is), so row b's [EOT] sits right after thought k-1
+    with position id ``T_q + k`` (PCCoT: the state after round k)."""
+    B = len(chunk)
+    state = model.early_states(base.target.prompt, target, [s.start for s in chunk])  # the family's caches
     end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), B))
     logits = model.logits(end[:, -1])  # [B, V]
     answers = score_and_generate(model, [base] * B, state, logits, options.shared_prefix)
@@ -361,6 +362,7 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
     decoding of every cell's answer."""
     out = []
     K = model.num_latent
+    target_chain = None  # the target's chain for influence (model.thought_chain), computed once
     for spec in specs:
         T_q = len(base.target.prompt)  # batch of one: no padding
         if isinstance(spec.intervention, EarlyExit):
@@ -386,7 +388,11 @@ def sweep_reference(model: LatentModel, base: PairBaseline, specs: Sequence[Patc
         answers = reference_answers(model, [base], r.state, r.answer_logits)
         cells = cell_results(model, [base], [spec], answers, tracked)
         if isinstance(spec.intervention, ThoughtReplacement):
-            cells[0].update(thought_similarity(base.target.thoughts, r.thoughts[0], 0))
+            if target_chain is None:
+                t = base.target_rollout if base.target_rollout is not None else model.rollout([base.target.prompt])
+                target_chain = model.thought_chain(base.target.thoughts, t.latent_hidden[0])
+            chain = model.thought_chain(r.thoughts[0], r.latent_hidden[0])
+            cells[0].update(thought_similarity(target_chain, chain, 0))
         observer = primed_observer(model, [base], 0)  # the rule asked at each step of this rollout (§22)
         if observer is not None:
             for step in range(K):

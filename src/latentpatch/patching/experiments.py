@@ -42,6 +42,8 @@ class SpecShape:
     component: str = DEFAULT_COMPONENT
     thought_sites: tuple[str, ...] = THOUGHT_SITES
     n_intermediates: int = 0
+    early_exits: int | None = None  # the early answers' last k (None: num_latent; PCCoT: its rounds)
+    frozen: bool = True  # the iterative frozen control exists (not on PCCoT: LatentModel.frozen_path)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ REGISTRY: dict[str, Experiment] = {
             "iterative",
             "sweep",
             "do the thoughts depend on each other in sequence, and through which path?",
-            lambda s: iterative_specs(s.n_layers, s.num_latent, s.component),
+            lambda s: iterative_specs(s.n_layers, s.num_latent, s.component, s.frozen),
         ),
         Experiment(
             "thought",
@@ -82,7 +84,12 @@ REGISTRY: dict[str, Experiment] = {
             "what does each thought carry?",
             lambda s: thought_specs(s.num_latent, s.thought_sites) + vocab_specs(s.num_latent, s.n_intermediates),
         ),
-        Experiment("early", "steps", "when is the answer committed?", lambda s: early_specs(s.num_latent)),
+        Experiment(
+            "early",
+            "steps",
+            "when is the answer committed?",
+            lambda s: early_specs(s.num_latent if s.early_exits is None else s.early_exits),
+        ),
         Experiment(
             "influence",
             "steps",

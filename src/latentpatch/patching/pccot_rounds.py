@@ -9,8 +9,8 @@ answer's log-probability difference LD = log p(A_clean) - log p(A_corrupted) (te
 summed over the number's tokens) and recovery = (LD_patched - LD_target) / (LD_source - LD_target),
 as the engine's ``answer_logprob_diff`` and ``recovery`` (:mod:`latentpatch.patching.metrics`).
 
-This runs from Python; ``latentpatch run`` patches the sequential loop and runs on a PCCoT model
-only when its rounds cover its slots (:func:`latentpatch.model.pccot.check_sequential`).
+This runs from Python; ``latentpatch run`` patches the slots of one round, ``--pccot-round``
+(:meth:`~latentpatch.model.pccot.PCCoTModel.run_thoughts`, docs/method.md "Every experiment on the rounds").
 """
 
 from __future__ import annotations

@@ -123,7 +123,12 @@ def attention_run(model: LatentModel, prompt: Sequence[int], stream: int | None 
 
     The rollout runs with the model's own attention kernel; weights are recomputed from queries
     and cached keys per layer (:func:`latentpatch.model.heads.attention_weights`). ``stream``: the
-    pair's draw-stream key."""
+    pair's draw-stream key. PCCoT: the queries of its site round's pass, and the answer's over round T
+    (:meth:`~latentpatch.model.pccot.PCCoTModel.round_attention`)."""
+    from latentpatch.model.pccot import PCCoTModel
+
+    if isinstance(model, PCCoTModel):
+        return model.round_attention(prompt)
     with QueryRecorder(model.lm) as rec:
         r = model.rollout([list(prompt)], streams=[stream])
     idx = query_indices(r.prompt_len, model.num_latent, r.state.length)

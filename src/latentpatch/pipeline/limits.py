@@ -84,15 +84,16 @@ def cut_answers(model: LatentModel, bases: Sequence[PairBaseline], indices: Sequ
 def check_pccot_run(model: LatentModel, experiments: Sequence[str]) -> None:
     """Refuse, in one line before anything runs, the experiments that are not defined on PCCoT's
     rounds (:data:`~latentpatch.model.pccot.PCCOT_EXPERIMENTS` run, with the sites of round
-    ``site_round``). Other models pass."""
-    from latentpatch.model.pccot import PCCOT_EXPERIMENTS, PCCoTModel
+    ``site_round``; :data:`~latentpatch.model.pccot.PCCOT_REFUSED` gives each refusal's reason).
+    Other models pass."""
+    from latentpatch.model.pccot import PCCOT_EXPERIMENTS, PCCOT_REFUSED, PCCoTModel
 
     if not isinstance(model, PCCoTModel):
         return
     bad = [e for e in experiments if e not in PCCOT_EXPERIMENTS]
     if bad:
+        why = "; ".join(f"{e}: {PCCOT_REFUSED[e]}" for e in bad if e in PCCOT_REFUSED) or "not implemented there"
         raise LatentPatchError(
-            f"--experiments {','.join(bad)}: not defined on PCCoT's parallel rounds (early answers stop "
-            "the sequential loop, atp needs gradients through it, attention reads a cache of another round); "
+            f"--experiments {','.join(bad)}: not defined on PCCoT's parallel rounds ({why}); "
             f"fix: choose among {','.join(PCCOT_EXPERIMENTS)} (sites of round --pccot-round, default the last)"
         )

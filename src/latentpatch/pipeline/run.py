@@ -129,7 +129,7 @@ def start_run(
         workers = ThreadChoice(1, "--executor ray: the pairs run on Ray replicas")
     cache = ActivationCache(config.cache_dir or default_cache_dir(), model_key(model)) if config.use_cache else None
     specs: list[PatchSpec] = []
-    shape = SpecShape(model.n_layers, model.num_latent, config.component)
+    shape = SpecShape(model.n_layers, model.num_latent, config.component, frozen=model.frozen_path)
     for name in stage_experiments(config.experiments, "sweep"):  # the others: their own stages (§13-§15)
         specs += experiment_specs(name, shape)
     return RunContext(

@@ -47,7 +47,11 @@ def requested(experiments: tuple[str, ...]) -> list[str]:
 def step_specs(model: LatentModel, names: list[str], n_intermediates: int = 0) -> list[PatchSpec]:
     """The spec list of the named step-level experiments for ``model`` (the registry's generators)."""
     shape = SpecShape(
-        model.n_layers, model.num_latent, thought_sites=thought_sites(model), n_intermediates=n_intermediates
+        model.n_layers,
+        model.num_latent,
+        thought_sites=thought_sites(model),
+        n_intermediates=n_intermediates,
+        early_exits=model.early_exits,
     )
     return [s for name in stage_experiments(names, "steps") for s in experiment_specs(name, shape)]
 
