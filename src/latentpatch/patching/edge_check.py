@@ -106,14 +106,8 @@ def edge_reference(model: LatentModel, base: PairBaseline, edge: Edge, roles: Se
             apply(p, state.length + 1)
             return thought
 
-        model.run_thoughts(
-            state,
-            model.feedback.feed(h, 0, state.streams),
-            0,
-            step_hook=step,
-            thought_override=override,
-            override_mask=mask,
-        )
+        first = model.feedback.feed(h, 0, state.streams)
+        model.run_thoughts(state, first, 0, step_hook=step, thought_override=override, override_mask=mask)
         apply(K, state.length + n_answer)
         end = model.advance(state, inputs_embeds=model.embed_ids(model.answer_start_ids(), 1))
         masks.drop = None
