@@ -120,8 +120,8 @@ def test_a_failed_steps_check_is_fatal_with_strict(tmp_path, monkeypatch):
 
 def test_engine_reference_threshold_is_the_models_batch_noise(setup):
     """The threshold allows 4x the model's own fp32 batch noise (a row alone vs in a batch of
-    identical rows, measured here with plain rollouts), never less than 1e-4; in float64 that noise
-    vanishes, so it measures float rounding, not a difference of computations."""
+    identical rows), never less than 1e-4; in float64 that noise vanishes, so it measures float
+    rounding, not a difference of computations."""
     import copy
 
     import torch
@@ -129,12 +129,8 @@ def test_engine_reference_threshold_is_the_models_batch_noise(setup):
     model, bases, specs = setup
     result = checks.check_engine_reference(model, bases, specs, values_for(bases), 64, 8, 0)
     assert result["passed"], result
-    with torch.no_grad():
-        pair_noise = []
-        for b in bases:
-            one = model.rollout([b.target.prompt]).answer_logits
-            pair_noise.append(float((model.rollout([b.target.prompt] * 4).answer_logits - one).abs().max()))
-    assert checks.batch_noise(model, bases, 4) == max(pair_noise) < 1e-4
+    floor = checks.batch_noise(model, bases, 4)
+    assert result["noise_floor"] < 1e-4 and floor < 1e-4  # the shipped model: fp32 rounding only
     assert result["threshold"] == max(1e-4, checks.NOISE_FACTOR * result["noise_floor"])
     wide = copy.deepcopy(model).to(torch.float64)
     assert checks.batch_noise(wide, bases[:1], 4) < 1e-12

@@ -210,18 +210,23 @@ NOISE_FACTOR = 4
 
 @torch.no_grad()
 def batch_noise(model: LatentModel, bases: Sequence[PairBaseline], rows: int) -> float:
-    """The float noise of this model between batch shapes: the largest ``|answer logit|``
-    difference [V] of each pair's unpatched target rollout run alone and as ``rows`` identical rows
-    (the engine batches a pair's patched rows; the reference runs each alone). On CPU a GEMM's
+    """The float noise of this model between batch shapes: the largest ``|logit|`` difference of
+    each pair's unpatched target rollout, its answer strings teacher-forced (the logits the metrics
+    read, [len, V] each), run alone and as ``rows`` identical rows (the engine batches a pair's
+    patched rows; the reference runs each alone). On CPU a GEMM's
     summation order depends on the batch size, so a deep fp32 model with large activations
     (SmolLM2: ~1e-3 on GSM-length prompts) differs there by more than the check's 1e-4; a logit
     difference or log-prob difference moves by at most about twice this (docs/method.md §8)."""
     worst = 0.0
     for base in bases:
-        prompt, stream = list(base.target.prompt), base.stream
-        one = model.rollout([prompt], streams=[stream]).answer_logits  # [1, V]
-        many = model.rollout([prompt] * rows, streams=[stream] * rows).answer_logits  # [rows, V]
-        worst = max(worst, float((many - one).abs().max()))
+        prompt, stream, strings = list(base.target.prompt), base.stream, [ids for ids, _ in base.answers.values()]
+        scored = []
+        for n in (1, rows):
+            r = model.rollout([prompt] * n, streams=[stream] * n)
+            scored.append(model.score(r.state, r.answer_logits, [strings] * n))  # [n][3][len, V]
+        for many in scored[1]:
+            for a, b in zip(scored[0][0], many):
+                worst = max(worst, float((a - b).abs().max()))
     return worst
 
 
