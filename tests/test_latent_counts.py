@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import tiny_text_model
 
+from latentpatch.data.pairs import load_pairs
 from latentpatch.data.synthetic import generate_pairs
 from latentpatch.errors import LatentPatchError
 from latentpatch.model.sites import Write
@@ -231,3 +232,50 @@ def test_shards_with_per_pair_counts_merge_to_the_unsharded_run(runs, pairs, tmp
     assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
     full_stops = json.loads((runs["keep"] / "manifest.json").read_text())["latent_stops"]
     assert json.loads((merged / "manifest.json").read_text())["latent_stops"] == full_stops
+
+
+def test_colar_runs_each_pair_at_its_official_sampled_count(tmp_path):
+    """CoLaR's own rule through a run: each pair's latent count is what the official loop
+    (tests/test_colar.py ``official_run``, written from ``latent_generate``) samples for its target
+    question with the pair's stream seed (at most the cap), and the engine's checks pass (a random
+    head's thoughts do not matter to its answers, so live_thoughts is not asked of it)."""
+    from test_colar import official, official_run  # noqa: F401  (the fixture's checkpoint builder)
+
+    from latentpatch.model.load import load_model
+    from latentpatch.model.streams import pair_stream, stream_seed
+
+    tree, tok, base, ckpt = official.__wrapped__(TmpFactory(tmp_path))
+    cap = 12
+    entries = []
+    for i, (a, b) in enumerate([(12, 15), (7, 9), (30, 41), (5, 8), (22, 26), (3, 6)]):
+        entries += [
+            {"pair_id": f"c{i}", "variant": "clean", "question": f"Tom has {a} apples. How many?", "answer": a},
+            {"pair_id": f"c{i}", "variant": "corrupted", "question": f"Tom has {b} apples. How many?", "answer": b},
+        ]
+    (tmp_path / "pairs.json").write_text(json.dumps(entries))
+    pairs = load_pairs(tmp_path / "pairs.json")
+    config = RunConfig(experiments=("position",), out=str(tmp_path / "run"), report=False, use_cache=False)
+    model = load_model(f"colar:{ckpt}", base=str(base), num_latent=cap)
+    run_experiments(config, model=model, pairs=pairs, progress=False, command="test")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    checks = manifest["checks"]
+    assert all(checks[c]["passed"] for c in ("identity", "full_restoration", "engine_reference")), checks
+    cells = pd.read_parquet(tmp_path / "run" / "results" / "cells.parquet")
+    counts = []
+    for p in pairs:
+        n = len(official_run(tree, tok, p.corrupted.question, stream_seed(config.seed, pair_stream(p.pair_id)))[0])
+        counts.append(min(n, cap))
+        assert set(cells[cells.pair_id == p.pair_id].latent_count) == {counts[-1]}
+    assert len(set(counts)) >= 2 and min(counts) < cap, counts  # the sampled stop gives the pairs different counts
+
+
+class TmpFactory:
+    """``tmp_path_factory``'s ``mktemp`` for a fixture function called directly."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        path = self.root / name
+        path.mkdir()
+        return path
